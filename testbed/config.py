@@ -1,0 +1,204 @@
+"""Load topology and experiment YAML into frozen specs; report every problem as FILE:LINE: field: message.
+
+YAML is composed into a node tree first so that each pydantic error location can be mapped back
+to the line it came from. Cross-file checks (scenario events naming hosts and links of the
+topology) happen here too, since only here both files are known.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from testbed.specs import ALGORITHM_NAMES, ExperimentSpec, TopologySpec
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+class ConfigError(Exception):
+    """One or more problems in configuration files; ``str()`` is one problem a line."""
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _to_python(node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return {_to_python(k): _to_python(v) for k, v in node.value}
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(v) for v in node.value]
+    return yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int:
+    """1-based line of the deepest node reachable along ``loc``."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == key), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _compose(path: Path) -> yaml.Node:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(str(path), 1, "<file>", f"cannot read: {exc.strerror}")]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise ConfigError([ConfigProblem(str(path), line, "<yaml>", f"syntax error: {getattr(exc, 'problem', exc)}")]) from None
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError([ConfigProblem(str(path), 1, "<root>", "expected a mapping at the top level")])
+    return node
+
+
+def _field_name(loc: tuple) -> str:
+    parts: list[str] = []
+    for key in loc:
+        if isinstance(key, int):
+            parts.append(f"[{key}]")
+        elif key in ("TopologySpec", "AlgorithmSpec", "str", "function-after[_check_references(), TopologySpec]"):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(key))
+    return "".join(parts) or "<root>"
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-branch markers (class or type names) from an error location."""
+    return tuple(k for k in loc if isinstance(k, int) or not (k[:1].isupper() or k in ("str", "function-after")
+                                                             or k.startswith("function-")))
+
+
+def _problems_from(exc: ValidationError, file: str, root: yaml.Node, prefix: tuple = ()) -> list[ConfigProblem]:
+    problems = []
+    seen = set()
+    for err in exc.errors():
+        loc = _clean_loc(tuple(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        key = (loc, msg)
+        if key in seen:
+            continue
+        seen.add(key)
+        problems.append(ConfigProblem(file, _line_of(root, loc[len(prefix):]), _field_name(loc), msg))
+    return problems
+
+
+def load_topology(path: str | Path) -> TopologySpec:
+    path = Path(path)
+    root = _compose(path)
+    return _validate_topology(_to_python(root), str(path), root)
+
+
+def _validate_topology(data: Any, file: str, root: yaml.Node) -> TopologySpec:
+    try:
+        return TopologySpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [p for p in _problems_from(exc, file, root) if "at least 1 item" not in p.message]
+        raise ConfigError(problems + _dangling_links(data, file, root)) from None
+
+
+def _dangling_links(data: Any, file: str, root: yaml.Node) -> list[ConfigProblem]:
+    """Links naming unknown nodes, found on the raw data (so they show next to field errors)."""
+    if not isinstance(data, dict) or not isinstance(data.get("links"), list):
+        return []
+    known = {h.get("name") for h in data.get("hosts") or [] if isinstance(h, dict)}
+    known.update(s for s in data.get("switches") or [] if isinstance(s, str))
+    problems = []
+    for i, link in enumerate(data["links"]):
+        for end in ("a", "b"):
+            node = link.get(end) if isinstance(link, dict) else None
+            if isinstance(node, str) and node not in known:
+                problems.append(ConfigProblem(file, _line_of(root, ("links", i, end)), f"links[{i}].{end}",
+                                              f"unknown node {node!r} (known: {sorted(n for n in known if n)})"))
+    return problems
+
+
+def load_experiment(path: str | Path) -> ExperimentSpec:
+    """Load, resolve the topology (path relative to the file, or inline) and cross-check."""
+    path = Path(path)
+    root = _compose(path)
+    data = _to_python(root)
+    problems: list[ConfigProblem] = []
+    topo = data.get("topology") if isinstance(data, dict) else None
+    if isinstance(topo, str):
+        topo_path = (path.parent / topo).resolve()
+        try:
+            data["topology"] = load_topology(topo_path)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            if not topo_path.exists():
+                problems = [ConfigProblem(str(path), _line_of(root, ("topology",)), "topology",
+                                          f"file not found: {topo_path}")]
+            data["topology"] = None
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(p for p in _problems_from(exc, str(path), root) if not
+                        (p.field == "topology" and data.get("topology") is None and problems))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    problems = _cross_check(spec, str(path), root)
+    if problems:
+        raise ConfigError(problems)
+    return spec
+
+
+def _cross_check(spec: ExperimentSpec, file: str, root: yaml.Node) -> list[ConfigProblem]:
+    topo = spec.topology
+    assert isinstance(topo, TopologySpec)
+    hosts = {h.name for h in topo.hosts}
+    problems = []
+    for i, event in enumerate(spec.scenario):
+        if event.host is not None and event.host not in hosts:
+            problems.append(ConfigProblem(file, _line_of(root, ("scenario", i, "host")), f"scenario[{i}].host",
+                                          f"unknown host {event.host!r} (hosts: {sorted(hosts)})"))
+        if event.link is not None:
+            try:
+                topo.find_link(*event.link)
+            except KeyError:
+                problems.append(ConfigProblem(file, _line_of(root, ("scenario", i, "link")), f"scenario[{i}].link",
+                                              f"no link between {event.link[0]!r} and {event.link[1]!r} in topology {topo.name!r}"))
+    for i, algo in enumerate(spec.algorithm_specs()):
+        if algo.name not in ALGORITHM_NAMES:
+            problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i)), f"algorithms[{i}]",
+                                          f"unknown algorithm {algo.name!r} (expected one of {', '.join(ALGORITHM_NAMES)})"))
+        if algo.name == "fixed" and spec.placement is None:
+            problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i)), f"algorithms[{i}]",
+                                          "algorithm 'fixed' needs a top-level 'placement'"))
+    return problems
+
+
+def load_any(path: str | Path) -> TopologySpec | ExperimentSpec:
+    """Topology or experiment, told apart by the presence of an ``algorithms`` key."""
+    root = _compose(Path(path))
+    keys = {k.value for k, _ in root.value}
+    return load_experiment(path) if "algorithms" in keys or "model" in keys else load_topology(path)
