@@ -1,0 +1,66 @@
+"""Tensor (de)serialisation for the wire: a JSON-able header plus one contiguous payload.
+
+No pickle. The header lists every tensor's name, dtype, shape, byte offset and length; the payload
+is the tensors' raw little-endian bytes back to back. Used for block loading and KV-group
+migration between node agents.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FORMAT = "headroom-tensors/1"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,
+    "uint8": torch.uint8, "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class SerializeError(ValueError):
+    """The header and payload do not describe a valid set of tensors."""
+
+
+def tensors_to_bytes(tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> tuple[dict, bytes]:
+    """Pack tensors into (header, payload). `meta` (JSON-able) is copied into header["meta"]."""
+    if sys.byteorder != "little":
+        raise SerializeError("only little-endian hosts are supported")
+    entries, chunks, off = [], [], 0
+    for name, t in tensors.items():
+        if t.dtype not in _NAMES:
+            raise SerializeError(f"{name}: unsupported dtype {t.dtype}")
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
+        n = raw.numel()
+        entries.append({"name": name, "dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": off, "nbytes": n})
+        chunks.append(raw.numpy().tobytes())
+        off += n
+    header = {"format": FORMAT, "tensors": entries, "nbytes": off, "meta": dict(meta or {})}
+    return header, b"".join(chunks)
+
+
+def tensors_from_bytes(header: dict, payload: bytes | bytearray | memoryview) -> dict[str, Tensor]:
+    """Inverse of tensors_to_bytes; every returned tensor owns its memory (writable)."""
+    if header.get("format") != FORMAT:
+        raise SerializeError(f"unknown format {header.get('format')!r}")
+    if len(payload) != header["nbytes"]:
+        raise SerializeError(f"payload has {len(payload)} bytes, header says {header['nbytes']}")
+    buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+    out: dict[str, Tensor] = {}
+    for e in header["tensors"]:
+        dt = _DTYPES.get(e["dtype"])
+        if dt is None:
+            raise SerializeError(f"{e['name']}: unknown dtype {e['dtype']!r}")
+        raw = buf[e["offset"] : e["offset"] + e["nbytes"]]
+        numel = 1
+        for s in e["shape"]:
+            numel *= s
+        if raw.numel() != numel * torch.empty(0, dtype=dt).element_size():
+            raise SerializeError(f"{e['name']}: {raw.numel()} bytes do not fit shape {e['shape']} {e['dtype']}")
+        out[e["name"]] = raw.clone().view(dt).reshape(e["shape"])
+    return out

@@ -1,0 +1,4 @@
+"""``python -m testbed`` runs the headroom CLI."""
+from testbed.cli import main
+
+main()

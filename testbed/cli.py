@@ -1,0 +1,153 @@
+"""The ``headroom`` command (also ``python -m testbed``): thin wrappers over the library.
+
+Exit codes: 0 success, 2 bad input (configuration problems, printed as FILE:LINE: field: message),
+1 a run that could not proceed. Heavy modules are imported inside the commands so that
+``headroom validate`` stays fast.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from testbed.config import ConfigError, load_any, load_experiment
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Headroom: emulated edge testbed for partitioned LLM inference.")
+net_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Emulated network tools.")
+app.add_typer(net_app, name="net")
+err = Console(stderr=True)
+
+
+def _bad_input(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+    raise typer.Exit(2)
+
+
+@app.command()
+def validate(files: List[Path] = typer.Argument(..., help="Topology or experiment YAML files.")) -> None:
+    """Check files; print FILE:LINE: field: message for every problem (exit 2), else exit 0."""
+    problems = []
+    for f in files:
+        try:
+            load_any(f)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        raise typer.Exit(2)
+    print(f"ok: {len(files)} file(s) valid")
+
+
+@app.command()
+def run(
+    experiment: Path,
+    out: Path = typer.Option(Path("results"), "-o", "--out", help="Results root."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="emulated | simulated (overrides the YAML)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Run directory to continue."),
+    print_run_dir: bool = typer.Option(False, "--print-run-dir", help="Print the run directory as the last line."),
+) -> None:
+    """Run every algorithm of an experiment through the identical scenario; write a run directory."""
+    try:
+        spec = load_experiment(experiment)
+    except ConfigError as exc:
+        _bad_input(exc)
+    if backend is not None and backend not in ("emulated", "simulated"):
+        print(f"--backend: expected emulated or simulated, got {backend!r}", file=sys.stderr)
+        raise typer.Exit(2)
+    from testbed.runner import RunError, run_experiment
+
+    try:
+        run_dirs = run_experiment(spec, experiment, out, backend=backend, resume=resume)
+    except RunError as exc:
+        err.print(f"[red]run failed:[/red] {exc}")
+        raise typer.Exit(1)
+    for d in run_dirs:
+        err.print(f"run directory: {d}")
+    if print_run_dir:
+        print(run_dirs[-1])
+
+
+@app.command()
+def plan(
+    experiment: Path,
+    algorithm: str = typer.Option(..., "--algorithm", "-a"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Place the model for the experiment's initial snapshot, without any network."""
+    try:
+        spec = load_experiment(experiment)
+    except ConfigError as exc:
+        _bad_input(exc)
+    from testbed.planning import PlanningError, plan_initial
+
+    try:
+        result = plan_initial(spec, algorithm)
+    except PlanningError as exc:
+        print(f"{experiment}: algorithm {algorithm}: {exc}", file=sys.stderr)
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            if k != "placement":
+                print(f"{k}: {v}")
+
+
+@net_app.command("check")
+def net_check(topology: Path, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Bring a topology up, measure every link and host limit against the spec, tear down."""
+    try:
+        load_any(topology)
+    except ConfigError as exc:
+        _bad_input(exc)
+    from testbed.netcheck import net_check as check
+
+    ok, report = check(topology, as_json)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def analyze(run_dirs: List[Path], out: Optional[Path] = typer.Option(None, "-o", "--out")) -> None:
+    """Draw figures (PNG + PDF) and report.html from run directories."""
+    missing = [d for d in run_dirs if not (d / "events.jsonl").exists()]
+    if missing:
+        print(f"{missing[0]}: not a run directory (no events.jsonl)", file=sys.stderr)
+        raise typer.Exit(2)
+    from analysis.report import analyze as do_analyze
+
+    result = do_analyze(list(run_dirs), out)
+    print(f"report: {result['report']}")
+
+
+@app.command()
+def clean(run_dir: Optional[Path] = typer.Argument(None), all_runs: bool = typer.Option(False, "--all"),
+          results: Path = typer.Option(Path("results"), "--results")) -> None:
+    """Remove exactly what run manifests recorded (namespaces, links, qdiscs, cgroups, processes)."""
+    from testbed.cleanup import cleanup_from_manifest
+
+    if run_dir is None and not all_runs:
+        print("give a RUN_DIR or --all", file=sys.stderr)
+        raise typer.Exit(2)
+    manifests = sorted(results.glob("**/resources.jsonl")) if all_runs else [run_dir / "resources.jsonl"]
+    for m in manifests:
+        if not m.exists():
+            print(f"{m}: no resource manifest", file=sys.stderr)
+            continue
+        for line in cleanup_from_manifest(m):
+            print(line)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
