@@ -89,10 +89,22 @@ def _field_name(loc: tuple) -> str:
     return "".join(parts) or "<root>"
 
 
+_SCENARIO_TAGS = ("event", "ramp", "random_walk", "trace")
+
+
 def _clean_loc(loc: tuple) -> tuple:
-    """Drop pydantic's union-branch markers (class or type names) from an error location."""
-    return tuple(k for k in loc if isinstance(k, int) or not (k[:1].isupper() or k in ("str", "function-after")
-                                                             or k.startswith("function-")))
+    """Drop pydantic's union-branch markers (class, type or scenario-kind tags) from an error location."""
+    out: list = []
+    for i, k in enumerate(loc):
+        if isinstance(k, int):
+            out.append(k)
+        elif k[:1].isupper() or k == "str" or k.startswith("function-"):
+            continue
+        elif k in _SCENARIO_TAGS and i >= 2 and loc[i - 2] == "scenario" and isinstance(loc[i - 1], int):
+            continue
+        else:
+            out.append(k)
+    return tuple(out)
 
 
 def _problems_from(exc: ValidationError, file: str, root: yaml.Node, prefix: tuple = ()) -> list[ConfigProblem]:
@@ -177,10 +189,16 @@ def _cross_check(spec: ExperimentSpec, file: str, root: yaml.Node) -> list[Confi
     assert isinstance(topo, TopologySpec)
     hosts = {h.name for h in topo.hosts}
     problems = []
-    for i, event in enumerate(spec.scenario):
-        if event.host is not None and event.host not in hosts:
+    for i, item in enumerate(spec.scenario):
+        event = getattr(item, "ramp", None) or getattr(item, "random_walk", None) or getattr(item, "trace", None) or item
+        if getattr(event, "host", None) is not None and event.host not in hosts:
             problems.append(ConfigProblem(file, _line_of(root, ("scenario", i, "host")), f"scenario[{i}].host",
                                           f"unknown host {event.host!r} (hosts: {sorted(hosts)})"))
+        if getattr(event, "file", None) is not None:
+            trace = (Path(file).parent / event.file)
+            if not trace.exists():
+                problems.append(ConfigProblem(file, _line_of(root, ("scenario", i)), f"scenario[{i}].trace.file",
+                                              f"file not found: {trace}"))
         if event.link is not None:
             try:
                 topo.find_link(*event.link)

@@ -139,13 +139,28 @@ def read_events(run_dir: Path) -> list[dict]:
     return out
 
 
+def _latest_attempts(events: list[dict]) -> list[dict]:
+    """Events of each (algorithm, repetition)'s last attempt only (earlier ones were interrupted)."""
+    attempts: dict[tuple, list[dict]] = {}
+    other = []
+    for ev in events:
+        if "algorithm" not in ev:
+            other.append(ev)
+            continue
+        key = (ev["algorithm"], ev.get("repetition"))
+        if ev["type"] == "algorithm_started":
+            attempts[key] = []
+        attempts.setdefault(key, []).append(ev)
+    return other + [ev for evs in attempts.values() for ev in evs]
+
+
 def summarize(run_dir: Path, algorithms: list[str]) -> dict:
     """Fold tokens.csv and events.jsonl into the per-algorithm summary (DESIGN.md §3)."""
     import pandas as pd
 
     path = Path(run_dir) / "tokens.csv"
     table = pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame(columns=TOKEN_COLUMNS)
-    events = read_events(run_dir)
+    events = _latest_attempts(read_events(run_dir))
     summary = {}
     for algo in algorithms:
         rows = table[(table["algorithm"] == algo) & (table["phase"] == "decode")]

@@ -5,9 +5,9 @@ Units live in key names: ``bandwidth_mbps``, ``delay_ms``, ``loss_pct``, ``mem_l
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 class Spec(BaseModel):
@@ -142,6 +142,71 @@ class ScenarioEvent(Spec):
         return self
 
 
+class Ramp(Spec):
+    """A linear bandwidth ramp on one link, applied as ``steps`` step changes."""
+
+    link: tuple[str, str]
+    from_token: int = Field(ge=0)
+    to_token: int = Field(ge=1)
+    from_mbps: float = Field(gt=0)
+    to_mbps: float = Field(gt=0)
+    steps: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Ramp":
+        if self.to_token <= self.from_token:
+            raise ValueError("to_token must be after from_token")
+        return self
+
+
+class RandomWalk(Spec):
+    """A seeded multiplicative random walk of one link's bandwidth, a step every ``every_tokens``."""
+
+    link: tuple[str, str]
+    every_tokens: int = Field(4, ge=1)
+    start_token: int = Field(0, ge=0)
+    stop_token: Optional[int] = Field(None, ge=1)
+    min_mbps: float = Field(gt=0)
+    max_mbps: float = Field(gt=0)
+    step_pct: float = Field(30.0, gt=0, le=100)
+    seed: int = 0
+
+
+class Trace(Spec):
+    """Replay a bandwidth trace: a CSV with columns ``token`` (or ``t_s``) and ``bandwidth_mbps``."""
+
+    link: tuple[str, str]
+    file: str
+
+
+class RampItem(Spec):
+    ramp: Ramp
+
+
+class RandomWalkItem(Spec):
+    random_walk: RandomWalk
+
+
+class TraceItem(Spec):
+    trace: Trace
+
+
+def _scenario_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        for key in ("ramp", "random_walk", "trace"):
+            if key in value:
+                return key
+        return "event"
+    return {RampItem: "ramp", RandomWalkItem: "random_walk", TraceItem: "trace"}.get(type(value), "event")
+
+
+ScenarioItem = Annotated[
+    Union[Annotated[ScenarioEvent, Tag("event")], Annotated[RampItem, Tag("ramp")],
+          Annotated[RandomWalkItem, Tag("random_walk")], Annotated[TraceItem, Tag("trace")]],
+    Discriminator(_scenario_kind),
+]
+
+
 class AlgorithmSpec(Spec):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -160,7 +225,7 @@ class ExperimentSpec(Spec):
     repartition_every_tokens: int = Field(8, ge=1)
     cost_model: Literal["decode", "paper"] = "decode"
     allow_blocks_on_source: bool = False
-    scenario: tuple[ScenarioEvent, ...] = ()
+    scenario: tuple[ScenarioItem, ...] = ()
     repetitions: int = Field(1, ge=1)
     backend: Literal["emulated", "simulated"] = "emulated"
     placement: Optional[dict[str, Any]] = None  # for the "fixed" algorithm: Placement.to_json() form

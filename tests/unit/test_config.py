@@ -146,3 +146,16 @@ def test_shipped_files_validate():
     files = sorted(REPO.glob("topologies/*.yaml")) + sorted(REPO.glob("experiments/**/*.yaml"))
     out = subprocess.run([sys.executable, "-m", "testbed", "validate", *map(str, files)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_scenario_generators_validate_and_report(tmp_path):
+    good = ("algorithms: [greedy]\nscenario:\n"
+            "  - {ramp: {link: [h2, s1], from_token: 0, to_token: 8, from_mbps: 10, to_mbps: 2}}\n"
+            "  - {random_walk: {link: [h1, s1], min_mbps: 1, max_mbps: 50, seed: 3}}\n")
+    spec = load_experiment(experiment(tmp_path, good))
+    assert spec.scenario[0].ramp.to_mbps == 2 and spec.scenario[1].random_walk.seed == 3
+    bad = ("algorithms: [greedy]\nscenario:\n"
+           "  - {at_token: 1, link: [h2, s1], bandwidth_mbps: 3}\n"
+           "  - {ramp: {link: [h2, s1], from_token: 0, to_token: 8, from_mbps: 10, to_mbps: 2, speed: 4}}\n")
+    found = problems_of(load_experiment, experiment(tmp_path, bad))
+    assert any("exp.yaml:7: scenario[1].ramp.speed: unknown key" in p for p in found), found

@@ -1,0 +1,44 @@
+"""Model side of Headroom: configs, weights, placement blocks, the monolithic model and `load_model`.
+
+`load_model(name_or_dir)` accepts a REGISTRY name (random seeded weights, except "smollm2-135m"
+which loads the real GGUF weights) or a local Hugging Face checkpoint directory (GPT-2 or Llama).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .blocks import (AttentionShard, Embedder, FfnShard, LMHead, ProjBlock, ShardError,
+                     assemble_head_outputs, ffn_combine, ffn_down_bias)
+from .config import REGISTRY, ModelConfig, ModelError, config_from_hf
+from .model import Model
+from .weights import load_hf_dir, random_state_dict
+
+
+def load_state(name_or_dir: str | Path, seed: int = 0) -> tuple[ModelConfig, dict]:
+    """(config, full internal state dict) for a registry name or a HF checkpoint directory."""
+    key = str(name_or_dir)
+    if key == "smollm2-135m":
+        from .gguf_loader import load_smollm2
+
+        return load_smollm2()
+    if key in REGISTRY:
+        cfg = REGISTRY[key]
+        return cfg, random_state_dict(cfg, seed)
+    if Path(key).is_dir():
+        return load_hf_dir(key)
+    raise ModelError(f"unknown model {key!r}: not in REGISTRY {sorted(REGISTRY)} and not a directory")
+
+
+def load_model(name_or_dir: str | Path | ModelConfig, seed: int = 0) -> Model:
+    """A ready Model (fp32, CPU). A ModelConfig gets random seeded weights."""
+    if isinstance(name_or_dir, ModelConfig):
+        return Model(name_or_dir, random_state_dict(name_or_dir, seed))
+    return Model(*load_state(name_or_dir, seed))
+
+
+__all__ = [
+    "REGISTRY", "AttentionShard", "Embedder", "FfnShard", "LMHead", "Model", "ModelConfig", "ModelError",
+    "ProjBlock", "ShardError", "assemble_head_outputs", "config_from_hf", "ffn_combine", "ffn_down_bias",
+    "load_model", "load_state", "random_state_dict",
+]

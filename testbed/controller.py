@@ -1,0 +1,173 @@
+"""The per-algorithm control loop: scenario tick -> apply -> snapshot -> plan -> migrate -> token -> record.
+
+Backend-agnostic: it talks to a ``Cluster`` only, and to the planners through ``testbed.partition``.
+An algorithm that fails (infeasible plan, OOM-killed agent) is recorded as a result and the loop
+returns; only a ``ClusterError`` (the testbed itself broke) propagates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from testbed.cluster import AlgorithmFailure, Cluster, TokenRecord
+from testbed.placement import Placement
+from testbed.recorder import RunRecorder
+from testbed.scenario import Change, Timeline
+from testbed.snapshot import ModelDims
+
+STATIC_ALGORITHMS = {"edgeshard", "galaxy", "greedy", "round_robin", "static", "fixed"}
+
+
+@dataclass
+class LoopSettings:
+    algorithm: str
+    repetition: int
+    params: dict
+    prompt_ids: list[int]
+    new_tokens: int
+    repartition_every: int
+    cost_model: str
+    allow_blocks_on_source: bool
+    fixed_placement: Placement | None = None
+    threshold_drop_pct: float = 20.0  # a resource drop this large triggers an immediate re-plan
+
+
+@dataclass
+class LoopState:
+    placement: Placement | None = None
+    elapsed_s: float = 0.0
+    replan_now: bool = False
+    initial_plan: Placement | None = None
+    tokens: list[int] = field(default_factory=list)
+
+
+def _plan(settings: LoopSettings, cluster: Cluster, dims: ModelDims, context_len: int, current: Placement | None):
+    from testbed.partition import plan
+
+    snap = cluster.snapshot(context_len, settings.repartition_every)
+    snap = _with_policy(snap, current, settings.allow_blocks_on_source)
+    return plan(settings.algorithm, snap, dims, cost_model=settings.cost_model, **settings.params)
+
+
+def _with_policy(snap, current, allow_on_source):
+    from dataclasses import replace
+
+    return replace(snap, current=current, allow_blocks_on_source=allow_on_source)
+
+
+def _is_drop(change: Change, before: dict) -> bool:
+    """True if the change lowers bandwidth, memory or CPU, or takes a link down."""
+    vals = change.values
+    if vals.get("up") is False or vals.get("kill_agent"):
+        return True
+    for key in ("bandwidth_mbps", "mem_limit_mib", "cpu_cores"):
+        if key in vals and key in before and before[key] and vals[key] < before[key]:
+            return True
+    return False
+
+
+def apply_change(cluster: Cluster, change: Change) -> dict:
+    """Apply one scenario change and return the read-back state the backend reports."""
+    if change.link is not None:
+        return cluster.apply_link(change.link[0], change.link[1], **change.values)
+    values = dict(change.values)
+    if values.pop("kill_agent", False):
+        kill = getattr(cluster, "kill_agent", None)
+        if kill is None:
+            raise AlgorithmFailure(f"backend cannot kill the agent on {change.host}")
+        kill(change.host)
+    return cluster.set_host_limits(change.host, **values) if values else {"killed": change.host}
+
+
+class AlgorithmLoop:
+    """Runs one (algorithm, repetition) through the timeline and records everything."""
+
+    def __init__(self, cluster: Cluster, recorder: RunRecorder, dims: ModelDims, settings: LoopSettings,
+                 timeline: Timeline, on_token: Callable[[int], None] | None = None):
+        self.cluster, self.rec, self.dims, self.s = cluster, recorder, dims, settings
+        self.timeline = timeline
+        self.state = LoopState()
+        self.on_token = on_token or (lambda i: None)
+        self.dynamic = settings.algorithm not in STATIC_ALGORITHMS
+        self._last_values: dict[tuple, dict] = {}
+
+    def _ev(self, type_: str, **fields) -> None:
+        self.rec.event(type_, algorithm=self.s.algorithm, repetition=self.s.repetition, **fields)
+
+    def run(self) -> bool:
+        """True if every token was generated; False if the algorithm failed (recorded)."""
+        token_index = 0
+        try:
+            self._apply_due(0)
+            self._initial_plan()
+            rec = self.cluster.load(self.state.placement, self.s.prompt_ids)
+            self._record_token(0, rec, 0.0, 0, phase="prefill")
+            for token_index in range(1, self.s.new_tokens):
+                self._apply_due(token_index)
+                mig_s, mig_b = self._maybe_replan(token_index)
+                rec = self.cluster.step(self.state.tokens[-1])
+                self._record_token(token_index, rec, mig_s, mig_b, phase="decode")
+        except AlgorithmFailure as exc:
+            self._ev("algorithm_failed", token_index=token_index, reason=str(exc))
+            return False
+        except ValueError as exc:  # InfeasiblePlan is a ValueError subclass carrying the numbers
+            if type(exc).__name__ != "InfeasiblePlan":
+                raise
+            self._ev("algorithm_failed", token_index=token_index, reason=f"infeasible: {exc}")
+            return False
+        return True
+
+    def _initial_plan(self) -> None:
+        if self.s.algorithm == "fixed":
+            self.state.placement = self.s.fixed_placement
+            self._ev("plan", token_index=0, placement=self.state.placement.to_json(),
+                     predicted_token_latency_s=None, solve_time_s=0.0)
+            return
+        result = _plan(self.s, self.cluster, self.dims, len(self.s.prompt_ids), None)
+        self.state.placement = self.state.initial_plan = result.placement
+        self._record_plan(0, result)
+
+    def _record_plan(self, token_index: int, result) -> None:
+        self._ev("plan", token_index=token_index, placement=result.placement.to_json(),
+                 predicted_token_latency_s=result.predicted_token_latency_s, solve_time_s=result.solve_time_s)
+
+    def _apply_due(self, token_index: int) -> None:
+        for change in self.timeline.due(token_index, self.state.elapsed_s):
+            key = (change.link, change.host)
+            before = self._last_values.get(key, {})
+            readback = apply_change(self.cluster, change)
+            self._last_values[key] = {**before, **change.values}
+            if _is_drop(change, readback.get("before", before)):
+                self.state.replan_now = True
+            self._ev("scenario_applied", token_index=token_index, change=change.describe(),
+                     link=list(change.link) if change.link else None, host=change.host,
+                     values=change.values, readback=readback)
+
+    def _maybe_replan(self, token_index: int) -> tuple[float, int]:
+        scheduled = token_index % self.s.repartition_every == 0
+        if not self.dynamic or not (scheduled or self.state.replan_now):
+            return 0.0, 0
+        self.state.replan_now = False
+        context = len(self.s.prompt_ids) + token_index
+        result = _plan(self.s, self.cluster, self.dims, context, self.state.placement)
+        self._record_plan(token_index, result)
+        self._ev("mem_sample", token_index=token_index, host_mem_bytes=self.cluster.peak_mem_bytes())
+        if result.placement == self.state.placement:
+            return 0.0, 0
+        mig = self.cluster.migrate(result.placement)
+        self.state.placement = result.placement
+        self.state.elapsed_s += mig.duration_s
+        self._ev("migration", token_index=token_index, duration_s=mig.duration_s, bytes_moved=mig.bytes_moved,
+                 moves=[list(m) for m in mig.moves], trigger="schedule" if scheduled else "threshold")
+        return mig.duration_s, mig.bytes_moved
+
+    def _record_token(self, index: int, rec: TokenRecord, mig_s: float, mig_b: int, phase: str) -> None:
+        self.state.tokens.append(rec.token_id)
+        self.state.elapsed_s += rec.latency_s
+        self.rec.token({
+            "algorithm": self.s.algorithm, "repetition": self.s.repetition, "token_index": index,
+            "token_id": rec.token_id, "context_len": len(self.s.prompt_ids) + index, "latency_s": rec.latency_s,
+            "compute_s": rec.compute_s, "transfer_s": rec.transfer_s, "wait_s": rec.wait_s,
+            "migration_s": mig_s, "bytes_moved": rec.bytes_moved, "migrated_bytes": mig_b, "phase": phase,
+        })
+        self.on_token(index)
