@@ -1,0 +1,64 @@
+"""Scenario expansion is deterministic, ordered, and fires each change exactly once."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from testbed.scenario import ScenarioError, Timeline, expand
+from testbed.specs import ExperimentSpec
+
+TOPO = {
+    "name": "t",
+    "hosts": [{"name": "h1", "mem_limit_mib": 512, "cpu_cores": 1, "source": True},
+              {"name": "h2", "mem_limit_mib": 512, "cpu_cores": 1}],
+    "switches": ["s1"],
+    "links": [{"a": "h1", "b": "s1", "bandwidth_mbps": 10}, {"a": "h2", "b": "s1", "bandwidth_mbps": 10}],
+}
+
+
+def spec(scenario, new_tokens=40) -> ExperimentSpec:
+    return ExperimentSpec.model_validate({
+        "name": "e", "topology": TOPO, "model": {"name": "tiny-gpt2"}, "algorithms": ["greedy"],
+        "workload": {"new_tokens": new_tokens}, "scenario": scenario,
+    })
+
+
+def test_ramp_reaches_target_in_steps():
+    changes = expand(spec([{"ramp": {"link": ["h2", "s1"], "from_token": 8, "to_token": 16,
+                                     "from_mbps": 10, "to_mbps": 2, "steps": 4}}]))
+    assert [(c.at_token, c.values["bandwidth_mbps"]) for c in changes] == [(8, 10), (10, 8), (12, 6), (14, 4), (16, 2)]
+
+
+def test_random_walk_is_seeded_and_bounded():
+    item = {"random_walk": {"link": ["h1", "s1"], "min_mbps": 2, "max_mbps": 20, "every_tokens": 2, "seed": 7}}
+    a = expand(spec([item]))
+    b = expand(spec([item]))
+    other = expand(spec([{"random_walk": {**item["random_walk"], "seed": 8}}]))
+    rates = [c.values["bandwidth_mbps"] for c in a]
+    assert a == b
+    assert rates != [c.values["bandwidth_mbps"] for c in other]
+    assert len(a) == 20 and all(2 <= r <= 20 for r in rates)
+
+
+def test_trace_file(tmp_path: Path):
+    (tmp_path / "tr.csv").write_text("token,bandwidth_mbps\n0,10\n5,1.5\n9,7\n")
+    changes = expand(spec([{"trace": {"link": ["h2", "s1"], "file": "tr.csv"}}]), tmp_path)
+    assert [(c.at_token, c.values["bandwidth_mbps"]) for c in changes] == [(0, 10), (5, 1.5), (9, 7)]
+    (tmp_path / "bad.csv").write_text("token,bandwidth_mbps\n0,10\n5,-1\n")
+    with pytest.raises(ScenarioError, match=r"bad.csv:3: bandwidth_mbps must be > 0"):
+        expand(spec([{"trace": {"link": ["h2", "s1"], "file": "bad.csv"}}]), tmp_path)
+
+
+def test_timeline_fires_token_and_time_changes_once_in_order():
+    changes = expand(spec([
+        {"at_token": 5, "link": ["h2", "s1"], "bandwidth_mbps": 3},
+        {"at_token": 2, "host": "h2", "mem_limit_mib": 128},
+        {"at_s": 0.5, "link": ["h1", "s1"], "up": False},
+    ]))
+    tl = Timeline(changes)
+    assert tl.due(0, 0.0) == []
+    assert [c.host for c in tl.due(3, 0.1)] == ["h2"]  # token 2 passed: fires at the next boundary
+    fired = tl.due(5, 0.6)
+    assert [c.values for c in fired] == [{"bandwidth_mbps": 3}, {"up": False}]
+    assert tl.due(10, 9.0) == []
