@@ -1,0 +1,65 @@
+"""Framed wire: round trip, emulated delay on receipt, and refusal of foreign or oversized frames."""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from node_agent import wire
+
+
+def pair():
+    a, b = socket.socketpair()
+    return a, b
+
+
+def test_round_trip_header_and_raw_payload():
+    a, b = pair()
+    x = np.arange(1000, dtype=np.float32)
+    n = wire.send_frame(a, {"type": "act", "layer": 3}, x.tobytes())
+    f = wire.recv_frame(b)
+    assert f.type == "act" and f.header["layer"] == 3
+    assert np.array_equal(np.frombuffer(f.payload, dtype=np.float32), x)
+    assert n == f.wire_bytes
+    big = bytes(range(256)) * 1024  # takes the two-send path
+    wire.send_frame(a, {"type": "blob"}, big)
+    assert wire.recv_frame(b).payload == big
+
+
+def test_delay_holds_frame_until_sent_at_plus_delay():
+    a, b = pair()
+    wire.send_frame(a, {"type": "ping"})
+    t0 = time.time()
+    f = wire.recv_frame(b, delay_s=lambda: 0.05)
+    assert f.released_at - f.sent_at >= 0.05
+    assert 0.045 <= time.time() - t0 <= 0.2
+
+
+def test_bad_magic_and_version_are_refused():
+    a, b = pair()
+    a.sendall(struct.pack("!4sHHIQd", b"HTTP", 1, 0, 0, 0, 0.0))
+    with pytest.raises(wire.WireError, match="bad magic"):
+        wire.recv_frame(b)
+    a.sendall(wire.PREFIX.pack(wire.MAGIC, 99, 0, 0, 0, 0.0))
+    with pytest.raises(wire.WireError, match="wire version 99"):
+        wire.recv_frame(b)
+
+
+def test_oversized_and_truncated_frames():
+    a, b = pair()
+    a.sendall(wire.PREFIX.pack(wire.MAGIC, wire.WIRE_VERSION, 0, wire.MAX_HEADER_BYTES + 1, 0, 0.0))
+    with pytest.raises(wire.WireError, match="too large"):
+        wire.recv_frame(b)
+    a.sendall(wire.PREFIX.pack(wire.MAGIC, wire.WIRE_VERSION, 0, 2, 10, 0.0) + b"{}" + b"abc")
+    a.close()
+    with pytest.raises(wire.WireError, match="connection closed after 3 of 10 bytes"):
+        wire.recv_frame(b)
+
+
+def test_header_needs_type():
+    a, _ = pair()
+    with pytest.raises(ValueError, match="type"):
+        wire.send_frame(a, {"layer": 1})
