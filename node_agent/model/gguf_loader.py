@@ -106,8 +106,8 @@ def dequantize_gguf(path: Path) -> tuple[ModelConfig, StateDict]:
         name = _internal_name(t.name)
         if name is None:
             continue
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)  # (rows, cols)
-        w = torch.from_numpy(np.ascontiguousarray(arr)).reshape(tuple(reversed([int(s) for s in t.shape])))
+        arr = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)  # (rows, cols), owned
+        w = torch.from_numpy(arr).reshape(tuple(reversed([int(s) for s in t.shape])))
         if name.endswith(".wq.weight"):
             w = unpermute_qk(w, cfg.n_heads)
         elif name.endswith(".wk.weight"):
