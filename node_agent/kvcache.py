@@ -65,12 +65,13 @@ class KVCache:
         elif k.shape[2] != self.length or k.shape[0] != self.batch:
             raise ValueError(f"imported cache (B={k.shape[0]}, T={k.shape[2]}) does not match "
                              f"(B={self.batch}, T={self.length})")
-        cap = max(self.capacity, -(-self.length // self.chunk) * self.chunk)
+        cap = -(-max(self.length, 1) // self.chunk) * self.chunk
         h = self.n_heads + k.shape[1]
         nk = torch.empty(self.batch, h, cap, self.head_dim, dtype=self.dtype)  # (B, H+h, T_cap, d)
         nv = torch.empty_like(nk)
-        nk[:, : self.n_heads, : self.length] = self.k[:, :, : self.length]
-        nv[:, : self.n_heads, : self.length] = self.v[:, :, : self.length]
+        if self.n_heads:
+            nk[:, : self.n_heads, : self.length] = self.k[:, :, : self.length]
+            nv[:, : self.n_heads, : self.length] = self.v[:, :, : self.length]
         nk[:, self.n_heads :, : self.length] = k.to(self.dtype)
         nv[:, self.n_heads :, : self.length] = v.to(self.dtype)
         self.k, self.v, self.n_heads = nk, nv, h
