@@ -15,11 +15,17 @@ def _norm_params(cfg: ModelConfig) -> int:
     return cfg.d_model * (2 if cfg.has_bias else 1)
 
 
-def head_block_weight_bytes(cfg: ModelConfig) -> int:
-    """Weights of one KV-group block: Q rows (q·d), K and V rows (d each), biases, input norm."""
+def attention_shard_weight_bytes(cfg: ModelConfig, n_groups: int) -> int:
+    """An AttentionShard with `n_groups` groups: per group Q rows (q·d), K and V rows (d each) and
+    their biases; one copy of the layer's input norm per shard."""
     rows = (cfg.q_per_group + 2) * cfg.head_dim
-    params = rows * cfg.d_model + (rows if cfg.has_bias else 0) + _norm_params(cfg)
+    params = n_groups * (rows * cfg.d_model + (rows if cfg.has_bias else 0)) + _norm_params(cfg)
     return params * cfg.bytes_per_param
+
+
+def head_block_weight_bytes(cfg: ModelConfig) -> int:
+    """Weights of one KV-group block alone on its device (its own norm copy included)."""
+    return attention_shard_weight_bytes(cfg, 1)
 
 
 def kv_bytes_per_token_per_group(cfg: ModelConfig) -> int:
@@ -76,8 +82,8 @@ def source_bytes(cfg: ModelConfig) -> int:
 
 
 def layer_weight_bytes(cfg: ModelConfig) -> int:
-    """One decoder layer as separate blocks (each head block keeps its own input-norm copy)."""
-    return cfg.n_groups * head_block_weight_bytes(cfg) + proj_weight_bytes(cfg) + ffn_weight_bytes(cfg)
+    """One decoder layer with all groups in one shard and an unsplit FFN."""
+    return attention_shard_weight_bytes(cfg, cfg.n_groups) + proj_weight_bytes(cfg) + ffn_weight_bytes(cfg)
 
 
 # ---- compute and transfer (decode phase, one token, batch 1) --------------------------------------

@@ -82,23 +82,21 @@ class DeviceBlocks:
     embedder: Embedder | None = None
     lm_head: LMHead | None = None
 
-    def tensors(self) -> list[Tensor]:
-        ts: list[Tensor] = []
-        for a in self.attn.values():
-            ts += a.weight_tensors()
-        for p in self.proj.values():
-            ts += p.weight_tensors()
-        for fs in self.ffn.values():
-            for f in fs:
-                ts += f.weight_tensors()
-        for b in (self.embedder, self.lm_head):
-            ts += b.weight_tensors() if b is not None else []
-        return ts
+    def blocks(self) -> list:
+        bs: list = [*self.attn.values(), *self.proj.values()]
+        bs += [f for fs in self.ffn.values() for f in fs]
+        return bs + [b for b in (self.embedder, self.lm_head) if b is not None]
 
     def nbytes_weights(self) -> int:
-        """Bytes of distinct weight tensors (a tied LM head shares the embedding)."""
-        seen = {(t.data_ptr(), t.numel()): t.numel() * t.element_size() for t in self.tensors()}
-        return sum(seen.values())
+        """Bytes of each block's weights as if every block owned its tensors (as in an agent);
+        a tied LM head next to the Embedder shares the embedding matrix."""
+        total = 0
+        for b in self.blocks():
+            ts = b.weight_tensors()
+            if b is self.lm_head and self.embedder is not None:
+                ts = [t for t in ts if t is not self.embedder.tok]
+            total += sum(t.numel() * t.element_size() for t in ts)
+        return total
 
     def nbytes_kv(self) -> int:
         return sum(a.nbytes_kv() for a in self.attn.values())
