@@ -51,7 +51,7 @@ class Frame:
 
     @property
     def wire_bytes(self) -> int:
-        return PREFIX.size + len(json.dumps(self.header).encode()) + len(self.payload)
+        return PREFIX.size + len(json.dumps(self.header, separators=(",", ":")).encode()) + len(self.payload)
 
 
 def send_frame(sock: socket.socket, header: dict, payload: bytes | memoryview = b"") -> int:
