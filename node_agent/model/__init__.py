@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .blocks import (AttentionShard, Embedder, FfnShard, LMHead, ProjBlock, ShardError,
-                     assemble_head_outputs, ffn_combine, ffn_down_bias)
+                     assemble_head_outputs, ffn_combine, ffn_down_bias, prepare_state_dict,
+                     source_blocks)
 from .config import REGISTRY, ModelConfig, ModelError, config_from_hf
 from .model import Model
 from .weights import load_hf_dir, random_state_dict
@@ -39,6 +40,6 @@ def load_model(name_or_dir: str | Path | ModelConfig, seed: int = 0) -> Model:
 
 __all__ = [
     "REGISTRY", "AttentionShard", "Embedder", "FfnShard", "LMHead", "Model", "ModelConfig", "ModelError",
-    "ProjBlock", "ShardError", "assemble_head_outputs", "config_from_hf", "ffn_combine", "ffn_down_bias",
+    "ProjBlock", "ShardError", "assemble_head_outputs", "prepare_state_dict", "source_blocks", "config_from_hf", "ffn_combine", "ffn_down_bias",
     "load_model", "load_state", "random_state_dict",
 ]

@@ -70,6 +70,25 @@ def _rows(t: Tensor, ranges: list[tuple[int, int]], share: bool, dim: int = 0) -
     return torch.cat([t.narrow(dim, s, e - s) for s, e in merged], dim=dim)
 
 
+def gemv_layout(w: Tensor) -> Tensor:
+    """Store a linear weight (out, in) the way a 1-token matmul reads fastest (measured, MKL, CPU):
+    column-major when out >= in, row-major otherwise. Logical shape is unchanged; no copy if the
+    layout already fits."""
+    if w.dim() != 2:
+        return w
+    if w.shape[0] >= w.shape[1]:
+        return w if w.stride() == (1, w.shape[0]) else w.t().contiguous().t()
+    return w.contiguous()
+
+
+def prepare_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """In place: give every matrix its gemv_layout (so blocks built with share_storage reuse it)."""
+    for k, t in sd.items():
+        if t.dim() == 2 and k != "embed.pos":
+            sd[k] = gemv_layout(t)
+    return sd
+
+
 def _causal_attend(q: Tensor, k: Tensor, v: Tensor, start_pos: int, qpg: int) -> Tensor:
     """q (B, Hq, T, d), k/v (B, G, S, d) with S = start_pos + T → (B, Hq, T, d)."""
     B, Hq, T, d = q.shape
@@ -109,7 +128,7 @@ class AttentionShard:
         for n in _HEAD_TENSORS:
             width = qw if n == "wq" else kw
             ranges = [(g * width, (g + 1) * width) for g in groups]
-            self.w[n] = _rows(weights[p + n + ".weight"], ranges, share_storage)  # (|g|·width, D)
+            self.w[n] = gemv_layout(_rows(weights[p + n + ".weight"], ranges, share_storage))  # (|g|·width, D)
             if cfg.has_bias:
                 self.w[n + "_b"] = _rows(weights[p + n + ".bias"], ranges, share_storage)  # (|g|·width,)
         self.cache = KVCache(1, len(groups), cfg.head_dim)
@@ -183,7 +202,7 @@ class AttentionShard:
         t = tensors_from_bytes(header, payload)
         self.cache.add_heads(t["k"], t["v"])
         for n in self.w:
-            self.w[n] = torch.cat([self.w[n], t[n]])
+            self.w[n] = gemv_layout(torch.cat([self.w[n], t[n]]))
         self.groups.append(int(meta["group"]))
 
     def remove_group(self, group: int) -> None:
@@ -192,7 +211,7 @@ class AttentionShard:
         keep = [j for j in range(len(self.groups)) if j != i]
         sl = [self._slices(j) for j in keep]
         for n in self.w:
-            self.w[n] = torch.cat([self.w[n][s[n]] for s in sl]) if sl else self.w[n][:0].clone()
+            self.w[n] = gemv_layout(torch.cat([self.w[n][s[n]] for s in sl])) if sl else self.w[n][:0].clone()
         self.cache.keep_heads(keep)
         self.groups.pop(i)
 
@@ -245,7 +264,7 @@ class ProjBlock:
     def __init__(self, cfg: ModelConfig, layer: int, weights: dict[str, Tensor]) -> None:
         p = f"layers.{layer}."
         self.cfg, self.layer = cfg, layer
-        self.wo, self.bo = weights[p + "wo.weight"], weights.get(p + "wo.bias")  # (D, H·d), (D,)
+        self.wo, self.bo = gemv_layout(weights[p + "wo.weight"]), weights.get(p + "wo.bias")  # (D, H·d), (D,)
 
     def forward(self, head_out: Tensor, x: Tensor) -> Tensor:
         return x + F.linear(head_out, self.wo, self.bo)  # (B, T, D)
@@ -269,10 +288,11 @@ class FfnShard:
         p, r = f"layers.{layer}.", [(col_start, col_end)]
         self.cfg, self.layer, self.col_start, self.col_end = cfg, layer, col_start, col_end
         self.norm_w, self.norm_b = weights[p + "ffn_norm.weight"], weights.get(p + "ffn_norm.bias")
-        self.w_up = _rows(weights[p + "w_up.weight"], r, share_storage)  # (n, D)
+        self.w_up = gemv_layout(_rows(weights[p + "w_up.weight"], r, share_storage))  # (n, D)
         self.b_up = _rows(weights[p + "w_up.bias"], r, share_storage) if cfg.has_bias else None  # (n,)
-        self.w_gate = _rows(weights[p + "w_gate.weight"], r, share_storage) if cfg.arch == "llama" else None  # (n, D)
-        self.w_down = _rows(weights[p + "w_down.weight"], r, share_storage, dim=1)  # (D, n)
+        gate = _rows(weights[p + "w_gate.weight"], r, share_storage) if cfg.arch == "llama" else None
+        self.w_gate = gemv_layout(gate) if gate is not None else None  # (n, D)
+        self.w_down = gemv_layout(_rows(weights[p + "w_down.weight"], r, share_storage, dim=1))  # (D, n)
 
     def forward(self, h: Tensor) -> Tensor:
         hn = norm(self.cfg, h, self.norm_w, self.norm_b)  # (B, T, D)
@@ -329,7 +349,7 @@ class LMHead:
     def __init__(self, cfg: ModelConfig, weights: dict[str, Tensor]) -> None:
         self.cfg = cfg
         self.norm_w, self.norm_b = weights["final_norm.weight"], weights.get("final_norm.bias")
-        self.w = weights["embed.tok"] if cfg.tie_embeddings else weights["lm_head.weight"]  # (V, D)
+        self.w = gemv_layout(weights["embed.tok"] if cfg.tie_embeddings else weights["lm_head.weight"])  # (V, D)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(norm(self.cfg, x, self.norm_w, self.norm_b), self.w)  # (B, T, V)
@@ -338,3 +358,10 @@ class LMHead:
 
     def weight_tensors(self) -> list[Tensor]:
         return [t for t in (self.norm_w, self.norm_b, self.w) if t is not None]
+
+
+def source_blocks(cfg: ModelConfig, weights: dict[str, Tensor]) -> tuple[Embedder, LMHead]:
+    """Embedder and LMHead for the source device; a tied LM head shares the embedding storage."""
+    head = LMHead(cfg, weights)
+    emb = Embedder(cfg, {**weights, "embed.tok": head.w} if cfg.tie_embeddings else weights)
+    return emb, head

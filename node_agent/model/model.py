@@ -1,7 +1,8 @@
 """The monolithic model: every block of every layer in one process, composed from the placement
 blocks (one AttentionShard with all KV groups, one ProjBlock, one FfnShard with all columns per
 layer) sharing storage with the full state dict. Owns `forward` with the KV cache and greedy
-`generate`.
+`generate`. Note: `prepare_state_dict` gives the matrices of `state_dict` a gemv-friendly memory
+layout in place (same logical shapes; some are non-contiguous — call .contiguous() before saving).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .blocks import AttentionShard, Embedder, FfnShard, LMHead, ProjBlock, ffn_combine, ffn_down_bias
+from .blocks import (AttentionShard, FfnShard, ProjBlock, ffn_combine, ffn_down_bias, prepare_state_dict,
+                     source_blocks)
 from .config import ModelConfig
 from .weights import StateDict, check_state_dict
 
@@ -21,9 +23,8 @@ class Model:
 
     def __init__(self, config: ModelConfig, state_dict: StateDict) -> None:
         check_state_dict(config, state_dict)
-        self.config, self.state_dict = config, state_dict
-        self.embedder = Embedder(config, state_dict)
-        self.lm_head = LMHead(config, state_dict)
+        self.config, self.state_dict = config, prepare_state_dict(state_dict)
+        self.embedder, self.lm_head = source_blocks(config, state_dict)
         all_groups = list(range(config.n_groups))
         self.attn = [AttentionShard(config, l, all_groups, state_dict, share_storage=True)
                      for l in range(config.n_layers)]

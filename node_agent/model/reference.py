@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .blocks import (AttentionShard, Embedder, FfnShard, LMHead, ProjBlock, ShardError,
-                     assemble_head_outputs, ffn_combine, ffn_down_bias)
+                     assemble_head_outputs, ffn_combine, ffn_down_bias, source_blocks)
 from .config import ModelConfig
 from .weights import StateDict
 
@@ -113,7 +113,7 @@ class ShardedReference:
         self.cfg, self.placement = cfg, placement
         self.dev: dict[str, DeviceBlocks] = {d: DeviceBlocks() for d in placement.devices()}
         src = self.dev[placement.source]
-        src.embedder, src.lm_head = Embedder(cfg, state_dict), LMHead(cfg, state_dict)
+        src.embedder, src.lm_head = source_blocks(cfg, state_dict)
         for l, lp in enumerate(placement.layers):
             for d, gs in lp.heads.items():
                 if gs:

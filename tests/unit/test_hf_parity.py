@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from node_agent.model import REGISTRY, Model, load_model
+from node_agent.model.hf_compat import to_transformers
 from node_agent.model.weights import random_state_dict, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -15,24 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 def hf_model(cfg, sd):
     """A transformers model of the same architecture loaded with our weights (eager attention)."""
-    if cfg.arch == "gpt2":
-        hc = transformers.GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.d_model,
-            n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.ffn_dim, activation_function="gelu_new",
-            layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        m = transformers.GPT2LMHeadModel(hc)
-    else:
-        hc = transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-            max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-            attention_bias=False, mlp_bias=False)
-        m = transformers.LlamaForCausalLM(hc)
-    missing, unexpected = m.load_state_dict(to_hf_state_dict(cfg, sd), strict=False)
-    assert not unexpected and all(".attn.bias" in k or "masked_bias" in k for k in missing), (missing, unexpected)
-    return m.eval()
+    return to_transformers(cfg, sd, attn_implementation="eager")
 
 
 @torch.inference_mode()

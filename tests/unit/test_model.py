@@ -49,7 +49,7 @@ def test_load_model_seeded_and_generate():
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_load_hf_checkpoint_dir(tmp_path, name):
     transformers = pytest.importorskip("transformers")
-    from tests.unit.test_hf_parity import hf_model
+    from node_agent.model.hf_compat import to_transformers as hf_model
 
     cfg = REGISTRY[name]
     sd = random_state_dict(cfg, seed=4)
