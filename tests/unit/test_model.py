@@ -146,3 +146,16 @@ def test_migration_payload_size_matches_accounting():
     src = next(d for d, gs in lp.heads.items() if gs)
     n = ref.migrate_group(1, lp.heads[src][0], src, "zz")
     assert n == mem.head_block_bytes(cfg, 9)
+
+
+@pytest.mark.slow
+def test_smollm2_cache_written_once_and_reloaded(tmp_path, monkeypatch):
+    from node_agent.model.gguf_loader import load_smollm2
+
+    monkeypatch.setenv("HEADROOM_CACHE", str(tmp_path))
+    cfg, sd = load_smollm2()
+    files = list(tmp_path.glob("smollm2-135m-*.safetensors"))
+    assert len(files) == 1 and cfg == REGISTRY["smollm2-135m"]
+    cfg2, sd2 = load_smollm2()
+    assert cfg2 == cfg and set(sd2) == set(sd)
+    assert all(torch.equal(sd[k], sd2[k]) for k in ("embed.tok", "layers.7.wq.weight", "layers.29.w_down.weight"))
