@@ -23,6 +23,7 @@ class ModelDims:
     vocab_size: int
     bytes_per_param: int = 4
     gated_ffn: bool = False  # SwiGLU (3 matrices) vs GELU MLP (2 matrices)
+    tie_embeddings: bool = True  # LM head shares the embedding matrix (source holds V*D once)
 
     @property
     def q_per_group(self) -> int:
@@ -42,6 +43,7 @@ class ModelDims:
             vocab_size=cfg.vocab_size,
             bytes_per_param=getattr(cfg, "bytes_per_param", 4),
             gated_ffn=getattr(cfg, "arch", "gpt2") == "llama",
+            tie_embeddings=bool(getattr(cfg, "tie_embeddings", True)),
         )
 
 

@@ -1,0 +1,88 @@
+"""Partitioners: pure functions ``snapshot -> placement`` plus the cost models they optimise.
+
+Owns: cost models (``cost``: ``paper`` and ``decode``; ``migration``: migration delay), the
+resource-aware head-level planner (``ra``), the exact solver (``exact``), EdgeShard
+(``edgeshard``), Galaxy / greedy / round-robin (``baselines``) and the one entry point ``plan``.
+No I/O, no torch. Infeasible requests raise ``InfeasiblePlan`` (a ValueError) with the numbers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from testbed.partition.blocks import block_flops, block_memory_bytes
+from testbed.partition.cost import COST_MODELS, CostResult, cost
+from testbed.partition.errors import InfeasiblePlan, OutOfScope
+from testbed.partition.migration import migration_delay
+from testbed.placement import Placement
+from testbed.snapshot import ClusterSnapshot, ModelDims
+
+ALGORITHMS = ("resource_aware", "optimal", "edgeshard", "edgeshard_dynamic", "galaxy", "greedy",
+              "round_robin", "static")
+DYNAMIC_ALGORITHMS = frozenset({"resource_aware", "optimal", "edgeshard_dynamic"})
+
+__all__ = ["ALGORITHMS", "DYNAMIC_ALGORITHMS", "COST_MODELS", "CostResult", "InfeasiblePlan", "OutOfScope",
+           "PlanResult", "block_flops", "block_memory_bytes", "cost", "migration_delay", "plan"]
+
+
+@dataclass
+class PlanResult:
+    algorithm: str
+    placement: Placement
+    predicted_token_latency_s: float
+    predicted_mem_bytes: dict[str, int]
+    solve_time_s: float
+    dynamic: bool  # True: re-plans every decision epoch; False: the first plan is kept forever
+    cost_model: str = "decode"
+    compute_s: float = 0.0
+    transfer_s: float = 0.0
+    migration_delay_s: float = 0.0  # from snapshot.current to this placement
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "algorithm": self.algorithm, "cost_model": self.cost_model, "dynamic": self.dynamic,
+            "predicted_token_latency_s": self.predicted_token_latency_s, "solve_time_s": self.solve_time_s,
+            "compute_s": self.compute_s, "transfer_s": self.transfer_s,
+            "migration_delay_s": self.migration_delay_s, "predicted_mem_bytes": self.predicted_mem_bytes,
+            "placement": self.placement.to_json(),
+        }
+
+
+def _static(snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decode", **params) -> Placement:
+    """The initial resource-aware plan, kept forever (returns ``snapshot.current`` once there is one)."""
+    from dataclasses import replace
+
+    from testbed.partition.ra import resource_aware
+
+    if snapshot.current is not None and len(snapshot.current.layers) == dims.n_layers:
+        return snapshot.current
+    return resource_aware(replace(snapshot, current=None), dims, cost_model, **params)
+
+
+def _registry() -> dict:
+    from testbed.partition.baselines import first_fit, galaxy, round_robin
+    from testbed.partition.edgeshard import edgeshard, edgeshard_dynamic
+    from testbed.partition.exact import optimal
+    from testbed.partition.ra import resource_aware
+
+    return {"resource_aware": resource_aware, "optimal": optimal, "edgeshard": edgeshard,
+            "edgeshard_dynamic": edgeshard_dynamic, "galaxy": galaxy, "greedy": first_fit,
+            "round_robin": round_robin, "static": _static}
+
+
+def plan(algorithm: str, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decode",
+         **params) -> PlanResult:
+    """Place ``dims`` on the snapshot's devices with ``algorithm``; predictions use ``cost_model``."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    if cost_model not in COST_MODELS:
+        raise ValueError(f"unknown cost model {cost_model!r}; expected one of {sorted(COST_MODELS)}")
+    t0 = time.perf_counter()
+    placement = _registry()[algorithm](snapshot, dims, cost_model, **params)
+    solve = time.perf_counter() - t0
+    placement.validate(dims.n_layers, dims.n_kv_heads, dims.ffn_dim)
+    res = cost(placement, snapshot, dims, cost_model)
+    mig = migration_delay(snapshot.current, placement, snapshot, dims, cost_model=cost_model)
+    return PlanResult(algorithm, placement, res.token_latency_s, res.mem_bytes, solve,
+                      algorithm in DYNAMIC_ALGORITHMS, cost_model, res.compute_s, res.transfer_s, mig)

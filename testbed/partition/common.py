@@ -1,0 +1,159 @@
+"""Shared planner plumbing: a numpy view of a snapshot (``Problem``), memory checks with the
+numbers in the error, placement assembly from per-device counts, and plan evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from testbed.partition import blocks as B
+from testbed.partition.cost import COST_MODELS, CostResult, memory, paper_constants
+from testbed.partition.errors import InfeasiblePlan, mib
+from testbed.placement import FfnShard, LayerPlacement, Placement
+from testbed.snapshot import ClusterSnapshot, ModelDims
+
+
+@dataclass
+class Sizes:
+    """Bytes (at the memory horizon) and FLOPs (at T) per block under one cost model."""
+
+    head_b: float
+    proj_b: float
+    ffn_col_b: float  # bytes per FFN column
+    head_f: float
+    proj_f: float
+    ffn_col_f: float
+    x_b: float  # hidden state message
+    head_out_b: float  # one group's output message
+
+
+def sizes_for(dims: ModelDims, cost_model: str, T: int, T_mem: int) -> Sizes:
+    D, p, F = dims.d_model, dims.bytes_per_param, dims.ffn_dim
+    if cost_model == "paper":
+        k, km = paper_constants(dims, T), paper_constants(dims, T_mem)
+        return Sizes(km["head_bytes"], km["proj_bytes"], km["ffn_bytes"] / F, k["head_flops"], k["proj_flops"],
+                     k["ffn_flops"] / F, k["hidden_bytes"], k["head_out_bytes"])
+    return Sizes(B.block_memory_bytes(dims, "head", T_mem), B.proj_bytes(dims), B.ffn_bytes(dims, 1),
+                 B.head_flops(dims, T), B.proj_flops(dims), B.ffn_flops(dims, 1), D * p,
+                 dims.q_per_group * dims.head_dim * p)
+
+
+class Problem:
+    """Arrays over ``snapshot.devices`` (index order) that planners work on."""
+
+    def __init__(self, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decode"):
+        if cost_model not in COST_MODELS:
+            raise ValueError(f"unknown cost model {cost_model!r}; expected one of {sorted(COST_MODELS)}")
+        self.snap, self.dims, self.cost_model = snapshot, dims, cost_model
+        self.names = [d.name for d in snapshot.devices]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.src = self.index[snapshot.source]
+        self.T = snapshot.context_len
+        self.N = max(1, snapshot.tokens_until_next_decision)
+        self.T_mem = self.T + snapshot.tokens_until_next_decision
+        self.C = np.array([d.flops_per_s if d.up else 0.0 for d in snapshot.devices], dtype=float)
+        ok = np.array([d.up and d.flops_per_s > 0 for d in snapshot.devices])
+        ok[self.src] &= snapshot.allow_blocks_on_source
+        self.allowed = ok
+        self.budget = np.array([float(d.mem_budget_bytes) for d in snapshot.devices])
+        self.budget[self.src] -= B.source_bytes(dims)
+        self.lat, self.spb = self._matrices()
+        self.sz = sizes_for(dims, cost_model, self.T, self.T_mem)
+
+    def _matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.names)
+        lat, spb = np.zeros((n, n)), np.zeros((n, n))
+        for i, a in enumerate(self.names):
+            for j, b in enumerate(self.names):
+                if i != j:
+                    ls = self.snap.path(a, b)
+                    good = ls.up and ls.bandwidth_bytes_per_s > 0
+                    lat[i, j] = ls.latency_s if good else np.inf
+                    spb[i, j] = 1.0 / ls.bandwidth_bytes_per_s if good else np.inf
+        return lat, spb
+
+    def allowed_names(self) -> list[str]:
+        return [n for n, ok in zip(self.names, self.allowed) if ok]
+
+    def layer_bytes(self) -> float:
+        d = self.dims
+        return d.n_kv_heads * self.sz.head_b + self.sz.proj_b + d.ffn_dim * self.sz.ffn_col_b
+
+    def check_totals(self) -> None:
+        """Raise InfeasiblePlan when the model cannot fit even ignoring fragmentation."""
+        need = self.dims.n_layers * self.layer_bytes()
+        avail = float(np.clip(self.budget[self.allowed], 0, None).sum())
+        if self.budget[self.src] < 0:
+            raise InfeasiblePlan(
+                f"source {self.names[self.src]} cannot hold the embedding/LM head: "
+                f"{mib(-self.budget[self.src])} short (needs {mib(B.source_bytes(self.dims))})")
+        if not self.allowed.any():
+            raise InfeasiblePlan("no device may hold blocks (all down, or only the source, which is excluded)")
+        if need > avail:
+            raise InfeasiblePlan(
+                f"model needs {mib(need)} ({int(need)} bytes) at T={self.T_mem} but the devices allowed to hold "
+                f"blocks have {mib(avail)} ({int(avail)} bytes) in total: {mib(need - avail)} short")
+
+    def no_fit(self, block: str, nbytes: float, resid: np.ndarray) -> InfeasiblePlan:
+        r = np.where(self.allowed, resid, -np.inf)
+        j = int(np.argmax(r))
+        need = self.dims.n_layers * self.layer_bytes()
+        avail = float(np.clip(self.budget[self.allowed], 0, None).sum())
+        return InfeasiblePlan(
+            f"block {block} needs {int(nbytes)} bytes at T={self.T_mem} and fits on no device: the roomiest, "
+            f"{self.names[j]}, has {int(max(r[j], 0))} bytes left ({int(nbytes - max(r[j], 0))} bytes short); "
+            f"total needed {int(need)} bytes vs total available {int(avail)} bytes")
+
+
+def check_memory(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str,
+                 context_len: int) -> None:
+    """Raise InfeasiblePlan naming the first device whose blocks exceed its budget."""
+    mem = memory(placement, snapshot, dims, cost_model, context_len)
+    for d in snapshot.devices:
+        used = mem.get(d.name, 0)
+        if used > d.mem_budget_bytes:
+            total = sum(mem.values())
+            avail = sum(x.mem_budget_bytes for x in snapshot.devices)
+            raise InfeasiblePlan(
+                f"device {d.name} needs {used} bytes at T={context_len} but has {d.mem_budget_bytes} "
+                f"({used - d.mem_budget_bytes} bytes short); total needed {total} vs total available {avail}")
+
+
+def assign_heads(counts: dict[str, int], current: tuple[str, ...] | None, n_groups: int) -> tuple[str, ...]:
+    """Turn per-device head counts into a heads tuple, keeping groups where they already are."""
+    left = dict(counts)
+    out: list[str | None] = [None] * n_groups
+    if current is not None and len(current) == n_groups:
+        for g, dev in enumerate(current):
+            if left.get(dev, 0) > 0:
+                out[g] = dev
+                left[dev] -= 1
+    pool = [dev for dev, n in left.items() for _ in range(n)]
+    for g in range(n_groups):
+        if out[g] is None:
+            out[g] = pool.pop(0)
+    return tuple(out)  # type: ignore[arg-type]
+
+
+def assign_ffn(counts: dict[str, int], aggregator: str, ffn_dim: int, n_chunks: int,
+               current: tuple[FfnShard, ...] | None) -> tuple[FfnShard, ...]:
+    """Contiguous shards from per-device chunk counts; devices ordered by their current columns."""
+    bounds = B.ffn_chunk_bounds(ffn_dim, n_chunks)
+    first = {s.device: s.col_start for s in current} if current else {}
+    order = sorted((d for d, n in counts.items() if n > 0), key=lambda d: (first.get(d, ffn_dim + 1), d))
+    shards, pos = [], 0
+    for dev in order:
+        n = counts[dev]
+        shards.append(FfnShard(dev, bounds[pos][0], bounds[pos + n - 1][1]))
+        pos += n
+    shards.sort(key=lambda s: s.device != aggregator)
+    return tuple(shards)
+
+
+def uniform_layers(device_per_layer: list[str], dims: ModelDims) -> tuple[LayerPlacement, ...]:
+    return tuple(LayerPlacement((d,) * dims.n_kv_heads, d, (FfnShard(d, 0, dims.ffn_dim),)) for d in device_per_layer)
+
+
+def evaluate(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str) -> CostResult:
+    return COST_MODELS[cost_model](placement, snapshot, dims)

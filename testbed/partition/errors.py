@@ -1,0 +1,14 @@
+"""Errors raised by planners. ``InfeasiblePlan`` carries the numbers (device, shortfall, totals)."""
+from __future__ import annotations
+
+
+class InfeasiblePlan(ValueError):
+    """No placement satisfies the memory limits (or the request is out of an algorithm's scope)."""
+
+
+class OutOfScope(InfeasiblePlan):
+    """The instance is larger than an exact solver is documented to handle."""
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"

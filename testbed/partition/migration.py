@@ -1,0 +1,66 @@
+"""Migration delay between two placements (weights + KV caches moved over the paths).
+
+Aggregation (used everywhere: planners, the exact solver, the simulated backend):
+  * all blocks moving from device ``a`` to device ``b`` travel as ONE transfer of their summed
+    bytes: ``latency(a, b) + bytes / bandwidth(a, b)``;
+  * one sender's transfers to different receivers are serialised (they share its uplink), so a
+    sender is busy for the SUM of its per-receiver transfer times;
+  * different senders run in parallel: the migration delay is the MAX over senders.
+A head carries its KV cache at the context length ``T``; proj/FFN blocks carry weights only.
+Under the ``paper`` cost model a block's bytes are the paper's memory figures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from testbed.partition import blocks as B
+from testbed.partition.cost import Net, paper_constants
+from testbed.placement import Placement, moved_blocks
+from testbed.snapshot import ClusterSnapshot, ModelDims
+
+
+@dataclass
+class MigrationEstimate:
+    delay_s: float
+    bytes_moved: int
+    moves: list[tuple[str, str, str]]
+    pair_bytes: dict[tuple[str, str], int]
+
+
+def moved_block_bytes(block_id: str, dims: ModelDims, context_len: int, cost_model: str = "decode") -> int:
+    _, kind, cols = B.block_kind_of(block_id)
+    if cost_model == "paper":
+        k = paper_constants(dims, context_len)
+        if kind == "ffn":
+            return k["ffn_bytes"] * cols // dims.ffn_dim
+        return k[f"{kind}_bytes"]
+    return B.block_memory_bytes(dims, kind, context_len, cols)
+
+
+def pair_delay(pair_bytes: dict[tuple[str, str], float], net: Net) -> float:
+    """Delay of moving ``pair_bytes[(a, b)]`` bytes a -> b for every pair, aggregated as above."""
+    busy: dict[str, float] = {}
+    for (a, b), nbytes in pair_bytes.items():
+        if a != b and nbytes > 0:
+            busy[a] = busy.get(a, 0.0) + net.xfer(a, b, nbytes)
+    return max(busy.values(), default=0.0)
+
+
+def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
+                       context_len: int | None = None, cost_model: str = "decode",
+                       net: Net | None = None) -> MigrationEstimate:
+    if old is None or len(old.layers) != len(new.layers):
+        return MigrationEstimate(0.0, 0, [], {})
+    T = snapshot.context_len if context_len is None else context_len
+    moves = moved_blocks(old, new)
+    pairs: dict[tuple[str, str], int] = {}
+    for block_id, a, b in moves:
+        pairs[(a, b)] = pairs.get((a, b), 0) + moved_block_bytes(block_id, dims, T, cost_model)
+    delay = pair_delay(pairs, net or Net(snapshot))
+    return MigrationEstimate(delay, sum(pairs.values()), moves, pairs)
+
+
+def migration_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
+                    context_len: int | None = None, cost_model: str = "decode") -> float:
+    """Seconds to move from ``old`` to ``new`` (0 if ``old`` is None); see the module docstring."""
+    return migration_estimate(old, new, snapshot, dims, context_len, cost_model).delay_s
