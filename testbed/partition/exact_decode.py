@@ -1,0 +1,109 @@
+"""The ``decode``-model MILP of the exact solver (scope and formulation: see ``exact``).
+
+Per layer l and allowed device j: head count h (int) with presence y, proj binary p, FFN chunk
+count c (int) with presence z and aggregator binary a; stage times s_l (x ready on the layer's
+input device), att_l (all head outputs and x on the proj device), pd_l = att_l + proj compute.
+Big-M rows activate only for the chosen (input, head device, proj) and (proj, shard, aggregator)
+triples; each big-M is the exact upper bound of its own term, so relaxed rows never bind.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from testbed.partition.common import Problem, assign_ffn, assign_heads
+from testbed.partition.cost import decode_constants
+from testbed.partition.milp import Milp
+from testbed.placement import LayerPlacement, Placement
+
+
+class _Vars:
+    def __init__(self, m: Milp, V: list[int], G: int, K: int):
+        self.h = {j: m.var(0, G, integer=True) for j in V}
+        self.y = {j: m.binary() for j in V}
+        self.p = {j: m.binary() for j in V}
+        self.c = {j: m.var(0, K, integer=True) for j in V}
+        self.z = {j: m.binary() for j in V}
+        self.a = {j: m.binary() for j in V}
+        self.s, self.att, self.pd = m.var(0), m.var(0), m.var(0)
+        for j in V:
+            m.le({self.h[j]: 1, self.y[j]: -G}, 0)
+            m.le({self.y[j]: 1, self.h[j]: -1}, 0)
+            m.le({self.c[j]: 1, self.z[j]: -K}, 0)
+            m.le({self.z[j]: 1, self.c[j]: -1}, 0)
+            m.le({self.a[j]: 1, self.z[j]: -1}, 0)
+        m.eq(dict.fromkeys(self.h.values(), 1.0), G)
+        m.eq(dict.fromkeys(self.c.values(), 1.0), K)
+        m.eq(dict.fromkeys(self.p.values(), 1.0), 1)
+        m.eq(dict.fromkeys(self.a.values(), 1.0), 1)
+
+
+def _attention(m: Milp, prob: Problem, V, v: _Vars, inputs: dict[int, int | None], k: dict, G: int):
+    """att - s >= X(i,j) + h_j*(fh/C_j + o/B_jk) + lat_jk when input i, heads on j, proj on k."""
+    X = prob.lat + k["x_bytes"] * prob.spb
+    m.ge({v.att: 1, v.s: -1}, 0)
+    for i, ind in inputs.items():
+        on_i = {ind: 1.0} if ind is not None else {}
+        n_on = len(on_i)
+        for kk in V:
+            big = X[i, kk]
+            m.ge({v.att: 1, v.s: -1, v.p[kk]: -big, **{q: -big for q in on_i}}, X[i, kk] - big * (1 + n_on))
+            for j in V:
+                coef = k["head_flops"] / prob.C[j] + k["head_out_bytes"] * prob.spb[j, kk]
+                rhs = X[i, j] + prob.lat[j, kk]
+                big = rhs + G * coef
+                terms = {v.att: 1, v.s: -1, v.h[j]: -coef, v.y[j]: -big, v.p[kk]: -big}
+                for q in on_i:
+                    terms[q] = -big
+                m.ge(terms, rhs - big * (2 + n_on))
+
+
+def _ffn(m: Milp, prob: Problem, V, v: _Vars, nxt: int, k: dict, K: int, fc: float):
+    X = prob.lat + k["x_bytes"] * prob.spb
+    m.eq({v.pd: 1, v.att: -1, **{v.p[j]: -k["proj_flops"] / prob.C[j] for j in V}}, 0)
+    m.ge({nxt: 1, v.pd: -1}, 0)
+    for kk in V:
+        for r in V:
+            big = X[kk, r]
+            m.ge({nxt: 1, v.pd: -1, v.p[kk]: -big, v.a[r]: -big}, X[kk, r] - 2 * big)
+            for j in V:
+                coef = fc / prob.C[j]
+                rhs = X[kk, j] + X[j, r]
+                big = rhs + K * coef
+                m.ge({nxt: 1, v.pd: -1, v.c[j]: -coef, v.p[kk]: -big, v.z[j]: -big, v.a[r]: -big}, rhs - 3 * big)
+
+
+def decode_milp(prob: Problem, K: int, time_limit_s: float) -> Placement:
+    d, V, m = prob.dims, np.nonzero(prob.allowed)[0].tolist(), Milp()
+    k = decode_constants(d, prob.T)
+    fc = k["ffn_col_flops"] * d.ffn_dim / K
+    chunk_b = -(-d.ffn_dim // K) * prob.sz.ffn_col_b
+    layers = [_Vars(m, V, d.n_kv_heads, K) for _ in range(d.n_layers)]
+    m.ub[layers[0].s] = 0.0
+    for l, v in enumerate(layers):
+        inputs = {prob.src: None} if l == 0 else {i: layers[l - 1].a[i] for i in V}
+        _attention(m, prob, V, v, inputs, k, d.n_kv_heads)
+        nxt = layers[l + 1].s if l + 1 < d.n_layers else m.var(0)
+        _ffn(m, prob, V, v, nxt, k, K, fc)
+    end = m.var(0, cost=1.0)
+    X = prob.lat + k["x_bytes"] * prob.spb
+    for r in V:
+        m.ge({end: 1, nxt: -1, layers[-1].a[r]: -X[r, prob.src]}, 0)
+    for j in V:
+        m.le({t: w for v in layers for t, w in ((v.h[j], prob.sz.head_b), (v.p[j], prob.sz.proj_b),
+                                                 (v.c[j], chunk_b))}, prob.budget[j])
+    x, _ = m.solve(time_limit_s, "optimal (decode MILP)")
+    return _placement(prob, layers, x, V, K)
+
+
+def _placement(prob: Problem, layers: list[_Vars], x: np.ndarray, V, K: int) -> Placement:
+    names, d, cur = prob.names, prob.dims, prob.snap.current
+    out = []
+    for l, v in enumerate(layers):
+        cl = cur.layers[l] if cur is not None and len(cur.layers) == d.n_layers else None
+        hc = {names[j]: int(round(x[v.h[j]])) for j in V if x[v.h[j]] > 0.5}
+        cc = {names[j]: int(round(x[v.c[j]])) for j in V if x[v.c[j]] > 0.5}
+        P = names[next(j for j in V if x[v.p[j]] > 0.5)]
+        agg = names[next(j for j in V if x[v.a[j]] > 0.5)]
+        ffn = assign_ffn(cc, agg, d.ffn_dim, K, cl.ffn if cl else None)
+        out.append(LayerPlacement(assign_heads(hc, cl.heads if cl else None, d.n_kv_heads), P, ffn))
+    return Placement(prob.snap.source, tuple(out), meta={"algorithm": "optimal", "solver": "highs-milp"})
