@@ -115,7 +115,8 @@ def _is_zombie(pid: int) -> bool:
 
 def _remove_process(e: dict) -> Optional[str]:
     if _kill(e["pid"], e.get("start_time"), group=e.get("group", False)):
-        return f"killed process {e['pid']} ({e.get('what', '')})".rstrip(" ()")
+        what = f" ({e['what']})" if e.get("what") else ""
+        return f"killed process {e['pid']}{what}"
     return None
 
 
