@@ -87,7 +87,8 @@ class Problem:
         if self.budget[self.src] < 0:
             raise InfeasiblePlan(
                 f"source {self.names[self.src]} cannot hold the embedding/LM head: "
-                f"{mib(-self.budget[self.src])} short (needs {mib(B.source_bytes(self.dims))})")
+                f"{int(-self.budget[self.src])} bytes short (needs {B.source_bytes(self.dims)} bytes = "
+                f"{mib(B.source_bytes(self.dims))}, has {int(self.budget[self.src] + B.source_bytes(self.dims))})")
         if not self.allowed.any():
             raise InfeasiblePlan("no device may hold blocks (all down, or only the source, which is excluded)")
         if need > avail:

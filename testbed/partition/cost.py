@@ -105,7 +105,8 @@ def _decode_layer(lp, src_dev, start, net: Net, k: dict, tally: _Tally):
     """Critical path (compute_s, transfer_s) when the layer's output is on its aggregator."""
     P, xb = lp.proj, k["x_bytes"]
     att = (start[0], start[1] + net.xfer(src_dev, P, xb))
-    tally.send(src_dev, P, xb)
+    if P not in lp.heads:  # x goes once to each distinct device of heads + proj
+        tally.send(src_dev, P, xb)
     for j, n in Counter(lp.heads).items():
         out_b = n * k["head_out_bytes"]
         comp = start[0] + net.compute(j, n * k["head_flops"])

@@ -11,8 +11,9 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
   chunks (default 4, as RA; when ``ffn_dim`` is not a multiple the MILP uses the mean chunk width):
   per layer integer head counts and chunk counts per device, presence binaries, proj and aggregator
   binaries, start/finish times per stage with big-M constraints per (input device, head device,
-  proj device) and (proj, shard, aggregator) triple. Limited to ``n_layers * devices**3 <= 4000``
-  (e.g. 4 layers x 10 devices, 32 x 5). Migration is NOT in the decode MILP: the solution is kept
+  proj device) and (proj, shard, aggregator) triple. Limited to ``n_layers * devices**3 <= 256``
+  (e.g. 2 layers x 5 devices, 9 x 3): the big-M
+  formulation is weak and HiGHS slows down quickly beyond that. Migration is NOT in the decode MILP: the solution is kept
   only if it beats ``snapshot.current`` by the amortised migration delay (same rule as RA).
 ``enumerate_paper`` cross-checks the paper MILP by exhausting head-count vectors (no migration).
 """
@@ -27,7 +28,7 @@ from testbed.partition.errors import InfeasiblePlan, OutOfScope
 from testbed.partition.milp import Milp
 from testbed.placement import FfnShard, LayerPlacement, Placement
 
-DECODE_LIMIT = 4000
+DECODE_LIMIT = 256
 
 
 def _heads_from_flows(cur: tuple[str, ...] | None, counts: dict[str, int], flows: dict) -> tuple[str, ...]:
