@@ -1,0 +1,81 @@
+"""SimulatedCluster: paths, step/migrate records from the cost model, limits, OOM, determinism."""
+import pytest
+
+from testbed.cluster import AlgorithmFailure
+from testbed.partition import plan
+from testbed.partition.cost import decode_cost
+from testbed.placement import Placement, uniform_layer
+from testbed.sim_cluster import SimulatedCluster
+from testbed.snapshot import ModelDims
+
+DIMS = ModelDims("tiny", 2, 64, 4, 2, 16, 128, 100, gated_ffn=True)
+MB = 2**20
+
+
+def make(mem=64 * MB, bw=1e6):
+    hosts = [("h1", 512 * MB, 1.0, True), ("h2", mem, 0.5, False), ("h3", mem, 0.5, False)]
+    links = [("h1", "s1", bw, 0.001), ("h2", "s1", bw, 0.002), ("h3", "s2", bw / 2, 0.003), ("s1", "s2", bw, 0.001)]
+    return SimulatedCluster(hosts, links, DIMS, per_core_flops=1e8)
+
+
+def whole(dev):
+    return Placement("h1", (uniform_layer(dev, 2, 128),) * 2)
+
+
+def test_paths_bottleneck_and_latency():
+    snap = make().snapshot(4, 8)
+    p = snap.path("h1", "h3")
+    assert p.bandwidth_bytes_per_s == 5e5 and p.latency_s == pytest.approx(0.005)
+    assert snap.device("h2").flops_per_s == 5e7 and snap.source == "h1"
+
+
+def test_step_matches_cost_model_and_is_deterministic():
+    c = make()
+    c.load(whole("h2"), [1, 2, 3])
+    rec = c.step(5)
+    expect = decode_cost(whole("h2"), c.snapshot(4, 1), DIMS, context_len=4)
+    assert rec.latency_s == pytest.approx(expect.token_latency_s)
+    assert rec.compute_s + rec.transfer_s == pytest.approx(rec.latency_s)
+    c2 = make()
+    c2.load(whole("h2"), [1, 2, 3])
+    assert c2.step(5).token_id == rec.token_id and 0 <= rec.token_id < DIMS.vocab_size
+
+
+def test_link_change_slows_tokens():
+    c = make()
+    c.load(whole("h2"), [1, 2, 3])
+    fast = c.step(1).latency_s
+    rb = c.apply_link("h2", "s1", bandwidth_mbps=0.01)
+    assert rb["before"]["bandwidth_mbps"] == pytest.approx(8.0)
+    assert c.step(1).latency_s > fast
+
+
+def test_migrate_record():
+    c = make()
+    c.load(whole("h2"), [1, 2, 3])
+    rec = c.migrate(whole("h3"))
+    assert rec.bytes_moved > 0 and rec.duration_s > 0 and len(rec.moves) == 2 * (2 + 1 + 1)
+    assert c.snapshot(3, 1).current == whole("h3")
+
+
+def test_oom_on_load_and_on_kv_growth():
+    c = make(mem=200 * 1024)
+    with pytest.raises(AlgorithmFailure, match=r"OOM on h2: needs \d+ bytes, limit 204800"):
+        c.load(whole("h2"), [1, 2, 3])
+    c = make()
+    c.load(whole("h2"), [1])
+    used = c.peak_mem_bytes()["h2"]
+    c.set_host_limits("h2", mem_limit_mib=(used + 2 * 16 * 4 * 4 * 3) / MB)  # room for 3 more tokens
+    for _ in range(3):
+        c.step(0)
+    with pytest.raises(AlgorithmFailure, match="OOM on h2"):
+        c.step(0)
+
+
+def test_planner_on_sim_snapshot_and_reset():
+    c = make()
+    r = plan("resource_aware", c.snapshot(3, 8), DIMS)
+    c.load(r.placement, [1, 2, 3])
+    assert max(c.peak_mem_bytes().values()) > 0
+    c.reset()
+    assert c.peak_mem_bytes() == {"h1": 0, "h2": 0, "h3": 0} and c.snapshot(0, 1).current is None
