@@ -91,8 +91,8 @@ def _link_exists(dev: str, netns_pid: Optional[int] = None) -> bool:
 
 
 def _kill(pid: int, start_time: Optional[int], group: bool = False) -> bool:
-    if not same_process(pid, start_time):
-        return False
+    if not same_process(pid, start_time) or _is_zombie(pid):
+        return False  # gone, recycled, or already dead and only waiting to be reaped
     try:
         os.killpg(pid, signal.SIGKILL) if group else os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:

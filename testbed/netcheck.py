@@ -90,7 +90,7 @@ def measure_loss(net, src: str, dst: str, rate_mbps: float, seconds: float = 2.0
     try:
         time.sleep(0.3)
         client = net.popen_in_host(src, ["iperf3", "-u", "-c", net.host_ip(dst), "-p", str(port), "-t", str(seconds),
-                                         "-b", f"{rate_mbps}M", "-l", "1000", "-J"], cgroup=False,
+                                         "-b", f"{rate_mbps}M", "-l", "1000", "-w", "2M", "-J"], cgroup=False,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         rc, out, _ = _finish(client, seconds + 15)
     finally:

@@ -144,9 +144,10 @@ class EmulatedNetwork:
                 if p.poll() is None:
                     p.kill()
                     p.wait(timeout=5)
-            for host in self.hosts.values():
-                host.terminate()  # SIGHUP to the shell's group; closes the pty
+            # links are deleted while their namespaces still exist (not left to async netns teardown)
             removed = cleanup_entries(self._entries)
+            for host in self.hosts.values():
+                host.terminate()  # shell already killed by clean-up; this reaps it and closes the pty
             self._entries, self._procs, self.hosts = [], [], {}
             self.started = False
             return removed

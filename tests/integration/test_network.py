@@ -1,0 +1,206 @@
+"""Real Mininet network on this machine (root): rates, in-place changes, transport delay, loss,
+memory limits, the root-namespace guard route and crash-safe clean-up."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mnexec") is None or shutil.which("iperf3") is None,
+                       reason="needs root, mnexec and iperf3"),
+]
+
+from testbed.cleanup import Manifest, cleanup_from_manifest, read_manifest  # noqa: E402
+from testbed.config import load_topology  # noqa: E402
+from testbed.netcheck import measure_loss, measure_memory, measure_rate, measure_rtt, run_net_check  # noqa: E402
+from testbed.network import EmulatedNetwork, NetworkError  # noqa: E402
+from testbed.specs import TopologySpec  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+STAR = TopologySpec.model_validate({
+    "name": "star-test", "hosts": [
+        {"name": "h1", "mem_limit_mib": 256, "cpu_cores": 0.5, "source": True},
+        {"name": "h2", "mem_limit_mib": 256, "cpu_cores": 0.5},
+        {"name": "h3", "mem_limit_mib": 192, "cpu_cores": 0.25}],
+    "switches": ["s1"],
+    "links": [{"a": "h1", "b": "s1", "bandwidth_mbps": 50, "delay_ms": 2},
+              {"a": "h2", "b": "s1", "bandwidth_mbps": 50, "delay_ms": 5},
+              {"a": "h3", "b": "s1", "bandwidth_mbps": 10, "delay_ms": 5}]})
+
+
+def _routes() -> str:
+    return subprocess.run(["ip", "route", "show"], capture_output=True, text=True).stdout
+
+
+def _link_exists(dev: str) -> bool:
+    return subprocess.run(["ip", "link", "show", "dev", dev], capture_output=True).returncode == 0
+
+
+def _root_links() -> str:
+    return subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+
+
+def _assert_nothing_left(entries: list[dict], tag: str | None = None) -> None:
+    if tag:  # veth peers of host-side ends: gone with their namespaces (allow async netns teardown)
+        for _ in range(50):
+            if f"hr{tag}" not in _root_links():
+                break
+            time.sleep(0.1)
+        assert f"hr{tag}" not in _root_links()
+    for e in entries:
+        if e["kind"] in ("host", "process"):
+            assert not Path(f"/proc/{e['pid']}").exists() or \
+                Path(f"/proc/{e['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", e
+        elif e["kind"] == "bridge" or (e["kind"] == "veth" and e.get("netns_pid") is None):
+            assert not _link_exists(e["dev"]), e
+        elif e["kind"] == "cgroup":
+            assert not Path(e["path"]).exists(), e
+        elif e["kind"] == "route":
+            assert " ".join(e["route"][:2]) + " metric " + e["route"][3] not in _routes(), e
+
+
+@pytest.fixture(scope="module")
+def star(tmp_path_factory):
+    manifest = Manifest(tmp_path_factory.mktemp("star") / "resources.jsonl")
+    net = EmulatedNetwork(STAR, f"t{uuid.uuid4().hex[:6]}", manifest, delay_consumer="wire")
+    net.start()
+    try:
+        yield net
+    finally:
+        net.stop()
+        _assert_nothing_left(manifest.entries(), net.tag)
+
+
+def test_guard_route_present_while_up(star):
+    assert f"unreachable {STAR.subnet} metric {star.route_metric}" in _routes()
+    # and the root namespace really cannot reach an emulated host
+    res = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('%s', 9), 1)"
+                          % star.host_ip("h2")], capture_output=True, text=True)
+    assert res.returncode != 0 and ("unreachable" in res.stderr.lower() or "No route" in res.stderr)
+
+
+@pytest.mark.parametrize("dst,rate", [("h2", 50), ("h3", 10)])
+def test_rate_within_5pct(star, dst, rate):
+    got = measure_rate(star, "h1", dst, seconds=2)
+    assert abs(got["l2_mbps"] - rate) <= 0.05 * rate, got
+
+
+def test_rate_change_in_place(star):
+    before = measure_rate(star, "h1", "h2", seconds=2)["l2_mbps"]
+    qdiscs = subprocess.run(["nsenter", "-t", str(star.host_pid("h2")), "-n", "tc", "qdisc", "show", "dev", "h2-eth0"],
+                            capture_output=True, text=True).stdout
+    state = star.set_link("h2", "s1", bandwidth_mbps=20)
+    try:
+        assert state["h2->s1"]["bandwidth_mbps"] == 20 and state["s1->h2"]["bandwidth_mbps"] == 20
+        after = measure_rate(star, "h1", "h2", seconds=2)["l2_mbps"]
+        assert abs(before - 50) <= 2.5 and abs(after - 20) <= 1.0, (before, after)
+        again = subprocess.run(["nsenter", "-t", str(star.host_pid("h2")), "-n", "tc", "qdisc", "show", "dev", "h2-eth0"],
+                               capture_output=True, text=True).stdout
+        assert again.split("\n")[0] == qdiscs.split("\n")[0]  # same root qdisc: changed, not rebuilt
+    finally:
+        star.set_link("h2", "s1", bandwidth_mbps=50)
+
+
+def test_transport_delay_measured_by_wire_probe(star):
+    assert star.delay_mechanism == "transport"
+    assert star.one_way_delay_s("h2", "h3") == pytest.approx(0.010)
+    rtt = measure_rtt(star, "h2", "h3")["rtt_ms"]
+    assert abs(rtt - 20.0) <= 1.0, rtt
+    star.set_link("h3", "s1", delay_ms=15)
+    try:
+        assert star.delays.get("h2", "h3") == pytest.approx(0.020)
+        rtt = measure_rtt(star, "h2", "h3")["rtt_ms"]
+        assert abs(rtt - 40.0) <= 1.0, rtt
+    finally:
+        star.set_link("h3", "s1", delay_ms=5)
+
+
+def test_loss_via_iptables_statistic(star):
+    star.set_link("h3", "s1", loss_pct=5)
+    try:
+        got = measure_loss(star, "h1", "h3", rate_mbps=5, seconds=2)
+        assert got["packets"] > 1000 and 3.0 <= got["loss_pct"] <= 7.0, got
+    finally:
+        star.set_link("h3", "s1", loss_pct=0)
+    assert not star._loss_rules
+
+
+def test_link_down_and_up(star):
+    assert star.set_link("h3", "s1", up=False)["up"] is False
+    assert star.set_link("h3", "s1", up=True)["up"] is True
+
+
+def test_memory_limit_kills_probe(star):
+    got = measure_memory(star, "h3")
+    assert got["killed"] and got["ok"], got
+    assert [h for h, _ in star.poll_oom()] == ["h3"]
+    assert star.cgroups["h3"].stats()["cpu_cores"] == 0.25
+
+
+def test_delay_without_consumer_raises(tmp_path):
+    net = EmulatedNetwork(STAR, "noconsumer", Manifest(tmp_path / "r.jsonl"), netem=False)
+    with pytest.raises(NetworkError, match="no transport-delay consumer"):
+        net.start()
+    assert not any(e["kind"] != "meta" for e in read_manifest(tmp_path / "r.jsonl"))
+
+
+def test_multi_hop_topologies_route_and_delay(tmp_path):
+    for name, src, dst, hops in (("mesh4", "h1", "h4", 1), ("two_tier", "e1", "r1", 3), ("two_tier", "e2", "e4", 4)):
+        topo = load_topology(REPO / "topologies" / f"{name}.yaml")
+        m = Manifest(tmp_path / f"{name}.jsonl")
+        net = EmulatedNetwork(topo, f"mh{uuid.uuid4().hex[:4]}", m, delay_consumer="wire", limits=False)
+        with net:
+            assert len(net.path(src, dst)) == hops, net.path(src, dst)
+            expected = (net.one_way_delay_s(src, dst) + net.one_way_delay_s(dst, src)) * 1e3
+            rtt = measure_rtt(net, src, dst, count=10)["rtt_ms"]
+            assert abs(rtt - expected) <= max(1.0, 0.1 * expected), (name, rtt, expected)
+        _assert_nothing_left(m.entries(), net.tag)
+
+
+def test_cleanup_after_orchestrator_sigkill(tmp_path):
+    manifest = tmp_path / "resources.jsonl"
+    script = textwrap.dedent(f"""
+        import time
+        from testbed.cleanup import Manifest
+        from testbed.config import load_topology
+        from testbed.network import EmulatedNetwork
+        net = EmulatedNetwork(load_topology("{REPO}/topologies/star3.yaml"), "killed-{uuid.uuid4().hex[:6]}",
+                              Manifest("{manifest}"), delay_consumer="wire").start()
+        net.popen_in_host("h2", ["sleep", "300"])
+        print("up", flush=True)
+        time.sleep(300)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "up"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    entries = list(read_manifest(manifest))
+    kinds = {e["kind"] for e in entries}
+    assert {"host", "bridge", "veth", "route", "cgroup", "process"} <= kinds
+    removed = cleanup_from_manifest(manifest)
+    assert not [r for r in removed if r.startswith("FAILED")], removed
+    assert any("bridge" in r for r in removed) and any("route" in r for r in removed)
+    time.sleep(0.2)
+    _assert_nothing_left(entries)
+    assert cleanup_from_manifest(manifest) == []  # idempotent
+
+
+def test_net_check_report(tmp_path):
+    topo = load_topology(REPO / "topologies" / "star3.yaml")
+    report = run_net_check(topo, json=True, rate_seconds=1, links=[("h3", "s1")],
+                           manifest_path=str(tmp_path / "resources.jsonl"))
+    assert report["ok"], report
+    assert report["delay_mechanism"] == "transport" and len(report["hosts"]) == 3
+    _assert_nothing_left(list(read_manifest(tmp_path / "resources.jsonl")))
