@@ -42,7 +42,8 @@ def sizes_for(dims: ModelDims, cost_model: str, T: int, T_mem: int) -> Sizes:
 class Problem:
     """Arrays over ``snapshot.devices`` (index order) that planners work on."""
 
-    def __init__(self, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decode"):
+    def __init__(self, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decode",
+                 mem_tokens: int | None = None):
         if cost_model not in COST_MODELS:
             raise ValueError(f"unknown cost model {cost_model!r}; expected one of {sorted(COST_MODELS)}")
         self.snap, self.dims, self.cost_model = snapshot, dims, cost_model
@@ -51,7 +52,8 @@ class Problem:
         self.src = self.index[snapshot.source]
         self.T = snapshot.context_len
         self.N = max(1, snapshot.tokens_until_next_decision)
-        self.T_mem = self.T + snapshot.tokens_until_next_decision
+        # memory horizon: KV growth until the next decision (planners may ask for more headroom)
+        self.T_mem = self.T + (snapshot.tokens_until_next_decision if mem_tokens is None else mem_tokens)
         self.C = np.array([d.flops_per_s if d.up else 0.0 for d in snapshot.devices], dtype=float)
         ok = np.array([d.up and d.flops_per_s > 0 for d in snapshot.devices])
         ok[self.src] &= snapshot.allow_blocks_on_source

@@ -274,7 +274,7 @@ def _keep_current(prob: Problem, new: Placement) -> Placement:
     if not cur.devices() <= set(prob.names):
         return new
     try:
-        check_memory(cur, snap, prob.dims, prob.cost_model, prob.T_mem)
+        check_memory(cur, snap, prob.dims, prob.cost_model, prob.T + snap.tokens_until_next_decision)
     except InfeasiblePlan:
         return new
     c_cur = evaluate(cur, snap, prob.dims, prob.cost_model).token_latency_s
@@ -284,13 +284,21 @@ def _keep_current(prob: Problem, new: Placement) -> Placement:
 
 
 def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
-                   proj_candidates: int = 4) -> Placement:
+                   proj_candidates: int = 4, headroom_epochs: int = 4) -> Placement:
     """One RA decision. ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the
-    paper; 4 under ``decode``). ``proj_candidates``: anchors tried per layer."""
+    paper; 4 under ``decode``). ``proj_candidates``: anchors tried per layer. ``headroom_epochs``:
+    NEW placements leave room for this many epochs of KV growth (a placement packed to the brim is
+    evicted by KV growth at the next decision, forcing migrations); the current placement is kept
+    as long as it fits the next epoch. If the headroom does not fit, one epoch is used."""
     from testbed.partition.baselines import first_fit
 
-    prob = Problem(snapshot, dims, cost_model)
-    prob.check_totals()
+    N = max(1, snapshot.tokens_until_next_decision)
+    prob = Problem(snapshot, dims, cost_model, mem_tokens=N * max(1, headroom_epochs))
+    try:
+        prob.check_totals()
+    except InfeasiblePlan:
+        prob = Problem(snapshot, dims, cost_model)
+        prob.check_totals()
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
     layers = None
     for share in (False, True):

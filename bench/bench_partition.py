@@ -1,0 +1,137 @@
+"""Partitioner benchmark: every figure measured side by side in one run (no stored numbers).
+
+1. RA / exact optimum under the ``paper`` model on random 3-5 device instances (mean, worst).
+2. Exact solver time, paper model, 5 devices x 32 heads.
+3. RA decision time, decode model, 48 devices x 12 layers x 12 heads.
+4. Fluctuating bandwidth on the simulated cluster (8-24 devices): RA vs EdgeShard (static and
+   dynamic) and Galaxy: mean per-token latency (migration included) and peak device memory.
+Run: .venv/bin/python bench/bench_partition.py [--per-core-flops F] [--tokens N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from testbed.cluster import AlgorithmFailure
+from testbed.partition import InfeasiblePlan, plan
+from testbed.partition.synthetic import random_star
+from testbed.sim_cluster import SimulatedCluster
+from testbed.snapshot import ModelDims
+
+GPT2 = ModelDims("gpt2", 12, 768, 12, 12, 64, 3072, 50257)
+
+
+def ra_vs_optimal(n_instances: int = 60) -> None:
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(n_instances):
+        heads = int(rng.choice([4, 8, 12, 16]))
+        dims = ModelDims("p", 1, 512, heads, heads, 64, 2048, 1000)
+        snap = random_star(rng, int(rng.integers(4, 7)), dims, mem_slack=float(rng.uniform(1.2, 3)),
+                           context_len=int(rng.integers(64, 512)))
+        ra = plan("resource_aware", snap, dims, "paper", headroom_epochs=1).predicted_token_latency_s
+        opt = plan("optimal", snap, dims, "paper").predicted_token_latency_s
+        ratios.append(ra / opt)
+    print(f"[1] RA/optimal, paper model, {n_instances} random instances of 3-5 worker devices: "
+          f"mean {statistics.mean(ratios):.4f} (target <= 1.05), worst {max(ratios):.4f} (target <= 1.15)")
+
+
+def exact_time() -> None:
+    dims = ModelDims("p32", 1, 1024, 32, 32, 32, 4096, 1000)
+    times = []
+    for seed in range(3):
+        snap = random_star(np.random.default_rng(seed), 6, dims, context_len=256)
+        times.append(plan("optimal", snap, dims, "paper").solve_time_s)
+    print(f"[2] exact MILP, paper model, 5 devices x 32 heads: max {max(times):.3f} s over 3 instances (target < 10 s)")
+
+
+def ra_time() -> None:
+    snap = random_star(np.random.default_rng(1), 49, GPT2)
+    times = [plan("resource_aware", snap, GPT2).solve_time_s for _ in range(7)]
+    print(f"[3] RA decision, decode model, 48 devices x 12 layers x 12 heads: median {1e3 * statistics.median(times):.1f} ms,"
+          f" min {1e3 * min(times):.1f} ms (target < 20 ms)")
+
+
+def topology(rng, n: int, dims: ModelDims):
+    layer_bytes = 12 * (4 * 768 * 64 * 4) + 768 * 768 * 4 + 2 * 768 * 3072 * 4
+    share = rng.uniform(0.6, 1.4, n)
+    mems = 1.6 * dims.n_layers * layer_bytes * share / share.sum()
+    hosts = [("h0", 2**31, 1.0, True)] + [(f"h{i + 1}", int(m), float(rng.choice([0.25, 0.5, 1.0])), False)
+                                          for i, m in enumerate(mems)]
+    links = [(h[0], "s1", float(rng.uniform(10, 100)) * 1e6 / 8, float(rng.uniform(1, 5)) / 1e3) for h in hosts]
+    return hosts, links
+
+
+def run_algorithm(cluster: SimulatedCluster, algorithm: str, events: dict, tokens: int, every: int) -> dict:
+    cluster.reset()
+    prompt = list(range(16))
+    r = plan(algorithm, cluster.snapshot(len(prompt), every), GPT2)
+    cluster.load(r.placement, prompt)
+    total, tok, mig = 0.0, 0, 0.0
+    for t in range(1, tokens):
+        for (a, b), mbps in events.get(t, []):
+            cluster.apply_link(a, b, bandwidth_mbps=mbps)
+        if r.dynamic and t % every == 0:
+            r = plan(algorithm, cluster.snapshot(len(prompt) + t - 1, every), GPT2)
+            if r.placement != cluster.placement:
+                d = cluster.migrate(r.placement).duration_s
+                total, mig = total + d, mig + d
+        rec = cluster.step(tok)
+        tok, total = rec.token_id, total + rec.latency_s
+    peak = max(v for h, v in cluster.peak_mem_bytes().items() if h != "h0")
+    return {"lat": total / (tokens - 1), "peak": peak, "mig": mig}
+
+
+def fluctuating(per_core_flops: float, tokens: int, every: int = 8) -> None:
+    print(f"[4] fluctuating bandwidth, simulated cluster, GPT-2-small dims, {per_core_flops:.2e} FLOP/s per core,"
+          f" {tokens} tokens, re-plan every {every}; bandwidth of every link redrawn 10-100 Mbit/s"
+          f" (x0.1 for a random third) every 16 tokens")
+    algos = ("resource_aware", "edgeshard", "edgeshard_dynamic", "galaxy")
+    for n in (8, 16, 24):
+        rng = np.random.default_rng(n)
+        hosts, links = topology(rng, n, GPT2)
+        events = {t: [((a, b), float(rng.uniform(10, 100)) * (0.1 if rng.random() < 1 / 3 else 1.0))
+                      for a, b, _, _ in links] for t in range(16, tokens, 16)}
+        cluster = SimulatedCluster(hosts, links, GPT2, per_core_flops)
+        res = {}
+        for a in algos:
+            try:
+                res[a] = run_algorithm(cluster, a, events, tokens, every)
+            except (AlgorithmFailure, InfeasiblePlan) as exc:
+                res[a] = {"lat": float("inf"), "peak": float("inf"), "fail": str(exc)[:80]}
+        base = min(algos[1:], key=lambda a: res[a]["lat"])
+        cells = "  ".join(f"{a}={res[a]['lat'] * 1e3:.1f}ms/{res[a]['peak'] / 2**20:.0f}MiB" for a in algos)
+        speedup = 1 - res["resource_aware"]["lat"] / res[base]["lat"]
+        verdict = "MEETS" if speedup >= 0.25 and res["resource_aware"]["peak"] < res[base]["peak"] else "MISSES"
+        if res[base]["lat"] == float("inf"):
+            verdict = "N/A (every layer-based baseline failed; RA ran) -"
+        print(f"    {n:2d} devices: {cells}")
+        print(f"        RA vs best layer-based ({base}): {100 * speedup:+.1f}% latency, peak "
+              f"{res['resource_aware']['peak'] / 2**20:.0f} vs {res[base]['peak'] / 2**20:.0f} MiB -> {verdict} target"
+              f" (>= 25% faster and lower peak)")
+        ra = res["resource_aware"]
+        print(f"        RA time split: tokens {(ra['lat'] * (tokens - 1) - ra['mig']) / (tokens - 1) * 1e3:.1f} ms/token,"
+              f" migrations {ra['mig']:.1f} s in total")
+        for a in algos:
+            if "fail" in res[a]:
+                print(f"        {a} failed: {res[a]['fail']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-core-flops", type=float, default=1e9, help="simulated per-core speed (measure with testbed.calibrate)")
+    ap.add_argument("--tokens", type=int, default=96)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    ra_vs_optimal()
+    exact_time()
+    ra_time()
+    fluctuating(args.per_core_flops, args.tokens)
+    print(f"bench wall time {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
