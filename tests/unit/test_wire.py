@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 
 import numpy as np
@@ -24,9 +25,11 @@ def test_round_trip_header_and_raw_payload():
     assert f.type == "act" and f.header["layer"] == 3
     assert np.array_equal(np.frombuffer(f.payload, dtype=np.float32), x)
     assert n == f.wire_bytes
-    big = bytes(range(256)) * 1024  # takes the two-send path
-    wire.send_frame(a, {"type": "blob"}, big)
+    big = bytes(range(256)) * 1024  # takes the two-send path; larger than the socket buffer
+    sender = threading.Thread(target=wire.send_frame, args=(a, {"type": "blob"}, big))
+    sender.start()
     assert wire.recv_frame(b).payload == big
+    sender.join(timeout=5)
 
 
 def test_delay_holds_frame_until_sent_at_plus_delay():
