@@ -1,0 +1,122 @@
+"""The runner on the simulated backend: run directory contents, identical scenario per algorithm,
+failures recorded as results, and resume after an interruption giving the same summary."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from testbed.config import load_experiment
+from testbed.recorder import read_events
+from testbed.runner import run_experiment
+
+TOPO = """\
+name: t4
+hosts:
+  - {name: h1, mem_limit_mib: 64, cpu_cores: 1, source: true}
+  - {name: h2, mem_limit_mib: 16, cpu_cores: 0.5}
+  - {name: h3, mem_limit_mib: 16, cpu_cores: 0.5}
+  - {name: h4, mem_limit_mib: 16, cpu_cores: 0.25}
+switches: [s1]
+links:
+  - {a: h1, b: s1, bandwidth_mbps: 50, delay_ms: 1}
+  - {a: h2, b: s1, bandwidth_mbps: 20, delay_ms: 2}
+  - {a: h3, b: s1, bandwidth_mbps: 20, delay_ms: 2}
+  - {a: h4, b: s1, bandwidth_mbps: 10, delay_ms: 5}
+"""
+
+EXP = """\
+name: simexp
+topology: topo.yaml
+model: {name: tiny-gpt2}
+workload: {prompt_tokens: 8, new_tokens: 24, seed: 1}
+algorithms: [resource_aware, edgeshard, galaxy, greedy]
+repartition_every_tokens: 4
+scenario:
+  - {at_token: 6, link: [h2, s1], bandwidth_mbps: 1}
+  - {at_token: 12, host: h3, mem_limit_mib: 8}
+  - {ramp: {link: [h4, s1], from_token: 14, to_token: 22, from_mbps: 10, to_mbps: 40, steps: 2}}
+repetitions: 2
+backend: simulated
+"""
+
+
+@pytest.fixture
+def exp_path(tmp_path: Path) -> Path:
+    (tmp_path / "topo.yaml").write_text(TOPO)
+    (tmp_path / "exp.yaml").write_text(EXP)
+    return tmp_path / "exp.yaml"
+
+
+def test_run_directory_contents(exp_path, tmp_path):
+    spec = load_experiment(exp_path)
+    (run_dir,) = run_experiment(spec, exp_path, tmp_path / "out")
+    for name in ("config.resolved.yaml", "manifest.json", "events.jsonl", "tokens.csv", "summary.json"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) == {"resource_aware", "edgeshard", "galaxy", "greedy"}
+    for algo, s in summary.items():
+        for key in ("mean_token_latency_s", "p95_token_latency_s", "tokens_generated", "migrations",
+                    "migrated_bytes", "peak_mem_bytes", "failed", "failure"):
+            assert key in s, (algo, key)
+        if not s["failed"]:
+            assert s["tokens_generated"] == 2 * 24
+    with open(run_dir / "tokens.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    events = read_events(run_dir)
+    applied = {}
+    for ev in events:
+        if ev["type"] == "scenario_applied":
+            applied.setdefault((ev["algorithm"], ev["repetition"]), []).append((ev["token_index"], ev["change"]))
+    timelines = list(applied.values())
+    assert timelines and all(t == timelines[0] for t in timelines), "every algorithm must replay the same scenario"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["per_core_flops"] > 0 and manifest["delay_mechanism"] == "simulated"
+
+
+def _interrupt_after(monkeypatch, n_steps: int):
+    from testbed import sim_cluster
+
+    real_step = sim_cluster.SimulatedCluster.step
+    calls = {"n": 0}
+
+    def step(self, token_id):
+        calls["n"] += 1
+        if calls["n"] == n_steps:
+            raise KeyboardInterrupt
+        return real_step(self, token_id)
+
+    monkeypatch.setattr(sim_cluster.SimulatedCluster, "step", step)
+
+
+def test_resume_after_interrupt_gives_the_same_summary(exp_path, tmp_path, monkeypatch):
+    spec = load_experiment(exp_path)
+    (full,) = run_experiment(spec, exp_path, tmp_path / "full")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 23 * 5 + 7)  # in the middle of the second repetition's first algorithm
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(spec, exp_path, tmp_path / "cut")
+    (cut,) = list((tmp_path / "cut" / "simexp").iterdir())
+    partial = json.loads((cut / "summary.json").read_text())
+    assert any(v["tokens_generated"] for v in partial.values()), "work done before the interrupt is kept"
+    run_experiment(spec, exp_path, tmp_path / "cut", resume=cut)
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((cut / "summary.json").read_text())
+    assert a == b
+    types = [e["type"] for e in read_events(cut)]
+    assert "run_interrupted" in types and "run_resumed" in types
+
+
+def test_infeasible_algorithm_is_a_result_not_a_crash(exp_path, tmp_path):
+    text = EXP.replace("scenario:", "scenario:\n  - {at_token: 2, host: h2, mem_limit_mib: 0.01}\n"
+                                    "  - {at_token: 2, host: h3, mem_limit_mib: 0.01}\n"
+                                    "  - {at_token: 2, host: h4, mem_limit_mib: 0.01}")
+    exp_path.write_text(text)
+    spec = load_experiment(exp_path)
+    (run_dir,) = run_experiment(spec, exp_path, tmp_path / "out")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["edgeshard"]["failed"] and "OOM" in summary["edgeshard"]["failure"]
+    assert summary["resource_aware"]["failed"]
