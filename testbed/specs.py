@@ -27,7 +27,18 @@ class HostSpec(Spec):
     mem_limit_mib: float = Field(gt=0)
     cpu_cores: float = Field(gt=0, le=256)
     source: bool = False
-    profile: Optional[str] = None  # e.g. "rpi4"; informational once resolved
+    profile: Optional[str] = None  # e.g. "rpi4": fills mem_limit_mib / cpu_cores where not given
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("profile"):
+            from testbed.profiles import PROFILES, resolve
+
+            if data["profile"] not in PROFILES:
+                raise ValueError(f"unknown profile {data['profile']!r} (known: {', '.join(sorted(PROFILES))})")
+            return resolve(data)
+        return data
 
 
 class LinkSpec(Spec):

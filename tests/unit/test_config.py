@@ -159,3 +159,13 @@ def test_scenario_generators_validate_and_report(tmp_path):
            "  - {ramp: {link: [h2, s1], from_token: 0, to_token: 8, from_mbps: 10, to_mbps: 2, speed: 4}}\n")
     found = problems_of(load_experiment, experiment(tmp_path, bad))
     assert any("exp.yaml:7: scenario[1].ramp.speed: unknown key" in p for p in found), found
+
+
+def test_device_profile_fills_limits(tmp_path):
+    text = GOOD_TOPO.replace("{name: h2, mem_limit_mib: 512, cpu_cores: 0.25}", "{name: h2, profile: rpi4}")
+    topo = load_topology(write(tmp_path, "t.yaml", text))
+    assert (topo.host("h2").mem_limit_mib, topo.host("h2").cpu_cores) == (1536, 0.5)
+    bad = write(tmp_path, "b.yaml", GOOD_TOPO.replace("{name: h2, mem_limit_mib: 512, cpu_cores: 0.25}",
+                                                      "{name: h2, profile: cray}"))
+    (p,) = problems_of(load_topology, bad)
+    assert p.startswith(f"{bad}:4: hosts[1]: unknown profile 'cray'"), p
