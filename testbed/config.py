@@ -107,11 +107,12 @@ def _clean_loc(loc: tuple) -> tuple:
     return tuple(out)
 
 
-def _problems_from(exc: ValidationError, file: str, root: yaml.Node, prefix: tuple = ()) -> list[ConfigProblem]:
+def _problems_from(exc: ValidationError, file: str, root: yaml.Node, under: tuple = ()) -> list[ConfigProblem]:
+    """One problem per distinct error; ``under`` is where the validated mapping sits in the file."""
     problems = []
     seen = set()
     for err in exc.errors():
-        loc = _clean_loc(tuple(err["loc"]))
+        loc = under + _clean_loc(tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -119,7 +120,7 @@ def _problems_from(exc: ValidationError, file: str, root: yaml.Node, prefix: tup
         if key in seen:
             continue
         seen.add(key)
-        problems.append(ConfigProblem(file, _line_of(root, loc[len(prefix):]), _field_name(loc), msg))
+        problems.append(ConfigProblem(file, _line_of(root, loc), _field_name(loc), msg))
     return problems
 
 
@@ -160,7 +161,9 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     data = _to_python(root)
     problems: list[ConfigProblem] = []
     topo = data.get("topology") if isinstance(data, dict) else None
-    if isinstance(topo, str):
+    if isinstance(topo, dict) and "generate" in topo:
+        problems += _generate_topology(data, str(path), root)
+    elif isinstance(topo, str):
         topo_path = (path.parent / topo).resolve()
         try:
             data["topology"] = load_topology(topo_path)
@@ -184,6 +187,24 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     return spec
 
 
+def _generate_topology(data: dict, file: str, root: yaml.Node) -> list[ConfigProblem]:
+    """Replace ``topology: {generate: ...}`` by the generated spec, keeping the parameters."""
+    from testbed.specs import GeneratedTopology
+    from testbed.topogen import generate
+
+    try:
+        params = GeneratedTopology.model_validate(data["topology"])
+        data["topology"] = generate(params)
+        data["topology_generated"] = params
+        return []
+    except ValidationError as exc:
+        data["topology"] = None
+        return _problems_from(exc, file, root, under=("topology",))
+    except KeyError as exc:
+        data["topology"] = None
+        return [ConfigProblem(file, _line_of(root, ("topology",)), "topology", str(exc).strip('"'))]
+
+
 def _cross_check(spec: ExperimentSpec, file: str, root: yaml.Node) -> list[ConfigProblem]:
     topo = spec.topology
     assert isinstance(topo, TopologySpec)
@@ -199,7 +220,7 @@ def _cross_check(spec: ExperimentSpec, file: str, root: yaml.Node) -> list[Confi
             if not trace.exists():
                 problems.append(ConfigProblem(file, _line_of(root, ("scenario", i)), f"scenario[{i}].trace.file",
                                               f"file not found: {trace}"))
-        if event.link is not None:
+        if getattr(event, "link", None) is not None:
             try:
                 topo.find_link(*event.link)
             except KeyError:

@@ -55,6 +55,13 @@ def _set_path(data: dict, dotted: str, value, exp_path: Path) -> None:
 
     if dotted == "topology" and isinstance(value, str):
         value = load_topology((exp_path.parent / value).resolve()).model_dump(mode="python")
+    if dotted.startswith("topology.") and data.get("topology_generated"):
+        from testbed.specs import GeneratedTopology
+        from testbed.topogen import generate
+
+        data["topology_generated"][dotted.split(".", 1)[1]] = value
+        data["topology"] = generate(GeneratedTopology.model_validate(data["topology_generated"])).model_dump()
+        return
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:

@@ -53,8 +53,14 @@ def _ramp(item: RampItem) -> list[Change]:
                       for t, b in zip(tokens, rates)]
 
 
-def _random_walk(item: RandomWalkItem, horizon: int) -> list[Change]:
+def _random_walk(item: RandomWalkItem, horizon: int, all_links: list[tuple[str, str]]) -> list[Change]:
     w = item.random_walk
+    if w.all_links:
+        out = []
+        for k, link in enumerate(all_links):
+            one = w.model_copy(update={"link": link, "all_links": False, "seed": w.seed + k})
+            out += _random_walk(RandomWalkItem(random_walk=one), horizon, [])
+        return out
     rng = np.random.default_rng(w.seed)
     stop = w.stop_token if w.stop_token is not None else horizon
     rate = float(np.sqrt(w.min_mbps * w.max_mbps))  # start at the geometric middle of the range
@@ -97,7 +103,7 @@ def expand(spec: ExperimentSpec, base_dir: Path = Path(".")) -> list[Change]:
         if isinstance(item, RampItem):
             changes += _ramp(item)
         elif isinstance(item, RandomWalkItem):
-            changes += _random_walk(item, horizon)
+            changes += _random_walk(item, horizon, [(l.a, l.b) for l in spec.topology.links])
         elif isinstance(item, TraceItem):
             changes += _trace(item, base_dir)
         else:

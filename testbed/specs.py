@@ -99,6 +99,23 @@ class TopologySpec(Spec):
         raise KeyError(f"no link between {a} and {b}")
 
 
+class GeneratedTopology(Spec):
+    """Parameters of a generated star / two-tier topology (see testbed.topogen)."""
+
+    generate: Literal["star", "two_tier"]
+    n_hosts: int = Field(ge=2, le=4096)
+    profiles: tuple[str, ...] = ("rpi4", "rpi5", "jetson-nano")
+    source_profile: str = "laptop"
+    mem_scale: float = Field(1.0, gt=0)  # multiplies every profile's memory (e.g. to make a small model tight)
+    bandwidths_mbps: tuple[float, ...] = (10.0, 20.0, 50.0)
+    delay_ms: float = Field(2.0, ge=0)
+    uplink_mbps: float = Field(100.0, gt=0)  # two_tier: edge switch to regional switch
+    uplink_delay_ms: float = Field(10.0, ge=0)
+    hosts_per_edge: int = Field(8, ge=1)
+    seed: int = 0
+    name: Optional[str] = None
+
+
 class ModelChoice(Spec):
     """A registry name, a local HF checkpoint directory, or explicit dims (random weights)."""
 
@@ -171,9 +188,13 @@ class Ramp(Spec):
 
 
 class RandomWalk(Spec):
-    """A seeded multiplicative random walk of one link's bandwidth, a step every ``every_tokens``."""
+    """A seeded multiplicative random walk of a link's bandwidth, a step every ``every_tokens``.
 
-    link: tuple[str, str]
+    ``all_links: true`` instead of ``link`` walks every link of the topology independently
+    (link k uses seed + k)."""
+
+    link: Optional[tuple[str, str]] = None
+    all_links: bool = False
     every_tokens: int = Field(4, ge=1)
     start_token: int = Field(0, ge=0)
     stop_token: Optional[int] = Field(None, ge=1)
@@ -181,6 +202,14 @@ class RandomWalk(Spec):
     max_mbps: float = Field(gt=0)
     step_pct: float = Field(30.0, gt=0, le=100)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _target(self) -> "RandomWalk":
+        if (self.link is None) == (not self.all_links):
+            raise ValueError("give either link or all_links: true")
+        if self.min_mbps > self.max_mbps:
+            raise ValueError("min_mbps must not exceed max_mbps")
+        return self
 
 
 class Trace(Spec):
@@ -230,6 +259,7 @@ ALGORITHM_NAMES = ("resource_aware", "optimal", "edgeshard", "edgeshard_dynamic"
 class ExperimentSpec(Spec):
     name: str
     topology: Union[str, TopologySpec]
+    topology_generated: Optional[GeneratedTopology] = None  # set by the loader when topology: {generate: ...}
     model: ModelChoice
     workload: Workload = Workload()
     algorithms: tuple[Union[str, AlgorithmSpec], ...] = Field(min_length=1)

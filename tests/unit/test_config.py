@@ -169,3 +169,17 @@ def test_device_profile_fills_limits(tmp_path):
                                                       "{name: h2, profile: cray}"))
     (p,) = problems_of(load_topology, bad)
     assert p.startswith(f"{bad}:4: hosts[1]: unknown profile 'cray'"), p
+
+
+def test_generated_topology(tmp_path):
+    path = write(tmp_path, "g.yaml", "name: g\ntopology: {generate: two_tier, n_hosts: 20, hosts_per_edge: 8, seed: 2}\n"
+                                     "model: {name: tiny-gpt2}\nalgorithms: [greedy]\n"
+                                     "scenario:\n  - {at_token: 3, link: [h20, e3], bandwidth_mbps: 1}\n")
+    spec = load_experiment(path)
+    assert len(spec.topology.hosts) == 20 and spec.topology.source == "h1"
+    assert spec.topology_generated.n_hosts == 20
+    assert load_experiment(path).topology == spec.topology  # seeded: identical on reload
+    bad = write(tmp_path, "b.yaml", "name: g\ntopology:\n  generate: star\n  n_hosts: 1\n"
+                                    "model: {name: tiny-gpt2}\nalgorithms: [greedy]\n")
+    found = problems_of(load_experiment, bad)
+    assert any(p.startswith(f"{bad}:4: topology.n_hosts: Input should be greater than or equal to 2") for p in found), found

@@ -62,3 +62,12 @@ def test_timeline_fires_token_and_time_changes_once_in_order():
     fired = tl.due(5, 0.6)
     assert [c.values for c in fired] == [{"bandwidth_mbps": 3}, {"up": False}]
     assert tl.due(10, 9.0) == []
+
+
+def test_random_walk_on_all_links_uses_one_stream_per_link():
+    changes = expand(spec([{"random_walk": {"all_links": True, "min_mbps": 1, "max_mbps": 30, "every_tokens": 10}}]))
+    by_link = {}
+    for c in changes:
+        by_link.setdefault(c.link, []).append(c.values["bandwidth_mbps"])
+    assert set(by_link) == {("h1", "s1"), ("h2", "s1")}
+    assert all(len(v) == 4 for v in by_link.values())
