@@ -226,6 +226,12 @@ def _cross_check(spec: ExperimentSpec, file: str, root: yaml.Node) -> list[Confi
             except KeyError:
                 problems.append(ConfigProblem(file, _line_of(root, ("scenario", i, "link")), f"scenario[{i}].link",
                                               f"no link between {event.link[0]!r} and {event.link[1]!r} in topology {topo.name!r}"))
+    if spec.model.name is not None:
+        from node_agent.model.config import REGISTRY
+
+        if spec.model.name not in REGISTRY:
+            problems.append(ConfigProblem(file, _line_of(root, ("model", "name")), "model.name",
+                                          f"unknown model {spec.model.name!r} (registry: {', '.join(sorted(REGISTRY))})"))
     for i, algo in enumerate(spec.algorithm_specs()):
         if algo.name not in ALGORITHM_NAMES:
             problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i)), f"algorithms[{i}]",

@@ -154,7 +154,7 @@ def _latest_attempts(events: list[dict]) -> list[dict]:
     return other + [ev for evs in attempts.values() for ev in evs]
 
 
-def summarize(run_dir: Path, algorithms: list[str]) -> dict:
+def summarize(run_dir: Path, algorithms: list[str], source: str | None = None) -> dict:
     """Fold tokens.csv and events.jsonl into the per-algorithm summary (DESIGN.md §3)."""
     import pandas as pd
 
@@ -182,6 +182,7 @@ def summarize(run_dir: Path, algorithms: list[str]) -> dict:
             "migrated_bytes": int(sum(e.get("bytes_moved", 0) for e in migrations)),
             "peak_mem_bytes": peaks,
             "max_peak_mem_bytes": max(peaks.values()) if peaks else None,
+            "max_worker_peak_mem_bytes": max((b for h, b in peaks.items() if h != source), default=None),
             "failed": bool(failures),
             "failure": failures[-1].get("reason") if failures else None,
         }

@@ -116,7 +116,7 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
                     if (algo.name, rep) in done:
                         continue
                     _run_one(cluster, rec, spec, model, algo, rep, changes, progress)
-                    rec.write_summary(summarize(run_dir, [a.name for a in algos]))
+                    rec.write_summary(summarize(run_dir, [a.name for a in algos], spec.topology.source))
         rec.event("run_done")
     except KeyboardInterrupt:
         rec.event("run_interrupted")
@@ -124,7 +124,7 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
     finally:
         if cluster is not None:
             cluster.close()
-        rec.write_summary(summarize(run_dir, [a.name for a in algos]))
+        rec.write_summary(summarize(run_dir, [a.name for a in algos], spec.topology.source))
         rec.close()
 
 

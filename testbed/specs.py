@@ -106,7 +106,7 @@ class GeneratedTopology(Spec):
     n_hosts: int = Field(ge=2, le=4096)
     profiles: tuple[str, ...] = ("rpi4", "rpi5", "jetson-nano")
     source_profile: str = "laptop"
-    mem_scale: float = Field(1.0, gt=0)  # multiplies every profile's memory (e.g. to make a small model tight)
+    mem_scale: float = Field(1.0, gt=0)  # multiplies every worker profile's memory (the source keeps its own)
     bandwidths_mbps: tuple[float, ...] = (10.0, 20.0, 50.0)
     delay_ms: float = Field(2.0, ge=0)
     uplink_mbps: float = Field(100.0, gt=0)  # two_tier: edge switch to regional switch

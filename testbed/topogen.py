@@ -19,7 +19,7 @@ def _host(name: str, profile: str, scale: float, source: bool = False) -> dict:
 
 def generate(g: GeneratedTopology) -> TopologySpec:
     rng = np.random.default_rng(g.seed)
-    hosts = [_host("h1", g.source_profile, g.mem_scale, source=True)]
+    hosts = [_host("h1", g.source_profile, 1.0, source=True)]  # the source keeps its full memory
     hosts += [_host(f"h{i}", g.profiles[(i - 2) % len(g.profiles)], g.mem_scale) for i in range(2, g.n_hosts + 1)]
     rates = rng.choice(np.asarray(g.bandwidths_mbps), size=g.n_hosts)
     rates[0] = max(g.bandwidths_mbps)  # the source gets the best access link

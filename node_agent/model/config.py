@@ -127,6 +127,10 @@ REGISTRY: dict[str, ModelConfig] = {
         ffn_dim=176, max_positions=512, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=False,
         name="tiny-llama",
     ),
+    "mini-gpt2": ModelConfig(
+        arch="gpt2", vocab_size=4096, n_layers=6, d_model=256, n_heads=8, n_kv_heads=8, head_dim=32,
+        ffn_dim=1024, max_positions=1024, norm_eps=1e-5, tie_embeddings=True, name="mini-gpt2",
+    ),
     "gpt2-small": ModelConfig(
         arch="gpt2", vocab_size=50257, n_layers=12, d_model=768, n_heads=12, n_kv_heads=12,
         head_dim=64, ffn_dim=3072, max_positions=1024, norm_eps=1e-5, tie_embeddings=True,

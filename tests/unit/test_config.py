@@ -183,3 +183,10 @@ def test_generated_topology(tmp_path):
                                     "model: {name: tiny-gpt2}\nalgorithms: [greedy]\n")
     found = problems_of(load_experiment, bad)
     assert any(p.startswith(f"{bad}:4: topology.n_hosts: Input should be greater than or equal to 2") for p in found), found
+
+
+def test_unknown_model_name(tmp_path):
+    path = experiment(tmp_path, "algorithms: [greedy]\n").read_text().replace("tiny-gpt2", "gpt5")
+    p = write(tmp_path, "m.yaml", path)
+    (found,) = problems_of(load_experiment, p)
+    assert found.startswith(f"{p}:3: model.name: unknown model 'gpt5'")
