@@ -335,3 +335,28 @@ def topology_summary(config: dict) -> dict:
     hosts = [h for h in topo.get("hosts") or [] if isinstance(h, dict)]
     links = [ln for ln in topo.get("links") or [] if isinstance(ln, dict)]
     return {"name": topo.get("name"), "hosts": hosts, "links": links, "switches": topo.get("switches") or []}
+
+
+def manifest_facts(run: Run) -> dict:
+    """Git SHA, kernel, backend, delay/loss mechanism and resource counts from the manifest (and the
+    ``meta`` notes of the resources file it names, where the emulated backend records the mechanism)."""
+    m = run.manifest
+    versions = m.get("versions") if isinstance(m.get("versions"), dict) else {}
+    facts = {"git_sha": m.get("git_sha"), "kernel": versions.get("kernel") or m.get("kernel"),
+             "backend": m.get("backend") or run.config.get("backend"),
+             "delay_mechanism": m.get("delay_mechanism"), "loss_mechanism": m.get("loss_mechanism"),
+             "versions": versions, "resources": {}}
+    res_path = run.path / str(m.get("resources_file") or "resources.jsonl")
+    if res_path.is_file():
+        for line in res_path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            if entry.get("kind") == "meta" and entry.get("key") in facts and facts[entry["key"]] is None:
+                facts[entry["key"]] = entry.get("value")
+            elif entry.get("kind") != "meta":
+                facts["resources"][entry.get("kind")] = facts["resources"].get(entry.get("kind"), 0) + 1
+    return facts

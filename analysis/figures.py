@@ -1,0 +1,330 @@
+"""Figures from loaded runs (matplotlib, Agg): each saved as PNG and PDF into one output directory.
+
+Per run: per-token latency over the token index, latency CDF, mean/p95 latency with its breakdown,
+peak memory per host (and over tokens where ``mem_sample`` events exist), migrations, and predicted vs
+measured latency where plans carry a prediction. Across runs (a sweep): mean latency and peak memory
+against the swept parameter. A failed algorithm is never dropped silently: it is drawn as far as it
+got and labelled with what happened ("OOM at token 37").
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.load import BREAKDOWN, Run, latency_table, mem_samples, plan_vs_measured, short_failure  # noqa: E402
+
+MS, MIB = 1e3, 2.0 ** 20
+KNOWN = ["resource_aware", "edgeshard", "edgeshard_dynamic", "galaxy", "greedy", "round_robin", "static",
+         "optimal", "fixed"]
+PART_COLORS = {"compute_s": "#4c72b0", "transfer_s": "#dd8452", "wait_s": "#8c8c8c", "migration_s": "#c44e52"}
+FAIL_COLOR = "#b00020"
+
+
+@dataclass
+class Figure:
+    name: str
+    title: str
+    how_to_read: str
+    png: Path
+    pdf: Path
+    run: str | None = None  # the run directory's path; None for figures across runs
+
+
+def color(algo: str) -> str:
+    cmap = plt.get_cmap("tab10")
+    idx = KNOWN.index(algo) if algo in KNOWN else len(KNOWN) + sum(map(ord, algo))
+    return matplotlib.colors.to_hex(cmap(idx % 10))
+
+
+def failure_label(run: Run, algo: str) -> str | None:
+    s = run.summary.get(algo, {})
+    if not s.get("failed"):
+        return None if s.get("started", True) else "not run"
+    return short_failure(s.get("failure"), s.get("failed_at_token"))
+
+
+def _save(fig, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
+    fig.savefig(png, dpi=130, bbox_inches="tight")
+    fig.savefig(pdf, bbox_inches="tight")
+    plt.close(fig)
+    return png, pdf
+
+
+def _auto_log(ax, values, axis: str = "y") -> None:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x) and x > 0], dtype=float)
+    if v.size and v.max() / v.min() > 30:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+
+
+def _failure_box(ax, run: Run) -> None:
+    lines = [f"{a}: {lab}" for a in run.algorithms if (lab := failure_label(run, a))]
+    if lines:
+        ax.text(0.01, 0.99, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=8,
+                color=FAIL_COLOR, bbox={"boxstyle": "round", "fc": "white", "ec": FAIL_COLOR, "alpha": 0.9})
+
+
+def _scenario_lines(ax, run: Run) -> None:
+    ev = run.events_of("scenario_applied")
+    if ev.empty or "token_index" not in ev:
+        return
+    first = ev.dropna(subset=["token_index"]).drop_duplicates("token_index")
+    for _, e in first.iterrows():
+        ax.axvline(e["token_index"], color="k", ls=":", lw=0.9, alpha=0.7)
+        text = re.sub(r"^token \d+:\s*", "", str(e.get("change", "")))
+        ax.annotate(text, (e["token_index"], 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                    va="top", ha="right", alpha=0.8)
+
+
+def _per_token(dec: pd.DataFrame, col: str = "latency_s") -> pd.DataFrame:
+    return dec.groupby("token_index")[col].agg(["mean", "min", "max"]).reset_index()
+
+
+# -- per-run figures ---------------------------------------------------------------------------
+def fig_latency_tokens(run: Run):
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    mig = run.events_of("migration")
+    allv = []
+    for algo in run.algorithms:
+        dec = run.decode(algo)
+        lab = failure_label(run, algo)
+        if dec.empty:
+            ax.plot([], [], color=color(algo), label=f"{algo} ({lab or 'no tokens'})")
+            continue
+        pt = _per_token(dec)
+        allv += list(pt["mean"] * MS)
+        ax.plot(pt["token_index"], pt["mean"] * MS, color=color(algo), lw=1.4,
+                label=algo + (f" ({lab})" if lab else ""))
+        if dec["repetition"].nunique() > 1:
+            ax.fill_between(pt["token_index"], pt["min"] * MS, pt["max"] * MS, color=color(algo), alpha=0.15)
+        _migration_dots(ax, dec, mig, algo, allv)
+        if run.summary.get(algo, {}).get("failed"):
+            last = pt.iloc[-1]
+            ax.plot(last["token_index"], last["mean"] * MS, marker="X", ms=11, color=FAIL_COLOR, mec="k", zorder=5)
+            ax.annotate(lab, (last["token_index"], last["mean"] * MS), xytext=(6, 6), textcoords="offset points",
+                        color=FAIL_COLOR, fontsize=8, fontweight="bold")
+    _scenario_lines(ax, run)
+    _failure_box(ax, run)
+    _auto_log(ax, allv)
+    ax.plot([], [], "o", color="grey", mec="k", label="migration (latency + stall)")
+    ax.set(xlabel="token index (decode)", ylabel="token latency [ms]", title=f"Per-token latency — {run.label}")
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _migration_dots(ax, dec: pd.DataFrame, mig: pd.DataFrame, algo: str, allv: list) -> None:
+    if mig.empty:
+        return
+    m = mig[mig["algorithm"] == algo]
+    if m.empty:
+        return
+    per = dec.groupby("token_index")[["latency_s", "migration_s"]].mean()
+    idx = [t for t in m["token_index"].dropna().astype(int).unique() if t in per.index]
+    y = [(per.loc[t, "latency_s"] + per.loc[t, "migration_s"]) * MS for t in idx]
+    allv += y
+    ax.scatter(idx, y, s=36, color=color(algo), edgecolor="k", zorder=4)
+
+
+def fig_latency_cdf(run: Run):
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    allv = []
+    for algo in run.algorithms:
+        lat = np.sort(run.decode(algo)["latency_s"].to_numpy(float) * MS)
+        lab = failure_label(run, algo)
+        if not lat.size:
+            ax.plot([], [], color=color(algo), label=f"{algo} ({lab or 'no tokens'})")
+            continue
+        allv += list(lat)
+        ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post", color=color(algo), lw=1.5,
+                ls="--" if lab else "-", label=algo + (f" ({lab}; {lat.size} tokens)" if lab else ""))
+    _auto_log(ax, allv, "x")
+    ax.set(xlabel="token latency [ms]", ylabel="fraction of decode tokens ≤ x", ylim=(0, 1.02),
+           title=f"Latency CDF — {run.label}")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def fig_latency_breakdown(run: Run):
+    table = latency_table(run)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(table) + 2), 4.5))
+    x = np.arange(len(table))
+    top = 0.0
+    for i, row in table.iterrows():
+        bottom = 0.0
+        for col in BREAKDOWN:
+            v = (row[f"mean_{col}"] or 0.0) * MS
+            ax.bar(x[i] - 0.2, v, 0.38, bottom=bottom, color=PART_COLORS[col], edgecolor="k", lw=0.4)
+            bottom += v
+        p95 = (row["p95_token_latency_s"] or 0.0) * MS
+        ax.bar(x[i] + 0.2, p95, 0.38, color="white", edgecolor=color(row["algorithm"]), hatch="///", lw=1.2)
+        top = max(top, bottom, p95)
+    for i, row in table.iterrows():
+        lab = failure_label(run, row["algorithm"])
+        if lab:
+            ax.text(x[i], top * 0.03, lab, rotation=90, ha="center", va="bottom", color=FAIL_COLOR,
+                    fontsize=9, fontweight="bold")
+    for col in BREAKDOWN:
+        ax.bar(0, 0, color=PART_COLORS[col], label=f"mean {col[:-2]}")
+    ax.bar(0, 0, color="white", edgecolor="k", hatch="///", label="p95 latency")
+    ax.set_xticks(x, table["algorithm"], rotation=20, ha="right")
+    ax.set(ylabel="per decode token [ms]", title=f"Mean (stacked breakdown) and p95 latency — {run.label}")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def fig_peak_memory(run: Run):
+    algos = run.algorithms
+    hosts = sorted({h for a in algos for h in (run.summary.get(a, {}).get("peak_mem_bytes") or {})})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(hosts) * max(1, len(algos)) / 2 + 2), 4.5))
+    width = 0.8 / max(1, len(algos))
+    x = np.arange(len(hosts))
+    for k, algo in enumerate(algos):
+        peaks = run.summary.get(algo, {}).get("peak_mem_bytes") or {}
+        lab = failure_label(run, algo)
+        vals = [peaks.get(h, 0) / MIB for h in hosts]
+        ax.bar(x - 0.4 + width * (k + 0.5), vals, width, color=color(algo), edgecolor="k", lw=0.4,
+               hatch="xx" if lab else None, label=algo + (f" ({lab})" if lab else ""))
+    limits = {h.get("name"): h.get("mem_limit_mib") for h in (run.config.get("topology") or {}).get("hosts", [])
+              if isinstance(h, dict)} if isinstance(run.config.get("topology"), dict) else {}
+    for i, h in enumerate(hosts):
+        if limits.get(h):
+            ax.hlines(limits[h], x[i] - 0.45, x[i] + 0.45, colors="k", linestyles="--", lw=1)
+    if any(limits.get(h) for h in hosts):
+        ax.plot([], [], "k--", lw=1, label="initial memory limit")
+    ax.set_xticks(x, hosts)
+    ax.set(xlabel="host", ylabel="peak memory [MiB]", title=f"Peak memory per host — {run.label}")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def fig_memory_tokens(run: Run):
+    ms = mem_samples(run)
+    if ms.empty:
+        return None
+    hosts = sorted(ms["host"].unique())
+    fig, axes = plt.subplots(1, len(hosts), figsize=(3.2 * len(hosts) + 1, 3.6), sharey=True, squeeze=False)
+    for ax, host in zip(axes[0], hosts):
+        for algo in run.algorithms:
+            d = ms[(ms["host"] == host) & (ms["algorithm"] == algo)]
+            if not d.empty:
+                m = d.groupby("token_index")["bytes"].mean() / MIB
+                ax.step(m.index, m.values, where="post", color=color(algo), marker=".", label=algo)
+        _scenario_lines(ax, run)
+        ax.set(title=host, xlabel="token index")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("memory at decision epochs [MiB]")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Memory over tokens (mem_sample events) — {run.label}")
+    return fig
+
+
+def fig_migrations(run: Run):
+    table = latency_table(run)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(table) + 4), 4))
+    x = np.arange(len(table))
+    cols = [color(a) for a in table["algorithm"]]
+    counts = table["migrations"].fillna(0).astype(float)
+    mib = table["migrated_bytes"].fillna(0).astype(float) / MIB
+    for ax, vals, ylabel, fmt in ((a1, counts, "blocks migrated", "{:.0f}"), (a2, mib, "bytes migrated [MiB]", "{:.2f}")):
+        ax.bar(x, vals, color=cols, edgecolor="k", lw=0.4)
+        for i, v in enumerate(vals):
+            lab = failure_label(run, table["algorithm"][i])
+            ax.annotate(fmt.format(v) + (f"\n{lab}" if lab else ""), (x[i], v), xytext=(0, 3),
+                        textcoords="offset points", ha="center", fontsize=8, color=FAIL_COLOR if lab else "k")
+        ax.set_xticks(x, table["algorithm"], rotation=20, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, max(1.0, float(vals.max()) * 1.3 if len(vals) else 1.0))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Migrations — {run.label}")
+    return fig
+
+
+def fig_plan_accuracy(run: Run):
+    pv = plan_vs_measured(run)
+    if pv.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for algo in run.algorithms:
+        d = pv[pv["algorithm"] == algo]
+        if not d.empty:
+            ax.scatter(d["predicted_s"] * MS, d["measured_s"] * MS, color=color(algo), edgecolor="k", lw=0.4,
+                       s=30, label=f"{algo} ({len(d)} plans)")
+    lo = float(min(pv["predicted_s"].min(), pv["measured_s"].min()) * MS)
+    hi = float(max(pv["predicted_s"].max(), pv["measured_s"].max()) * MS)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = predicted")
+    _auto_log(ax, [lo, hi])
+    _auto_log(ax, [lo, hi], "x")
+    ax.set(xlabel="predicted token latency [ms]", ylabel="measured mean until next plan [ms]",
+           title=f"Plan vs measurement — {run.label}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+PER_RUN = [
+    ("latency_tokens", fig_latency_tokens, "Per-token latency",
+     "One line per algorithm (mean over repetitions, band = min–max); dotted verticals are scenario changes, "
+     "dots are migrations drawn at token latency + migration stall, a red X marks where an algorithm failed."),
+    ("latency_cdf", fig_latency_cdf, "Latency CDF",
+     "Further left is faster; a long right tail means stalls. Dashed lines are algorithms that failed part-way."),
+    ("latency_breakdown", fig_latency_breakdown, "Mean and p95 latency with breakdown",
+     "Left bar of each pair: mean decode latency split into compute, transfer, wait and amortised migration; "
+     "right hatched bar: p95 latency."),
+    ("peak_memory", fig_peak_memory, "Peak memory per host",
+     "Grouped bars per host, one per algorithm; the dashed line is the host's initial memory limit. "
+     "Cross-hatched bars belong to algorithms that failed."),
+    ("memory_tokens", fig_memory_tokens, "Memory over tokens",
+     "Memory per host sampled at each decision epoch; KV caches grow with the context, migrations move it."),
+    ("migrations", fig_migrations, "Migrations",
+     "Blocks moved (left) and bytes moved (right) per algorithm over the whole run."),
+    ("plan_accuracy", fig_plan_accuracy, "Predicted vs measured latency",
+     "Each dot is a plan: the planner's predicted token latency against the measured mean until the next plan; "
+     "dots above the diagonal mean the cost model is optimistic."),
+]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "run"
+
+
+def run_figures(run: Run, out_dir: Path, suffix: str = "") -> list[Figure]:
+    out = []
+    for name, fn, title, how in PER_RUN:
+        fig = fn(run)
+        if fig is None:
+            continue
+        png, pdf = _save(fig, out_dir, name + suffix)
+        out.append(Figure(name, title, how, png, pdf, str(run.path)))
+    return out
+
+
+def make_figures(runs: list[Run], out_dir: Path) -> list[Figure]:
+    """Every applicable figure for every run, plus the sweep figure when there are several runs."""
+    figs = []
+    used: set[str] = set()
+    for k, run in enumerate(runs):
+        suffix = "" if len(runs) == 1 else "__" + _slug(run.label)
+        suffix = suffix if suffix not in used else f"{suffix}_{k}"
+        used.add(suffix)
+        figs += run_figures(run, Path(out_dir), suffix)
+    if len(runs) > 1:
+        from analysis.sweep import fig_sweep, SWEEP_HOW
+
+        fig = fig_sweep(runs)
+        if fig is not None:
+            png, pdf = _save(fig, Path(out_dir), "sweep")
+            figs.append(Figure("sweep", "Sweep: latency and peak memory vs parameter", SWEEP_HOW, png, pdf))
+    return figs

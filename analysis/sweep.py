@@ -1,0 +1,88 @@
+"""Sweeps: several run directories of one experiment at different ``sweep_point`` values.
+
+``sweep_frame`` is the tidy table (one row per run and algorithm); ``fig_sweep`` plots mean latency
+and peak memory against the swept parameter, one line per algorithm, failed points as red crosses.
+"""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.transforms as mtransforms  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.load import Run, short_failure  # noqa: E402
+
+SWEEP_HOW = ("One line per algorithm across sweep points: mean decode latency (left) and the largest per-host "
+             "peak memory (right). A red cross is a point where the algorithm failed; at the bottom edge if it "
+             "produced no tokens there.")
+
+
+def swept_params(runs: list[Run]) -> list[str]:
+    """Sweep-point keys whose value differs between runs (all keys if none differ)."""
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in r.sweep_point if k not in keys]
+    varying = [k for k in keys if len({repr(r.sweep_point.get(k)) for r in runs}) > 1]
+    return varying or keys
+
+
+def sweep_frame(runs: list[Run]) -> pd.DataFrame:
+    params = swept_params(runs)
+    rows = []
+    for i, r in enumerate(runs):
+        label = ", ".join(f"{k}={r.sweep_point.get(k)}" for k in params) if params else r.label
+        x = r.sweep_point.get(params[0]) if len(params) == 1 else None
+        for algo in r.algorithms:
+            s = r.summary.get(algo, {})
+            rows.append({"run": i, "label": label, "x": x, "algorithm": algo,
+                         "mean_token_latency_s": s.get("mean_token_latency_s"),
+                         "max_peak_mem_bytes": s.get("max_peak_mem_bytes"), "failed": bool(s.get("failed")),
+                         "failure": short_failure(s.get("failure"), s.get("failed_at_token"))
+                         if s.get("failed") else None})
+    return pd.DataFrame(rows)
+
+
+def _numeric(values) -> bool:
+    try:
+        [float(v) for v in values]
+    except (TypeError, ValueError):
+        return False
+    return all(v is not None and not isinstance(v, bool) for v in values)
+
+
+def fig_sweep(runs: list[Run]):
+    from analysis.figures import FAIL_COLOR, MIB, MS, color
+
+    df = sweep_frame(runs)
+    if df.empty:
+        return None
+    params = swept_params(runs)
+    numeric = len(params) == 1 and _numeric(df["x"].tolist())
+    labels = list(dict.fromkeys(df["label"]))
+    df["xpos"] = df["x"].astype(float) if numeric else df["label"].map({lab: i for i, lab in enumerate(labels)})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    for ax, col, scale, ylabel in ((axes[0], "mean_token_latency_s", MS, "mean token latency [ms]"),
+                                   (axes[1], "max_peak_mem_bytes", 1 / MIB, "max peak memory per host [MiB]")):
+        bottom = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+        for algo in dict.fromkeys(df["algorithm"]):
+            d = df[df["algorithm"] == algo].sort_values("xpos")
+            y = pd.to_numeric(d[col], errors="coerce") * scale
+            ok = ~d["failed"].to_numpy()
+            ax.plot(d["xpos"][ok], y[ok], marker="o", color=color(algo), label=algo)
+            for xp, yv, lab in zip(d["xpos"][~ok], y[~ok], d["failure"][~ok]):
+                if np.isfinite(yv):
+                    ax.plot(xp, yv, "X", color=FAIL_COLOR, ms=10, mec="k")
+                else:
+                    ax.plot(xp, 0.03, "X", color=FAIL_COLOR, ms=10, mec="k", transform=bottom, clip_on=False)
+                ax.annotate(f"{algo}: {lab}", (xp, 0.06), xycoords=bottom, rotation=90, fontsize=7,
+                            color=FAIL_COLOR, ha="center", va="bottom")
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        ax.set(xlabel=", ".join(params) or "run", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Sweep over {', '.join(params) or 'runs'} — {runs[0].experiment}")
+    return fig
