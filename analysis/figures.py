@@ -66,6 +66,11 @@ def _auto_log(ax, values, axis: str = "y") -> None:
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
 
 
+def _legend(ax, **kw) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def _failure_box(ax, run: Run) -> None:
     lines = [f"{a}: {lab}" for a in run.algorithms if (lab := failure_label(run, a))]
     if lines:
@@ -117,7 +122,7 @@ def fig_latency_tokens(run: Run):
     _auto_log(ax, allv)
     ax.plot([], [], "o", color="grey", mec="k", label="migration (latency + stall)")
     ax.set(xlabel="token index (decode)", ylabel="token latency [ms]", title=f"Per-token latency — {run.label}")
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    _legend(ax, fontsize=8, loc="upper right", framealpha=0.9)
     ax.grid(alpha=0.3)
     return fig
 
@@ -150,7 +155,7 @@ def fig_latency_cdf(run: Run):
     _auto_log(ax, allv, "x")
     ax.set(xlabel="token latency [ms]", ylabel="fraction of decode tokens ≤ x", ylim=(0, 1.02),
            title=f"Latency CDF — {run.label}")
-    ax.legend(fontsize=8, loc="lower right")
+    _legend(ax, fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     return fig
 
@@ -179,7 +184,7 @@ def fig_latency_breakdown(run: Run):
     ax.bar(0, 0, color="white", edgecolor="k", hatch="///", label="p95 latency")
     ax.set_xticks(x, table["algorithm"], rotation=20, ha="right")
     ax.set(ylabel="per decode token [ms]", title=f"Mean (stacked breakdown) and p95 latency — {run.label}")
-    ax.legend(fontsize=8, ncol=2)
+    _legend(ax, fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -205,7 +210,7 @@ def fig_peak_memory(run: Run):
         ax.plot([], [], "k--", lw=1, label="initial memory limit")
     ax.set_xticks(x, hosts)
     ax.set(xlabel="host", ylabel="peak memory [MiB]", title=f"Peak memory per host — {run.label}")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -226,7 +231,7 @@ def fig_memory_tokens(run: Run):
         ax.set(title=host, xlabel="token index")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("memory at decision epochs [MiB]")
-    axes[0][-1].legend(fontsize=7)
+    _legend(axes[0][-1], fontsize=7)
     fig.suptitle(f"Memory over tokens (mem_sample events) — {run.label}")
     return fig
 
@@ -269,7 +274,7 @@ def fig_plan_accuracy(run: Run):
     _auto_log(ax, [lo, hi], "x")
     ax.set(xlabel="predicted token latency [ms]", ylabel="measured mean until next plan [ms]",
            title=f"Plan vs measurement — {run.label}")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 
@@ -301,7 +306,9 @@ def _slug(text: str) -> str:
 
 
 def run_figures(run: Run, out_dir: Path, suffix: str = "") -> list[Figure]:
-    out = []
+    out: list[Figure] = []
+    if not run.algorithms:  # nothing recorded beyond the run's start: the report says so
+        return out
     for name, fn, title, how in PER_RUN:
         fig = fn(run)
         if fig is None:

@@ -83,6 +83,7 @@ def fig_sweep(runs: list[Run]):
             ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
         ax.set(xlabel=", ".join(params) or "run", ylabel=ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.suptitle(f"Sweep over {', '.join(params) or 'runs'} — {runs[0].experiment}")
     return fig
