@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -86,8 +87,8 @@ def _scenario_lines(ax, run: Run) -> None:
     for _, e in first.iterrows():
         ax.axvline(e["token_index"], color="k", ls=":", lw=0.9, alpha=0.7)
         text = re.sub(r"^token \d+:\s*", "", str(e.get("change", "")))
-        ax.annotate(text, (e["token_index"], 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
-                    va="top", ha="right", alpha=0.8)
+        ax.annotate(text, (e["token_index"], 0.98), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                    va="top", ha="right", alpha=0.85, xytext=(-2, 0), textcoords="offset points")
 
 
 def _per_token(dec: pd.DataFrame, col: str = "latency_s") -> pd.DataFrame:
@@ -122,7 +123,8 @@ def fig_latency_tokens(run: Run):
     _auto_log(ax, allv)
     ax.plot([], [], "o", color="grey", mec="k", label="migration (latency + stall)")
     ax.set(xlabel="token index (decode)", ylabel="token latency [ms]", title=f"Per-token latency — {run.label}")
-    _legend(ax, fontsize=8, loc="upper right", framealpha=0.9)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    _legend(ax, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
     ax.grid(alpha=0.3)
     return fig
 
@@ -177,14 +179,18 @@ def fig_latency_breakdown(run: Run):
     for i, row in table.iterrows():
         lab = failure_label(run, row["algorithm"])
         if lab:
-            ax.text(x[i], top * 0.03, lab, rotation=90, ha="center", va="bottom", color=FAIL_COLOR,
-                    fontsize=9, fontweight="bold")
+            height = max((row["p95_token_latency_s"] or 0.0) * MS,
+                         sum((row[f"mean_{c}"] or 0.0) for c in BREAKDOWN) * MS)
+            ax.annotate(lab if height else f"{lab}\n(no decode tokens)", (x[i], height), xytext=(0, 4),
+                        textcoords="offset points", ha="center", va="bottom", color=FAIL_COLOR, fontsize=9,
+                        fontweight="bold", bbox={"boxstyle": "round", "fc": "white", "ec": FAIL_COLOR})
+    ax.set_ylim(0, max(top, 1e-3) * 1.18)
     for col in BREAKDOWN:
         ax.bar(0, 0, color=PART_COLORS[col], label=f"mean {col[:-2]}")
     ax.bar(0, 0, color="white", edgecolor="k", hatch="///", label="p95 latency")
     ax.set_xticks(x, table["algorithm"], rotation=20, ha="right")
     ax.set(ylabel="per decode token [ms]", title=f"Mean (stacked breakdown) and p95 latency — {run.label}")
-    _legend(ax, fontsize=8, ncol=2)
+    _legend(ax, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return fig
 

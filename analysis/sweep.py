@@ -53,6 +53,18 @@ def _numeric(values) -> bool:
     return all(v is not None and not isinstance(v, bool) for v in values)
 
 
+MARKERS = "osD^vP*hX"
+
+
+def _failure_text(df: pd.DataFrame, params: list[str]) -> str:
+    lines = []
+    for algo in dict.fromkeys(df["algorithm"]):
+        d = df[(df["algorithm"] == algo) & df["failed"]]
+        for failure, g in d.groupby("failure", sort=False):
+            lines.append(f"{algo}: {failure} at {', '.join(map(str, g['label']))}")
+    return "\n".join(lines)
+
+
 def fig_sweep(runs: list[Run]):
     from analysis.figures import FAIL_COLOR, MIB, MS, color
 
@@ -67,22 +79,29 @@ def fig_sweep(runs: list[Run]):
     for ax, col, scale, ylabel in ((axes[0], "mean_token_latency_s", MS, "mean token latency [ms]"),
                                    (axes[1], "max_peak_mem_bytes", 1 / MIB, "max peak memory per host [MiB]")):
         bottom = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
-        for algo in dict.fromkeys(df["algorithm"]):
+        for k, algo in enumerate(dict.fromkeys(df["algorithm"])):
             d = df[df["algorithm"] == algo].sort_values("xpos")
-            y = pd.to_numeric(d[col], errors="coerce") * scale
-            ok = ~d["failed"].to_numpy()
-            ax.plot(d["xpos"][ok], y[ok], marker="o", color=color(algo), label=algo)
-            for xp, yv, lab in zip(d["xpos"][~ok], y[~ok], d["failure"][~ok]):
+            y = pd.to_numeric(d[col], errors="coerce").to_numpy(float) * scale
+            bad = d["failed"].to_numpy()
+            nfail = int(bad.sum())
+            ax.plot(d["xpos"], np.where(bad, np.nan, y), marker=MARKERS[k % len(MARKERS)], color=color(algo),
+                    ms=7 - k % 3, label=algo + (f" (failed at {nfail}/{len(d)} points)" if nfail else ""))
+            if nfail:
+                ax.plot(d["xpos"], y, ls=":", color=color(algo), lw=1)
+            for xp, yv in zip(d["xpos"][bad], y[bad]):
                 if np.isfinite(yv):
-                    ax.plot(xp, yv, "X", color=FAIL_COLOR, ms=10, mec="k")
+                    ax.plot(xp, yv, "X", color=FAIL_COLOR, ms=10, mec="k", zorder=5)
                 else:
                     ax.plot(xp, 0.03, "X", color=FAIL_COLOR, ms=10, mec="k", transform=bottom, clip_on=False)
-                ax.annotate(f"{algo}: {lab}", (xp, 0.06), xycoords=bottom, rotation=90, fontsize=7,
-                            color=FAIL_COLOR, ha="center", va="bottom")
         if not numeric:
             ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        ax.set_ylim(bottom=0)
         ax.set(xlabel=", ".join(params) or "run", ylabel=ylabel)
         ax.grid(alpha=0.3)
+    text = _failure_text(df, params)
+    if text:
+        fig.text(0.01, -0.02, "red X = failed point (partial data, dotted):\n" + text, va="top", fontsize=8,
+                 color=FAIL_COLOR)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
     fig.suptitle(f"Sweep over {', '.join(params) or 'runs'} — {runs[0].experiment}")
