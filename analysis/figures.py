@@ -39,6 +39,11 @@ class Figure:
     run: str | None = None  # the run directory's path; None for figures across runs
 
 
+def linestyle(algo: str, k: int) -> object:
+    """Distinct dashes so that algorithms with identical curves stay visible on top of each other."""
+    return ["-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (3, 3))][k % 5]
+
+
 def color(algo: str) -> str:
     cmap = plt.get_cmap("tab10")
     idx = KNOWN.index(algo) if algo in KNOWN else len(KNOWN) + sum(map(ord, algo))
@@ -75,7 +80,7 @@ def _legend(ax, **kw) -> None:
 def _failure_box(ax, run: Run) -> None:
     lines = [f"{a}: {lab}" for a in run.algorithms if (lab := failure_label(run, a))]
     if lines:
-        ax.text(0.01, 0.99, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=8,
+        ax.text(1.01, 0.0, "failed:\n" + "\n".join(lines), transform=ax.transAxes, va="bottom", ha="left", fontsize=8,
                 color=FAIL_COLOR, bbox={"boxstyle": "round", "fc": "white", "ec": FAIL_COLOR, "alpha": 0.9})
 
 
@@ -100,7 +105,7 @@ def fig_latency_tokens(run: Run):
     fig, ax = plt.subplots(figsize=(9, 4.5))
     mig = run.events_of("migration")
     allv = []
-    for algo in run.algorithms:
+    for k, algo in enumerate(run.algorithms):
         dec = run.decode(algo)
         lab = failure_label(run, algo)
         if dec.empty:
@@ -108,7 +113,7 @@ def fig_latency_tokens(run: Run):
             continue
         pt = _per_token(dec)
         allv += list(pt["mean"] * MS)
-        ax.plot(pt["token_index"], pt["mean"] * MS, color=color(algo), lw=1.4,
+        ax.plot(pt["token_index"], pt["mean"] * MS, color=color(algo), lw=1.6, ls=linestyle(algo, k),
                 label=algo + (f" ({lab})" if lab else ""))
         if dec["repetition"].nunique() > 1:
             ax.fill_between(pt["token_index"], pt["min"] * MS, pt["max"] * MS, color=color(algo), alpha=0.15)
@@ -121,6 +126,8 @@ def fig_latency_tokens(run: Run):
     _scenario_lines(ax, run)
     _failure_box(ax, run)
     _auto_log(ax, allv)
+    if ax.get_yscale() == "linear":
+        ax.set_ylim(bottom=0)  # small differences are not blown up into cliffs
     ax.plot([], [], "o", color="grey", mec="k", label="migration (latency + stall)")
     ax.set(xlabel="token index (decode)", ylabel="token latency [ms]", title=f"Per-token latency — {run.label}")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -145,7 +152,7 @@ def _migration_dots(ax, dec: pd.DataFrame, mig: pd.DataFrame, algo: str, allv: l
 def fig_latency_cdf(run: Run):
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     allv = []
-    for algo in run.algorithms:
+    for k, algo in enumerate(run.algorithms):
         lat = np.sort(run.decode(algo)["latency_s"].to_numpy(float) * MS)
         lab = failure_label(run, algo)
         if not lat.size:
@@ -153,7 +160,7 @@ def fig_latency_cdf(run: Run):
             continue
         allv += list(lat)
         ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post", color=color(algo), lw=1.5,
-                ls="--" if lab else "-", label=algo + (f" ({lab}; {lat.size} tokens)" if lab else ""))
+                ls=linestyle(algo, k), label=algo + (f" ({lab}; {lat.size} tokens)" if lab else ""))
     _auto_log(ax, allv, "x")
     ax.set(xlabel="token latency [ms]", ylabel="fraction of decode tokens ≤ x", ylim=(0, 1.02),
            title=f"Latency CDF — {run.label}")
@@ -271,8 +278,9 @@ def fig_plan_accuracy(run: Run):
     for algo in run.algorithms:
         d = pv[pv["algorithm"] == algo]
         if not d.empty:
+            lab = failure_label(run, algo)
             ax.scatter(d["predicted_s"] * MS, d["measured_s"] * MS, color=color(algo), edgecolor="k", lw=0.4,
-                       s=30, label=f"{algo} ({len(d)} plans)")
+                       s=30, label=f"{algo} ({len(d)} plans" + (f"; {lab})" if lab else ")"))
     lo = float(min(pv["predicted_s"].min(), pv["measured_s"].min()) * MS)
     hi = float(max(pv["predicted_s"].max(), pv["measured_s"].max()) * MS)
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = predicted")
@@ -290,7 +298,8 @@ PER_RUN = [
      "One line per algorithm (mean over repetitions, band = min–max); dotted verticals are scenario changes, "
      "dots are migrations drawn at token latency + migration stall, a red X marks where an algorithm failed."),
     ("latency_cdf", fig_latency_cdf, "Latency CDF",
-     "Further left is faster; a long right tail means stalls. Dashed lines are algorithms that failed part-way."),
+     "Further left is faster; a long right tail means stalls. Algorithms that failed part-way are labelled with "
+     "the failure and the number of tokens they produced."),
     ("latency_breakdown", fig_latency_breakdown, "Mean and p95 latency with breakdown",
      "Left bar of each pair: mean decode latency split into compute, transfer, wait and amortised migration; "
      "right hatched bar: p95 latency."),

@@ -260,10 +260,10 @@ def failure_token(events: list[dict], algorithm: str) -> int | None:
 def short_failure(reason: str | None, token: int | None) -> str:
     """A one-phrase label for a failure: 'OOM at token 37', 'infeasible at token 0', ..."""
     text = (reason or "").lower()
-    if any(w in text for w in ("oom", "out of memory", "memory", "killed", "-9")):
-        kind = "OOM"
-    elif "infeasible" in text:
+    if "infeasible" in text:  # the planner found no placement (checked first: its message names memory)
         kind = "infeasible"
+    elif any(w in text for w in ("oom", "out of memory", "memory", "killed", "-9")):
+        kind = "OOM"
     elif "timeout" in text or "timed out" in text:
         kind = "timeout"
     else:
@@ -282,6 +282,8 @@ def latency_table(run: Run) -> pd.DataFrame:
             "migrated_bytes", "max_peak_mem_bytes", "failed", "failure", "failed_at_token", "started")}}
         for col in BREAKDOWN:
             row[f"mean_{col}"] = float(dec[col].mean()) if len(dec) else None
+        # latency_s excludes the stall of a migration before the token; this mean includes it
+        row["mean_incl_migration_s"] = float((dec["latency_s"] + dec["migration_s"]).mean()) if len(dec) else None
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:

@@ -95,6 +95,8 @@ def fig_sweep(runs: list[Run]):
                     ax.plot(xp, 0.03, "X", color=FAIL_COLOR, ms=10, mec="k", transform=bottom, clip_on=False)
         if not numeric:
             ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        elif df["xpos"].nunique() <= 12:
+            ax.set_xticks(sorted(df["xpos"].unique()), [f"{v:g}" for v in sorted(df["xpos"].unique())])
         ax.set_ylim(bottom=0)
         ax.set(xlabel=", ".join(params) or "run", ylabel=ylabel)
         ax.grid(alpha=0.3)

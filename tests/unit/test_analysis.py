@@ -107,6 +107,8 @@ def test_loader_numbers_equal_hand_computed(run_dir: Path) -> None:
     ra = run.summary["resource_aware"]
     assert ra["migrations"] == 4 and ra["migrated_bytes"] == 6 * 2 ** 20
     assert table.loc["resource_aware", "mean_migration_s"] == pytest.approx(0.1 / (NEW_TOKENS - 1))
+    lat = decode_latencies("resource_aware")
+    assert table.loc["resource_aware", "mean_incl_migration_s"] == pytest.approx((sum(lat) + 0.1) / len(lat))
     g = run.summary["galaxy"]  # summary.json was stale for galaxy: derived from the tables
     assert g["failed"] and g["failure"] == OOM_REASON and g["failed_at_token"] == FAIL_AT
     assert g["peak_mem_bytes"]["h3"] == 6 * 2 ** 20
