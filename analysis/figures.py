@@ -72,6 +72,15 @@ def _auto_log(ax, values, axis: str = "y") -> None:
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
 
 
+def _num(v) -> float:
+    """A number for drawing: None and NaN (no data) become 0."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return 0.0
+    return f if np.isfinite(f) else 0.0
+
+
 def _legend(ax, **kw) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(**kw)
@@ -177,17 +186,16 @@ def fig_latency_breakdown(run: Run):
     for i, row in table.iterrows():
         bottom = 0.0
         for col in BREAKDOWN:
-            v = (row[f"mean_{col}"] or 0.0) * MS
+            v = _num(row[f"mean_{col}"]) * MS
             ax.bar(x[i] - 0.2, v, 0.38, bottom=bottom, color=PART_COLORS[col], edgecolor="k", lw=0.4)
             bottom += v
-        p95 = (row["p95_token_latency_s"] or 0.0) * MS
+        p95 = _num(row["p95_token_latency_s"]) * MS
         ax.bar(x[i] + 0.2, p95, 0.38, color="white", edgecolor=color(row["algorithm"]), hatch="///", lw=1.2)
         top = max(top, bottom, p95)
     for i, row in table.iterrows():
         lab = failure_label(run, row["algorithm"])
         if lab:
-            height = max((row["p95_token_latency_s"] or 0.0) * MS,
-                         sum((row[f"mean_{c}"] or 0.0) for c in BREAKDOWN) * MS)
+            height = max(_num(row["p95_token_latency_s"]), sum(_num(row[f"mean_{c}"]) for c in BREAKDOWN)) * MS
             ax.annotate(lab if height else f"{lab}\n(no decode tokens)", (x[i], height), xytext=(0, 4),
                         textcoords="offset points", ha="center", va="bottom", color=FAIL_COLOR, fontsize=9,
                         fontweight="bold", bbox={"boxstyle": "round", "fc": "white", "ec": FAIL_COLOR})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jinja2
 
-from analysis.figures import Figure, failure_label, make_figures
+from analysis.figures import Figure, _num, failure_label, make_figures
 from analysis.load import Run, latency_table, load_runs, manifest_facts, short_failure, topology_summary
 from analysis.template import REPORT_TEMPLATE
 
@@ -40,7 +40,7 @@ def _table_rows(run: Run) -> list[dict]:
             "mean_ms": _fmt(row["mean_token_latency_s"], 1e3), "p95_ms": _fmt(row["p95_token_latency_s"], 1e3),
             "mean_mig_ms": _fmt(row["mean_incl_migration_s"], 1e3),
             "ratio": (_fmt(ratio, 1, 2) + "×") if ratio is not None and ratio == ratio else "—",
-            "tokens": int(row["tokens_generated"] or 0), "migrations": int(row["migrations"] or 0),
+            "tokens": int(_num(row["tokens_generated"])), "migrations": int(_num(row["migrations"])),
             "migrated_mib": _fmt(row["migrated_bytes"], 2.0 ** -20, 2),
             "peak_mib": _fmt(row["max_peak_mem_bytes"], 2.0 ** -20, 2),
             "status": lab if lab else "ok",

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from analysis.load import latency_table, load_run, plan_vs_measured
 from analysis.report import analyze
 from testbed.recorder import RunRecorder, summarize
 
-ALGOS = ["resource_aware", "edgeshard", "galaxy"]
+ALGOS = ["resource_aware", "edgeshard", "greedy", "galaxy"]
 NEW_TOKENS = 20
 FAIL_AT = 9
 OOM_REASON = "agent on h3 killed by the OOM killer (rc -9) while loading kv cache"
+INFEASIBLE = "infeasible: greedy: block L0.ffn needs 9437184 bytes, largest free 8388608 (memory)"
 TOPOLOGY = {"name": "star3", "switches": ["s1"], "hosts": [
     {"name": "h1", "mem_limit_mib": 64, "cpu_cores": 1, "source": True},
     {"name": "h2", "mem_limit_mib": 16, "cpu_cores": 0.5, "source": False},
@@ -76,8 +78,13 @@ def make_run(run_dir: Path, bw: float = 20.0, sweep_point: dict | None = None) -
                         "scenario_timeline": ["token 8: link h2-s1 bandwidth_mbps=4.0"]})
     rec.event("run_started", experiment="synthetic", backend="simulated")
     for algo in ALGOS:
+        if algo == "greedy":  # no placement at all: fails before its first token
+            rec.event("algorithm_started", algorithm=algo, repetition=0)
+            rec.event("algorithm_failed", algorithm=algo, repetition=0, token_index=0, reason=INFEASIBLE)
+            rec.event("repetition_done", algorithm=algo, repetition=0, failed=True, peak_mem_bytes={})
+            continue
         _one_algorithm(rec, algo, bw)
-        if algo != "galaxy":  # the run dies before the summary after galaxy is written
+        if algo == "edgeshard":  # the run dies before later summaries are written: stale for the rest
             rec.write_summary(summarize(run_dir, ALGOS))
     rec.close()
     with open(run_dir / "events.jsonl", "a") as f:
@@ -100,7 +107,9 @@ def test_loader_numbers_equal_hand_computed(run_dir: Path) -> None:
     assert run.algorithms == ALGOS
     assert any("torn" in p for p in run.problems)
     table = latency_table(run).set_index("algorithm")
-    for algo in ALGOS:
+    assert pd.isna(table.loc["greedy", "mean_token_latency_s"])
+    assert run.summary["greedy"]["failed"] and run.summary["greedy"]["tokens_generated"] == 0
+    for algo in ("resource_aware", "edgeshard", "galaxy"):
         lat = decode_latencies(algo)
         assert table.loc[algo, "mean_token_latency_s"] == pytest.approx(sum(lat) / len(lat), rel=1e-12)
         assert run.summary[algo]["tokens_generated"] == len(lat) + 1
@@ -115,7 +124,7 @@ def test_loader_numbers_equal_hand_computed(run_dir: Path) -> None:
     ratio = table.loc["edgeshard", "ratio_to_resource_aware"]
     assert ratio == pytest.approx(table.loc["edgeshard", "mean_token_latency_s"] /
                                   table.loc["resource_aware", "mean_token_latency_s"])
-    assert len(plan_vs_measured(run)) == 1 + 2 + 1 + 1  # ra: 3 plans, edgeshard 1, galaxy 1
+    assert len(plan_vs_measured(run)) == 3 + 1 + 1  # ra: 3 plans, edgeshard 1, galaxy 1
 
 
 def _assert_files(paths: list[Path]) -> None:
@@ -134,13 +143,14 @@ def test_analyze_writes_figures_and_report(run_dir: Path) -> None:
     _assert_files([p for f in out["figures"].values() for p in (f["png"], f["pdf"])])
     html = out["report"].read_text()
     run = load_run(run_dir)
-    for algo in ALGOS:
+    for algo in ("resource_aware", "edgeshard", "galaxy"):
         s = run.summary[algo]
         assert f"{s['mean_token_latency_s'] * 1e3:.3f}" in html
         assert f"{s['p95_token_latency_s'] * 1e3:.3f}" in html
     ratio = run.summary["edgeshard"]["mean_token_latency_s"] / run.summary["resource_aware"]["mean_token_latency_s"]
     assert f"{ratio:.2f}×" in html
     assert OOM_REASON in html and f"OOM at token {FAIL_AT}" in html
+    assert INFEASIBLE in html and "infeasible at token 0" in html
     assert "netem" in html and "star3" in html
     assert 'src="latency_tokens.png"' in html  # relative paths
 
