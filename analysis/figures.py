@@ -151,9 +151,9 @@ def _migration_dots(ax, dec: pd.DataFrame, mig: pd.DataFrame, algo: str, allv: l
     m = mig[mig["algorithm"] == algo]
     if m.empty:
         return
-    per = dec.groupby("token_index")[["latency_s", "migration_s"]].mean()
+    per = dec.groupby("token_index")[["latency_s"]].mean()
     idx = [t for t in m["token_index"].dropna().astype(int).unique() if t in per.index]
-    y = [(per.loc[t, "latency_s"] + per.loc[t, "migration_s"]) * MS for t in idx]
+    y = [per.loc[t, "latency_s"] * MS for t in idx]  # latency_s already includes the migration stall
     allv += y
     ax.scatter(idx, y, s=36, color=color(algo), edgecolor="k", zorder=4)
 

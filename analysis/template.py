@@ -49,7 +49,7 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
 <h3>Summary</h3>
 <table>
 <tr><th class="l">algorithm</th><th>mean latency [ms]</th><th>× resource_aware</th><th>p95 latency [ms]</th>
-<th>mean incl. migration stalls [ms]</th><th>tokens</th><th>migrations (blocks)</th><th>migrated [MiB]</th><th>max peak mem [MiB]</th><th class="l">status</th></tr>
+<th>mean excl. migration stalls [ms]</th><th>tokens</th><th>migrations (blocks)</th><th>migrated [MiB]</th><th>max peak mem [MiB]</th><th class="l">status</th></tr>
 {% for row in r.table %}
 <tr class="{{ 'failed' if row.failed else '' }}"><td class="l">{{ row.algorithm }}</td>
  <td>{{ row.mean_ms }}</td><td>{{ row.ratio }}</td><td>{{ row.p95_ms }}</td><td>{{ row.mean_mig_ms }}</td><td>{{ row.tokens }}</td>
@@ -57,8 +57,8 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
  <td class="l">{% if row.failed %}<span class="fail">{{ row.status }}</span>{% else %}{{ row.status }}{% endif %}</td></tr>
 {% endfor %}
 </table>
-<p class="how">Latencies are over decode tokens (summary.json's definition, which excludes the stall of a migration
-before a token); "incl. migration stalls" adds each token's migration_s. Ratios use the mean latency.</p>
+<p class="how">Latencies are over decode tokens and include the stall of a migration made just before a token
+(summary.json's definition); "excl. migration stalls" leaves each token's migration_s out. Ratios use the mean latency.</p>
 
 {% if r.failures %}<h3>Failures</h3><ul>
 {% for f in r.failures %}<li><span class="fail">{{ f.algorithm }}: {{ f.short }}</span> — <code>{{ f.reason }}</code></li>{% endfor %}

@@ -117,7 +117,7 @@ def net_check(topology: Path, as_json: bool = typer.Option(False, "--json")) -> 
 @app.command()
 def analyze(run_dirs: List[Path], out: Optional[Path] = typer.Option(None, "-o", "--out")) -> None:
     """Draw figures (PNG + PDF) and report.html from run directories."""
-    missing = [d for d in run_dirs if not (d / "events.jsonl").exists()]
+    missing = [d for d in run_dirs if not (d / "events.jsonl").exists() and not any(d.glob("point-*/events.jsonl"))]
     if missing:
         print(f"{missing[0]}: not a run directory (no events.jsonl)", file=sys.stderr)
         raise typer.Exit(2)

@@ -166,7 +166,8 @@ class AlgorithmLoop:
         self.state.elapsed_s += rec.latency_s
         self.rec.token({
             "algorithm": self.s.algorithm, "repetition": self.s.repetition, "token_index": index,
-            "token_id": rec.token_id, "context_len": len(self.s.prompt_ids) + index, "latency_s": rec.latency_s,
+            # a migration before this token stalls it: the user-visible latency includes it
+            "token_id": rec.token_id, "context_len": len(self.s.prompt_ids) + index, "latency_s": rec.latency_s + mig_s,
             "compute_s": rec.compute_s, "transfer_s": rec.transfer_s, "wait_s": rec.wait_s,
             "migration_s": mig_s, "bytes_moved": rec.bytes_moved, "migrated_bytes": mig_b, "phase": phase,
         })
