@@ -18,13 +18,13 @@ import os
 import subprocess
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from testbed import shaping as sh
 from testbed.cgroups import CgroupSet
 from testbed.cleanup import Manifest, cleanup_entries, proc_start_time
+from testbed.routing import Routing, TopologyError
 from testbed.specs import LinkSpec, TopologySpec
 
 
@@ -222,64 +222,11 @@ class EmulatedNetwork:
 
     # ------------------------------------------------------------------ addressing and paths
     def _check_topology(self) -> None:
-        """Switch graph must be a forest (no STP); each host at most one link into one L2 segment."""
-        parent = {s: s for s in self.topology.switches}
-
-        def find(x):
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for l in self.topology.links:
-            if l.a in parent and l.b in parent:
-                ra, rb = find(l.a), find(l.b)
-                if ra == rb:
-                    raise NetworkError(f"switch links form a loop through {l.a}-{l.b} (no STP here)")
-                parent[ra] = rb
-        for h in self.topology.hosts:
-            segs = [find(l.b if l.a == h.name else l.a) for l in self.topology.links
-                    if h.name in (l.a, l.b) and (l.b if l.a == h.name else l.a) in parent]
-            if len(segs) != len(set(segs)):
-                raise NetworkError(f"host {h.name} has two links into one switched segment")
-        net = ipaddress.ip_network(self.topology.subnet)
-        if net.num_addresses < len(self.topology.hosts) + 2:
-            raise NetworkError(f"subnet {net} too small for {len(self.topology.hosts)} hosts")
-        self._ips = {h.name: str(net.network_address + i + 1) for i, h in enumerate(self.topology.hosts)}
-        self._compute_routes()
-
-    def _adjacency(self) -> dict[str, list[tuple[str, int]]]:
-        adj: dict[str, list[tuple[str, int]]] = {n: [] for n in [h.name for h in self.topology.hosts] + list(self.topology.switches)}
-        for i, l in enumerate(self.topology.links):
-            adj[l.a].append((l.b, i))
-            adj[l.b].append((l.a, i))
-        return adj
-
-    def _compute_routes(self) -> None:
-        """Per source host: BFS tree; a route to each host names the first link and the next host."""
-        adj = self._adjacency()
-        hosts = {h.name for h in self.topology.hosts}
-        for src in hosts:
-            prev: dict[str, tuple[str, int]] = {}
-            seen, queue = {src}, deque([src])
-            while queue:
-                n = queue.popleft()
-                for m, i in adj[n]:
-                    if m not in seen:
-                        seen.add(m)
-                        prev[m] = (n, i)
-                        queue.append(m)
-            table = {}
-            for dst in hosts - {src}:
-                if dst not in seen:
-                    continue
-                nodes = [dst]
-                while nodes[-1] != src:
-                    nodes.append(prev[nodes[-1]][0])
-                nodes.reverse()
-                gw = next(n for n in nodes[1:] if n in hosts)
-                table[dst] = (prev[nodes[1]][1], None if gw == dst else gw)
-            self._routes[src] = table
+        try:
+            self.routing = Routing(self.topology)
+        except TopologyError as exc:
+            raise NetworkError(str(exc)) from None
+        self._ips, self._routes = self.routing.ips, self.routing.routes
 
     def host_ip(self, name: str) -> str:
         return self._ips[name]
@@ -289,37 +236,10 @@ class EmulatedNetwork:
 
     def path(self, src: str, dst: str) -> list[tuple[str, str]]:
         """Directed hops ``(from, to)`` the packets from ``src`` to ``dst`` take (as routed)."""
-        hops: list[tuple[str, str]] = []
-        cur = src
-        while cur != dst:
-            if dst not in self._routes.get(cur, {}):
-                raise NetworkError(f"no route from {cur} to {dst}")
-            first, gw = self._routes[cur][dst]
-            target = gw or dst
-            hops += self._segment(cur, target, first)
-            cur = target
-        return hops
-
-    def _segment(self, src: str, dst: str, first_link: int) -> list[tuple[str, str]]:
-        """Hops inside one L2 segment (a tree of switches) from host src to host dst."""
-        l = self.topology.links[first_link]
-        nxt = l.b if l.a == src else l.a
-        if nxt == dst:
-            return [(src, dst)]
-        adj = self._adjacency()
-        prev, queue = {nxt: None}, deque([nxt])
-        while queue:
-            n = queue.popleft()
-            for m, _ in adj[n]:
-                if m not in prev and (m in self.topology.switches or m == dst):
-                    prev[m] = n
-                    if m != dst:
-                        queue.append(m)
-        nodes = [dst]
-        while nodes[-1] != nxt:
-            nodes.append(prev[nodes[-1]])
-        nodes = [src] + nodes[::-1]
-        return list(zip(nodes, nodes[1:]))
+        try:
+            return self.routing.path(src, dst)
+        except TopologyError as exc:
+            raise NetworkError(str(exc)) from None
 
     def _live(self, a: str, b: str) -> LiveLink:
         for l in self.links:
