@@ -1,0 +1,573 @@
+"""The node agent: one process per emulated host, forked by ``node_agent.forkserver`` into the
+host's network namespace. It holds the host's blocks (``node_agent.shards``) and runs the per-token
+dataflow of ``testbed.placement`` with its peers.
+
+Threads: the control thread (one Unix-socket connection from the controller, request/reply; the
+agent exits when it closes), the data listener (TCP on the host's emulated address), one reader
+per inbound data connection, and ONE worker that does all block work in order. Readers put frames
+into a timed inbox that releases each no earlier than ``received_at + one-way delay`` (transport
+delay emulation; 0 under netem) — the worker never sleeps on behalf of a single frame.
+
+Critical-path accounting: each activation carries ``cp = [compute, transfer, wait]`` of the path
+that produced it; the receiver adds the transfer (release - sent_at, one host clock), and a block
+that joins several inputs continues the path of the LAST one to arrive. The ``tally`` of
+activation bytes per link travels with the data so that every send is counted exactly once and
+the source ends up with the whole token's tally.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from node_agent import protocol as P
+from node_agent.model import assemble_head_outputs, ffn_combine
+from node_agent.shards import BlockStore, Budget, BudgetError, rss_bytes
+from node_agent.wire import WireError, connect, recv_frame, send_frame
+from testbed.placement import Placement
+
+log = logging.getLogger("headroom.agent")
+DATA_PORT = 7070
+
+
+class TimedInbox:
+    """A priority queue that hands out items no earlier than their release time."""
+
+    def __init__(self):
+        self._heap: list = []
+        self._n = 0
+        self._cv = threading.Condition()
+
+    def put(self, item, release: float = 0.0) -> None:
+        with self._cv:
+            self._n += 1
+            heapq.heappush(self._heap, (release, self._n, item))
+            self._cv.notify()
+
+    def get(self):
+        with self._cv:
+            while True:
+                if self._heap:
+                    wait = self._heap[0][0] - time.time()
+                    if wait <= 0:
+                        return heapq.heappop(self._heap)[2]
+                    self._cv.wait(wait)
+                else:
+                    self._cv.wait()
+
+
+@dataclass
+class Inp:
+    """An activation input at this agent: tensor, critical path, arrival time, byte tally."""
+
+    t: torch.Tensor
+    cp: list
+    arrival: float
+    tally: dict
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerState:
+    x: Inp | None = None
+    heads: list = field(default_factory=list)  # Inp with extra["groups"]
+    h: Inp | None = None
+    parts: list = field(default_factory=list)
+    h_sent: bool = False
+
+
+@dataclass
+class TokenState:
+    seq: int
+    start_pos: int
+    layers: dict = field(default_factory=dict)
+    future: Future | None = None
+    t0: float = 0.0
+
+    def layer(self, l: int) -> LayerState:
+        return self.layers.setdefault(l, LayerState())
+
+
+def _join(inputs: list[Inp]) -> tuple[list, dict, float]:
+    """Critical path of the last-arriving input, merged tallies, its arrival time."""
+    gate = max(inputs, key=lambda i: i.arrival)
+    tally: dict = {}
+    for i in inputs:
+        P.merge_tally(tally, i.tally)
+    return list(gate.cp), tally, gate.arrival
+
+
+class Agent:
+    def __init__(self, name: str, control_path: str, data_port: int = DATA_PORT, mem_dir: str | None = None,
+                 mem_version: str | None = None, model: dict | None = None):
+        self.name, self.control_path, self.data_port = name, control_path, data_port
+        self.budget = Budget(name, mem_dir, mem_version)
+        self.model = model
+        self.store: BlockStore | None = None
+        self.placement: Placement | None = None
+        self.pv = 0
+        self.inbox = TimedInbox()
+        self.peers: dict[str, tuple[str, int]] = {}
+        self.delays: dict[str, float] = {}
+        self._out: dict[str, socket.socket] = {}
+        self.tokens: dict[int, TokenState] = {}
+        self.pending_mig: dict[int, tuple[dict, Future, dict]] = {}
+        self._mig_id = 0
+        self.sent_bytes: dict[str, int] = {}
+        self.stop = threading.Event()
+
+    # ------------------------------------------------------------------ entry point
+    def serve(self) -> None:
+        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ctl.bind(self.control_path)
+        ctl.listen(1)
+        data = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        data.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        data.bind(("0.0.0.0", self.data_port))
+        data.listen(64)
+        threading.Thread(target=self._accept_data, args=(data,), daemon=True, name="data-accept").start()
+        threading.Thread(target=self._work, daemon=True, name="worker").start()
+        if self.model:
+            self.store = BlockStore(self.name, self.model["arg"], int(self.model.get("seed", 0)), self.budget)
+        log.info("agent %s pid %d ready (control %s, data port %d)", self.name, os.getpid(), self.control_path,
+                 self.data_port)
+        conn, _ = ctl.accept()
+        try:
+            self._control_loop(conn)
+        finally:
+            log.info("agent %s: control connection closed, exiting", self.name)
+
+    # ------------------------------------------------------------------ control plane
+    def _control_loop(self, conn: socket.socket) -> None:
+        while not self.stop.is_set():
+            try:
+                frame = recv_frame(conn)
+            except (WireError, OSError):
+                return
+            h = frame.header
+            try:
+                result, payload = getattr(self, "cmd_" + h["cmd"])(h, frame.payload)
+                send_frame(conn, P.ok_frame(h["id"], **result), payload)
+            except Exception as exc:  # reported to the controller, never swallowed
+                if not isinstance(exc, (BudgetError, P.ProtocolError)):
+                    log.error("command %s failed: %s", h.get("cmd"), traceback.format_exc())
+                send_frame(conn, P.error_frame(h["id"], exc))
+
+    def _on_worker(self, fn, timeout_s: float = 60.0):
+        fut: Future = Future()
+        self.inbox.put(("task", fn, fut))
+        return fut.result(timeout=timeout_s)
+
+    def cmd_ping(self, h, _):
+        return {"pid": os.getpid(), "name": self.name}, b""
+
+    def cmd_configure(self, h, _):
+        self._on_worker(lambda: self._configure(h))
+        return {}, b""
+
+    def _configure(self, h) -> None:
+        if "peers" in h:
+            self.peers = {k: (v[0], int(v[1])) for k, v in h["peers"].items()}
+            for s in self._out.values():
+                s.close()
+            self._out.clear()
+        if "delays" in h:
+            self.delays = {k: float(v) for k, v in h["delays"].items()}
+        if h.get("threads"):
+            torch.set_num_threads(int(h["threads"]))
+        if h.get("model") and (self.store is None or self.model != h["model"]):
+            self.model = h["model"]
+            self.store = BlockStore(self.name, self.model["arg"], int(self.model.get("seed", 0)), self.budget)
+
+    def cmd_set_delays(self, h, _):
+        self.delays = {k: float(v) for k, v in h["delays"].items()}  # atomic dict swap, read by readers
+        return {}, b""
+
+    def cmd_load(self, h, _):
+        placement = Placement.from_json(h["placement"])
+
+        def run():
+            self.tokens.clear()
+            blocks = self.store.load(placement)
+            self.placement, self.pv = placement, int(h["pv"])
+            return blocks
+        return {"blocks": self._on_worker(run, h.get("timeout_s", 120.0))}, b""
+
+    def cmd_set_placement(self, h, _):
+        placement = Placement.from_json(h["placement"])
+
+        def run():
+            self.store.apply(placement)
+            self.placement, self.pv = placement, int(h["pv"])
+            self.tokens.clear()
+            return self.store.block_bytes()
+        return {"blocks": self._on_worker(run)}, b""
+
+    def cmd_drop(self, h, _):
+        def run():
+            if self.store:
+                self.store.drop_all()
+            self.placement, self.tokens = None, {}
+        self._on_worker(run)
+        return {}, b""
+
+    def cmd_forward(self, h, _):
+        fut: Future = Future()
+
+        def start():
+            try:
+                self._start_token(h, fut)
+            except BaseException as exc:
+                fut.set_exception(exc)
+        self.inbox.put(("task", start, Future()))
+        try:
+            rec = fut.result(timeout=float(h.get("timeout_s", 60.0)))
+        except TimeoutError:
+            raise TimeoutError(f"{self.name}: token {h['seq']} not finished within {h.get('timeout_s', 60.0)} s") from None
+        return rec, b""
+
+    def cmd_migrate_out(self, h, _):
+        done: Future = Future()
+        t0 = time.time()
+        self._on_worker(lambda: self._migrate_out(h["dst"], h["items"], done))
+        nbytes = done.result(timeout=float(h.get("timeout_s", 300.0)))
+        return {"bytes": nbytes, "duration_s": time.time() - t0}, b""
+
+    def cmd_stats(self, h, _):
+        limit, usage = self.budget.read()
+        out = {"pid": os.getpid(), "rss_bytes": rss_bytes(), "cgroup_limit_bytes": limit, "cgroup_usage_bytes": usage,
+               "sent_bytes": dict(self.sent_bytes), "threads": torch.get_num_threads()}
+        if self.store is not None:
+            out.update(blocks=self._on_worker(self.store.block_bytes), kv_bytes=self.store.kv_bytes())
+        return out, b""
+
+    def cmd_budget(self, h, _):
+        limit, usage = self.budget.read()
+        return {"limit_bytes": limit, "usage_bytes": usage, "available_bytes": self.budget.available()}, b""
+
+    def cmd_calibrate(self, h, _):
+        cfg = self.store.cfg if self.store is not None else None
+        return self._on_worker(lambda: calibrate(cfg, float(h.get("seconds", 0.3))), 120.0), b""
+
+    def cmd_shutdown(self, h, _):
+        self.stop.set()
+        threading.Timer(0.05, lambda: os._exit(0)).start()
+        return {}, b""
+
+    # ------------------------------------------------------------------ data plane: sockets
+    def _accept_data(self, srv: socket.socket) -> None:
+        while True:
+            conn, _ = srv.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._read_data, args=(conn,), daemon=True).start()
+
+    def _read_data(self, conn: socket.socket) -> None:
+        try:
+            src = P.check_hello(recv_frame(conn))
+            while True:
+                f = recv_frame(conn)
+                release = max(f.received_at, f.sent_at) + self.delays.get(src, 0.0)
+                self.inbox.put(("frame", src, f, release), release)
+        except (WireError, OSError, P.ProtocolError) as exc:
+            log.info("data connection closed: %s", exc)
+        finally:
+            conn.close()
+
+    def _send(self, dst: str, header: dict, payload: bytes = b"") -> int:
+        sock = self._out.get(dst)
+        if sock is None:
+            ip, port = self.peers[dst]
+            sock = connect(ip, port)
+            send_frame(sock, P.hello_frame(self.name))
+            self._out[dst] = sock
+        n = send_frame(sock, header, payload)
+        self.sent_bytes[dst] = self.sent_bytes.get(dst, 0) + n
+        return n
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            item = self.inbox.get()
+            try:
+                if item[0] == "task":
+                    _, fn, fut = item
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:
+                        fut.set_exception(exc)
+                elif item[0] == "local":
+                    self._on_act(item[1], item[2])
+                else:
+                    self._on_frame(item[1], item[2], item[3])
+            except Exception as exc:
+                log.error("worker: %s", traceback.format_exc())
+                self._report_failure(exc)
+
+    def _report_failure(self, exc: Exception) -> None:
+        """A token cannot finish: fail it here (source) or tell the source."""
+        src = self.placement.source if self.placement else None
+        if src is not None and src != self.name:
+            try:
+                self._send(src, {"type": "fail", "from": self.name, "message": f"{type(exc).__name__}: {exc}"})
+            except (OSError, WireError, KeyError):
+                pass
+            return
+        self._fail_tokens(RuntimeError(f"{self.name}: {type(exc).__name__}: {exc}"))
+
+    def _fail_tokens(self, exc: Exception) -> None:
+        for st in self.tokens.values():
+            if st.future is not None and not st.future.done():
+                st.future.set_exception(exc)
+
+    def _on_frame(self, src: str, f, release: float) -> None:
+        h = f.header
+        if f.type == "act":
+            cp = list(h["cp"])
+            cp[1] += release - f.sent_at
+            inp = Inp(P.tensor_from(h["shape"], f.payload), cp, release, h.get("tally", {}),
+                      {k: h[k] for k in ("groups",) if k in h})
+            self._on_act(h, inp)
+        elif f.type == "mig":
+            self._on_mig(src, h, f.payload)
+        elif f.type in ("mig_ack", "mig_nack"):
+            self._on_mig_answer(h)
+        elif f.type == "fail":
+            self._fail_tokens(RuntimeError(f"{h['from']}: {h['message']}"))
+        else:
+            raise P.ProtocolError(f"unexpected data frame {f.type!r} from {src}")
+
+    # ------------------------------------------------------------------ the token dataflow
+    def _emit(self, kind: str, dsts: list[str], layer: int, st: "TokenState", t: torch.Tensor, cp: list,
+              tally: dict, t_ready: float, **extra) -> None:
+        """Send one activation to each of ``dsts`` (distinct); the inherited tally rides on the first."""
+        shape, raw, seq = None, None, st.seq
+        extra["start_pos"] = st.start_pos
+        for i, dst in enumerate(dsts):
+            own = dict(tally) if i == 0 else {}
+            if dst == self.name:
+                inp = Inp(t, list(cp), time.time(), own, dict(extra))
+                self.inbox.put(("local", {"kind": kind, "seq": seq, "layer": layer, "start_pos": st.start_pos}, inp))
+                continue
+            if raw is None:
+                shape, raw = P.tensor_payload(t)
+            key = f"{self.name}->{dst}"
+            own[key] = own.get(key, 0) + len(raw)
+            c = [cp[0], cp[1], cp[2] + (time.time() - t_ready)]
+            self._send(dst, P.act_header(kind, seq, layer, self.pv, shape, c, own, **extra), raw)
+
+    def _token(self, h: dict) -> TokenState:
+        if h.get("pv", self.pv) != self.pv:
+            raise P.ProtocolError(f"activation of placement version {h.get('pv')}, agent has {self.pv}")
+        seq = int(h["seq"])
+        st = self.tokens.get(seq)
+        if st is None:
+            st = self.tokens[seq] = TokenState(seq, int(h.get("start_pos", 0)))
+            for old in [s for s in self.tokens if s < seq - 2]:
+                self.tokens.pop(old, None)
+        return st
+
+    def _start_token(self, h: dict, fut: Future) -> None:
+        st = TokenState(int(h["seq"]), int(h["start_pos"]), future=fut, t0=time.time())
+        self.tokens[st.seq] = st
+        ids = torch.tensor([h["ids"]], dtype=torch.long)
+        t0 = time.time()
+        x = self.store.embedder(ids, st.start_pos)  # (1, T, D)
+        t1 = time.time()
+        lp = self.placement.layers[0]
+        dsts = list(dict.fromkeys([lp.proj, *lp.heads]))
+        self._emit("x", dsts, 0, st, x, [t1 - t0, 0.0, 0.0], {}, t1)
+
+    def _on_act(self, h: dict, inp: Inp) -> None:
+        st = self._token(h)
+        if "start_pos" in h:
+            st.start_pos = int(h["start_pos"])
+        kind, l = h["kind"], int(h["layer"])
+        if kind == "x":
+            self._on_x(st, l, inp)
+        elif kind == "ho":
+            st.layer(l).heads.append(inp)
+            self._try_proj(st, l)
+        elif kind == "h":
+            self._on_h(st, l, inp)
+        elif kind == "part":
+            st.layer(l).parts.append(inp)
+            self._try_agg(st, l)
+        elif kind == "out":
+            self._finish(st, inp)
+
+    def _on_x(self, st: TokenState, l: int, inp: Inp) -> None:
+        lp = self.placement.layers[l]
+        ls = st.layer(l)
+        tally = inp.tally
+        if lp.proj == self.name:
+            ls.x, tally = inp, {}
+        shard = self.store.attn.get(l)
+        if shard is not None and shard.groups:
+            t0 = time.time()
+            out = shard(inp.t, st.start_pos)  # (1, T, |groups|·q·d)
+            t1 = time.time()
+            cp = [inp.cp[0] + t1 - t0, inp.cp[1], inp.cp[2] + max(0.0, t0 - inp.arrival)]
+            self._emit("ho", [lp.proj], l, st, out, cp, tally, t1, groups=list(shard.groups))
+        self._try_proj(st, l)
+
+    def _try_proj(self, st: TokenState, l: int) -> None:
+        ls = st.layer(l)
+        if ls.x is None or ls.h_sent:
+            return
+        n = sum(len(i.extra["groups"]) for i in ls.heads)
+        if n < self.store.cfg.n_groups:
+            return
+        ls.h_sent = True
+        cp, tally, arrival = _join([ls.x, *ls.heads])
+        t0 = time.time()
+        parts = [(i.extra["groups"], i.t) for i in ls.heads]
+        h = self.store.proj[l](assemble_head_outputs(self.store.cfg, parts), ls.x.t)  # (1, T, D)
+        t1 = time.time()
+        cp = [cp[0] + t1 - t0, cp[1], cp[2] + max(0.0, t0 - arrival)]
+        lp = self.placement.layers[l]
+        self._emit("h", list(dict.fromkeys(s.device for s in lp.ffn)), l, st, h, cp, tally, t1)
+
+    def _on_h(self, st: TokenState, l: int, inp: Inp) -> None:
+        lp = self.placement.layers[l]
+        agg = lp.ffn_aggregator
+        t0 = time.time()
+        partial = None
+        for shard in self.store.ffn.get(l, {}).values():
+            p = shard(inp.t)  # (1, T, D)
+            partial = p if partial is None else partial + p
+        t1 = time.time()
+        cp = [inp.cp[0] + t1 - t0, inp.cp[1], inp.cp[2] + max(0.0, t0 - inp.arrival)]
+        ls = st.layer(l)
+        if agg == self.name:
+            ls.h = Inp(inp.t, cp, t1, inp.tally)
+            ls.parts.append(Inp(partial, cp, t1, {}))
+            self._try_agg(st, l)
+        else:
+            self._emit("part", [agg], l, st, partial, cp, inp.tally, t1)
+
+    def _try_agg(self, st: TokenState, l: int) -> None:
+        ls = st.layer(l)
+        lp = self.placement.layers[l]
+        if ls.h is None or len(ls.parts) < len(set(s.device for s in lp.ffn)):
+            return
+        cp, tally, arrival = _join([ls.h, *ls.parts])
+        t0 = time.time()
+        x = ffn_combine([p.t for p in ls.parts], ls.h.t, self.store.ffn_bias[l])  # (1, T, D)
+        t1 = time.time()
+        cp = [cp[0] + t1 - t0, cp[1], cp[2] + max(0.0, t0 - arrival)]
+        st.layers.pop(l, None)
+        if l + 1 < len(self.placement.layers):
+            nxt = self.placement.layers[l + 1]
+            self._emit("x", list(dict.fromkeys([nxt.proj, *nxt.heads])), l + 1, st, x, cp, tally, t1)
+        else:
+            self._emit("out", [self.placement.source], l, st, x, cp, tally, t1)
+
+    def _finish(self, st: TokenState, inp: Inp) -> None:
+        t0 = time.time()
+        logits = self.store.lm_head(inp.t[:, -1:])  # (1, 1, V)
+        token = int(logits[0, -1].argmax())
+        t1 = time.time()
+        self.tokens.pop(st.seq, None)
+        latency = t1 - st.t0
+        compute = inp.cp[0] + (t1 - t0)
+        transfer = inp.cp[1]
+        if st.future is not None:
+            st.future.set_result({"token_id": token, "latency_s": latency, "compute_s": compute,
+                                  "transfer_s": transfer, "wait_s": max(0.0, latency - compute - transfer),
+                                  "path_wait_s": inp.cp[2] + max(0.0, t0 - inp.arrival),
+                                  "bytes_by_link": inp.tally, "bytes_moved": sum(inp.tally.values())})
+
+    # ------------------------------------------------------------------ migration
+    def _migrate_out(self, dst: str, items: list[dict], done: Future) -> None:
+        group = {"left": len(items), "bytes": 0, "done": done}
+        if not items:
+            done.set_result(0)
+            return
+        for item in items:
+            header, payload = self.store.export(item)
+            self._mig_id += 1
+            self.pending_mig[self._mig_id] = (item, done, group)
+            group["bytes"] += self._send(dst, {"type": "mig", "mig_id": self._mig_id, "item": item, "blk": header},
+                                         payload)
+
+    def _on_mig(self, src: str, h: dict, payload: bytes) -> None:
+        try:
+            block = self.store.import_(h["blk"], payload)
+            self._send(src, {"type": "mig_ack", "mig_id": h["mig_id"], "block": block})
+        except Exception as exc:
+            log.warning("refused migration from %s: %s", src, exc)
+            err = P.error_frame(h["mig_id"], exc)
+            err.update(type="mig_nack", mig_id=h["mig_id"])
+            self._send(src, err)
+
+    def _on_mig_answer(self, h: dict) -> None:
+        item, done, group = self.pending_mig.pop(int(h["mig_id"]))
+        if done.done():
+            return
+        if h["type"] == "mig_nack":
+            done.set_exception(BudgetError(h.get("message", "refused"), h.get("details", {}))
+                               if h.get("error") == "BudgetError" else RuntimeError(h.get("message")))
+            return
+        self.store.free(item)
+        group["left"] -= 1
+        if group["left"] == 0:
+            done.set_result(group["bytes"])
+
+
+def run_agent(cfg: dict) -> None:
+    """Entry point inside the forked child (already in the host's network namespace)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {cfg['name']} %(levelname)s %(message)s")
+    torch.set_num_threads(int(cfg.get("threads", 1)))
+    agent = Agent(cfg["name"], cfg["control_path"], int(cfg.get("data_port", DATA_PORT)), cfg.get("mem_dir"),
+                  cfg.get("mem_version"), cfg.get("model"))
+    log.info("config %s", json.dumps(cfg))
+    agent.serve()
+
+
+def calibrate(cfg, seconds: float = 0.3, context: int = 32) -> dict:
+    """FLOP/s of this agent, under its CPU cap, on decode-shaped work: one whole layer of ``cfg``
+    (all groups, W_o, all FFN columns) decoding one token at ``context``, built over the fork
+    server's shared weights (nothing is copied, so nothing is charged). FLOPs are counted as the
+    decode cost model counts them. Without a model: 256x256 matrix-vector products."""
+    from node_agent.model import AttentionShard, FfnShard, ProjBlock
+
+    if cfg is None or not hasattr(cfg, "n_groups"):
+        w, x = torch.randn(256, 256), torch.randn(1, 256)
+        step, flops = (lambda: torch.tanh(x @ w)), 2.0 * 256 * 256
+    else:
+        from node_agent.shards import _STATES
+
+        sd = next(s for c, s in _STATES.values() if c == cfg)
+        attn = AttentionShard(cfg, 0, list(range(cfg.n_groups)), sd, share_storage=True)
+        proj, ffn = ProjBlock(cfg, 0, sd), FfnShard(cfg, 0, 0, cfg.ffn_dim, sd, share_storage=True)
+        attn(torch.randn(1, context, cfg.d_model), 0)
+        x = torch.randn(1, 1, cfg.d_model)
+
+        def step():
+            h = proj(attn(x, context), x)
+            return ffn(h)
+        q, d, D = cfg.q_per_group, cfg.head_dim, cfg.d_model
+        mats = 3 if cfg.arch == "llama" else 2
+        flops = (cfg.n_groups * (2.0 * (q + 2) * D * d + 4.0 * q * d * (context + 1))
+                 + 2.0 * D * cfg.q_dim + 2.0 * mats * D * cfg.ffn_dim)
+    for _ in range(3):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        step()
+        n += 1
+        el = time.perf_counter() - t0
+        if el >= seconds:
+            break
+    return {"flops_per_s": flops * n / el, "iterations": n, "seconds": el,
+            "work": "decode layer" if cfg is not None else "gemv 256"}

@@ -1,0 +1,329 @@
+"""The agent's block store: the model blocks one host holds, built over node_agent.model's block
+classes, with a memory budget read from the host's cgroup.
+
+Blocks are built from the full state dict of the model, which the fork server loaded once before
+forking (``preload``): children share those pages copy-on-write, so they are charged to the fork
+server, and every block here COPIES its slice (norms and W_o included), so a host's cgroup is
+charged exactly for the blocks it holds. Migration moves blocks as ``node_agent.serialize``
+payloads: a KV group (weights + cache), a projection, or a column piece of an FFN shard; pieces are
+assembled into the new shards when the new placement is applied.
+
+Every load or import is checked against ``Budget`` first and refused with ``BudgetError`` (bytes
+needed vs available) instead of letting the kernel OOM-kill the agent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from node_agent.model import (AttentionShard, Embedder, FfnShard, LMHead, ModelConfig, ProjBlock, ShardError,
+                              load_state, prepare_state_dict)
+from node_agent.serialize import tensors_from_bytes, tensors_to_bytes
+from testbed.placement import Placement
+
+MIB = 1 << 20
+_STATES: dict[tuple[str, int], tuple[ModelConfig, dict]] = {}
+
+
+class BudgetError(Exception):
+    """A load or import would exceed the host's memory limit."""
+
+    def __init__(self, message: str, details: dict):
+        super().__init__(message)
+        self.details = details
+
+
+def preload(arg: str, seed: int = 0) -> ModelConfig:
+    """Load (once per process) the full state dict; the fork server calls this before forking."""
+    key = (str(arg), int(seed))
+    if key not in _STATES:
+        cfg, sd = load_state(arg, seed)
+        _STATES[key] = (cfg, prepare_state_dict(sd))
+    return _STATES[key][0]
+
+
+def model_state(arg: str, seed: int = 0) -> tuple[ModelConfig, dict]:
+    preload(arg, seed)
+    return _STATES[(str(arg), int(seed))]
+
+
+# ---------------------------------------------------------------------------- memory budget
+class Budget:
+    """Reads the host cgroup's limit and usage (v1 or v2 memory directory); no dir = unlimited."""
+
+    def __init__(self, host: str, mem_dir: str | None, version: str | None, margin_bytes: int = 2 * MIB):
+        self.host, self.dir, self.version, self.margin = host, Path(mem_dir) if mem_dir else None, version, margin_bytes
+
+    def read(self) -> tuple[int, int]:
+        """(limit_bytes, usage_bytes); limit -1 when unlimited."""
+        if self.dir is None:
+            return -1, rss_bytes()
+        if self.version == "v1":
+            limit = int((self.dir / "memory.limit_in_bytes").read_text())
+            return (limit if limit < (1 << 60) else -1), int((self.dir / "memory.usage_in_bytes").read_text())
+        text = (self.dir / "memory.max").read_text().strip()
+        return (-1 if text == "max" else int(text)), int((self.dir / "memory.current").read_text())
+
+    def available(self) -> int:
+        limit, usage = self.read()
+        return 1 << 62 if limit < 0 else limit - usage - self.margin
+
+    def check(self, needed: int, what: str) -> None:
+        limit, usage = self.read()
+        if limit < 0:
+            return
+        avail = limit - usage - self.margin
+        if needed > avail:
+            raise BudgetError(
+                f"{self.host}: {what} needs {needed} B but only {max(avail, 0)} B are available "
+                f"(limit {limit} B, usage {usage} B, margin {self.margin} B)",
+                {"host": self.host, "needed_bytes": needed, "available_bytes": avail, "limit_bytes": limit,
+                 "usage_bytes": usage})
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clone()  # preserves the (gemv) layout
+
+
+# ---------------------------------------------------------------------------- the store
+class BlockStore:
+    """Blocks of one host: attention shards, projections, FFN shards, and the source blocks."""
+
+    def __init__(self, host: str, model_arg: str, seed: int, budget: Budget):
+        self.host, self.budget = host, budget
+        self.cfg, self._sd = model_state(model_arg, seed)
+        self.attn: dict[int, AttentionShard] = {}
+        self.proj: dict[int, ProjBlock] = {}
+        self.ffn: dict[int, dict[tuple[int, int], FfnShard]] = {}
+        self.embedder: Embedder | None = None
+        self.lm_head: LMHead | None = None
+        self.pending: dict[int, list[tuple[int, int, dict[str, Tensor]]]] = {}
+        L = self.cfg.n_layers
+        self.ffn_bias = [_c(self._sd.get(f"layers.{l}.w_down.bias")) for l in range(L)]
+
+    # ---- building from the full state -------------------------------------------------------
+    def _norms(self, l: int, name: str) -> dict[str, Tensor]:
+        p = f"layers.{l}.{name}."
+        return {p + k: self._sd[p + k].clone() for k in ("weight", "bias") if p + k in self._sd}
+
+    def _estimate(self, placement: Placement) -> int:
+        cfg, p = self.cfg, self.cfg.bytes_per_param
+        rows = (cfg.q_per_group + 2) * cfg.head_dim
+        total = 0
+        for lp in placement.layers:
+            total += lp.heads.count(self.host) * rows * (cfg.d_model + 1) * p
+            total += (cfg.d_model * cfg.q_dim + cfg.d_model) * p if lp.proj == self.host else 0
+            mats = 3 if cfg.arch == "llama" else 2
+            total += sum((s.col_end - s.col_start) * (mats * cfg.d_model + 1) * p for s in lp.ffn if s.device == self.host)
+        if placement.source == self.host:
+            total += _nbytes([self._sd["embed.tok"], self._sd.get("embed.pos"), self._sd.get("lm_head.weight")])
+        return total
+
+    def load(self, placement: Placement) -> dict[str, int]:
+        """Build exactly the blocks ``placement`` assigns to this host (after dropping all)."""
+        self.drop_all()
+        need = self._estimate(placement)
+        self.budget.check(need, f"loading {need} B of blocks")
+        sd = self._sd
+        for l, lp in enumerate(placement.layers):
+            groups = lp.groups_on(self.host)
+            if groups:
+                self.attn[l] = AttentionShard(self.cfg, l, groups, {**sd, **self._norms(l, "attn_norm")})
+            if lp.proj == self.host:
+                p = f"layers.{l}.wo."
+                self.proj[l] = ProjBlock(self.cfg, l, {p + "weight": sd[p + "weight"].clone(),
+                                                       **({p + "bias": sd[p + "bias"].clone()} if p + "bias" in sd else {})})
+            for s in lp.ffn:
+                if s.device == self.host:
+                    self.ffn.setdefault(l, {})[(s.col_start, s.col_end)] = FfnShard(
+                        self.cfg, l, s.col_start, s.col_end, {**sd, **self._norms(l, "ffn_norm")})
+        if placement.source == self.host:
+            self._load_source()
+        return self.block_bytes()
+
+    def _load_source(self) -> None:
+        keys = ("embed.tok", "embed.pos", "final_norm.weight", "final_norm.bias", "lm_head.weight")
+        own = {k: self._sd[k].clone() for k in keys if k in self._sd}
+        self.lm_head = LMHead(self.cfg, own)
+        tok = self.lm_head.w if self.cfg.tie_embeddings else own["embed.tok"]
+        self.embedder = Embedder(self.cfg, {**own, "embed.tok": tok})
+
+    def drop_all(self) -> None:
+        self.attn.clear(), self.proj.clear(), self.ffn.clear(), self.pending.clear()
+        self.embedder = self.lm_head = None
+
+    # ---- accounting -------------------------------------------------------------------------
+    def block_bytes(self) -> dict[str, int]:
+        """Bytes per placement block id held here (weights + KV); source blocks as ``source``."""
+        out: dict[str, int] = {}
+        for l, a in self.attn.items():
+            n = max(1, len(a.groups))
+            for g in a.groups:
+                out[f"L{l}.H{g}"] = (a.nbytes_weights() + a.nbytes_kv()) // n
+        for l, b in self.proj.items():
+            out[f"L{l}.proj"] = _nbytes(b.weight_tensors())
+        for l, shards in self.ffn.items():
+            for (c0, c1), s in shards.items():
+                out[f"L{l}.ffn{c0}-{c1}"] = _nbytes(s.weight_tensors())
+        if self.lm_head is not None:
+            ts = {id(t): t for t in self.lm_head.weight_tensors() + self.embedder.weight_tensors()}
+            out["source"] = _nbytes(ts.values())
+        return out
+
+    def kv_bytes(self) -> int:
+        return sum(a.nbytes_kv() for a in self.attn.values())
+
+    # ---- migration: export ------------------------------------------------------------------
+    def export(self, item: dict) -> tuple[dict, bytes]:
+        """Serialize one migrating item: {kind: head, layer, group} | {kind: proj, layer} |
+        {kind: ffn, layer, c0, c1} (a column piece lying inside one local shard)."""
+        l, kind = int(item["layer"]), item["kind"]
+        if kind == "head":
+            if l not in self.attn:
+                raise ShardError(f"{self.host}: no attention shard of layer {l}")
+            return self.attn[l].export_group(int(item["group"]))
+        if kind == "proj":
+            if l not in self.proj:
+                raise ShardError(f"{self.host}: no projection of layer {l}")
+            b = self.proj[l]
+            return tensors_to_bytes({k: v for k, v in (("wo", b.wo), ("bo", b.bo)) if v is not None},
+                                    {"kind": "proj", "layer": l})
+        if kind == "ffn":
+            c0, c1 = int(item["c0"]), int(item["c1"])
+            s = self._ffn_covering(l, c0, c1)
+            return tensors_to_bytes(self._ffn_piece(s, c0, c1), {"kind": "ffn_piece", "layer": l, "c0": c0, "c1": c1})
+        raise ShardError(f"unknown block kind {kind!r}")
+
+    def _ffn_covering(self, l: int, c0: int, c1: int) -> FfnShard:
+        for (a, b), s in self.ffn.get(l, {}).items():
+            if a <= c0 and c1 <= b:
+                return s
+        raise ShardError(f"{self.host}: no FFN shard of layer {l} covers columns [{c0}, {c1})")
+
+    @staticmethod
+    def _ffn_piece(s: FfnShard, c0: int, c1: int) -> dict[str, Tensor]:
+        a, b = c0 - s.col_start, c1 - s.col_start
+        t = {"norm_w": s.norm_w, "w_up": s.w_up[a:b], "w_down": s.w_down[:, a:b]}
+        for k, v in (("norm_b", s.norm_b), ("b_up", None if s.b_up is None else s.b_up[a:b]),
+                     ("w_gate", None if s.w_gate is None else s.w_gate[a:b])):
+            if v is not None:
+                t[k] = v
+        return t
+
+    def free(self, item: dict) -> None:
+        """Drop a block that was handed over (FFN pieces are dropped when the placement applies)."""
+        l = int(item["layer"])
+        if item["kind"] == "head" and l in self.attn:
+            self.attn[l].remove_group(int(item["group"]))
+            if not self.attn[l].groups:
+                del self.attn[l]
+        elif item["kind"] == "proj":
+            self.proj.pop(l, None)
+
+    # ---- migration: import ------------------------------------------------------------------
+    def import_needed(self, header: dict, payload_len: int) -> int:
+        """Bytes an import will allocate at its peak (decode copies + concatenation)."""
+        meta = header.get("meta", {})
+        extra = 0
+        if meta.get("kind") == "kv_group" and int(meta["layer"]) in self.attn:
+            a = self.attn[int(meta["layer"])]
+            extra = a.nbytes_weights() + a.cache.nbytes_allocated()
+        return 3 * payload_len + extra
+
+    def import_(self, header: dict, payload: bytes) -> str:
+        meta = header.get("meta", {})
+        kind, l = meta.get("kind"), int(meta.get("layer", -1))
+        self.budget.check(self.import_needed(header, len(payload)), f"importing {kind} of layer {l} ({len(payload)} B)")
+        if kind == "kv_group":
+            if l in self.attn:
+                self.attn[l].import_group(header, payload)
+            else:
+                self.attn[l] = AttentionShard.from_export(self.cfg, header, payload)
+            return f"L{l}.H{meta['group']}"
+        t = tensors_from_bytes(header, payload)
+        if kind == "proj":
+            p = f"layers.{l}.wo."
+            self.proj[l] = ProjBlock(self.cfg, l, {p + "weight": t["wo"], **({p + "bias": t["bo"]} if "bo" in t else {})})
+            return f"L{l}.proj"
+        if kind == "ffn_piece":
+            self.pending.setdefault(l, []).append((int(meta["c0"]), int(meta["c1"]), t))
+            return f"L{l}.ffn{meta['c0']}-{meta['c1']}"
+        raise ShardError(f"cannot import block kind {kind!r}")
+
+    # ---- switching to a new placement -------------------------------------------------------
+    def apply(self, placement: Placement) -> None:
+        """Keep exactly what ``placement`` assigns here: assemble new FFN shards, drop the rest."""
+        for l, lp in enumerate(placement.layers):
+            mine = set(lp.groups_on(self.host))
+            a = self.attn.get(l)
+            have = set(a.groups) if a else set()
+            if mine - have:
+                raise ShardError(f"{self.host}: layer {l} groups {sorted(mine - have)} were never received")
+            for g in have - mine:
+                a.remove_group(g)
+            if a is not None and not a.groups:
+                del self.attn[l]
+            if lp.proj == self.host and l not in self.proj:
+                raise ShardError(f"{self.host}: projection of layer {l} was never received")
+            if lp.proj != self.host:
+                self.proj.pop(l, None)
+            self._apply_ffn(l, [(s.col_start, s.col_end) for s in lp.ffn if s.device == self.host])
+        self.pending.clear()
+        if placement.source != self.host:
+            self.embedder = self.lm_head = None
+
+    def _apply_ffn(self, l: int, wanted: list[tuple[int, int]]) -> None:
+        old = self.ffn.get(l, {})
+        new: dict[tuple[int, int], FfnShard] = {}
+        for c0, c1 in wanted:
+            new[(c0, c1)] = old[(c0, c1)] if (c0, c1) in old else self._assemble(l, c0, c1, old)
+        if new:
+            self.ffn[l] = new
+        else:
+            self.ffn.pop(l, None)
+
+    def _assemble(self, l: int, c0: int, c1: int, old: dict[tuple[int, int], FfnShard]) -> FfnShard:
+        pieces = [(a, b, t) for a, b, t in self.pending.get(l, []) if c0 <= a and b <= c1]
+        for (a, b), s in old.items():
+            lo, hi = max(a, c0), min(b, c1)
+            if lo < hi and not any(pa <= lo < pb for pa, pb, _ in pieces):
+                pieces.append((lo, hi, self._ffn_piece(s, lo, hi)))
+        pieces.sort(key=lambda x: x[0])
+        pos = c0
+        for a, b, _ in pieces:
+            if a != pos:
+                raise ShardError(f"{self.host}: layer {l} FFN columns [{c0}, {c1}) incomplete at {pos}")
+            pos = b
+        if pos != c1:
+            raise ShardError(f"{self.host}: layer {l} FFN columns [{c0}, {c1}) incomplete at {pos}")
+        ts = [t for _, _, t in pieces]
+        p = f"layers.{l}."
+        w = {p + "ffn_norm.weight": ts[0]["norm_w"].clone(), p + "w_up.weight": torch.cat([t["w_up"] for t in ts]),
+             p + "w_down.weight": torch.cat([t["w_down"] for t in ts], dim=1)}
+        if "norm_b" in ts[0]:
+            w[p + "ffn_norm.bias"] = ts[0]["norm_b"].clone()
+        if "b_up" in ts[0]:
+            w[p + "w_up.bias"] = torch.cat([t["b_up"] for t in ts])
+        if "w_gate" in ts[0]:
+            w[p + "w_gate.weight"] = torch.cat([t["w_gate"] for t in ts])
+        shard = FfnShard(self.cfg, l, 0, c1 - c0, w)
+        shard.col_start, shard.col_end = c0, c1  # built from the piece, then labelled with its columns
+        return shard
+
+    def state_summary(self) -> dict[str, Any]:
+        return {"blocks": self.block_bytes(), "kv_bytes": self.kv_bytes(), "pid": os.getpid()}
