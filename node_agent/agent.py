@@ -200,7 +200,7 @@ class Agent:
             blocks = self.store.load(placement)
             self.placement, self.pv = placement, int(h["pv"])
             return blocks
-        return {"blocks": self._on_worker(run, h.get("timeout_s", 120.0))}, b""
+        return {"blocks": self._on_worker(run, 300.0)}, b""
 
     def cmd_set_placement(self, h, _):
         placement = Placement.from_json(h["placement"])
@@ -230,16 +230,17 @@ class Agent:
                 fut.set_exception(exc)
         self.inbox.put(("task", start, Future()))
         try:
-            rec = fut.result(timeout=float(h.get("timeout_s", 60.0)))
+            rec = fut.result(timeout=float(h.get("token_timeout_s", 60.0)))
         except TimeoutError:
-            raise TimeoutError(f"{self.name}: token {h['seq']} not finished within {h.get('timeout_s', 60.0)} s") from None
+            raise TimeoutError(f"{self.name}: token {h['seq']} not finished within "
+                               f"{h.get('token_timeout_s', 60.0)} s") from None
         return rec, b""
 
     def cmd_migrate_out(self, h, _):
         done: Future = Future()
         t0 = time.time()
         self._on_worker(lambda: self._migrate_out(h["dst"], h["items"], done))
-        nbytes = done.result(timeout=float(h.get("timeout_s", 300.0)))
+        nbytes = done.result(timeout=float(h.get("mig_timeout_s", 300.0)))
         return {"bytes": nbytes, "duration_s": time.time() - t0}, b""
 
     def cmd_stats(self, h, _):
@@ -257,6 +258,11 @@ class Agent:
     def cmd_calibrate(self, h, _):
         cfg = self.store.cfg if self.store is not None else None
         return self._on_worker(lambda: calibrate(cfg, float(h.get("seconds", 0.3))), 120.0), b""
+
+    def cmd_debug_alloc(self, h, _):
+        """Test hook: allocate and touch ``nbytes`` WITHOUT the budget check (provokes a real OOM kill)."""
+        self._ballast = getattr(self, "_ballast", []) + [torch.ones(int(h["nbytes"]) // 4)]
+        return {"held_bytes": sum(t.numel() * 4 for t in self._ballast)}, b""
 
     def cmd_shutdown(self, h, _):
         self.stop.set()
@@ -476,6 +482,7 @@ class Agent:
         t0 = time.time()
         logits = self.store.lm_head(inp.t[:, -1:])  # (1, 1, V)
         token = int(logits[0, -1].argmax())
+        top = torch.topk(logits[0, -1], 5)
         t1 = time.time()
         self.tokens.pop(st.seq, None)
         latency = t1 - st.t0
@@ -485,7 +492,8 @@ class Agent:
             st.future.set_result({"token_id": token, "latency_s": latency, "compute_s": compute,
                                   "transfer_s": transfer, "wait_s": max(0.0, latency - compute - transfer),
                                   "path_wait_s": inp.cp[2] + max(0.0, t0 - inp.arrival),
-                                  "bytes_by_link": inp.tally, "bytes_moved": sum(inp.tally.values())})
+                                  "bytes_by_link": inp.tally, "bytes_moved": sum(inp.tally.values()),
+                                  "top_ids": top.indices.tolist(), "top_logits": top.values.tolist()})
 
     # ------------------------------------------------------------------ migration
     def _migrate_out(self, dst: str, items: list[dict], done: Future) -> None:

@@ -1,0 +1,335 @@
+"""``EmulatedCluster``: the ``Cluster`` protocol on a live emulated network with real node agents.
+
+Combines ``testbed.network.EmulatedNetwork`` (hosts, shaped links, per-host cgroups, transport
+delay table), ``testbed.agents.AgentPool`` (one forked agent per host, controlled over Unix
+sockets) and the agents' data plane (TCP over the emulated links). Everything ``snapshot`` reports
+is measured: memory limits and the idle agent's charge from the cgroups, FLOP/s by a calibration
+run inside each agent under its CPU cap (re-run when the cap changes), path rates read back from
+tc (bottleneck over the routed hops), path latency from the delay in force.
+
+Failures that are *results* become ``AlgorithmFailure``: a refused load/import (bytes needed vs
+available), an OOM-killed or killed agent holding blocks, a token or migration that cannot finish
+(e.g. a link taken down). After such a failure the next ``reset`` respawns the agents.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from node_agent import protocol as P
+from testbed.agents import AgentCallError, AgentPool
+from testbed.cgroups import CgroupError
+from testbed.cleanup import Manifest
+from testbed.cluster import AlgorithmFailure, ClusterError, MigrationRecord, TokenRecord
+from testbed.placement import Placement, moved_blocks
+from testbed.snapshot import ClusterSnapshot, DeviceState, LinkState
+from testbed.specs import TopologySpec
+
+MIB = 1 << 20
+
+
+def migration_items(old: Placement, new: Placement) -> dict[tuple[str, str], list[dict]]:
+    """What each (sender, receiver) pair must ship to go from ``old`` to ``new``: KV groups,
+    projections, and FFN column pieces (a new shard is assembled from the old shards it overlaps)."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for l, (a, b) in enumerate(zip(old.layers, new.layers)):
+        for g, (da, db) in enumerate(zip(a.heads, b.heads)):
+            if da != db:
+                out.setdefault((da, db), []).append({"kind": "head", "layer": l, "group": g})
+        if a.proj != b.proj:
+            out.setdefault((a.proj, b.proj), []).append({"kind": "proj", "layer": l})
+        old_set = set(a.ffn)
+        for s in b.ffn:
+            if s in old_set:
+                continue
+            for o in a.ffn:
+                lo, hi = max(o.col_start, s.col_start), min(o.col_end, s.col_end)
+                if lo < hi and o.device != s.device:
+                    out.setdefault((o.device, s.device), []).append({"kind": "ffn", "layer": l, "c0": lo, "c1": hi})
+    return out
+
+
+class EmulatedCluster:
+    """See the module docstring. ``model_ref``: a ``testbed.modelref.ModelRef`` or a registry name."""
+
+    def __init__(self, topology: TopologySpec, model_ref, run_dir, manifest: Manifest | None = None, *,
+                 network=None, run_id: str | None = None, seed: int = 0, token_timeout_s: float = 30.0,
+                 calibrate_s: float = 0.3, threads: int = 1, runtime_slack_bytes: int = 4 * MIB):
+        self.topology, self.run_dir = topology, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.manifest = manifest or Manifest(self.run_dir / "resources.jsonl")
+        arg = model_ref if isinstance(model_ref, str) else model_ref.load_arg
+        seed = seed if isinstance(model_ref, str) else model_ref.seed
+        self.model = {"arg": arg, "seed": int(seed)}
+        self.token_timeout_s, self.calibrate_s, self.slack = token_timeout_s, calibrate_s, runtime_slack_bytes
+        self._own_net = network is None
+        self.pool = None
+        if network is None:
+            from testbed.network import EmulatedNetwork
+
+            network = EmulatedNetwork(topology, run_id or f"ec{uuid.uuid4().hex[:6]}", self.manifest,
+                                      delay_consumer="wire")
+            network.start()
+        self.net = network
+        try:
+            self.pool = AgentPool(self.net, self.manifest, self.run_dir, self.model, threads=threads)
+            self.pool.start()
+            self.flops: dict[str, float] = {}
+            self.baseline: dict[str, int] = {}
+            for h in self.hosts():
+                self._calibrate(h)
+            self._rates: dict[tuple[str, str], float] = {}
+            for link in topology.links:
+                self._read_rates(link.a, link.b)
+        except BaseException:
+            self.close()
+            raise
+        self.placement: Placement | None = None
+        self.context_len, self.seq, self.pv = 0, 0, 0
+        self.dirty = False
+        self._changed_links: set[tuple[str, str]] = set()
+        self._changed_hosts: set[str] = set()
+        self._oom_seen = {h: self._cg(h).oom_kills() for h in self.hosts()}
+
+    # ------------------------------------------------------------------ measurement
+    def _cg(self, host: str):
+        return self.net.cgroups[host]
+
+    def _calibrate(self, host: str) -> None:
+        r = self.pool.call(host, "calibrate", 60.0, seconds=self.calibrate_s)
+        self.flops[host] = float(r["flops_per_s"])
+        self.baseline[host] = self._cg(host).usage_bytes()
+
+    def _read_rates(self, a: str, b: str) -> dict:
+        back = self.net.read_link(a, b)
+        for u, v in ((a, b), (b, a)):
+            self._rates[(u, v)] = back[f"{u}->{v}"]["bandwidth_mbps"] * 1e6 / 8.0
+        return back
+
+    def _path_state(self, a: str, b: str) -> LinkState:
+        hops = self.net.path(a, b)
+        up = all(self.net._live(u, v).up for u, v in hops)
+        rate = min(self._rates[(u, v)] for u, v in hops)
+        return LinkState(rate, self.net.one_way_delay_s(a, b), up=up)
+
+    def hosts(self) -> list[str]:
+        return [h.name for h in self.topology.hosts]
+
+    def snapshot(self, context_len: int, tokens_until_next_decision: int) -> ClusterSnapshot:
+        dead = self.pool.dead()
+        devices = tuple(
+            DeviceState(h.name, self._cg(h.name).memory_limit(), self.baseline[h.name] + self.slack,
+                        self.flops[h.name], h.source, h.name not in dead)
+            for h in self.topology.hosts)
+        names = self.hosts()
+        paths = {(a, b): self._path_state(a, b) for a in names for b in names if a != b}
+        return ClusterSnapshot(devices, paths, context_len, tokens_until_next_decision, self.placement)
+
+    def peak_mem_bytes(self) -> dict[str, int]:
+        return {h: self._cg(h).peak_bytes() for h in self.hosts()}
+
+    # ------------------------------------------------------------------ scenario changes
+    def apply_link(self, a: str, b: str, *, bandwidth_mbps: float | None = None, delay_ms: float | None = None,
+                   loss_pct: float | None = None, up: bool | None = None) -> dict:
+        link = self.net._live(a, b)
+        before = dict(link.state[a], up=link.up)
+        self.net.set_link(a, b, bandwidth_mbps=bandwidth_mbps, delay_ms=delay_ms, loss_pct=loss_pct, up=up)
+        self._changed_links.add((a, b))
+        back = self._read_rates(a, b)
+        if delay_ms is not None:
+            self.pool.push_delays()
+        return {**back, "before": before}
+
+    def set_host_limits(self, host: str, *, mem_limit_mib: float | None = None,
+                        cpu_cores: float | None = None) -> dict:
+        g = self._cg(host)
+        before = {"mem_limit_mib": g.memory_limit() / MIB, "cpu_cores": g.cpu_cores()}
+        self._changed_hosts.add(host)
+        try:
+            stats = self.net.set_host_limits(host, mem_limit_mib=mem_limit_mib, cpu_cores=cpu_cores)
+        except CgroupError as exc:
+            raise AlgorithmFailure(f"memory limit of {host} cannot drop to {mem_limit_mib} MiB: {exc}") from None
+        if cpu_cores is not None:
+            self.flops[host] = float(self.pool.call(host, "calibrate", 60.0, seconds=self.calibrate_s)["flops_per_s"])
+        return {**stats, "flops_per_s": self.flops[host], "before": before}
+
+    def kill_agent(self, host: str) -> None:
+        self.pool.kill(self.pool.agents[host])
+
+    # ------------------------------------------------------------------ failures
+    def _failure(self) -> str | None:
+        """A description of a dead agent that holds blocks (OOM kill or killed), else None."""
+        used = self.placement.devices() if self.placement else set(self.hosts())
+        dead = {h: rc for h, rc in self.pool.dead().items() if h in used}
+        if not dead:
+            return None
+        host, rc = next(iter(dead.items()))
+        st = self._cg(host).stats()
+        oom = st["oom_kills"] > self._oom_seen.get(host, 0)
+        what = "OOM-killed" if oom else "killed"
+        return (f"agent on {host} was {what} (returncode {rc}, oom_kill {st['oom_kills']}); cgroup usage "
+                f"{st['usage_bytes']} B, peak {st['peak_bytes']} B, limit {st['memory_limit_bytes']} B")
+
+    def _watchdog(self) -> None:
+        msg = self._failure()
+        if msg:
+            self.dirty = True
+            raise AlgorithmFailure(msg)
+
+    def _guard(self, what: str, fn):
+        try:
+            return fn()
+        except P.RemoteError as exc:
+            if exc.error == "BudgetError":
+                raise AlgorithmFailure(f"{what} refused: {exc.message}") from None
+            self.dirty = True
+            msg = self._failure()
+            if msg or exc.error in ("TimeoutError", "RuntimeError"):
+                raise AlgorithmFailure(f"{what}: {msg or exc.message}") from None
+            raise ClusterError(f"{what}: {exc}") from None
+        except (AgentCallError, P.CallTimeout) as exc:
+            self.dirty = True
+            raise AlgorithmFailure(f"{what}: {self._failure() or exc}") from None
+
+    def _check_paths(self, placement: Placement) -> None:
+        devs = sorted(placement.devices())
+        for a in devs:
+            for b in devs:
+                if a != b and not self._path_state(a, b).up:
+                    raise AlgorithmFailure(f"placement needs {a}->{b} but that path is down")
+        self._watchdog()
+
+    # ------------------------------------------------------------------ tokens
+    def load(self, placement: Placement, prompt_ids: list[int]) -> TokenRecord:
+        cfg = self.pool.config
+        placement.validate(cfg["n_layers"], cfg["n_kv_heads"], cfg["ffn_dim"])
+        unknown = placement.devices() - set(self.hosts())
+        if unknown:
+            raise ClusterError(f"placement uses unknown hosts {sorted(unknown)}")
+        self.placement, self.pv = placement, self.pv + 1
+        self._check_paths(placement)
+        pj = placement.to_json()
+        self._guard("load", lambda: self.pool.each(lambda h: self.pool.call(h, "load", 300.0, placement=pj,
+                                                                            pv=self.pv)))
+        self.context_len = 0
+        return self._forward(list(prompt_ids))
+
+    def step(self, token_id: int) -> TokenRecord:
+        if self.placement is None:
+            raise ClusterError("step() before load()")
+        self._check_paths(self.placement)
+        return self._forward([int(token_id)])
+
+    def _forward(self, ids: list[int]) -> TokenRecord:
+        self.seq += 1
+        r = self._guard(f"token {self.seq}", lambda: self.pool.call(
+            self.placement.source, "forward", self.token_timeout_s + 10.0, self._watchdog, ids=ids,
+            start_pos=self.context_len, seq=self.seq, token_timeout_s=self.token_timeout_s))
+        self.context_len += len(ids)
+        self.last_reply = r
+        return TokenRecord(int(r["token_id"]), r["latency_s"], r["compute_s"], r["transfer_s"], r["wait_s"],
+                           int(r["bytes_moved"]), dict(r["bytes_by_link"]))
+
+    # ------------------------------------------------------------------ migration
+    def _precheck(self, items: dict[tuple[str, str], list[dict]]) -> None:
+        """Refuse before sending when a receiver cannot hold what it is about to receive."""
+        sizes: dict[str, dict[str, int]] = {}
+        for src in {s for s, _ in items}:
+            sizes[src] = self.pool.call(src, "stats", 30.0)["blocks"]
+        incoming: dict[str, int] = {}
+        for (src, dst), its in items.items():
+            for it in its:
+                incoming[dst] = incoming.get(dst, 0) + _item_bytes(it, sizes[src])
+        for dst, nbytes in incoming.items():
+            avail = self.pool.call(dst, "budget", 30.0)["available_bytes"]
+            if 2 * nbytes > avail:
+                raise AlgorithmFailure(f"migration refused: {dst} would receive {nbytes} B (needs {2 * nbytes} B "
+                                       f"while importing) but has {avail} B available")
+
+    def migrate(self, new: Placement) -> MigrationRecord:
+        if self.placement is None:
+            raise ClusterError("migrate() before load()")
+        cfg = self.pool.config
+        new.validate(cfg["n_layers"], cfg["n_kv_heads"], cfg["ffn_dim"])
+        self._check_paths(new)
+        items = migration_items(self.placement, new)
+        self._precheck(items)
+        t0 = time.time()
+        by_src: dict[str, list[tuple[str, list[dict]]]] = {}
+        for (src, dst), its in items.items():
+            by_src.setdefault(src, []).append((dst, its))
+
+        def send_all(src: str) -> int:
+            return sum(self.pool.call(src, "migrate_out", 330.0, self._watchdog, dst=dst, items=its,
+                                      mig_timeout_s=300.0)["bytes"] for dst, its in by_src[src])
+        sent = self._guard("migration", lambda: self.pool.each(send_all, list(by_src)))
+        self.pv += 1
+        pj = new.to_json()
+        self._guard("switching placement", lambda: self.pool.each(
+            lambda h: self.pool.call(h, "set_placement", 120.0, placement=pj, pv=self.pv)))
+        old, self.placement = self.placement, new
+        return MigrationRecord(time.time() - t0, int(sum(sent.values())), moved_blocks(old, new))
+
+    # ------------------------------------------------------------------ reset / close
+    def reset(self) -> None:
+        if self.dirty or self.pool.dead():
+            for h in self.hosts():
+                self.pool.respawn(h)
+            self.pool.configure_all()
+            self.dirty = False
+        else:
+            self.pool.each(lambda h: self.pool.call(h, "drop", 60.0))
+        for a, b in sorted(self._changed_links):
+            spec = self.topology.find_link(a, b)
+            for src in (spec.a, spec.b):
+                d = spec.direction(src)
+                self.net.set_link(spec.a, spec.b, bandwidth_mbps=d.bandwidth_mbps, delay_ms=d.delay_ms,
+                                  loss_pct=d.loss_pct, direction=src)
+            self.net.set_link(spec.a, spec.b, up=True)
+            self._read_rates(spec.a, spec.b)
+        if self._changed_links:
+            self.pool.push_delays()
+        for h in sorted(self._changed_hosts):
+            spec = self.topology.host(h)
+            self.net.set_host_limits(h, mem_limit_mib=spec.mem_limit_mib, cpu_cores=spec.cpu_cores)
+            self._calibrate(h)
+        self._changed_links, self._changed_hosts = set(), set()
+        for h in self.hosts():
+            self._cg(h).reset_peak()
+        self._oom_seen = {h: self._cg(h).oom_kills() for h in self.hosts()}
+        self.placement, self.context_len = None, 0
+
+    def close(self) -> None:
+        try:
+            if self.pool is not None:
+                self.pool.close()
+        finally:
+            self.pool = None
+            if self._own_net:
+                self.net.stop()
+
+
+def _item_bytes(item: dict, sizes: dict[str, int]) -> int:
+    l = item["layer"]
+    if item["kind"] == "head":
+        return sizes.get(f"L{l}.H{item['group']}", 0)
+    if item["kind"] == "proj":
+        return sizes.get(f"L{l}.proj", 0)
+    for key, n in sizes.items():
+        if key.startswith(f"L{l}.ffn"):
+            c0, c1 = (int(x) for x in key[len(f"L{l}.ffn"):].split("-"))
+            if c0 <= item["c0"] and item["c1"] <= c1:
+                return n * (item["c1"] - item["c0"]) // (c1 - c0)
+    return 0
+
+
+def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None) -> EmulatedCluster:
+    """What ``testbed.runner`` builds for ``backend: emulated`` (manifest in the run directory)."""
+    run_dir = Path(run_dir)
+    cluster = EmulatedCluster(topo, model, run_dir, Manifest(run_dir / "resources.jsonl"))
+    if recorder is not None:
+        recorder.update_manifest(delay_mechanism=cluster.net.delay_mechanism,
+                                 agents={h: a.pid for h, a in cluster.pool.agents.items()},
+                                 agent_flops_per_s=cluster.flops, agent_idle_charge_bytes=cluster.baseline)
+    return cluster
