@@ -124,6 +124,8 @@ class Agent:
         self._mig_id = 0
         self.sent_bytes: dict[str, int] = {}
         self.stop = threading.Event()
+        self.exit_on_shutdown = True  # False when agents run as threads inside one test process
+        self._listeners: list[socket.socket] = []
 
     # ------------------------------------------------------------------ entry point
     def serve(self) -> None:
@@ -134,6 +136,7 @@ class Agent:
         data.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         data.bind(("0.0.0.0", self.data_port))
         data.listen(64)
+        self._listeners = [ctl, data]
         threading.Thread(target=self._accept_data, args=(data,), daemon=True, name="data-accept").start()
         threading.Thread(target=self._work, daemon=True, name="worker").start()
         if self.model:
@@ -266,13 +269,20 @@ class Agent:
 
     def cmd_shutdown(self, h, _):
         self.stop.set()
-        threading.Timer(0.05, lambda: os._exit(0)).start()
+        if self.exit_on_shutdown:
+            threading.Timer(0.05, lambda: os._exit(0)).start()
+        else:
+            for s in self._listeners + list(self._out.values()):
+                s.close()
         return {}, b""
 
     # ------------------------------------------------------------------ data plane: sockets
     def _accept_data(self, srv: socket.socket) -> None:
         while True:
-            conn, _ = srv.accept()
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._read_data, args=(conn,), daemon=True).start()
 
