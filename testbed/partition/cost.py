@@ -6,10 +6,21 @@ Two models, selected by name through ``COST_MODELS``:
   exactly: input broadcast from the previous aggregator to every head device and to the projection
   device, heads of one device serial / different devices parallel, head outputs to the projection,
   ``h`` to every FFN shard, partials to the aggregator, finally ``x`` to the source and the LM head
-  there. A transfer of ``b`` bytes from ``a`` to ``c`` costs ``latency(a,c) + b / bandwidth(a,c)``
-  (0 when ``a == c``). Concurrent transfers are independent (the snapshot gives per-pair paths,
-  not shared link capacities, so fan-out from one NIC is not serialised — see open problems).
-  FLOPs per block are in ``blocks``; attention work grows with the context length ``T``.
+  there. A lone transfer of ``b`` bytes from ``a`` to ``c`` costs ``latency(a,c) + b / bandwidth(a,c)``
+  (0 when ``a == c``). FLOPs per block are in ``blocks``; attention work grows with the context ``T``.
+
+  NIC sharing (``serial_nics=True``, the default): a device's sends share its uplink, so they are
+  SERIALISED in the order the runtime issues them (``node_agent.agent._emit`` loops over its
+  destinations: ``x`` to ``[proj, *head devices in first-appearance order]``, ``h`` to the FFN shard
+  devices in shard order, aggregator first): a send starts when the sender's uplink is free and
+  occupies it for ``b / bandwidth(a,c)`` seconds (the path's bottleneck rate — conservative when the
+  bottleneck is the receiver's side); the propagation latency overlaps. The uplink state persists
+  across the whole token. Fan-in is serialised too: messages into one device (head outputs into
+  the projection device, FFN partials into the aggregator) are received one at a time in arrival
+  order, each occupying the receiver's downlink for its ``b / bandwidth`` seconds. Waiting in these
+  queues counts as transfer time on the critical path. ``serial_nics=False`` gives the older
+  independent-transfer model (every transfer at full path rate), which is a lower bound of the
+  serialised one; the decode MILP optimises that relaxation (see ``exact``).
 - ``paper`` — the paper's one-layer evaluation model (see paper-notes.md), sequence length
   ``L = context_len``; transfers are summed, not maxed, and carry no latency term, as in the paper.
 
@@ -101,31 +112,80 @@ class _Tally:
             self.by_link[key] = self.by_link.get(key, 0) + int(nbytes)
 
 
-def _decode_layer(lp, src_dev, start, net: Net, k: dict, tally: _Tally):
+class _Nics:
+    """Per-token uplink state (time each device's uplink frees) for serialised sends."""
+
+    def __init__(self, net: Net, serial: bool):
+        self.net, self.serial = net, serial
+        self.up: dict[str, float] = {}
+
+    def send(self, a: str, b: str, nbytes: float, ready: tuple[float, float]) -> tuple[float, float]:
+        """(compute, transfer) on the critical path when ``nbytes`` from ``a`` (ready then) reach ``b``."""
+        if a == b:
+            return ready
+        lat, spb = self.net.link(a, b)
+        tau = nbytes * spb
+        if not self.serial:
+            return ready[0], ready[1] + lat + tau
+        t = ready[0] + ready[1]
+        start = max(t, self.up.get(a, t))
+        self.up[a] = start + tau
+        return ready[0], ready[1] + (start - t) + tau + lat
+
+    def fan_in(self, msgs: list[tuple[tuple[float, float], float]]) -> tuple[float, float] | None:
+        """Messages (arrival if alone, downlink seconds) into one device, received in arrival order;
+        the critical path of the last one to finish (None when there are none)."""
+        if not msgs:
+            return None
+        if not self.serial:
+            out = msgs[0][0]
+            for arr, _ in msgs[1:]:
+                out = _cp_max(out, arr)
+            return out
+        done, out = -INF, msgs[0][0]
+        for arr, tau in sorted(msgs, key=lambda m: m[0][0] + m[0][1]):
+            t = arr[0] + arr[1]
+            fin = max(t, done + tau)
+            done = fin
+            out = (arr[0], arr[1] + (fin - t))
+        return out
+
+
+def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
     """Critical path (compute_s, transfer_s) when the layer's output is on its aggregator."""
-    P, xb = lp.proj, k["x_bytes"]
-    att = (start[0], start[1] + net.xfer(src_dev, P, xb))
-    if P not in lp.heads:  # x goes once to each distinct device of heads + proj
-        tally.send(src_dev, P, xb)
+    net, P, xb = nics.net, lp.proj, k["x_bytes"]
+    arrive = {}
+    for dst in dict.fromkeys([P, *lp.heads]):  # the runtime's send order
+        arrive[dst] = nics.send(src_dev, dst, xb, start)
+        tally.send(src_dev, dst, xb)
+    att, msgs = arrive[P], []
     for j, n in Counter(lp.heads).items():
+        done = (arrive[j][0] + net.compute(j, n * k["head_flops"]), arrive[j][1])
+        if j == P:
+            att = _cp_max(att, done)
+            continue
         out_b = n * k["head_out_bytes"]
-        comp = start[0] + net.compute(j, n * k["head_flops"])
-        xf = start[1] + net.xfer(src_dev, j, xb) + net.xfer(j, P, out_b)
-        tally.send(src_dev, j, xb)
+        msgs.append((nics.send(j, P, out_b, done), out_b * net.link(j, P)[1]))
         tally.send(j, P, out_b)
-        att = _cp_max(att, (comp, xf))
+    got = nics.fan_in(msgs)
+    att = att if got is None else _cp_max(att, got)
     pd = (att[0] + net.compute(P, k["proj_flops"]), att[1])
     agg = lp.ffn[0].device
     cols: dict[str, int] = {}
-    for s in lp.ffn:
+    for s in lp.ffn:  # shard order, aggregator first: the runtime's send order
         cols[s.device] = cols.get(s.device, 0) + (s.col_end - s.col_start)
-    out = (pd[0], pd[1] + net.xfer(P, agg, xb))
+    out, msgs = None, []
     for dev, c in cols.items():
-        comp = pd[0] + net.compute(dev, c * k["ffn_col_flops"])
-        xf = pd[1] + net.xfer(P, dev, xb) + net.xfer(dev, agg, xb)
+        arr = nics.send(P, dev, xb, pd)
         tally.send(P, dev, xb)
+        done = (arr[0] + net.compute(dev, c * k["ffn_col_flops"]), arr[1])
+        if dev == agg:
+            out = done
+            continue
+        msgs.append((nics.send(dev, agg, xb, done), xb * net.link(dev, agg)[1]))
         tally.send(dev, agg, xb)
-        out = _cp_max(out, (comp, xf))
+    got = nics.fan_in(msgs)
+    out = got if out is None else (out if got is None else _cp_max(out, got))
     return out, agg
 
 
@@ -148,17 +208,22 @@ def decode_constants(dims: ModelDims, context_len: int, n_tokens: int = 1) -> di
 
 
 def decode_cost(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
-                context_len: int | None = None, n_tokens: int = 1, net: Net | None = None) -> CostResult:
-    """The ``decode`` model: latency of one token at context ``T`` (default snapshot.context_len)."""
+                context_len: int | None = None, n_tokens: int = 1, net: Net | None = None,
+                serial_nics: bool = True) -> CostResult:
+    """The ``decode`` model: latency of one token at context ``T`` (default snapshot.context_len).
+
+    ``serial_nics``: serialise each device's sends on its uplink and each device's fan-in on its
+    downlink (default, see the module docstring); False = independent transfers (a lower bound)."""
     T = snapshot.context_len if context_len is None else context_len
     net = net or Net(snapshot)
     k = decode_constants(dims, T, n_tokens)
-    tally = _Tally()
+    tally, nics = _Tally(), _Nics(net, serial_nics)
     cp, dev = (0.0, 0.0), placement.source
     for lp in placement.layers:
-        cp, dev = _decode_layer(lp, dev, cp, net, k, tally)
+        cp, dev = _decode_layer(lp, dev, cp, nics, k, tally)
     src = placement.source
-    cp = (cp[0] + net.compute(src, k["lm_flops"]), cp[1] + net.xfer(dev, src, k["x_bytes"]))
+    cp = nics.send(dev, src, k["x_bytes"], cp)
+    cp = (cp[0] + net.compute(src, k["lm_flops"]), cp[1])
     tally.send(dev, src, k["x_bytes"])
     return CostResult(cp[0] + cp[1], placement_memory(placement, snapshot, dims, T), cp[0], cp[1],
                       sum(tally.by_link.values()), tally.by_link)

@@ -13,7 +13,10 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
   binaries, start/finish times per stage with big-M constraints per (input device, head device,
   proj device) and (proj, shard, aggregator) triple. Limited to ``n_layers * devices**3 <= 256``
   (e.g. 2 layers x 5 devices, 9 x 3): the big-M
-  formulation is weak and HiGHS slows down quickly beyond that. Migration is NOT in the decode MILP: the solution is kept
+  formulation is weak and HiGHS slows down quickly beyond that. The decode MILP is exact for the
+  independent-transfer relaxation of ``decode`` (``serial_nics=False``): it does not order one
+  device's sends, so its objective is a LOWER bound of the serialised-NIC decode optimum, and its
+  placement is reported (and compared) under the serialised model. Migration is NOT in the decode MILP: the solution is kept
   only if it beats ``snapshot.current`` by the amortised migration delay (same rule as RA).
 ``enumerate_paper`` cross-checks the paper MILP by exhausting head-count vectors (no migration).
 """
