@@ -141,10 +141,12 @@ def assign_heads(counts: dict[str, int], current: tuple[str, ...] | None, n_grou
 
 def assign_ffn(counts: dict[str, int], aggregator: str, ffn_dim: int, n_chunks: int,
                current: tuple[FfnShard, ...] | None) -> tuple[FfnShard, ...]:
-    """Contiguous shards from per-device chunk counts; devices ordered by their current columns."""
+    """Contiguous shards from per-device chunk counts; devices ordered by their current columns, new
+    devices after them in ``counts`` order (planners pass their send order; the aggregator's shard
+    goes first either way)."""
     bounds = B.ffn_chunk_bounds(ffn_dim, n_chunks)
     first = {s.device: s.col_start for s in current} if current else {}
-    order = sorted((d for d, n in counts.items() if n > 0), key=lambda d: (first.get(d, ffn_dim + 1), d))
+    order = sorted((d for d, n in counts.items() if n > 0), key=lambda d: first.get(d, ffn_dim + 1))
     shards, pos = [], 0
     for dev in order:
         n = counts[dev]

@@ -18,7 +18,7 @@ layer goes on the pinned device.
 
 ``edgeshard`` plans once (static). ``edgeshard_dynamic`` re-runs the DP every decision epoch on the
 measured snapshot and keeps the old plan unless the new one's latency plus migration delay amortised
-over the epoch is lower.
+over the same horizon as RA (default 4 epochs) is lower.
 """
 from __future__ import annotations
 
@@ -113,10 +113,14 @@ def edgeshard(snapshot, dims, cost_model: str = "decode") -> Placement:
     return Placement(pl.source, pl.layers, meta={"algorithm": "edgeshard"})
 
 
-def edgeshard_dynamic(snapshot, dims, cost_model: str = "decode") -> Placement:
-    """EdgeShard re-planned every epoch; keeps the old plan unless the new one pays for its migration."""
+def edgeshard_dynamic(snapshot, dims, cost_model: str = "decode", horizon_epochs: int = 4,
+                      horizon_tokens: int | None = None) -> Placement:
+    """EdgeShard re-planned every epoch; keeps the old plan unless the new one pays for its migration
+    over the same amortisation horizon as RA (``horizon_tokens``, default ``horizon_epochs`` epochs)."""
     from testbed.partition.ra import _keep_current
 
     new = edgeshard(snapshot, dims, cost_model)
     new = Placement(new.source, new.layers, meta={"algorithm": "edgeshard_dynamic"})
-    return _keep_current(Problem(snapshot, dims, cost_model), new)
+    N = max(1, snapshot.tokens_until_next_decision)
+    H = horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs)
+    return _keep_current(Problem(snapshot, dims, cost_model), new, H)

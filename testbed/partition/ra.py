@@ -30,8 +30,10 @@ import numpy as np
 from testbed.partition import blocks as B
 from testbed.partition.common import Problem, assign_ffn, assign_heads, check_memory, evaluate
 from testbed.partition.errors import InfeasiblePlan
-from testbed.partition.migration import migration_delay
-from testbed.placement import LayerPlacement, Placement
+from testbed.partition.cost import Net, decode_cost
+from testbed.partition.migration import migration_estimate
+from testbed.partition.cost import placement_memory
+from testbed.placement import FfnShard, LayerPlacement, Placement
 
 
 class NoFit(Exception):
@@ -53,7 +55,7 @@ def _mig_in(prob: Problem, cur_counts: np.ndarray, nbytes: float) -> np.ndarray:
     if holders.size == 0:
         return np.zeros(len(prob.names))
     cost = prob.lat[holders] + nbytes * prob.spb[holders]
-    return cost.min(axis=0) / prob.N
+    return cost.min(axis=0) / getattr(prob, "H", prob.N)
 
 
 def _counts(prob: Problem, devices) -> np.ndarray:
@@ -85,7 +87,7 @@ class _Layer:
         if self.cur_proj is None or self.cur_proj == P:
             return 0.0
         p = self.prob
-        return (p.lat[self.cur_proj, P] + p.sz.proj_b * p.spb[self.cur_proj, P]) / p.N
+        return (p.lat[self.cur_proj, P] + p.sz.proj_b * p.spb[self.cur_proj, P]) / getattr(p, "H", p.N)
 
 
 def _pop_fitting(heap: list, r: list, nbytes: float, block: str) -> int:
@@ -96,51 +98,105 @@ def _pop_fitting(heap: list, r: list, nbytes: float, block: str) -> int:
     raise NoFit(block, nbytes)
 
 
+def _lazy_pop(heap: list, key, r: list, nbytes: float, block: str) -> int:
+    """Pop the device with the smallest CURRENT key that has room. Keys only grow as the round
+    proceeds (the sender's uplink fills up), so a stale entry is re-keyed and pushed back."""
+    while heap:
+        k, j = heapq.heappop(heap)
+        if r[j] < nbytes:
+            continue
+        now = key(j)
+        if now > k + 1e-15 and heap and now > heap[0][0]:
+            heapq.heappush(heap, (now, j))
+            continue
+        return j
+    raise NoFit(block, nbytes)
+
+
 def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray]:
-    """Greedy heads for anchor P: (attention-stage finish, penalties, counts per device)."""
-    p = ly.prob
-    xA = p.lat[ly.A] + p.sz.x_b * p.spb[ly.A]
-    base = (xA + p.lat[:, P]).tolist()
+    """Greedy heads for anchor P: (attention-stage finish, penalties, counts per device).
+
+    Mirrors the ``decode`` model's serialised fan-out: the input device A sends x to P first,
+    then to each new head device in the order they are picked, so a device's x arrives after the
+    uplink time of every earlier destination (head-output fan-in into P is not modelled here;
+    the final plan comparison uses the full cost model)."""
+    p, A = ly.prob, ly.A
+    tauA = (p.sz.x_b * p.spb[A]).tolist()
+    latA = p.lat[A].tolist()
+    tail = p.lat[:, P].tolist()
     inc = (p.sz.head_f / np.where(p.C > 0, p.C, np.nan) + p.sz.head_out_b * p.spb[:, P]).tolist()
-    cur, mig, n = ly.cur_heads.tolist(), ly.mig_head, [0] * len(base)
-    pen = lambda j: 0.0 if n[j] < cur[j] else mig[j]  # noqa: E731
-    heap = [(base[j] + inc[j] + pen(j), j) for j in np.nonzero(p.allowed)[0].tolist()]
+    cur, mig = ly.cur_heads.tolist(), ly.mig_head
+    n = [0] * len(inc)
+    up = [tauA[P] if P != A else 0.0]
+    base: list = [None] * len(inc)
+    base[P] = latA[P] + tauA[P] if P != A else 0.0
+    base[A] = 0.0
+
+    def arrival(j):
+        return base[j] if base[j] is not None else up[0] + tauA[j] + latA[j]
+
+    def key(j):
+        return arrival(j) + tail[j] + (n[j] + 1) * inc[j] + (0.0 if n[j] < cur[j] else mig[j])
+
+    heap = [(key(j), j) for j in np.nonzero(p.allowed)[0].tolist()]
     heapq.heapify(heap)
-    finish, pens = float(xA[P]), 0.0
+    finish, pens, order = float(base[P]), 0.0, []
     for g in range(p.dims.n_kv_heads):
-        j = _pop_fitting(heap, r, p.sz.head_b, f"L{ly.l}.H{g}")
-        pens += pen(j)
+        j = _lazy_pop(heap, key, r, p.sz.head_b, f"L{ly.l}.H{g}")
+        pens += 0.0 if n[j] < cur[j] else mig[j]
+        if n[j] == 0:
+            order.append(j)
+        if base[j] is None:
+            base[j] = up[0] + tauA[j] + latA[j]
+            up[0] += tauA[j]
         n[j] += 1
         r[j] -= p.sz.head_b
-        finish = max(finish, base[j] + n[j] * inc[j])
-        heapq.heappush(heap, (base[j] + (n[j] + 1) * inc[j] + pen(j), j))
-    return finish, pens, np.array(n)
+        finish = max(finish, base[j] + tail[j] + n[j] * inc[j])
+        heapq.heappush(heap, (key(j), j))
+    return finish, pens, {j: n[j] for j in order}
 
 
 def _ffn_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray, int]:
-    """Greedy FFN chunks after the projection on P: (stage time, penalties, counts, aggregator)."""
+    """Greedy FFN chunks after the projection on P: (stage time, penalties, counts, aggregator).
+
+    P sends h to the aggregator first, then to each new shard device in pick order (serialised on
+    P's uplink, as in the ``decode`` model)."""
     p = ly.prob
-    xP = (p.lat[P] + p.sz.x_b * p.spb[P]).tolist()
+    tauP = (p.sz.x_b * p.spb[P]).tolist()
+    latP = p.lat[P].tolist()
     fc = (ly.chunk_cols * p.sz.ffn_col_f / np.where(p.C > 0, p.C, np.nan)).tolist()
-    cur, mig, n = ly.cur_chunks.tolist(), ly.mig_chunk, [0] * len(xP)
+    cur, mig = ly.cur_chunks.tolist(), ly.mig_chunk
+    n = [0] * len(fc)
     pen = lambda j: 0.0 if n[j] < cur[j] else mig[j]  # noqa: E731
     allowed = np.nonzero(p.allowed)[0].tolist()
-    heap = [(xP[j] + fc[j] + pen(j), j) for j in allowed]
+    heap = [(tauP[j] + latP[j] + fc[j] + pen(j), j) for j in allowed]
     heapq.heapify(heap)
     agg = _pop_fitting(heap, r, ly.chunk_b, f"L{ly.l}.ffn")
     back = (p.lat[:, agg] + p.sz.x_b * p.spb[:, agg]).tolist()
-    pens, finish = pen(agg), xP[agg] + fc[agg]
+    base: list = [None] * len(fc)
+    base[agg] = tauP[agg] + latP[agg]
+    up = [tauP[agg]]
+    pens, finish, order = pen(agg), base[agg] + fc[agg], [agg]
     n[agg], r[agg] = 1, r[agg] - ly.chunk_b
-    heap = [(xP[j] + (n[j] + 1) * fc[j] + back[j] + pen(j), j) for j in allowed]
+
+    def key(j):
+        b = base[j] if base[j] is not None else up[0] + tauP[j] + latP[j]
+        return b + (n[j] + 1) * fc[j] + back[j] + pen(j)
+
+    heap = [(key(j), j) for j in allowed]
     heapq.heapify(heap)
     for _ in range(ly.K - 1):
-        j = _pop_fitting(heap, r, ly.chunk_b, f"L{ly.l}.ffn")
+        j = _lazy_pop(heap, key, r, ly.chunk_b, f"L{ly.l}.ffn")
         pens += pen(j)
+        if base[j] is None:
+            base[j] = up[0] + tauP[j] + latP[j]
+            up[0] += tauP[j]
+            order.append(j)
         n[j] += 1
         r[j] -= ly.chunk_b
-        finish = max(finish, xP[j] + n[j] * fc[j] + back[j])
-        heapq.heappush(heap, (xP[j] + (n[j] + 1) * fc[j] + back[j] + pen(j), j))
-    return finish, pens, np.array(n), agg
+        finish = max(finish, base[j] + n[j] * fc[j] + back[j])
+        heapq.heappush(heap, (key(j), j))
+    return finish, pens, {j: n[j] for j in order}, agg
 
 
 def _heads_paper(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray]:
@@ -166,7 +222,7 @@ def _heads_paper(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray]
         n[bj] += 1
         r[bj] -= p.sz.head_b
         maxc, xsum = max(maxc, n[bj] * hc[bj]), xsum + xo[bj]
-    return maxc + xsum, pens, np.array(n)
+    return maxc + xsum, pens, {j: c for j, c in enumerate(n) if c > 0}
 
 
 def _ffn_paper(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray, int]:
@@ -188,7 +244,7 @@ def _ffn_paper(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray, i
         n[j] += 1
         r[j] -= ly.chunk_b
         maxc = max(maxc, n[j] * fc[j])
-    return maxc + xsum, pens, np.array(n), agg
+    return maxc + xsum, pens, {j: c for j, c in enumerate(n) if c > 0}, agg
 
 
 def _candidates(ly: _Layer, r: list, k: int) -> list[int]:
@@ -243,15 +299,15 @@ def _plan_layer(ly: _Layer, resid: list, k: int, last: bool):
 
 def _layer_placement(prob: Problem, ly: _Layer, nh, P: int, nf, agg: int) -> LayerPlacement:
     names, d = prob.names, prob.dims
-    hc = {names[j]: int(c) for j, c in enumerate(nh) if c > 0}
-    fcnt = {names[j]: int(c) for j, c in enumerate(nf) if c > 0}
+    hc = {names[j]: int(c) for j, c in nh.items() if c > 0}  # pick order = the runtime's send order
+    fcnt = {names[j]: int(c) for j, c in nf.items() if c > 0}
     heads = assign_heads(hc, ly.cur.heads if ly.cur else None, d.n_kv_heads)
     ffn = assign_ffn(fcnt, names[agg], d.ffn_dim, ly.K, ly.cur.ffn if ly.cur else None)
     return LayerPlacement(heads, names[P], ffn)
 
 
-def _round(prob: Problem, chunks: int, k: int, share: bool) -> tuple[LayerPlacement, ...]:
-    resid = prob.budget.tolist()
+def _round(prob: Problem, chunks: int, k: int, share: bool, budget: np.ndarray) -> tuple[LayerPlacement, ...]:
+    resid = budget.tolist()
     big = max(prob.sz.head_b, prob.sz.proj_b, -(-prob.dims.ffn_dim // chunks) * prob.sz.ffn_col_b)
     layers, A, L = [], prob.src, prob.dims.n_layers
     for l in range(L):
@@ -264,53 +320,210 @@ def _round(prob: Problem, chunks: int, k: int, share: bool) -> tuple[LayerPlacem
     return tuple(layers)
 
 
-def _keep_current(prob: Problem, new: Placement) -> Placement:
-    """Step 5: keep the current placement unless the new one beats it by the amortised migration."""
-    snap, cur = prob.snap, prob.snap.current
+def balanced_budget(prob: Problem, mem_balance: float | None, chunks: int) -> np.ndarray:
+    """Memory-balance caps: ``min(budget_j, c)`` with the level ``c`` chosen so that the capped
+    devices together hold ``mem_balance`` x the model (at the memory horizon). ``mem_balance = 1``
+    forces the flattest possible fill (lowest peak), large values = no cap (pack the best devices)."""
+    if not mem_balance or mem_balance <= 0:
+        return prob.budget
+    need = prob.dims.n_layers * prob.layer_bytes()
+    b = np.sort(np.clip(prob.budget[prob.allowed], 0, None))
+    target = mem_balance * need
+    if b.size == 0 or target >= b.sum():
+        return prob.budget
+    acc, m, level = 0.0, b.size, float(b[-1])
+    for i, x in enumerate(b):
+        if acc + x * (m - i) >= target:
+            level = (target - acc) / (m - i)
+            break
+        acc += x
+    big = max(prob.sz.head_b, prob.sz.proj_b, -(-prob.dims.ffn_dim // chunks) * prob.sz.ffn_col_b)
+    level = max(level, 2 * big)
+    return np.where(prob.allowed, np.minimum(prob.budget, level), prob.budget)
+
+
+def _usable(prob: Problem, pl: Placement) -> bool:
+    """Placement only uses known, allowed devices and fits every budget until the next decision."""
+    if pl.source != prob.snap.source or len(pl.layers) != prob.dims.n_layers:
+        return False
+    if not pl.devices() <= set(prob.names):
+        return False
+    if any(not prob.allowed[prob.index[d]] for d in pl.devices() - {pl.source}):
+        return False
+    try:
+        check_memory(pl, prob.snap, prob.dims, prob.cost_model, prob.T + prob.snap.tokens_until_next_decision)
+    except InfeasiblePlan:
+        return False
+    return True
+
+
+def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float, float, float]:
+    """(latency + migration delay / H, latency, migration delay) of moving from snapshot.current."""
+    if prob.cost_model == "paper":
+        lat = evaluate(pl, prob.snap, prob.dims, "paper").token_latency_s
+    else:
+        lat = decode_cost(pl, prob.snap, prob.dims, net=net).token_latency_s
+    mig = migration_estimate(prob.snap.current, pl, prob.snap, prob.dims, cost_model=prob.cost_model,
+                             net=net).delay_s
+    return lat + mig / H, lat, mig
+
+
+def _with_block(pl: Placement, l: int, block, dev: str) -> Placement:
+    """``pl`` with head group ``block`` (int) or FFN shard ``block`` (FfnShard) of layer ``l`` on ``dev``."""
+    lp = pl.layers[l]
+    if isinstance(block, int):
+        heads = lp.heads[:block] + (dev,) + lp.heads[block + 1:]
+        lp = LayerPlacement(heads, lp.proj, lp.ffn)
+    else:
+        lp = LayerPlacement(lp.heads, lp.proj, tuple(FfnShard(dev, s.col_start, s.col_end) if s == block else s
+                                                      for s in lp.ffn))
+    return Placement(pl.source, pl.layers[:l] + (lp,) + pl.layers[l + 1:], meta=pl.meta)
+
+
+def repair(prob: Problem, cur: Placement, H: float, net: Net, budget: np.ndarray,
+           n_dest: int = 3, max_moves: int = 64) -> Placement | None:
+    """Minimal moves that make ``cur`` fit again (a device outgrew its memory with the KV caches, or
+    its budget shrank): while some device is over budget at the memory horizon, try moving each of
+    its head groups / FFN shards to the ``n_dest`` destinations with room that receive it fastest
+    (devices already holding part of that layer first) and apply the move with the lowest
+    ``latency + migration delay / H``. None if blocks sit on a device that is down or not allowed,
+    or no move helps."""
+    if not cur.devices() <= set(prob.names) or any(
+            not prob.allowed[prob.index[d]] for d in cur.devices() - {cur.source}):
+        return None
+    dims, T_mem, sz = prob.dims, prob.T_mem, prob.sz
+    pl = cur
+    for _ in range(max_moves):
+        mem = placement_memory(pl, prob.snap, dims, T_mem)
+        used = np.array([float(mem.get(n, 0)) for n in prob.names])
+        used[prob.src] -= B.source_bytes(dims)
+        over = used - prob.budget
+        j = int(np.argmax(over))
+        if over[j] <= 0:
+            return pl
+        room = np.where(prob.allowed, budget - used, -np.inf)
+        name, best = prob.names[j], None
+        for l, lp in enumerate(pl.layers):
+            layer_devs = {prob.index[d] for d in lp.heads} | {prob.index[s.device] for s in lp.ffn}
+            blocks = [(g, sz.head_b) for g, d in enumerate(lp.heads) if d == name]
+            blocks += [(s, (s.col_end - s.col_start) * sz.ffn_col_b) for s in lp.ffn if s.device == name]
+            seen = set()
+            for blk, nbytes in blocks:
+                kind = ("h", nbytes) if isinstance(blk, int) else ("f", blk.col_start)
+                if kind in seen:
+                    continue
+                seen.add(kind)
+                ok = np.nonzero(room >= nbytes)[0]
+                ok = ok[ok != j]
+                if ok.size == 0:
+                    continue
+                t = prob.lat[j, ok] + nbytes * prob.spb[j, ok] - np.array([k in layer_devs for k in ok]) * 1e6
+                for k in ok[np.argsort(t, kind="stable")[:n_dest]].tolist():
+                    cand = _with_block(pl, l, blk, prob.names[k])
+                    obj = _objective(prob, cand, H, net)[0]
+                    if best is None or obj < best[0]:
+                        best = (obj, cand)
+        if best is None:
+            return None
+        pl = best[1]
+    return None
+
+
+def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np.ndarray | None = None) -> Placement:
+    """Step 5 with the migration delay computed properly (``migration`` aggregation):
+
+    minimise ``T_token(plan) + migration_delay(current -> plan) / H`` over the current placement
+    (if it still fits until the next decision), the new plan and per-layer mixtures of the two
+    (first-improvement pass over the layers where they differ), so only the layers whose move
+    pays for itself over ``H`` tokens move. When the current placement no longer fits (KV growth,
+    a shrunk budget), ``repair`` adds the candidate that moves only the blocks that must move; if a
+    device went down there is no such candidate and the new plan (mixed per layer) is used."""
+    cur = prob.snap.current
     if cur is None or len(cur.layers) != prob.dims.n_layers or cur.source != new.source:
         return new
-    if any(not prob.allowed[prob.index[d]] for d in cur.devices() - {cur.source} if d in prob.index):
+    net = Net(prob.snap)
+    H = max(1.0, float(horizon_tokens))
+    cands = [(_objective(prob, new, H, net)[0], new)]
+    if _usable(prob, cur):
+        cands.append((_objective(prob, cur, H, net)[0], cur))
+    else:
+        fixed = repair(prob, cur, H, net, budget if budget is not None else prob.budget)
+        if fixed is not None and _usable(prob, fixed):
+            cands.append((_objective(prob, fixed, H, net)[0], fixed))
+    best_obj, best = min(cands, key=lambda c: c[0])
+    diff = [l for l in range(prob.dims.n_layers) if cur.layers[l] != new.layers[l]]
+    if len(diff) > 1:
+        for l in diff:
+            other = cur.layers[l] if best.layers[l] == new.layers[l] else new.layers[l]
+            cand = Placement(best.source, best.layers[:l] + (other,) + best.layers[l + 1:], meta=best.meta)
+            if not _usable(prob, cand):
+                continue
+            obj = _objective(prob, cand, H, net)[0]
+            if obj < best_obj - 1e-12:
+                best_obj, best = obj, cand
+    if best is cur:
+        return cur
+    return Placement(best.source, best.layers, meta=new.meta)
+
+
+def _keep_current(prob: Problem, new: Placement, horizon_tokens: float | None = None) -> Placement:
+    """Whole-plan step 5 (used by EdgeShard-dynamic and the exact solver): keep the current
+    placement unless the new one's latency + migration delay / H is lower (H defaults to one epoch)."""
+    cur = prob.snap.current
+    if cur is None or len(cur.layers) != prob.dims.n_layers or cur.source != new.source:
         return new
-    if not cur.devices() <= set(prob.names):
+    if not _usable(prob, cur):
         return new
-    try:
-        check_memory(cur, snap, prob.dims, prob.cost_model, prob.T + snap.tokens_until_next_decision)
-    except InfeasiblePlan:
-        return new
-    c_cur = evaluate(cur, snap, prob.dims, prob.cost_model).token_latency_s
-    c_new = evaluate(new, snap, prob.dims, prob.cost_model).token_latency_s
-    mig = migration_delay(cur, new, snap, prob.dims, cost_model=prob.cost_model)
-    return cur if c_cur <= c_new + mig / prob.N else new
+    H = max(1.0, float(horizon_tokens or prob.N))
+    net = Net(prob.snap)
+    return cur if _objective(prob, cur, H, net)[0] <= _objective(prob, new, H, net)[0] else new
 
 
 def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
-                   proj_candidates: int = 4, headroom_epochs: int = 4) -> Placement:
-    """One RA decision. ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the
-    paper; 4 under ``decode``). ``proj_candidates``: anchors tried per layer. ``headroom_epochs``:
-    NEW placements leave room for this many epochs of KV growth (a placement packed to the brim is
-    evicted by KV growth at the next decision, forcing migrations); the current placement is kept
-    as long as it fits the next epoch. If the headroom does not fit, one epoch is used."""
+                   proj_candidates: int = 4, headroom_epochs: int = 4, horizon_epochs: int = 4,
+                   horizon_tokens: int | None = None, mem_balance: float | None = 1.25) -> Placement:
+    """One RA decision.
+
+    ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
+    ``decode``). ``proj_candidates``: anchors tried per layer.
+    ``headroom_epochs``: blocks are sized with this many epochs of KV growth (a placement packed to
+    the brim is evicted by KV growth at the next decision, forcing migrations); if that does not
+    fit, one epoch. The current placement stays a candidate as long as it fits the next epoch.
+    ``horizon_tokens`` (default ``horizon_epochs`` x tokens per epoch): migration delay is
+    amortised over this many tokens, both per block inside the greedy (a block pays
+    ``delay from its nearest current holder / H`` to move, so moves over fast links are preferred)
+    and for the final whole-plan / per-layer comparison against the current placement.
+    ``mem_balance``: cap every device at the level where the capped devices hold ``mem_balance`` x
+    the model (lower peak device memory); if the capped round finds no plan, the cap is dropped.
+    ``None`` or 0 packs freely."""
     from testbed.partition.baselines import first_fit
 
     N = max(1, snapshot.tokens_until_next_decision)
+    H = float(horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs))
     prob = Problem(snapshot, dims, cost_model, mem_tokens=N * max(1, headroom_epochs))
     try:
         prob.check_totals()
     except InfeasiblePlan:
         prob = Problem(snapshot, dims, cost_model)
         prob.check_totals()
+    prob.H = max(1.0, H)
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
-    layers = None
-    for share in (False, True):
-        try:
-            layers = _round(prob, K, proj_candidates, share)
+    layers, last_err = None, None
+    capped = balanced_budget(prob, mem_balance, K)
+    budgets = [capped, prob.budget] if capped is not prob.budget else [prob.budget]
+    for budget in budgets:
+        for share in (False, True):
+            try:
+                layers = _round(prob, K, proj_candidates, share, budget)
+                break
+            except NoFit as exc:
+                last_err = exc
+        if layers is not None:
             break
-        except NoFit as exc:
-            last_err = exc
     if layers is None:
         try:
             return first_fit(snapshot, dims, cost_model)
         except InfeasiblePlan:
             raise prob.no_fit(last_err.block, last_err.nbytes, prob.budget) from None
     new = Placement(snapshot.source, layers, meta={"algorithm": "resource_aware", "ffn_chunks": K})
-    return _keep_current(prob, new)
+    return choose_plan(prob, new, prob.H, capped)
