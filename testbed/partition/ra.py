@@ -481,7 +481,8 @@ def _keep_current(prob: Problem, new: Placement, horizon_tokens: float | None = 
 
 def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
                    proj_candidates: int = 4, headroom_epochs: int = 4, horizon_epochs: int = 4,
-                   horizon_tokens: int | None = None, mem_balance: float | None = 1.25) -> Placement:
+                   horizon_tokens: int | None = None, mem_balance: float | None = 1.25,
+                   balance_slack: float = 0.1) -> Placement:
     """One RA decision.
 
     ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
@@ -493,9 +494,10 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     amortised over this many tokens, both per block inside the greedy (a block pays
     ``delay from its nearest current holder / H`` to move, so moves over fast links are preferred)
     and for the final whole-plan / per-layer comparison against the current placement.
-    ``mem_balance``: cap every device at the level where the capped devices hold ``mem_balance`` x
-    the model (lower peak device memory); if the capped round finds no plan, the cap is dropped.
-    ``None`` or 0 packs freely."""
+    ``mem_balance``: a second greedy round caps every device at the level where the capped devices
+    hold ``mem_balance`` x the model (flatter fill, lower peak device memory); that plan is taken
+    when its predicted latency is at most ``1 + balance_slack`` times the uncapped plan's (the
+    balance term trades at most that much latency). ``None`` or 0: no balancing round."""
     from testbed.partition.baselines import first_fit
 
     N = max(1, snapshot.tokens_until_next_decision)
@@ -508,22 +510,31 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
         prob.check_totals()
     prob.H = max(1.0, H)
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
-    layers, last_err = None, None
-    capped = balanced_budget(prob, mem_balance, K)
-    budgets = [capped, prob.budget] if capped is not prob.budget else [prob.budget]
-    for budget in budgets:
+    def one_round(budget):
+        err = None
         for share in (False, True):
             try:
-                layers = _round(prob, K, proj_candidates, share, budget)
-                break
+                return _round(prob, K, proj_candidates, share, budget), None
             except NoFit as exc:
-                last_err = exc
-        if layers is not None:
-            break
+                err = exc
+        return None, err
+
+    layers, last_err = one_round(prob.budget)
+    capped = balanced_budget(prob, mem_balance, K)
+    meta = {"algorithm": "resource_aware", "ffn_chunks": K}
+    if layers is not None and capped is not prob.budget:
+        bal, _ = one_round(capped)
+        if bal is not None:
+            free = Placement(snapshot.source, layers, meta=meta)
+            tight = Placement(snapshot.source, bal, meta=meta)
+            if (evaluate(tight, snapshot, dims, cost_model).token_latency_s
+                    <= (1 + balance_slack) * evaluate(free, snapshot, dims, cost_model).token_latency_s):
+                layers, meta = bal, {**meta, "mem_balanced": True}
     if layers is None:
         try:
             return first_fit(snapshot, dims, cost_model)
         except InfeasiblePlan:
             raise prob.no_fit(last_err.block, last_err.nbytes, prob.budget) from None
-    new = Placement(snapshot.source, layers, meta={"algorithm": "resource_aware", "ffn_chunks": K})
-    return choose_plan(prob, new, prob.H, capped)
+    new = Placement(snapshot.source, layers, meta=meta)
+    budget = capped if meta.get("mem_balanced") else prob.budget
+    return choose_plan(prob, new, prob.H, budget)
