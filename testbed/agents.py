@@ -197,12 +197,12 @@ class AgentPool:
         self.spawn(host)
 
     def kill(self, handle: AgentHandle) -> None:
+        """SIGKILL one agent (through the fork server, its parent, which reaps it), then close."""
+        try:
+            self.fs.call("kill", 10.0, pid=handle.pid)
+        except (AgentCallError, P.RemoteError, P.CallTimeout):
+            pass
         handle.conn.close()
-        if _alive(handle.pid):
-            try:
-                self.fs.call("kill", 10.0, pid=handle.pid)
-            except (AgentCallError, P.RemoteError, P.CallTimeout):
-                pass
         try:
             os.unlink(handle.control_path)
         except OSError:
@@ -252,7 +252,8 @@ class AgentPool:
             st = self.fs.call("status", 10.0, pids=list(gone.values()))["status"]
         except (AgentCallError, P.RemoteError, P.CallTimeout):
             st = {}
-        return {h: int(st.get(str(pid), -255)) for h, pid in gone.items()}
+        # None: exiting but not reaped yet -> reported on a later call
+        return {h: int(st.get(str(pid), -255)) for h, pid in gone.items() if st.get(str(pid), -255) is not None}
 
 
 def _alive(pid: int) -> bool:
