@@ -16,7 +16,6 @@ the source ends up with the whole token's tally.
 """
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import os
@@ -31,38 +30,12 @@ import torch
 
 from node_agent import protocol as P
 from node_agent.model import assemble_head_outputs, ffn_combine
-from node_agent.shards import BlockStore, Budget, BudgetError, rss_bytes
+from node_agent.shards import BlockStore, Budget, BudgetError, calibrate, rss_bytes
 from node_agent.wire import WireError, connect, recv_frame, send_frame
 from testbed.placement import Placement
 
 log = logging.getLogger("headroom.agent")
 DATA_PORT = 7070
-
-
-class TimedInbox:
-    """A priority queue that hands out items no earlier than their release time."""
-
-    def __init__(self):
-        self._heap: list = []
-        self._n = 0
-        self._cv = threading.Condition()
-
-    def put(self, item, release: float = 0.0) -> None:
-        with self._cv:
-            self._n += 1
-            heapq.heappush(self._heap, (release, self._n, item))
-            self._cv.notify()
-
-    def get(self):
-        with self._cv:
-            while True:
-                if self._heap:
-                    wait = self._heap[0][0] - time.time()
-                    if wait <= 0:
-                        return heapq.heappop(self._heap)[2]
-                    self._cv.wait(wait)
-                else:
-                    self._cv.wait()
 
 
 @dataclass
@@ -115,7 +88,7 @@ class Agent:
         self.store: BlockStore | None = None
         self.placement: Placement | None = None
         self.pv = 0
-        self.inbox = TimedInbox()
+        self.inbox = P.TimedInbox()
         self.peers: dict[str, tuple[str, int]] = {}
         self.delays: dict[str, float] = {}
         self._out: dict[str, socket.socket] = {}
@@ -551,41 +524,3 @@ def run_agent(cfg: dict) -> None:
     log.info("config %s", json.dumps(cfg))
     agent.serve()
 
-
-def calibrate(cfg, seconds: float = 0.3, context: int = 32) -> dict:
-    """FLOP/s of this agent, under its CPU cap, on decode-shaped work: one whole layer of ``cfg``
-    (all groups, W_o, all FFN columns) decoding one token at ``context``, built over the fork
-    server's shared weights (nothing is copied, so nothing is charged). FLOPs are counted as the
-    decode cost model counts them. Without a model: 256x256 matrix-vector products."""
-    from node_agent.model import AttentionShard, FfnShard, ProjBlock
-
-    if cfg is None or not hasattr(cfg, "n_groups"):
-        w, x = torch.randn(256, 256), torch.randn(1, 256)
-        step, flops = (lambda: torch.tanh(x @ w)), 2.0 * 256 * 256
-    else:
-        from node_agent.shards import _STATES
-
-        sd = next(s for c, s in _STATES.values() if c == cfg)
-        attn = AttentionShard(cfg, 0, list(range(cfg.n_groups)), sd, share_storage=True)
-        proj, ffn = ProjBlock(cfg, 0, sd), FfnShard(cfg, 0, 0, cfg.ffn_dim, sd, share_storage=True)
-        attn(torch.randn(1, context, cfg.d_model), 0)
-        x = torch.randn(1, 1, cfg.d_model)
-
-        def step():
-            h = proj(attn(x, context), x)
-            return ffn(h)
-        q, d, D = cfg.q_per_group, cfg.head_dim, cfg.d_model
-        mats = 3 if cfg.arch == "llama" else 2
-        flops = (cfg.n_groups * (2.0 * (q + 2) * D * d + 4.0 * q * d * (context + 1))
-                 + 2.0 * D * cfg.q_dim + 2.0 * mats * D * cfg.ffn_dim)
-    for _ in range(3):
-        step()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        step()
-        n += 1
-        el = time.perf_counter() - t0
-        if el >= seconds:
-            break
-    return {"flops_per_s": flops * n / el, "iterations": n, "seconds": el,
-            "work": "decode layer" if cfg is not None else "gemv 256"}

@@ -14,6 +14,7 @@ needed vs available) instead of letting the kernel OOM-kill the agent.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +328,40 @@ class BlockStore:
 
     def state_summary(self) -> dict[str, Any]:
         return {"blocks": self.block_bytes(), "kv_bytes": self.kv_bytes(), "pid": os.getpid()}
+
+
+def calibrate(cfg, seconds: float = 0.3, context: int = 32) -> dict:
+    """FLOP/s of this agent, under its CPU cap, on decode-shaped work: one whole layer of ``cfg``
+    (all groups, W_o, all FFN columns) decoding one token at ``context``, built over the fork
+    server's shared weights (nothing is copied, so nothing is charged). FLOPs are counted as the
+    decode cost model counts them. Without a model: 256x256 matrix-vector products."""
+    from node_agent.model import AttentionShard, FfnShard, ProjBlock
+
+    if cfg is None or not hasattr(cfg, "n_groups"):
+        w, x = torch.randn(256, 256), torch.randn(1, 256)
+        step, flops = (lambda: torch.tanh(x @ w)), 2.0 * 256 * 256
+    else:
+        sd = next(s for c, s in _STATES.values() if c == cfg)
+        attn = AttentionShard(cfg, 0, list(range(cfg.n_groups)), sd, share_storage=True)
+        proj, ffn = ProjBlock(cfg, 0, sd), FfnShard(cfg, 0, 0, cfg.ffn_dim, sd, share_storage=True)
+        attn(torch.randn(1, context, cfg.d_model), 0)
+        x = torch.randn(1, 1, cfg.d_model)
+
+        def step():
+            h = proj(attn(x, context), x)
+            return ffn(h)
+        q, d, D = cfg.q_per_group, cfg.head_dim, cfg.d_model
+        mats = 3 if cfg.arch == "llama" else 2
+        flops = (cfg.n_groups * (2.0 * (q + 2) * D * d + 4.0 * q * d * (context + 1))
+                 + 2.0 * D * cfg.q_dim + 2.0 * mats * D * cfg.ffn_dim)
+    for _ in range(3):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        step()
+        n += 1
+        el = time.perf_counter() - t0
+        if el >= seconds:
+            break
+    return {"flops_per_s": flops * n / el, "iterations": n, "seconds": el,
+            "work": "decode layer" if cfg is not None else "gemv 256"}
