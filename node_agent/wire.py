@@ -10,7 +10,7 @@ Frame layout (network byte order), no pickle anywhere:
 followed by the JSON header (must contain "type") and the payload bytes (e.g. raw tensor data).
 
 Delay emulation: where the kernel has no netem, a receiver built with a ``delay_s`` releases each
-frame no earlier than ``sent_at + delay_s`` (sender and receiver share the host clock, since all
+frame at its arrival (last byte received) plus ``delay_s`` (sender and receiver share the host clock, since all
 emulated hosts run on one kernel). The frame still crossed the shaped link, so rate and loss apply
 in the kernel and the propagation delay applies here. ``delay_s`` may be a callable so that a
 scenario can change it while the connection lives.
@@ -95,7 +95,10 @@ def recv_frame(sock: socket.socket, delay_s: Delay = 0.0) -> Frame:
     payload = bytes(_recv_exact(sock, plen)) if plen else b""
     received_at = time.time()
     delay = delay_s() if callable(delay_s) else delay_s
-    release = sent_at + delay
+    # The last byte left the shaped link at received_at; propagation delay comes on top of the
+    # transmission time, so a large frame is released at its arrival plus the delay. (A caller
+    # that blocks between frames inflates received_at; the agents timestamp in a reader thread.)
+    release = max(received_at, sent_at) + delay
     wait = release - time.time()
     if wait > 0:
         time.sleep(wait)

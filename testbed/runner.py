@@ -80,7 +80,7 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
         from testbed.sim_backend import build_simulated_cluster
 
         return build_simulated_cluster(topo, model, recorder)
-    from testbed.emulated_backend import build_emulated_cluster
+    from testbed.emulated_cluster import build_emulated_cluster
 
     return build_emulated_cluster(topo, model, run_dir, recorder)
 
