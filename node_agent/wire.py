@@ -83,7 +83,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 def recv_frame(sock: socket.socket, delay_s: Delay = 0.0) -> Frame:
-    """Receive one frame; with ``delay_s`` hold it until ``sent_at + delay_s``."""
+    """Receive one frame; with ``delay_s`` hold it until its arrival plus ``delay_s``."""
     magic, version, _flags, hlen, plen, sent_at = PREFIX.unpack(_recv_exact(sock, PREFIX.size))
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r}: not a Headroom peer")

@@ -273,13 +273,12 @@ class EmulatedCluster:
 
     # ------------------------------------------------------------------ reset / close
     def reset(self) -> None:
-        if self.dirty or self.pool.dead():
-            for h in self.hosts():
-                self.pool.respawn(h)
-            self.pool.configure_all()
-            self.dirty = False
-        else:
-            self.pool.each(lambda h: self.pool.call(h, "drop", 60.0))
+        """Fresh agents (a freed tensor's pages may stay with the process and its cgroup, so
+        dropping blocks would leave the next algorithm less memory), initial links and limits."""
+        for h in self.hosts():
+            self.pool.respawn(h)
+        self.pool.configure_all()
+        self.dirty = False
         for a, b in sorted(self._changed_links):
             spec = self.topology.find_link(a, b)
             for src in (spec.a, spec.b):
