@@ -91,6 +91,7 @@ class Agent:
         self.inbox = P.TimedInbox()
         self.peers: dict[str, tuple[str, int]] = {}
         self.delays: dict[str, float] = {}
+        self.rates: dict[str, float] = {}  # bytes/s bottleneck of the path from each peer
         self._out: dict[str, socket.socket] = {}
         self.tokens: dict[int, TokenState] = {}
         self.pending_mig: dict[int, tuple[dict, Future, dict]] = {}
@@ -158,6 +159,8 @@ class Agent:
             self._out.clear()
         if "delays" in h:
             self.delays = {k: float(v) for k, v in h["delays"].items()}
+        if "rates" in h:
+            self.rates = {k: float(v) for k, v in h["rates"].items()}
         if h.get("threads"):
             torch.set_num_threads(int(h["threads"]))
         if h.get("model") and (self.store is None or self.model != h["model"]):
@@ -166,6 +169,8 @@ class Agent:
 
     def cmd_set_delays(self, h, _):
         self.delays = {k: float(v) for k, v in h["delays"].items()}  # atomic dict swap, read by readers
+        if "rates" in h:
+            self.rates = {k: float(v) for k, v in h["rates"].items()}
         return {}, b""
 
     def cmd_load(self, h, _):
@@ -264,7 +269,7 @@ class Agent:
             src = P.check_hello(recv_frame(conn))
             while True:
                 f = recv_frame(conn)
-                release = max(f.received_at, f.sent_at) + self.delays.get(src, 0.0)
+                release = _release_time(f, self.delays.get(src, 0.0), self.rates.get(src))
                 self.inbox.put(("frame", src, f, release), release)
         except (WireError, OSError, P.ProtocolError) as exc:
             log.info("data connection closed: %s", exc)
@@ -524,3 +529,12 @@ def run_agent(cfg: dict) -> None:
     log.info("config %s", json.dumps(cfg))
     agent.serve()
 
+
+def _release_time(f, delay_s: float, rate_bytes_per_s: float | None) -> float:
+    """When a received frame may be used: its arrival plus the path's propagation delay, but never
+    before it could have crossed the bottleneck (sent_at + size/rate + delay). The floor matters for
+    small frames after idle, which the kernel's token bucket passes at line rate."""
+    release = max(f.received_at, f.sent_at) + delay_s
+    if rate_bytes_per_s:
+        release = max(release, f.sent_at + f.wire_bytes / rate_bytes_per_s + delay_s)
+    return release

@@ -181,14 +181,20 @@ class AgentPool:
     def delays_to(self, dst: str) -> dict[str, float]:
         return {src: self.net.transport_delay_s(src, dst) for src in self.agents if src != dst}
 
+    def rates_to(self, dst: str) -> dict[str, float]:
+        """Bottleneck rate (bytes/s) of the path from each peer to ``dst``: the receivers' floor for
+        serialisation time (HTB lets a lone small packet pass at line rate; a real link does not)."""
+        return {src: self.net.path_rate_bytes_per_s(src, dst) for src in self.agents if src != dst}
+
     def configure_all(self) -> None:
         peers = self.peers()
         self.each(lambda h: self.call(h, "configure", 60.0, peers=peers, delays=self.delays_to(h),
-                                      threads=self.threads))
+                                      rates=self.rates_to(h), threads=self.threads))
 
     def push_delays(self) -> None:
+        """Send every agent the current path delays and rates (after any link change)."""
         for h in self.agents:
-            self.call(h, "set_delays", 10.0, delays=self.delays_to(h))
+            self.call(h, "set_delays", 10.0, delays=self.delays_to(h), rates=self.rates_to(h))
 
     def respawn(self, host: str) -> None:
         old = self.agents.pop(host, None)

@@ -137,8 +137,8 @@ class EmulatedCluster:
         self.net.set_link(a, b, bandwidth_mbps=bandwidth_mbps, delay_ms=delay_ms, loss_pct=loss_pct, up=up)
         self._changed_links.add((a, b))
         back = self._read_rates(a, b)
-        if delay_ms is not None:
-            self.pool.push_delays()
+        if delay_ms is not None or bandwidth_mbps is not None or up is not None:
+            self.pool.push_delays()  # delays and the serialisation floor's rates
         return {**back, "before": before}
 
     def set_host_limits(self, host: str, *, mem_limit_mib: float | None = None,
@@ -329,6 +329,9 @@ def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None) ->
     cluster = EmulatedCluster(topo, model, run_dir, Manifest(run_dir / "resources.jsonl"))
     if recorder is not None:
         recorder.update_manifest(delay_mechanism=cluster.net.delay_mechanism,
+                                 loss_mechanism="netem" if cluster.net.delay_mechanism == "netem" else "iptables statistic",
+                                 serialisation="receivers hold a frame until sent_at + bytes/path rate + delay "
+                                               "(HTB passes a lone small packet at line rate)",
                                  agents={h: a.pid for h, a in cluster.pool.agents.items()},
                                  agent_flops_per_s=cluster.flops, agent_idle_charge_bytes=cluster.baseline)
     return cluster

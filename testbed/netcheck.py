@@ -12,6 +12,7 @@ or 1 ms. The probe entry points at the bottom run *inside* the hosts (``python -
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -100,7 +101,8 @@ def measure_loss(net, src: str, dst: str, rate_mbps: float, seconds: float = 2.0
 
 
 def measure_memory(net, host: str, timeout_s: float = 60.0) -> dict:
-    """A probe in the host's cgroup allocates 16 MiB chunks until it is killed (or a safety cap)."""
+    """A probe in the host's cgroup grows 1 MiB at a time until it is killed (or a safety cap);
+    ``allocated_mib_at_kill`` is its resident size (interpreter included) at the last report."""
     g = net.cgroups[host]
     limit_mib = g.memory_limit() / 2**20
     before = g.oom_kills()
@@ -271,10 +273,16 @@ def _wire_client(ip: str, port: int, delay_s: float, count: int) -> None:
 
 
 def _alloc(cap_mib: int) -> None:
+    """Grow in 1 MiB steps, printing the process's private resident MiB (interpreter included) after each."""
+    page = os.sysconf("SC_PAGE_SIZE")
     chunks = []
-    while len(chunks) * 16 < cap_mib:
-        chunks.append(b"\x01" * (16 * 2**20))  # written, so every page is touched and charged
-        print(len(chunks) * 16, flush=True)
+    rss_mib = 0
+    while rss_mib < cap_mib:
+        chunks.append(b"\x01" * 2**20)  # written, so every page is touched and charged
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+            rss_mib = (int(fields[1]) - int(fields[2])) * page // 2**20  # resident minus file-backed shared
+        print(rss_mib, flush=True)
     sys.exit(3)  # never killed: the limit is not enforced
 
 

@@ -251,6 +251,11 @@ class EmulatedNetwork:
         with self._lock:
             return sum(self._live(u, v).state[u]["delay_ms"] for u, v in self.path(src, dst)) / 1000.0
 
+    def path_rate_bytes_per_s(self, src: str, dst: str) -> float:
+        """Bottleneck of the current per-direction rates along the routed path (bytes/s)."""
+        with self._lock:
+            return min(self._live(u, v).state[u]["bandwidth_mbps"] for u, v in self.path(src, dst)) * 1e6 / 8
+
     def transport_delay_s(self, src: str, dst: str) -> float:
         """What a transport must add (0 when netem already delays in the kernel)."""
         return self.delays.get(src, dst)
