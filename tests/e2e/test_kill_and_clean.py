@@ -1,0 +1,72 @@
+"""`headroom run` SIGKILLed mid-run leaves resources that `headroom clean RUN_DIR` removes exactly;
+the run directory keeps every token recorded before the kill (root, real Mininet)."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_quickstart import REPO, _leftovers
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mnexec") is None, reason="needs root and Mininet"),
+]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] if Path(f"/proc/{pid}/stat").exists() else "X"
+    return state != "Z"
+
+
+def test_sigkill_then_clean_removes_everything(tmp_path):
+    before = _leftovers()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed", "run", str(REPO / "experiments/quickstart.yaml"), "-o", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        tokens = None
+        while time.time() < deadline:
+            found = list(tmp_path.glob("quickstart/*/tokens.csv"))
+            if found and sum(1 for _ in open(found[0])) > 10:
+                tokens = found[0]
+                break
+            time.sleep(0.2)
+        assert tokens is not None, "the run never produced tokens"
+    finally:
+        proc.kill()  # SIGKILL the orchestrator only: its agents, network and cgroups stay behind
+        proc.wait(timeout=10)
+    run_dir = tokens.parent
+    with open(tokens) as f:
+        kept = list(csv.DictReader(f))
+    assert len(kept) >= 10
+    resources = (run_dir / "resources.jsonl").read_text()
+    assert '"process"' in resources and '"cgroup"' in resources
+    out = subprocess.run([sys.executable, "-m", "testbed", "clean", str(run_dir)], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert not [l for l in out.stdout.splitlines() if l.startswith("FAILED")], out.stdout
+    deadline = time.time() + 10
+    while _leftovers() != before and time.time() < deadline:
+        time.sleep(0.5)
+    assert _leftovers() == before
+    import json
+
+    pids = [json.loads(l).get("pid") for l in resources.splitlines() if '"process"' in l]
+    assert not [p for p in pids if p and _alive(p)]
+    again = subprocess.run([sys.executable, "-m", "testbed", "clean", str(run_dir)], capture_output=True, text=True,
+                           timeout=60, cwd=REPO)
+    assert again.returncode == 0 and not again.stdout.strip(), again.stdout
