@@ -80,9 +80,16 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
         from testbed.sim_backend import build_simulated_cluster
 
         return build_simulated_cluster(topo, model, recorder)
+    import os
+
+    if os.geteuid() != 0:
+        raise RunError("the emulated backend needs root (Mininet, tc, cgroups); use --backend simulated")
     from testbed.emulated_cluster import build_emulated_cluster
 
-    return build_emulated_cluster(topo, model, run_dir, recorder)
+    try:
+        return build_emulated_cluster(topo, model, run_dir, recorder)
+    except Exception as exc:  # a backend that cannot come up is the run's failure, reported without traceback
+        raise RunError(f"could not bring up the emulated testbed: {type(exc).__name__}: {exc}") from exc
 
 
 def prompt_for(spec: ExperimentSpec, model: ModelRef, repetition: int) -> list[int]:
