@@ -120,3 +120,26 @@ def test_infeasible_algorithm_is_a_result_not_a_crash(exp_path, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["edgeshard"]["failed"] and "OOM" in summary["edgeshard"]["failure"]
     assert summary["resource_aware"]["failed"]
+
+
+def test_cli_run_and_plan(exp_path, tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "testbed", "run", str(exp_path), "-o", str(tmp_path / "o"),
+                          "--print-run-dir"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (Path(out.stdout.strip().splitlines()[-1]) / "summary.json").exists()
+    plan = subprocess.run([sys.executable, "-m", "testbed", "plan", str(exp_path), "--algorithm", "resource_aware",
+                           "--json"], capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    obj = json.loads(plan.stdout)
+    assert {"algorithm", "predicted_token_latency_s", "solve_time_s", "placement"} <= set(obj)
+    assert obj["predicted_token_latency_s"] > 0 and len(obj["placement"]["layers"]) == 4
+    bad = subprocess.run([sys.executable, "-m", "testbed", "plan", str(exp_path), "--algorithm", "magic"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown algorithm 'magic'" in bad.stderr and "Traceback" not in bad.stderr
+    exp_path.write_text(EXP.replace("new_tokens: 24", "new_tokens: -1"))
+    broken = subprocess.run([sys.executable, "-m", "testbed", "run", str(exp_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert broken.returncode == 2 and "exp.yaml:4: workload.new_tokens" in broken.stderr
