@@ -237,12 +237,18 @@ class Agent(Dataflow, Migration):
 
     def _send(self, dst: str, header: dict, payload: bytes = b"") -> int:
         sock = self._out.get(dst)
-        if sock is None:
-            ip, port = self.peers[dst]
-            sock = connect(ip, port)
-            send_frame(sock, P.hello_frame(self.name))
-            self._out[dst] = sock
-        n = send_frame(sock, header, payload)
+        try:
+            if sock is None:
+                ip, port = self.peers[dst]
+                sock = connect(ip, port)
+                send_frame(sock, P.hello_frame(self.name))
+                self._out[dst] = sock
+            n = send_frame(sock, header, payload)
+        except OSError as exc:  # name the peer: the controller's failure message starts from here
+            if self._out.get(dst) is sock and sock is not None:
+                del self._out[dst]
+                sock.close()
+            raise ConnectionError(f"{self.name}->{dst}: {exc}") from exc
         self.sent_bytes[dst] = self.sent_bytes.get(dst, 0) + n
         return n
 

@@ -172,32 +172,80 @@ class EmulatedCluster:
                 f"{st['usage_bytes']} B, peak {st['peak_bytes']} B, limit {st['memory_limit_bytes']} B")
 
     def _watchdog(self) -> None:
+        """Called while waiting for a token or migration: a dead agent or a link taken down on the
+        placement's paths fails the algorithm at once instead of at the token timeout."""
         msg = self._failure()
+        down = [] if msg else self._down_links(self.placement)
+        if down:
+            msg = f"link {', '.join(down)} went down on the placement's paths"
         if msg:
             self.dirty = True
             raise AlgorithmFailure(msg)
 
+    def _placement_links(self, placement: Placement | None) -> list:
+        """The live links on any path between two devices of ``placement`` (all hosts if None)."""
+        devs = sorted(placement.devices()) if placement else self.hosts()
+        seen: dict[int, object] = {}
+        for a in devs:
+            for b in devs:
+                if a != b:
+                    for u, v in self.net.path(a, b):
+                        link = self.net._live(u, v)
+                        seen.setdefault(link.index, link)
+        return [seen[i] for i in sorted(seen)]
+
+    def _down_links(self, placement: Placement | None) -> list[str]:
+        """Links that are down on the paths ``placement`` uses, as "a-b"."""
+        if all(l.up for l in self.net.links):  # the common case, checked by the watchdog 5x a second
+            return []
+        return [f"{l.spec.a}-{l.spec.b}" for l in self._placement_links(placement) if not l.up]
+
+    def _diagnose(self, grace_s: float = 1.0) -> str | None:
+        """Why a token or migration could not finish: a dead agent (waiting up to ``grace_s`` for
+        its exit to be reaped), a link down on the placement's paths, or lossy links; else None."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            msg = self._failure()
+            if msg:
+                return msg
+            down = self._down_links(self.placement)
+            if down:
+                return f"link {', '.join(down)} is down on the placement's paths"
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        lossy = [f"{l.spec.a}-{l.spec.b} ({max(st['loss_pct'] for st in l.state.values()):g}% loss)"
+                 for l in self._placement_links(self.placement) if any(st["loss_pct"] for st in l.state.values())]
+        return f"lossy links on the placement's paths: {', '.join(lossy)}" if lossy else None
+
     def _guard(self, what: str, fn):
         try:
             return fn()
+        except AlgorithmFailure as exc:  # from the watchdog: say what it interrupted
+            raise AlgorithmFailure(f"{what}: {exc}") from None
         except P.RemoteError as exc:
             if exc.error == "BudgetError":
                 raise AlgorithmFailure(f"{what} refused: {exc.message}") from None
             self.dirty = True
-            msg = self._failure()
-            if msg or exc.error in ("TimeoutError", "RuntimeError"):
-                raise AlgorithmFailure(f"{what}: {msg or exc.message}") from None
-            raise ClusterError(f"{what}: {exc}") from None
+            if exc.error not in ("TimeoutError", "RuntimeError"):
+                msg = self._diagnose(0.0)
+                if not msg:
+                    raise ClusterError(f"{what}: {exc}") from None
+            else:
+                msg = self._diagnose()
+            raise AlgorithmFailure(f"{what}: {msg} ({exc.message})" if msg else f"{what}: {exc.message}") from None
         except (AgentCallError, P.CallTimeout) as exc:
             self.dirty = True
-            raise AlgorithmFailure(f"{what}: {self._failure() or exc}") from None
+            msg = self._diagnose()
+            raise AlgorithmFailure(f"{what}: {msg} ({exc})" if msg else f"{what}: {exc}") from None
 
     def _check_paths(self, placement: Placement) -> None:
         devs = sorted(placement.devices())
         for a in devs:
             for b in devs:
                 if a != b and not self._path_state(a, b).up:
-                    raise AlgorithmFailure(f"placement needs {a}->{b} but that path is down")
+                    raise AlgorithmFailure(f"placement needs {a}->{b} but link "
+                                           f"{', '.join(self._down_links(placement))} is down")
         self._watchdog()
 
     # ------------------------------------------------------------------ tokens
