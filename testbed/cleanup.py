@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 # removal order: processes before the namespaces they live in, links before bridges, cgroups last
-_ORDER = ("process", "iptables", "veth", "bridge", "route", "host", "cgroup")
+_ORDER = ("process", "iptables", "veth", "bridge", "route", "host", "cgroup", "socket_dir")
 
 
 def proc_start_time(pid: int) -> Optional[int]:
@@ -184,9 +184,21 @@ def _remove_cgroup(e: dict) -> Optional[str]:
     raise OSError(f"cannot remove cgroup {path}: still busy")
 
 
+def _remove_socket_dir(e: dict) -> Optional[str]:
+    """A private directory of control sockets: remove its sockets, then the (now empty) directory."""
+    path = Path(e["path"])
+    if not path.is_dir():
+        return None
+    for child in path.iterdir():
+        if child.is_socket():
+            child.unlink()
+    path.rmdir()  # fails (and is reported) if something other than our sockets is inside
+    return f"removed socket directory {path}"
+
+
 _REMOVERS = {"process": _remove_process, "host": _remove_host, "iptables": _remove_iptables,
              "veth": _remove_veth, "bridge": _remove_bridge, "route": _remove_route,
-             "cgroup": _remove_cgroup}
+             "cgroup": _remove_cgroup, "socket_dir": _remove_socket_dir}
 
 
 def cleanup_entries(entries: list[dict]) -> list[str]:
@@ -202,6 +214,8 @@ def cleanup_entries(entries: list[dict]) -> list[str]:
                 continue
             if what:
                 removed.append(what)
+    unknown = sorted({e.get("kind") for e in entries} - set(_ORDER) - {"meta"})
+    errors += [f"unknown resource kind {k!r}: not removed" for k in unknown]
     if errors:
         removed.extend(f"FAILED: {msg}" for msg in errors)
     return removed

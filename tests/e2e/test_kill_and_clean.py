@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_quickstart import REPO, _leftovers
+from tests.e2e.test_quickstart import REPO, manifest_leftovers
 
 pytestmark = [
     pytest.mark.root,
@@ -21,17 +21,7 @@ pytestmark = [
 ]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] if Path(f"/proc/{pid}/stat").exists() else "X"
-    return state != "Z"
-
-
 def test_sigkill_then_clean_removes_everything(tmp_path):
-    before = _leftovers()
     proc = subprocess.Popen(
         [sys.executable, "-m", "testbed", "run", str(REPO / "experiments/quickstart.yaml"), "-o", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
@@ -60,13 +50,42 @@ def test_sigkill_then_clean_removes_everything(tmp_path):
     assert out.returncode == 0, out.stderr
     assert not [l for l in out.stdout.splitlines() if l.startswith("FAILED")], out.stdout
     deadline = time.time() + 10
-    while _leftovers() != before and time.time() < deadline:
+    while manifest_leftovers(run_dir) and time.time() < deadline:
         time.sleep(0.5)
-    assert _leftovers() == before
-    import json
-
-    pids = [json.loads(l).get("pid") for l in resources.splitlines() if '"process"' in l]
-    assert not [p for p in pids if p and _alive(p)]
+    assert manifest_leftovers(run_dir) == []
     again = subprocess.run([sys.executable, "-m", "testbed", "clean", str(run_dir)], capture_output=True, text=True,
                            timeout=60, cwd=REPO)
     assert again.returncode == 0 and not again.stdout.strip(), again.stdout
+
+
+def test_sigterm_interrupts_cleanly(tmp_path):
+    """SIGTERM (like Ctrl-C) stops the run, tears everything down and leaves a consistent directory."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed", "run", str(REPO / "experiments/quickstart.yaml"), "-o", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            found = list(tmp_path.glob("quickstart/*/tokens.csv"))
+            if found and sum(1 for _ in open(found[0])) > 10:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc != 0
+    run_dir = found[0].parent
+    from testbed.recorder import read_events
+    import json
+
+    types = [e["type"] for e in read_events(run_dir)]
+    assert types[-1] == "run_interrupted"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resource_aware"]["tokens_generated"] >= 10
+    deadline = time.time() + 10
+    while manifest_leftovers(run_dir) and time.time() < deadline:
+        time.sleep(0.5)
+    assert manifest_leftovers(run_dir) == []

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,36 @@ pytestmark = [
 ]
 
 
-def _leftovers() -> dict:
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/headroom-*"))
+def _pid_alive(pid: int, start_time: int | None) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z" and (start_time is None or int(fields[19]) == int(start_time))
+
+
+def manifest_leftovers(run_dir: Path) -> list[str]:
+    """Everything a run's resources.jsonl recorded that still exists (scoped to that run only, so
+    other networks on the machine do not disturb the check)."""
+    entries = [json.loads(l) for l in (run_dir / "resources.jsonl").read_text().splitlines() if l.strip()]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    return {"netns": netns, "cgroups": cgroups, "hr_links": [l for l in links.splitlines() if ": hr" in l]}
+    routes = subprocess.run(["ip", "route", "show"], capture_output=True, text=True).stdout
+    left = []
+    for e in entries:
+        kind = e["kind"]
+        if kind in ("host", "process") and _pid_alive(e["pid"], e.get("start_time")):
+            left.append(f"{kind} pid {e['pid']}")
+        elif kind in ("cgroup", "socket_dir") and Path(e["path"]).exists():
+            left.append(f"{kind} {e['path']}")
+        elif kind == "bridge":
+            prefix = e["dev"][:-2]  # the run's tag: every root-side device of the run starts with it
+            left += [f"link {l.split(':')[1].strip()}" for l in links.splitlines() if f": {prefix}" in l]
+        elif kind == "route" and f"{e['route'][0]} {e['route'][1]} metric {e['route'][3]}" in routes:
+            left.append(f"route {' '.join(e['route'])}")
+    return left
 
 
 def test_quickstart_emulated_tokens_equal_monolithic(tmp_path):
-    before = _leftovers()
     out = subprocess.run(
         [sys.executable, "-m", "testbed", "run", str(REPO / "experiments/quickstart.yaml"), "-o", str(tmp_path),
          "--print-run-dir"],
@@ -61,4 +83,7 @@ def test_quickstart_emulated_tokens_equal_monolithic(tmp_path):
     assert ana.returncode == 0, ana.stderr[-3000:]
     assert (run_dir / "figures" / "report.html").exists()
     assert list((run_dir / "figures").glob("*.png"))
-    assert _leftovers() == before
+    deadline = time.time() + 10  # the kernel frees a namespace's links asynchronously
+    while manifest_leftovers(run_dir) and time.time() < deadline:
+        time.sleep(0.5)
+    assert manifest_leftovers(run_dir) == []
