@@ -5,8 +5,9 @@ dataflow of ``testbed.placement`` with its peers.
 Threads: the control thread (one Unix-socket connection from the controller, request/reply; the
 agent exits when it closes), the data listener (TCP on the host's emulated address), one reader
 per inbound data connection, and ONE worker that does all block work in order. Readers put frames
-into a timed inbox that releases each no earlier than ``received_at + one-way delay`` (transport
-delay emulation; 0 under netem) — the worker never sleeps on behalf of a single frame.
+into a timed inbox (``node_agent.inbox``) that releases each at ``_release_time``: its arrival plus
+the one-way delay (transport delay emulation; 0 under netem), never before the bytes could have
+crossed the path's bottleneck — the worker never sleeps on behalf of a single frame.
 
 The token steps live in ``node_agent.dataflow``, the migration endpoints in
 ``node_agent.migration`` (mixins of ``Agent``); this module owns the sockets, the control
@@ -27,6 +28,7 @@ import torch
 
 from node_agent import protocol as P
 from node_agent.dataflow import Dataflow, Inp, TokenState
+from node_agent.inbox import TimedInbox, lower_timer_slack
 from node_agent.migration import Migration
 from node_agent.shards import BlockStore, Budget, BudgetError, calibrate, rss_bytes
 from node_agent.wire import WireError, connect, recv_frame, send_frame
@@ -47,7 +49,7 @@ class Agent(Dataflow, Migration):
         self.store: BlockStore | None = None
         self.placement: Placement | None = None
         self.pv = 0
-        self.inbox = P.TimedInbox()
+        self.inbox = TimedInbox()
         self.peers: dict[str, tuple[str, int]] = {}
         self.delays: dict[str, float] = {}
         self.rates: dict[str, float] = {}  # bytes/s bottleneck of the path from each peer
@@ -255,6 +257,7 @@ class Agent(Dataflow, Migration):
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:
         torch.set_grad_enabled(False)
+        lower_timer_slack()  # this thread's timed waits release frames: keep them punctual
         while True:
             item = self.inbox.get()
             try:

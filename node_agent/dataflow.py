@@ -83,7 +83,8 @@ class Dataflow:
                 shape, raw = P.tensor_payload(t)
             key = f"{self.name}->{dst}"
             own[key] = own.get(key, 0) + len(raw)
-            c = [cp[0], cp[1], cp[2] + (time.time() - t_ready)]
+            # microseconds are plenty for the path accounting, and every header byte is on the wire
+            c = [round(cp[0], 6), round(cp[1], 6), round(cp[2] + (time.time() - t_ready), 6)]
             self._send(dst, P.act_header(kind, seq, layer, self.pv, shape, c, own, **extra), raw)
 
     def _token(self, h: dict) -> TokenState:
