@@ -41,18 +41,22 @@ class LoopState:
     tokens: list[int] = field(default_factory=list)
 
 
-def _plan(settings: LoopSettings, cluster: Cluster, dims: ModelDims, context_len: int, current: Placement | None):
+def _plan(settings: LoopSettings, cluster: Cluster, dims: ModelDims, context_len: int, current: Placement | None,
+          pending_limits: dict[str, float] | None = None):
     from testbed.partition import plan
 
     snap = cluster.snapshot(context_len, settings.repartition_every)
-    snap = _with_policy(snap, current, settings.allow_blocks_on_source)
+    snap = _with_policy(snap, current, settings.allow_blocks_on_source, pending_limits or {})
     return plan(settings.algorithm, snap, dims, cost_model=settings.cost_model, **settings.params)
 
 
-def _with_policy(snap, current, allow_on_source):
+def _with_policy(snap, current, allow_on_source, pending_limits: dict[str, float]):
+    """The measured snapshot, told the current placement, the source policy and announced limits."""
     from dataclasses import replace
 
-    return replace(snap, current=current, allow_blocks_on_source=allow_on_source)
+    devices = tuple(replace(d, mem_limit_bytes=int(pending_limits[d.name] * 2**20)) if d.name in pending_limits else d
+                    for d in snap.devices)
+    return replace(snap, devices=devices, current=current, allow_blocks_on_source=allow_on_source)
 
 
 def _is_drop(change: Change, before: dict) -> bool:
@@ -98,13 +102,16 @@ class AlgorithmLoop:
         """True if every token was generated; False if the algorithm failed (recorded)."""
         token_index = 0
         try:
-            self._apply_due(0)
+            self._apply(0, self._apply_due(0))
             self._initial_plan()
             rec = self.cluster.load(self.state.placement, self.s.prompt_ids)
             self._record_token(0, rec, 0.0, 0, phase="prefill")
             for token_index in range(1, self.s.new_tokens):
-                self._apply_due(token_index)
-                mig_s, mig_b = self._maybe_replan(token_index)
+                deferred = self._apply_due(token_index)
+                mig_s, mig_b = self._maybe_replan(token_index, deferred)
+                self._apply(token_index, deferred)
+                if token_index % self.s.repartition_every == 0:
+                    self._ev("mem_sample", token_index=token_index, host_mem_bytes=self.cluster.peak_mem_bytes())
                 rec = self.cluster.step(self.state.tokens[-1])
                 self._record_token(token_index, rec, mig_s, mig_b, phase="decode")
         except AlgorithmFailure as exc:
@@ -131,8 +138,19 @@ class AlgorithmLoop:
         self._ev("plan", token_index=token_index, placement=result.placement.to_json(),
                  predicted_token_latency_s=result.predicted_token_latency_s, solve_time_s=result.solve_time_s)
 
-    def _apply_due(self, token_index: int) -> None:
-        for change in self.timeline.due(token_index, self.state.elapsed_s):
+    def _apply_due(self, token_index: int) -> list[Change]:
+        """Apply the changes due now, except memory-limit changes, which are returned: they are
+        announced to the planner first (a device reports what it is about to have), so a dynamic
+        algorithm can move blocks off a squeezed host before the limit is enforced."""
+        due = self.timeline.due(token_index, self.state.elapsed_s)
+        deferred = [c for c in due if c.host is not None and "mem_limit_mib" in c.values]
+        if deferred:
+            self.state.replan_now = True
+        self._apply(token_index, [c for c in due if c not in deferred])
+        return deferred
+
+    def _apply(self, token_index: int, changes: list[Change]) -> None:
+        for change in changes:
             key = (change.link, change.host)
             before = self._last_values.get(key, {})
             readback = apply_change(self.cluster, change)
@@ -143,15 +161,15 @@ class AlgorithmLoop:
                      link=list(change.link) if change.link else None, host=change.host,
                      values=change.values, readback=readback)
 
-    def _maybe_replan(self, token_index: int) -> tuple[float, int]:
+    def _maybe_replan(self, token_index: int, announced: list[Change]) -> tuple[float, int]:
         scheduled = token_index % self.s.repartition_every == 0
         if not self.dynamic or not (scheduled or self.state.replan_now):
             return 0.0, 0
         self.state.replan_now = False
         context = len(self.s.prompt_ids) + token_index
-        result = _plan(self.s, self.cluster, self.dims, context, self.state.placement)
+        pending = {c.host: c.values["mem_limit_mib"] for c in announced}
+        result = _plan(self.s, self.cluster, self.dims, context, self.state.placement, pending)
         self._record_plan(token_index, result)
-        self._ev("mem_sample", token_index=token_index, host_mem_bytes=self.cluster.peak_mem_bytes())
         if result.placement == self.state.placement:
             return 0.0, 0
         mig = self.cluster.migrate(result.placement)
