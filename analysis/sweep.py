@@ -39,7 +39,9 @@ def sweep_frame(runs: list[Run]) -> pd.DataFrame:
             s = r.summary.get(algo, {})
             rows.append({"run": i, "label": label, "x": x, "algorithm": algo,
                          "mean_token_latency_s": s.get("mean_token_latency_s"),
-                         "max_peak_mem_bytes": s.get("max_peak_mem_bytes"), "failed": bool(s.get("failed")),
+                         # workers only: the source's embeddings would flatten every line
+                         "max_peak_mem_bytes": s.get("max_worker_peak_mem_bytes", s.get("max_peak_mem_bytes")),
+                         "failed": bool(s.get("failed")),
                          "failure": short_failure(s.get("failure"), s.get("failed_at_token"))
                          if s.get("failed") else None})
     return pd.DataFrame(rows)
@@ -77,7 +79,7 @@ def fig_sweep(runs: list[Run]):
     df["xpos"] = df["x"].astype(float) if numeric else df["label"].map({lab: i for i, lab in enumerate(labels)})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for ax, col, scale, ylabel in ((axes[0], "mean_token_latency_s", MS, "mean token latency [ms]"),
-                                   (axes[1], "max_peak_mem_bytes", 1 / MIB, "max peak memory per host [MiB]")):
+                                   (axes[1], "max_peak_mem_bytes", 1 / MIB, "max peak memory per worker [MiB]")):
         bottom = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
         for k, algo in enumerate(dict.fromkeys(df["algorithm"])):
             d = df[df["algorithm"] == algo].sort_values("xpos")
