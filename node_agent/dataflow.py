@@ -66,7 +66,8 @@ def _join(inputs: list[Inp]) -> tuple[list, dict, float]:
 
 class Dataflow:
     """Mixin of ``node_agent.agent.Agent``: the token steps. Uses the agent's ``name``, ``store``,
-    ``placement``, ``pv``, ``tokens`` (seq -> TokenState), ``inbox`` (local hand-offs) and ``_send``."""
+    ``placement``, ``pv``, ``tokens`` (seq -> TokenState), ``local`` (hand-offs to its own blocks, served
+    by the worker before its inbox) and ``_send``."""
 
     def _emit(self, kind: str, dsts: list[str], layer: int, st: "TokenState", t: torch.Tensor, cp: list,
               tally: dict, t_ready: float, **extra) -> None:
@@ -77,7 +78,7 @@ class Dataflow:
             own = dict(tally) if i == 0 else {}
             if dst == self.name:
                 inp = Inp(t, list(cp), time.time(), own, dict(extra))
-                self.inbox.put(("local", {"kind": kind, "seq": seq, "layer": layer, "start_pos": st.start_pos}, inp))
+                self.local.append(("local", {"kind": kind, "seq": seq, "layer": layer, "start_pos": st.start_pos}, inp))
                 continue
             if raw is None:
                 shape, raw = P.tensor_payload(t)
