@@ -65,19 +65,21 @@ def bench_latency(model: str, tokens: int, run: Path) -> list[dict]:
         for name, pl in placements(cfg).items():
             c.reset()
             rec = c.load(pl, prompt)
-            meas, pred, parts = [], [], []
+            meas, pred, parts, pparts = [], [], [], []
             for i in range(tokens):
                 T = len(prompt) + i + 1
                 snap = c.snapshot(T, 8)
-                pred.append(decode_cost(pl, snap, dims, T).token_latency_s)
+                cost = decode_cost(pl, snap, dims, T)
+                pred.append(cost.token_latency_s)
+                pparts.append((cost.compute_s, cost.transfer_s))
                 rec = c.step(rec.token_id)
                 meas.append(rec.latency_s)
                 parts.append((rec.compute_s, rec.transfer_s, rec.wait_s))
             m, p = statistics.median(meas), statistics.median(pred)
+            med = lambda xs, k: statistics.median(x[k] for x in xs) * 1e3  # noqa: E731
             rows.append({"placement": name, "measured_ms": m * 1e3, "predicted_ms": p * 1e3, "ratio": m / p,
-                         "compute_ms": statistics.median(x[0] for x in parts) * 1e3,
-                         "transfer_ms": statistics.median(x[1] for x in parts) * 1e3,
-                         "wait_ms": statistics.median(x[2] for x in parts) * 1e3})
+                         "compute_ms": med(parts, 0), "transfer_ms": med(parts, 1), "wait_ms": med(parts, 2),
+                         "pred_compute_ms": med(pparts, 0), "pred_transfer_ms": med(pparts, 1)})
     finally:
         c.close()
     return rows
@@ -164,10 +166,12 @@ def main() -> None:
     run = Path(tempfile.mkdtemp(prefix="bench-agents-"))
     if "latency" not in args.skip:
         print(f"== per-token latency, {args.model}, 4-host star, median of {args.tokens} decode tokens")
-        print(f"{'placement':<12} {'measured':>9} {'predicted':>9} {'ratio':>6}  compute/transfer/wait (ms)")
+        print(f"{'placement':<12} {'measured':>9} {'predicted':>9} {'ratio':>6}  measured compute/transfer/wait"
+              f"  predicted compute/transfer (ms)")
         for r in bench_latency(args.model, args.tokens, run):
             print(f"{r['placement']:<12} {r['measured_ms']:8.2f}ms {r['predicted_ms']:8.2f}ms {r['ratio']:6.3f}  "
-                  f"{r['compute_ms']:.2f}/{r['transfer_ms']:.2f}/{r['wait_ms']:.2f}")
+                  f"{r['compute_ms']:7.2f}/{r['transfer_ms']:.2f}/{r['wait_ms']:.2f}"
+                  f"  {r['pred_compute_ms']:13.2f}/{r['pred_transfer_ms']:.2f}")
     if "migration" not in args.skip:
         m = bench_migration(run)
         print(f"== migration h2->h3 (20 Mbit/s path): {m['bytes']} B in {m['duration_s']:.2f} s = "
