@@ -156,11 +156,30 @@ def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray
     return finish, pens, {j: n[j] for j in order}
 
 
-def _ffn_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray, int]:
+def _agg_candidates(ly: _Layer, P: int, r: list, exit_s: np.ndarray | None, k: int = 2) -> list[int]:
+    """Aggregator devices to try for anchor P: the ``k`` cheapest with room for a chunk by
+    (h from P + one chunk + the aggregator's exit transfer ``exit_s``), plus P itself."""
+    p = ly.prob
+    fc = ly.chunk_cols * p.sz.ffn_col_f / np.where(p.C > 0, p.C, np.nan)
+    key = np.where(np.arange(len(fc)) == P, 0.0, p.lat[P] + p.sz.x_b * p.spb[P]) + fc
+    key = key + (ly.cur_chunks <= 0) * np.array(ly.mig_chunk)
+    if exit_s is not None:
+        key = key + exit_s
+    ok = p.allowed & (np.array(r) >= ly.chunk_b) & np.isfinite(key)
+    idx = np.nonzero(ok)[0]
+    if idx.size == 0:
+        raise NoFit(f"L{ly.l}.ffn", ly.chunk_b)
+    out = idx[np.argsort(key[idx], kind="stable")[:k]].tolist()
+    if ok[P] and P not in out:
+        out.append(P)
+    return out
+
+
+def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[float, float, np.ndarray, int]:
     """Greedy FFN chunks after the projection on P: (stage time, penalties, counts, aggregator).
 
     P sends h to the aggregator first, then to each new shard device in pick order (serialised on
-    P's uplink, as in the ``decode`` model)."""
+    P's uplink, as in the ``decode`` model). ``agg``: the aggregator (default: the cheapest)."""
     p = ly.prob
     tauP = (p.sz.x_b * p.spb[P]).tolist()
     latP = p.lat[P].tolist()
@@ -169,13 +188,16 @@ def _ffn_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray, 
     n = [0] * len(fc)
     pen = lambda j: 0.0 if n[j] < cur[j] else mig[j]  # noqa: E731
     allowed = np.nonzero(p.allowed)[0].tolist()
-    heap = [(tauP[j] + latP[j] + fc[j] + pen(j), j) for j in allowed]
-    heapq.heapify(heap)
-    agg = _pop_fitting(heap, r, ly.chunk_b, f"L{ly.l}.ffn")
+    if agg is None:
+        heap = [(tauP[j] + latP[j] + fc[j] + pen(j), j) for j in allowed]
+        heapq.heapify(heap)
+        agg = _pop_fitting(heap, r, ly.chunk_b, f"L{ly.l}.ffn")
+    elif r[agg] < ly.chunk_b:
+        raise NoFit(f"L{ly.l}.ffn", ly.chunk_b)
     back = (p.lat[:, agg] + p.sz.x_b * p.spb[:, agg]).tolist()
     base: list = [None] * len(fc)
-    base[agg] = tauP[agg] + latP[agg]
-    up = [tauP[agg]]
+    base[agg] = tauP[agg] + latP[agg] if agg != P else 0.0
+    up = [tauP[agg] if agg != P else 0.0]
     pens, finish, order = pen(agg), base[agg] + fc[agg], [agg]
     n[agg], r[agg] = 1, r[agg] - ly.chunk_b
 
@@ -265,21 +287,66 @@ def _candidates(ly: _Layer, r: list, k: int) -> list[int]:
 
 
 def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
+    """Best layer plan with the projection on P: (estimated time, residual, heads, chunks, agg).
+
+    Both claim orders are tried (heads first / FFN chunks first: whichever block kind goes first
+    gets the fast devices' memory), and for the FFN a few aggregators (``_agg_candidates``; under
+    ``decode`` in the last layer its transfer to the source counts)."""
     p = ly.prob
-    r = list(resid)
-    r[P] -= p.sz.proj_b
+    r0 = list(resid)
+    r0[P] -= p.sz.proj_b
     paper = p.cost_model == "paper"
-    heads, ffn = (_heads_paper, _ffn_paper) if paper else (_heads_decode, _ffn_decode)
-    if ly.chunk_b >= p.sz.head_b:  # largest demand first (memory order)
-        f_t, f_pen, nf, agg = ffn(ly, P, r)
-        h_t, h_pen, nh = heads(ly, P, r)
-    else:
-        h_t, h_pen, nh = heads(ly, P, r)
-        f_t, f_pen, nf, agg = ffn(ly, P, r)
-    total = h_t + p.sz.proj_f / p.C[P] + f_t + h_pen + f_pen + ly.proj_pen(P)
+    exit_s = None
     if last and not paper:
-        total += p.lat[agg, p.src] + p.sz.x_b * p.spb[agg, p.src]
-    return total, r, nh, nf, agg
+        exit_s = np.where(np.arange(len(p.names)) == p.src, 0.0, p.lat[:, p.src] + p.sz.x_b * p.spb[:, p.src])
+    fixed = ly.proj_pen(P) + (0.0 if paper else p.sz.proj_f / p.C[P])
+    if paper:
+        fixed = ly.proj_pen(P) + p.sz.proj_f / p.C[P]
+    best, err = None, None
+
+    def consider(h, f, r):
+        nonlocal best
+        h_t, h_pen, nh = h
+        f_t, f_pen, nf, agg = f
+        total = h_t + f_t + h_pen + f_pen + fixed + (exit_s[agg] if exit_s is not None else 0.0)
+        if best is None or total < best[0]:
+            best = (total, r, nh, nf, agg)
+
+    if paper:
+        aggs = [None]
+    else:
+        try:
+            aggs = _agg_candidates(ly, P, r0, exit_s)
+        except NoFit as exc:
+            raise exc
+    heads, ffn = (_heads_paper, _ffn_paper) if paper else (_heads_decode, _ffn_decode)
+    # heads first
+    try:
+        rh = list(r0)
+        h = heads(ly, P, rh)
+        for agg in aggs:
+            r = list(rh)
+            try:
+                f = ffn(ly, P, r) if paper else ffn(ly, P, r, agg)
+            except NoFit as exc:
+                err = exc
+                continue
+            consider(h, f, r)
+    except NoFit as exc:
+        err = exc
+    # FFN chunks first
+    for agg in aggs:
+        r = list(r0)
+        try:
+            f = ffn(ly, P, r) if paper else ffn(ly, P, r, agg)
+            h = heads(ly, P, r)
+        except NoFit as exc:
+            err = exc
+            continue
+        consider(h, f, r)
+    if best is None:
+        raise err  # type: ignore[misc]
+    return best
 
 
 def _plan_layer(ly: _Layer, resid: list, k: int, last: bool):
