@@ -90,11 +90,19 @@ class _Layer:
         return (p.lat[self.cur_proj, P] + p.sz.proj_b * p.spb[self.cur_proj, P]) / getattr(p, "H", p.N)
 
 
+class _Bound:
+    """Set when memory changed a choice (a device was skipped for lack of room) since ``reset``."""
+    hit = False
+    skipped: set = set()
+
+
 def _pop_fitting(heap: list, r: list, nbytes: float, block: str) -> int:
     while heap:
         _, j = heapq.heappop(heap)
         if r[j] >= nbytes:
             return j
+        _Bound.hit = True
+        _Bound.skipped.add(j)
     raise NoFit(block, nbytes)
 
 
@@ -104,6 +112,8 @@ def _lazy_pop(heap: list, key, r: list, nbytes: float, block: str) -> int:
     while heap:
         k, j = heapq.heappop(heap)
         if r[j] < nbytes:
+            _Bound.hit = True
+            _Bound.skipped.add(j)
             continue
         now = key(j)
         if now > k + 1e-15 and heap and now > heap[0][0]:
@@ -138,7 +148,11 @@ def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray
     def key(j):
         return arrival(j) + tail[j] + (n[j] + 1) * inc[j] + (0.0 if n[j] < cur[j] else mig[j])
 
-    heap = [(key(j), j) for j in np.nonzero(p.allowed)[0].tolist()]
+    al = np.nonzero(p.allowed)[0]
+    arr = up[0] + p.sz.x_b * p.spb[A, al] + p.lat[A, al]
+    arr[al == P], arr[al == A] = base[P], 0.0
+    k0 = arr + p.lat[al, P] + np.array(inc)[al] + (ly.cur_heads[al] <= 0) * np.array(mig)[al]
+    heap = list(zip(k0.tolist(), al.tolist()))
     heapq.heapify(heap)
     finish, pens, order = float(base[P]), 0.0, []
     for g in range(p.dims.n_kv_heads):
@@ -205,7 +219,14 @@ def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[fl
         b = base[j] if base[j] is not None else up[0] + tauP[j] + latP[j]
         return b + (n[j] + 1) * fc[j] + back[j] + pen(j)
 
-    heap = [(key(j), j) for j in allowed]
+    al = np.array(allowed, dtype=int)
+    arr = up[0] + np.array(tauP)[al] + np.array(latP)[al]
+    arr[al == agg] = base[agg]
+    cnt = np.zeros(len(al))
+    cnt[al == agg] = 1
+    k0 = (arr + (cnt + 1) * np.array(fc)[al] + np.array(back)[al]
+          + np.where(cnt < ly.cur_chunks[al], 0.0, np.array(mig)[al]))
+    heap = list(zip(k0.tolist(), al.tolist()))
     heapq.heapify(heap)
     for _ in range(ly.K - 1):
         j = _lazy_pop(heap, key, r, ly.chunk_b, f"L{ly.l}.ffn")
@@ -233,6 +254,7 @@ def _heads_paper(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray]
         best, bj = np.inf, -1
         for j in allowed:
             if r[j] < p.sz.head_b:
+                _Bound.hit = True
                 continue
             pen = 0.0 if n[j] < cur[j] else mig[j]
             d = max(0.0, (n[j] + 1) * hc[j] - maxc) + xo[j] + pen
@@ -299,9 +321,7 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
     exit_s = None
     if last and not paper:
         exit_s = np.where(np.arange(len(p.names)) == p.src, 0.0, p.lat[:, p.src] + p.sz.x_b * p.spb[:, p.src])
-    fixed = ly.proj_pen(P) + (0.0 if paper else p.sz.proj_f / p.C[P])
-    if paper:
-        fixed = ly.proj_pen(P) + p.sz.proj_f / p.C[P]
+    fixed = ly.proj_pen(P) + p.sz.proj_f / p.C[P]
     best, err = None, None
 
     def consider(h, f, r):
@@ -312,18 +332,15 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
         if best is None or total < best[0]:
             best = (total, r, nh, nf, agg)
 
-    if paper:
-        aggs = [None]
-    else:
-        try:
-            aggs = _agg_candidates(ly, P, r0, exit_s)
-        except NoFit as exc:
-            raise exc
+    thorough = getattr(p, "thorough", False)
+    aggs = [None] if paper else _agg_candidates(ly, P, r0, exit_s, k=2 if (last or thorough) else 1)
     heads, ffn = (_heads_paper, _ffn_paper) if paper else (_heads_decode, _ffn_decode)
-    # heads first
+    # heads first; FFN chunks first only when memory changed a choice
+    _Bound.hit, h = False, None
     try:
         rh = list(r0)
         h = heads(ly, P, rh)
+        _Bound.skipped = set()
         for agg in aggs:
             r = list(rh)
             try:
@@ -334,8 +351,16 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
             consider(h, f, r)
     except NoFit as exc:
         err = exc
-    # FFN chunks first
-    for agg in aggs:
+    # the heads took memory the FFN wanted: a device holding heads (or P) was skipped for a chunk
+    if best is None or (thorough and _Bound.hit):
+        bound = True
+    elif paper:
+        bound = _Bound.hit
+    else:
+        bound = bool(_Bound.skipped & ({P} | set(h[2])))
+    if best is not None and not paper and not thorough:
+        aggs = [best[4]]
+    for agg in (aggs if bound else []):
         r = list(r0)
         try:
             f = ffn(ly, P, r) if paper else ffn(ly, P, r, agg)
@@ -549,7 +574,8 @@ def _keep_current(prob: Problem, new: Placement, horizon_tokens: float | None = 
 def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
                    proj_candidates: int = 4, headroom_epochs: int = 4, horizon_epochs: int = 4,
                    horizon_tokens: int | None = None, mem_balance: float | None = 1.25,
-                   balance_slack: float = 0.1) -> Placement:
+                   balance_slack: float = 0.1, thorough: bool | None = None,
+                   headroom_gain: float = 0.05) -> Placement:
     """One RA decision.
 
     ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
@@ -564,7 +590,12 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     ``mem_balance``: a second greedy round caps every device at the level where the capped devices
     hold ``mem_balance`` x the model (flatter fill, lower peak device memory); that plan is taken
     when its predicted latency is at most ``1 + balance_slack`` times the uncapped plan's (the
-    balance term trades at most that much latency). ``None`` or 0: no balancing round."""
+    balance term trades at most that much latency). ``None`` or 0: no balancing round.
+    ``thorough`` (default: at most 16 devices may hold blocks): per anchor, every aggregator
+    candidate in both claim orders, and one more round sized for one epoch of KV growth only (the
+    exact solver's horizon), taken when its plan is more than ``headroom_gain`` faster than the
+    headroom plan (headroom is worth a little latency, not a lot: when the KV caches outgrow the
+    tight plan, ``repair`` moves the fewest blocks)."""
     from testbed.partition.baselines import first_fit
 
     N = max(1, snapshot.tokens_until_next_decision)
@@ -576,12 +607,16 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
         prob = Problem(snapshot, dims, cost_model)
         prob.check_totals()
     prob.H = max(1.0, H)
+    if thorough is None:
+        thorough = int(prob.allowed.sum()) <= 16
+    prob.thorough = thorough
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
-    def one_round(budget):
+
+    def one_round(budget, pr=prob):
         err = None
         for share in (False, True):
             try:
-                return _round(prob, K, proj_candidates, share, budget), None
+                return _round(pr, K, proj_candidates, share, budget), None
             except NoFit as exc:
                 err = exc
         return None, err
@@ -602,6 +637,15 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
             return first_fit(snapshot, dims, cost_model)
         except InfeasiblePlan:
             raise prob.no_fit(last_err.block, last_err.nbytes, prob.budget) from None
-    new = Placement(snapshot.source, layers, meta=meta)
     budget = capped if meta.get("mem_balanced") else prob.budget
+    if thorough and prob.T_mem > prob.T + prob.N:
+        tight = Problem(snapshot, dims, cost_model)
+        tight.H, tight.thorough = prob.H, True
+        lt, _ = one_round(tight.budget, tight)
+        if lt is not None:
+            t_lat = evaluate(Placement(snapshot.source, lt), snapshot, dims, cost_model).token_latency_s
+            h_lat = evaluate(Placement(snapshot.source, layers), snapshot, dims, cost_model).token_latency_s
+            if t_lat < (1 - headroom_gain) * h_lat:
+                layers, meta, prob, budget = lt, {**meta, "tight_memory": True}, tight, tight.budget
+    new = Placement(snapshot.source, layers, meta=meta)
     return choose_plan(prob, new, prob.H, budget)
