@@ -93,7 +93,6 @@ class _Layer:
 class _Bound:
     """Set when memory changed a choice (a device was skipped for lack of room) since ``reset``."""
     hit = False
-    skipped: set = set()
 
 
 def _pop_fitting(heap: list, r: list, nbytes: float, block: str) -> int:
@@ -102,7 +101,6 @@ def _pop_fitting(heap: list, r: list, nbytes: float, block: str) -> int:
         if r[j] >= nbytes:
             return j
         _Bound.hit = True
-        _Bound.skipped.add(j)
     raise NoFit(block, nbytes)
 
 
@@ -113,7 +111,6 @@ def _lazy_pop(heap: list, key, r: list, nbytes: float, block: str) -> int:
         k, j = heapq.heappop(heap)
         if r[j] < nbytes:
             _Bound.hit = True
-            _Bound.skipped.add(j)
             continue
         now = key(j)
         if now > k + 1e-15 and heap and now > heap[0][0]:
@@ -340,7 +337,6 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
     try:
         rh = list(r0)
         h = heads(ly, P, rh)
-        _Bound.skipped = set()
         for agg in aggs:
             r = list(rh)
             try:
@@ -351,13 +347,13 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
             consider(h, f, r)
     except NoFit as exc:
         err = exc
-    # the heads took memory the FFN wanted: a device holding heads (or P) was skipped for a chunk
+    # FFN chunks first: when heads first failed, or (thorough) memory changed a choice
     if best is None or (thorough and _Bound.hit):
         bound = True
     elif paper:
         bound = _Bound.hit
     else:
-        bound = bool(_Bound.skipped & ({P} | set(h[2])))
+        bound = False
     if best is not None and not paper and not thorough:
         aggs = [best[4]]
     for agg in (aggs if bound else []):
