@@ -31,7 +31,7 @@ from node_agent import protocol as P
 from node_agent.dataflow import Dataflow, Inp, TokenState
 from node_agent.inbox import TimedInbox, lower_timer_slack
 from node_agent.migration import Migration
-from node_agent.shards import BlockStore, Budget, BudgetError, calibrate, rss_bytes
+from node_agent.shards import BlockStore, Budget, BudgetError, calibrate, rss_bytes, tune_allocator
 from node_agent.wire import WireError, connect, recv_frame, send_frame
 from testbed.placement import Placement
 
@@ -315,6 +315,7 @@ def run_agent(cfg: dict) -> None:
     """Entry point inside the forked child (already in the host's network namespace)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {cfg['name']} %(levelname)s %(message)s")
     torch.set_num_threads(int(cfg.get("threads", 1)))
+    tune_allocator()
     agent = Agent(cfg["name"], cfg["control_path"], int(cfg.get("data_port", DATA_PORT)), cfg.get("mem_dir"),
                   cfg.get("mem_version"), cfg.get("model"))
     log.info("config %s", json.dumps(cfg))

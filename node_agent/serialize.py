@@ -27,21 +27,28 @@ class SerializeError(ValueError):
     """The header and payload do not describe a valid set of tensors."""
 
 
-def tensors_to_bytes(tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> tuple[dict, bytes]:
-    """Pack tensors into (header, payload). `meta` (JSON-able) is copied into header["meta"]."""
+def tensors_to_bytes(tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> tuple[dict, bytearray]:
+    """Pack tensors into (header, payload). `meta` (JSON-able) is copied into header["meta"].
+
+    The payload is allocated once and each tensor copied into it once, so exporting a block costs
+    the sender one block's worth of extra memory (it matters on a host at its memory limit)."""
     if sys.byteorder != "little":
         raise SerializeError("only little-endian hosts are supported")
-    entries, chunks, off = [], [], 0
+    entries, off = [], 0
     for name, t in tensors.items():
         if t.dtype not in _NAMES:
             raise SerializeError(f"{name}: unsupported dtype {t.dtype}")
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
-        n = raw.numel()
+        n = t.numel() * t.element_size()
         entries.append({"name": name, "dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": off, "nbytes": n})
-        chunks.append(raw.numpy().tobytes())
         off += n
+    payload = bytearray(off)
+    out = torch.frombuffer(payload, dtype=torch.uint8) if off else None  # (nbytes,) view of the payload
+    for e, t in zip(entries, tensors.values()):
+        if e["nbytes"]:
+            src = t.detach().cpu().reshape(-1)  # a view when contiguous
+            out[e["offset"] : e["offset"] + e["nbytes"]].view(t.dtype).copy_(src)
     header = {"format": FORMAT, "tensors": entries, "nbytes": off, "meta": dict(meta or {})}
-    return header, b"".join(chunks)
+    return header, payload
 
 
 def tensors_from_bytes(header: dict, payload: bytes | bytearray | memoryview) -> dict[str, Tensor]:
@@ -50,7 +57,10 @@ def tensors_from_bytes(header: dict, payload: bytes | bytearray | memoryview) ->
         raise SerializeError(f"unknown format {header.get('format')!r}")
     if len(payload) != header["nbytes"]:
         raise SerializeError(f"payload has {len(payload)} bytes, header says {header['nbytes']}")
-    buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+    if not len(payload):
+        buf = torch.empty(0, dtype=torch.uint8)
+    else:  # a bytearray is used in place (each tensor is cloned out of it below)
+        buf = torch.frombuffer(payload if isinstance(payload, bytearray) else bytearray(payload), dtype=torch.uint8)
     out: dict[str, Tensor] = {}
     for e in header["tensors"]:
         dt = _DTYPES.get(e["dtype"])

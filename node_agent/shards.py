@@ -77,6 +77,9 @@ class Budget:
         limit, usage = self.read()
         if limit < 0:
             return
+        if needed > limit - usage - self.margin:
+            return_freed_memory()  # freed tensors may still sit in malloc's arenas, charged to us
+            limit, usage = self.read()
         avail = limit - usage - self.margin
         if needed > avail:
             raise BudgetError(
@@ -84,6 +87,32 @@ class Budget:
                 f"(limit {limit} B, usage {usage} B, margin {self.margin} B)",
                 {"host": self.host, "needed_bytes": needed, "available_bytes": avail, "limit_bytes": limit,
                  "usage_bytes": usage})
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+    return _LIBC
+
+
+def tune_allocator() -> None:
+    """Serve large allocations (tensors) by mmap so that freeing a block returns its pages to the
+    kernel at once: the cgroup then charges what the agent holds, not what it once held."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc = _libc()
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
+def return_freed_memory() -> None:
+    """Give free heap pages back to the kernel (glibc malloc_trim)."""
+    _libc().malloc_trim(0)
 
 
 def rss_bytes() -> int:
@@ -235,6 +264,7 @@ class BlockStore:
                 del self.attn[l]
         elif item["kind"] == "proj":
             self.proj.pop(l, None)
+        return_freed_memory()
 
     # ---- migration: import ------------------------------------------------------------------
     def import_needed(self, header: dict, payload_len: int) -> int:

@@ -40,7 +40,7 @@ class WireError(Exception):
 @dataclass
 class Frame:
     header: dict
-    payload: bytes
+    payload: bytes | bytearray
     sent_at: float
     received_at: float  # when the bytes arrived (before any emulated delay)
     released_at: float  # when the frame was handed to the caller (after the emulated delay)
@@ -92,7 +92,7 @@ def recv_frame(sock: socket.socket, delay_s: Delay = 0.0) -> Frame:
     if hlen > MAX_HEADER_BYTES or plen > MAX_PAYLOAD_BYTES:
         raise WireError(f"frame too large: header {hlen} B, payload {plen} B")
     header = json.loads(_recv_exact(sock, hlen)) if hlen else {}
-    payload = bytes(_recv_exact(sock, plen)) if plen else b""
+    payload = _recv_exact(sock, plen) if plen else b""  # bytearray: no second copy of a large payload
     received_at = time.time()
     delay = delay_s() if callable(delay_s) else delay_s
     # The last byte left the shaped link at received_at; propagation delay comes on top of the

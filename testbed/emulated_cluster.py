@@ -286,13 +286,18 @@ class EmulatedCluster:
         for src in {s for s, _ in items}:
             sizes[src] = self.pool.call(src, "stats", 30.0)["blocks"]
         incoming: dict[str, int] = {}
+        largest: dict[str, int] = {}
         for (src, dst), its in items.items():
             for it in its:
-                incoming[dst] = incoming.get(dst, 0) + _item_bytes(it, sizes[src])
+                n = _item_bytes(it, sizes[src])
+                incoming[dst] = incoming.get(dst, 0) + n
+                largest[dst] = max(largest.get(dst, 0), n)
         for dst, nbytes in incoming.items():
+            # items are imported one at a time: all of them stay, plus the transient copies of one
+            need = nbytes + 2 * largest[dst]
             avail = self.pool.call(dst, "budget", 30.0)["available_bytes"]
-            if 2 * nbytes > avail:
-                raise AlgorithmFailure(f"migration refused: {dst} would receive {nbytes} B (needs {2 * nbytes} B "
+            if need > avail:
+                raise AlgorithmFailure(f"migration refused: {dst} would receive {nbytes} B (needs {need} B "
                                        f"while importing) but has {avail} B available")
 
     def migrate(self, new: Placement) -> MigrationRecord:
