@@ -157,10 +157,17 @@ def enumerate_paper(snapshot, dims) -> tuple[Placement, float]:
 
 
 def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
-            time_limit_s: float = 60.0, max_devices: int = 16) -> Placement:
-    """Exact minimum of the chosen cost model (scope in the module docstring)."""
+            time_limit_s: float = 60.0, max_devices: int = 16, horizon_epochs: int = 4,
+            horizon_tokens: int | None = None) -> Placement:
+    """Exact minimum of the chosen cost model (scope in the module docstring).
+
+    Under ``decode`` the migration delay from ``snapshot.current`` is amortised over
+    ``horizon_tokens`` (default ``horizon_epochs`` x tokens per epoch, as RA) in the MILP objective,
+    and the solution is then compared (latency + migration delay / H under the serialised model)
+    with the current placement if it still fits, else with RA's minimal ``repair`` of it, and with
+    per-layer mixtures (``ra.choose_plan``)."""
     from testbed.partition.exact_decode import decode_milp
-    from testbed.partition.ra import _keep_current
+    from testbed.partition.ra import choose_plan
 
     prob = Problem(snapshot, dims, cost_model)
     prob.check_totals()
@@ -174,4 +181,7 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
         raise OutOfScope(f"optimal/decode: n_layers * devices^3 = {dims.n_layers} * {n}^3 = "
                          f"{dims.n_layers * n ** 3} exceeds the MILP scope limit {DECODE_LIMIT}")
     K = max(1, min(ffn_chunks or 4, dims.ffn_dim))
-    return _keep_current(prob, decode_milp(prob, K, time_limit_s))
+    H = float(horizon_tokens if horizon_tokens is not None else prob.N * max(1, horizon_epochs))
+    prob.H = max(1.0, H)
+    new = decode_milp(prob, K, time_limit_s)
+    return choose_plan(prob, new, prob.H)
