@@ -27,6 +27,7 @@ from testbed.snapshot import ClusterSnapshot, DeviceState, LinkState
 from testbed.specs import TopologySpec
 
 MIB = 1 << 20
+AGENT_MARGIN_BYTES = 2 * MIB  # node_agent.shards.Budget refuses to use the last 2 MiB
 
 
 def migration_items(old: Placement, new: Placement) -> dict[tuple[str, str], list[dict]]:
@@ -116,10 +117,21 @@ class EmulatedCluster:
     def hosts(self) -> list[str]:
         return [h.name for h in self.topology.hosts]
 
+    def _overhead(self, host: str, alive: bool) -> int:
+        """Memory charged to ``host`` that is not its blocks: the idle agent plus a slack before any
+        load; once blocks are held, what the cgroup charges beyond them (runtime buffers, allocator
+        slack), measured, plus the agent's refusal margin — so plans leave room the agent really has."""
+        estimate = self.baseline[host] + self.slack
+        if self.placement is None or not alive:
+            return estimate
+        st = self.pool.call(host, "stats", 30.0)
+        measured = st["cgroup_usage_bytes"] - sum((st.get("blocks") or {}).values())
+        return max(estimate, measured + AGENT_MARGIN_BYTES)
+
     def snapshot(self, context_len: int, tokens_until_next_decision: int) -> ClusterSnapshot:
         dead = self.pool.dead()
         devices = tuple(
-            DeviceState(h.name, self._cg(h.name).memory_limit(), self.baseline[h.name] + self.slack,
+            DeviceState(h.name, self._cg(h.name).memory_limit(), self._overhead(h.name, h.name not in dead),
                         self.flops[h.name], h.source, h.name not in dead)
             for h in self.topology.hosts)
         names = self.hosts()
