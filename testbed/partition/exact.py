@@ -16,8 +16,12 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
   formulation is weak and HiGHS slows down quickly beyond that. The decode MILP is exact for the
   independent-transfer relaxation of ``decode`` (``serial_nics=False``): it does not order one
   device's sends, so its objective is a LOWER bound of the serialised-NIC decode optimum, and its
-  placement is reported (and compared) under the serialised model. Migration is NOT in the decode MILP: the solution is kept
-  only if it beats ``snapshot.current`` by the amortised migration delay (same rule as RA).
+  placement is reported (and compared) under the serialised model. Migration from ``snapshot.current``
+  IS in the decode MILP objective, amortised over RA's horizon (``horizon_epochs`` x tokens per
+  epoch): integer head / FFN-chunk flows per (layer, sender, receiver), proj moves, pair-active
+  binaries, per-sender busy time, max over senders (``exact_decode._migration``). The solution is
+  then compared, under the serialised model, with the current placement (if it still fits), RA's
+  minimal ``repair`` of it (if not) and per-layer mixtures (``ra.choose_plan``).
 ``enumerate_paper`` cross-checks the paper MILP by exhausting head-count vectors (no migration).
 """
 from __future__ import annotations
@@ -183,5 +187,5 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
     K = max(1, min(ffn_chunks or 4, dims.ffn_dim))
     H = float(horizon_tokens if horizon_tokens is not None else prob.N * max(1, horizon_epochs))
     prob.H = max(1.0, H)
-    new = decode_milp(prob, K, time_limit_s)
+    new = decode_milp(prob, K, time_limit_s, horizon=prob.H)
     return choose_plan(prob, new, prob.H)

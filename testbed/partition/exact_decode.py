@@ -72,7 +72,81 @@ def _ffn(m: Milp, prob: Problem, V, v: _Vars, nxt: int, k: dict, K: int, fc: flo
                 m.ge({nxt: 1, v.pd: -1, v.c[j]: -coef, v.p[kk]: -big, v.z[j]: -big, v.a[r]: -big}, rhs - 3 * big)
 
 
-def decode_milp(prob: Problem, K: int, time_limit_s: float) -> Placement:
+def _current_counts(prob: Problem, K: int):
+    """Per layer: head counts, FFN chunk counts (a chunk belongs to the shard holding its middle
+    column, as RA counts them) and proj device of ``snapshot.current``; None when it does not apply."""
+    from testbed.partition import blocks as B
+
+    cur, d = prob.snap.current, prob.dims
+    if cur is None or len(cur.layers) != d.n_layers or not cur.devices() <= set(prob.names):
+        return None
+    mids = [(a + b) // 2 for a, b in B.ffn_chunk_bounds(d.ffn_dim, K)]
+    out = []
+    for lp in cur.layers:
+        h = {}
+        for dev in lp.heads:
+            h[prob.index[dev]] = h.get(prob.index[dev], 0) + 1
+        c = {}
+        for m in mids:
+            j = prob.index[next(s.device for s in lp.ffn if s.col_start <= m < s.col_end)]
+            c[j] = c.get(j, 0) + 1
+        out.append((h, c, prob.index[lp.proj]))
+    return out
+
+
+def _migration(m: Milp, prob: Problem, V, layers: list, K: int, cur: list) -> int:
+    """Migration delay variable from ``snapshot.current`` as ``migration`` aggregates it: integer
+    head / chunk flows per (layer, sender, receiver) with conservation against the current counts,
+    proj moves, a pair-active binary paying the link latency once, per-sender busy time (sum over
+    its receivers), and the delay as the max over senders."""
+    from testbed.partition import blocks as B
+
+    d, T = prob.dims, prob.T
+    hb = B.block_memory_bytes(d, "head", T)
+    cb = B.ffn_bytes(d, -(-d.ffn_dim // K))
+    pb = B.proj_bytes(d)
+    G = d.n_kv_heads
+    senders = sorted({j for h, c, P in cur for j in (*h, *c, P)})
+    act, busy = {}, {i: {} for i in senders}
+    for i in senders:
+        for j in V:
+            if i != j:
+                act[i, j] = m.binary()
+                busy[i][act[i, j]] = prob.lat[i, j]
+    for l, (h, c, P) in enumerate(cur):
+        v = layers[l]
+        for cnt, var, nbytes, cap in ((h, v.h, hb, G), (c, v.c, cb, K)):
+            inflow = {j: {} for j in V}
+            outflow = {i: {} for i in senders}
+            for i, n in cnt.items():
+                for j in V:
+                    if i == j:
+                        continue
+                    f = m.var(0, n, integer=True)
+                    m.le({f: 1, act[i, j]: -n}, 0)
+                    busy[i][f] = nbytes * prob.spb[i, j]
+                    inflow[j][f] = 1
+                    outflow[i][f] = 1
+            for j in set(V) | set(cnt):  # count_j = cur_j - out_j + in_j
+                terms = {var[j]: 1.0} if j in var else {}
+                for f in outflow.get(j, {}):
+                    terms[f] = terms.get(f, 0) + 1
+                for f in inflow.get(j, {}):
+                    terms[f] = terms.get(f, 0) - 1
+                m.eq(terms, cnt.get(j, 0))
+        for k in V:
+            if k != P:
+                m.le({v.p[k]: 1, act[P, k]: -1}, 0)
+                busy[P][v.p[k]] = busy[P].get(v.p[k], 0) + pb * prob.spb[P, k]
+    mig = m.var(0)
+    for i in senders:
+        m.ge({mig: 1, **{x: -w for x, w in busy[i].items()}}, 0)
+    return mig
+
+
+def decode_milp(prob: Problem, K: int, time_limit_s: float, horizon: float | None = None) -> Placement:
+    """``horizon``: when given and ``snapshot.current`` applies, the objective adds the migration
+    delay from it divided by ``horizon`` tokens."""
     d, V, m = prob.dims, np.nonzero(prob.allowed)[0].tolist(), Milp()
     k = decode_constants(d, prob.T)
     fc = k["ffn_col_flops"] * d.ffn_dim / K
@@ -91,6 +165,9 @@ def decode_milp(prob: Problem, K: int, time_limit_s: float) -> Placement:
     for j in V:
         m.le({t: w for v in layers for t, w in ((v.h[j], prob.sz.head_b), (v.p[j], prob.sz.proj_b),
                                                  (v.c[j], chunk_b))}, prob.budget[j])
+    cur = _current_counts(prob, K) if horizon else None
+    if cur is not None:
+        m.cost[_migration(m, prob, V, layers, K, cur)] = 1.0 / horizon
     x, _ = m.solve(time_limit_s, "optimal (decode MILP)")
     return _placement(prob, layers, x, V, K)
 

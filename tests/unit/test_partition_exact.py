@@ -102,3 +102,67 @@ def test_paper_5x32_fast():
     r = plan("optimal", snap, dims, "paper")
     assert r.solve_time_s < 10
     assert r.predicted_token_latency_s == pytest.approx(enumerate_paper(snap, dims)[1], rel=1e-6)
+
+
+def _star4_gpt2_layer(context_len, current=None):
+    """star4 of experiments/paper/small_scale_exact.yaml: GPT-2 layer, 9/18/18 MiB workers."""
+    from testbed.partition.synthetic import star_snapshot
+
+    mib = 2 ** 20
+    return star_snapshot([35.5e9, 8.88e9, 17.76e9, 13.32e9], [8192 * mib, 9.216 * mib, 18.432 * mib, 18.432 * mib],
+                         [50e6 / 8, 20e6 / 8, 50e6 / 8, 50e6 / 8], [2e-3] * 4, context_len=context_len,
+                         current=current)
+
+
+def test_optimal_replan_after_kv_growth_moves_only_what_must_move():
+    """The KV caches outgrow the fast device: the old optimal jumped to an unrelated placement
+    (13 blocks, 1.6 s of migration for 0.1 ms/token); now migration is in the objective."""
+    from testbed.placement import moved_blocks
+
+    dims = ModelDims("gpt2-1layer", 1, 768, 12, 12, 64, 3072, 50257)
+    cur = plan("optimal", _star4_gpt2_layer(32), dims).placement
+    r = plan("optimal", _star4_gpt2_layer(72, cur), dims)
+    moves = moved_blocks(cur, r.placement)
+    full = {d for d in cur.devices() if cur.layers[0].heads.count(d) == dims.n_kv_heads}
+    assert 1 <= len(moves) <= 2 and all(a in full for _, a, _ in moves), moves
+    assert r.migration_delay_s < 0.2
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_optimal_replan_after_small_budget_cut_keeps_unrelated_blocks(seed):
+    """One worker loses a few KB: blocks leave only that worker, everything else stays put."""
+    from testbed.partition.cost import placement_memory
+    from testbed.placement import moved_blocks
+
+    dims = ModelDims("small-2layer", 2, 256, 8, 8, 32, 1024, 1000)
+    snap = random_star(np.random.default_rng(100 + seed), 5, dims, mem_slack=1.5, context_len=32)
+    cur = plan("optimal", snap, dims).placement
+    mem = placement_memory(cur, snap, dims, 40)
+    dev = max((d for d in snap.devices if not d.is_source), key=lambda d: mem[d.name]).name
+    devs = tuple(replace(d, mem_limit_bytes=int(mem[d.name] - 1000)) if d.name == dev else d for d in snap.devices)
+    r = plan("optimal", replace(snap, devices=devs, current=cur), dims)
+    moves = moved_blocks(cur, r.placement)
+    assert moves and all(a == dev for _, a, _ in moves), (dev, moves)
+    assert len(moves) <= 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_optimal_replan_objective_not_worse_than_minimal_repair(seed):
+    """latency + migration / H of optimal's re-plan <= that of RA's minimal repair of the old plan."""
+    from testbed.partition.common import Problem
+    from testbed.partition.cost import Net, placement_memory
+    from testbed.partition.ra import _objective, repair
+
+    dims = ModelDims("small-2layer", 2, 256, 8, 8, 32, 1024, 1000)
+    snap = random_star(np.random.default_rng(100 + seed), 5, dims, mem_slack=1.5, context_len=32)
+    cur = plan("optimal", snap, dims).placement
+    mem = placement_memory(cur, snap, dims, 40)
+    dev = max((d for d in snap.devices if not d.is_source), key=lambda d: mem[d.name]).name
+    devs = tuple(replace(d, mem_limit_bytes=int(mem[d.name] - 1000)) if d.name == dev else d for d in snap.devices)
+    s2 = replace(snap, devices=devs, current=cur)
+    H = 4 * s2.tokens_until_next_decision
+    prob, net = Problem(s2, dims), Net(s2)
+    new = plan("optimal", s2, dims).placement
+    fixed = repair(prob, cur, H, net, prob.budget)
+    if fixed is not None:
+        assert _objective(prob, new, H, net)[0] <= _objective(prob, fixed, H, net)[0] + 1e-9
