@@ -24,36 +24,13 @@ from typing import Optional, Sequence
 from testbed import shaping as sh
 from testbed.cgroups import CgroupSet
 from testbed.cleanup import Manifest, cleanup_entries, proc_start_time
+from testbed.delays import DelayTable
 from testbed.routing import Routing, TopologyError
 from testbed.specs import LinkSpec, TopologySpec
 
 
 class NetworkError(Exception):
     """The topology cannot be emulated as specified (or a change to it cannot be applied)."""
-
-
-class DelayTable:
-    """Thread-safe one-way delays (seconds) between hosts; agents read it per frame."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._d: dict[tuple[str, str], float] = {}
-
-    def replace(self, delays: dict[tuple[str, str], float]) -> None:
-        with self._lock:
-            self._d = dict(delays)
-
-    def get(self, src: str, dst: str) -> float:
-        with self._lock:
-            return self._d.get((src, dst), 0.0)
-
-    def getter(self, src: str, dst: str):
-        """A zero-argument callable for ``recv_frame(delay_s=...)`` that follows later changes."""
-        return lambda: self.get(src, dst)
-
-    def as_dict(self) -> dict[str, float]:
-        with self._lock:
-            return {f"{s}->{d}": v for (s, d), v in self._d.items()}
 
 
 @dataclass
@@ -266,20 +243,32 @@ class EmulatedNetwork:
             keep *= 1 - self._live(u, v).state[u]["loss_pct"] / 100.0
         return 1 - keep
 
+    def _host_routes(self, h: str) -> tuple[dict[int, str], list, bool]:
+        """(link index -> device, explicit /32 routes, whether one subnet route suffices) of host h."""
+        devs = {l.index: l.ends[h].dev for l in self.links if h in l.ends}
+        routes = self._routes[h]
+        single = len(devs) == 1 and all(gw is None for _, gw in routes.values())
+        batch = [(f"{self._ips[d]}/32", devs[i], self._ips[gw] if gw else None) for d, (i, gw) in routes.items()]
+        return devs, batch, single
+
     def _address_and_route(self) -> None:
         prefix = ipaddress.ip_network(self.topology.subnet).prefixlen
         for h, node in self.hosts.items():
-            devs = {l.index: l.ends[h].dev for l in self.links if h in l.ends}
-            routes = self._routes[h]
-            single = len(devs) == 1 and all(gw is None for _, gw in routes.values())
+            devs, batch, single = self._host_routes(h)
             if single:
                 self.ex.run(sh.addr_add(next(iter(devs.values())), f"{self._ips[h]}/{prefix}"), node.pid)
                 continue
             for dev in devs.values():
                 self.ex.run(sh.addr_add(dev, f"{self._ips[h]}/32"), node.pid)
-            batch = [(f"{self._ips[d]}/32", devs[i], self._ips[gw] if gw else None) for d, (i, gw) in routes.items()]
             if batch:
                 self.ex.run(sh.ip_batch(), node.pid, input=sh.route_batch(batch))
+
+    def _restore_routes(self, link: LiveLink) -> None:
+        """A device taken down loses the explicit routes through it: put back those of the link's hosts."""
+        for h in (n for n in link.ends if n in self.hosts):
+            _, batch, single = self._host_routes(h)
+            if not single and batch:
+                self.ex.run(sh.ip_batch(), self.hosts[h].pid, input=sh.route_batch(batch, replace=True))
         forwarders = {gw for t in self._routes.values() for _, gw in t.values() if gw}
         for h in forwarders:
             self.ex.run(sh.sysctl_set("net.ipv4.ip_forward", "1"), self.hosts[h].pid)
@@ -344,6 +333,8 @@ class EmulatedNetwork:
                 for end in link.ends.values():
                     self.ex.run(sh.link_set_state(end.dev, up), end.netns_pid)
                 link.up = up
+                if up:
+                    self._restore_routes(link)
             if delay_ms is not None or loss_pct is not None:
                 self._apply_delays_and_loss([link])
             return self.read_link(a, b)

@@ -74,11 +74,12 @@ def addr_add(dev: str, cidr: str) -> list[str]:
     return ["ip", "addr", "add", cidr, "dev", dev]
 
 
-def route_batch(routes: Sequence[tuple[str, str, Optional[str]]]) -> str:
-    """``ip -batch -`` input: one ``route add DST dev DEV [via GW onlink]`` line per route."""
+def route_batch(routes: Sequence[tuple[str, str, Optional[str]]], replace: bool = False) -> str:
+    """``ip -batch -`` input: one ``route add|replace DST dev DEV [via GW onlink]`` line per route."""
     lines = []
+    verb = "replace" if replace else "add"
     for dst, dev, gw in routes:
-        line = f"route add {dst} dev {dev}"
+        line = f"route {verb} {dst} dev {dev}"
         if gw is not None:
             line += f" via {gw} onlink"
         lines.append(line)

@@ -1,0 +1,29 @@
+"""The one-way delays (seconds) between emulated hosts that the transport applies where the kernel
+has no netem: written by ``testbed.network`` when links change, read by the agents' receivers."""
+from __future__ import annotations
+
+import threading
+
+
+class DelayTable:
+    """Thread-safe one-way delays (seconds) between hosts; agents read it per frame."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._d: dict[tuple[str, str], float] = {}
+
+    def replace(self, delays: dict[tuple[str, str], float]) -> None:
+        with self._lock:
+            self._d = dict(delays)
+
+    def get(self, src: str, dst: str) -> float:
+        with self._lock:
+            return self._d.get((src, dst), 0.0)
+
+    def getter(self, src: str, dst: str):
+        """A zero-argument callable for ``recv_frame(delay_s=...)`` that follows later changes."""
+        return lambda: self.get(src, dst)
+
+    def as_dict(self) -> dict[str, float]:
+        with self._lock:
+            return {f"{s}->{d}": v for (s, d), v in self._d.items()}
