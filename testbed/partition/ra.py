@@ -3,10 +3,14 @@
 One round (one decision epoch), given a snapshot:
  1. Residual memory per device = budget - embedding/LM head (source) ; every block is sized at the
     memory horizon ``T + tokens_until_next_decision`` (KV growth until the next decision).
- 2. Layers are walked in dataflow order (all layers have equal demand); inside a layer the blocks go
-    largest-demand first (FFN chunks or heads, whichever is bigger); the projection is the layer's
-    anchor: a few candidate devices are tried (``proj_candidates``: the cheapest by input transfer +
-    compute, plus its current device) and the best resulting layer is kept.
+ 2. Layers are walked in dataflow order (all layers have equal demand); the projection is the
+    layer's anchor: a few candidate devices are tried (``proj_candidates``: the cheapest by input
+    transfer + compute, plus its current device) and the best resulting layer is kept. Per anchor,
+    both claim orders (heads first, FFN chunks first: whichever kind claims first gets the fast
+    devices' memory; a fixed "largest first" order let the FFN chunks fill the fastest device and
+    pushed the heads onto far devices, 50-60 % above the optimum) and a few FFN aggregators (in the
+    last layer its transfer to the source counts) are tried. On big clusters (``thorough`` off)
+    the FFN-first order is only tried when heads first fails, and fewer aggregators (time).
  3. Each block goes to the device minimising its marginal effect on the layer's critical path GIVEN
     WHAT IS ALREADY PLACED this round: a device's finish time grows with the heads (or FFN columns)
     it already got, so heads spread across devices whenever that lowers the critical path. Under
@@ -90,17 +94,11 @@ class _Layer:
         return (p.lat[self.cur_proj, P] + p.sz.proj_b * p.spb[self.cur_proj, P]) / getattr(p, "H", p.N)
 
 
-class _Bound:
-    """Set when memory changed a choice (a device was skipped for lack of room) since ``reset``."""
-    hit = False
-
-
 def _pop_fitting(heap: list, r: list, nbytes: float, block: str) -> int:
     while heap:
         _, j = heapq.heappop(heap)
         if r[j] >= nbytes:
             return j
-        _Bound.hit = True
     raise NoFit(block, nbytes)
 
 
@@ -110,7 +108,6 @@ def _lazy_pop(heap: list, key, r: list, nbytes: float, block: str) -> int:
     while heap:
         k, j = heapq.heappop(heap)
         if r[j] < nbytes:
-            _Bound.hit = True
             continue
         now = key(j)
         if now > k + 1e-15 and heap and now > heap[0][0]:
@@ -251,7 +248,6 @@ def _heads_paper(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray]
         best, bj = np.inf, -1
         for j in allowed:
             if r[j] < p.sz.head_b:
-                _Bound.hit = True
                 continue
             pen = 0.0 if n[j] < cur[j] else mig[j]
             d = max(0.0, (n[j] + 1) * hc[j] - maxc) + xo[j] + pen
@@ -333,7 +329,7 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
     aggs = [None] if paper else _agg_candidates(ly, P, r0, exit_s, k=2 if (last or thorough) else 1)
     heads, ffn = (_heads_paper, _ffn_paper) if paper else (_heads_decode, _ffn_decode)
     # heads first; FFN chunks first only when memory changed a choice
-    _Bound.hit, h = False, None
+    h = None
     try:
         rh = list(r0)
         h = heads(ly, P, rh)
@@ -347,13 +343,8 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
             consider(h, f, r)
     except NoFit as exc:
         err = exc
-    # FFN chunks first: when heads first failed, or (thorough) memory changed a choice
-    if best is None or (thorough and _Bound.hit):
-        bound = True
-    elif paper:
-        bound = _Bound.hit
-    else:
-        bound = False
+    # (always when thorough or under ``paper``: one layer, cheap; else only when heads first failed)
+    bound = best is None or thorough or paper
     if best is not None and not paper and not thorough:
         aggs = [best[4]]
     for agg in (aggs if bound else []):
