@@ -262,7 +262,7 @@ def _heads_paper(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray]
     return maxc + xsum, pens, {j: c for j, c in enumerate(n) if c > 0}
 
 
-def _ffn_paper(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray, int]:
+def _ffn_paper(ly: _Layer, P: int, r: list, agg_unused=None) -> tuple[float, float, np.ndarray, int]:
     p = ly.prob
     fc = (ly.chunk_cols * p.sz.ffn_col_f / np.where(p.C > 0, p.C, np.nan)).tolist()
     xh = (p.sz.x_b * p.spb[P]).tolist()
@@ -326,7 +326,10 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
             best = (total, r, nh, nf, agg)
 
     thorough = getattr(p, "thorough", False)
-    aggs = [None] if paper else _agg_candidates(ly, P, r0, exit_s, k=2 if (last or thorough) else 1)
+    if paper or not (last or thorough):  # the greedy's own pick (cheapest h + chunk)
+        aggs = [None]
+    else:
+        aggs = _agg_candidates(ly, P, r0, exit_s)
     heads, ffn = (_heads_paper, _ffn_paper) if paper else (_heads_decode, _ffn_decode)
     # heads first; FFN chunks first only when memory changed a choice
     h = None
@@ -336,7 +339,7 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
         for agg in aggs:
             r = list(rh)
             try:
-                f = ffn(ly, P, r) if paper else ffn(ly, P, r, agg)
+                f = ffn(ly, P, r, agg)
             except NoFit as exc:
                 err = exc
                 continue
@@ -350,7 +353,7 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
     for agg in (aggs if bound else []):
         r = list(r0)
         try:
-            f = ffn(ly, P, r) if paper else ffn(ly, P, r, agg)
+            f = ffn(ly, P, r, agg)
             h = heads(ly, P, r)
         except NoFit as exc:
             err = exc
