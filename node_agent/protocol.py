@@ -16,9 +16,7 @@ No pickle anywhere; sizes are bounded by ``wire``.
 """
 from __future__ import annotations
 
-import heapq
 import socket
-import threading
 import time
 from typing import Any
 
@@ -140,29 +138,3 @@ def merge_tally(into: dict[str, int], other: dict[str, int]) -> dict[str, int]:
     for k, v in other.items():
         into[k] = into.get(k, 0) + int(v)
     return into
-
-
-class TimedInbox:
-    """A priority queue that hands out items no earlier than their release time."""
-
-    def __init__(self):
-        self._heap: list = []
-        self._n = 0
-        self._cv = threading.Condition()
-
-    def put(self, item, release: float = 0.0) -> None:
-        with self._cv:
-            self._n += 1
-            heapq.heappush(self._heap, (release, self._n, item))
-            self._cv.notify()
-
-    def get(self):
-        with self._cv:
-            while True:
-                if self._heap:
-                    wait = self._heap[0][0] - time.time()
-                    if wait <= 0:
-                        return heapq.heappop(self._heap)[2]
-                    self._cv.wait(wait)
-                else:
-                    self._cv.wait()

@@ -22,33 +22,13 @@ from testbed.agents import AgentCallError, AgentPool
 from testbed.cgroups import CgroupError
 from testbed.cleanup import Manifest
 from testbed.cluster import AlgorithmFailure, ClusterError, MigrationRecord, TokenRecord
+from testbed.migration_items import item_bytes as _item_bytes, migration_items
 from testbed.placement import Placement, moved_blocks
 from testbed.snapshot import ClusterSnapshot, DeviceState, LinkState
 from testbed.specs import TopologySpec
 
 MIB = 1 << 20
 AGENT_MARGIN_BYTES = 2 * MIB  # node_agent.shards.Budget refuses to use the last 2 MiB
-
-
-def migration_items(old: Placement, new: Placement) -> dict[tuple[str, str], list[dict]]:
-    """What each (sender, receiver) pair must ship to go from ``old`` to ``new``: KV groups,
-    projections, and FFN column pieces (a new shard is assembled from the old shards it overlaps)."""
-    out: dict[tuple[str, str], list[dict]] = {}
-    for l, (a, b) in enumerate(zip(old.layers, new.layers)):
-        for g, (da, db) in enumerate(zip(a.heads, b.heads)):
-            if da != db:
-                out.setdefault((da, db), []).append({"kind": "head", "layer": l, "group": g})
-        if a.proj != b.proj:
-            out.setdefault((a.proj, b.proj), []).append({"kind": "proj", "layer": l})
-        old_set = set(a.ffn)
-        for s in b.ffn:
-            if s in old_set:
-                continue
-            for o in a.ffn:
-                lo, hi = max(o.col_start, s.col_start), min(o.col_end, s.col_end)
-                if lo < hi and o.device != s.device:
-                    out.setdefault((o.device, s.device), []).append({"kind": "ffn", "layer": l, "c0": lo, "c1": hi})
-    return out
 
 
 class EmulatedCluster:
@@ -372,20 +352,6 @@ class EmulatedCluster:
             self.pool = None
             if self._own_net:
                 self.net.stop()
-
-
-def _item_bytes(item: dict, sizes: dict[str, int]) -> int:
-    l = item["layer"]
-    if item["kind"] == "head":
-        return sizes.get(f"L{l}.H{item['group']}", 0)
-    if item["kind"] == "proj":
-        return sizes.get(f"L{l}.proj", 0)
-    for key, n in sizes.items():
-        if key.startswith(f"L{l}.ffn"):
-            c0, c1 = (int(x) for x in key[len(f"L{l}.ffn"):].split("-"))
-            if c0 <= item["c0"] and item["c1"] <= c1:
-                return n * (item["c1"] - item["c0"]) // (c1 - c0)
-    return 0
 
 
 def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None) -> EmulatedCluster:

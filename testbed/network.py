@@ -18,38 +18,18 @@ import os
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from testbed import shaping as sh
 from testbed.cgroups import CgroupSet
 from testbed.cleanup import Manifest, cleanup_entries, proc_start_time
-from testbed.delays import DelayTable
+from testbed.linkstate import DelayTable, End, LiveLink
 from testbed.routing import Routing, TopologyError
 from testbed.specs import LinkSpec, TopologySpec
 
 
 class NetworkError(Exception):
     """The topology cannot be emulated as specified (or a change to it cannot be applied)."""
-
-
-@dataclass
-class End:
-    node: str
-    dev: str
-    netns_pid: Optional[int]  # None: root namespace (switch side)
-
-
-@dataclass
-class LiveLink:
-    index: int
-    spec: LinkSpec
-    ends: dict[str, End]  # node name -> its end
-    state: dict[str, dict] = field(default_factory=dict)  # src node -> {bandwidth_mbps, delay_ms, loss_pct}
-    up: bool = True
-
-    def other(self, node: str) -> str:
-        return self.spec.b if node == self.spec.a else self.spec.a
 
 
 def _tag(run_id: str) -> str:

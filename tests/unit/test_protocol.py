@@ -18,7 +18,7 @@ from node_agent.model import load_model
 from node_agent.shards import BlockStore, Budget, BudgetError
 from node_agent.wire import recv_frame, send_frame
 from testbed.agents import ControlConn
-from testbed.emulated_cluster import migration_items
+from testbed.migration_items import migration_items
 from testbed.placement import FfnShard, LayerPlacement, Placement, moved_blocks, uniform_layer
 
 

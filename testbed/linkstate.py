@@ -1,8 +1,13 @@
-"""The one-way delays (seconds) between emulated hosts that the transport applies where the kernel
-has no netem: written by ``testbed.network`` when links change, read by the agents' receivers."""
+"""Live state of an emulated network's links: each link's ends and the shaping in force per
+direction, and the one-way delays (seconds) the transport applies where the kernel has no netem
+(written by ``testbed.network`` when links change, read by the agents' receivers)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from testbed.specs import LinkSpec
 
 
 class DelayTable:
@@ -27,3 +32,22 @@ class DelayTable:
     def as_dict(self) -> dict[str, float]:
         with self._lock:
             return {f"{s}->{d}": v for (s, d), v in self._d.items()}
+
+
+@dataclass
+class End:
+    node: str
+    dev: str
+    netns_pid: Optional[int]  # None: root namespace (switch side)
+
+
+@dataclass
+class LiveLink:
+    index: int
+    spec: LinkSpec
+    ends: dict[str, End]  # node name -> its end
+    state: dict[str, dict] = field(default_factory=dict)  # src node -> {bandwidth_mbps, delay_ms, loss_pct}
+    up: bool = True
+
+    def other(self, node: str) -> str:
+        return self.spec.b if node == self.spec.a else self.spec.a
