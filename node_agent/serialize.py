@@ -51,8 +51,53 @@ def tensors_to_bytes(tensors: dict[str, Tensor], meta: dict[str, Any] | None = N
     return header, payload
 
 
-def tensors_from_bytes(header: dict, payload: bytes | bytearray | memoryview) -> dict[str, Tensor]:
+class TensorPayload:
+    """A payload that is never assembled: the tensors' own memory, sent one tensor at a time.
+
+    A host at its memory limit can still export a block (only a non-contiguous tensor is copied,
+    one at a time). ``len()`` is the payload size; ``node_agent.wire.send_frame`` sends ``buffers()``."""
+
+    def __init__(self, tensors: list[Tensor]):
+        self._tensors = tensors
+        self._len = sum(t.numel() * t.element_size() for t in tensors)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def buffers(self):
+        for t in self._tensors:
+            if t.numel():
+                flat = t.detach().cpu().contiguous().reshape(-1)  # a view unless t is strided
+                yield memoryview(flat.view(torch.uint8).numpy())
+
+    def to_bytearray(self) -> bytearray:
+        out = bytearray(self._len)
+        off = 0
+        for b in self.buffers():
+            out[off : off + len(b)] = b
+            off += len(b)
+        return out
+
+
+def tensors_to_payload(tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> tuple[dict, TensorPayload]:
+    """Like ``tensors_to_bytes`` (same header, same byte layout) without copying into one buffer."""
+    if sys.byteorder != "little":
+        raise SerializeError("only little-endian hosts are supported")
+    entries, off = [], 0
+    for name, t in tensors.items():
+        if t.dtype not in _NAMES:
+            raise SerializeError(f"{name}: unsupported dtype {t.dtype}")
+        n = t.numel() * t.element_size()
+        entries.append({"name": name, "dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": off, "nbytes": n})
+        off += n
+    header = {"format": FORMAT, "tensors": entries, "nbytes": off, "meta": dict(meta or {})}
+    return header, TensorPayload(list(tensors.values()))
+
+
+def tensors_from_bytes(header: dict, payload: bytes | bytearray | memoryview | TensorPayload) -> dict[str, Tensor]:
     """Inverse of tensors_to_bytes; every returned tensor owns its memory (writable)."""
+    if isinstance(payload, TensorPayload):
+        payload = payload.to_bytearray()
     if header.get("format") != FORMAT:
         raise SerializeError(f"unknown format {header.get('format')!r}")
     if len(payload) != header["nbytes"]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from node_agent.model import (AttentionShard, Embedder, FfnShard, LMHead, ModelConfig, ProjBlock, ShardError,
                               load_state, prepare_state_dict)
-from node_agent.serialize import tensors_from_bytes, tensors_to_bytes
+from node_agent.serialize import tensors_from_bytes, tensors_to_payload
 from testbed.placement import Placement
 
 MIB = 1 << 20
@@ -231,12 +231,12 @@ class BlockStore:
             if l not in self.proj:
                 raise ShardError(f"{self.host}: no projection of layer {l}")
             b = self.proj[l]
-            return tensors_to_bytes({k: v for k, v in (("wo", b.wo), ("bo", b.bo)) if v is not None},
-                                    {"kind": "proj", "layer": l})
+            return tensors_to_payload({k: v for k, v in (("wo", b.wo), ("bo", b.bo)) if v is not None},
+                                      {"kind": "proj", "layer": l})
         if kind == "ffn":
             c0, c1 = int(item["c0"]), int(item["c1"])
             s = self._ffn_covering(l, c0, c1)
-            return tensors_to_bytes(self._ffn_piece(s, c0, c1), {"kind": "ffn_piece", "layer": l, "c0": c0, "c1": c1})
+            return tensors_to_payload(self._ffn_piece(s, c0, c1), {"kind": "ffn_piece", "layer": l, "c0": c0, "c1": c1})
         raise ShardError(f"unknown block kind {kind!r}")
 
     def _ffn_covering(self, l: int, c0: int, c1: int) -> FfnShard:

@@ -62,7 +62,11 @@ def send_frame(sock: socket.socket, header: dict, payload: bytes | memoryview = 
     if len(head) > MAX_HEADER_BYTES or len(payload) > MAX_PAYLOAD_BYTES:
         raise WireError(f"frame too large: header {len(head)} B, payload {len(payload)} B")
     prefix = PREFIX.pack(MAGIC, WIRE_VERSION, 0, len(head), len(payload), time.time())
-    if len(payload) < 65536:
+    if hasattr(payload, "buffers"):  # node_agent.serialize.TensorPayload: tensor by tensor, no assembly
+        sock.sendall(prefix + head)
+        for buf in payload.buffers():
+            sock.sendall(buf)
+    elif len(payload) < 65536:
         sock.sendall(prefix + head + bytes(payload))
     else:
         sock.sendall(prefix + head)

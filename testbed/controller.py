@@ -94,6 +94,7 @@ class AlgorithmLoop:
         self.on_token = on_token or (lambda i: None)
         self.dynamic = settings.algorithm not in STATIC_ALGORITHMS
         self._last_values: dict[tuple, dict] = {}
+        self._mem_limits: dict[str, int] | None = None  # hosts' limits as last set, read once when needed
 
     def _ev(self, type_: str, **fields) -> None:
         self.rec.event(type_, algorithm=self.s.algorithm, repetition=self.s.repetition, **fields)
@@ -143,11 +144,23 @@ class AlgorithmLoop:
         announced to the planner first (a device reports what it is about to have), so a dynamic
         algorithm can move blocks off a squeezed host before the limit is enforced."""
         due = self.timeline.due(token_index, self.state.elapsed_s)
-        deferred = [c for c in due if c.host is not None and "mem_limit_mib" in c.values]
+        deferred = [c for c in due if c.host is not None and self._lowers_memory(c, token_index)]
         if deferred:
             self.state.replan_now = True
         self._apply(token_index, [c for c in due if c not in deferred])
         return deferred
+
+    def _lowers_memory(self, change: Change, token_index: int) -> bool:
+        """True for a memory-limit change below the host's current limit (raises apply at once)."""
+        if "mem_limit_mib" not in change.values or self.state.placement is None:
+            return False
+        if self._mem_limits is None:
+            snap = self.cluster.snapshot(len(self.s.prompt_ids) + token_index, self.s.repartition_every)
+            self._mem_limits = {d.name: d.mem_limit_bytes for d in snap.devices}
+        new = int(change.values["mem_limit_mib"] * 2**20)
+        lower = new < self._mem_limits.get(change.host, new + 1)
+        self._mem_limits[change.host] = new
+        return lower
 
     def _apply(self, token_index: int, changes: list[Change]) -> None:
         for change in changes:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kvcache import KVCache
-from ..serialize import tensors_from_bytes, tensors_to_bytes
+from ..serialize import tensors_from_bytes, tensors_to_payload
 from .config import ModelConfig, ModelError
 
 
@@ -190,7 +190,7 @@ class AttentionShard:
         meta = {"kind": "kv_group", "model": self.cfg.name, "arch": self.cfg.arch, "layer": self.layer,
                 "group": group, "cached_len": self.cache.length, "head_dim": self.cfg.head_dim,
                 "q_per_group": self.cfg.q_per_group, "d_model": self.cfg.d_model}
-        return tensors_to_bytes(t, meta)
+        return tensors_to_payload(t, meta)
 
     def import_group(self, header: dict[str, Any], payload: bytes) -> None:
         """Add the group exported by `export_group` (appended last in `groups`)."""

@@ -66,3 +66,21 @@ def test_header_needs_type():
     a, _ = pair()
     with pytest.raises(ValueError, match="type"):
         wire.send_frame(a, {"layer": 1})
+
+
+def test_tensor_payload_is_sent_without_assembly_and_matches_bytes():
+    import torch
+
+    from node_agent.serialize import tensors_from_bytes, tensors_to_bytes, tensors_to_payload
+
+    ts = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(), "b": torch.ones(70000)}  # a is strided
+    h1, eager = tensors_to_bytes(ts)
+    h2, lazy = tensors_to_payload(ts)
+    assert h1 == h2 and len(lazy) == len(eager) and lazy.to_bytearray() == eager
+    a, b = pair()
+    sender = threading.Thread(target=wire.send_frame, args=(a, {"type": "mig", "blk": h2}, lazy))
+    sender.start()
+    f = wire.recv_frame(b)
+    sender.join(timeout=5)
+    out = tensors_from_bytes(f.header["blk"], f.payload)
+    assert torch.equal(out["a"], ts["a"]) and torch.equal(out["b"], ts["b"])
