@@ -94,8 +94,11 @@ def tensors_to_payload(tensors: dict[str, Tensor], meta: dict[str, Any] | None =
     return header, TensorPayload(list(tensors.values()))
 
 
-def tensors_from_bytes(header: dict, payload: bytes | bytearray | memoryview | TensorPayload) -> dict[str, Tensor]:
-    """Inverse of tensors_to_bytes; every returned tensor owns its memory (writable)."""
+def tensors_from_bytes(header: dict, payload: bytes | bytearray | memoryview | TensorPayload,
+                       copy: bool = True) -> dict[str, Tensor]:
+    """Inverse of tensors_to_bytes; every returned tensor owns its memory (writable). With
+    ``copy=False`` and a bytearray payload the tensors are views of the payload instead (no second
+    copy; the payload stays alive while any of them does)."""
     if isinstance(payload, TensorPayload):
         payload = payload.to_bytearray()
     if header.get("format") != FORMAT:
@@ -117,5 +120,6 @@ def tensors_from_bytes(header: dict, payload: bytes | bytearray | memoryview | T
             numel *= s
         if raw.numel() != numel * torch.empty(0, dtype=dt).element_size():
             raise SerializeError(f"{e['name']}: {raw.numel()} bytes do not fit shape {e['shape']} {e['dtype']}")
-        out[e["name"]] = raw.clone().view(dt).reshape(e["shape"])
+        aligned = e["offset"] % max(1, torch.empty(0, dtype=dt).element_size()) == 0
+        out[e["name"]] = (raw if not copy and aligned else raw.clone()).view(dt).reshape(e["shape"])
     return out

@@ -22,7 +22,8 @@ from testbed.agents import AgentCallError, AgentPool
 from testbed.cgroups import CgroupError
 from testbed.cleanup import Manifest
 from testbed.cluster import AlgorithmFailure, ClusterError, MigrationRecord, TokenRecord
-from testbed.migration_items import item_bytes as _item_bytes, migration_items
+from node_agent.shards import IMPORT_OVERHEAD, IMPORT_SLACK, TRANSIENT_RESERVE
+from testbed.migration_items import MigrationBlocked, migration_items, schedule_waves
 from testbed.placement import Placement, moved_blocks
 from testbed.snapshot import ClusterSnapshot, DeviceState, LinkState
 from testbed.specs import TopologySpec
@@ -272,25 +273,28 @@ class EmulatedCluster:
                            int(r["bytes_moved"]), dict(r["bytes_by_link"]))
 
     # ------------------------------------------------------------------ migration
-    def _precheck(self, items: dict[tuple[str, str], list[dict]]) -> None:
-        """Refuse before sending when a receiver cannot hold what it is about to receive."""
-        sizes: dict[str, dict[str, int]] = {}
-        for src in {s for s, _ in items}:
-            sizes[src] = self.pool.call(src, "stats", 30.0)["blocks"]
-        incoming: dict[str, int] = {}
-        largest: dict[str, int] = {}
-        for (src, dst), its in items.items():
-            for it in its:
-                n = _item_bytes(it, sizes[src])
-                incoming[dst] = incoming.get(dst, 0) + n
-                largest[dst] = max(largest.get(dst, 0), n)
-        for dst, nbytes in incoming.items():
-            # items are imported one at a time: all of them stay, plus the transient copies of one
-            need = nbytes + 2 * largest[dst]
-            avail = self.pool.call(dst, "budget", 30.0)["available_bytes"]
-            if need > avail:
-                raise AlgorithmFailure(f"migration refused: {dst} would receive {nbytes} B (needs {need} B "
-                                       f"while importing) but has {avail} B available")
+    def _waves(self, items: dict[tuple[str, str], list[dict]]) -> list[dict[tuple[str, str], list[dict]]]:
+        """A memory-safe order for the moves (``schedule_waves``): receivers' room read from their
+        agents, senders' room credited as their heads/projections leave; refused before sending
+        when no order fits."""
+        hosts = sorted({h for pair in items for h in pair})
+        blocks = {h: self.pool.call(h, "stats", 30.0)["blocks"] for h in hosts}
+        avail = {h: self.pool.call(h, "budget", 30.0)["available_bytes"] for h in hosts}
+        cfg = self.pool.config
+        q = cfg["n_heads"] // cfg["n_kv_heads"]
+        wq_share = q / (q + 2)  # of a group's weights, the part in its shard's largest tensor (W_q)
+
+        def transient(dst: str, item: dict, n: int) -> int:
+            """The payload while it is imported plus the agent's import copies (import_needed)."""
+            if item["kind"] != "head":
+                return 2 * n + IMPORT_SLACK
+            held = sum(b for k, b in blocks[dst].items() if k.startswith(f"L{item['layer']}.H"))
+            return n + int(IMPORT_OVERHEAD * wq_share * (held + n)) + IMPORT_SLACK
+
+        try:
+            return schedule_waves(items, blocks, avail, AGENT_MARGIN_BYTES - TRANSIENT_RESERVE, transient)
+        except MigrationBlocked as exc:
+            raise AlgorithmFailure(f"migration refused: {exc}") from None
 
     def migrate(self, new: Placement) -> MigrationRecord:
         if self.placement is None:
@@ -298,23 +302,25 @@ class EmulatedCluster:
         cfg = self.pool.config
         new.validate(cfg["n_layers"], cfg["n_kv_heads"], cfg["ffn_dim"])
         self._check_paths(new)
-        items = migration_items(self.placement, new)
-        self._precheck(items)
+        waves = self._waves(migration_items(self.placement, new))
         t0 = time.time()
-        by_src: dict[str, list[tuple[str, list[dict]]]] = {}
-        for (src, dst), its in items.items():
-            by_src.setdefault(src, []).append((dst, its))
+        sent_bytes = 0
+        for wave in waves:  # senders of one wave in parallel; the next wave once they are acked
+            by_src: dict[str, list[tuple[str, list[dict]]]] = {}
+            for (src, dst), its in wave.items():
+                by_src.setdefault(src, []).append((dst, its))
 
-        def send_all(src: str) -> int:
-            return sum(self.pool.call(src, "migrate_out", 330.0, self._watchdog, dst=dst, items=its,
-                                      mig_timeout_s=300.0)["bytes"] for dst, its in by_src[src])
-        sent = self._guard("migration", lambda: self.pool.each(send_all, list(by_src)))
+            def send_all(src: str, by_src=by_src) -> int:
+                return sum(self.pool.call(src, "migrate_out", 330.0, self._watchdog, dst=dst, items=its,
+                                          mig_timeout_s=300.0)["bytes"] for dst, its in by_src[src])
+            sent = self._guard("migration", lambda: self.pool.each(send_all, list(by_src)))
+            sent_bytes += int(sum(sent.values()))
         self.pv += 1
         pj = new.to_json()
         self._guard("switching placement", lambda: self.pool.each(
             lambda h: self.pool.call(h, "set_placement", 120.0, placement=pj, pv=self.pv)))
         old, self.placement = self.placement, new
-        return MigrationRecord(time.time() - t0, int(sum(sent.values())), moved_blocks(old, new))
+        return MigrationRecord(time.time() - t0, sent_bytes, moved_blocks(old, new))
 
     # ------------------------------------------------------------------ reset / close
     def reset(self) -> None:

@@ -5,6 +5,8 @@ assembled from the pieces of the old shards it overlaps.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from testbed.placement import Placement
 
 
@@ -42,3 +44,62 @@ def item_bytes(item: dict, sizes: dict[str, int]) -> int:
             if c0 <= item["c0"] and item["c1"] <= c1:
                 return n * (item["c1"] - item["c0"]) // (c1 - c0)
     return 0
+
+
+class MigrationBlocked(Exception):
+    """No memory-safe order exists for the remaining items (the message carries the numbers)."""
+
+
+def _frees_sender(item: dict) -> bool:
+    """Heads and projections are freed on the receiver's ack; FFN pieces only when the new
+    placement is applied, after every wave."""
+    return item["kind"] in ("head", "proj")
+
+
+def schedule_waves(items: dict[tuple[str, str], list[dict]], sizes: dict[str, dict[str, int]],
+                   available: dict[str, int], transient_extra: int,
+                   transient: Callable[[str, dict, int], int] | None = None) -> list[dict[tuple[str, str], list[dict]]]:
+    """Order a placement change into waves that never overfill a receiver.
+
+    ``available[h]``: bytes ``h`` may still keep (limit - usage - the agent's margin);
+    ``transient_extra``: how far an import's transient copies may dip into that margin.
+    A receiver takes an item in a wave when everything it keeps from the wave fits ``available``
+    and, with the largest transient of its imports on top (``transient(dst, item, bytes)``: the
+    payload and decode copies beyond what is kept; default twice the item), fits
+    ``available + transient_extra``. Heads and projections leaving a host free their bytes on the
+    receiver's ack, so a host that is emptied in one wave can fill up in the next (an evacuation
+    before a refill; two full hosts swapping blocks need a third one: blocked).
+    Pure; raises ``MigrationBlocked`` with the receiver, bytes and room when nothing can move."""
+    transient = transient or (lambda dst, it, n: 2 * n)
+    free = dict(available)
+    pending = [(src, dst, it, item_bytes(it, sizes.get(src, {}))) for (src, dst), its in items.items() for it in its]
+    pending.sort(key=lambda p: -p[3])
+    waves: list[dict[tuple[str, str], list[dict]]] = []
+    while pending:
+        wave: dict[tuple[str, str], list[dict]] = {}
+        kept: dict[str, int] = {}
+        largest: dict[str, int] = {}
+        rest = []
+        for src, dst, it, n in pending:
+            k, big = kept.get(dst, 0) + n, max(largest.get(dst, 0), transient(dst, it, n))
+            room = free.get(dst, 0)
+            if k <= room and k + big <= room + transient_extra:
+                wave.setdefault((src, dst), []).append(it)
+                kept[dst], largest[dst] = k, big
+            else:
+                rest.append((src, dst, it, n))
+        if not wave:
+            src, dst, it, n = min(rest, key=lambda p: p[3])
+            raise MigrationBlocked(
+                f"{dst} cannot receive {it['kind']} of layer {it['layer']} ({n} B; {sum(p[3] for p in rest if p[1] == dst)} B "
+                f"still due there, plus {transient(dst, it, n)} B of transient copies) but has {free.get(dst, 0)} B "
+                f"available (+{transient_extra} B for transient copies) and no earlier move frees it")
+        for (src, dst), its in wave.items():
+            for it in its:
+                n = item_bytes(it, sizes.get(src, {}))
+                free[dst] = free.get(dst, 0) - n
+                if _frees_sender(it):
+                    free[src] = free.get(src, 0) + n
+        waves.append(wave)
+        pending = rest
+    return waves

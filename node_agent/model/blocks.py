@@ -81,6 +81,27 @@ def gemv_layout(w: Tensor) -> Tensor:
     return w.contiguous()
 
 
+def cat_gemv(parts: list[Tensor], dim: int = 0) -> Tensor:
+    """``gemv_layout(torch.cat(parts, dim))`` built in one allocation: the result is created in its
+    final layout and each part copied in, so the transient memory is the result alone (a plain cat
+    followed by a re-layout briefly holds two copies — it matters on a host at its memory limit)."""
+    if parts[0].dim() != 2:
+        return torch.cat(parts, dim=dim)
+    rows = sum(t.shape[0] for t in parts) if dim == 0 else parts[0].shape[0]
+    cols = parts[0].shape[1] if dim == 0 else sum(t.shape[1] for t in parts)
+    like = parts[0]
+    if rows >= cols:
+        out = torch.empty(cols, rows, dtype=like.dtype).t()  # (rows, cols), column-major
+    else:
+        out = torch.empty(rows, cols, dtype=like.dtype)  # (rows, cols), row-major
+    pos = 0
+    for t in parts:
+        n = t.shape[dim]
+        out.narrow(dim, pos, n).copy_(t)
+        pos += n
+    return out
+
+
 def prepare_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """In place: give every matrix its gemv_layout (so blocks built with share_storage reuse it)."""
     for k, t in sd.items():
@@ -199,10 +220,10 @@ class AttentionShard:
             raise ShardError(f"export of layer {meta.get('layer')} does not fit shard of layer {self.layer}")
         if meta["group"] in self.groups:
             raise ShardError(f"layer {self.layer}: group {meta['group']} already present")
-        t = tensors_from_bytes(header, payload)
+        t = tensors_from_bytes(header, payload, copy=False)  # views of the received payload
         self.cache.add_heads(t["k"], t["v"])
         for n in self.w:
-            self.w[n] = gemv_layout(torch.cat([self.w[n], t[n]]))
+            self.w[n] = cat_gemv([self.w[n], t[n]])  # one tensor at a time: transient = its new size
         self.groups.append(int(meta["group"]))
 
     def remove_group(self, group: int) -> None:
@@ -211,19 +232,19 @@ class AttentionShard:
         keep = [j for j in range(len(self.groups)) if j != i]
         sl = [self._slices(j) for j in keep]
         for n in self.w:
-            self.w[n] = gemv_layout(torch.cat([self.w[n][s[n]] for s in sl])) if sl else self.w[n][:0].clone()
+            self.w[n] = cat_gemv([self.w[n][s[n]] for s in sl]) if sl else self.w[n][:0].clone()
         self.cache.keep_heads(keep)
         self.groups.pop(i)
 
     @classmethod
     def from_export(cls, cfg: ModelConfig, header: dict[str, Any], payload: bytes) -> "AttentionShard":
         """A new shard holding exactly the exported group (e.g. on a device new to this layer)."""
-        t = tensors_from_bytes(header, payload)
+        t = tensors_from_bytes(header, payload, copy=False)  # views; what the shard keeps is cloned
         layer = int(header["meta"]["layer"])
         p = f"layers.{layer}."
-        empty = {p + "attn_norm.weight": t["norm_w"]}
+        empty = {p + "attn_norm.weight": t["norm_w"].clone()}
         if "norm_b" in t:
-            empty[p + "attn_norm.bias"] = t["norm_b"]
+            empty[p + "attn_norm.bias"] = t["norm_b"].clone()
         for n in _HEAD_TENSORS:
             empty[p + n + ".weight"] = t[n]
             if cfg.has_bias:
