@@ -265,7 +265,9 @@ class BlockStore:
         return t
 
     def free(self, item: dict) -> None:
-        """Drop a block that was handed over (FFN pieces are dropped when the placement applies)."""
+        """Drop a block that was handed over. An FFN piece that is a whole local shard goes at once;
+        a part of a shard stays until the new placement applies (the shard is rebuilt then).
+        No token runs during a migration, so nothing here is needed again."""
         l = int(item["layer"])
         if item["kind"] == "head" and l in self.attn:
             self.attn[l].remove_group(int(item["group"]))
@@ -273,6 +275,11 @@ class BlockStore:
                 del self.attn[l]
         elif item["kind"] == "proj":
             self.proj.pop(l, None)
+        elif item["kind"] == "ffn":
+            shards = self.ffn.get(l, {})
+            shards.pop((int(item["c0"]), int(item["c1"])), None)
+            if not shards:
+                self.ffn.pop(l, None)
         return_freed_memory()
 
     # ---- migration: import ------------------------------------------------------------------

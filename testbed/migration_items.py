@@ -50,9 +50,11 @@ class MigrationBlocked(Exception):
     """No memory-safe order exists for the remaining items (the message carries the numbers)."""
 
 
-def _frees_sender(item: dict) -> bool:
-    """Heads and projections are freed on the receiver's ack; FFN pieces only when the new
-    placement is applied, after every wave."""
+def frees_sender(item: dict, sender_sizes: dict[str, int]) -> bool:
+    """Heads, projections and FFN pieces that are a whole shard of the sender are freed on the
+    receiver's ack; a part of a shard only when the new placement is applied, after every wave."""
+    if item["kind"] == "ffn":
+        return f"L{item['layer']}.ffn{item['c0']}-{item['c1']}" in sender_sizes
     return item["kind"] in ("head", "proj")
 
 
@@ -66,8 +68,8 @@ def schedule_waves(items: dict[tuple[str, str], list[dict]], sizes: dict[str, di
     A receiver takes an item in a wave when everything it keeps from the wave fits ``available``
     and, with the largest transient of its imports on top (``transient(dst, item, bytes)``: the
     payload and decode copies beyond what is kept; default twice the item), fits
-    ``available + transient_extra``. Heads and projections leaving a host free their bytes on the
-    receiver's ack, so a host that is emptied in one wave can fill up in the next (an evacuation
+    ``available + transient_extra``. Blocks leaving a host free their bytes on the receiver's ack
+    (``frees_sender``), so a host that is emptied in one wave can fill up in the next (an evacuation
     before a refill; two full hosts swapping blocks need a third one: blocked).
     Pure; raises ``MigrationBlocked`` with the receiver, bytes and room when nothing can move."""
     transient = transient or (lambda dst, it, n: 2 * n)
@@ -98,7 +100,7 @@ def schedule_waves(items: dict[tuple[str, str], list[dict]], sizes: dict[str, di
             for it in its:
                 n = item_bytes(it, sizes.get(src, {}))
                 free[dst] = free.get(dst, 0) - n
-                if _frees_sender(it):
+                if frees_sender(it, sizes.get(src, {})):
                     free[src] = free.get(src, 0) + n
         waves.append(wave)
         pending = rest

@@ -53,10 +53,20 @@ def test_swap_between_two_full_hosts_is_blocked_with_the_numbers():
         schedule_waves(items, sizes, {"h2": 0, "h3": 0}, transient_extra=0, transient=lambda d, i, n: 0)
 
 
-def test_ffn_pieces_do_not_free_the_sender_before_the_switch():
-    # An FFN piece leaving h3 is freed only when the new placement applies: h3 gains no room.
+def test_part_of_an_ffn_shard_does_not_free_the_sender_before_the_switch():
+    # Half of h3's FFN shard leaves: freed only when the new placement applies, h3 gains no room.
     items = {("h2", "h3"): [_head(0, 0)], ("h3", "h4"): [{"kind": "ffn", "layer": 1, "c0": 0, "c1": 64}]}
-    sizes = _sizes(h2={"L0.H0": 300 * KB}, h3={"L1.ffn0-64": 300 * KB})
+    sizes = _sizes(h2={"L0.H0": 300 * KB}, h3={"L1.ffn0-128": 600 * KB})
     with pytest.raises(MigrationBlocked, match="h3 cannot receive"):
         schedule_waves(items, sizes, {"h2": 0, "h3": 100 * KB, "h4": 10**6}, transient_extra=0,
                        transient=lambda d, i, n: 0)
+
+
+def test_a_whole_ffn_shard_leaving_frees_its_sender_for_the_next_wave():
+    # layer-level shift h2 -> h3 -> h4: h3's whole FFN shard leaves first, then h2's arrives
+    items = {("h2", "h3"): [{"kind": "ffn", "layer": 0, "c0": 0, "c1": 64}],
+             ("h3", "h4"): [{"kind": "ffn", "layer": 1, "c0": 0, "c1": 64}]}
+    sizes = _sizes(h2={"L0.ffn0-64": 300 * KB}, h3={"L1.ffn0-64": 300 * KB})
+    waves = schedule_waves(items, sizes, {"h2": 0, "h3": 100 * KB, "h4": 10**6}, transient_extra=0,
+                           transient=lambda d, i, n: 0)
+    assert [list(w) for w in waves] == [[("h3", "h4")], [("h2", "h3")]]
