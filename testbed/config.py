@@ -178,12 +178,14 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     except ValidationError as exc:
         problems.extend(p for p in _problems_from(exc, str(path), root) if not
                         (p.field == "topology" and data.get("topology") is None and problems))
-        raise ConfigError(problems) from None
-    if problems:
-        raise ConfigError(problems)
-    problems = _cross_check(spec, str(path), root)
-    if problems:
-        raise ConfigError(problems)
+        spec = None
+    # references are checked on the raw mapping, so they are reported alongside field errors
+    topology = data.get("topology") if isinstance(data, dict) else None
+    known = {(p.line, p.field) for p in problems}
+    problems += [p for p in _cross_check(data if isinstance(data, dict) else {}, topology, str(path), root)
+                 if (p.line, p.field) not in known]
+    if problems or spec is None:
+        raise ConfigError(sorted(problems, key=lambda p: p.line))
     return spec
 
 
@@ -205,38 +207,45 @@ def _generate_topology(data: dict, file: str, root: yaml.Node) -> list[ConfigPro
         return [ConfigProblem(file, _line_of(root, ("topology",)), "topology", str(exc).strip('"'))]
 
 
-def _cross_check(spec: ExperimentSpec, file: str, root: yaml.Node) -> list[ConfigProblem]:
-    topo = spec.topology
-    assert isinstance(topo, TopologySpec)
-    hosts = {h.name for h in topo.hosts}
+def _cross_check(data: dict, topo: Any, file: str, root: yaml.Node) -> list[ConfigProblem]:
+    """References in the raw experiment mapping: scenario hosts, links and trace files against the
+    topology (when it loaded), the model name against the registry, the algorithm names."""
     problems = []
-    for i, item in enumerate(spec.scenario):
-        event = getattr(item, "ramp", None) or getattr(item, "random_walk", None) or getattr(item, "trace", None) or item
-        if getattr(event, "host", None) is not None and event.host not in hosts:
+    topo = topo if isinstance(topo, TopologySpec) else None
+    hosts = {h.name for h in topo.hosts} if topo else set()
+    scenario = data.get("scenario") if isinstance(data.get("scenario"), list) else []
+    for i, item in enumerate(scenario):
+        if not isinstance(item, dict):
+            continue
+        nested = next((item[k] for k in ("ramp", "random_walk", "trace") if isinstance(item.get(k), dict)), None)
+        event = nested if nested is not None else item
+        host, link, trace_file = event.get("host"), event.get("link"), event.get("file")
+        if topo and isinstance(host, str) and host not in hosts:
             problems.append(ConfigProblem(file, _line_of(root, ("scenario", i, "host")), f"scenario[{i}].host",
-                                          f"unknown host {event.host!r} (hosts: {sorted(hosts)})"))
-        if getattr(event, "file", None) is not None:
-            trace = (Path(file).parent / event.file)
-            if not trace.exists():
-                problems.append(ConfigProblem(file, _line_of(root, ("scenario", i)), f"scenario[{i}].trace.file",
-                                              f"file not found: {trace}"))
-        if getattr(event, "link", None) is not None:
+                                          f"unknown host {host!r} (hosts: {sorted(hosts)})"))
+        if isinstance(trace_file, str) and not (Path(file).parent / trace_file).exists():
+            problems.append(ConfigProblem(file, _line_of(root, ("scenario", i)), f"scenario[{i}].trace.file",
+                                          f"file not found: {Path(file).parent / trace_file}"))
+        if topo and isinstance(link, list) and len(link) == 2 and all(isinstance(x, str) for x in link):
             try:
-                topo.find_link(*event.link)
+                topo.find_link(*link)
             except KeyError:
                 problems.append(ConfigProblem(file, _line_of(root, ("scenario", i, "link")), f"scenario[{i}].link",
-                                              f"no link between {event.link[0]!r} and {event.link[1]!r} in topology {topo.name!r}"))
-    if spec.model.name is not None:
+                                              f"no link between {link[0]!r} and {link[1]!r} in topology {topo.name!r}"))
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str):
         from node_agent.model.config import REGISTRY
 
-        if spec.model.name not in REGISTRY:
+        if model["name"] not in REGISTRY:
             problems.append(ConfigProblem(file, _line_of(root, ("model", "name")), "model.name",
-                                          f"unknown model {spec.model.name!r} (registry: {', '.join(sorted(REGISTRY))})"))
-    for i, algo in enumerate(spec.algorithm_specs()):
-        if algo.name not in ALGORITHM_NAMES:
+                                          f"unknown model {model['name']!r} (registry: {', '.join(sorted(REGISTRY))})"))
+    algorithms = data.get("algorithms") if isinstance(data.get("algorithms"), list) else []
+    for i, algo in enumerate(algorithms):
+        name = algo.get("name") if isinstance(algo, dict) else algo
+        if isinstance(name, str) and name not in ALGORITHM_NAMES:
             problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i)), f"algorithms[{i}]",
-                                          f"unknown algorithm {algo.name!r} (expected one of {', '.join(ALGORITHM_NAMES)})"))
-        if algo.name == "fixed" and spec.placement is None:
+                                          f"unknown algorithm {name!r} (expected one of {', '.join(ALGORITHM_NAMES)})"))
+        if name == "fixed" and data.get("placement") is None:
             problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i)), f"algorithms[{i}]",
                                           "algorithm 'fixed' needs a top-level 'placement'"))
     return problems

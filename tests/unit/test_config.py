@@ -118,6 +118,18 @@ def test_bad_experiment(tmp_path, body, expected):
     assert any(expected in p for p in found), found
 
 
+def test_every_problem_is_reported_at_once_field_errors_and_references(tmp_path):
+    body = ("algorithms: [resource_aware, magic]\nworkload: {prompt_tokens: 0}\nscenario:\n"
+            "  - {at_token: 4, link: [h2, h9], bandwidth_mbps: 2}\n  - {at_token: 4, host: h7, mem_limit_mib: 0}\n")
+    found = problems_of(load_experiment, experiment(tmp_path, body))
+    expected = ["exp.yaml:4: algorithms[1]: unknown algorithm 'magic'", "exp.yaml:5: workload.prompt_tokens",
+                "exp.yaml:7: scenario[0].link: no link between 'h2' and 'h9'",
+                "exp.yaml:8: scenario[1].mem_limit_mib", "exp.yaml:8: scenario[1].host: unknown host 'h7'"]
+    for e in expected:
+        assert any(e in p for p in found), (e, found)
+    assert [int(p.split(":")[1]) for p in found] == sorted(int(p.split(":")[1]) for p in found)  # in file order
+
+
 def test_missing_topology_file_is_reported_at_the_reference(tmp_path):
     path = write(tmp_path, "exp.yaml", "name: e\ntopology: gone.yaml\nmodel: {name: tiny-gpt2}\nalgorithms: [greedy]\n")
     (p,) = problems_of(load_experiment, path)
