@@ -251,7 +251,7 @@ def fig_memory_tokens(run: Run):
         _scenario_lines(ax, run)
         ax.set(title=host, xlabel="token index")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("memory at decision epochs [MiB]")
+    axes[0][0].set_ylabel("memory charged at decision epochs [MiB]")
     _legend(axes[0][-1], fontsize=7)
     fig.suptitle(f"Memory over tokens (mem_sample events) — {run.label}")
     return fig

@@ -74,6 +74,10 @@ class Cluster(Protocol):
         """Per-host peak memory charged since ``reset``."""
         ...
 
+    def mem_bytes(self) -> dict[str, int]:
+        """Per-host memory charged now."""
+        ...
+
     def reset(self) -> None:
         """Drop all blocks and restore the topology's initial link and host state."""
         ...

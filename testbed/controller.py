@@ -112,7 +112,8 @@ class AlgorithmLoop:
                 mig_s, mig_b = self._maybe_replan(token_index, deferred)
                 self._apply(token_index, deferred)
                 if token_index % self.s.repartition_every == 0:
-                    self._ev("mem_sample", token_index=token_index, host_mem_bytes=self.cluster.peak_mem_bytes())
+                    self._ev("mem_sample", token_index=token_index, host_mem_bytes=self.cluster.mem_bytes(),
+                             host_peak_mem_bytes=self.cluster.peak_mem_bytes())
                 rec = self.cluster.step(self.state.tokens[-1])
                 self._record_token(token_index, rec, mig_s, mig_b, phase="decode")
         except AlgorithmFailure as exc:

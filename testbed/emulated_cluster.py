@@ -122,6 +122,9 @@ class EmulatedCluster:
     def peak_mem_bytes(self) -> dict[str, int]:
         return {h: self._cg(h).peak_bytes() for h in self.hosts()}
 
+    def mem_bytes(self) -> dict[str, int]:
+        return {h: self._cg(h).usage_bytes() for h in self.hosts()}
+
     # ------------------------------------------------------------------ scenario changes
     def apply_link(self, a: str, b: str, *, bandwidth_mbps: float | None = None, delay_ms: float | None = None,
                    loss_pct: float | None = None, up: bool | None = None) -> dict:

@@ -86,6 +86,7 @@ class SimulatedCluster:
         self.placement: Placement | None = None
         self.context_len = 0
         self._peak: dict[str, int] = dict.fromkeys(self.host_state, 0)
+        self._current: dict[str, int] = dict.fromkeys(self.host_state, 0)
         self._paths = None
         self._net: Net | None = None
 
@@ -168,6 +169,7 @@ class SimulatedCluster:
 
     def _charge(self, mem: dict[str, int]) -> None:
         """Record peaks; raise AlgorithmFailure when a host exceeds its limit or is down."""
+        self._current = dict(mem)
         for h, used in mem.items():
             self._peak[h] = max(self._peak[h], used)
             st = self.host_state[h]
@@ -178,6 +180,9 @@ class SimulatedCluster:
 
     def peak_mem_bytes(self) -> dict[str, int]:
         return dict(self._peak)
+
+    def mem_bytes(self) -> dict[str, int]:
+        return {h: self._current.get(h, 0) for h in self.host_state}
 
     # ------------------------------------------------------------------ tokens
     def _record(self, n_tokens: int, prev: int) -> TokenRecord:

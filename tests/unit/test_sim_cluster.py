@@ -72,6 +72,17 @@ def test_oom_on_load_and_on_kv_growth():
         c.step(0)
 
 
+def test_current_memory_follows_migrations_while_the_peak_stays():
+    c = make()
+    c.load(whole("h2"), [1, 2, 3])
+    on_h2 = c.mem_bytes()["h2"]
+    assert on_h2 == c.peak_mem_bytes()["h2"] > c.mem_bytes()["h3"]
+    c.migrate(whole("h3"))
+    c.step(0)
+    assert c.mem_bytes()["h2"] < on_h2 // 4 and c.peak_mem_bytes()["h2"] == on_h2
+    assert c.mem_bytes()["h3"] >= on_h2
+
+
 def test_planner_on_sim_snapshot_and_reset():
     c = make()
     r = plan("resource_aware", c.snapshot(3, 8), DIMS)
