@@ -1,14 +1,16 @@
 """Partitioner benchmark: every figure measured side by side in one run (no stored numbers).
 
 1. RA / exact optimum under the ``paper`` model on random 3-5 device instances (mean, worst).
-2. Exact solver time, paper model, 5 devices x 32 heads.
+   1d. The same under the ``decode`` model (serialised NICs, what plans are reported with): one
+   layer, ``optimal`` = the certified exact search (``exact_serial``).
+2. Exact solver time, paper model, 5 devices x 32 heads; 2d. the same for the decode search.
 3. RA decision time, decode model, 48 devices x 12 layers x 12 heads.
 4. Fluctuating bandwidth on the simulated cluster (8-24 devices): RA vs EdgeShard (static and
    dynamic) and Galaxy: mean per-token latency (migration included) and peak device memory.
 Compute speed: the per-core FLOP/s measured on this machine (``testbed.calibrate.per_core_flops``,
 cached per host) unless ``--per-core-flops`` is given. Static algorithms are sized for the whole
 generation's KV growth (they never re-plan); dynamic ones for one epoch + their own headroom.
-Run: .venv/bin/python bench/bench_partition.py [--per-core-flops F] [--tokens N]
+Run: .venv/bin/python bench/bench_partition.py [--per-core-flops F] [--tokens N] [--only 1,1d,2,2d,3,4]
 """
 from __future__ import annotations
 
@@ -40,6 +42,38 @@ def ra_vs_optimal(n_instances: int = 60) -> None:
         ratios.append(ra / opt)
     print(f"[1] RA/optimal, paper model, {n_instances} random instances of 3-5 worker devices: "
           f"mean {statistics.mean(ratios):.4f} (target <= 1.05), worst {max(ratios):.4f} (target <= 1.15)")
+
+
+def ra_vs_optimal_decode(n_instances: int = 60) -> None:
+    rng = np.random.default_rng(0)
+    ratios, certified, below, gaps = [], 0, 0, []
+    for _ in range(n_instances):
+        heads = int(rng.choice([4, 8, 12, 16]))
+        dims = ModelDims("d", 1, 512, heads, heads, 64, 2048, 1000)
+        snap = random_star(rng, int(rng.integers(4, 7)), dims, mem_slack=float(rng.uniform(1.2, 3)),
+                           context_len=int(rng.integers(64, 512)))
+        ra = plan("resource_aware", snap, dims, headroom_epochs=1).predicted_token_latency_s
+        r = plan("optimal", snap, dims)
+        meta = r.placement.meta
+        certified += bool(meta.get("latency_certified"))
+        gaps.append(meta["latency_gap"])
+        below += ra < r.predicted_token_latency_s * (1 - 1e-9)
+        ratios.append(ra / r.predicted_token_latency_s)
+    print(f"[1d] RA/optimal, decode model (serialised NICs), {n_instances} random one-layer instances of 3-5 "
+          f"worker devices: mean {statistics.mean(ratios):.4f}, worst {max(ratios):.4f}; optimal certified on "
+          f"{certified}/{n_instances} (max gap to its bound {max(gaps):.1e}), RA below optimal on {below}")
+
+
+def exact_time_decode() -> None:
+    dims = ModelDims("d32", 1, 1024, 32, 32, 32, 4096, 1000)
+    times, ok = [], 0
+    for seed in range(3):
+        snap = random_star(np.random.default_rng(seed), 6, dims, context_len=256)
+        r = plan("optimal", snap, dims)
+        times.append(r.solve_time_s)
+        ok += bool(r.placement.meta.get("latency_certified"))
+    print(f"[2d] exact search, decode model (serialised), 1 layer, 5 devices x 32 heads: max {max(times):.3f} s "
+          f"over 3 instances (target < 10 s), certified on {ok}/3")
 
 
 def exact_time() -> None:
@@ -145,11 +179,17 @@ def main() -> None:
     ap.add_argument("--per-core-flops", type=float, default=None,
                     help="simulated per-core speed; default: measured here by testbed.calibrate.per_core_flops()")
     ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--only", default="1,1d,2,2d,3,4", help="comma-separated sections to run")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     t0 = time.perf_counter()
-    ra_vs_optimal()
-    exact_time()
-    ra_time()
+    for key, fn in (("1", ra_vs_optimal), ("1d", ra_vs_optimal_decode), ("2", exact_time),
+                    ("2d", exact_time_decode), ("3", ra_time)):
+        if key in only:
+            fn()
+    if "4" not in only:
+        print(f"bench wall time {time.perf_counter() - t0:.1f} s")
+        return
     if args.per_core_flops is None:
         from testbed.calibrate import per_core_flops
 

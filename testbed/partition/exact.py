@@ -1,4 +1,4 @@
-"""The exact solver ``optimal`` (HiGHS MILP) and the paper-model head-count enumeration.
+"""The exact solver ``optimal`` and the paper-model head-count enumeration.
 
 Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
 - ``paper`` model (one layer; heads, proj and ONE FFN block as in the paper): MILP over integer
@@ -7,21 +7,39 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
   amortised over ``tokens_until_next_decision`` is IN the objective, exactly as ``migration``
   aggregates it (integer head flows per device pair, pair-active binaries, per-sender busy time,
   epigraph max). Any number of heads; up to ``max_devices`` (16) allowed devices.
-- ``decode`` model: the whole multi-layer dataflow, exact for FFNs cut into ``ffn_chunks`` equal
-  chunks (default 4, as RA; when ``ffn_dim`` is not a multiple the MILP uses the mean chunk width):
-  per layer integer head counts and chunk counts per device, presence binaries, proj and aggregator
-  binaries, start/finish times per stage with big-M constraints per (input device, head device,
-  proj device) and (proj, shard, aggregator) triple. Limited to ``n_layers * devices**3 <= 256``
-  (e.g. 2 layers x 5 devices, 9 x 3): the big-M
-  formulation is weak and HiGHS slows down quickly beyond that. The decode MILP is exact for the
-  independent-transfer relaxation of ``decode`` (``serial_nics=False``): it does not order one
-  device's sends, so its objective is a LOWER bound of the serialised-NIC decode optimum, and its
-  placement is reported (and compared) under the serialised model. Migration from ``snapshot.current``
-  IS in the decode MILP objective, amortised over RA's horizon (``horizon_epochs`` x tokens per
-  epoch): integer head / FFN-chunk flows per (layer, sender, receiver), proj moves, pair-active
-  binaries, per-sender busy time, max over senders (``exact_decode._migration``). The solution is
-  then compared, under the serialised model, with the current placement (if it still fits), RA's
-  minimal ``repair`` of it (if not) and per-layer mixtures (``ra.choose_plan``).
+- ``decode`` model, evaluated (and reported) with ``cost.decode_cost`` under SERIALISED NICs
+  (a device's sends queue on its uplink in the runtime's order, fan-in queues on the receiver's
+  downlink). What is exact and what is not:
+  * ONE layer, no ``snapshot.current`` (every token-0 plan): EXACT. ``exact_serial`` searches
+    head counts per device x proj device x the order of the ``x`` sends to the head devices x FFN
+    chunk counts (``ffn_chunks`` equal chunks, default 4 as RA) x aggregator x shard send order,
+    within the memory budgets at the next decision (``T + tokens_until_next_decision``), through
+    a decomposition that is exact for one layer, and certifies the result by evaluating with
+    ``decode_cost`` every plan whose lower bound is below the best latency found. So ``optimal``'s
+    latency is <= that of every placement that fits and whose FFN is cut at the chunk boundaries
+    (when ``ffn_chunks`` divides ``ffn_dim``; otherwise shards are laid out in send order), to
+    1e-9 relative; this includes every plan RA can produce. Scope: ``SERIAL_LIMIT`` (attention
+    table: devices x head-count vectors x send orders; 5 devices x 32 heads = 7.1e6 entries,
+    about 1-2 s). ``placement.meta``: ``latency_s``, ``latency_lower_bound_s`` (= the latency when
+    ``latency_certified``), ``latency_gap``, ``checked`` (plans evaluated with ``decode_cost``).
+  * ONE layer WITH a current placement: the objective is latency + migration delay / H
+    (``horizon_epochs`` x tokens per epoch, as RA; the delay is the larger of ``migration``'s
+    estimate and the FFN-piece one, ``exact_decode.objective``). HEURISTIC for the migration part:
+    the (up to 200) structures with the smallest latency bounds below the best objective are
+    realised from scratch and keeping blocks in place, evaluated exactly, and the best is compared
+    with the current placement / RA's minimal ``repair`` of it (``ra.choose_plan``).
+    ``latency_lower_bound_s`` is still a certified bound on the latency of any plan.
+  * SEVERAL layers (or one layer beyond ``SERIAL_LIMIT``): NOT exact. The MILP of
+    ``exact_decode`` solves the independent-transfer relaxation (``serial_nics=False``, a lower
+    bound of the serialised model placement by placement) exactly for FFNs cut into ``ffn_chunks``
+    chunks; without a current placement (and with ``ffn_chunks`` dividing ``ffn_dim``) its dual
+    bound is reported as ``latency_lower_bound_s`` (certified); with one, migration is in the
+    MILP objective (integer head / FFN-chunk flows, proj moves, per-sender busy time) and no bound
+    is reported. The plan is the best, under the serialised objective, of a local search
+    (``exact_decode.improve``) from the MILP's plan and from RA's plan (``best_seed`` says which),
+    then ``ra.choose_plan``: so it is not worse than RA's plan (when that fits) by construction; its
+    distance to the optimum is at most ``latency_gap``. Limited to ``n_layers * devices**3 <=
+    256`` (the big-M formulation is weak; HiGHS slows down beyond).
 ``enumerate_paper`` cross-checks the paper MILP by exhausting head-count vectors (no migration).
 """
 from __future__ import annotations
@@ -36,6 +54,8 @@ from testbed.partition.milp import Milp
 from testbed.placement import FfnShard, LayerPlacement, Placement
 
 DECODE_LIMIT = 256
+SERIAL_LIMIT = (10_000_000, 200_000)  # one-layer exact search: attention-table entries (5 devices x
+# 32 heads: 7.1e6, ~60 MB), FFN choices simulated (5 devices, 4 chunks: 5 x 365)
 
 
 def _heads_from_flows(cur: tuple[str, ...] | None, counts: dict[str, int], flows: dict) -> tuple[str, ...]:
@@ -160,18 +180,70 @@ def enumerate_paper(snapshot, dims) -> tuple[Placement, float]:
     return Placement(snapshot.source, (layer,), meta={"algorithm": "enumerate"}), best_t
 
 
+def _serial_one_layer(prob: Problem, K: int) -> Placement:
+    """One layer: the exact search under the serialised decode model (``exact_serial``)."""
+    from testbed.partition.exact_serial import SerialLayerSearch, with_migration
+    from testbed.partition.ra import choose_plan
+
+    S = SerialLayerSearch(prob, K)
+    r = S.solve()
+    cur = prob.snap.current
+    mig = cur is not None and len(cur.layers) == 1 and cur.source == prob.snap.source
+    meta = {"algorithm": "optimal", "solver": "serial-enumeration", "ffn_chunks": K,
+            # the latency-optimal plan's latency and a lower bound of every plan's latency
+            "latency_s": r.latency_s, "latency_lower_bound_s": r.lower_bound_s,
+            "latency_gap": r.latency_s / r.lower_bound_s - 1 if r.lower_bound_s > 0 else 0.0,
+            "latency_certified": r.certified, "checked": r.checked,
+            "objective": "latency + migration / H (heuristic)" if mig else "latency (exact)"}
+    if not mig:
+        return Placement(r.placement.source, r.placement.layers, meta=meta)
+    best, evals = with_migration(S, r, prob.H)
+    meta["migration_evaluations"] = evals
+    return choose_plan(prob, Placement(best.source, best.layers, meta=meta), prob.H)
+
+
+def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_s: float, snapshot, dims) -> Placement:
+    """Several layers: the relaxation MILP (lower bound when no current placement applies), then a
+    local search under the serialised model from its plan and from RA's, best kept (heuristic)."""
+    from testbed.partition.exact_decode import decode_milp, improve
+    from testbed.partition.ra import _objective, _usable, choose_plan, resource_aware
+    from testbed.partition.cost import Net
+
+    milp = decode_milp(prob, K, time_limit_s, horizon=prob.H)
+    bound = milp.meta.get("relaxation_bound_s")
+    seeds = [("milp-relaxation", milp)]
+    try:
+        ra = resource_aware(snapshot, dims, "decode", ffn_chunks=K)
+        if _usable(prob, ra):
+            seeds.append(("resource_aware", ra))
+    except InfeasiblePlan:
+        pass
+    net, found = Net(prob.snap), []
+    for name, pl in seeds:
+        pl2, obj, _ = improve(prob, pl, prob.H, local_search_s / len(seeds))
+        found.append((obj, name, pl2))
+    obj, name, best = min(found, key=lambda f: f[0])
+    lat = _objective(prob, best, prob.H, net)[1]
+    meta = {"algorithm": "optimal", "solver": "highs-milp-relaxation+local-search", "ffn_chunks": K,
+            "latency_s": lat, "latency_lower_bound_s": bound, "latency_certified": False,
+            "latency_gap": (lat / bound - 1) if bound else None, "best_seed": name,
+            "objective": "latency + migration / H (heuristic)" if prob.snap.current is not None
+            else "latency (heuristic, bounded)"}
+    return choose_plan(prob, Placement(best.source, best.layers, meta=meta), prob.H)
+
+
 def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
             time_limit_s: float = 60.0, max_devices: int = 16, horizon_epochs: int = 4,
-            horizon_tokens: int | None = None) -> Placement:
-    """Exact minimum of the chosen cost model (scope in the module docstring).
+            horizon_tokens: int | None = None, local_search_s: float = 2.0) -> Placement:
+    """Minimum of the chosen cost model (scope and what is exact: the module docstring).
 
     Under ``decode`` the migration delay from ``snapshot.current`` is amortised over
-    ``horizon_tokens`` (default ``horizon_epochs`` x tokens per epoch, as RA) in the MILP objective,
-    and the solution is then compared (latency + migration delay / H under the serialised model)
-    with the current placement if it still fits, else with RA's minimal ``repair`` of it, and with
-    per-layer mixtures (``ra.choose_plan``)."""
-    from testbed.partition.exact_decode import decode_milp
-    from testbed.partition.ra import choose_plan
+    ``horizon_tokens`` (default ``horizon_epochs`` x tokens per epoch, as RA), and the result is
+    compared (latency + migration delay / H under the serialised model) with the current placement
+    if it still fits, else with RA's minimal ``repair`` of it, and with per-layer mixtures
+    (``ra.choose_plan``). ``placement.meta`` records the plan's latency, the lower bound and
+    whether the latency is certified optimal."""
+    from testbed.partition.exact_serial import search_size
 
     prob = Problem(snapshot, dims, cost_model)
     prob.check_totals()
@@ -181,11 +253,15 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
             raise OutOfScope(f"optimal/paper: needs 1 layer and <= {max_devices} devices; got "
                              f"{dims.n_layers} layers, {n} devices")
         return _paper_milp(prob, time_limit_s)
-    if dims.n_layers * n ** 3 > DECODE_LIMIT:
-        raise OutOfScope(f"optimal/decode: n_layers * devices^3 = {dims.n_layers} * {n}^3 = "
-                         f"{dims.n_layers * n ** 3} exceeds the MILP scope limit {DECODE_LIMIT}")
     K = max(1, min(ffn_chunks or 4, dims.ffn_dim))
     H = float(horizon_tokens if horizon_tokens is not None else prob.N * max(1, horizon_epochs))
     prob.H = max(1.0, H)
-    new = decode_milp(prob, K, time_limit_s, horizon=prob.H)
-    return choose_plan(prob, new, prob.H)
+    size = search_size(n, dims.n_kv_heads, K)
+    if dims.n_layers == 1 and all(a <= b for a, b in zip(size, SERIAL_LIMIT)):
+        return _serial_one_layer(prob, K)
+    if dims.n_layers * n ** 3 > DECODE_LIMIT:
+        raise OutOfScope(f"optimal/decode: n_layers * devices^3 = {dims.n_layers} * {n}^3 = "
+                         f"{dims.n_layers * n ** 3} exceeds the MILP scope limit {DECODE_LIMIT}"
+                         + (f" (one layer: the exact search would have {size[0]} table entries and "
+                            f"{size[1]} FFN choices, limits {SERIAL_LIMIT})" if dims.n_layers == 1 else ""))
+    return _relaxed(prob, K, time_limit_s, local_search_s, snapshot, dims)

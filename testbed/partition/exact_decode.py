@@ -1,15 +1,22 @@
-"""The ``decode``-model MILP of the exact solver (scope and formulation: see ``exact``).
+"""The ``decode``-model MILP (the independent-transfer RELAXATION) and a local search under the
+serialised model, used by ``exact.optimal`` outside the one-layer exact search (scope: ``exact``).
 
-Per layer l and allowed device j: head count h (int) with presence y, proj binary p, FFN chunk
+MILP: per layer l and allowed device j: head count h (int) with presence y, proj binary p, FFN chunk
 count c (int) with presence z and aggregator binary a; stage times s_l (x ready on the layer's
 input device), att_l (all head outputs and x on the proj device), pd_l = att_l + proj compute.
 Big-M rows activate only for the chosen (input, head device, proj) and (proj, shard, aggregator)
 triples; each big-M is the exact upper bound of its own term, so relaxed rows never bind.
+Transfers are independent (``decode_cost(serial_nics=False)``), which bounds the serialised model
+from below placement by placement, so without a migration term (and with ``K`` dividing
+``ffn_dim``) HiGHS' dual bound is a certified lower bound on the serialised optimum over FFNs cut
+into ``K`` chunks. The MILP's placement is not
+optimal for the serialised model; ``improve`` then searches its neighbourhood under it.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from testbed.partition import blocks as B
 from testbed.partition.common import Problem, assign_ffn, assign_heads
 from testbed.partition.cost import decode_constants
 from testbed.partition.milp import Milp
@@ -75,8 +82,6 @@ def _ffn(m: Milp, prob: Problem, V, v: _Vars, nxt: int, k: dict, K: int, fc: flo
 def _current_counts(prob: Problem, K: int):
     """Per layer: head counts, FFN chunk counts (a chunk belongs to the shard holding its middle
     column, as RA counts them) and proj device of ``snapshot.current``; None when it does not apply."""
-    from testbed.partition import blocks as B
-
     cur, d = prob.snap.current, prob.dims
     if cur is None or len(cur.layers) != d.n_layers or not cur.devices() <= set(prob.names):
         return None
@@ -99,8 +104,6 @@ def _migration(m: Milp, prob: Problem, V, layers: list, K: int, cur: list) -> in
     head / chunk flows per (layer, sender, receiver) with conservation against the current counts,
     proj moves, a pair-active binary paying the link latency once, per-sender busy time (sum over
     its receivers), and the delay as the max over senders."""
-    from testbed.partition import blocks as B
-
     d, T = prob.dims, prob.T
     hb = B.block_memory_bytes(d, "head", T)
     cb = B.ffn_bytes(d, -(-d.ffn_dim // K))
@@ -160,16 +163,23 @@ def decode_milp(prob: Problem, K: int, time_limit_s: float, horizon: float | Non
         _ffn(m, prob, V, v, nxt, k, K, fc)
     end = m.var(0, cost=1.0)
     X = prob.lat + k["x_bytes"] * prob.spb
+    lm = k["lm_flops"] / prob.C[prob.src] if prob.C[prob.src] > 0 else 0.0  # a constant, kept for the bound
     for r in V:
-        m.ge({end: 1, nxt: -1, layers[-1].a[r]: -X[r, prob.src]}, 0)
+        m.ge({end: 1, nxt: -1, layers[-1].a[r]: -X[r, prob.src]}, lm)
     for j in V:
         m.le({t: w for v in layers for t, w in ((v.h[j], prob.sz.head_b), (v.p[j], prob.sz.proj_b),
                                                  (v.c[j], chunk_b))}, prob.budget[j])
     cur = _current_counts(prob, K) if horizon else None
     if cur is not None:
         m.cost[_migration(m, prob, V, layers, K, cur)] = 1.0 / horizon
-    x, _ = m.solve(time_limit_s, "optimal (decode MILP)")
-    return _placement(prob, layers, x, V, K)
+    x, obj = m.solve(time_limit_s, "optimal (decode MILP)")
+    pl = _placement(prob, layers, x, V, K)
+    # without a migration term the MILP's optimum is the relaxation's: a bound on the serialised one
+    # (over FFNs cut into K chunks; with unequal chunks the MILP's mean width / ceil bytes are not exact)
+    exact = cur is None and d.ffn_dim % K == 0
+    pl.meta["relaxation_bound_s"] = m.dual_bound if exact else None
+    pl.meta["milp_objective"] = obj
+    return pl
 
 
 def _placement(prob: Problem, layers: list[_Vars], x: np.ndarray, V, K: int) -> Placement:
@@ -184,3 +194,109 @@ def _placement(prob: Problem, layers: list[_Vars], x: np.ndarray, V, K: int) -> 
         ffn = assign_ffn(cc, agg, d.ffn_dim, K, cl.ffn if cl else None)
         out.append(LayerPlacement(assign_heads(hc, cl.heads if cl else None, d.n_kv_heads), P, ffn))
     return Placement(prob.snap.source, tuple(out), meta={"algorithm": "optimal", "solver": "highs-milp"})
+
+
+def piece_migration_s(old: Placement | None, new: Placement, prob: Problem, net) -> float:
+    """Migration delay when FFN columns move as the pieces a new shard needs from the old shards
+    it overlaps (what the runtime ships, ``testbed.migration_items``), heads and projs as in
+    ``migration``; same aggregation (``migration.pair_delay``). ``migration.moved_blocks`` instead
+    moves each new shard whole from its first column's old holder (nothing when that is its own
+    device, however many columns it gains)."""
+    from testbed.partition.migration import pair_delay
+
+    if old is None or len(old.layers) != len(new.layers):
+        return 0.0
+    d, T = prob.dims, prob.T
+    hb, pb = B.block_memory_bytes(d, "head", T), B.proj_bytes(d)
+    pairs: dict[tuple[str, str], float] = {}
+
+    def add(a: str, b: str, nbytes: float) -> None:
+        if a != b:
+            pairs[a, b] = pairs.get((a, b), 0.0) + nbytes
+
+    for a, b in zip(old.layers, new.layers):
+        for da, db in zip(a.heads, b.heads):
+            add(da, db, hb)
+        add(a.proj, b.proj, pb)
+        for sh in b.ffn:
+            for o in a.ffn:
+                lo, hi = max(o.col_start, sh.col_start), min(o.col_end, sh.col_end)
+                if lo < hi:
+                    add(o.device, sh.device, B.ffn_bytes(d, hi - lo))
+    return pair_delay(pairs, net)
+
+
+def objective(prob: Problem, pl: Placement, H: float, net) -> float:
+    """``latency + migration delay / H`` with the larger of ``migration``'s estimate (what plans are
+    reported and simulated with) and ``piece_migration_s`` (what the runtime ships), so that
+    neither model's blind spot looks free."""
+    from testbed.partition.ra import _objective
+
+    _, lat, mig = _objective(prob, pl, H, net)
+    return lat + max(mig, piece_migration_s(prob.snap.current, pl, prob, net)) / H
+
+
+def _fits(prob: Problem, pl: Placement) -> bool:
+    from testbed.partition.cost import placement_memory
+
+    mem = placement_memory(pl, prob.snap, prob.dims, prob.T_mem)
+    return all(mem.get(d.name, 0) <= d.mem_budget_bytes for d in prob.snap.devices)
+
+
+def _neighbours(prob: Problem, pl: Placement):
+    """One-block changes: a head group to another device, two groups of different devices swapped
+    (changes the send order), the proj to another device, an FFN shard to another device, another
+    shard made the aggregator (moved first)."""
+    from testbed.placement import FfnShard
+
+    names = prob.allowed_names()
+    for l, lp in enumerate(pl.layers):
+        def put(new_lp, l=l):
+            return Placement(pl.source, pl.layers[:l] + (new_lp,) + pl.layers[l + 1:], meta=pl.meta)
+
+        for g, dev in enumerate(lp.heads):
+            for j in names:
+                if j != dev:
+                    yield put(LayerPlacement(lp.heads[:g] + (j,) + lp.heads[g + 1:], lp.proj, lp.ffn))
+        for g in range(len(lp.heads)):
+            for h in range(g + 1, len(lp.heads)):
+                if lp.heads[g] != lp.heads[h]:
+                    hs = list(lp.heads)
+                    hs[g], hs[h] = hs[h], hs[g]
+                    yield put(LayerPlacement(tuple(hs), lp.proj, lp.ffn))
+        for j in names:
+            if j != lp.proj:
+                yield put(LayerPlacement(lp.heads, j, lp.ffn))
+        for i, sh in enumerate(lp.ffn):
+            for j in names:
+                if j != sh.device:
+                    ffn = lp.ffn[:i] + (FfnShard(j, sh.col_start, sh.col_end),) + lp.ffn[i + 1:]
+                    yield put(LayerPlacement(lp.heads, lp.proj, ffn))
+            if i > 0:
+                yield put(LayerPlacement(lp.heads, lp.proj, (sh,) + lp.ffn[:i] + lp.ffn[i + 1:]))
+
+
+def improve(prob: Problem, start: Placement, H: float, time_budget_s: float = 2.0) -> tuple[Placement, float, int]:
+    """First-improvement local search on ``objective`` (serialised ``decode_cost`` + migration / H)
+    from ``start`` over ``_neighbours`` that fit the memory horizon; stops at a local optimum or
+    after ``time_budget_s``. Returns (placement, objective, evaluations)."""
+    import time
+
+    from testbed.partition.cost import Net
+
+    net, t0 = Net(prob.snap), time.perf_counter()
+    best, best_obj = start, objective(prob, start, H, net)
+    evals, improved = 1, True
+    while improved and time.perf_counter() - t0 < time_budget_s:
+        improved = False
+        for cand in _neighbours(prob, best):
+            if not _fits(prob, cand):
+                continue
+            obj = objective(prob, cand, H, net)
+            evals += 1
+            if obj < best_obj * (1 - 1e-12):
+                best, best_obj, improved = cand, obj, True
+                break
+            if time.perf_counter() - t0 >= time_budget_s:
+                break
+    return best, best_obj, evals

@@ -1,4 +1,7 @@
-"""A tiny MILP builder over HiGHS (highspy): variables, sparse rows, solve with a time limit."""
+"""A tiny MILP builder over HiGHS (highspy): variables, sparse rows, solve with a time limit.
+
+``solve`` returns the incumbent and its objective; ``dual_bound`` then holds HiGHS' proven lower
+bound on the optimum (equal to the objective up to ``mip_rel_gap``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,6 +36,7 @@ class Milp:
         self.cost: list[float] = []
         self.integer: list[int] = []
         self.rows: list[tuple[float, float, dict[int, float]]] = []
+        self.dual_bound: float | None = None
 
     def var(self, lb: float = 0.0, ub: float = INF, cost: float = 0.0, integer: bool = False) -> int:
         self.lb.append(lb)
@@ -86,4 +90,8 @@ class Milp:
             if status == "Infeasible":
                 raise InfeasiblePlan(f"{what}: no placement satisfies the memory limits (HiGHS: infeasible)")
             raise InfeasiblePlan(f"{what}: HiGHS finished with status {status!r} within {time_limit_s} s")
-        return np.array(sol.col_value), float(h.getInfo().objective_function_value)
+        info = h.getInfo()
+        obj = float(info.objective_function_value)
+        bound = float(getattr(info, "mip_dual_bound", obj))
+        self.dual_bound = min(obj, bound) if np.isfinite(bound) else obj
+        return np.array(sol.col_value), obj
