@@ -138,7 +138,8 @@ class AlgorithmLoop:
 
     def _record_plan(self, token_index: int, result) -> None:
         self._ev("plan", token_index=token_index, placement=result.placement.to_json(),
-                 predicted_token_latency_s=result.predicted_token_latency_s, solve_time_s=result.solve_time_s)
+                 predicted_token_latency_s=result.predicted_token_latency_s, solve_time_s=result.solve_time_s,
+                 **({"planner": result.extra} if result.extra else {}))
 
     def _apply_due(self, token_index: int) -> list[Change]:
         """Apply the changes due now, except memory-limit changes, which are returned: they are

@@ -40,4 +40,5 @@ def plan_initial(spec: ExperimentSpec, algorithm: str) -> dict:
         "solve_time_s": result.solve_time_s,
         "predicted_mem_bytes": result.predicted_mem_bytes,
         "placement": result.placement.to_json(),
+        **({"planner": result.extra} if result.extra else {}),
     }

@@ -45,7 +45,7 @@ class PlanResult:
             "predicted_token_latency_s": self.predicted_token_latency_s, "solve_time_s": self.solve_time_s,
             "compute_s": self.compute_s, "transfer_s": self.transfer_s,
             "migration_delay_s": self.migration_delay_s, "predicted_mem_bytes": self.predicted_mem_bytes,
-            "placement": self.placement.to_json(),
+            "placement": self.placement.to_json(), **({"planner": self.extra} if self.extra else {}),
         }
 
 
@@ -85,4 +85,10 @@ def plan(algorithm: str, snapshot: ClusterSnapshot, dims: ModelDims, cost_model:
     res = cost(placement, snapshot, dims, cost_model)
     mig = migration_delay(snapshot.current, placement, snapshot, dims, cost_model=cost_model)
     return PlanResult(algorithm, placement, res.token_latency_s, res.mem_bytes, solve,
-                      algorithm in DYNAMIC_ALGORITHMS, cost_model, res.compute_s, res.transfer_s, mig)
+                      algorithm in DYNAMIC_ALGORITHMS, cost_model, res.compute_s, res.transfer_s, mig,
+                      _json_scalars(placement.meta))
+
+
+def _json_scalars(meta: dict) -> dict:
+    """What a planner reported about its plan (e.g. ``optimal``'s bound and gap), JSON-able scalars only."""
+    return {k: v for k, v in meta.items() if isinstance(v, (bool, int, float, str)) or v is None}

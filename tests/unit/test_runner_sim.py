@@ -143,3 +143,13 @@ def test_cli_run_and_plan(exp_path, tmp_path):
     broken = subprocess.run([sys.executable, "-m", "testbed", "run", str(exp_path)], capture_output=True, text=True,
                             timeout=120)
     assert broken.returncode == 2 and "exp.yaml:4: workload.new_tokens" in broken.stderr
+
+
+def test_plan_json_carries_the_exact_solvers_certificate():
+    from testbed.planning import plan_initial
+
+    repo = Path(__file__).resolve().parents[2]
+    obj = plan_initial(load_experiment(repo / "experiments/paper/small_scale_exact.yaml"), "optimal")
+    info = obj["planner"]
+    assert info["latency_certified"] is True and info["latency_gap"] == 0.0
+    assert info["latency_s"] == pytest.approx(obj["predicted_token_latency_s"])
