@@ -123,6 +123,33 @@ def check_memory(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDim
                 f"({used - d.mem_budget_bytes} bytes short); total needed {total} vs total available {avail}")
 
 
+def fits_until(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str,
+               context_len: int) -> float:
+    """Largest context length up to which ``placement`` fits every device's budget (``inf`` when no
+    over-committed device grows), ``-inf`` when it does not fit at ``context_len`` already.
+
+    Memory is affine in the context length under both cost models (only the KV caches grow), so the
+    per-device slope from two evaluations gives the exact crossing; the crossing is re-checked once
+    (integer rounding of shard bytes)."""
+    step = 1024
+    m0 = memory(placement, snapshot, dims, cost_model, context_len)
+    m1 = memory(placement, snapshot, dims, cost_model, context_len + step)
+    last = float("inf")
+    for d in snapshot.devices:
+        used = m0.get(d.name, 0)
+        if used > d.mem_budget_bytes:
+            return float("-inf")
+        slope = (m1.get(d.name, 0) - used) / step
+        if slope > 0:
+            last = min(last, context_len + (d.mem_budget_bytes - used) // slope)
+    if last != float("inf"):
+        try:
+            check_memory(placement, snapshot, dims, cost_model, int(last))
+        except InfeasiblePlan:
+            last -= 1
+    return last
+
+
 def assign_heads(counts: dict[str, int], current: tuple[str, ...] | None, n_groups: int) -> tuple[str, ...]:
     """Turn per-device head counts into a heads tuple, keeping groups where they already are."""
     left = dict(counts)

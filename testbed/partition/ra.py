@@ -21,8 +21,16 @@ One round (one decision epoch), given a snapshot:
     share of every device's residual memory (frees the tightest devices for later layers); if that
     fails too, blocks are first-fit packed by size; if even that fails -> InfeasiblePlan with numbers.
  5. Hysteresis: per block, a device other than its current one pays its migration delay amortised
-    over ``tokens_until_next_decision``; finally the whole current placement is kept unless the new
-    one's latency + amortised migration delay is lower.
+    over the horizon ``H``; finally (``choose_plan``) the current placement is kept unless the new
+    one (or a per-layer mixture) lowers latency + migration delay / H, i.e. a voluntary move must
+    gain more than its delay over H tokens, the delay at the MEASURED path rates with each sender's
+    transfers serialised on its uplink (``migration``). Memory-forced moves are handled apart:
+    the KV growth is linear, so how long the current placement still fits is known exactly. When
+    it stops fitting before the next decision, the cheapest repair (fewest bytes over the slowest
+    links) makes it fit; when it will stop within ``anticipate_epochs`` decisions after that, the
+    repair is made NOW if headroom is cheap (its cost per token of headroom bought is at most
+    ``preempt`` token latencies: over a fast uplink), else deferred until forced (a slow uplink
+    may recover, and then only the minimum moves). Cheap repairs are topped up beyond the minimum.
 Pure function of the snapshot; numpy for the per-layer vectors, a heap for the per-block choice.
 """
 from __future__ import annotations
@@ -30,11 +38,10 @@ from __future__ import annotations
 import numpy as np
 
 from testbed.partition import blocks as B
-from testbed.partition.common import Problem, check_memory, evaluate
+from testbed.partition.common import Problem, check_memory, evaluate, fits_until, sizes_for
+from testbed.partition.cost import Net, decode_cost, memory
 from testbed.partition.errors import InfeasiblePlan
-from testbed.partition.cost import Net, decode_cost
 from testbed.partition.migration import migration_estimate
-from testbed.partition.cost import placement_memory
 from testbed.placement import FfnShard, LayerPlacement, Placement
 
 
@@ -63,23 +70,33 @@ def balanced_budget(prob: Problem, mem_balance: float | None, chunks: int) -> np
     return np.where(prob.allowed, np.minimum(prob.budget, level), prob.budget)
 
 
-def _usable(prob: Problem, pl: Placement) -> bool:
-    """Placement only uses known, allowed devices and fits every budget until the next decision."""
+def _devices_ok(prob: Problem, pl: Placement) -> bool:
+    """``pl`` only uses known devices that are up and allowed (the source always)."""
     if pl.source != prob.snap.source or len(pl.layers) != prob.dims.n_layers:
         return False
     if not pl.devices() <= set(prob.names):
         return False
-    if any(not prob.allowed[prob.index[d]] for d in pl.devices() - {pl.source}):
+    return all(prob.allowed[prob.index[d]] for d in pl.devices() - {pl.source})
+
+
+def _usable(prob: Problem, pl: Placement, until: int | None = None) -> bool:
+    """Placement only uses known, allowed devices and fits every budget up to context ``until``
+    (default: the next decision, ``T + N``)."""
+    if not _devices_ok(prob, pl):
         return False
     try:
-        check_memory(pl, prob.snap, prob.dims, prob.cost_model, prob.T + prob.snap.tokens_until_next_decision)
+        check_memory(pl, prob.snap, prob.dims, prob.cost_model,
+                     prob.T + prob.snap.tokens_until_next_decision if until is None else until)
     except InfeasiblePlan:
         return False
     return True
 
 
 def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float, float, float]:
-    """(latency + migration delay / H, latency, migration delay) of moving from snapshot.current."""
+    """(latency + migration delay / H, latency, migration delay) of moving from snapshot.current.
+
+    The migration delay uses the snapshot's (current, measured) path rates and the ``migration``
+    aggregation: one sender's transfers serialised on its uplink, senders in parallel."""
     if prob.cost_model == "paper":
         lat = evaluate(pl, prob.snap, prob.dims, "paper").token_latency_s
     else:
@@ -101,29 +118,39 @@ def _with_block(pl: Placement, l: int, block, dev: str) -> Placement:
     return Placement(pl.source, pl.layers[:l] + (lp,) + pl.layers[l + 1:], meta=pl.meta)
 
 
+def _block_use(prob: Problem, pl: Placement, until: int) -> np.ndarray:
+    """Bytes of blocks per device (index order) at context ``until``, embedding/LM head excluded."""
+    mem = memory(pl, prob.snap, prob.dims, prob.cost_model, until)
+    used = np.array([float(mem.get(n, 0)) for n in prob.names])
+    used[prob.src] -= B.source_bytes(prob.dims)
+    return used
+
+
 def repair(prob: Problem, cur: Placement, H: float, net: Net, budget: np.ndarray,
-           n_dest: int = 3, max_moves: int = 64) -> Placement | None:
-    """Minimal moves that make ``cur`` fit again (a device outgrew its memory with the KV caches, or
-    its budget shrank): while some device is over budget at the memory horizon, try moving each of
-    its head groups / FFN shards to the ``n_dest`` destinations with room that receive it fastest
-    (devices already holding part of that layer first) and apply the move with the lowest
-    ``latency + migration delay / H``. None if blocks sit on a device that is down or not allowed,
-    or no move helps."""
-    if not cur.devices() <= set(prob.names) or any(
-            not prob.allowed[prob.index[d]] for d in cur.devices() - {cur.source}):
+           n_dest: int = 3, max_moves: int = 64, until: int | None = None,
+           start: Placement | None = None, max_evals: int = 24) -> Placement | None:
+    """Minimal moves that make ``cur`` fit up to context ``until`` (default ``prob.T_mem``) again
+    (a device outgrew its memory with the KV caches, or its budget shrank): while some device is
+    over budget at ``until``, try moving each of its head groups / FFN shards to the ``n_dest``
+    destinations with room that receive it fastest (devices already holding part of that layer
+    first), evaluate the ``max_evals`` most promising of these moves (same order) and apply the
+    one with the lowest ``latency + migration delay / H`` (migration from
+    ``snapshot.current``: with the measured rates, so over a slow uplink the fewest bytes win).
+    ``start``: continue from an earlier repair of ``cur`` (to a shorter horizon). None if blocks
+    sit on a device that is down or not allowed, or no move helps."""
+    if not _devices_ok(prob, cur):
         return None
-    dims, T_mem, sz = prob.dims, prob.T_mem, prob.sz
-    pl = cur
+    until = prob.T_mem if until is None else int(until)
+    sz = sizes_for(prob.dims, prob.cost_model, prob.T, until)
+    pl = cur if start is None else start
     for _ in range(max_moves):
-        mem = placement_memory(pl, prob.snap, dims, T_mem)
-        used = np.array([float(mem.get(n, 0)) for n in prob.names])
-        used[prob.src] -= B.source_bytes(dims)
+        used = _block_use(prob, pl, until)
         over = used - prob.budget
         j = int(np.argmax(over))
         if over[j] <= 0:
             return pl
         room = np.where(prob.allowed, budget - used, -np.inf)
-        name, best = prob.names[j], None
+        name, moves = prob.names[j], []
         for l, lp in enumerate(pl.layers):
             layer_devs = {prob.index[d] for d in lp.heads} | {prob.index[s.device] for s in lp.ffn}
             blocks = [(g, sz.head_b) for g, d in enumerate(lp.heads) if d == name]
@@ -138,48 +165,139 @@ def repair(prob: Problem, cur: Placement, H: float, net: Net, budget: np.ndarray
                 ok = ok[ok != j]
                 if ok.size == 0:
                     continue
-                t = prob.lat[j, ok] + nbytes * prob.spb[j, ok] - np.array([k in layer_devs for k in ok]) * 1e6
-                for k in ok[np.argsort(t, kind="stable")[:n_dest]].tolist():
-                    cand = _with_block(pl, l, blk, prob.names[k])
-                    obj = _objective(prob, cand, H, net)[0]
-                    if best is None or obj < best[0]:
-                        best = (obj, cand)
-        if best is None:
+                held = np.array([k in layer_devs for k in ok])
+                t = prob.lat[j, ok] + nbytes * prob.spb[j, ok]
+                for i in np.lexsort((t, ~held))[:n_dest].tolist():
+                    moves.append((not held[i], float(t[i]), len(moves), l, blk, int(ok[i])))
+        if not moves:
             return None
+        # evaluate the most promising moves only: to a device already holding part of the
+        # layer (no new hop in the dataflow) first, then by transfer time
+        moves.sort()
+        best = None
+        for *_, l, blk, k in moves[:max_evals]:
+            cand = _with_block(pl, l, blk, prob.names[k])
+            obj = _objective(prob, cand, H, net)[0]
+            if best is None or obj < best[0]:
+                best = (obj, cand)
         pl = best[1]
     return None
 
 
-def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np.ndarray | None = None) -> Placement:
-    """Step 5 with the migration delay computed properly (``migration`` aggregation):
+def _fit(prob: Problem, pl: Placement) -> float:
+    return fits_until(pl, prob.snap, prob.dims, prob.cost_model, prob.T)
 
-    minimise ``T_token(plan) + migration_delay(current -> plan) / H`` over the current placement
-    (if it still fits until the next decision), the new plan and per-layer mixtures of the two
-    (first-improvement pass over the layers where they differ), so only the layers whose move
-    pays for itself over ``H`` tokens move. When the current placement no longer fits (KV growth,
-    a shrunk budget), ``repair`` adds the candidate that moves only the blocks that must move; if a
-    device went down there is no such candidate and the new plan (mixed per layer) is used."""
+
+def _headroom(prob: Problem, cur: Placement, base: Placement, base_obj: float, until_max: int, H: float,
+              net: Net, budget: np.ndarray, price_s: float) -> tuple[Placement, float, float]:
+    """Extend ``base`` epoch by epoch towards ``until_max`` with the cheapest repairs while each step
+    is worth its price: its objective increase x H (stall + added latency over the horizon) is at
+    most ``price_s`` per token of headroom it buys. Returns (plan, its objective, its fit)."""
+    best, obj, fit = base, base_obj, _fit(prob, base)
+    if fit >= until_max:
+        return best, obj, fit
+    until = prob.T + prob.N
+    while until < fit:
+        until += prob.N
+    while until <= until_max:
+        pl = repair(prob, cur, H, net, budget, until=until, start=best)
+        if pl is None:
+            break
+        o, f = _objective(prob, pl, H, net)[0], _fit(prob, pl)
+        if f <= fit or (o - obj) * H > price_s * (f - fit):
+            break
+        best, obj, fit = pl, o, f
+        while until <= fit:
+            until += prob.N
+    return best, obj, fit
+
+
+def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np.ndarray | None = None,
+                anticipate_epochs: int = 0, preempt: float = 0.0,
+                headroom_until: int | None = None) -> Placement:
+    """Step 5 with the migration delay computed properly (``migration`` aggregation, measured rates):
+
+    minimise ``T_token(plan) + migration_delay(current -> plan) / H`` over the "stay" candidate,
+    the new plan and per-layer mixtures of the two (first-improvement pass over the layers where
+    they differ), so a voluntary move is taken only when its latency gain x H exceeds its
+    migration delay. The stay candidate depends on how long the current placement still fits
+    (only the KV caches grow, linearly: ``fits_until`` is exact):
+
+    * it no longer fits until the next decision (a FORCED move): the cheapest repair that makes
+      it fit until then (``repair``: fewest bytes over the slowest links, at the measured rates);
+      if a device went down there is no such candidate and the new plan (mixed per layer) is used;
+    * it fits past the next decision, but the KV growth will evict it before decision
+      ``anticipate_epochs`` after the next one (a PREDICTABLE forced move): the cheapest repair to
+      that horizon, made now if it is worth its price (below); otherwise the current placement
+      (the move is deferred until forced: the links may recover, and then only what must move
+      moves);
+    * else the current placement.
+    Price of pre-emptive headroom: a repair beyond what must move now is taken when its objective
+    increase x H (its stall plus any latency it adds over the horizon) is at most ``preempt`` x
+    the current token latency per token of headroom it buys, i.e. (``preempt = 1``) while the
+    uplink moves a token's worth of KV growth faster than a token is generated: cheap over a fast
+    link, deferred over a slow one. Repairs (forced or anticipated) are extended epoch by epoch
+    towards ``headroom_until`` (default ``prob.T_mem``) + ``anticipate_epochs`` epochs at the same
+    price (so a top-up is not due again at the next decision).
+    ``anticipate_epochs = 0`` / ``preempt = 0``: no anticipation and no extension (the exact
+    solver's use: only the minimal repair)."""
     cur = prob.snap.current
     if cur is None or len(cur.layers) != prob.dims.n_layers or cur.source != new.source:
         return new
     net = Net(prob.snap)
     H = max(1.0, float(horizon_tokens))
-    cands = [(_objective(prob, new, H, net)[0], new)]
-    if _usable(prob, cur):
-        cands.append((_objective(prob, cur, H, net)[0], cur))
-    else:
-        fixed = repair(prob, cur, H, net, budget if budget is not None else prob.budget)
-        if fixed is not None and _usable(prob, fixed):
-            cands.append((_objective(prob, fixed, H, net)[0], fixed))
+    budget = budget if budget is not None else prob.budget
+    T, N = prob.T, prob.N
+    # top-ups reach the headroom horizon plus the anticipation window, so that the next one is
+    # due only after ``headroom - 1`` epochs (not at every decision)
+    until_max = max(T + N, int(prob.T_mem if headroom_until is None else headroom_until)
+                    + max(0, anticipate_epochs) * N)
+    need = T + N  # every mixture must fit at least until here (and keep a pre-emptive move)
+    value = 0.0  # seconds per token of headroom (up to until_max) in the comparison, see below
+    stay = None
+    if _devices_ok(prob, cur):
+        fit = _fit(prob, cur)
+        cur_obj, cur_lat, _ = _objective(prob, cur, H, net)
+        price = preempt * cur_lat
+        horizon = T + (1 + max(0, anticipate_epochs)) * N
+        if fit < horizon:  # a forced or predictable move: headroom is worth its price
+            value = price
+        if fit >= T + N:
+            stay = (cur_obj, cur)
+            if anticipate_epochs > 0 and price > 0 and fit < horizon <= until_max:
+                pre = repair(prob, cur, H, net, budget, until=horizon)
+                if pre is not None:
+                    o, f = _objective(prob, pre, H, net)[0], _fit(prob, pre)
+                    if f > fit and (o - cur_obj) * H <= price * (f - fit):
+                        pre, o, f = _headroom(prob, cur, pre, o, until_max, H, net, budget, price)
+                        stay, need = (o, pre), max(need, int(min(f, until_max)))
+        else:
+            fixed = repair(prob, cur, H, net, budget, until=T + N)
+            if fixed is not None and _usable(prob, fixed):
+                o = _objective(prob, fixed, H, net)[0]
+                if price > 0:
+                    fixed, o, f = _headroom(prob, cur, fixed, o, until_max, H, net, budget, price)
+                    need = max(need, int(min(f, until_max)))
+                stay = (o, fixed)
+
+    def key(pl: Placement, obj: float | None = None) -> float:
+        """The objective, less the headroom's value when a forced/predictable move is at stake (so
+        the new plan and the top-up are compared at the price the top-up paid)."""
+        obj = _objective(prob, pl, H, net)[0] if obj is None else obj
+        return obj - value * min(_fit(prob, pl), until_max) / H if value else obj
+
+    cands = [(key(new), new)] + ([(key(stay[1], stay[0]), stay[1])] if stay is not None else [])
     best_obj, best = min(cands, key=lambda c: c[0])
-    diff = [l for l in range(prob.dims.n_layers) if cur.layers[l] != new.layers[l]]
+    # mix the winner per layer with the other candidate (with the current placement's usable
+    # layers when there is no stay candidate, e.g. a device went down)
+    alt = new if best is not new else (cands[1][1] if len(cands) > 1 else cur)
+    diff = [l for l in range(prob.dims.n_layers) if alt.layers[l] != best.layers[l]]
     if len(diff) > 1:
         for l in diff:
-            other = cur.layers[l] if best.layers[l] == new.layers[l] else new.layers[l]
-            cand = Placement(best.source, best.layers[:l] + (other,) + best.layers[l + 1:], meta=best.meta)
-            if not _usable(prob, cand):
+            cand = Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:], meta=best.meta)
+            if not _usable(prob, cand, need):
                 continue
-            obj = _objective(prob, cand, H, net)[0]
+            obj = key(cand)
             if obj < best_obj - 1e-12:
                 best_obj, best = obj, cand
     if best is cur:
@@ -204,7 +322,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
                    proj_candidates: int = 4, headroom_epochs: int = 4, horizon_epochs: int = 4,
                    horizon_tokens: int | None = None, mem_balance: float | None = 1.25,
                    balance_slack: float = 0.1, thorough: bool | None = None,
-                   headroom_gain: float = 0.05) -> Placement:
+                   headroom_gain: float = 0.05, anticipate_epochs: int = 2,
+                   preempt: float = 1.0) -> Placement:
     """One RA decision.
 
     ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
@@ -224,7 +343,12 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     candidate in both claim orders, and one more round sized for one epoch of KV growth only (the
     exact solver's horizon), taken when its plan is more than ``headroom_gain`` faster than the
     headroom plan (headroom is worth a little latency, not a lot: when the KV caches outgrow the
-    tight plan, ``repair`` moves the fewest blocks)."""
+    tight plan, ``repair`` moves the fewest blocks).
+    ``anticipate_epochs``, ``preempt``: when the KV growth will evict the current placement within
+    ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
+    token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
+    over the horizon), and repairs (forced or anticipated) are extended towards the headroom
+    horizon at that price; otherwise a forced move moves only what must move (``choose_plan``)."""
     from testbed.partition.baselines import first_fit
 
     N = max(1, snapshot.tokens_until_next_decision)
@@ -235,6 +359,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     except InfeasiblePlan:
         prob = Problem(snapshot, dims, cost_model)
         prob.check_totals()
+    headroom_until = prob.T_mem
     prob.H = max(1.0, H)
     if thorough is None:
         thorough = int(prob.allowed.sum()) <= 16
@@ -277,4 +402,5 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
             if t_lat < (1 - headroom_gain) * h_lat:
                 layers, meta, prob, budget = lt, {**meta, "tight_memory": True}, tight, tight.budget
     new = Placement(snapshot.source, layers, meta=meta)
-    return choose_plan(prob, new, prob.H, budget)
+    return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
+                       preempt=preempt, headroom_until=headroom_until)
