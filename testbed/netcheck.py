@@ -216,7 +216,7 @@ def print_report(report: dict) -> None:
     for r in report["hosts"]:
         h.add_row(r["host"], f"{r['mem_limit_mib']:.0f}", str(r["allocated_mib_at_kill"]), str(r["oom_kills"]),
                   f"{r['cpu_cores']:g}", mark[r["ok"]])
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # a log keeps every column
     console.print(t)
     console.print(h)
     console.print(f"overall: {mark[report['ok']]}")
