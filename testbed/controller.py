@@ -139,6 +139,7 @@ class AlgorithmLoop:
     def _record_plan(self, token_index: int, result) -> None:
         self._ev("plan", token_index=token_index, placement=result.placement.to_json(),
                  predicted_token_latency_s=result.predicted_token_latency_s, solve_time_s=result.solve_time_s,
+                 predicted_migration_delay_s=result.migration_delay_s,
                  **({"planner": result.extra} if result.extra else {}))
 
     def _apply_due(self, token_index: int) -> list[Change]:
