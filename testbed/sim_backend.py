@@ -26,10 +26,13 @@ def topology_as_plain(topo: TopologySpec) -> tuple[list, list]:
     return hosts, links
 
 
-def build_simulated_cluster(topo: TopologySpec, model: ModelRef, recorder=None, seed: int = 0) -> SimulatedCluster:
+def build_simulated_cluster(topo: TopologySpec, model: ModelRef, recorder=None, seed: int = 0,
+                            host_overhead_mib: float = 0.0) -> SimulatedCluster:
     flops, provenance = per_core_flops()
+    overhead = int(host_overhead_mib * MIB)
     if recorder is not None:
         recorder.update_manifest(per_core_flops=flops, per_core_flops_source=provenance,
-                                 delay_mechanism="simulated", token_ids="pseudo (no model runs in simulation)")
+                                 delay_mechanism="simulated", token_ids="pseudo (no model runs in simulation)",
+                                 simulated_host_overhead_bytes=overhead)
     hosts, links = topology_as_plain(topo)
-    return SimulatedCluster(hosts, links, model.dims, per_core_flops=flops, seed=seed)
+    return SimulatedCluster(hosts, links, model.dims, per_core_flops=flops, mem_overhead_bytes=overhead, seed=seed)

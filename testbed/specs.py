@@ -138,6 +138,14 @@ class Workload(Spec):
     seed: int = 0
 
 
+class Simulation(Spec):
+    """Settings of the simulated backend only (the emulated one measures these)."""
+
+    # memory charged per host that is not model blocks: the emulated agents' idle charge plus their
+    # refusal margin is ~6 MiB, so 6 makes a simulated run of an emulated experiment comparable
+    host_overhead_mib: float = Field(0.0, ge=0)
+
+
 class ScenarioEvent(Spec):
     """One scripted change, at a token index or a wall time (seconds since the algorithm started)."""
 
@@ -269,6 +277,7 @@ class ExperimentSpec(Spec):
     scenario: tuple[ScenarioItem, ...] = ()
     repetitions: int = Field(1, ge=1)
     backend: Literal["emulated", "simulated"] = "emulated"
+    simulation: Simulation = Simulation()
     placement: Optional[dict[str, Any]] = None  # for the "fixed" algorithm: Placement.to_json() form
     sweep: Optional[dict[str, list[Any]]] = None
 

@@ -90,3 +90,19 @@ def test_planner_on_sim_snapshot_and_reset():
     assert max(c.peak_mem_bytes().values()) > 0
     c.reset()
     assert c.peak_mem_bytes() == {"h1": 0, "h2": 0, "h3": 0} and c.snapshot(0, 1).current is None
+
+
+def test_simulated_host_overhead_from_the_experiment_is_charged():
+    from pathlib import Path
+
+    from testbed.config import load_experiment
+    from testbed.modelref import resolve_model
+    from testbed.sim_backend import build_simulated_cluster
+
+    spec = load_experiment(Path(__file__).resolve().parents[2] / "experiments/paper/bandwidth_drop.yaml")
+    assert spec.simulation.host_overhead_mib == 6
+    c = build_simulated_cluster(spec.topology, resolve_model(spec.model),
+                                host_overhead_mib=spec.simulation.host_overhead_mib)
+    snap = c.snapshot(32, 8)
+    assert all(d.mem_overhead_bytes == 6 * 2**20 for d in snap.devices)
+    assert all(d.mem_budget_bytes == d.mem_limit_bytes - 6 * 2**20 for d in snap.devices)
