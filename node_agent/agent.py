@@ -183,7 +183,8 @@ class Agent(Dataflow, Migration):
     def cmd_migrate_out(self, h, _):
         done: Future = Future()
         t0 = time.time()
-        self._on_worker(lambda: self._migrate_out(h["dst"], h["items"], done))
+        ship = h.get("weights_from", "source") == "source"  # "destination": the receiver's own copy
+        self._on_worker(lambda: self._migrate_out(h["dst"], h["items"], done, ship))
         nbytes = done.result(timeout=float(h.get("mig_timeout_s", 300.0)))
         return {"bytes": nbytes, "duration_s": time.time() - t0}, b""
 

@@ -18,13 +18,13 @@ class Migration:
     """Mixin of ``node_agent.agent.Agent``. Uses the agent's ``store``, ``pending_mig`` (mig_id ->
     (item, future, group)), ``_mig_id`` and ``_send``; runs on the agent's worker thread."""
 
-    def _migrate_out(self, dst: str, items: list[dict], done: Future) -> None:
+    def _migrate_out(self, dst: str, items: list[dict], done: Future, ship_weights: bool = True) -> None:
         group = {"left": len(items), "bytes": 0, "done": done}
         if not items:
             done.set_result(0)
             return
         for item in items:
-            header, payload = self.store.export(item)
+            header, payload = self.store.export(item, weights=ship_weights)
             self._mig_id += 1
             self.pending_mig[self._mig_id] = (item, done, group)
             group["bytes"] += self._send(dst, {"type": "mig", "mig_id": self._mig_id, "item": item, "blk": header},

@@ -8,14 +8,13 @@ charged exactly for the blocks it holds. Migration moves blocks as ``node_agent.
 payloads: a KV group (weights + cache), a projection, or a column piece of an FFN shard; pieces are
 assembled into the new shards when the new placement is applied.
 
-Every load or import is checked against ``Budget`` first and refused with ``BudgetError`` (bytes
+Every load or import is checked against ``node_agent.budget.Budget`` first and refused with ``BudgetError`` (bytes
 needed vs available) instead of letting the kernel OOM-kill the agent.
 """
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,23 +22,16 @@ from torch import Tensor
 
 from node_agent.model import (AttentionShard, Embedder, FfnShard, LMHead, ModelConfig, ProjBlock, ShardError,
                               load_state, prepare_state_dict)
+from node_agent.budget import (TRANSIENT_RESERVE, Budget, BudgetError, return_freed_memory, rss_bytes,  # noqa: F401
+                               tune_allocator)
 from node_agent.model.blocks import cat_gemv
 from node_agent.serialize import tensors_from_bytes, tensors_to_payload
 from testbed.placement import Placement
 
 MIB = 1 << 20
-TRANSIENT_RESERVE = 512 * 1024  # left free even at an import's peak (interpreter, socket buffers)
 IMPORT_SLACK = 128 * 1024  # small tensors and allocator rounding during an import
 IMPORT_OVERHEAD = 1.15  # measured import peaks run up to ~12 % above the tensor arithmetic
 _STATES: dict[tuple[str, int], tuple[ModelConfig, dict]] = {}
-
-
-class BudgetError(Exception):
-    """A load or import would exceed the host's memory limit."""
-
-    def __init__(self, message: str, details: dict):
-        super().__init__(message)
-        self.details = details
 
 
 def preload(arg: str, seed: int = 0) -> ModelConfig:
@@ -54,81 +46,6 @@ def preload(arg: str, seed: int = 0) -> ModelConfig:
 def model_state(arg: str, seed: int = 0) -> tuple[ModelConfig, dict]:
     preload(arg, seed)
     return _STATES[(str(arg), int(seed))]
-
-
-# ---------------------------------------------------------------------------- memory budget
-class Budget:
-    """Reads the host cgroup's limit and usage (v1 or v2 memory directory); no dir = unlimited."""
-
-    def __init__(self, host: str, mem_dir: str | None, version: str | None, margin_bytes: int = 2 * MIB):
-        self.host, self.dir, self.version, self.margin = host, Path(mem_dir) if mem_dir else None, version, margin_bytes
-
-    def read(self) -> tuple[int, int]:
-        """(limit_bytes, usage_bytes); limit -1 when unlimited."""
-        if self.dir is None:
-            return -1, rss_bytes()
-        if self.version == "v1":
-            limit = int((self.dir / "memory.limit_in_bytes").read_text())
-            return (limit if limit < (1 << 60) else -1), int((self.dir / "memory.usage_in_bytes").read_text())
-        text = (self.dir / "memory.max").read_text().strip()
-        return (-1 if text == "max" else int(text)), int((self.dir / "memory.current").read_text())
-
-    def available(self) -> int:
-        limit, usage = self.read()
-        return 1 << 62 if limit < 0 else limit - usage - self.margin
-
-    def check(self, needed: int, what: str, transient: bool = False) -> None:
-        """Refuse ``needed`` more bytes unless they fit. Memory a load keeps must leave the margin
-        free; a ``transient`` peak (an import's copies, freed when it completes) may use the margin
-        down to ``TRANSIENT_RESERVE`` — that is what the margin is kept for."""
-        limit, usage = self.read()
-        if limit < 0:
-            return
-        keep = min(self.margin, TRANSIENT_RESERVE) if transient else self.margin
-        if needed > limit - usage - keep:
-            return_freed_memory()  # freed tensors may still sit in malloc's arenas, charged to us
-            limit, usage = self.read()
-        avail = limit - usage - keep
-        if needed > avail:
-            raise BudgetError(
-                f"{self.host}: {what} needs {needed} B {'at its peak ' if transient else ''}but only "
-                f"{max(avail, 0)} B are available (limit {limit} B, usage {usage} B, "
-                f"{'reserve' if transient else 'margin'} {keep} B)",
-                {"host": self.host, "needed_bytes": needed, "available_bytes": avail, "limit_bytes": limit,
-                 "usage_bytes": usage})
-
-
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
-        _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
-    return _LIBC
-
-
-def tune_allocator() -> None:
-    """Serve large allocations (tensors) by mmap so that freeing a block returns its pages to the
-    kernel at once: the cgroup then charges what the agent holds, not what it once held."""
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc = _libc()
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-
-
-def return_freed_memory() -> None:
-    """Give free heap pages back to the kernel (glibc malloc_trim)."""
-    _libc().malloc_trim(0)
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _nbytes(ts) -> int:
@@ -228,24 +145,28 @@ class BlockStore:
         return sum(a.nbytes_kv() for a in self.attn.values())
 
     # ---- migration: export ------------------------------------------------------------------
-    def export(self, item: dict) -> tuple[dict, bytes]:
+    def export(self, item: dict, weights: bool = True) -> tuple[dict, bytes]:
         """Serialize one migrating item: {kind: head, layer, group} | {kind: proj, layer} |
-        {kind: ffn, layer, c0, c1} (a column piece lying inside one local shard)."""
+        {kind: ffn, layer, c0, c1} (a column piece lying inside one local shard).
+        ``weights=False`` ships no weights (the receiver copies them from its own full state): a
+        head sends its KV cache only, a projection or FFN piece an empty payload."""
         l, kind = int(item["layer"]), item["kind"]
+        origin = {"weights": "shipped" if weights else "destination"}
         if kind == "head":
             if l not in self.attn:
                 raise ShardError(f"{self.host}: no attention shard of layer {l}")
-            return self.attn[l].export_group(int(item["group"]))
+            return self.attn[l].export_group(int(item["group"]), weights=weights)
         if kind == "proj":
             if l not in self.proj:
                 raise ShardError(f"{self.host}: no projection of layer {l}")
             b = self.proj[l]
-            return tensors_to_payload({k: v for k, v in (("wo", b.wo), ("bo", b.bo)) if v is not None},
-                                      {"kind": "proj", "layer": l})
+            t = {k: v for k, v in (("wo", b.wo), ("bo", b.bo)) if v is not None} if weights else {}
+            return tensors_to_payload(t, {"kind": "proj", "layer": l, **origin})
         if kind == "ffn":
             c0, c1 = int(item["c0"]), int(item["c1"])
             s = self._ffn_covering(l, c0, c1)
-            return tensors_to_payload(self._ffn_piece(s, c0, c1), {"kind": "ffn_piece", "layer": l, "c0": c0, "c1": c1})
+            t = self._ffn_piece(s, c0, c1) if weights else {}
+            return tensors_to_payload(t, {"kind": "ffn_piece", "layer": l, "c0": c0, "c1": c1, **origin})
         raise ShardError(f"unknown block kind {kind!r}")
 
     def _ffn_covering(self, l: int, c0: int, c1: int) -> FfnShard:
@@ -291,9 +212,12 @@ class BlockStore:
         the largest new weight tensor), checked against measurement in test_import_memory.py. A projection or FFN piece
         is copied out of the payload (and a projection re-laid out): twice the payload."""
         meta = header.get("meta", {})
+        local = meta.get("weights") == "destination"
         if meta.get("kind") != "kv_group":
-            return 2 * payload_len + IMPORT_SLACK
+            return 2 * (self._local_bytes(meta) if local else payload_len) + IMPORT_SLACK
         sizes = {e["name"]: int(e["nbytes"]) for e in header.get("tensors", [])}
+        if local:
+            sizes.update(self._local_group_sizes(int(meta["layer"]), int(meta["group"])))
         group_w = {n: b for n, b in sizes.items() if n not in ("k", "v", "norm_w", "norm_b")}
         group_kv = sizes.get("k", 0) + sizes.get("v", 0)
         a = self.attn.get(int(meta["layer"]))
@@ -306,18 +230,41 @@ class BlockStore:
         tensors = max(new_cache, max(per_head_alloc, group_kv) + largest_w)
         return int(tensors * IMPORT_OVERHEAD) + IMPORT_SLACK
 
+    def _local_group_sizes(self, l: int, g: int) -> dict[str, int]:
+        """Bytes of one group's weight tensors as ``export_group`` would ship them."""
+        a = self.attn.get(l) or AttentionShard(self.cfg, l, [], self._sd, share_storage=True)
+        return {n: t.numel() * t.element_size() for n, t in a.group_weights(self._sd, g).items()}
+
+    def _local_bytes(self, meta: dict) -> int:
+        """Bytes of a projection or FFN piece built from this host's own state (a KV-only import)."""
+        return _nbytes(self._local_tensors(meta).values())
+
+    def _local_tensors(self, meta: dict) -> dict[str, Tensor]:
+        """What a projection / FFN piece export would have shipped, as views of the full state."""
+        l = int(meta["layer"])
+        if meta["kind"] == "proj":
+            p = f"layers.{l}.wo."
+            return {"wo": self._sd[p + "weight"], **({"bo": self._sd[p + "bias"]} if p + "bias" in self._sd else {})}
+        c0, c1 = int(meta["c0"]), int(meta["c1"])
+        return self._ffn_piece(FfnShard(self.cfg, l, c0, c1, self._sd, share_storage=True), c0, c1)
+
     def import_(self, header: dict, payload: bytes) -> str:
         meta = header.get("meta", {})
         kind, l = meta.get("kind"), int(meta.get("layer", -1))
         self.budget.check(self.import_needed(header, len(payload)), f"importing {kind} of layer {l} ({len(payload)} B)",
                           transient=True)
+        local = meta.get("weights") == "destination"
         if kind == "kv_group":
+            own = self._sd if local else None
             if l in self.attn:
-                self.attn[l].import_group(header, payload)
+                self.attn[l].import_group(header, payload, own)
             else:
-                self.attn[l] = AttentionShard.from_export(self.cfg, header, payload)
+                self.attn[l] = AttentionShard.from_export(self.cfg, header, payload, own)
             return f"L{l}.H{meta['group']}"
-        t = tensors_from_bytes(header, payload)
+        if local and kind in ("proj", "ffn_piece"):
+            t = {k: v.clone() for k, v in self._local_tensors(meta).items()}  # this host's own copy
+        else:
+            t = tensors_from_bytes(header, payload)
         if kind == "proj":
             p = f"layers.{l}.wo."
             self.proj[l] = ProjBlock(self.cfg, l, {p + "weight": t["wo"], **({p + "bias": t["bo"]} if "bo" in t else {})})

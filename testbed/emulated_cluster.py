@@ -37,8 +37,10 @@ class EmulatedCluster:
 
     def __init__(self, topology: TopologySpec, model_ref, run_dir, manifest: Manifest | None = None, *,
                  network=None, run_id: str | None = None, seed: int = 0, token_timeout_s: float = 30.0,
-                 calibrate_s: float = 0.3, threads: int = 1, runtime_slack_bytes: int = 4 * MIB):
+                 calibrate_s: float = 0.3, threads: int = 1, runtime_slack_bytes: int = 4 * MIB,
+                 weights_from: str = "source"):
         self.topology, self.run_dir = topology, Path(run_dir)
+        self.weights_from = weights_from  # "destination": migrations ship KV caches, not weights
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = manifest or Manifest(self.run_dir / "resources.jsonl")
         arg = model_ref if isinstance(model_ref, str) else model_ref.load_arg
@@ -315,7 +317,8 @@ class EmulatedCluster:
 
             def send_all(src: str, by_src=by_src) -> int:
                 return sum(self.pool.call(src, "migrate_out", 330.0, self._watchdog, dst=dst, items=its,
-                                          mig_timeout_s=300.0)["bytes"] for dst, its in by_src[src])
+                                          mig_timeout_s=300.0, weights_from=self.weights_from)["bytes"]
+                           for dst, its in by_src[src])
             sent = self._guard("migration", lambda: self.pool.each(send_all, list(by_src)))
             sent_bytes += int(sum(sent.values()))
         self.pv += 1
@@ -363,15 +366,17 @@ class EmulatedCluster:
                 self.net.stop()
 
 
-def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None) -> EmulatedCluster:
+def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None,
+                           weights_from: str = "source") -> EmulatedCluster:
     """What ``testbed.runner`` builds for ``backend: emulated`` (manifest in the run directory)."""
     run_dir = Path(run_dir)
-    cluster = EmulatedCluster(topo, model, run_dir, Manifest(run_dir / "resources.jsonl"))
+    cluster = EmulatedCluster(topo, model, run_dir, Manifest(run_dir / "resources.jsonl"), weights_from=weights_from)
     if recorder is not None:
         recorder.update_manifest(delay_mechanism=cluster.net.delay_mechanism,
                                  loss_mechanism="netem" if cluster.net.delay_mechanism == "netem" else "iptables statistic",
                                  serialisation="receivers hold a frame until sent_at + bytes/path rate + delay "
                                                "(HTB passes a lone small packet at line rate)",
                                  agents={h: a.pid for h, a in cluster.pool.agents.items()},
-                                 agent_flops_per_s=cluster.flops, agent_idle_charge_bytes=cluster.baseline)
+                                 agent_flops_per_s=cluster.flops, agent_idle_charge_bytes=cluster.baseline,
+                                 migration_weights_from=weights_from)
     return cluster

@@ -146,6 +146,13 @@ class Simulation(Spec):
     host_overhead_mib: float = Field(0.0, ge=0)
 
 
+class MigrationSettings(Spec):
+    """How blocks move. ``weights_from: destination`` ships only KV caches: the receiver copies the
+    weights from its own full copy of the model (devices that all hold the checkpoint on disk)."""
+
+    weights_from: Literal["source", "destination"] = "source"
+
+
 class ScenarioEvent(Spec):
     """One scripted change, at a token index or a wall time (seconds since the algorithm started)."""
 
@@ -278,6 +285,7 @@ class ExperimentSpec(Spec):
     repetitions: int = Field(1, ge=1)
     backend: Literal["emulated", "simulated"] = "emulated"
     simulation: Simulation = Simulation()
+    migration: MigrationSettings = MigrationSettings()
     placement: Optional[dict[str, Any]] = None  # for the "fixed" algorithm: Placement.to_json() form
     sweep: Optional[dict[str, list[Any]]] = None
 

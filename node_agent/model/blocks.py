@@ -15,7 +15,6 @@ slices (so a node agent can drop the full dict), `share_storage=True` keeps view
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -25,104 +24,12 @@ from torch import Tensor
 from ..kvcache import KVCache
 from ..serialize import tensors_from_bytes, tensors_to_payload
 from .config import ModelConfig, ModelError
+from .ops import (_causal_attend, _rows, apply_rope, cat_gemv, gemv_layout, norm,  # noqa: F401  (re-exported)
+                  prepare_state_dict, rope_tables)
 
 
 class ShardError(ModelError):
     """An invalid operation on a shard (unknown group, mismatched layer, bad position)."""
-
-
-def norm(cfg: ModelConfig, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """LayerNorm (gpt2) or RMSNorm (llama) over the last dim."""
-    if cfg.arch == "gpt2":
-        return F.layer_norm(x, (x.shape[-1],), w, b, cfg.norm_eps)
-    return F.rms_norm(x, (x.shape[-1],), w, cfg.norm_eps)
-
-
-@lru_cache(maxsize=16)
-def rope_tables(head_dim: int, theta: float, n_pos: int) -> tuple[Tensor, Tensor]:
-    """cos, sin tables (n_pos, d) for rotate_half RoPE (HF Llama convention)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (d/2,)
-    freqs = torch.outer(torch.arange(n_pos, dtype=torch.int64).float(), inv)  # (P, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (P, d)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, T, d) rotated by cos/sin (T, d)."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, d)
-    return x * cos + rot * sin
-
-
-def _rows(t: Tensor, ranges: list[tuple[int, int]], share: bool, dim: int = 0) -> Tensor:
-    """Rows (or columns for dim=1) of `t` over `ranges`, in order. A view if share and contiguous."""
-    merged: list[tuple[int, int]] = []
-    for s, e in ranges:
-        if merged and merged[-1][1] == s:
-            merged[-1] = (merged[-1][0], e)
-        else:
-            merged.append((s, e))
-    if not merged:
-        return t.narrow(dim, 0, 0).clone()
-    if len(merged) == 1:
-        view = t.narrow(dim, merged[0][0], merged[0][1] - merged[0][0])
-        return view if share else view.clone(memory_format=torch.contiguous_format)
-    return torch.cat([t.narrow(dim, s, e - s) for s, e in merged], dim=dim)
-
-
-def gemv_layout(w: Tensor) -> Tensor:
-    """Store a linear weight (out, in) the way a 1-token matmul reads fastest (measured, MKL, CPU):
-    column-major when out >= in, row-major otherwise. Logical shape is unchanged; no copy if the
-    layout already fits."""
-    if w.dim() != 2:
-        return w
-    if w.shape[0] >= w.shape[1]:
-        return w if w.stride() == (1, w.shape[0]) else w.t().contiguous().t()
-    return w.contiguous()
-
-
-def cat_gemv(parts: list[Tensor], dim: int = 0) -> Tensor:
-    """``gemv_layout(torch.cat(parts, dim))`` built in one allocation: the result is created in its
-    final layout and each part copied in, so the transient memory is the result alone (a plain cat
-    followed by a re-layout briefly holds two copies — it matters on a host at its memory limit)."""
-    if parts[0].dim() != 2:
-        return torch.cat(parts, dim=dim)
-    rows = sum(t.shape[0] for t in parts) if dim == 0 else parts[0].shape[0]
-    cols = parts[0].shape[1] if dim == 0 else sum(t.shape[1] for t in parts)
-    like = parts[0]
-    if rows >= cols:
-        out = torch.empty(cols, rows, dtype=like.dtype).t()  # (rows, cols), column-major
-    else:
-        out = torch.empty(rows, cols, dtype=like.dtype)  # (rows, cols), row-major
-    pos = 0
-    for t in parts:
-        n = t.shape[dim]
-        out.narrow(dim, pos, n).copy_(t)
-        pos += n
-    return out
-
-
-def prepare_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """In place: give every matrix its gemv_layout (so blocks built with share_storage reuse it)."""
-    for k, t in sd.items():
-        if t.dim() == 2 and k != "embed.pos":
-            sd[k] = gemv_layout(t)
-    return sd
-
-
-def _causal_attend(q: Tensor, k: Tensor, v: Tensor, start_pos: int, qpg: int) -> Tensor:
-    """q (B, Hq, T, d), k/v (B, G, S, d) with S = start_pos + T → (B, Hq, T, d)."""
-    B, Hq, T, d = q.shape
-    G = k.shape[1]
-    if T == 1:  # decode: fold the group's q heads into the query axis, no mask needed
-        o = F.scaled_dot_product_attention(q.reshape(B, G, qpg, d), k, v)  # (B, G, q, d)
-        return o.view(B, Hq, 1, d)
-    gqa = qpg > 1
-    if start_pos == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, Hq, T, d)
-    S = k.shape[2]
-    mask = torch.arange(S).view(1, S) <= (start_pos + torch.arange(T)).view(T, 1)  # (T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, Hq, T, d)
 
 
 _HEAD_TENSORS = ("wq", "wk", "wv")
@@ -200,27 +107,52 @@ class AttentionShard:
         return {n: slice(i * (qw if n.startswith("wq") else kw), (i + 1) * (qw if n.startswith("wq") else kw))
                 for n in self.w}
 
-    def export_group(self, group: int) -> tuple[dict[str, Any], bytes]:
-        """Weights, norm and KV cache of one group as (JSON-able header, contiguous payload)."""
+    def export_group(self, group: int, weights: bool = True) -> tuple[dict[str, Any], bytes]:
+        """Weights, norm and KV cache of one group as (JSON-able header, contiguous payload);
+        ``weights=False``: the KV cache only (the receiver takes the weights from its own copy)."""
         i = self._local(group)
-        t = {n: self.w[n][s] for n, s in self._slices(i).items()}
-        t["norm_w"] = self.norm_w
-        if self.norm_b is not None:
-            t["norm_b"] = self.norm_b
+        t = {n: self.w[n][s] for n, s in self._slices(i).items()} if weights else {}
+        if weights:
+            t["norm_w"] = self.norm_w
+            if self.norm_b is not None:
+                t["norm_b"] = self.norm_b
         t["k"], t["v"] = self.cache.get_heads([i])  # (B, 1, T, d)
         meta = {"kind": "kv_group", "model": self.cfg.name, "arch": self.cfg.arch, "layer": self.layer,
                 "group": group, "cached_len": self.cache.length, "head_dim": self.cfg.head_dim,
-                "q_per_group": self.cfg.q_per_group, "d_model": self.cfg.d_model}
+                "q_per_group": self.cfg.q_per_group, "d_model": self.cfg.d_model,
+                "weights": "shipped" if weights else "destination"}
         return tensors_to_payload(t, meta)
 
-    def import_group(self, header: dict[str, Any], payload: bytes) -> None:
-        """Add the group exported by `export_group` (appended last in `groups`)."""
+    def group_weights(self, weights: dict[str, Tensor], group: int) -> dict[str, Tensor]:
+        """One group's rows of W_q/W_k/W_v (and biases) and the layer's norm, as views of a full
+        state dict ``weights`` (what ``export_group`` ships, without the cache)."""
+        p, cfg = f"layers.{self.layer}.", self.cfg
+        qw, kw = cfg.q_per_group * cfg.head_dim, cfg.head_dim
+        t: dict[str, Tensor] = {}
+        for n in _HEAD_TENSORS:
+            width = qw if n == "wq" else kw
+            t[n] = weights[p + n + ".weight"][group * width:(group + 1) * width]  # (width, D)
+            if cfg.has_bias:
+                t[n + "_b"] = weights[p + n + ".bias"][group * width:(group + 1) * width]  # (width,)
+        t["norm_w"] = weights[p + "attn_norm.weight"]
+        if p + "attn_norm.bias" in weights:
+            t["norm_b"] = weights[p + "attn_norm.bias"]
+        return t
+
+    def import_group(self, header: dict[str, Any], payload: bytes,
+                     local_weights: dict[str, Tensor] | None = None) -> None:
+        """Add the group exported by `export_group` (appended last in `groups`). A KV-only export
+        needs ``local_weights``: this host's full state dict, the group's rows are copied from it."""
         meta = header.get("meta", {})
         if meta.get("layer") != self.layer or meta.get("head_dim") != self.cfg.head_dim:
             raise ShardError(f"export of layer {meta.get('layer')} does not fit shard of layer {self.layer}")
         if meta["group"] in self.groups:
             raise ShardError(f"layer {self.layer}: group {meta['group']} already present")
         t = tensors_from_bytes(header, payload, copy=False)  # views of the received payload
+        if meta.get("weights") == "destination":
+            if local_weights is None:
+                raise ShardError(f"layer {self.layer}: a KV-only import needs this host's own weights")
+            t.update(self.group_weights(local_weights, int(meta["group"])))
         self.cache.add_heads(t["k"], t["v"])
         for n in self.w:
             self.w[n] = cat_gemv([self.w[n], t[n]])  # one tensor at a time: transient = its new size
@@ -237,10 +169,20 @@ class AttentionShard:
         self.groups.pop(i)
 
     @classmethod
-    def from_export(cls, cfg: ModelConfig, header: dict[str, Any], payload: bytes) -> "AttentionShard":
+    def from_export(cls, cfg: ModelConfig, header: dict[str, Any], payload: bytes,
+                    local_weights: dict[str, Tensor] | None = None) -> "AttentionShard":
         """A new shard holding exactly the exported group (e.g. on a device new to this layer)."""
-        t = tensors_from_bytes(header, payload, copy=False)  # views; what the shard keeps is cloned
         layer = int(header["meta"]["layer"])
+        if header["meta"].get("weights") == "destination":
+            if local_weights is None:
+                raise ShardError(f"layer {layer}: a KV-only import needs this host's own weights")
+            p = f"layers.{layer}."
+            own = {k: local_weights[k].clone() for k in (p + "attn_norm.weight", p + "attn_norm.bias")
+                   if k in local_weights}  # the shard's own norm, charged to this host
+            shard = cls(cfg, layer, [], {**local_weights, **own})
+            shard.import_group(header, payload, local_weights)
+            return shard
+        t = tensors_from_bytes(header, payload, copy=False)  # views; what the shard keeps is cloned
         p = f"layers.{layer}."
         empty = {p + "attn_norm.weight": t["norm_w"].clone()}
         if "norm_b" in t:

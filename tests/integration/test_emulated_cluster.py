@@ -146,12 +146,14 @@ def test_snapshot_measures_devices_and_paths(gpt2_cluster):
     assert c.snapshot(16, 8).device("h4").flops_per_s < 0.6 * by["h1"].flops_per_s
 
 
-def test_tiny_llama_gqa_head_level_with_migration(tmp_path):
+@pytest.mark.parametrize("weights_from", ["source", "destination"])
+def test_tiny_llama_gqa_head_level_with_migration(tmp_path, weights_from):
     seed, prompt = 3, [200, 180, 90, 24, 56, 183, 160, 163]
     ref, ref_top = reference("tiny-llama", seed, prompt, 64)
     assert len(set(ref)) > 5
     topo = star((512, 256, 256), name="ec-llama")
-    c = EmulatedCluster(topo, "tiny-llama", tmp_path, run_id=f"t{uuid.uuid4().hex[:5]}", seed=seed)
+    c = EmulatedCluster(topo, "tiny-llama", tmp_path, run_id=f"t{uuid.uuid4().hex[:5]}", seed=seed,
+                        weights_from=weights_from)
     try:
         cfg = load_model("tiny-llama").config
         pl = Placement("h1", tuple(LayerPlacement(("h2", "h3"), "h3", (FfnShard("h2", 0, 100), FfnShard("h3", 100, cfg.ffn_dim)))
@@ -160,7 +162,12 @@ def test_tiny_llama_gqa_head_level_with_migration(tmp_path):
                                       link_at=(45, ("h2", "s1"), 4))
         assert out == ref
         assert torch.allclose(torch.tensor(tops), torch.tensor(ref_top), atol=1e-4)
-        assert migs[0].bytes_moved > 2 * 16 * 4 * 38  # weights + the group's KV cache at T = 38
+        kv = 2 * 16 * 4 * 38  # the group's KV cache at T = 38 (K and V, head_dim 16, fp32)
+        weights = (2 + 2) * 16 * 64 * 4  # its W_q rows (2 query heads) and W_k, W_v rows, d_model 64
+        if weights_from == "source":
+            assert migs[0].bytes_moved > kv + weights
+        else:  # only the cache (+ headers) crosses the link; the receiver copies its own weights
+            assert kv < migs[0].bytes_moved < kv + weights // 2
     finally:
         c.close()
     _assert_all_gone(tmp_path / "resources.jsonl")

@@ -147,7 +147,7 @@ def _random_placement(rng: random.Random, cfg, devs) -> Placement:
     return Placement("h1", tuple(layers))
 
 
-def _run(conns, placements: dict[int, Placement], prompt, n, pv0=1):
+def _run(conns, placements: dict[int, Placement], prompt, n, pv0=1, weights_from="source", sent=None):
     """Generate n tokens; placements[i] (i > 0) is migrated to before token i."""
     pl = placements[0]
     for c in conns.values():
@@ -157,7 +157,9 @@ def _run(conns, placements: dict[int, Placement], prompt, n, pv0=1):
     for i in range(1, n):
         if i in placements:
             for (src, dst), its in migration_items(pl, placements[i]).items():
-                conns[src].call("migrate_out", 30.0, dst=dst, items=its)
+                r = conns[src].call("migrate_out", 30.0, dst=dst, items=its, weights_from=weights_from)
+                if sent is not None:
+                    sent.append(r["bytes"])
             pl, pv = placements[i], pv + 1
             for c in conns.values():
                 c.call("set_placement", 30.0, placement=pl.to_json(), pv=pv)
@@ -193,6 +195,25 @@ def test_agents_random_placements_and_migrations_match_monolithic(agents):
     assert torch.allclose(torch.tensor(tops), torch.tensor(ref_top), atol=1e-4)
     assert last["bytes_moved"] == sum(last["bytes_by_link"].values()) > 0
     assert last["latency_s"] >= last["compute_s"] and last["wait_s"] >= 0
+
+
+def test_migration_with_weights_from_the_destinations_own_copy(agents):
+    # Same generation twice: weights shipped vs only KV caches shipped (the receivers copy the
+    # weights from their own full state). Tokens equal the monolithic model's either way.
+    rng = random.Random(11)
+    cfg = load_model("tiny-gpt2").config
+    prompt = [rng.randrange(256) for _ in range(6)]
+    ref, ref_top = _reference(prompt, 20)
+    devs = ["h1", "h2", "h3", "h4"]
+    plans = {0: _random_placement(rng, cfg, devs), 7: _random_placement(rng, cfg, devs),
+             14: _random_placement(rng, cfg, devs)}
+    shipped, local = [], []
+    out_s, _, _ = _run(agents, plans, prompt, 20, weights_from="source", sent=shipped)
+    out_l, tops_l, _ = _run(agents, plans, prompt, 20, pv0=10, weights_from="destination", sent=local)
+    assert out_s == out_l == ref
+    assert torch.allclose(torch.tensor(tops_l), torch.tensor(ref_top), atol=1e-4)
+    # KV only: per moved group 2 x T x d x 4 B (+ headers), far below the weights
+    assert 0 < sum(local) < sum(shipped) / 4, (sum(local), sum(shipped))
 
 
 def test_layer_placement_on_one_worker_sends_only_x_in_and_out(agents):
