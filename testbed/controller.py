@@ -46,17 +46,23 @@ def _plan(settings: LoopSettings, cluster: Cluster, dims: ModelDims, context_len
     from testbed.partition import plan
 
     snap = cluster.snapshot(context_len, settings.repartition_every)
-    snap = _with_policy(snap, current, settings.allow_blocks_on_source, pending_limits or {})
+    # the decision before token ``i`` runs at context prompt + i; the run ends at prompt + new_tokens
+    token_index = context_len - len(settings.prompt_ids)
+    snap = _with_policy(snap, current, settings.allow_blocks_on_source, pending_limits or {},
+                        tokens_remaining=max(0, settings.new_tokens - token_index))
     return plan(settings.algorithm, snap, dims, cost_model=settings.cost_model, **settings.params)
 
 
-def _with_policy(snap, current, allow_on_source, pending_limits: dict[str, float]):
-    """The measured snapshot, told the current placement, the source policy and announced limits."""
+def _with_policy(snap, current, allow_on_source, pending_limits: dict[str, float],
+                 tokens_remaining: int | None = None):
+    """The measured snapshot, told the current placement, the source policy, announced limits and
+    how many context positions the run still adds (planners cap their memory horizons there)."""
     from dataclasses import replace
 
     devices = tuple(replace(d, mem_limit_bytes=int(pending_limits[d.name] * 2**20)) if d.name in pending_limits else d
                     for d in snap.devices)
-    return replace(snap, devices=devices, current=current, allow_blocks_on_source=allow_on_source)
+    return replace(snap, devices=devices, current=current, allow_blocks_on_source=allow_on_source,
+                   tokens_remaining=tokens_remaining)
 
 
 def _is_drop(change: Change, before: dict) -> bool:

@@ -83,6 +83,21 @@ class ClusterSnapshot:
     tokens_until_next_decision: int
     current: Placement | None = None
     allow_blocks_on_source: bool = False
+    # context positions the run still adds after ``context_len`` (the controller: prompt + new
+    # tokens - context_len); None = unknown, the run may go on for ever
+    tokens_remaining: int | None = None
+
+    @property
+    def end_context_len(self) -> float:
+        """The largest context the run reaches (``inf`` when ``tokens_remaining`` is unknown)."""
+        if self.tokens_remaining is None:
+            return float("inf")
+        return self.context_len + max(0, self.tokens_remaining)
+
+    def mem_horizon(self, context_len: float) -> int:
+        """``context_len`` capped at the end of generation: memory is never reserved (and no
+        placement refused) for KV caches that will not be written."""
+        return int(min(context_len, self.end_context_len))
 
     @property
     def source(self) -> str:

@@ -52,8 +52,10 @@ class Problem:
         self.src = self.index[snapshot.source]
         self.T = snapshot.context_len
         self.N = max(1, snapshot.tokens_until_next_decision)
-        # memory horizon: KV growth until the next decision (planners may ask for more headroom)
-        self.T_mem = self.T + (snapshot.tokens_until_next_decision if mem_tokens is None else mem_tokens)
+        # memory horizon: KV growth until the next decision (planners may ask for more headroom),
+        # never past the end of generation (``snapshot.tokens_remaining``)
+        self.T_end = snapshot.end_context_len
+        self.T_mem = self.cap(self.T + (snapshot.tokens_until_next_decision if mem_tokens is None else mem_tokens))
         self.C = np.array([d.flops_per_s if d.up else 0.0 for d in snapshot.devices], dtype=float)
         ok = np.array([d.up and d.flops_per_s > 0 for d in snapshot.devices])
         ok[self.src] &= snapshot.allow_blocks_on_source
@@ -74,6 +76,10 @@ class Problem:
                     lat[i, j] = ls.latency_s if good else np.inf
                     spb[i, j] = 1.0 / ls.bandwidth_bytes_per_s if good else np.inf
         return lat, spb
+
+    def cap(self, context_len: float) -> int:
+        """A memory horizon capped at the end of generation (``ClusterSnapshot.mem_horizon``)."""
+        return self.snap.mem_horizon(context_len)
 
     def allowed_names(self) -> list[str]:
         return [n for n, ok in zip(self.names, self.allowed) if ok]
@@ -111,7 +117,9 @@ class Problem:
 
 def check_memory(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str,
                  context_len: int) -> None:
-    """Raise InfeasiblePlan naming the first device whose blocks exceed its budget."""
+    """Raise InfeasiblePlan naming the first device whose blocks exceed its budget at
+    ``context_len`` (capped at the end of generation, ``snapshot.mem_horizon``)."""
+    context_len = snapshot.mem_horizon(context_len)
     mem = memory(placement, snapshot, dims, cost_model, context_len)
     for d in snapshot.devices:
         used = mem.get(d.name, 0)
@@ -126,7 +134,8 @@ def check_memory(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDim
 def fits_until(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str,
                context_len: int) -> float:
     """Largest context length up to which ``placement`` fits every device's budget (``inf`` when no
-    over-committed device grows), ``-inf`` when it does not fit at ``context_len`` already.
+    over-committed device grows, or when it fits until the end of generation,
+    ``snapshot.end_context_len``), ``-inf`` when it does not fit at ``context_len`` already.
 
     Memory is affine in the context length under both cost models (only the KV caches grow), so the
     per-device slope from two evaluations gives the exact crossing; the crossing is re-checked once
@@ -147,7 +156,7 @@ def fits_until(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
             check_memory(placement, snapshot, dims, cost_model, int(last))
         except InfeasiblePlan:
             last -= 1
-    return last
+    return float("inf") if last >= snapshot.end_context_len else last
 
 
 def assign_heads(counts: dict[str, int], current: tuple[str, ...] | None, n_groups: int) -> tuple[str, ...]:

@@ -13,7 +13,8 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
   * ONE layer, no ``snapshot.current`` (every token-0 plan): EXACT. ``exact_serial`` searches
     head counts per device x proj device x the order of the ``x`` sends to the head devices x FFN
     chunk counts (``ffn_chunks`` equal chunks, default 4 as RA) x aggregator x shard send order,
-    within the memory budgets at the next decision (``T + tokens_until_next_decision``), through
+    within the memory budgets at the next decision (``T + tokens_until_next_decision``, capped at
+    the end of generation, ``snapshot.tokens_remaining``), through
     a decomposition that is exact for one layer, and certifies the result by evaluating with
     ``decode_cost`` every plan whose lower bound is below the best latency found. So ``optimal``'s
     latency is <= that of every placement that fits and whose FFN is cut at the chunk boundaries

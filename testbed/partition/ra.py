@@ -2,7 +2,9 @@
 
 One round (one decision epoch), given a snapshot:
  1. Residual memory per device = budget - embedding/LM head (source) ; every block is sized at the
-    memory horizon ``T + tokens_until_next_decision`` (KV growth until the next decision).
+    memory horizon ``T + tokens_until_next_decision`` (KV growth until the next decision). Every
+    memory horizon (this one, the headroom, the anticipation window, ``repair``'s targets) is capped
+    at the end of generation when the snapshot says it (``tokens_remaining``).
  2. Layers are walked in dataflow order (all layers have equal demand); the projection is the
     layer's anchor: a few candidate devices are tried (``proj_candidates``: the cheapest by input
     transfer + compute, plus its current device) and the best resulting layer is kept. Per anchor,
@@ -140,7 +142,7 @@ def repair(prob: Problem, cur: Placement, H: float, net: Net, budget: np.ndarray
     sit on a device that is down or not allowed, or no move helps."""
     if not _devices_ok(prob, cur):
         return None
-    until = prob.T_mem if until is None else int(until)
+    until = prob.T_mem if until is None else prob.cap(until)
     sz = sizes_for(prob.dims, prob.cost_model, prob.T, until)
     pl = cur if start is None else start
     for _ in range(max_moves):
@@ -192,21 +194,26 @@ def _headroom(prob: Problem, cur: Placement, base: Placement, base_obj: float, u
               net: Net, budget: np.ndarray, price_s: float) -> tuple[Placement, float, float]:
     """Extend ``base`` epoch by epoch towards ``until_max`` with the cheapest repairs while each step
     is worth its price: its objective increase x H (stall + added latency over the horizon) is at
-    most ``price_s`` per token of headroom it buys. Returns (plan, its objective, its fit)."""
+    most ``price_s`` per token of headroom it buys (headroom past the end of generation buys
+    nothing; the last step stops at ``until_max`` when that is not on the epoch grid, e.g. the end
+    of generation). Returns (plan, its objective, its fit)."""
     best, obj, fit = base, base_obj, _fit(prob, base)
     if fit >= until_max:
         return best, obj, fit
     until = prob.T + prob.N
-    while until < fit:
+    while until <= fit:
         until += prob.N
-    while until <= until_max:
-        pl = repair(prob, cur, H, net, budget, until=until, start=best)
+    while True:
+        u = min(until, until_max)
+        pl = repair(prob, cur, H, net, budget, until=u, start=best)
         if pl is None:
             break
         o, f = _objective(prob, pl, H, net)[0], _fit(prob, pl)
-        if f <= fit or (o - obj) * H > price_s * (f - fit):
+        if f <= fit or (o - obj) * H > price_s * (min(f, prob.T_end) - fit):
             break
         best, obj, fit = pl, o, f
+        if fit >= until_max:
+            break
         while until <= fit:
             until += prob.N
     return best, obj, fit
@@ -250,29 +257,31 @@ def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np
     T, N = prob.T, prob.N
     # top-ups reach the headroom horizon plus the anticipation window, so that the next one is
     # due only after ``headroom - 1`` epochs (not at every decision)
-    until_max = max(T + N, int(prob.T_mem if headroom_until is None else headroom_until)
-                    + max(0, anticipate_epochs) * N)
-    need = T + N  # every mixture must fit at least until here (and keep a pre-emptive move)
+    # (every horizon is capped at the end of generation: no block moves for KV never written)
+    until_max = prob.cap(max(T + N, int(prob.T_mem if headroom_until is None else headroom_until)
+                             + max(0, anticipate_epochs) * N))
+    nxt = prob.cap(T + N)  # the next decision
+    need = nxt  # every mixture must fit at least until here (and keep a pre-emptive move)
     value = 0.0  # seconds per token of headroom (up to until_max) in the comparison, see below
     stay = None
     if _devices_ok(prob, cur):
         fit = _fit(prob, cur)
         cur_obj, cur_lat, _ = _objective(prob, cur, H, net)
         price = preempt * cur_lat
-        horizon = T + (1 + max(0, anticipate_epochs)) * N
+        horizon = prob.cap(T + (1 + max(0, anticipate_epochs)) * N)
         if fit < horizon:  # a forced or predictable move: headroom is worth its price
             value = price
-        if fit >= T + N:
+        if fit >= nxt:
             stay = (cur_obj, cur)
             if anticipate_epochs > 0 and price > 0 and fit < horizon <= until_max:
                 pre = repair(prob, cur, H, net, budget, until=horizon)
                 if pre is not None:
                     o, f = _objective(prob, pre, H, net)[0], _fit(prob, pre)
-                    if f > fit and (o - cur_obj) * H <= price * (f - fit):
+                    if f > fit and (o - cur_obj) * H <= price * (min(f, prob.T_end) - fit):
                         pre, o, f = _headroom(prob, cur, pre, o, until_max, H, net, budget, price)
                         stay, need = (o, pre), max(need, int(min(f, until_max)))
         else:
-            fixed = repair(prob, cur, H, net, budget, until=T + N)
+            fixed = repair(prob, cur, H, net, budget, until=nxt)
             if fixed is not None and _usable(prob, fixed):
                 o = _objective(prob, fixed, H, net)[0]
                 if price > 0:
