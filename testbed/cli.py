@@ -136,6 +136,9 @@ def clean(run_dir: Optional[Path] = typer.Argument(None), all_runs: bool = typer
     if run_dir is None and not all_runs:
         print("give a RUN_DIR or --all", file=sys.stderr)
         raise typer.Exit(2)
+    if run_dir is not None and not run_dir.is_dir():
+        print(f"{run_dir}: no such run directory", file=sys.stderr)
+        raise typer.Exit(2)
     manifests = sorted(results.glob("**/resources.jsonl")) if all_runs else [run_dir / "resources.jsonl"]
     for m in manifests:
         if not m.exists():

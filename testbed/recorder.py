@@ -21,6 +21,7 @@ import yaml
 TOKEN_COLUMNS = [
     "algorithm", "repetition", "token_index", "token_id", "context_len", "latency_s", "compute_s",
     "transfer_s", "wait_s", "migration_s", "bytes_moved", "migrated_bytes", "phase",
+    "bytes_by_link",  # JSON {"h1->h2": bytes}: activation bytes per host pair for this token
 ]
 
 
@@ -87,6 +88,7 @@ class RunRecorder:
     def token(self, row: dict) -> None:
         self._tokens.writerow({k: row.get(k, "") for k in TOKEN_COLUMNS})
         self._tokens_file.flush()
+        os.fsync(self._tokens_file.fileno())
 
     def write_summary(self, summary: dict) -> None:
         _atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2, default=float))

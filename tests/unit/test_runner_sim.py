@@ -153,3 +153,12 @@ def test_plan_json_carries_the_exact_solvers_certificate():
     info = obj["planner"]
     assert info["latency_certified"] is True and info["latency_gap"] == 0.0
     assert info["latency_s"] == pytest.approx(obj["predicted_token_latency_s"])
+
+
+def test_clean_of_a_missing_run_directory_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "testbed", "clean", str(tmp_path / "nope")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "no such run directory" in out.stderr and "Traceback" not in out.stderr
