@@ -12,6 +12,9 @@ from testbed.snapshot import ModelDims
 from testbed.specs import ModelChoice
 
 
+CONFIG_PREFIX = "config:"  # node_agent.model.load_state reads the same prefix
+
+
 class ModelRefError(ValueError):
     """The model choice names nothing loadable."""
 
@@ -27,7 +30,11 @@ class ModelRef:
 
     @property
     def load_arg(self) -> str:
-        return self.path or self.name  # type: ignore[return-value]
+        """What the agents load: a checkpoint path, a registry name, or ``config:{json}`` (explicit
+        dims: random seeded weights built from the config by every agent alike)."""
+        if self.path or self.name:
+            return self.path or self.name  # type: ignore[return-value]
+        return CONFIG_PREFIX + json.dumps(self.config.to_dict(), sort_keys=True)
 
     @property
     def dims(self) -> ModelDims:

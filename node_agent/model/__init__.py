@@ -17,8 +17,14 @@ from .weights import load_hf_dir, random_state_dict
 
 
 def load_state(name_or_dir: str | Path, seed: int = 0) -> tuple[ModelConfig, dict]:
-    """(config, full internal state dict) for a registry name or a HF checkpoint directory."""
+    """(config, full internal state dict) for a registry name, a HF checkpoint directory, or
+    ``config:{json}`` (a ModelConfig as a dict; random seeded weights)."""
     key = str(name_or_dir)
+    if key.startswith("config:"):  # explicit dims (testbed.modelref): random seeded weights
+        import json
+
+        cfg = ModelConfig.from_dict(json.loads(key[len("config:"):]))
+        return cfg, random_state_dict(cfg, seed)
     if key == "smollm2-135m":
         from .gguf_loader import load_smollm2
 

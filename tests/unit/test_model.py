@@ -160,3 +160,20 @@ def test_smollm2_cache_written_once_and_reloaded(tmp_path, monkeypatch):
     cfg2, sd2 = load_smollm2()
     assert cfg2 == cfg and set(sd2) == set(sd)
     assert all(torch.equal(sd[k], sd2[k]) for k in ("embed.tok", "layers.7.wq.weight", "layers.29.w_down.weight"))
+
+
+def test_explicit_dims_load_everywhere_with_the_same_random_weights():
+    from testbed.modelref import resolve_model
+    from testbed.specs import ModelChoice
+
+    from node_agent.model import load_state
+
+    dims = {"arch": "gpt2", "vocab_size": 128, "n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 4,
+            "head_dim": 8, "ffn_dim": 64, "max_positions": 64}
+    ref = resolve_model(ModelChoice(dims=dims, seed=5))
+    cfg, sd = load_state(ref.load_arg, 5)
+    cfg2, sd2 = load_state(ref.load_arg, 5)
+    assert cfg == ref.config and cfg.n_layers == 2
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    ids = load_model(ref.config, 5).generate([1, 2, 3], max_new_tokens=4)
+    assert len(ids) == 4
