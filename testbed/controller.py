@@ -6,6 +6,7 @@ returns; only a ``ClusterError`` (the testbed itself broke) propagates.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -65,13 +66,14 @@ def _with_policy(snap, current, allow_on_source, pending_limits: dict[str, float
                    tokens_remaining=tokens_remaining)
 
 
-def _is_drop(change: Change, before: dict) -> bool:
-    """True if the change lowers bandwidth, memory or CPU, or takes a link down."""
+def _is_drop(change: Change, before: dict, threshold_pct: float = 0.0) -> bool:
+    """True if the change lowers bandwidth, memory or CPU by more than ``threshold_pct`` % of the
+    value before it, or takes a link down / kills an agent (always)."""
     vals = change.values
     if vals.get("up") is False or vals.get("kill_agent"):
         return True
     for key in ("bandwidth_mbps", "mem_limit_mib", "cpu_cores"):
-        if key in vals and key in before and before[key] and vals[key] < before[key]:
+        if key in vals and key in before and before[key] and vals[key] < before[key] * (1 - threshold_pct / 100):
             return True
     return False
 
@@ -101,6 +103,7 @@ class AlgorithmLoop:
         self.dynamic = settings.algorithm not in STATIC_ALGORITHMS
         self._last_values: dict[tuple, dict] = {}
         self._mem_limits: dict[str, int] | None = None  # hosts' limits as last set, read once when needed
+        self.applied: list[dict] = []  # scenario changes applied, with the backend's read-back
 
     def _ev(self, type_: str, **fields) -> None:
         self.rec.event(type_, algorithm=self.s.algorithm, repetition=self.s.repetition, **fields)
@@ -123,7 +126,11 @@ class AlgorithmLoop:
                 rec = self.cluster.step(self.state.tokens[-1])
                 self._record_token(token_index, rec, mig_s, mig_b, phase="decode")
         except AlgorithmFailure as exc:
-            self._ev("algorithm_failed", token_index=token_index, reason=str(exc))
+            details = getattr(self.cluster, "failure_details", None)
+            if details and details.get("kind") == "oom_kill":
+                self._ev("oom_kill", token_index=token_index, **details)
+            self._ev("algorithm_failed", token_index=token_index, reason=str(exc),
+                     **({"details": details} if details else {}))
             return False
         except ValueError as exc:  # InfeasiblePlan is a ValueError subclass carrying the numbers
             if type(exc).__name__ != "InfeasiblePlan":
@@ -177,11 +184,12 @@ class AlgorithmLoop:
             before = self._last_values.get(key, {})
             readback = apply_change(self.cluster, change)
             self._last_values[key] = {**before, **change.values}
-            if _is_drop(change, readback.get("before", before)):
+            if _is_drop(change, readback.get("before", before), self.s.threshold_drop_pct):
                 self.state.replan_now = True
             self._ev("scenario_applied", token_index=token_index, change=change.describe(),
                      link=list(change.link) if change.link else None, host=change.host,
                      values=change.values, readback=readback)
+            self.applied.append({"token_index": token_index, "change": change.describe(), "readback": readback})
 
     def _maybe_replan(self, token_index: int, announced: list[Change]) -> tuple[float, int]:
         scheduled = token_index % self.s.repartition_every == 0
@@ -210,5 +218,6 @@ class AlgorithmLoop:
             "token_id": rec.token_id, "context_len": len(self.s.prompt_ids) + index, "latency_s": rec.latency_s + mig_s,
             "compute_s": rec.compute_s, "transfer_s": rec.transfer_s, "wait_s": rec.wait_s,
             "migration_s": mig_s, "bytes_moved": rec.bytes_moved, "migrated_bytes": mig_b, "phase": phase,
+            "bytes_by_link": json.dumps(rec.bytes_by_link, sort_keys=True) if rec.bytes_by_link else "",
         })
         self.on_token(index)

@@ -41,6 +41,7 @@ class EmulatedCluster:
                  weights_from: str = "source"):
         self.topology, self.run_dir = topology, Path(run_dir)
         self.weights_from = weights_from  # "destination": migrations ship KV caches, not weights
+        self.failure_details: dict | None = None  # the last dead agent found (host, OOM or not, bytes)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = manifest or Manifest(self.run_dir / "resources.jsonl")
         arg = model_ref if isinstance(model_ref, str) else model_ref.load_arg
@@ -166,6 +167,9 @@ class EmulatedCluster:
         st = self._cg(host).stats()
         oom = st["oom_kills"] > self._oom_seen.get(host, 0)
         what = "OOM-killed" if oom else "killed"
+        self.failure_details = {"host": host, "kind": "oom_kill" if oom else "killed", "returncode": rc,
+                                "oom_kills": st["oom_kills"], "usage_bytes": st["usage_bytes"],
+                                "peak_bytes": st["peak_bytes"], "limit_bytes": st["memory_limit_bytes"]}
         return (f"agent on {host} was {what} (returncode {rc}, oom_kill {st['oom_kills']}); cgroup usage "
                 f"{st['usage_bytes']} B, peak {st['peak_bytes']} B, limit {st['memory_limit_bytes']} B")
 
@@ -355,6 +359,7 @@ class EmulatedCluster:
             self._cg(h).reset_peak()
         self._oom_seen = {h: self._cg(h).oom_kills() for h in self.hosts()}
         self.placement, self.context_len = None, 0
+        self.failure_details = None
 
     def close(self) -> None:
         try:

@@ -78,6 +78,12 @@ class RunRecorder:
         manifest.update(fields)
         _atomic_write(path, json.dumps(manifest, indent=2, default=str))
 
+    def merge_manifest(self, key: str, entries: dict) -> None:
+        """Add ``entries`` to the mapping ``manifest[key]`` (e.g. per algorithm/repetition)."""
+        path = self.dir / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        self.update_manifest(**{key: {**(manifest.get(key) or {}), **entries}})
+
     def event(self, type_: str, **fields: Any) -> None:
         line = json.dumps({"t_s": round(time.time() - self._t0, 6), "wall": time.time(), "type": type_, **fields},
                           default=str)

@@ -144,10 +144,12 @@ def _run_one(cluster, rec, spec, model, algo, rep, changes, progress) -> None:
         new_tokens=spec.workload.new_tokens, repartition_every=spec.repartition_every_tokens,
         cost_model=spec.cost_model, allow_blocks_on_source=spec.allow_blocks_on_source,
         fixed_placement=Placement.from_json(spec.placement) if spec.placement else None,
+        threshold_drop_pct=spec.replan_threshold_pct,
     )
     loop = AlgorithmLoop(cluster, rec, model.dims, settings, Timeline(changes),
                          on_token=lambda i: progress.update(task, completed=i + 1))
     ok = loop.run()
+    rec.merge_manifest("scenario_applied", {f"{algo.name}/{rep}": loop.applied})
     rec.event("repetition_done", algorithm=algo.name, repetition=rep, failed=not ok,
               peak_mem_bytes=cluster.peak_mem_bytes(), tokens=loop.state.tokens)
 

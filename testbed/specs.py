@@ -279,6 +279,7 @@ class ExperimentSpec(Spec):
     workload: Workload = Workload()
     algorithms: tuple[Union[str, AlgorithmSpec], ...] = Field(min_length=1)
     repartition_every_tokens: int = Field(8, ge=1)
+    replan_threshold_pct: float = Field(20.0, ge=0, le=100)  # a drop this large re-plans at once
     cost_model: Literal["decode", "paper"] = "decode"
     allow_blocks_on_source: bool = False
     scenario: tuple[ScenarioItem, ...] = ()

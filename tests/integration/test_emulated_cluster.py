@@ -194,6 +194,9 @@ def test_budget_refusals_and_oom_kill(tmp_path):
             c.pool.call("h3", "debug_alloc", 30.0, nbytes=64 << 20)  # bypasses the budget: the kernel kills
         with pytest.raises(AlgorithmFailure, match=r"h3 was OOM-killed \(returncode -9, oom_kill [1-9]"):
             c.step(5)
+        d = c.failure_details  # what the controller records as an oom_kill event
+        assert d["host"] == "h3" and d["kind"] == "oom_kill" and d["returncode"] == -9
+        assert d["limit_bytes"] == 20 << 20 and d["peak_bytes"] >= 0.9 * d["limit_bytes"]
         c.reset()  # respawns the agents
         assert c.load(half, [1, 2, 3]).token_id >= 0
     finally:

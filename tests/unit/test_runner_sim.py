@@ -75,6 +75,13 @@ def test_run_directory_contents(exp_path, tmp_path):
     assert timelines and all(t == timelines[0] for t in timelines), "every algorithm must replay the same scenario"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["per_core_flops"] > 0 and manifest["delay_mechanism"] == "simulated"
+    # the manifest keeps what was applied per algorithm/repetition, with the backend's read-back
+    assert set(manifest["scenario_applied"]) == {f"{a}/{r}" for a in summary for r in (0, 1)}
+    first = manifest["scenario_applied"]["greedy/1"][0]
+    assert first["token_index"] == 6 and first["readback"]["bandwidth_mbps"] == pytest.approx(1.0)
+    links = [json.loads(r["bytes_by_link"]) for r in rows if r["bytes_by_link"]]
+    assert links and all(sum(d.values()) == int(r["bytes_moved"]) for d, r in
+                         zip(links, [r for r in rows if r["bytes_by_link"]]))
 
 
 def _interrupt_after(monkeypatch, n_steps: int):

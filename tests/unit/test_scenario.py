@@ -71,3 +71,17 @@ def test_random_walk_on_all_links_uses_one_stream_per_link():
         by_link.setdefault(c.link, []).append(c.values["bandwidth_mbps"])
     assert set(by_link) == {("h1", "s1"), ("h2", "s1")}
     assert all(len(v) == 4 for v in by_link.values())
+
+
+def test_only_drops_beyond_the_threshold_trigger_an_immediate_replan():
+    from testbed.controller import _is_drop
+    from testbed.scenario import Change
+
+    bw = lambda v: Change(at_token=3, at_s=None, link=("h2", "s1"), values={"bandwidth_mbps": v})  # noqa: E731
+    before = {"bandwidth_mbps": 20.0}
+    assert not _is_drop(bw(17.0), before, 20.0)  # -15 %
+    assert _is_drop(bw(15.0), before, 20.0)  # -25 %
+    assert _is_drop(bw(19.0), before, 0.0)
+    assert not _is_drop(bw(30.0), before, 20.0)
+    down = Change(at_token=3, at_s=None, link=("h2", "s1"), values={"up": False})
+    assert _is_drop(down, {}, 90.0)
