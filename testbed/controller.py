@@ -51,7 +51,11 @@ def _plan(settings: LoopSettings, cluster: Cluster, dims: ModelDims, context_len
     token_index = context_len - len(settings.prompt_ids)
     snap = _with_policy(snap, current, settings.allow_blocks_on_source, pending_limits or {},
                         tokens_remaining=max(0, settings.new_tokens - token_index))
-    return plan(settings.algorithm, snap, dims, cost_model=settings.cost_model, **settings.params)
+    result = plan(settings.algorithm, snap, dims, cost_model=settings.cost_model, **settings.params)
+    # what the planner was told about memory, for the plan event (diagnosing a plan's choice)
+    result.snapshot_mem = {d.name: {"limit_bytes": d.mem_limit_bytes, "overhead_bytes": d.mem_overhead_bytes}
+                           for d in snap.devices}
+    return result
 
 
 def _with_policy(snap, current, allow_on_source, pending_limits: dict[str, float],
@@ -153,6 +157,7 @@ class AlgorithmLoop:
         self._ev("plan", token_index=token_index, placement=result.placement.to_json(),
                  predicted_token_latency_s=result.predicted_token_latency_s, solve_time_s=result.solve_time_s,
                  predicted_migration_delay_s=result.migration_delay_s,
+                 predicted_mem_bytes=result.predicted_mem_bytes, snapshot_mem=getattr(result, "snapshot_mem", None),
                  **({"planner": result.extra} if result.extra else {}))
 
     def _apply_due(self, token_index: int) -> list[Change]:
