@@ -126,22 +126,27 @@ def uniform_layer(device: str, n_groups: int, ffn_dim: int) -> LayerPlacement:
 
 
 def moved_blocks(old: Placement, new: Placement) -> list[tuple[str, str, str]]:
-    """(block_id, from_device, to_device) for blocks whose device changed between two placements.
+    """(block_id, from_device, to_device) for every piece a placement change ships: exactly the items
+    of ``testbed.migration_items.migration_items`` (KV groups ``L{l}.H{g}``, projections
+    ``L{l}.proj``, and FFN column pieces ``L{l}.ffn{c0}-{c1}``: the intersection of a new shard with
+    each old shard on another device), per (sender, receiver) pair in its order.
 
-    FFN shards are compared per layer as a whole: if the column split differs, every shard of the
-    new layout that is not identical to an old one is listed as moving from the old aggregator.
-    """
+    So a shard that grows on the device holding its first columns lists the columns it gains, from
+    their old holders; a changed split lists only the columns that change device."""
+    from testbed.migration_items import migration_items  # same definition as the runtime (no cycle at import)
+
     moves: list[tuple[str, str, str]] = []
-    for l, (a, b) in enumerate(zip(old.layers, new.layers)):
-        for g, (da, db) in enumerate(zip(a.heads, b.heads)):
-            if da != db:
-                moves.append((f"L{l}.H{g}", da, db))
-        if a.proj != b.proj:
-            moves.append((f"L{l}.proj", a.proj, b.proj))
-        old_shards = set(a.ffn)
-        for s in b.ffn:
-            if s not in old_shards:
-                src = next((o.device for o in a.ffn if o.col_start <= s.col_start < o.col_end), a.ffn[0].device)
-                if src != s.device:
-                    moves.append((f"L{l}.ffn{s.col_start}-{s.col_end}", src, s.device))
+    for (a, b), items in migration_items(old, new).items():
+        for it in items:
+            moves.append((item_block_id(it), a, b))
     return moves
+
+
+def item_block_id(item: dict) -> str:
+    """Block id of one ``migration_items`` item (an FFN piece is named by its columns)."""
+    l = item["layer"]
+    if item["kind"] == "head":
+        return f"L{l}.H{item['group']}"
+    if item["kind"] == "proj":
+        return f"L{l}.proj"
+    return f"L{l}.ffn{item['c0']}-{item['c1']}"

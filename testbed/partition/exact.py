@@ -24,8 +24,8 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
     about 1-2 s). ``placement.meta``: ``latency_s``, ``latency_lower_bound_s`` (= the latency when
     ``latency_certified``), ``latency_gap``, ``checked`` (plans evaluated with ``decode_cost``).
   * ONE layer WITH a current placement: the objective is latency + migration delay / H
-    (``horizon_epochs`` x tokens per epoch, as RA; the delay is the larger of ``migration``'s
-    estimate and the FFN-piece one, ``exact_decode.objective``). HEURISTIC for the migration part:
+    (``horizon_epochs`` x tokens per epoch, as RA; the delay is ``migration``'s estimate of what
+    the runtime ships, ``exact_decode.objective``). HEURISTIC for the migration part:
     the (up to 200) structures with the smallest latency bounds below the best objective are
     realised from scratch and keeping blocks in place, evaluated exactly, and the best is compared
     with the current placement / RA's minimal ``repair`` of it (``ra.choose_plan``).

@@ -196,44 +196,12 @@ def _placement(prob: Problem, layers: list[_Vars], x: np.ndarray, V, K: int) -> 
     return Placement(prob.snap.source, tuple(out), meta={"algorithm": "optimal", "solver": "highs-milp"})
 
 
-def piece_migration_s(old: Placement | None, new: Placement, prob: Problem, net) -> float:
-    """Migration delay when FFN columns move as the pieces a new shard needs from the old shards
-    it overlaps (what the runtime ships, ``testbed.migration_items``), heads and projs as in
-    ``migration``; same aggregation (``migration.pair_delay``). ``migration.moved_blocks`` instead
-    moves each new shard whole from its first column's old holder (nothing when that is its own
-    device, however many columns it gains)."""
-    from testbed.partition.migration import pair_delay
-
-    if old is None or len(old.layers) != len(new.layers):
-        return 0.0
-    d, T = prob.dims, prob.T
-    hb, pb = B.block_memory_bytes(d, "head", T), B.proj_bytes(d)
-    pairs: dict[tuple[str, str], float] = {}
-
-    def add(a: str, b: str, nbytes: float) -> None:
-        if a != b:
-            pairs[a, b] = pairs.get((a, b), 0.0) + nbytes
-
-    for a, b in zip(old.layers, new.layers):
-        for da, db in zip(a.heads, b.heads):
-            add(da, db, hb)
-        add(a.proj, b.proj, pb)
-        for sh in b.ffn:
-            for o in a.ffn:
-                lo, hi = max(o.col_start, sh.col_start), min(o.col_end, sh.col_end)
-                if lo < hi:
-                    add(o.device, sh.device, B.ffn_bytes(d, hi - lo))
-    return pair_delay(pairs, net)
-
-
 def objective(prob: Problem, pl: Placement, H: float, net) -> float:
-    """``latency + migration delay / H`` with the larger of ``migration``'s estimate (what plans are
-    reported and simulated with) and ``piece_migration_s`` (what the runtime ships), so that
-    neither model's blind spot looks free."""
+    """``latency + migration delay / H`` (``ra._objective``: the migration delay of what the runtime
+    ships, ``migration``)."""
     from testbed.partition.ra import _objective
 
-    _, lat, mig = _objective(prob, pl, H, net)
-    return lat + max(mig, piece_migration_s(prob.snap.current, pl, prob, net)) / H
+    return _objective(prob, pl, H, net)[0]
 
 
 def _fits(prob: Problem, pl: Placement) -> bool:

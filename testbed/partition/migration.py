@@ -1,13 +1,19 @@
 """Migration delay between two placements (weights + KV caches moved over the paths).
 
+What moves is what the runtime ships (``testbed.migration_items.migration_items``, used here as
+is): KV groups, projections, and FFN column PIECES, a new shard being assembled from the
+intersections with the old shards on other devices (a shard growing on its own device brings only
+the columns it gains, from their old holders; a changed split moves only the columns that change
+device). ``placement.moved_blocks`` lists the same items.
 Aggregation (used everywhere: planners, the exact solver, the simulated backend):
-  * all blocks moving from device ``a`` to device ``b`` travel as ONE transfer of their summed
+  * all pieces moving from device ``a`` to device ``b`` travel as ONE transfer of their summed
     bytes: ``latency(a, b) + bytes / bandwidth(a, b)``;
   * one sender's transfers to different receivers are serialised (they share its uplink), so a
     sender is busy for the SUM of its per-receiver transfer times;
   * different senders run in parallel: the migration delay is the MAX over senders.
-A head carries its KV cache at the context length ``T``; proj/FFN blocks carry weights only.
-Under the ``paper`` cost model a block's bytes are the paper's memory figures.
+A head carries its KV cache at the context length ``T``; proj/FFN blocks carry weights only (an FFN
+piece its columns' share). Under the ``paper`` cost model a block's bytes are the paper's memory
+figures.
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ from dataclasses import dataclass
 
 from testbed.partition import blocks as B
 from testbed.partition.cost import Net, paper_constants
-from testbed.placement import Placement, moved_blocks
+from testbed.migration_items import migration_items
+from testbed.placement import Placement, item_block_id
 from testbed.snapshot import ClusterSnapshot, ModelDims
 
 
@@ -46,16 +53,30 @@ def pair_delay(pair_bytes: dict[tuple[str, str], float], net: Net) -> float:
     return max(busy.values(), default=0.0)
 
 
+def _item_bytes(dims: ModelDims, T: int, cost_model: str):
+    """Bytes of one ``migration_items`` item at context ``T`` (same figures as ``moved_block_bytes``)."""
+    if cost_model == "paper":
+        k = paper_constants(dims, T)
+        head, proj, ffn_b, F = k["head_bytes"], k["proj_bytes"], k["ffn_bytes"], dims.ffn_dim
+        return lambda it: (head if it["kind"] == "head" else proj if it["kind"] == "proj"
+                           else ffn_b * (it["c1"] - it["c0"]) // F)
+    head, proj, col = B.block_memory_bytes(dims, "head", T), B.proj_bytes(dims), B.ffn_bytes(dims, 1)
+    return lambda it: (head if it["kind"] == "head" else proj if it["kind"] == "proj"
+                       else col * (it["c1"] - it["c0"]))
+
+
 def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
                        context_len: int | None = None, cost_model: str = "decode",
                        net: Net | None = None) -> MigrationEstimate:
     if old is None or len(old.layers) != len(new.layers):
         return MigrationEstimate(0.0, 0, [], {})
     T = snapshot.context_len if context_len is None else context_len
-    moves = moved_blocks(old, new)
+    nbytes = _item_bytes(dims, T, cost_model)
+    moves: list[tuple[str, str, str]] = []
     pairs: dict[tuple[str, str], int] = {}
-    for block_id, a, b in moves:
-        pairs[(a, b)] = pairs.get((a, b), 0) + moved_block_bytes(block_id, dims, T, cost_model)
+    for (a, b), items in migration_items(old, new).items():
+        pairs[(a, b)] = sum(nbytes(it) for it in items)
+        moves.extend((item_block_id(it), a, b) for it in items)
     delay = pair_delay(pairs, net or Net(snapshot))
     return MigrationEstimate(delay, sum(pairs.values()), moves, pairs)
 

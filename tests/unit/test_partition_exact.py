@@ -280,10 +280,21 @@ def test_optimal_replan_after_small_budget_cut_keeps_unrelated_blocks(seed):
     mem = placement_memory(cur, snap, dims, 40)
     dev = max((d for d in snap.devices if not d.is_source), key=lambda d: mem[d.name]).name
     devs = tuple(replace(d, mem_limit_bytes=int(mem[d.name] - 1000)) if d.name == dev else d for d in snap.devices)
-    r = plan("optimal", replace(snap, devices=devs, current=cur), dims)
+    s2 = replace(snap, devices=devs, current=cur)
+    r = plan("optimal", s2, dims)
     moves = moved_blocks(cur, r.placement)
-    assert moves and all(a == dev for _, a, _ in moves), (dev, moves)
-    assert len(moves) <= 2
+    assert moves and any(a == dev for _, a, _ in moves) and len(moves) <= 2, (dev, moves)
+    if not all(a == dev for _, a, _ in moves):
+        # a chain (dev -> k, k -> j: k makes room) only when it beats the minimal repair off dev
+        # (seed 3: FFN columns d3 -> d4 and d4 -> d2, 1.3 ms/token faster for 30 ms more migration)
+        from testbed.partition.common import Problem
+        from testbed.partition.cost import Net
+        from testbed.partition.ra import _objective, repair
+
+        prob, net = Problem(s2, dims), Net(s2)
+        fixed = repair(prob, cur, 32, net, prob.budget, until=40)
+        assert all(a == dev for _, a, _ in moved_blocks(cur, fixed))
+        assert _objective(prob, r.placement, 32, net)[0] < _objective(prob, fixed, 32, net)[0]
 
 
 @pytest.mark.parametrize("seed,n_layers", [(s, 2) for s in range(6)] + [(s, 1) for s in range(3)])
