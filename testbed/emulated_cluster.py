@@ -26,6 +26,7 @@ from node_agent.shards import IMPORT_OVERHEAD, IMPORT_SLACK, TRANSIENT_RESERVE
 from testbed.migration_items import MigrationBlocked, migration_items, schedule_waves
 from testbed.placement import Placement, moved_blocks
 from testbed.snapshot import ClusterSnapshot, DeviceState, LinkState
+from testbed.warmup import measure_working_overhead
 from testbed.specs import TopologySpec
 
 MIB = 1 << 20
@@ -38,7 +39,7 @@ class EmulatedCluster:
     def __init__(self, topology: TopologySpec, model_ref, run_dir, manifest: Manifest | None = None, *,
                  network=None, run_id: str | None = None, seed: int = 0, token_timeout_s: float = 30.0,
                  calibrate_s: float = 0.3, threads: int = 1, runtime_slack_bytes: int = 4 * MIB,
-                 weights_from: str = "source"):
+                 weights_from: str = "source", warmup: bool = True):
         self.topology, self.run_dir = topology, Path(run_dir)
         self.weights_from = weights_from  # "destination": migrations ship KV caches, not weights
         self.failure_details: dict | None = None  # the last dead agent found (host, OOM or not, bytes)
@@ -67,15 +68,18 @@ class EmulatedCluster:
             self._rates: dict[tuple[str, str], float] = {}
             for link in topology.links:
                 self._read_rates(link.a, link.b)
+            self.placement: Placement | None = None
+            self.context_len, self.seq, self.pv = 0, 0, 0
+            self.dirty = False
+            self._changed_links: set[tuple[str, str]] = set()
+            self._changed_hosts: set[str] = set()
+            self._oom_seen = {h: self._cg(h).oom_kills() for h in self.hosts()}
+            self.working_overhead = measure_working_overhead(self) if warmup else None
+            if self.working_overhead is not None:
+                self.reset()  # fresh agents again: the warm-up's blocks and peaks are not anyone's
         except BaseException:
             self.close()
             raise
-        self.placement: Placement | None = None
-        self.context_len, self.seq, self.pv = 0, 0, 0
-        self.dirty = False
-        self._changed_links: set[tuple[str, str]] = set()
-        self._changed_hosts: set[str] = set()
-        self._oom_seen = {h: self._cg(h).oom_kills() for h in self.hosts()}
 
     # ------------------------------------------------------------------ measurement
     def _cg(self, host: str):
@@ -102,10 +106,12 @@ class EmulatedCluster:
         return [h.name for h in self.topology.hosts]
 
     def _overhead(self, host: str, alive: bool) -> int:
-        """Memory charged to ``host`` that is not its blocks: the idle agent plus a slack before any
-        load; once blocks are held, what the cgroup charges beyond them (runtime buffers, allocator
-        slack), measured, plus the agent's refusal margin — so plans leave room the agent really has."""
-        estimate = self.baseline[host] + self.slack
+        """Memory charged to ``host`` that is not its blocks, plus the agent's refusal margin: before
+        any load, the worst working agent of the warm-up (``testbed.warmup``; the idle charge plus
+        a slack if there was none); once blocks are held, at least what the cgroup charges beyond
+        them, measured — so plans leave room the agent really has."""
+        estimate = (self.working_overhead + AGENT_MARGIN_BYTES if self.working_overhead is not None
+                    else self.baseline[host] + self.slack)
         if self.placement is None or not alive:
             return estimate
         st = self.pool.call(host, "stats", 30.0)
@@ -383,5 +389,6 @@ def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None,
                                                "(HTB passes a lone small packet at line rate)",
                                  agents={h: a.pid for h, a in cluster.pool.agents.items()},
                                  agent_flops_per_s=cluster.flops, agent_idle_charge_bytes=cluster.baseline,
-                                 migration_weights_from=weights_from)
+                                 migration_weights_from=weights_from,
+                                 agent_working_overhead_bytes=cluster.working_overhead)
     return cluster

@@ -137,6 +137,9 @@ def test_snapshot_measures_devices_and_paths(gpt2_cluster):
     by = {d.name: d for d in snap.devices}
     assert by["h1"].is_source and by["h2"].mem_limit_bytes == 256 << 20
     assert all(0 < d.mem_overhead_bytes < 40 << 20 for d in snap.devices)
+    # before any load, every host is planned with the worst working agent of the warm-up
+    assert c.working_overhead is not None and c.working_overhead > max(c.baseline.values())
+    assert {d.mem_overhead_bytes for d in snap.devices} == {c.working_overhead + (2 << 20)}
     assert by["h1"].flops_per_s > by["h4"].flops_per_s  # 1 core vs 0.25 core, calibrated in the agents
     assert snap.path("h1", "h4").bandwidth_bytes_per_s == pytest.approx(10e6 / 8)
     assert snap.path("h2", "h3").latency_s == pytest.approx(0.003)

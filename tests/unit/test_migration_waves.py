@@ -70,3 +70,13 @@ def test_a_whole_ffn_shard_leaving_frees_its_sender_for_the_next_wave():
     waves = schedule_waves(items, sizes, {"h2": 0, "h3": 100 * KB, "h4": 10**6}, transient_extra=0,
                            transient=lambda d, i, n: 0)
     assert [list(w) for w in waves] == [[("h3", "h4")], [("h2", "h3")]]
+
+
+def test_warmup_placement_spreads_whole_layers_over_the_workers():
+    from testbed.warmup import warmup_placement
+
+    pl = warmup_placement(["h1", "h2", "h3"], "h1", 5, 4, 64)
+    assert [lp.proj for lp in pl.layers] == ["h2", "h3", "h2", "h3", "h2"]
+    assert all(set(lp.heads) == {lp.proj} and lp.ffn[0].device == lp.proj for lp in pl.layers)
+    pl.validate(5, 4, 64)
+    assert warmup_placement(["h1"], "h1", 2, 4, 64).devices() == {"h1"}

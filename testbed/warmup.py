@@ -1,0 +1,42 @@
+"""Measure what a *working* node agent is charged beyond its blocks, before any algorithm runs.
+
+A freshly spawned agent is charged its idle pages (0.5-4 MiB here, varying from spawn to spawn);
+once it has loaded blocks and run a token its charge beyond those blocks is ~3.5 MiB more (runtime
+buffers, threads, allocator state), whatever the number of blocks. Planning the first placement
+with the idle figure over-promises memory: a static placement packed to the promise was OOM-killed
+at its first prefill. So the emulated cluster runs a short warm-up on fresh agents (whole layers
+round-robin over the workers, a prefill and two tokens), reads every host's usage minus its blocks,
+and plans every algorithm's first placement with the worst host's figure — the same figure for all
+algorithms, so the comparison stays fair.
+"""
+from __future__ import annotations
+
+from testbed.cluster import AlgorithmFailure
+from testbed.placement import FfnShard, LayerPlacement, Placement
+
+
+def warmup_placement(hosts: list[str], source: str, n_layers: int, n_groups: int, ffn_dim: int) -> Placement:
+    """Whole layers round-robin over the workers (the source only when it is the only host)."""
+    workers = [h for h in hosts if h != source] or [source]
+    layers = tuple(LayerPlacement((w,) * n_groups, w, (FfnShard(w, 0, ffn_dim),))
+                   for w in (workers[l % len(workers)] for l in range(n_layers)))
+    return Placement(source, layers)
+
+
+def measure_working_overhead(cluster, prompt_len: int = 8, tokens: int = 2) -> int | None:
+    """Largest (cgroup usage - blocks held) over the hosts after a warm-up; None if the warm-up
+    placement does not fit (the caller keeps its static estimate). Leaves no blocks loaded."""
+    cfg = cluster.pool.config
+    pl = warmup_placement(cluster.hosts(), cluster.topology.source, cfg["n_layers"], cfg["n_kv_heads"],
+                          cfg["ffn_dim"])
+    try:
+        tok = cluster.load(pl, [1 + i % 7 for i in range(prompt_len)]).token_id
+        for _ in range(tokens):
+            tok = cluster.step(tok).token_id
+    except AlgorithmFailure:
+        return None
+    worst = 0
+    for h in pl.devices():
+        st = cluster.pool.call(h, "stats", 30.0)
+        worst = max(worst, st["cgroup_usage_bytes"] - sum((st.get("blocks") or {}).values()))
+    return worst
