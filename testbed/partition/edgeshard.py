@@ -18,7 +18,10 @@ layer goes on the pinned device.
 
 ``edgeshard`` plans once (static). ``edgeshard_dynamic`` re-runs the DP every decision epoch on the
 measured snapshot and keeps the old plan unless the new one's latency plus migration delay amortised
-over the same horizon as RA (default 4 epochs) is lower.
+over the same horizon as RA (default 4 epochs) is lower; when the old plan no longer fits (a
+memory-forced move) it takes the cheaper of the new plan and the cheapest layer-contiguous repair of
+the old one (the DP with each layer's amortised migration delay in its cost), as RA does at head
+granularity.
 """
 from __future__ import annotations
 
@@ -49,14 +52,19 @@ def _pin(prob: Problem, X: np.ndarray, caps: np.ndarray) -> int:
     return int(np.argmin(cand))
 
 
-def _dp(prob: Problem, caps: np.ndarray, c: np.ndarray, X: np.ndarray, order: list[int]):
-    """Exact DP for a fixed device order (order[0] pinned, later devices may get 0 layers)."""
+def _dp(prob: Problem, caps: np.ndarray, c: np.ndarray, X: np.ndarray, order: list[int],
+        move: np.ndarray | None = None):
+    """Exact DP for a fixed device order (order[0] pinned, later devices may get 0 layers).
+    ``move[k, l]``: an extra cost of layer ``l`` on device ``k`` (the repair's amortised migration)."""
     L, n = prob.dims.n_layers, len(order)
+    # S[k, i]: extra cost of layers [0, i) on device k; a shard [i - m, i) adds S[k, i] - S[k, i - m]
+    S = np.zeros((len(prob.names), L + 1)) if move is None else np.hstack(
+        [np.zeros((len(prob.names), 1)), np.cumsum(move, axis=1)])
     f = np.full((L + 1, n), np.inf)
     arg = np.full((L + 1, n, 2), -1, dtype=int)  # (previous position in order, shard length)
     pin = order[0]
     for m in range(1, min(L, caps[pin]) + 1):
-        f[m, 0], arg[m, 0] = X[prob.src, pin] + m * c[pin], (-1, m)
+        f[m, 0], arg[m, 0] = X[prob.src, pin] + m * c[pin] + S[pin, m], (-1, m)
     ordv = np.array(order)
     for t in range(1, n):
         k = order[t]
@@ -65,7 +73,7 @@ def _dp(prob: Problem, caps: np.ndarray, c: np.ndarray, X: np.ndarray, order: li
             for m in range(1, min(i - 1, caps[k]) + 1):
                 prev = f[i - m, :t] + into
                 j = int(np.argmin(prev))
-                val = prev[j] + m * c[k]
+                val = prev[j] + m * c[k] + S[k, i] - S[k, i - m]
                 if val < f[i, t]:
                     f[i, t], arg[i, t] = val, (j, m)
     end = f[L] + X[ordv, prob.src]
@@ -113,14 +121,107 @@ def edgeshard(snapshot, dims, cost_model: str = "decode") -> Placement:
     return Placement(pl.source, pl.layers, meta={"algorithm": "edgeshard"})
 
 
+def layer_level(pl: Placement, dims) -> bool:
+    """Every layer whole on one device and every device one contiguous run of layers."""
+    devs = []
+    for lp in pl.layers:
+        if set(lp.heads) != {lp.proj} or len(lp.ffn) != 1 or lp.ffn[0].device != lp.proj:
+            return False
+        devs.append(lp.proj)
+    runs = [d for i, d in enumerate(devs) if i == 0 or devs[i - 1] != d]
+    return len(runs) == len(set(runs)) and len(devs) == dims.n_layers
+
+
+def layer_repair(prob: Problem, H: float, n_new: int = 2) -> Placement | None:
+    """The cheapest layer-contiguous re-split of ``snapshot.current`` (a layer-level placement) that
+    fits the memory horizon: EdgeShard's DP with each layer's migration delay from its current
+    device (latency + bytes at the MEASURED rate, weights + KV at ``T``) amortised over ``H`` added
+    to the cost of putting it elsewhere, so the fewest bytes over the slowest links move.
+
+    Device orders: the current shards' order with a new device appended or inserted at any
+    boundary (``n_new`` candidates by layer compute + distance to the source, and as many by the
+    fastest link from an over-committed device), plus EdgeShard's three orders; so a boundary
+    shift, a cascade of shifts and a new shard between two old ones are all reachable. The first
+    shard stays on the current first device when it may hold a layer. Summing the per-layer delays
+    over-estimates the real (serialised per sender, senders in parallel) delay; the caller compares
+    plans with the real one. None when the current placement uses a device that is down or not
+    allowed, or no split fits."""
+    from testbed.partition.common import sizes_for
+    from testbed.partition.cost import memory
+    from testbed.partition.ra import _devices_ok
+
+    cur, d = prob.snap.current, prob.dims
+    if cur is None or not layer_level(cur, d) or not _devices_ok(prob, cur):
+        return None
+    lb = prob.layer_bytes()
+    caps = np.where(prob.allowed, np.floor(np.clip(prob.budget, 0, None) / lb), 0).astype(int)
+    c = _layer_seconds(prob)
+    X = prob.lat + prob.sz.x_b * prob.spb
+    at_T = sizes_for(d, prob.cost_model, prob.T, prob.T)
+    moved = d.n_kv_heads * at_T.head_b + at_T.proj_b + d.ffn_dim * at_T.ffn_col_b
+    where = [prob.index[lp.proj] for lp in cur.layers]
+    with np.errstate(invalid="ignore"):
+        move = (prob.lat[where].T + moved * prob.spb[where].T) / H  # (device, layer)
+    move[np.array(where), np.arange(len(where))] = 0.0
+    first = where[0]
+    pin = first if prob.allowed[first] and caps[first] > 0 else _pin(prob, X, caps)
+    runs = [k for k in dict.fromkeys(where) if k != pin and caps[k] > 0]
+    rest = [k for k in np.nonzero(prob.allowed & (caps > 0))[0].tolist() if k not in runs and k != pin]
+    mem = memory(cur, prob.snap, d, prob.cost_model, prob.T_mem)
+    over = [prob.index[n] for n, used in mem.items() if n in prob.index
+            and used - (B.source_bytes(d) if prob.index[n] == prob.src else 0) > prob.budget[prob.index[n]]]
+    near = sorted(rest, key=lambda k: (c[k] + X[prob.src, k] + X[k, prob.src], k))[:n_new]
+    if over:
+        near += [k for k in sorted(rest, key=lambda k: (prob.spb[over, k].min(), k)) if k not in near][:n_new]
+    orders = [[pin] + runs + near]
+    for u in near:
+        orders += [[pin] + runs[:p] + [u] + runs[p:] for p in range(len(runs))]
+    best, best_t = None, np.inf
+    for order in orders + _orders(prob, X, c, pin, caps):
+        end, arg = _dp(prob, caps, c, X, order, move)
+        t = int(np.argmin(end))
+        if end[t] < best_t:
+            best, best_t = _backtrack(arg, t, d.n_layers, order), end[t]
+    if best is None:
+        return None
+    return Placement(cur.source, uniform_layers([prob.names[k] for k in best], d), meta={"algorithm": "edgeshard_dynamic"})
+
+
 def edgeshard_dynamic(snapshot, dims, cost_model: str = "decode", horizon_epochs: int = 4,
                       horizon_tokens: int | None = None) -> Placement:
-    """EdgeShard re-planned every epoch; keeps the old plan unless the new one pays for its migration
-    over the same amortisation horizon as RA (``horizon_tokens``, default ``horizon_epochs`` epochs)."""
-    from testbed.partition.ra import _keep_current
+    """EdgeShard re-planned every epoch (strictly layer-level: whole layers, contiguous shards).
 
-    new = edgeshard(snapshot, dims, cost_model)
-    new = Placement(new.source, new.layers, meta={"algorithm": "edgeshard_dynamic"})
+    Voluntary moves: the old plan is kept unless the new DP plan's latency plus migration delay
+    amortised over the same horizon as RA (``horizon_tokens``, default ``horizon_epochs`` epochs)
+    is lower. Memory-forced moves (the current plan no longer fits until the next decision, e.g.
+    the KV caches outgrew a device or its limit fell): the cheaper, by the same objective at the
+    measured rates, of the new DP plan and the cheapest layer-contiguous repair of the current
+    plan (``layer_repair``)."""
+    from testbed.partition.cost import Net
+    from testbed.partition.ra import _objective, _usable
+
     N = max(1, snapshot.tokens_until_next_decision)
-    H = horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs)
-    return _keep_current(Problem(snapshot, dims, cost_model), new, H)
+    H = max(1.0, float(horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs)))
+    prob = Problem(snapshot, dims, cost_model)
+    cur = snapshot.current
+    same = cur is not None and len(cur.layers) == dims.n_layers and cur.source == snapshot.source
+    try:
+        new = edgeshard(snapshot, dims, cost_model)
+        new = Placement(new.source, new.layers, meta={"algorithm": "edgeshard_dynamic"})
+        err = None
+    except InfeasiblePlan as exc:  # no split from scratch (three device orders); a repair may exist
+        if not same:
+            raise
+        new, err = None, exc
+    if not same:
+        return new
+    net = Net(snapshot)
+    obj = lambda pl: _objective(prob, pl, H, net)[0]  # noqa: E731
+    if _usable(prob, cur):  # voluntary: the new plan must pay for its migration over H
+        return cur if new is None or obj(cur) <= obj(new) else new
+    cands = [pl for pl in (new, layer_repair(prob, H)) if pl is not None and _usable(prob, pl)]
+    if not cands:
+        if new is not None:
+            return new
+        raise err  # type: ignore[misc]
+    return min(cands, key=obj)

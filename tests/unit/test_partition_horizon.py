@@ -126,7 +126,9 @@ def test_controller_tells_the_planner_how_many_tokens_remain(monkeypatch):
     import testbed.partition as P
 
     seen = []
-    monkeypatch.setattr(P, "plan", lambda alg, snap, dims, **kw: seen.append(snap))
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(P, "plan", lambda alg, snap, dims, **kw: seen.append(snap) or SimpleNamespace())
     settings = LoopSettings("resource_aware", 0, {}, list(range(32)), 128, 8, "decode", False)
     base = star(20, T + N, HEADS)
     for token_index in (0, 8, 120):
