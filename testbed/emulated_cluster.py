@@ -126,7 +126,8 @@ class EmulatedCluster:
             for h in self.topology.hosts)
         names = self.hosts()
         paths = {(a, b): self._path_state(a, b) for a in names for b in names if a != b}
-        return ClusterSnapshot(devices, paths, context_len, tokens_until_next_decision, self.placement)
+        return ClusterSnapshot(devices, paths, context_len, tokens_until_next_decision, self.placement,
+                               weights_shipped=self.weights_from == "source")
 
     def peak_mem_bytes(self) -> dict[str, int]:
         return {h: self._cg(h).peak_bytes() for h in self.hosts()}

@@ -25,7 +25,8 @@ def plan_initial(spec: ExperimentSpec, algorithm: str) -> dict:
         model = resolve_model(spec.model)
     except ModelRefError as exc:
         raise PlanningError(str(exc)) from None
-    cluster = build_simulated_cluster(spec.topology, model, host_overhead_mib=spec.simulation.host_overhead_mib)
+    cluster = build_simulated_cluster(spec.topology, model, host_overhead_mib=spec.simulation.host_overhead_mib,
+                                      weights_from=spec.migration.weights_from)
     snap = cluster.snapshot(spec.workload.prompt_tokens, spec.repartition_every_tokens)
     snap = replace(snap, allow_blocks_on_source=spec.allow_blocks_on_source)
     params = next((a.params for a in spec.algorithm_specs() if a.name == algorithm), {})

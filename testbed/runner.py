@@ -79,7 +79,8 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
     if backend == "simulated":
         from testbed.sim_backend import build_simulated_cluster
 
-        return build_simulated_cluster(topo, model, recorder, host_overhead_mib=spec.simulation.host_overhead_mib)
+        return build_simulated_cluster(topo, model, recorder, host_overhead_mib=spec.simulation.host_overhead_mib,
+                                       weights_from=spec.migration.weights_from)
     import os
 
     if os.geteuid() != 0:

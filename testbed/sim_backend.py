@@ -27,7 +27,7 @@ def topology_as_plain(topo: TopologySpec) -> tuple[list, list]:
 
 
 def build_simulated_cluster(topo: TopologySpec, model: ModelRef, recorder=None, seed: int = 0,
-                            host_overhead_mib: float = 0.0) -> SimulatedCluster:
+                            host_overhead_mib: float = 0.0, weights_from: str = "source") -> SimulatedCluster:
     flops, provenance = per_core_flops()
     overhead = int(host_overhead_mib * MIB)
     if recorder is not None:
@@ -35,4 +35,5 @@ def build_simulated_cluster(topo: TopologySpec, model: ModelRef, recorder=None, 
                                  delay_mechanism="simulated", token_ids="pseudo (no model runs in simulation)",
                                  simulated_host_overhead_bytes=overhead)
     hosts, links = topology_as_plain(topo)
-    return SimulatedCluster(hosts, links, model.dims, per_core_flops=flops, mem_overhead_bytes=overhead, seed=seed)
+    return SimulatedCluster(hosts, links, model.dims, per_core_flops=flops, mem_overhead_bytes=overhead, seed=seed,
+                            weights_shipped=weights_from == "source")

@@ -69,7 +69,8 @@ class SimulatedCluster:
     """Implements ``testbed.cluster.Cluster`` in simulated time (see module docstring)."""
 
     def __init__(self, hosts, links, dims: ModelDims, per_core_flops: float, mem_overhead_bytes: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, weights_shipped: bool = True):
+        self.weights_shipped = weights_shipped  # False: migrations move KV caches only
         self.dims, self.per_core_flops, self.overhead, self.seed = dims, float(per_core_flops), mem_overhead_bytes, seed
         self._init_hosts = {h[0]: {"mem": int(h[1]), "cores": float(h[2]), "source": bool(h[3]), "up": True}
                             for h in hosts}
@@ -105,7 +106,8 @@ class SimulatedCluster:
             self._paths = shortest_paths(self._nodes(), self.link_state, self.hosts())
         devices = tuple(DeviceState(n, h["mem"], self.overhead, self.per_core_flops * h["cores"], h["source"], h["up"])
                         for n, h in self.host_state.items())
-        return ClusterSnapshot(devices, self._paths, context_len, until_next, self.placement)
+        return ClusterSnapshot(devices, self._paths, context_len, until_next, self.placement,
+                               weights_shipped=self.weights_shipped)
 
     def snapshot(self, context_len: int, tokens_until_next_decision: int) -> ClusterSnapshot:
         return self._snapshot(context_len, tokens_until_next_decision)

@@ -86,6 +86,9 @@ class ClusterSnapshot:
     # context positions the run still adds after ``context_len`` (the controller: prompt + new
     # tokens - context_len); None = unknown, the run may go on for ever
     tokens_remaining: int | None = None
+    # False: a migration ships KV caches only, receivers copy the weights from their own full copy
+    # (experiment ``migration: {weights_from: destination}``); projections and FFN pieces move free
+    weights_shipped: bool = True
 
     @property
     def end_context_len(self) -> float:
@@ -93,6 +96,13 @@ class ClusterSnapshot:
         if self.tokens_remaining is None:
             return float("inf")
         return self.context_len + max(0, self.tokens_remaining)
+
+    def amortisation_tokens(self, horizon_tokens: float) -> float:
+        """Tokens a migration's delay is spread over: ``horizon_tokens``, but no more than the run
+        still generates (a move late in a run must pay for itself before it ends)."""
+        if self.tokens_remaining is None:
+            return float(horizon_tokens)
+        return float(max(1, min(horizon_tokens, self.tokens_remaining)))
 
     def mem_horizon(self, context_len: float) -> int:
         """``context_len`` capped at the end of generation: memory is never reserved (and no

@@ -26,17 +26,28 @@ class Sizes:
     ffn_col_f: float
     x_b: float  # hidden state message
     head_out_b: float  # one group's output message
+    # bytes a migration ships per block (at T): all of it, or only the KV cache when the receiver
+    # copies weights from its own copy (``snapshot.weights_shipped`` False)
+    mig_head_b: float = 0.0
+    mig_proj_b: float = 0.0
+    mig_col_b: float = 0.0
 
 
-def sizes_for(dims: ModelDims, cost_model: str, T: int, T_mem: int) -> Sizes:
+def sizes_for(dims: ModelDims, cost_model: str, T: int, T_mem: int, weights_shipped: bool = True) -> Sizes:
     D, p, F = dims.d_model, dims.bytes_per_param, dims.ffn_dim
     if cost_model == "paper":
         k, km = paper_constants(dims, T), paper_constants(dims, T_mem)
-        return Sizes(km["head_bytes"], km["proj_bytes"], km["ffn_bytes"] / F, k["head_flops"], k["proj_flops"],
-                     k["ffn_flops"] / F, k["hidden_bytes"], k["head_out_bytes"])
-    return Sizes(B.block_memory_bytes(dims, "head", T_mem), B.proj_bytes(dims), B.ffn_bytes(dims, 1),
-                 B.head_flops(dims, T), B.proj_flops(dims), B.ffn_flops(dims, 1), D * p,
-                 dims.q_per_group * dims.head_dim * p)
+        s = Sizes(km["head_bytes"], km["proj_bytes"], km["ffn_bytes"] / F, k["head_flops"], k["proj_flops"],
+                  k["ffn_flops"] / F, k["hidden_bytes"], k["head_out_bytes"])
+    else:
+        s = Sizes(B.block_memory_bytes(dims, "head", T_mem), B.proj_bytes(dims), B.ffn_bytes(dims, 1),
+                  B.head_flops(dims, T), B.proj_flops(dims), B.ffn_flops(dims, 1), D * p,
+                  dims.q_per_group * dims.head_dim * p)
+    if weights_shipped:
+        s.mig_head_b, s.mig_proj_b, s.mig_col_b = s.head_b, s.proj_b, s.ffn_col_b
+    else:
+        s.mig_head_b = B.head_kv_bytes(dims, T)
+    return s
 
 
 class Problem:
@@ -63,7 +74,7 @@ class Problem:
         self.budget = np.array([float(d.mem_budget_bytes) for d in snapshot.devices])
         self.budget[self.src] -= B.source_bytes(dims)
         self.lat, self.spb = self._matrices()
-        self.sz = sizes_for(dims, cost_model, self.T, self.T_mem)
+        self.sz = sizes_for(dims, cost_model, self.T, self.T_mem, snapshot.weights_shipped)
 
     def _matrices(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.names)

@@ -157,8 +157,8 @@ def layer_repair(prob: Problem, H: float, n_new: int = 2) -> Placement | None:
     caps = np.where(prob.allowed, np.floor(np.clip(prob.budget, 0, None) / lb), 0).astype(int)
     c = _layer_seconds(prob)
     X = prob.lat + prob.sz.x_b * prob.spb
-    at_T = sizes_for(d, prob.cost_model, prob.T, prob.T)
-    moved = d.n_kv_heads * at_T.head_b + at_T.proj_b + d.ffn_dim * at_T.ffn_col_b
+    at_T = sizes_for(d, prob.cost_model, prob.T, prob.T, prob.snap.weights_shipped)
+    moved = d.n_kv_heads * at_T.mig_head_b + at_T.mig_proj_b + d.ffn_dim * at_T.mig_col_b  # what a layer ships
     where = [prob.index[lp.proj] for lp in cur.layers]
     with np.errstate(invalid="ignore"):
         move = (prob.lat[where].T + moved * prob.spb[where].T) / H  # (device, layer)
@@ -201,7 +201,8 @@ def edgeshard_dynamic(snapshot, dims, cost_model: str = "decode", horizon_epochs
     from testbed.partition.ra import _objective, _usable
 
     N = max(1, snapshot.tokens_until_next_decision)
-    H = max(1.0, float(horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs)))
+    H = max(1.0, snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None
+                                              else N * max(1, horizon_epochs)))
     prob = Problem(snapshot, dims, cost_model)
     cur = snapshot.current
     same = cur is not None and len(cur.layers) == dims.n_layers and cur.source == snapshot.source

@@ -78,7 +78,6 @@ def _paper_migration(m: Milp, prob: Problem, V: list[int], nv: dict, pv: dict, f
     lp = cur.layers[0]
     cur_cnt = {prob.index[d]: lp.heads.count(d) for d in set(lp.heads)}
     cp, cf = prob.index[lp.proj], prob.index[lp.ffn[0].device]
-    fb = prob.dims.ffn_dim * sz.ffn_col_b
     devs = sorted(set(V) | set(cur_cnt))
     flow, act, busy = {}, {}, {i: {} for i in devs}
     for i in devs:
@@ -89,7 +88,7 @@ def _paper_migration(m: Milp, prob: Problem, V: list[int], nv: dict, pv: dict, f
                 if cur_cnt.get(i):
                     flow[i, j] = m.var(0, G, integer=True)
                     m.le({flow[i, j]: 1, act[i, j]: -G}, 0)
-                    busy[i][flow[i, j]] = sz.head_b * prob.spb[i, j]
+                    busy[i][flow[i, j]] = sz.mig_head_b * prob.spb[i, j]
     for j in devs:  # conservation: n_j = cur_j - out + in
         terms = {nv[j]: 1} if j in nv else {}
         for (a, b), v in flow.items():
@@ -98,7 +97,7 @@ def _paper_migration(m: Milp, prob: Problem, V: list[int], nv: dict, pv: dict, f
             if a == j:
                 terms[v] = terms.get(v, 0) + 1
         m.eq(terms, cur_cnt.get(j, 0))
-    for src, var, nbytes in ((cp, pv, sz.proj_b), (cf, fv, fb)):
+    for src, var, nbytes in ((cp, pv, sz.mig_proj_b), (cf, fv, prob.dims.ffn_dim * sz.mig_col_b)):
         for k in V:
             if k != src:
                 m.le({var[k]: 1, act[src, k]: -1}, 0)
@@ -255,7 +254,7 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
                              f"{dims.n_layers} layers, {n} devices")
         return _paper_milp(prob, time_limit_s)
     K = max(1, min(ffn_chunks or 4, dims.ffn_dim))
-    H = float(horizon_tokens if horizon_tokens is not None else prob.N * max(1, horizon_epochs))
+    H = snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None else prob.N * max(1, horizon_epochs))
     prob.H = max(1.0, H)
     size = search_size(n, dims.n_kv_heads, K)
     if dims.n_layers == 1 and all(a <= b for a, b in zip(size, SERIAL_LIMIT)):

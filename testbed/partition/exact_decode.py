@@ -108,6 +108,8 @@ def _migration(m: Milp, prob: Problem, V, layers: list, K: int, cur: list) -> in
     hb = B.block_memory_bytes(d, "head", T)
     cb = B.ffn_bytes(d, -(-d.ffn_dim // K))
     pb = B.proj_bytes(d)
+    if not prob.snap.weights_shipped:  # receivers copy weights from their own copy: only KV moves
+        hb, cb, pb = B.head_kv_bytes(d, T), 0, 0
     G = d.n_kv_heads
     senders = sorted({j for h, c, P in cur for j in (*h, *c, P)})
     act, busy = {}, {i: {} for i in senders}

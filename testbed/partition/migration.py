@@ -53,8 +53,12 @@ def pair_delay(pair_bytes: dict[tuple[str, str], float], net: Net) -> float:
     return max(busy.values(), default=0.0)
 
 
-def _item_bytes(dims: ModelDims, T: int, cost_model: str):
-    """Bytes of one ``migration_items`` item at context ``T`` (same figures as ``moved_block_bytes``)."""
+def _item_bytes(dims: ModelDims, T: int, cost_model: str, weights_shipped: bool = True):
+    """Bytes of one ``migration_items`` item at context ``T`` (same figures as ``moved_block_bytes``);
+    without shipped weights a head moves its KV cache only and the other blocks move nothing."""
+    if not weights_shipped:
+        kv = B.head_kv_bytes(dims, T)
+        return lambda it: kv if it["kind"] == "head" else 0
     if cost_model == "paper":
         k = paper_constants(dims, T)
         head, proj, ffn_b, F = k["head_bytes"], k["proj_bytes"], k["ffn_bytes"], dims.ffn_dim
@@ -71,7 +75,7 @@ def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterS
     if old is None or len(old.layers) != len(new.layers):
         return MigrationEstimate(0.0, 0, [], {})
     T = snapshot.context_len if context_len is None else context_len
-    nbytes = _item_bytes(dims, T, cost_model)
+    nbytes = _item_bytes(dims, T, cost_model, snapshot.weights_shipped)
     moves: list[tuple[str, str, str]] = []
     pairs: dict[tuple[str, str], int] = {}
     for (a, b), items in migration_items(old, new).items():

@@ -361,7 +361,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     from testbed.partition.baselines import first_fit
 
     N = max(1, snapshot.tokens_until_next_decision)
-    H = float(horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs))
+    H = snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs))
     prob = Problem(snapshot, dims, cost_model, mem_tokens=N * max(1, headroom_epochs))
     try:
         prob.check_totals()

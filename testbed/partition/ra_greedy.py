@@ -58,14 +58,14 @@ class _Layer:
         mids = [(a + b) // 2 for a, b in B.ffn_chunk_bounds(prob.dims.ffn_dim, chunks)]
         self.cur_chunks = _counts(prob, [next(s.device for s in cur.ffn if s.col_start <= m < s.col_end)
                                          for m in mids]) if cur else np.zeros(n)
-        self.mig_head = _mig_in(prob, self.cur_heads, prob.sz.head_b).tolist()
-        self.mig_chunk = _mig_in(prob, self.cur_chunks, self.chunk_b).tolist()
+        self.mig_head = _mig_in(prob, self.cur_heads, prob.sz.mig_head_b).tolist()
+        self.mig_chunk = _mig_in(prob, self.cur_chunks, self.chunk_cols * prob.sz.mig_col_b).tolist()
 
     def proj_pen(self, P: int) -> float:
         if self.cur_proj is None or self.cur_proj == P:
             return 0.0
         p = self.prob
-        return (p.lat[self.cur_proj, P] + p.sz.proj_b * p.spb[self.cur_proj, P]) / getattr(p, "H", p.N)
+        return (p.lat[self.cur_proj, P] + p.sz.mig_proj_b * p.spb[self.cur_proj, P]) / getattr(p, "H", p.N)
 
 
 def _pop_fitting(heap: list, r: list, nbytes: float, block: str) -> int:

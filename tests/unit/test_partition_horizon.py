@@ -137,3 +137,12 @@ def test_controller_tells_the_planner_how_many_tokens_remain(monkeypatch):
     assert [s.end_context_len for s in seen] == [32 + 128] * 3
     assert _with_policy(base, None, False, {}).tokens_remaining is None
     assert _with_policy(base, None, True, {}, tokens_remaining=3).tokens_remaining == 3
+
+
+def test_a_move_late_in_the_run_must_pay_for_itself_before_the_end():
+    from testbed.snapshot import ClusterSnapshot
+
+    snap = ClusterSnapshot((), {}, 100, 8, tokens_remaining=5)
+    assert snap.amortisation_tokens(32) == 5.0
+    assert ClusterSnapshot((), {}, 100, 8).amortisation_tokens(32) == 32.0
+    assert ClusterSnapshot((), {}, 100, 8, tokens_remaining=0).amortisation_tokens(32) == 1.0

@@ -104,3 +104,26 @@ def test_simulated_migration_charges_the_pieces():
     assert rec.bytes_moved == 768 * COL and rec.moves == [("L0.ffn1536-2304", "d2", "d3")]
     path = c.snapshot(40, 8).path("d2", "d3")
     assert rec.duration_s == pytest.approx(path.latency_s + 768 * COL / path.bandwidth_bytes_per_s)
+
+
+def test_with_weights_from_the_destination_only_kv_caches_are_charged():
+    from dataclasses import replace
+
+    from testbed.partition import plan
+
+    old = layer(("d3", 0, 1536), ("d2", 1536, 3072), heads=("d1",) * 6 + ("d2",) * 6)
+    new = layer(("d3", 0, 3072), heads=("d1",) * 3 + ("d3",) * 9, proj="d2")
+    kv_only = replace(SNAP, weights_shipped=False)
+    full, kv = migration_estimate(old, new, SNAP, G1), migration_estimate(old, new, kv_only, G1)
+    assert kv.moves == full.moves  # the same items move ...
+    # ... but a head ships only its cache (3 from d1, 6 from d2 to d3), the FFN piece and proj nothing
+    assert kv.pair_bytes == {("d1", "d3"): 3 * B.head_kv_bytes(G1, 40), ("d2", "d3"): 6 * B.head_kv_bytes(G1, 40),
+                             ("d1", "d2"): 0}
+    assert kv.delay_s < full.delay_s / 10
+    # the planner's view: leaving the current plan is cheap now, so RA takes a faster plan that
+    # does not pay for itself when the weights have to travel
+    ra_kv = plan("resource_aware", replace(kv_only, current=old, tokens_until_next_decision=8), G1)
+    ra_full = plan("resource_aware", replace(SNAP, current=old, tokens_until_next_decision=8), G1)
+    assert ra_full.placement == old and ra_kv.placement != old
+    assert ra_kv.predicted_token_latency_s < ra_full.predicted_token_latency_s
+    assert ra_kv.migration_delay_s < migration_estimate(old, ra_kv.placement, SNAP, G1).delay_s / 10
