@@ -31,7 +31,8 @@ from node_agent import protocol as P
 from node_agent.dataflow import Dataflow, Inp, TokenState
 from node_agent.inbox import TimedInbox, lower_timer_slack
 from node_agent.migration import Migration
-from node_agent.shards import BlockStore, Budget, BudgetError, calibrate, rss_bytes, tune_allocator
+from node_agent.shards import (BlockStore, Budget, BudgetError, calibrate, return_freed_memory, rss_bytes,
+                               tune_allocator)
 from node_agent.wire import WireError, connect, recv_frame, send_frame
 from testbed.placement import Placement
 
@@ -189,6 +190,7 @@ class Agent(Dataflow, Migration):
         return {"bytes": nbytes, "duration_s": time.time() - t0}, b""
 
     def cmd_stats(self, h, _):
+        return_freed_memory()  # freed tensors still in malloc's arenas would read as overhead
         limit, usage = self.budget.read()
         out = {"pid": os.getpid(), "rss_bytes": rss_bytes(), "cgroup_limit_bytes": limit, "cgroup_usage_bytes": usage,
                "sent_bytes": dict(self.sent_bytes), "threads": torch.get_num_threads()}

@@ -210,11 +210,12 @@ class BlockStore:
         while the old one is alive, then each weight tensor is rebuilt one at a time
         (``cat_gemv``, the old cache already freed): peak = max(new cache, the group's cache +
         the largest new weight tensor), checked against measurement in test_import_memory.py. A projection or FFN piece
-        is copied out of the payload (and a projection re-laid out): twice the payload."""
+        is copied out of the payload (and a projection re-laid out): once (twice) the payload."""
         meta = header.get("meta", {})
         local = meta.get("weights") == "destination"
-        if meta.get("kind") != "kv_group":
-            return 2 * (self._local_bytes(meta) if local else payload_len) + IMPORT_SLACK
+        if meta.get("kind") != "kv_group":  # a copy out of the payload (and a projection's re-layout)
+            copies = 2 if meta.get("kind") == "proj" else 1
+            return copies * (self._local_bytes(meta) if local else payload_len) + IMPORT_SLACK
         sizes = {e["name"]: int(e["nbytes"]) for e in header.get("tensors", [])}
         if local:
             sizes.update(self._local_group_sizes(int(meta["layer"]), int(meta["group"])))

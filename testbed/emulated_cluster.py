@@ -302,8 +302,8 @@ class EmulatedCluster:
 
         def transient(dst: str, item: dict, n: int) -> int:
             """The payload while it is imported plus the agent's import copies (import_needed)."""
-            if item["kind"] != "head":
-                return 2 * n + IMPORT_SLACK
+            if item["kind"] != "head":  # beyond the kept copy: the payload (and a projection's re-layout)
+                return (2 * n if item["kind"] == "proj" else n) + IMPORT_SLACK
             held = sum(b for k, b in blocks[dst].items() if k.startswith(f"L{item['layer']}.H"))
             return n + int(IMPORT_OVERHEAD * wq_share * (held + n)) + IMPORT_SLACK
 
