@@ -15,6 +15,7 @@ Run: .venv/bin/python bench/bench_partition.py [--per-core-flops F] [--tokens N]
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import statistics
 import time
 
@@ -119,14 +120,16 @@ def run_algorithm(cluster: SimulatedCluster, algorithm: str, events: dict, token
     prompt = list(range(16))
     # a static plan is kept for the whole generation, so it is sized for the whole generation's KV
     horizon = every if algorithm in DYNAMIC_ALGORITHMS else tokens
-    r = plan(algorithm, cluster.snapshot(len(prompt), horizon), GPT2)
+    # as the runner does: planners are told how many tokens the run still generates
+    r = plan(algorithm, replace(cluster.snapshot(len(prompt), horizon), tokens_remaining=tokens), GPT2)
     cluster.load(r.placement, prompt)
     total, tok, mig, n_mig = 0.0, 0, 0.0, 0
     for t in range(1, tokens):
         for (a, b), mbps in events.get(t, []):
             cluster.apply_link(a, b, bandwidth_mbps=mbps)
         if r.dynamic and t % every == 0:
-            r = plan(algorithm, cluster.snapshot(len(prompt) + t - 1, every), GPT2)
+            r = plan(algorithm, replace(cluster.snapshot(len(prompt) + t - 1, every), tokens_remaining=tokens - t + 1),
+                     GPT2)
             if r.placement != cluster.placement:
                 d = cluster.migrate(r.placement).duration_s
                 total, mig, n_mig = total + d, mig + d, n_mig + 1
@@ -160,7 +163,8 @@ def fluctuating(per_core_flops: float, tokens: int, every: int = 8) -> None:
         if res[base]["lat"] == float("inf"):
             verdict = "N/A (every layer-based baseline failed; RA ran) -"
         print(f"    {n:2d} devices: {cells}")
-        print(f"        RA vs best layer-based ({base}): {100 * speedup:+.1f}% latency, peak "
+        print(f"        RA vs best layer-based ({base}): {100 * abs(speedup):.1f}% "
+              f"{'faster' if speedup >= 0 else 'slower'} per token, peak "
               f"{res['resource_aware']['peak'] / 2**20:.0f} vs {res[base]['peak'] / 2**20:.0f} MiB -> {verdict} target"
               f" (>= 25% faster and lower peak)")
         ra = res["resource_aware"]

@@ -187,10 +187,26 @@ def layer_repair(prob: Problem, H: float, n_new: int = 2) -> Placement | None:
     return Placement(cur.source, uniform_layers([prob.names[k] for k in best], d), meta={"algorithm": "edgeshard_dynamic"})
 
 
+def _whole_run_split(snapshot, dims, cost_model: str, N: int) -> Placement:
+    """EdgeShard's split sized for the rest of the run when that fits (moving whole layers is
+    expensive, so a split that outlasts the KV growth saves forced moves later), else for the
+    next epoch only."""
+    from dataclasses import replace
+
+    rest = snapshot.tokens_remaining
+    if rest is not None and rest > N:
+        try:
+            return edgeshard(replace(snapshot, tokens_until_next_decision=rest), dims, cost_model)
+        except InfeasiblePlan:
+            pass
+    return edgeshard(snapshot, dims, cost_model)
+
+
 def edgeshard_dynamic(snapshot, dims, cost_model: str = "decode", horizon_epochs: int = 4,
                       horizon_tokens: int | None = None) -> Placement:
     """EdgeShard re-planned every epoch (strictly layer-level: whole layers, contiguous shards).
 
+    The new DP plan is sized for the rest of the run when that fits (``_whole_run_split``).
     Voluntary moves: the old plan is kept unless the new DP plan's latency plus migration delay
     amortised over the same horizon as RA (``horizon_tokens``, default ``horizon_epochs`` epochs)
     is lower. Memory-forced moves (the current plan no longer fits until the next decision, e.g.
@@ -207,7 +223,7 @@ def edgeshard_dynamic(snapshot, dims, cost_model: str = "decode", horizon_epochs
     cur = snapshot.current
     same = cur is not None and len(cur.layers) == dims.n_layers and cur.source == snapshot.source
     try:
-        new = edgeshard(snapshot, dims, cost_model)
+        new = _whole_run_split(snapshot, dims, cost_model, N)
         new = Placement(new.source, new.layers, meta={"algorithm": "edgeshard_dynamic"})
         err = None
     except InfeasiblePlan as exc:  # no split from scratch (three device orders); a repair may exist
