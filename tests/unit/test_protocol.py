@@ -182,14 +182,19 @@ def _reference(prompt, n):
     return out, tops
 
 
-def test_agents_random_placements_and_migrations_match_monolithic(agents):
-    rng = random.Random(7)
+def _scenario(seed: int, n: int, switch_at: tuple[int, int]):
+    """A random prompt, the monolithic reference for it, and random placements at 0 and ``switch_at``."""
+    rng = random.Random(seed)
     cfg = load_model("tiny-gpt2").config
     prompt = [rng.randrange(256) for _ in range(6)]
-    ref, ref_top = _reference(prompt, 24)
+    ref, ref_top = _reference(prompt, n)
     devs = ["h1", "h2", "h3", "h4"]
-    plans = {0: _random_placement(rng, cfg, devs), 8: _random_placement(rng, cfg, devs),
-             16: _random_placement(rng, cfg, devs)}
+    plans = {i: _random_placement(rng, cfg, devs) for i in (0, *switch_at)}
+    return prompt, ref, ref_top, plans
+
+
+def test_agents_random_placements_and_migrations_match_monolithic(agents):
+    prompt, ref, ref_top, plans = _scenario(7, 24, (8, 16))
     out, tops, last = _run(agents, plans, prompt, 24)
     assert out == ref
     assert torch.allclose(torch.tensor(tops), torch.tensor(ref_top), atol=1e-4)
@@ -200,13 +205,7 @@ def test_agents_random_placements_and_migrations_match_monolithic(agents):
 def test_migration_with_weights_from_the_destinations_own_copy(agents):
     # Same generation twice: weights shipped vs only KV caches shipped (the receivers copy the
     # weights from their own full state). Tokens equal the monolithic model's either way.
-    rng = random.Random(11)
-    cfg = load_model("tiny-gpt2").config
-    prompt = [rng.randrange(256) for _ in range(6)]
-    ref, ref_top = _reference(prompt, 20)
-    devs = ["h1", "h2", "h3", "h4"]
-    plans = {0: _random_placement(rng, cfg, devs), 7: _random_placement(rng, cfg, devs),
-             14: _random_placement(rng, cfg, devs)}
+    prompt, ref, ref_top, plans = _scenario(11, 20, (7, 14))
     shipped, local = [], []
     out_s, _, _ = _run(agents, plans, prompt, 20, weights_from="source", sent=shipped)
     out_l, tops_l, _ = _run(agents, plans, prompt, 20, pv0=10, weights_from="destination", sent=local)
