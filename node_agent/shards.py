@@ -340,8 +340,30 @@ class BlockStore:
         return {"blocks": self.block_bytes(), "kv_bytes": self.kv_bytes(), "pid": os.getpid()}
 
 
-def _rate(step, seconds: float) -> float:
-    """Seconds per call of ``step`` (after a warm-up), timed for about ``seconds``."""
+def calibrate(cfg, seconds: float = 0.3, context: int = 32) -> dict:
+    """FLOP/s of this agent, under its CPU cap, on decode-shaped work: one whole layer of ``cfg``
+    (all groups, W_o, all FFN columns) decoding one token at ``context``, built over the fork
+    server's shared weights (nothing is copied, so nothing is charged). FLOPs are counted as the
+    decode cost model counts them. Without a model: 256x256 matrix-vector products."""
+    from node_agent.model import AttentionShard, FfnShard, ProjBlock
+
+    if cfg is None or not hasattr(cfg, "n_groups"):
+        w, x = torch.randn(256, 256), torch.randn(1, 256)
+        step, flops = (lambda: torch.tanh(x @ w)), 2.0 * 256 * 256
+    else:
+        sd = next(s for c, s in _STATES.values() if c == cfg)
+        attn = AttentionShard(cfg, 0, list(range(cfg.n_groups)), sd, share_storage=True)
+        proj, ffn = ProjBlock(cfg, 0, sd), FfnShard(cfg, 0, 0, cfg.ffn_dim, sd, share_storage=True)
+        attn(torch.randn(1, context, cfg.d_model), 0)
+        x = torch.randn(1, 1, cfg.d_model)
+
+        def step():
+            h = proj(attn(x, context), x)
+            return ffn(h)
+        q, d, D = cfg.q_per_group, cfg.head_dim, cfg.d_model
+        mats = 3 if cfg.arch == "llama" else 2
+        flops = (cfg.n_groups * (2.0 * (q + 2) * D * d + 4.0 * q * d * (context + 1))
+                 + 2.0 * D * cfg.q_dim + 2.0 * mats * D * cfg.ffn_dim)
     for _ in range(3):
         step()
     n, t0 = 0, time.perf_counter()
@@ -350,48 +372,6 @@ def _rate(step, seconds: float) -> float:
         n += 1
         el = time.perf_counter() - t0
         if el >= seconds:
-            return el / n
-
-
-def calibrate(cfg, seconds: float = 0.3, context: int = 32) -> dict:
-    """FLOP/s of this agent, under its CPU cap, on decode-shaped work, and the fixed cost of one
-    block call. Timed over the fork server's shared weights (nothing copied, nothing charged):
-    a whole layer of ``cfg`` decoding one token at ``context`` (all groups, W_o, all FFN columns:
-    three calls), and each kind of call alone, minimal where it can be (one group, one FFN
-    column; the projection as it is). With t = FLOPs / speed + overhead per call, the speed and
-    the three overheads are solved by a short fixed-point iteration; ``call_overhead_s`` is their
-    mean (a layer makes one call of each kind). FLOPs as the decode cost model counts them.
-    Without a model: 256x256 matrix-vector products (no overhead estimate)."""
-    from node_agent.model import AttentionShard, FfnShard, ProjBlock
-
-    if cfg is None or not hasattr(cfg, "n_groups"):
-        w, x = torch.randn(256, 256), torch.randn(1, 256)
-        t = _rate(lambda: torch.tanh(x @ w), seconds)
-        return {"flops_per_s": 2.0 * 256 * 256 / t, "call_overhead_s": 0.0, "seconds": seconds, "work": "gemv 256"}
-    sd = next(s for c, s in _STATES.values() if c == cfg)
-    q, d, D = cfg.q_per_group, cfg.head_dim, cfg.d_model
-    mats = 3 if cfg.arch == "llama" else 2
-    group_f = 2.0 * (q + 2) * D * d + 4.0 * q * d * (context + 1)
-    attn = AttentionShard(cfg, 0, list(range(cfg.n_groups)), sd, share_storage=True)
-    one = AttentionShard(cfg, 0, [0], sd, share_storage=True)
-    proj, ffn = ProjBlock(cfg, 0, sd), FfnShard(cfg, 0, 0, cfg.ffn_dim, sd, share_storage=True)
-    col = FfnShard(cfg, 0, 0, 1, sd, share_storage=True)
-    pre = torch.randn(1, context, cfg.d_model)
-    attn(pre, 0), one(pre, 0)
-    x = torch.randn(1, 1, cfg.d_model)
-    head_out = attn(x, context)
-    t_full = _rate(lambda: ffn(proj(attn(x, context), x)), seconds)
-    parts = seconds / 6
-    timed = [(_rate(lambda: one(x, context), parts), group_f), (_rate(lambda: proj(head_out, x), parts),
-             2.0 * D * cfg.q_dim), (_rate(lambda: col(x), parts), 2.0 * mats * D)]  # (seconds, FLOPs)
-    f_full = cfg.n_groups * group_f + 2.0 * D * cfg.q_dim + 2.0 * mats * D * cfg.ffn_dim
-    speed, over = f_full / t_full, [0.0, 0.0, 0.0]
-    for _ in range(4):
-        over = [max(0.0, t - f / speed) for t, f in timed]
-        rest = t_full - sum(over)
-        if rest <= 0:
-            over, speed = [0.0, 0.0, 0.0], f_full / t_full  # inconsistent timings: FLOPs only
             break
-        speed = f_full / rest
-    return {"flops_per_s": speed, "call_overhead_s": sum(over) / 3, "seconds": seconds, "work": "decode layer",
-            "t_layer_s": t_full, "overhead_by_call_s": dict(zip(("attention", "proj", "ffn"), over))}
+    return {"flops_per_s": flops * n / el, "iterations": n, "seconds": el,
+            "work": "decode layer" if cfg is not None else "gemv 256"}

@@ -62,7 +62,6 @@ class EmulatedCluster:
             self.pool = AgentPool(self.net, self.manifest, self.run_dir, self.model, threads=threads)
             self.pool.start()
             self.flops: dict[str, float] = {}
-            self.call_overhead: dict[str, float] = {}  # seconds per block call, measured
             self.baseline: dict[str, int] = {}
             for h in self.hosts():
                 self._calibrate(h)
@@ -89,7 +88,6 @@ class EmulatedCluster:
     def _calibrate(self, host: str) -> None:
         r = self.pool.call(host, "calibrate", 60.0, seconds=self.calibrate_s)
         self.flops[host] = float(r["flops_per_s"])
-        self.call_overhead[host] = float(r.get("call_overhead_s", 0.0))
         self.baseline[host] = self._cg(host).usage_bytes()
 
     def _read_rates(self, a: str, b: str) -> dict:
@@ -124,7 +122,7 @@ class EmulatedCluster:
         dead = self.pool.dead()
         devices = tuple(
             DeviceState(h.name, self._cg(h.name).memory_limit(), self._overhead(h.name, h.name not in dead),
-                        self.flops[h.name], h.source, h.name not in dead, self.call_overhead[h.name])
+                        self.flops[h.name], h.source, h.name not in dead)
             for h in self.topology.hosts)
         names = self.hosts()
         paths = {(a, b): self._path_state(a, b) for a in names for b in names if a != b}
@@ -391,8 +389,7 @@ def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None,
                                  serialisation="receivers hold a frame until sent_at + bytes/path rate + delay "
                                                "(HTB passes a lone small packet at line rate)",
                                  agents={h: a.pid for h, a in cluster.pool.agents.items()},
-                                 agent_flops_per_s=cluster.flops, agent_call_overhead_s=cluster.call_overhead,
-                                 agent_idle_charge_bytes=cluster.baseline,
+                                 agent_flops_per_s=cluster.flops, agent_idle_charge_bytes=cluster.baseline,
                                  migration_weights_from=weights_from,
                                  agent_working_overhead_bytes=cluster.working_overhead)
     return cluster

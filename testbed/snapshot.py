@@ -57,9 +57,6 @@ class DeviceState:
     flops_per_s: float  # measured (calibration under the current CPU cap)
     is_source: bool = False
     up: bool = True
-    # fixed seconds per block invocation (dispatch, norms, small ops) beyond FLOPs / speed, measured
-    # by the agents' calibration; 0 in simulation unless a profile says otherwise
-    call_overhead_s: float = 0.0
 
     @property
     def mem_budget_bytes(self) -> int:
