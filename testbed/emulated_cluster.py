@@ -74,8 +74,12 @@ class EmulatedCluster:
             self._changed_links: set[tuple[str, str]] = set()
             self._changed_hosts: set[str] = set()
             self._oom_seen = {h: self._cg(h).oom_kills() for h in self.hosts()}
-            self.working_overhead = measure_working_overhead(self) if warmup else None
-            if self.working_overhead is not None:
+            self.call_overhead_s = 0.0  # per block call beyond FLOPs / speed, from the warm-up
+            self.working_overhead: int | None = None
+            measured = measure_working_overhead(self) if warmup else None
+            self.working_overhead = measured[0] if measured else None
+            if measured is not None:
+                self.call_overhead_s = measured[1]
                 self.reset()  # fresh agents again: the warm-up's blocks and peaks are not anyone's
         except BaseException:
             self.close()
@@ -122,7 +126,7 @@ class EmulatedCluster:
         dead = self.pool.dead()
         devices = tuple(
             DeviceState(h.name, self._cg(h.name).memory_limit(), self._overhead(h.name, h.name not in dead),
-                        self.flops[h.name], h.source, h.name not in dead)
+                        self.flops[h.name], h.source, h.name not in dead, self.call_overhead_s)
             for h in self.topology.hosts)
         names = self.hosts()
         paths = {(a, b): self._path_state(a, b) for a in names for b in names if a != b}
@@ -391,5 +395,6 @@ def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None,
                                  agents={h: a.pid for h, a in cluster.pool.agents.items()},
                                  agent_flops_per_s=cluster.flops, agent_idle_charge_bytes=cluster.baseline,
                                  migration_weights_from=weights_from,
-                                 agent_working_overhead_bytes=cluster.working_overhead)
+                                 agent_working_overhead_bytes=cluster.working_overhead,
+                                 agent_call_overhead_s=cluster.call_overhead_s)
     return cluster

@@ -57,6 +57,9 @@ class DeviceState:
     flops_per_s: float  # measured (calibration under the current CPU cap)
     is_source: bool = False
     up: bool = True
+    # fixed seconds per block call beyond FLOPs / speed (dispatch, messages, small ops), measured on
+    # working agents by the emulated warm-up (testbed.warmup); 0 in simulation
+    call_overhead_s: float = 0.0
 
     @property
     def mem_budget_bytes(self) -> int:

@@ -56,6 +56,7 @@ class Net:
     def __init__(self, snapshot: ClusterSnapshot):
         self.snap = snapshot
         self.speed = {d.name: (d.flops_per_s if d.up else 0.0) for d in snapshot.devices}
+        self.call_s = {d.name: d.call_overhead_s for d in snapshot.devices}
         self._cache: dict[tuple[str, str], tuple[float, float]] = {}
 
     def link(self, a: str, b: str) -> tuple[float, float]:
@@ -80,6 +81,11 @@ class Net:
     def compute(self, device: str, flops: float) -> float:
         c = self.speed.get(device, 0.0)
         return flops / c if c > 0 else INF
+
+    def call(self, device: str, flops: float) -> float:
+        """One block invocation on ``device``: its FLOPs at the device's speed plus the measured
+        fixed cost of a call (the ``decode`` model; the ``paper`` model counts FLOPs only)."""
+        return self.compute(device, flops) + self.call_s.get(device, 0.0)
 
 
 def _cp_max(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
@@ -160,7 +166,7 @@ def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
         tally.send(src_dev, dst, xb)
     att, msgs = arrive[P], []
     for j, n in Counter(lp.heads).items():
-        done = (arrive[j][0] + net.compute(j, n * k["head_flops"]), arrive[j][1])
+        done = (arrive[j][0] + net.call(j, n * k["head_flops"]), arrive[j][1])
         if j == P:
             att = _cp_max(att, done)
             continue
@@ -169,7 +175,7 @@ def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
         tally.send(j, P, out_b)
     got = nics.fan_in(msgs)
     att = att if got is None else _cp_max(att, got)
-    pd = (att[0] + net.compute(P, k["proj_flops"]), att[1])
+    pd = (att[0] + net.call(P, k["proj_flops"]), att[1])
     agg = lp.ffn[0].device
     cols: dict[str, int] = {}
     for s in lp.ffn:  # shard order, aggregator first: the runtime's send order
@@ -178,7 +184,7 @@ def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
     for dev, c in cols.items():
         arr = nics.send(P, dev, xb, pd)
         tally.send(P, dev, xb)
-        done = (arr[0] + net.compute(dev, c * k["ffn_col_flops"]), arr[1])
+        done = (arr[0] + net.call(dev, c * k["ffn_col_flops"]), arr[1])
         if dev == agg:
             out = done
             continue
@@ -223,7 +229,7 @@ def decode_cost(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims
         cp, dev = _decode_layer(lp, dev, cp, nics, k, tally)
     src = placement.source
     cp = nics.send(dev, src, k["x_bytes"], cp)
-    cp = (cp[0] + net.compute(src, k["lm_flops"]), cp[1])
+    cp = (cp[0] + net.call(src, k["lm_flops"]), cp[1])
     tally.send(dev, src, k["x_bytes"])
     return CostResult(cp[0] + cp[1], placement_memory(placement, snapshot, dims, T), cp[0], cp[1],
                       sum(tally.by_link.values()), tally.by_link)

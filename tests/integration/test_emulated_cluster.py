@@ -140,6 +140,8 @@ def test_snapshot_measures_devices_and_paths(gpt2_cluster):
     # before any load, every host is planned with the worst working agent of the warm-up
     assert c.working_overhead is not None and c.working_overhead > max(c.baseline.values())
     assert {d.mem_overhead_bytes for d in snap.devices} == {c.working_overhead + (2 << 20)}
+    # ... and with the fixed cost of a block call the warm-up's tokens showed beyond their FLOPs
+    assert 0 < c.call_overhead_s < 0.005 and {d.call_overhead_s for d in snap.devices} == {c.call_overhead_s}
     assert by["h1"].flops_per_s > by["h4"].flops_per_s  # 1 core vs 0.25 core, calibrated in the agents
     assert snap.path("h1", "h4").bandwidth_bytes_per_s == pytest.approx(10e6 / 8)
     assert snap.path("h2", "h3").latency_s == pytest.approx(0.003)

@@ -124,3 +124,17 @@ def test_uplink_serialisation_order():
     c = nics.send("d1", "d2", 16, (0.0, 0.0))  # another sender: its own uplink
     assert a == pytest.approx((0.0, 0.17)) and b == pytest.approx((0.0, 0.33)) and c == pytest.approx((0.0, 0.17))
     assert nics.send("d0", "d0", 16, (1.0, 2.0)) == (1.0, 2.0)
+
+
+def test_decode_adds_each_blocks_call_overhead_on_the_critical_path():
+    from dataclasses import replace
+
+    s = snap()
+    with_calls = replace(s, devices=tuple(replace(d, call_overhead_s=0.5) for d in s.devices))
+    r0, r1 = decode_cost(PL, s, DIMS), decode_cost(PL, with_calls, DIMS)
+    # the critical path of test_decode_hand_computed: attention on d1, proj on d1, d1's FFN shard,
+    # the LM head on d0 -> four calls
+    assert r1.compute_s == pytest.approx(r0.compute_s + 4 * 0.5)
+    assert r1.transfer_s == pytest.approx(r0.transfer_s)
+    assert paper_cost(Placement("d0", (uniform_layer("d1", 2, 8),)), with_calls, DIMS).token_latency_s == \
+        pytest.approx(paper_cost(Placement("d0", (uniform_layer("d1", 2, 8),)), s, DIMS).token_latency_s)
