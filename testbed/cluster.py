@@ -40,6 +40,11 @@ class AlgorithmFailure(Exception):
     """The current algorithm's run failed in a way that is a *result* (OOM kill, infeasible plan)."""
 
 
+class MigrationRefused(AlgorithmFailure):
+    """A migration was refused before anything moved (no memory-safe order): the current
+    placement is intact, so the run can go on with it."""
+
+
 class Cluster(Protocol):
     def hosts(self) -> list[str]: ...
 

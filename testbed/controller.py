@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from testbed.cluster import AlgorithmFailure, Cluster, TokenRecord
+from testbed.cluster import AlgorithmFailure, Cluster, MigrationRefused, TokenRecord
 from testbed.placement import Placement
 from testbed.recorder import RunRecorder
 from testbed.scenario import Change, Timeline
@@ -207,7 +207,11 @@ class AlgorithmLoop:
         self._record_plan(token_index, result)
         if result.placement == self.state.placement:
             return 0.0, 0
-        mig = self.cluster.migrate(result.placement)
+        try:
+            mig = self.cluster.migrate(result.placement)
+        except MigrationRefused as exc:  # nothing moved: go on with the current placement
+            self._ev("migration_refused", token_index=token_index, reason=str(exc))
+            return 0.0, 0
         self.state.placement = result.placement
         self.state.elapsed_s += mig.duration_s
         self._ev("migration", token_index=token_index, duration_s=mig.duration_s, bytes_moved=mig.bytes_moved,

@@ -21,7 +21,7 @@ from node_agent import protocol as P
 from testbed.agents import AgentCallError, AgentPool
 from testbed.cgroups import CgroupError
 from testbed.cleanup import Manifest
-from testbed.cluster import AlgorithmFailure, ClusterError, MigrationRecord, TokenRecord
+from testbed.cluster import AlgorithmFailure, ClusterError, MigrationRecord, MigrationRefused, TokenRecord
 from node_agent.shards import IMPORT_OVERHEAD, IMPORT_SLACK, TRANSIENT_RESERVE
 from testbed.migration_items import MigrationBlocked, migration_items, schedule_waves
 from testbed.placement import Placement, moved_blocks
@@ -314,7 +314,7 @@ class EmulatedCluster:
         try:
             return schedule_waves(items, blocks, avail, AGENT_MARGIN_BYTES - TRANSIENT_RESERVE, transient)
         except MigrationBlocked as exc:
-            raise AlgorithmFailure(f"migration refused: {exc}") from None
+            raise MigrationRefused(f"migration refused: {exc}") from None
 
     def migrate(self, new: Placement) -> MigrationRecord:
         if self.placement is None:

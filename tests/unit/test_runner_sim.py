@@ -169,3 +169,24 @@ def test_clean_of_a_missing_run_directory_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "testbed", "clean", str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "no such run directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_migration_refused_before_anything_moved_keeps_the_current_placement(tmp_path, monkeypatch):
+    from testbed.cluster import MigrationRefused
+    from testbed.sim_cluster import SimulatedCluster
+
+    def refuse(self, new):
+        raise MigrationRefused("migration refused: h3 cannot receive head of layer 0 (test)")
+    monkeypatch.setattr(SimulatedCluster, "migrate", refuse)
+    exp = Path(__file__).resolve().parents[2] / "experiments/paper/memory_squeeze.yaml"  # RA moves at 32
+    (run_dir,) = run_experiment(load_experiment(exp), exp, tmp_path / "out", backend="simulated")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    events = read_events(run_dir)
+    refused = [e for e in events if e["type"] == "migration_refused"]
+    assert refused and "h3 cannot receive" in refused[0]["reason"]
+    assert not any(e["type"] == "migration" for e in events)
+    algo = refused[0]["algorithm"]
+    # the run went on with the placement it had: here the squeeze it could not escape is then
+    # enforced and the algorithm fails with the OOM, not with the refusal
+    assert summary[algo]["tokens_generated"] == refused[0]["token_index"] == 32
+    assert summary[algo]["failed"] and summary[algo]["failure"].startswith("OOM on h2")
