@@ -5,7 +5,7 @@ once it has loaded blocks and run a token its charge beyond those blocks is ~3.5
 buffers, threads, allocator state), whatever the number of blocks. Planning the first placement
 with the idle figure over-promises memory: a static placement packed to the promise was OOM-killed
 at its first prefill. So the emulated cluster runs a short warm-up on fresh agents (whole layers
-round-robin over the workers, a prefill and two tokens), reads every host's usage minus its blocks,
+round-robin over the workers, a prefill and four tokens), reads every host's usage minus its blocks,
 and plans every algorithm's first placement with the worst host's figure — the same figure for all
 algorithms, so the comparison stays fair.
 """
