@@ -148,7 +148,7 @@ def layer_repair(prob: Problem, H: float, n_new: int = 2) -> Placement | None:
     allowed, or no split fits."""
     from testbed.partition.common import sizes_for
     from testbed.partition.cost import memory
-    from testbed.partition.ra import _devices_ok
+    from testbed.partition.ra_choice import _devices_ok
 
     cur, d = prob.snap.current, prob.dims
     if cur is None or not layer_level(cur, d) or not _devices_ok(prob, cur):
@@ -214,7 +214,7 @@ def edgeshard_dynamic(snapshot, dims, cost_model: str = "decode", horizon_epochs
     measured rates, of the new DP plan and the cheapest layer-contiguous repair of the current
     plan (``layer_repair``)."""
     from testbed.partition.cost import Net
-    from testbed.partition.ra import _objective, _usable
+    from testbed.partition.ra_choice import _objective, _usable
 
     N = max(1, snapshot.tokens_until_next_decision)
     H = max(1.0, snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None

@@ -28,7 +28,7 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
     the runtime ships, ``exact_decode.objective``). HEURISTIC for the migration part:
     the (up to 200) structures with the smallest latency bounds below the best objective are
     realised from scratch and keeping blocks in place, evaluated exactly, and the best is compared
-    with the current placement / RA's minimal ``repair`` of it (``ra.choose_plan``).
+    with the current placement / RA's minimal ``repair`` of it (``ra_choice.choose_plan``).
     ``latency_lower_bound_s`` is still a certified bound on the latency of any plan.
   * SEVERAL layers (or one layer beyond ``SERIAL_LIMIT``): NOT exact. The MILP of
     ``exact_decode`` solves the independent-transfer relaxation (``serial_nics=False``, a lower
@@ -38,7 +38,7 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
     MILP objective (integer head / FFN-chunk flows, proj moves, per-sender busy time) and no bound
     is reported. The plan is the best, under the serialised objective, of a local search
     (``exact_decode.improve``) from the MILP's plan and from RA's plan (``best_seed`` says which),
-    then ``ra.choose_plan``: so it is not worse than RA's plan (when that fits) by construction; its
+    then ``ra_choice.choose_plan``: so it is not worse than RA's plan (when that fits) by construction; its
     distance to the optimum is at most ``latency_gap``. Limited to ``n_layers * devices**3 <=
     256`` (the big-M formulation is weak; HiGHS slows down beyond).
 ``enumerate_paper`` cross-checks the paper MILP by exhausting head-count vectors (no migration).
@@ -183,7 +183,7 @@ def enumerate_paper(snapshot, dims) -> tuple[Placement, float]:
 def _serial_one_layer(prob: Problem, K: int) -> Placement:
     """One layer: the exact search under the serialised decode model (``exact_serial``)."""
     from testbed.partition.exact_serial import SerialLayerSearch, with_migration
-    from testbed.partition.ra import choose_plan
+    from testbed.partition.ra_choice import choose_plan
 
     S = SerialLayerSearch(prob, K)
     r = S.solve()
@@ -206,7 +206,8 @@ def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_s: float, 
     """Several layers: the relaxation MILP (lower bound when no current placement applies), then a
     local search under the serialised model from its plan and from RA's, best kept (heuristic)."""
     from testbed.partition.exact_decode import decode_milp, improve
-    from testbed.partition.ra import _objective, _usable, choose_plan, resource_aware
+    from testbed.partition.ra import resource_aware
+    from testbed.partition.ra_choice import _objective, _usable, choose_plan
     from testbed.partition.cost import Net
 
     milp = decode_milp(prob, K, time_limit_s, horizon=prob.H)
@@ -241,7 +242,7 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
     ``horizon_tokens`` (default ``horizon_epochs`` x tokens per epoch, as RA), and the result is
     compared (latency + migration delay / H under the serialised model) with the current placement
     if it still fits, else with RA's minimal ``repair`` of it, and with per-layer mixtures
-    (``ra.choose_plan``). ``placement.meta`` records the plan's latency, the lower bound and
+    (``ra_choice.choose_plan``). ``placement.meta`` records the plan's latency, the lower bound and
     whether the latency is certified optimal."""
     from testbed.partition.exact_serial import search_size
 

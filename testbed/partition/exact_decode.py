@@ -199,9 +199,9 @@ def _placement(prob: Problem, layers: list[_Vars], x: np.ndarray, V, K: int) -> 
 
 
 def objective(prob: Problem, pl: Placement, H: float, net) -> float:
-    """``latency + migration delay / H`` (``ra._objective``: the migration delay of what the runtime
+    """``latency + migration delay / H`` (``ra_choice._objective``: the migration delay of what the runtime
     ships, ``migration``)."""
-    from testbed.partition.ra import _objective
+    from testbed.partition.ra_choice import _objective
 
     return _objective(prob, pl, H, net)[0]
 

@@ -34,7 +34,7 @@ being ``migration``'s estimate of what the runtime ships (``exact_decode.objecti
 That part is NOT exact: the structures with the smallest latency bounds (up to ``max_candidates``,
 only those whose bound is below the best objective so far) are realised both from scratch and
 keeping blocks where they are (``assign_heads``/``assign_ffn``), evaluated exactly, and the best
-is compared with the current placement / its repair by ``ra.choose_plan``. The latency bound is
+is compared with the current placement / its repair by ``ra_choice.choose_plan``. The latency bound is
 still valid (migration >= 0).
 """
 from __future__ import annotations
@@ -334,7 +334,7 @@ def with_migration(S: SerialLayerSearch, r: Result, H: float, max_candidates: in
     whose latency bound alone reaches the best objective so far are skipped (migration >= 0).
     Returns (placement, evaluations)."""
     from testbed.partition.exact_decode import objective
-    from testbed.partition.ra import _usable
+    from testbed.partition.ra_choice import _usable
 
     p, cur = S.prob, S.prob.snap.current
     net = Net(p.snap)

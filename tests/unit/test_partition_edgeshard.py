@@ -11,7 +11,7 @@ from testbed.partition.cost import Net, placement_memory
 from testbed.partition.errors import InfeasiblePlan
 from testbed.partition.edgeshard import edgeshard, layer_level, layer_repair
 from testbed.partition.migration import migration_delay
-from testbed.partition.ra import _objective
+from testbed.partition.ra_choice import _objective
 from testbed.partition.synthetic import star_snapshot
 from testbed.placement import Placement, moved_blocks, uniform_layer
 from testbed.snapshot import ModelDims

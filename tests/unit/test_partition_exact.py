@@ -289,7 +289,7 @@ def test_optimal_replan_after_small_budget_cut_keeps_unrelated_blocks(seed):
         # (seed 3: FFN columns d3 -> d4 and d4 -> d2, 1.3 ms/token faster for 30 ms more migration)
         from testbed.partition.common import Problem
         from testbed.partition.cost import Net
-        from testbed.partition.ra import _objective, repair
+        from testbed.partition.ra_choice import _objective, repair
 
         prob, net = Problem(s2, dims), Net(s2)
         fixed = repair(prob, cur, 32, net, prob.budget, until=40)
@@ -303,7 +303,7 @@ def test_optimal_replan_objective_not_worse_than_minimal_repair(seed, n_layers):
     (two layers: relaxation MILP + local search; one layer: the exact search + migration)."""
     from testbed.partition.common import Problem
     from testbed.partition.cost import Net, placement_memory
-    from testbed.partition.ra import _objective, repair
+    from testbed.partition.ra_choice import _objective, repair
 
     dims = ModelDims("small-layers", n_layers, 256, 8, 8, 32, 1024, 1000)
     snap = random_star(np.random.default_rng(100 + seed), 5, dims, mem_slack=1.5, context_len=32)
