@@ -31,8 +31,8 @@ from node_agent import protocol as P
 from node_agent.dataflow import Dataflow, Inp, TokenState
 from node_agent.inbox import TimedInbox, lower_timer_slack
 from node_agent.migration import Migration
-from node_agent.shards import (BlockStore, Budget, BudgetError, calibrate, return_freed_memory, rss_bytes,
-                               tune_allocator)
+from node_agent.budget import Budget, BudgetError, return_freed_memory, rss_bytes, tune_allocator
+from node_agent.shards import BlockStore, calibrate
 from node_agent.wire import WireError, connect, recv_frame, send_frame
 from testbed.placement import Placement
 

@@ -9,7 +9,7 @@ import logging
 from concurrent.futures import Future
 
 from node_agent import protocol as P
-from node_agent.shards import BudgetError
+from node_agent.budget import BudgetError
 
 log = logging.getLogger("headroom.agent")
 

@@ -8,8 +8,8 @@ charged exactly for the blocks it holds. Migration moves blocks as ``node_agent.
 payloads: a KV group (weights + cache), a projection, or a column piece of an FFN shard; pieces are
 assembled into the new shards when the new placement is applied.
 
-Every load or import is checked against ``node_agent.budget.Budget`` first and refused with ``BudgetError`` (bytes
-needed vs available) instead of letting the kernel OOM-kill the agent.
+Every load or import is checked against ``node_agent.budget.Budget`` first and refused with
+``BudgetError`` (bytes needed vs available) instead of letting the kernel OOM-kill the agent.
 """
 from __future__ import annotations
 
@@ -22,13 +22,11 @@ from torch import Tensor
 
 from node_agent.model import (AttentionShard, Embedder, FfnShard, LMHead, ModelConfig, ProjBlock, ShardError,
                               load_state, prepare_state_dict)
-from node_agent.budget import (TRANSIENT_RESERVE, Budget, BudgetError, return_freed_memory, rss_bytes,  # noqa: F401
-                               tune_allocator)
-from node_agent.model.blocks import cat_gemv
+from node_agent.budget import Budget, return_freed_memory
+from node_agent.model.blocks import cat_gemv, group_weights
 from node_agent.serialize import tensors_from_bytes, tensors_to_payload
 from testbed.placement import Placement
 
-MIB = 1 << 20
 IMPORT_SLACK = 128 * 1024  # small tensors and allocator rounding during an import
 IMPORT_OVERHEAD = 1.15  # measured import peaks run up to ~12 % above the tensor arithmetic
 _STATES: dict[tuple[str, int], tuple[ModelConfig, dict]] = {}
@@ -209,8 +207,9 @@ class BlockStore:
         peak. A KV group is decoded as views of the payload; the shard's new cache is allocated
         while the old one is alive, then each weight tensor is rebuilt one at a time
         (``cat_gemv``, the old cache already freed): peak = max(new cache, the group's cache +
-        the largest new weight tensor), checked against measurement in test_import_memory.py. A projection or FFN piece
-        is copied out of the payload (and a projection re-laid out): once (twice) the payload."""
+        the largest new weight tensor), checked against measurement in test_import_memory.py.
+        A projection or FFN piece is copied out of the payload (and a projection re-laid out):
+        once (twice) the payload."""
         meta = header.get("meta", {})
         local = meta.get("weights") == "destination"
         if meta.get("kind") != "kv_group":  # a copy out of the payload (and a projection's re-layout)
@@ -233,8 +232,7 @@ class BlockStore:
 
     def _local_group_sizes(self, l: int, g: int) -> dict[str, int]:
         """Bytes of one group's weight tensors as ``export_group`` would ship them."""
-        a = self.attn.get(l) or AttentionShard(self.cfg, l, [], self._sd, share_storage=True)
-        return {n: t.numel() * t.element_size() for n, t in a.group_weights(self._sd, g).items()}
+        return {n: t.numel() * t.element_size() for n, t in group_weights(self.cfg, l, self._sd, g).items()}
 
     def _local_bytes(self, meta: dict) -> int:
         """Bytes of a projection or FFN piece built from this host's own state (a KV-only import)."""

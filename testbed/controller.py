@@ -44,6 +44,7 @@ class LoopState:
 
 def _plan(settings: LoopSettings, cluster: Cluster, dims: ModelDims, context_len: int, current: Placement | None,
           pending_limits: dict[str, float] | None = None):
+    """Plan on the measured snapshot told the loop's policy; returns (PlanResult, that snapshot)."""
     from testbed.partition import plan
 
     snap = cluster.snapshot(context_len, settings.repartition_every)
@@ -51,11 +52,7 @@ def _plan(settings: LoopSettings, cluster: Cluster, dims: ModelDims, context_len
     token_index = context_len - len(settings.prompt_ids)
     snap = _with_policy(snap, current, settings.allow_blocks_on_source, pending_limits or {},
                         tokens_remaining=max(0, settings.new_tokens - token_index))
-    result = plan(settings.algorithm, snap, dims, cost_model=settings.cost_model, **settings.params)
-    # what the planner was told about memory, for the plan event (diagnosing a plan's choice)
-    result.snapshot_mem = {d.name: {"limit_bytes": d.mem_limit_bytes, "overhead_bytes": d.mem_overhead_bytes}
-                           for d in snap.devices}
-    return result
+    return plan(settings.algorithm, snap, dims, cost_model=settings.cost_model, **settings.params), snap
 
 
 def _with_policy(snap, current, allow_on_source, pending_limits: dict[str, float],
@@ -149,15 +146,17 @@ class AlgorithmLoop:
             self._ev("plan", token_index=0, placement=self.state.placement.to_json(),
                      predicted_token_latency_s=None, solve_time_s=0.0)
             return
-        result = _plan(self.s, self.cluster, self.dims, len(self.s.prompt_ids), None)
+        result, snap = _plan(self.s, self.cluster, self.dims, len(self.s.prompt_ids), None)
         self.state.placement = self.state.initial_plan = result.placement
-        self._record_plan(0, result)
+        self._record_plan(0, result, snap)
 
-    def _record_plan(self, token_index: int, result) -> None:
+    def _record_plan(self, token_index: int, result, snap) -> None:
+        told = {d.name: {"limit_bytes": d.mem_limit_bytes, "overhead_bytes": d.mem_overhead_bytes}
+                for d in snap.devices}  # what the planner was told about memory (diagnosing a choice)
         self._ev("plan", token_index=token_index, placement=result.placement.to_json(),
                  predicted_token_latency_s=result.predicted_token_latency_s, solve_time_s=result.solve_time_s,
                  predicted_migration_delay_s=result.migration_delay_s,
-                 predicted_mem_bytes=result.predicted_mem_bytes, snapshot_mem=getattr(result, "snapshot_mem", None),
+                 predicted_mem_bytes=result.predicted_mem_bytes, snapshot_mem=told,
                  **({"planner": result.extra} if result.extra else {}))
 
     def _apply_due(self, token_index: int) -> list[Change]:
@@ -203,8 +202,8 @@ class AlgorithmLoop:
         self.state.replan_now = False
         context = len(self.s.prompt_ids) + token_index
         pending = {c.host: c.values["mem_limit_mib"] for c in announced}
-        result = _plan(self.s, self.cluster, self.dims, context, self.state.placement, pending)
-        self._record_plan(token_index, result)
+        result, snap = _plan(self.s, self.cluster, self.dims, context, self.state.placement, pending)
+        self._record_plan(token_index, result, snap)
         if result.placement == self.state.placement:
             return 0.0, 0
         try:

@@ -22,7 +22,8 @@ from testbed.agents import AgentCallError, AgentPool
 from testbed.cgroups import CgroupError
 from testbed.cleanup import Manifest
 from testbed.cluster import AlgorithmFailure, ClusterError, MigrationRecord, MigrationRefused, TokenRecord
-from node_agent.shards import IMPORT_OVERHEAD, IMPORT_SLACK, TRANSIENT_RESERVE
+from node_agent.budget import TRANSIENT_RESERVE
+from node_agent.shards import IMPORT_OVERHEAD, IMPORT_SLACK
 from testbed.migration_items import MigrationBlocked, migration_items, schedule_waves
 from testbed.placement import Placement, moved_blocks
 from testbed.snapshot import ClusterSnapshot, DeviceState, LinkState
@@ -74,12 +75,12 @@ class EmulatedCluster:
             self._changed_links: set[tuple[str, str]] = set()
             self._changed_hosts: set[str] = set()
             self._oom_seen = {h: self._cg(h).oom_kills() for h in self.hosts()}
-            self.call_overhead_s = 0.0  # per block call beyond FLOPs / speed, from the warm-up
+            # from the warm-up: a working agent's charge beyond its blocks, the cost of a block call
             self.working_overhead: int | None = None
+            self.call_overhead_s = 0.0
             measured = measure_working_overhead(self) if warmup else None
-            self.working_overhead = measured[0] if measured else None
             if measured is not None:
-                self.call_overhead_s = measured[1]
+                self.working_overhead, self.call_overhead_s = measured
                 self.reset()  # fresh agents again: the warm-up's blocks and peaks are not anyone's
         except BaseException:
             self.close()

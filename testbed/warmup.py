@@ -28,35 +28,29 @@ def measure_working_overhead(cluster, prompt_len: int = 8, tokens: int = 4) -> t
     cost of one block call (the decode tokens' measured critical-path compute beyond what the
     FLOPs at the calibrated speeds predict, over the calls on that path: three a layer and the LM
     head). None if the warm-up placement does not fit (the caller keeps its static estimates)."""
+    from node_agent.model.config import ModelConfig
     from testbed.partition.cost import decode_cost
     from testbed.snapshot import ModelDims
 
     cfg = cluster.pool.config
-    pl = warmup_placement(cluster.hosts(), cluster.topology.source, cfg["n_layers"], cfg["n_kv_heads"],
-                          cfg["ffn_dim"])
+    dims = ModelDims.from_config(ModelConfig.from_dict(cfg))
+    pl = warmup_placement(cluster.hosts(), cluster.topology.source, dims.n_layers, dims.n_kv_heads, dims.ffn_dim)
     excess = []
     try:
         tok = cluster.load(pl, [1 + i % 7 for i in range(prompt_len)]).token_id
-        dims = ModelDims.from_config(_Config(cfg), name="warmup")
+        snap = cluster.snapshot(prompt_len, 1)  # calibrated speeds (no per-call cost known yet)
         for i in range(tokens):
             rec = cluster.step(tok)
             tok = rec.token_id
             if i:  # the first decode token still warms caches up
-                snap = cluster.snapshot(prompt_len + i + 1, 1)
-                excess.append(rec.compute_s - decode_cost(pl, snap, dims).compute_s)
+                predicted = decode_cost(pl, snap, dims, context_len=prompt_len + i + 1).compute_s
+                excess.append(rec.compute_s - predicted)
     except AlgorithmFailure:
         return None
     worst = 0
     for h in pl.devices():
         st = cluster.pool.call(h, "stats", 30.0)
         worst = max(worst, st["cgroup_usage_bytes"] - sum((st.get("blocks") or {}).values()))
-    calls = 3 * cfg["n_layers"] + 1
+    calls = 3 * dims.n_layers + 1
     per_call = max(0.0, min(excess)) / calls if excess else 0.0
     return worst, per_call
-
-
-class _Config:
-    """The agents' config dict as the attributes ``ModelDims.from_config`` reads."""
-
-    def __init__(self, cfg: dict):
-        self.__dict__.update(cfg)

@@ -35,6 +35,23 @@ class ShardError(ModelError):
 _HEAD_TENSORS = ("wq", "wk", "wv")
 
 
+def group_weights(cfg: ModelConfig, layer: int, weights: dict[str, Tensor], group: int) -> dict[str, Tensor]:
+    """One KV group's rows of W_q/W_k/W_v (and biases) and its layer's norm, as views of a full
+    state dict ``weights``: what ``AttentionShard.export_group`` ships, without the cache."""
+    p = f"layers.{layer}."
+    qw, kw = cfg.q_per_group * cfg.head_dim, cfg.head_dim
+    t: dict[str, Tensor] = {}
+    for n in _HEAD_TENSORS:
+        width = qw if n == "wq" else kw
+        t[n] = weights[p + n + ".weight"][group * width:(group + 1) * width]  # (width, D)
+        if cfg.has_bias:
+            t[n + "_b"] = weights[p + n + ".bias"][group * width:(group + 1) * width]  # (width,)
+    t["norm_w"] = weights[p + "attn_norm.weight"]
+    if p + "attn_norm.bias" in weights:
+        t["norm_b"] = weights[p + "attn_norm.bias"]
+    return t
+
+
 class AttentionShard:
     """Any subset of the KV groups of one layer, with its head-major KV cache (B, G_local, T, d).
 
@@ -123,22 +140,6 @@ class AttentionShard:
                 "weights": "shipped" if weights else "destination"}
         return tensors_to_payload(t, meta)
 
-    def group_weights(self, weights: dict[str, Tensor], group: int) -> dict[str, Tensor]:
-        """One group's rows of W_q/W_k/W_v (and biases) and the layer's norm, as views of a full
-        state dict ``weights`` (what ``export_group`` ships, without the cache)."""
-        p, cfg = f"layers.{self.layer}.", self.cfg
-        qw, kw = cfg.q_per_group * cfg.head_dim, cfg.head_dim
-        t: dict[str, Tensor] = {}
-        for n in _HEAD_TENSORS:
-            width = qw if n == "wq" else kw
-            t[n] = weights[p + n + ".weight"][group * width:(group + 1) * width]  # (width, D)
-            if cfg.has_bias:
-                t[n + "_b"] = weights[p + n + ".bias"][group * width:(group + 1) * width]  # (width,)
-        t["norm_w"] = weights[p + "attn_norm.weight"]
-        if p + "attn_norm.bias" in weights:
-            t["norm_b"] = weights[p + "attn_norm.bias"]
-        return t
-
     def import_group(self, header: dict[str, Any], payload: bytes,
                      local_weights: dict[str, Tensor] | None = None) -> None:
         """Add the group exported by `export_group` (appended last in `groups`). A KV-only export
@@ -152,7 +153,7 @@ class AttentionShard:
         if meta.get("weights") == "destination":
             if local_weights is None:
                 raise ShardError(f"layer {self.layer}: a KV-only import needs this host's own weights")
-            t.update(self.group_weights(local_weights, int(meta["group"])))
+            t.update(group_weights(self.cfg, self.layer, local_weights, int(meta["group"])))
         self.cache.add_heads(t["k"], t["v"])
         for n in self.w:
             self.w[n] = cat_gemv([self.w[n], t[n]])  # one tensor at a time: transient = its new size
@@ -172,27 +173,23 @@ class AttentionShard:
     def from_export(cls, cfg: ModelConfig, header: dict[str, Any], payload: bytes,
                     local_weights: dict[str, Tensor] | None = None) -> "AttentionShard":
         """A new shard holding exactly the exported group (e.g. on a device new to this layer)."""
-        layer = int(header["meta"]["layer"])
-        if header["meta"].get("weights") == "destination":
+        meta = header["meta"]
+        layer = int(meta["layer"])
+        t = tensors_from_bytes(header, payload, copy=False)  # views; what the shard keeps is cloned
+        if meta.get("weights") == "destination":
             if local_weights is None:
                 raise ShardError(f"layer {layer}: a KV-only import needs this host's own weights")
-            p = f"layers.{layer}."
-            own = {k: local_weights[k].clone() for k in (p + "attn_norm.weight", p + "attn_norm.bias")
-                   if k in local_weights}  # the shard's own norm, charged to this host
-            shard = cls(cfg, layer, [], {**local_weights, **own})
-            shard.import_group(header, payload, local_weights)
-            return shard
-        t = tensors_from_bytes(header, payload, copy=False)  # views; what the shard keeps is cloned
+            t.update(group_weights(cfg, layer, local_weights, int(meta["group"])))
         p = f"layers.{layer}."
-        empty = {p + "attn_norm.weight": t["norm_w"].clone()}
+        empty = {p + "attn_norm.weight": t["norm_w"].clone()}  # the shard's own norm
         if "norm_b" in t:
             empty[p + "attn_norm.bias"] = t["norm_b"].clone()
-        for n in _HEAD_TENSORS:
+        for n in _HEAD_TENSORS:  # only their shapes are used: the shard starts with no groups
             empty[p + n + ".weight"] = t[n]
             if cfg.has_bias:
                 empty[p + n + ".bias"] = t[n + "_b"]
         shard = cls(cfg, layer, [], empty)
-        shard.import_group(header, payload)
+        shard.import_group(header, payload, local_weights)
         return shard
 
     # ---- accounting ----------------------------------------------------------------------------

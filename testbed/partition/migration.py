@@ -34,16 +34,6 @@ class MigrationEstimate:
     pair_bytes: dict[tuple[str, str], int]
 
 
-def moved_block_bytes(block_id: str, dims: ModelDims, context_len: int, cost_model: str = "decode") -> int:
-    _, kind, cols = B.block_kind_of(block_id)
-    if cost_model == "paper":
-        k = paper_constants(dims, context_len)
-        if kind == "ffn":
-            return k["ffn_bytes"] * cols // dims.ffn_dim
-        return k[f"{kind}_bytes"]
-    return B.block_memory_bytes(dims, kind, context_len, cols)
-
-
 def pair_delay(pair_bytes: dict[tuple[str, str], float], net: Net) -> float:
     """Delay of moving ``pair_bytes[(a, b)]`` bytes a -> b for every pair, aggregated as above."""
     busy: dict[str, float] = {}
@@ -54,8 +44,8 @@ def pair_delay(pair_bytes: dict[tuple[str, str], float], net: Net) -> float:
 
 
 def _item_bytes(dims: ModelDims, T: int, cost_model: str, weights_shipped: bool = True):
-    """Bytes of one ``migration_items`` item at context ``T`` (same figures as ``moved_block_bytes``);
-    without shipped weights a head moves its KV cache only and the other blocks move nothing."""
+    """Bytes of one ``migration_items`` item at context ``T`` (the blocks' memory figures; an FFN piece
+    its columns' share); without shipped weights a head moves its KV cache only and the other blocks move nothing."""
     if not weights_shipped:
         kv = B.head_kv_bytes(dims, T)
         return lambda it: kv if it["kind"] == "head" else 0

@@ -16,7 +16,8 @@ RSS_SLOP = 256 * 1024
 PROBE = textwrap.dedent("""
     import gc, json, sys, torch
     from node_agent.model import AttentionShard
-    from node_agent.shards import BlockStore, Budget, model_state, return_freed_memory, tune_allocator
+    from node_agent.budget import Budget, return_freed_memory, tune_allocator
+    from node_agent.shards import BlockStore, model_state
     tune_allocator(); torch.set_num_threads(1)
     name, T = sys.argv[1], int(sys.argv[2])
 

@@ -15,7 +15,8 @@ import torch
 from node_agent import protocol as P
 from node_agent.agent import Agent
 from node_agent.model import load_model
-from node_agent.shards import BlockStore, Budget, BudgetError
+from node_agent.budget import Budget, BudgetError
+from node_agent.shards import BlockStore
 from node_agent.wire import recv_frame, send_frame
 from testbed.agents import ControlConn
 from testbed.migration_items import migration_items
