@@ -76,8 +76,7 @@ class EmulatedCluster:
             self._changed_hosts: set[str] = set()
             self._oom_seen = {h: self._cg(h).oom_kills() for h in self.hosts()}
             # from the warm-up: a working agent's charge beyond its blocks, the cost of a block call
-            self.working_overhead: int | None = None
-            self.call_overhead_s = 0.0
+            self.working_overhead, self.call_overhead_s = None, 0.0
             measured = measure_working_overhead(self) if warmup else None
             if measured is not None:
                 self.working_overhead, self.call_overhead_s = measured
@@ -295,9 +294,8 @@ class EmulatedCluster:
 
     # ------------------------------------------------------------------ migration
     def _waves(self, items: dict[tuple[str, str], list[dict]]) -> list[dict[tuple[str, str], list[dict]]]:
-        """A memory-safe order for the moves (``schedule_waves``): receivers' room read from their
-        agents, senders' room credited as their heads/projections leave; refused before sending
-        when no order fits."""
+        """A memory-safe order for the moves (``schedule_waves``) from the agents' room and blocks;
+        ``MigrationRefused`` before anything is sent when no order fits."""
         hosts = sorted({h for pair in items for h in pair})
         blocks = {h: self.pool.call(h, "stats", 30.0)["blocks"] for h in hosts}
         avail = {h: self.pool.call(h, "budget", 30.0)["available_bytes"] for h in hosts}
