@@ -77,15 +77,19 @@ class Problem:
         self.sz = sizes_for(dims, cost_model, self.T, self.T_mem, snapshot.weights_shipped)
 
     def _matrices(self) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self.names)
-        lat, spb = np.zeros((n, n)), np.zeros((n, n))
-        for i, a in enumerate(self.names):
-            for j, b in enumerate(self.names):
-                if i != j:
-                    ls = self.snap.path(a, b)
-                    good = ls.up and ls.bandwidth_bytes_per_s > 0
-                    lat[i, j] = ls.latency_s if good else np.inf
-                    spb[i, j] = 1.0 / ls.bandwidth_bytes_per_s if good else np.inf
+        """(latency, seconds per byte) between every ordered pair (``inf`` when the path is down)."""
+        n, index = len(self.names), self.index
+        lat, spb = np.full((n, n), np.inf), np.full((n, n), np.inf)
+        np.fill_diagonal(lat, 0.0)
+        np.fill_diagonal(spb, 0.0)
+        rows = [(index.get(a, -1), index.get(b, -1), ls.latency_s, ls.bandwidth_bytes_per_s if ls.up else 0.0)
+                for (a, b), ls in self.snap.paths.items()]
+        if rows:
+            arr = np.array(rows, dtype=float).reshape(-1, 4)
+            i, j = arr[:, 0].astype(int), arr[:, 1].astype(int)
+            good = (i >= 0) & (j >= 0) & (i != j) & (arr[:, 3] > 0)
+            lat[i[good], j[good]] = arr[good, 2]
+            spb[i[good], j[good]] = 1.0 / arr[good, 3]
         return lat, spb
 
     def cap(self, context_len: float) -> int:
