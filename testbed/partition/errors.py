@@ -10,5 +10,14 @@ class OutOfScope(InfeasiblePlan):
     """The instance is larger than an exact solver is documented to handle."""
 
 
+class NoFit(Exception):
+    """A greedy pass found no device with room for ``block`` (``nbytes``); RA retries, then turns
+    it into ``InfeasiblePlan`` with the numbers."""
+
+    def __init__(self, block: str, nbytes: float):
+        super().__init__(block)
+        self.block, self.nbytes = block, nbytes
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"

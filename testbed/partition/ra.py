@@ -40,9 +40,9 @@ from __future__ import annotations
 import numpy as np
 
 from testbed.partition.common import Problem, evaluate
-from testbed.partition.errors import InfeasiblePlan
+from testbed.partition.errors import InfeasiblePlan, NoFit
 from testbed.partition.ra_choice import choose_plan
-from testbed.partition.ra_greedy import NoFit, _round
+from testbed.partition.ra_greedy import _round
 from testbed.placement import Placement
 
 

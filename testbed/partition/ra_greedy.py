@@ -1,23 +1,18 @@
 """One greedy round of the resource-aware partitioner: per layer, try anchor (projection) devices
 and claim orders, place each head / FFN chunk on the device that least delays the layer's critical
 path given what this round already placed (steps 2-4 of ``testbed.partition.ra``'s docstring).
+The ``decode``-model passes are in ``ra_decode``, the ``paper``-model ones here.
 Pure functions over a ``Problem``; numpy for per-device vectors, heaps for the per-block choice.
 """
 from __future__ import annotations
-
-import heapq
 
 import numpy as np
 
 from testbed.partition import blocks as B
 from testbed.partition.common import Problem, assign_ffn, assign_heads
+from testbed.partition.errors import NoFit
+from testbed.partition.ra_decode import _ffn_decode, _heads_decode, _tables
 from testbed.placement import LayerPlacement
-
-
-class NoFit(Exception):
-    def __init__(self, block: str, nbytes: float):
-        super().__init__(block)
-        self.block, self.nbytes = block, nbytes
 
 
 def _cur_layer(prob: Problem, l: int):
@@ -41,38 +36,6 @@ def _counts(prob: Problem, devices) -> np.ndarray:
     for d in devices:
         c[prob.index[d]] += 1
     return c
-
-
-class _Tables:
-    """Per-problem rows the decode passes index by device (python lists: the greedy loops are
-    scalar). ``tau_x[i][j]``: seconds to push a hidden state i -> j; ``lat[i][j]``, ``latT[j][i]``
-    = ``lat[i][j]``; ``head_inc[P][j]``: one more head on j (compute + its output to P);
-    ``back[a][j]``: j's partial FFN output to aggregator a; ``chunk_c[j]``: one FFN chunk on j."""
-
-    def __init__(self, prob: Problem, chunks: int):
-        sz, C = prob.sz, np.where(prob.C > 0, prob.C, np.nan)
-        tau_x = sz.x_b * prob.spb
-        head_inc = sz.head_f / C + sz.head_out_b * prob.spb.T
-        back = (prob.lat + tau_x).T
-        chunk_c = -(-prob.dims.ffn_dim // chunks) * sz.ffn_col_f / C
-        self.tau_x, self.lat, self.latT = tau_x.tolist(), prob.lat.tolist(), prob.lat.T.tolist()
-        self.head_inc, self.back, self.chunk_c = head_inc.tolist(), back.tolist(), chunk_c.tolist()
-        self.allowed_idx = np.nonzero(prob.allowed)[0]
-        self.allowed = self.allowed_idx.tolist()
-        # the same over allowed devices only (columns in ``allowed_idx`` order), for the static
-        # keys of devices a pass has not used yet
-        al = self.allowed_idx
-        self.reach_al = (tau_x + prob.lat)[:, al]  # [from, allowed]: a hidden state arrives
-        self.head_tail_al = (prob.lat[al].T + head_inc[:, al])  # [P, allowed]: head on j, output to P
-        self.back_al = back[:, al]  # [aggregator, allowed]
-        self.chunk_al = chunk_c[al]
-
-
-def _tables(prob: Problem, chunks: int) -> _Tables:
-    cache = prob.__dict__.setdefault("_ra_tables", {})
-    if chunks not in cache:
-        cache[chunks] = _Tables(prob, chunks)
-    return cache[chunks]
 
 
 class _Layer:
@@ -106,83 +69,6 @@ class _Layer:
         return (p.lat[self.cur_proj, P] + p.sz.mig_proj_b * p.spb[self.cur_proj, P]) / getattr(p, "H", p.N)
 
 
-def _pop_fitting(heap: list, r: list, nbytes: float, block: str) -> int:
-    while heap:
-        _, j = heapq.heappop(heap)
-        if r[j] >= nbytes:
-            return j
-    raise NoFit(block, nbytes)
-
-
-def _lazy_pop(heap: list, key, r: list, nbytes: float, block: str) -> int:
-    """Pop the device with the smallest CURRENT key that has room. Keys only grow as the round
-    proceeds (the sender's uplink fills up), so a stale entry is re-keyed and pushed back."""
-    while heap:
-        k, j = heapq.heappop(heap)
-        if r[j] < nbytes:
-            continue
-        now = key(j)
-        if now > k + 1e-15 and heap and now > heap[0][0]:
-            heapq.heappush(heap, (now, j))
-            continue
-        return j
-    raise NoFit(block, nbytes)
-
-
-def _unused_in_order(idx: np.ndarray, static: np.ndarray) -> tuple[list[int], list[float]]:
-    """Devices ``idx`` cheapest first by ``static``. A pass's unused devices have keys
-    ``up + static``: the shared uplink offset ``up`` grows for all of them alike, so their order
-    never changes (the pass walks this list, skipping devices it has already used)."""
-    order = np.argsort(static, kind="stable")
-    return idx[order].tolist(), static[order].tolist()
-
-
-def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray]:
-    """Greedy heads for anchor P: (attention-stage finish, penalties, counts per device).
-
-    Mirrors the ``decode`` model's serialised fan-out: the input device A sends x to P first,
-    then to each new head device in the order they are picked, so a device's x arrives after the
-    uplink time of every earlier destination (head-output fan-in into P is not modelled here;
-    the final plan comparison uses the full cost model). Each head goes to the device whose
-    finish (arrival + its heads' compute + output to P + migration penalty) is lowest: devices
-    already used are kept in a heap, unused ones in their fixed order (``_unused_in_order``)."""
-    p, A, tab = ly.prob, ly.A, ly.tab
-    hb = p.sz.head_b
-    tauA, latA, tail, inc = tab.tau_x[A], tab.lat[A], tab.latT[P], tab.head_inc[P]
-    cur, mig = ly.cur_heads_l, ly.mig_head
-    up = tauA[P] if P != A else 0.0
-    base = {P: latA[P] + tauA[P] if P != A else 0.0, A: 0.0}  # devices whose x arrival is fixed
-    static = tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al
-    devs, keys = _unused_in_order(tab.allowed_idx, static)
-    n: dict[int, int] = {}
-    used = [(base[j] + tail[j] + inc[j] + (0.0 if cur[j] > 0 else mig[j]), j)
-            for j in dict.fromkeys((P, A)) if p.allowed[j]]
-    heapq.heapify(used)
-    finish, pens, nxt = float(base[P]), 0.0, 0
-    for g in range(p.dims.n_kv_heads):
-        while used and r[used[0][1]] < hb:
-            heapq.heappop(used)
-        while nxt < len(devs) and (r[devs[nxt]] < hb or devs[nxt] in base):
-            nxt += 1
-        fresh = up + keys[nxt] if nxt < len(devs) else np.inf
-        if used and used[0][0] <= fresh:
-            j = heapq.heappop(used)[1]
-        elif nxt < len(devs):
-            j = devs[nxt]
-            nxt += 1
-            base[j] = up + tauA[j] + latA[j]
-            up += tauA[j]
-        else:
-            raise NoFit(f"L{ly.l}.H{g}", hb)
-        k = n.get(j, 0)
-        pens += 0.0 if k < cur[j] else mig[j]
-        n[j] = k = k + 1
-        r[j] -= hb
-        finish = max(finish, base[j] + tail[j] + k * inc[j])
-        heapq.heappush(used, (base[j] + tail[j] + (k + 1) * inc[j] + (0.0 if k < cur[j] else mig[j]), j))
-    return finish, pens, n
-
-
 def _agg_candidates(ly: _Layer, P: int, r: list, exit_s: np.ndarray | None, k: int = 2) -> list[int]:
     """Aggregator devices to try for anchor P: the ``k`` cheapest with room for a chunk by
     (h from P + one chunk + the aggregator's exit transfer ``exit_s``), plus P itself."""
@@ -200,57 +86,6 @@ def _agg_candidates(ly: _Layer, P: int, r: list, exit_s: np.ndarray | None, k: i
     if ok[P] and P not in out:
         out.append(P)
     return out
-
-
-def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[float, float, np.ndarray, int]:
-    """Greedy FFN chunks after the projection on P: (stage time, penalties, counts, aggregator).
-
-    P sends h to the aggregator first, then to each new shard device in pick order (serialised on
-    P's uplink, as in the ``decode`` model). ``agg``: the aggregator (default: the cheapest).
-    Used devices in a heap, unused ones in their fixed order, as in ``_heads_decode``."""
-    tab, cb = ly.tab, ly.chunk_b
-    tauP, latP, fc = tab.tau_x[P], tab.lat[P], tab.chunk_c
-    cur, mig = ly.cur_chunks_l, ly.mig_chunk
-    idx = tab.allowed_idx
-    reach = tab.reach_al[P] + tab.chunk_al  # h arrives + one chunk, per allowed device
-    if agg is None:
-        key = np.where(np.asarray(r)[idx] >= cb, reach + ly.pen0_chunk_al, np.inf)
-        if idx.size == 0 or not key.min() < np.inf:
-            raise NoFit(f"L{ly.l}.ffn", cb)
-        agg = int(idx[int(np.argmin(key))])
-    elif r[agg] < cb:
-        raise NoFit(f"L{ly.l}.ffn", cb)
-    back = tab.back[agg]
-    base = {agg: tauP[agg] + latP[agg] if agg != P else 0.0}
-    up = tauP[agg] if agg != P else 0.0
-    pens = 0.0 if cur[agg] > 0 else mig[agg]
-    finish, n = base[agg] + fc[agg], {agg: 1}
-    r[agg] -= cb
-    used = [(base[agg] + 2 * fc[agg] + back[agg] + (0.0 if 1 < cur[agg] else mig[agg]), agg)]
-    devs, keys = _unused_in_order(idx, reach + tab.back_al[agg] + ly.pen0_chunk_al)
-    nxt = 0
-    for _ in range(ly.K - 1):
-        while used and r[used[0][1]] < cb:
-            heapq.heappop(used)
-        while nxt < len(devs) and (r[devs[nxt]] < cb or devs[nxt] in base):
-            nxt += 1
-        fresh = up + keys[nxt] if nxt < len(devs) else np.inf
-        if used and used[0][0] <= fresh:
-            j = heapq.heappop(used)[1]
-        elif nxt < len(devs):
-            j = devs[nxt]
-            nxt += 1
-            base[j] = up + tauP[j] + latP[j]
-            up += tauP[j]
-        else:
-            raise NoFit(f"L{ly.l}.ffn", cb)
-        k = n.get(j, 0)
-        pens += 0.0 if k < cur[j] else mig[j]
-        n[j] = k = k + 1
-        r[j] -= cb
-        finish = max(finish, base[j] + k * fc[j] + back[j])
-        heapq.heappush(used, (base[j] + (k + 1) * fc[j] + back[j] + (0.0 if k < cur[j] else mig[j]), j))
-    return finish, pens, n, agg
 
 
 def _heads_paper(ly: _Layer, P: int, r: list) -> tuple[float, float, np.ndarray]:
