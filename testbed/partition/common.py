@@ -4,6 +4,7 @@ numbers in the error, placement assembly from per-device counts, and plan evalua
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -82,14 +83,17 @@ class Problem:
         lat, spb = np.full((n, n), np.inf), np.full((n, n), np.inf)
         np.fill_diagonal(lat, 0.0)
         np.fill_diagonal(spb, 0.0)
-        rows = [(index.get(a, -1), index.get(b, -1), ls.latency_s, ls.bandwidth_bytes_per_s if ls.up else 0.0)
-                for (a, b), ls in self.snap.paths.items()]
-        if rows:
-            arr = np.array(rows, dtype=float).reshape(-1, 4)
-            i, j = arr[:, 0].astype(int), arr[:, 1].astype(int)
-            good = (i >= 0) & (j >= 0) & (i != j) & (arr[:, 3] > 0)
-            lat[i[good], j[good]] = arr[good, 2]
-            spb[i[good], j[good]] = 1.0 / arr[good, 3]
+        paths = self.snap.paths
+        if paths:
+            src, dst = zip(*paths)
+            i = np.array(list(map(index.get, src, repeat(-1))))
+            j = np.array(list(map(index.get, dst, repeat(-1))))
+            links = paths.values()
+            delay = np.array([ls.latency_s for ls in links], dtype=float)
+            rate = np.array([ls.bandwidth_bytes_per_s if ls.up else 0.0 for ls in links], dtype=float)
+            good = (i >= 0) & (j >= 0) & (i != j) & (rate > 0)
+            lat[i[good], j[good]] = delay[good]
+            spb[i[good], j[good]] = 1.0 / rate[good]
         return lat, spb
 
     def cap(self, context_len: float) -> int:

@@ -75,6 +75,7 @@ def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, dict[int, 
     base = {P: latA[P] + tauA[P] if P != A else 0.0, A: 0.0}  # devices whose x arrival is fixed
     static = tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al
     devs, keys = _unused_in_order(tab.allowed_idx, static)
+    m, inf = len(devs), float("inf")
     n: dict[int, int] = {}
     used = [(base[j] + tail[j] + inc[j] + (0.0 if cur[j] > 0 else mig[j]), j)
             for j in dict.fromkeys((P, A)) if p.allowed[j]]
@@ -83,12 +84,12 @@ def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, dict[int, 
     for g in range(p.dims.n_kv_heads):
         while used and r[used[0][1]] < hb:
             heapq.heappop(used)
-        while nxt < len(devs) and (r[devs[nxt]] < hb or devs[nxt] in base):
+        while nxt < m and (r[devs[nxt]] < hb or devs[nxt] in base):
             nxt += 1
-        fresh = up + keys[nxt] if nxt < len(devs) else np.inf
+        fresh = up + keys[nxt] if nxt < m else inf
         if used and used[0][0] <= fresh:
             j = heapq.heappop(used)[1]
-        elif nxt < len(devs):
+        elif nxt < m:
             j = devs[nxt]
             nxt += 1
             base[j] = up + tauA[j] + latA[j]
@@ -130,16 +131,17 @@ def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[fl
     r[agg] -= cb
     used = [(base[agg] + 2 * fc[agg] + back[agg] + (0.0 if 1 < cur[agg] else mig[agg]), agg)]
     devs, keys = _unused_in_order(idx, reach + tab.back_al[agg] + ly.pen0_chunk_al)
+    m, inf = len(devs), float("inf")
     nxt = 0
     for _ in range(ly.K - 1):
         while used and r[used[0][1]] < cb:
             heapq.heappop(used)
-        while nxt < len(devs) and (r[devs[nxt]] < cb or devs[nxt] in base):
+        while nxt < m and (r[devs[nxt]] < cb or devs[nxt] in base):
             nxt += 1
-        fresh = up + keys[nxt] if nxt < len(devs) else np.inf
+        fresh = up + keys[nxt] if nxt < m else inf
         if used and used[0][0] <= fresh:
             j = heapq.heappop(used)[1]
-        elif nxt < len(devs):
+        elif nxt < m:
             j = devs[nxt]
             nxt += 1
             base[j] = up + tauP[j] + latP[j]
