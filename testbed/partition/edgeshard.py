@@ -97,10 +97,9 @@ def _orders(prob: Problem, X: np.ndarray, c: np.ndarray, pin: int, caps: np.ndar
     return [[pin] + o for o in (by_speed, by_near, by_both)]
 
 
-def edgeshard(snapshot, dims, cost_model: str = "decode") -> Placement:
-    """Contiguous layer shards minimising per-token latency subject to memory (see module doc)."""
-    prob = Problem(snapshot, dims, cost_model)
-    prob.check_totals()
+def best_split(prob: Problem) -> list[int] | None:
+    """Device index per layer of the best contiguous layer split within ``prob.budget`` (the DP
+    over EdgeShard's three device orders), None when no split fits."""
     lb = prob.layer_bytes()
     caps = np.where(prob.allowed, np.floor(np.clip(prob.budget, 0, None) / lb), 0).astype(int)
     c = _layer_seconds(prob)
@@ -111,8 +110,19 @@ def edgeshard(snapshot, dims, cost_model: str = "decode") -> Placement:
         end, arg = _dp(prob, caps, c, X, order)
         t = int(np.argmin(end))
         if end[t] < best_t:
-            best, best_t = _backtrack(arg, t, dims.n_layers, order), end[t]
+            best, best_t = _backtrack(arg, t, prob.dims.n_layers, order), end[t]
+    return best
+
+
+def edgeshard(snapshot, dims, cost_model: str = "decode") -> Placement:
+    """Contiguous layer shards minimising per-token latency subject to memory (see module doc)."""
+    prob = Problem(snapshot, dims, cost_model)
+    prob.check_totals()
+    best = best_split(prob)
     if best is None:
+        lb = prob.layer_bytes()
+        caps = np.where(prob.allowed, np.floor(np.clip(prob.budget, 0, None) / lb), 0).astype(int)
+        pin = _pin(prob, prob.lat + prob.sz.x_b * prob.spb, caps)
         raise InfeasiblePlan(
             f"edgeshard: no contiguous layer split fits: a layer needs {int(lb)} bytes at T={prob.T_mem}; "
             f"first shard pinned to {prob.names[pin]} (room for {int(caps[pin])} layers); total needed "

@@ -22,6 +22,10 @@ One round (one decision epoch), given a snapshot:
  4. Contention: if some block fits nowhere, the round is redone with each layer limited to its fair
     share of every device's residual memory (frees the tightest devices for later layers); if that
     fails too, blocks are first-fit packed by size; if even that fails -> InfeasiblePlan with numbers.
+ 4b. On small clusters (``thorough``, or ``layer_split``), the best contiguous layer split within
+    the same memory (EdgeShard's DP) is a candidate too: it replaces the greedy's plan when it is
+    faster, or at most ``split_slack`` slower with fewer bytes on the links per token (each layer
+    the greedy splits at a full device adds messages, and those cost the most when a link drops).
  5. Hysteresis: per block, a device other than its current one pays its migration delay amortised
     over the horizon ``H``; finally (``ra_choice.choose_plan``) the current placement is kept unless the new
     one (or a per-layer mixture) lowers latency + migration delay / H, i.e. a voluntary move must
@@ -68,12 +72,35 @@ def balanced_budget(prob: Problem, mem_balance: float | None, chunks: int) -> np
     return np.where(prob.allowed, np.minimum(prob.budget, level), prob.budget)
 
 
+def _with_layer_split(prob: Problem, layers, meta: dict, slack: float):
+    """The greedy's layers, or the best contiguous layer split within the same budget (EdgeShard's
+    DP, ``edgeshard.best_split``) when that is faster, or at most ``slack`` slower and ships fewer
+    bytes per token. A layer-level placement is a head-level one with each layer's blocks together;
+    the greedy, filling devices layer by layer, splits layers where a device is full, and every
+    split adds bytes on the links (bytes that cost more when a link drops)."""
+    from testbed.partition.common import uniform_layers
+    from testbed.partition.edgeshard import best_split
+
+    split = best_split(prob)
+    if split is None:
+        return layers, meta
+    whole = uniform_layers([prob.names[k] for k in split], prob.dims)
+    src, snap, dims, cm = prob.snap.source, prob.snap, prob.dims, prob.cost_model
+    a = evaluate(Placement(src, whole), snap, dims, cm)
+    b = evaluate(Placement(src, layers), snap, dims, cm)
+    if a.token_latency_s < b.token_latency_s or (
+            a.token_latency_s <= (1 + slack) * b.token_latency_s and a.bytes_moved < b.bytes_moved):
+        return whole, {**meta, "layer_split": True}
+    return layers, meta
+
+
 def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
                    proj_candidates: int = 4, headroom_epochs: int = 4, horizon_epochs: int = 4,
                    horizon_tokens: int | None = None, mem_balance: float | None = 1.25,
                    balance_slack: float = 0.1, thorough: bool | None = None,
                    headroom_gain: float = 0.05, anticipate_epochs: int = 2,
-                   preempt: float = 1.0) -> Placement:
+                   preempt: float = 1.0, layer_split: bool | None = None,
+                   split_slack: float = 0.1) -> Placement:
     """One RA decision.
 
     ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
@@ -94,6 +121,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     exact solver's horizon), taken when its plan is more than ``headroom_gain`` faster than the
     headroom plan (headroom is worth a little latency, not a lot: when the KV caches outgrow the
     tight plan, ``repair`` moves the fewest blocks).
+    ``layer_split`` (default: ``thorough``): step 4b, with ``split_slack`` (its DP is cubic in
+    the devices, hence off on big clusters by default).
     ``anticipate_epochs``, ``preempt``: when the KV growth will evict the current placement within
     ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
     token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
@@ -151,6 +180,10 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
             h_lat = evaluate(Placement(snapshot.source, layers), snapshot, dims, cost_model).token_latency_s
             if t_lat < (1 - headroom_gain) * h_lat:
                 layers, meta, prob, budget = lt, {**meta, "tight_memory": True}, tight, tight.budget
+    if layer_split is None:
+        layer_split = thorough
+    if layer_split:
+        layers, meta = _with_layer_split(prob, layers, meta, split_slack)
     new = Placement(snapshot.source, layers, meta=meta)
     return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
                        preempt=preempt, headroom_until=headroom_until)

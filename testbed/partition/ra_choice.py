@@ -42,6 +42,33 @@ def _usable(prob: Problem, pl: Placement, until: int | None = None) -> bool:
     return True
 
 
+class _MixFits:
+    """``_usable(prob, best with layer l from alt, until)`` for every l at the cost of one memory
+    evaluation of ``best`` (memory is a sum over layers, so a mixture's bytes per device are
+    ``best``'s less its layer l plus ``alt``'s layer l)."""
+
+    def __init__(self, prob: Problem, until: int):
+        self.prob, self.until = prob, prob.snap.mem_horizon(until)
+        self.limit = np.array([float(d.mem_budget_bytes) for d in prob.snap.devices])
+        self.ok = {n for n, a in zip(prob.names, prob.allowed) if a} | {prob.snap.source}
+        self.best, self.used = None, None
+
+    def _bytes(self, pl: Placement) -> np.ndarray:
+        p = self.prob
+        mem = memory(pl, p.snap, p.dims, p.cost_model, self.until)
+        return np.array([float(mem.get(n, 0)) for n in p.names])
+
+    def __call__(self, best: Placement, alt: Placement, l: int) -> bool:
+        lp = alt.layers[l]
+        if not {*lp.heads, lp.proj, *(s.device for s in lp.ffn)} <= self.ok or not _devices_ok(self.prob, best):
+            return False
+        if self.best is not best:
+            self.best, self.used = best, self._bytes(best)
+        src = best.source
+        swap = self._bytes(Placement(src, (lp,))) - self._bytes(Placement(src, (best.layers[l],)))
+        return bool(np.all(self.used + swap <= self.limit))
+
+
 def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float, float, float]:
     """(latency + migration delay / H, latency, migration delay) of moving from snapshot.current.
 
@@ -250,10 +277,11 @@ def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np
     alt = new if best is not new else (cands[1][1] if len(cands) > 1 else cur)
     diff = [l for l in range(prob.dims.n_layers) if alt.layers[l] != best.layers[l]]
     if len(diff) > 1:
+        fits = _MixFits(prob, need)
         for l in diff:
-            cand = Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:], meta=best.meta)
-            if not _usable(prob, cand, need):
+            if not fits(best, alt, l):
                 continue
+            cand = Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:], meta=best.meta)
             obj = key(cand)
             if obj < best_obj - 1e-12:
                 best_obj, best = obj, cand
