@@ -24,8 +24,9 @@ One round (one decision epoch), given a snapshot:
     fails too, blocks are first-fit packed by size; if even that fails -> InfeasiblePlan with numbers.
  4b. On small clusters (``thorough``, or ``layer_split``), the best contiguous layer split within
     the same memory (EdgeShard's DP) is a candidate too: it replaces the greedy's plan when it is
-    faster, or at most ``split_slack`` slower with fewer bytes on the links per token (each layer
-    the greedy splits at a full device adds messages, and those cost the most when a link drops).
+    better by latency + migration delay / H, or (a first plan) at most ``split_slack`` worse with
+    fewer bytes on the links per token (each layer the greedy splits at a full device adds messages, and those
+    cost the most when a link drops).
  5. Hysteresis: per block, a device other than its current one pays its migration delay amortised
     over the horizon ``H``; finally (``ra_choice.choose_plan``) the current placement is kept unless the new
     one (or a per-layer mixture) lowers latency + migration delay / H, i.e. a voluntary move must
@@ -74,22 +75,27 @@ def balanced_budget(prob: Problem, mem_balance: float | None, chunks: int) -> np
 
 def _with_layer_split(prob: Problem, layers, meta: dict, slack: float):
     """The greedy's layers, or the best contiguous layer split within the same budget (EdgeShard's
-    DP, ``edgeshard.best_split``) when that is faster, or at most ``slack`` slower and ships fewer
-    bytes per token. A layer-level placement is a head-level one with each layer's blocks together;
+    DP, ``edgeshard.best_split``) when that is better by latency + migration delay from the
+    current placement / H (``ra_choice._objective``), or, for a first plan, at most ``slack``
+    worse and ships fewer bytes per token. A layer-level placement is a head-level one with each layer's blocks together;
     the greedy, filling devices layer by layer, splits layers where a device is full, and every
     split adds bytes on the links (bytes that cost more when a link drops)."""
     from testbed.partition.common import uniform_layers
+    from testbed.partition.cost import Net
     from testbed.partition.edgeshard import best_split
+    from testbed.partition.ra_choice import _objective
 
     split = best_split(prob)
     if split is None:
         return layers, meta
     whole = uniform_layers([prob.names[k] for k in split], prob.dims)
     src, snap, dims, cm = prob.snap.source, prob.snap, prob.dims, prob.cost_model
-    a = evaluate(Placement(src, whole), snap, dims, cm)
-    b = evaluate(Placement(src, layers), snap, dims, cm)
-    if a.token_latency_s < b.token_latency_s or (
-            a.token_latency_s <= (1 + slack) * b.token_latency_s and a.bytes_moved < b.bytes_moved):
+    net = Net(snap)
+    a, b = Placement(src, whole), Placement(src, layers)
+    oa, ob = _objective(prob, a, prob.H, net)[0], _objective(prob, b, prob.H, net)[0]
+    fewer = lambda: evaluate(a, snap, dims, cm).bytes_moved < evaluate(b, snap, dims, cm).bytes_moved  # noqa: E731
+    first = snap.current is None  # later, a move that pays over H is never traded for bytes
+    if oa < ob or (first and oa <= (1 + slack) * ob and fewer()):
         return whole, {**meta, "layer_split": True}
     return layers, meta
 

@@ -1,0 +1,58 @@
+"""RA step 4b: the best contiguous layer split is a candidate on small clusters."""
+import numpy as np
+import pytest
+
+from testbed.partition import plan
+from testbed.partition.common import evaluate
+from testbed.partition.edgeshard import layer_level
+from testbed.partition.ra import resource_aware
+from testbed.partition.synthetic import random_star
+from testbed.snapshot import ModelDims
+
+DIMS = ModelDims("s", 4, 256, 4, 4, 64, 1024, 1000)
+
+
+def random_instance(seed: int):
+    """3-5 workers holding 1.2-3x the model."""
+    rng = np.random.default_rng(seed)
+    return random_star(rng, int(rng.integers(4, 7)), DIMS, mem_slack=float(rng.uniform(1.2, 3)), context_len=64)
+
+
+def latency(pl, snap):
+    return evaluate(pl, snap, DIMS, "decode").token_latency_s
+
+
+def test_a_chain_the_greedy_splits_at_a_full_device_is_replaced_by_the_layer_split():
+    # 5 devices; the greedy starts on the device nearest the source (small), splits the second
+    # and third layers at full devices and pays two extra hops; the layer split puts three
+    # layers on the big device
+    snap = random_instance(165)
+    greedy = resource_aware(snap, DIMS, layer_split=False)
+    assert not layer_level(greedy, DIMS)
+    best = resource_aware(snap, DIMS, split_slack=0.0)
+    assert best.meta.get("layer_split") and layer_level(best, DIMS)
+    assert latency(best, snap) < 0.8 * latency(greedy, snap)
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.1])
+def test_first_plans_never_lose_more_than_the_slack_and_the_split_is_layer_level(slack):
+    worse = 0
+    for seed in range(40):
+        snap = random_instance(seed)
+        greedy = resource_aware(snap, DIMS, layer_split=False)
+        pl = resource_aware(snap, DIMS, split_slack=slack)
+        assert latency(pl, snap) <= (1 + slack) * latency(greedy, snap) * (1 + 1e-12)
+        if pl.meta.get("layer_split"):
+            assert layer_level(pl, DIMS)
+            worse += latency(pl, snap) > latency(greedy, snap)
+            if worse and slack == 0.0:
+                pytest.fail("with no slack the split is only taken when faster")
+        else:
+            assert pl.layers == greedy.layers
+    if slack:
+        assert worse > 0  # the slack is used: fewer bytes per token bought with a little latency
+
+
+def test_off_on_big_clusters_by_default():
+    snap = random_star(np.random.default_rng(3), 20, DIMS, mem_slack=3.0, context_len=64)
+    assert "layer_split" not in plan("resource_aware", snap, DIMS).placement.meta
