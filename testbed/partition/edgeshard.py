@@ -97,9 +97,11 @@ def _orders(prob: Problem, X: np.ndarray, c: np.ndarray, pin: int, caps: np.ndar
     return [[pin] + o for o in (by_speed, by_near, by_both)]
 
 
-def best_split(prob: Problem) -> list[int] | None:
+def best_split(prob: Problem, max_devices: int | None = None) -> list[int] | None:
     """Device index per layer of the best contiguous layer split within ``prob.budget`` (the DP
-    over EdgeShard's three device orders), None when no split fits."""
+    over EdgeShard's three device orders), None when no split fits. ``max_devices``: each order
+    cut to its first devices (at least enough of them to hold every layer): a split uses at most
+    ``n_layers`` devices, and the DP is quadratic in the order's length."""
     lb = prob.layer_bytes()
     caps = np.where(prob.allowed, np.floor(np.clip(prob.budget, 0, None) / lb), 0).astype(int)
     c = _layer_seconds(prob)
@@ -107,6 +109,9 @@ def best_split(prob: Problem) -> list[int] | None:
     pin = _pin(prob, X, caps)
     best, best_t = None, np.inf
     for order in _orders(prob, X, c, pin, caps):
+        if max_devices is not None and len(order) > max_devices:
+            held = np.cumsum(caps[order])
+            order = order[:max(max_devices, int(np.searchsorted(held, prob.dims.n_layers)) + 1)]
         end, arg = _dp(prob, caps, c, X, order)
         t = int(np.argmin(end))
         if end[t] < best_t:

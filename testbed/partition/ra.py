@@ -22,11 +22,11 @@ One round (one decision epoch), given a snapshot:
  4. Contention: if some block fits nowhere, the round is redone with each layer limited to its fair
     share of every device's residual memory (frees the tightest devices for later layers); if that
     fails too, blocks are first-fit packed by size; if even that fails -> InfeasiblePlan with numbers.
- 4b. On small clusters (``thorough``, or ``layer_split``), the best contiguous layer split within
-    the same memory (EdgeShard's DP) is a candidate too: it replaces the greedy's plan when it is
-    better by latency + migration delay / H, or (a first plan) at most ``split_slack`` worse with
-    fewer bytes on the links per token (each layer the greedy splits at a full device adds messages, and those
-    cost the most when a link drops).
+ 4b. The best contiguous layer split within the same memory (EdgeShard's DP, device orders cut
+    to ``2 x n_layers`` devices) is a candidate too (``layer_split``): it replaces the greedy's
+    plan when it is better by latency + migration delay / H, or (a first plan) at most
+    ``split_slack`` worse with fewer bytes on the links per token (each layer the greedy splits at
+    a full device adds messages, and those cost the most when a link drops).
  5. Hysteresis: per block, a device other than its current one pays its migration delay amortised
     over the horizon ``H``; finally (``ra_choice.choose_plan``) the current placement is kept unless the new
     one (or a per-layer mixture) lowers latency + migration delay / H, i.e. a voluntary move must
@@ -85,7 +85,7 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float):
     from testbed.partition.edgeshard import best_split
     from testbed.partition.ra_choice import _objective
 
-    split = best_split(prob)
+    split = best_split(prob, max_devices=2 * prob.dims.n_layers)
     if split is None:
         return layers, meta
     whole = uniform_layers([prob.names[k] for k in split], prob.dims)
@@ -105,7 +105,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
                    horizon_tokens: int | None = None, mem_balance: float | None = 1.25,
                    balance_slack: float = 0.1, thorough: bool | None = None,
                    headroom_gain: float = 0.05, anticipate_epochs: int = 2,
-                   preempt: float = 1.0, layer_split: bool | None = None,
+                   preempt: float = 1.0, layer_split: bool = True,
                    split_slack: float = 0.1) -> Placement:
     """One RA decision.
 
@@ -127,8 +127,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     exact solver's horizon), taken when its plan is more than ``headroom_gain`` faster than the
     headroom plan (headroom is worth a little latency, not a lot: when the KV caches outgrow the
     tight plan, ``repair`` moves the fewest blocks).
-    ``layer_split`` (default: ``thorough``): step 4b, with ``split_slack`` (its DP is cubic in
-    the devices, hence off on big clusters by default).
+    ``layer_split``: step 4b, with ``split_slack``.
     ``anticipate_epochs``, ``preempt``: when the KV growth will evict the current placement within
     ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
     token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
@@ -186,8 +185,6 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
             h_lat = evaluate(Placement(snapshot.source, layers), snapshot, dims, cost_model).token_latency_s
             if t_lat < (1 - headroom_gain) * h_lat:
                 layers, meta, prob, budget = lt, {**meta, "tight_memory": True}, tight, tight.budget
-    if layer_split is None:
-        layer_split = thorough
     if layer_split:
         layers, meta = _with_layer_split(prob, layers, meta, split_slack)
     new = Placement(snapshot.source, layers, meta=meta)

@@ -53,6 +53,10 @@ def test_first_plans_never_lose_more_than_the_slack_and_the_split_is_layer_level
         assert worse > 0  # the slack is used: fewer bytes per token bought with a little latency
 
 
-def test_off_on_big_clusters_by_default():
-    snap = random_star(np.random.default_rng(3), 20, DIMS, mem_slack=3.0, context_len=64)
-    assert "layer_split" not in plan("resource_aware", snap, DIMS).placement.meta
+def test_big_clusters_too():
+    # 20 workers (not ``thorough``): the DP runs on device orders cut to 2 x n_layers devices
+    snap = random_star(np.random.default_rng(16), 21, DIMS, mem_slack=6.0, context_len=64)
+    greedy = resource_aware(snap, DIMS, layer_split=False)
+    pl = plan("resource_aware", snap, DIMS, split_slack=0.0).placement
+    assert pl.meta.get("layer_split") and layer_level(pl, DIMS)
+    assert latency(pl, snap) < 0.9 * latency(greedy, snap)
