@@ -53,14 +53,15 @@ def run(n: int, tokens: int, out: Path) -> None:
     solve = [e["solve_time_s"] for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())
              if e.get("type") == "plan" and e.get("algorithm") == "resource_aware" and "solve_time_s" in e]
     done = sum(s.get("tokens_generated", 0) for s in summary.values() if isinstance(s, dict))
-    lat = "  ".join(f"{a} {1e3 * s['mean_token_latency_s']:.1f} ms over {s['tokens_generated']} tokens"
+    lat = "\n        ".join(f"{a} {1e3 * s['mean_token_latency_s']:.1f} ms over {s['tokens_generated']} tokens, peak "
+                    f"{s['max_worker_peak_mem_bytes'] / 2**20:.0f} MiB, {s['migration_epochs']} moves"
                     + (f" (failed: {s['failure'][:60]})" if s.get("failure") else "") if s.get("mean_token_latency_s")
                     else f"{a} failed ({(s.get('failure') or '')[:60]})"
                     for a, s in summary.items() if isinstance(s, dict) and "tokens_generated" in s)
     ra = (f"RA {len(solve)} decisions, median {1e3 * statistics.median(solve):.1f} ms" if solve
           else "RA decision times not recorded")
     print(f"    {n:3d} devices: {wall:6.1f} s wall for {done} tokens over {len(ALGORITHMS)} algorithms "
-          f"({done / wall:.0f} tokens/s); {ra}; per-token latency (simulated): {lat}")
+          f"({done / wall:.0f} tokens/s); {ra}; per algorithm (simulated time):\n        {lat}")
 
 
 def main() -> None:

@@ -38,30 +38,49 @@ def pseudo_token(seed: int, position: int, prev: int, vocab: int) -> int:
     return int((z ^ (z >> 31)) % vocab)
 
 
+def _tree(adj: dict, s: str) -> dict:
+    """Dijkstra from ``s``: node -> (latency, hops, bottleneck bandwidth); least latency, ties -> fewer hops."""
+    best = {s: (0.0, 0, float("inf"))}
+    heap = [(0.0, 0, s, float("inf"))]
+    while heap:
+        lat, hops, u, bw = heapq.heappop(heap)
+        if best[u][:2] < (lat, hops):
+            continue
+        for v, st in adj[u]:
+            cand = (lat + st["latency_s"], hops + 1, min(bw, st["bandwidth"]))
+            if v not in best or cand[:2] < best[v][:2]:
+                best[v] = cand
+                heapq.heappush(heap, (cand[0], cand[1], v, cand[2]))
+    return best
+
+
 def shortest_paths(nodes: list[str], links: dict[tuple[str, str], dict], sources: list[str]) -> dict:
-    """(a, b) -> LinkState for every pair of ``sources``: least latency, bottleneck bandwidth."""
+    """(a, b) -> LinkState for every pair of ``sources``: least latency, bottleneck bandwidth.
+
+    A source with a single link (a host on one switch port, the usual case) reaches everything
+    through that link's other end, so its paths are that link plus the other end's: one Dijkstra
+    per switch such hosts hang off (one in a star) instead of one per host."""
     adj: dict[str, list[tuple[str, dict]]] = {n: [] for n in nodes}
     for (a, b), st in links.items():
         if st["up"]:
             adj[a].append((b, st))
             adj[b].append((a, st))
+    leaf = {h: adj[h][0] for h in sources if len(adj[h]) == 1}
+    trees = {r: _tree(adj, r) for r in {w for w, _ in leaf.values()} | (set(sources) - set(leaf))}
     out = {}
     for s in sources:
-        best = {s: (0.0, 0, float("inf"))}
-        heap = [(0.0, 0, s, float("inf"))]
-        while heap:
-            lat, hops, u, bw = heapq.heappop(heap)
-            if best.get(u, (lat, hops))[:2] < (lat, hops):
-                continue
-            for v, st in adj[u]:
-                cand = (lat + st["latency_s"], hops + 1, min(bw, st["bandwidth"]))
-                if v not in best or cand[:2] < best[v][:2]:
-                    best[v] = cand
-                    heapq.heappush(heap, (cand[0], cand[1], v, cand[2]))
+        if s in leaf:
+            w, st = leaf[s]
+            via = trees[w]
+            reach = {t: (st["latency_s"] + lat, hops + 1, min(st["bandwidth"], bw))
+                     for t, (lat, hops, bw) in via.items() if t != s}
+            reach[w] = (st["latency_s"], 1, st["bandwidth"])
+        else:
+            reach = trees[s] if adj[s] else {s: (0.0, 0, float("inf"))}
         for t in sources:
             if t != s:
-                lat, _, bw = best.get(t, (float("inf"), 0, 0.0))
-                out[(s, t)] = LinkState(bw, lat, up=t in best)
+                lat, _, bw = reach.get(t, (float("inf"), 0, 0.0))
+                out[(s, t)] = LinkState(bw, lat, up=t in reach)
     return out
 
 

@@ -106,3 +106,39 @@ def test_simulated_host_overhead_from_the_experiment_is_charged():
     snap = c.snapshot(32, 8)
     assert all(d.mem_overhead_bytes == 6 * 2**20 for d in snap.devices)
     assert all(d.mem_budget_bytes == d.mem_limit_bytes - 6 * 2**20 for d in snap.devices)
+
+
+def test_paths_through_a_single_link_equal_a_dijkstra_from_every_host():
+    """``shortest_paths`` derives the paths of hosts with one link from their switch's; a
+    Dijkstra from every host (``_tree``) must give the same latency, bandwidth and reachability,
+    on stars, two tiers and meshes with host-to-host links and links down."""
+    import random
+
+    from testbed.sim_cluster import _tree, shortest_paths
+
+    rng = random.Random(0)
+    for trial in range(60):
+        n = rng.randint(2, 10)
+        hosts = [f"h{i}" for i in range(n)]
+        link = lambda: {"bandwidth": rng.choice([1e6, 2e6, 5e6]), "latency_s": rng.choice([1e-3, 2e-3]),  # noqa: E731
+                        "up": rng.random() > 0.1}
+        links = {(h, f"s{i % 3}"): link() for i, h in enumerate(hosts)}
+        links.update({(f"s{k}", f"s{(k + 1) % 3}"): link() for k in range(3)})
+        if trial % 2:
+            links.update({tuple(rng.sample(hosts, 2)): link() for _ in range(n // 2)})
+        nodes = list(dict.fromkeys(hosts + [x for k in links for x in k]))
+        got = shortest_paths(nodes, links, hosts)
+        adj = {v: [] for v in nodes}
+        for (a, b), st in links.items():
+            if st["up"]:
+                adj[a].append((b, st))
+                adj[b].append((a, st))
+        for s in hosts:
+            ref = _tree(adj, s)
+            for t in hosts:
+                if t != s:
+                    p = got[(s, t)]
+                    assert p.up == (t in ref)
+                    if p.up:
+                        assert p.latency_s == pytest.approx(ref[t][0], abs=1e-12)
+                        assert p.bandwidth_bytes_per_s == ref[t][2]
