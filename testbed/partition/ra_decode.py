@@ -58,6 +58,39 @@ def _unused_in_order(idx: np.ndarray, static: np.ndarray) -> tuple[list[int], li
     return idx[order].tolist(), static[order].tolist()
 
 
+class _Picker:
+    """The next device for a block: the cheapest of the devices a pass already uses (a heap of
+    exact keys) and the first unused one with room (``_unused_in_order``, key ``up + static``).
+    Opening a device fixes its arrival (``base``) and adds its transfer to the sender's uplink."""
+
+    def __init__(self, tau: list, lat: list, base: dict, up: float, idx: np.ndarray, static: np.ndarray,
+                 used: list):
+        self.tau, self.lat, self.base, self.up, self.used = tau, lat, base, up, used
+        self.devs, self.keys = _unused_in_order(idx, static)
+        self.nxt = 0
+        heapq.heapify(self.used)
+
+    def pick(self, r: list, nbytes: float, block: str) -> int:
+        used, devs, m = self.used, self.devs, len(self.devs)
+        while used and r[used[0][1]] < nbytes:
+            heapq.heappop(used)
+        while self.nxt < m and (r[devs[self.nxt]] < nbytes or devs[self.nxt] in self.base):
+            self.nxt += 1
+        fresh = self.up + self.keys[self.nxt] if self.nxt < m else float("inf")
+        if used and used[0][0] <= fresh:
+            return heapq.heappop(used)[1]
+        if self.nxt == m:
+            raise NoFit(block, nbytes)
+        j = devs[self.nxt]
+        self.nxt += 1
+        self.base[j] = self.up + self.tau[j] + self.lat[j]
+        self.up += self.tau[j]
+        return j
+
+    def push(self, key: float, j: int) -> None:
+        heapq.heappush(self.used, (key, j))
+
+
 def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, dict[int, int]]:
     """Greedy heads for anchor P: (attention-stage finish, penalties, counts per device).
 
@@ -66,42 +99,26 @@ def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, dict[int, 
     uplink time of every earlier destination (head-output fan-in into P is not modelled here;
     the final plan comparison uses the full cost model). Each head goes to the device whose
     finish (arrival + its heads' compute + output to P + migration penalty) is lowest: devices
-    already used are kept in a heap, unused ones in their fixed order (``_unused_in_order``)."""
+    already used are kept in a heap, unused ones in their fixed order (``_Picker``)."""
     p, A, tab = ly.prob, ly.A, ly.tab
     hb = p.sz.head_b
     tauA, latA, tail, inc = tab.tau_x[A], tab.lat[A], tab.latT[P], tab.head_inc[P]
     cur, mig = ly.cur_heads_l, ly.mig_head
-    up = tauA[P] if P != A else 0.0
     base = {P: latA[P] + tauA[P] if P != A else 0.0, A: 0.0}  # devices whose x arrival is fixed
-    static = tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al
-    devs, keys = _unused_in_order(tab.allowed_idx, static)
-    m, inf = len(devs), float("inf")
-    n: dict[int, int] = {}
     used = [(base[j] + tail[j] + inc[j] + (0.0 if cur[j] > 0 else mig[j]), j)
             for j in dict.fromkeys((P, A)) if p.allowed[j]]
-    heapq.heapify(used)
-    finish, pens, nxt = float(base[P]), 0.0, 0
+    pick = _Picker(tauA, latA, base, tauA[P] if P != A else 0.0, tab.allowed_idx,
+                   tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al, used)
+    n: dict[int, int] = {}
+    finish, pens = float(base[P]), 0.0
     for g in range(p.dims.n_kv_heads):
-        while used and r[used[0][1]] < hb:
-            heapq.heappop(used)
-        while nxt < m and (r[devs[nxt]] < hb or devs[nxt] in base):
-            nxt += 1
-        fresh = up + keys[nxt] if nxt < m else inf
-        if used and used[0][0] <= fresh:
-            j = heapq.heappop(used)[1]
-        elif nxt < m:
-            j = devs[nxt]
-            nxt += 1
-            base[j] = up + tauA[j] + latA[j]
-            up += tauA[j]
-        else:
-            raise NoFit(f"L{ly.l}.H{g}", hb)
+        j = pick.pick(r, hb, f"L{ly.l}.H{g}")
         k = n.get(j, 0)
         pens += 0.0 if k < cur[j] else mig[j]
         n[j] = k = k + 1
         r[j] -= hb
         finish = max(finish, base[j] + tail[j] + k * inc[j])
-        heapq.heappush(used, (base[j] + tail[j] + (k + 1) * inc[j] + (0.0 if k < cur[j] else mig[j]), j))
+        pick.push(base[j] + tail[j] + (k + 1) * inc[j] + (0.0 if k < cur[j] else mig[j]), j)
     return finish, pens, n
 
 
@@ -125,33 +142,18 @@ def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[fl
         raise NoFit(f"L{ly.l}.ffn", cb)
     back = tab.back[agg]
     base = {agg: tauP[agg] + latP[agg] if agg != P else 0.0}
-    up = tauP[agg] if agg != P else 0.0
     pens = 0.0 if cur[agg] > 0 else mig[agg]
     finish, n = base[agg] + fc[agg], {agg: 1}
     r[agg] -= cb
     used = [(base[agg] + 2 * fc[agg] + back[agg] + (0.0 if 1 < cur[agg] else mig[agg]), agg)]
-    devs, keys = _unused_in_order(idx, reach + tab.back_al[agg] + ly.pen0_chunk_al)
-    m, inf = len(devs), float("inf")
-    nxt = 0
+    pick = _Picker(tauP, latP, base, tauP[agg] if agg != P else 0.0, idx,
+                   reach + tab.back_al[agg] + ly.pen0_chunk_al, used)
     for _ in range(ly.K - 1):
-        while used and r[used[0][1]] < cb:
-            heapq.heappop(used)
-        while nxt < m and (r[devs[nxt]] < cb or devs[nxt] in base):
-            nxt += 1
-        fresh = up + keys[nxt] if nxt < m else inf
-        if used and used[0][0] <= fresh:
-            j = heapq.heappop(used)[1]
-        elif nxt < m:
-            j = devs[nxt]
-            nxt += 1
-            base[j] = up + tauP[j] + latP[j]
-            up += tauP[j]
-        else:
-            raise NoFit(f"L{ly.l}.ffn", cb)
+        j = pick.pick(r, cb, f"L{ly.l}.ffn")
         k = n.get(j, 0)
         pens += 0.0 if k < cur[j] else mig[j]
         n[j] = k = k + 1
         r[j] -= cb
         finish = max(finish, base[j] + k * fc[j] + back[j])
-        heapq.heappush(used, (base[j] + (k + 1) * fc[j] + back[j] + (0.0 if k < cur[j] else mig[j]), j))
+        pick.push(base[j] + (k + 1) * fc[j] + back[j] + (0.0 if k < cur[j] else mig[j]), j)
     return finish, pens, n, agg
