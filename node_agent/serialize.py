@@ -51,11 +51,26 @@ def tensors_to_bytes(tensors: dict[str, Tensor], meta: dict[str, Any] | None = N
     return header, payload
 
 
+def _row_major_bytes(t: Tensor, chunk: int = 1 << 16):
+    """``t``'s bytes in row-major order as memoryviews: its own memory when it is contiguous,
+    else copies of ``chunk``-byte runs of rows (a column slice such as ``w_down[:, a:b]`` is never
+    copied whole, so a host at its limit can still export it)."""
+    if t.is_contiguous():
+        yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        return
+    if t.dim() <= 1:
+        yield memoryview(t.contiguous().view(torch.uint8).numpy())
+        return
+    rows = max(1, chunk // max(1, t[0].numel() * t.element_size()))
+    for i in range(0, t.shape[0], rows):
+        yield memoryview(t[i:i + rows].contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 class TensorPayload:
     """A payload that is never assembled: the tensors' own memory, sent one tensor at a time.
 
-    A host at its memory limit can still export a block (only a non-contiguous tensor is copied,
-    one at a time). ``len()`` is the payload size; ``node_agent.wire.send_frame`` sends ``buffers()``."""
+    A host at its memory limit can still export a block (a non-contiguous tensor is sent in
+    64 KB runs of rows, each copied only while it is sent). ``len()`` is the payload size; ``node_agent.wire.send_frame`` sends ``buffers()``."""
 
     def __init__(self, tensors: list[Tensor]):
         self._tensors = tensors
@@ -67,8 +82,7 @@ class TensorPayload:
     def buffers(self):
         for t in self._tensors:
             if t.numel():
-                flat = t.detach().cpu().contiguous().reshape(-1)  # a view unless t is strided
-                yield memoryview(flat.view(torch.uint8).numpy())
+                yield from _row_major_bytes(t.detach().cpu())
 
     def to_bytearray(self) -> bytearray:
         out = bytearray(self._len)

@@ -97,13 +97,14 @@ def _orders(prob: Problem, X: np.ndarray, c: np.ndarray, pin: int, caps: np.ndar
     return [[pin] + o for o in (by_speed, by_near, by_both)]
 
 
-def best_split(prob: Problem, max_devices: int | None = None) -> list[int] | None:
-    """Device index per layer of the best contiguous layer split within ``prob.budget`` (the DP
-    over EdgeShard's three device orders), None when no split fits. ``max_devices``: each order
+def best_split(prob: Problem, max_devices: int | None = None, budget: np.ndarray | None = None) -> list[int] | None:
+    """Device index per layer of the best contiguous layer split within ``budget`` (default
+    ``prob.budget``; the DP over EdgeShard's three device orders), None when no split fits. ``max_devices``: each order
     cut to its first devices (at least enough of them to hold every layer): a split uses at most
     ``n_layers`` devices, and the DP is quadratic in the order's length."""
     lb = prob.layer_bytes()
-    caps = np.where(prob.allowed, np.floor(np.clip(prob.budget, 0, None) / lb), 0).astype(int)
+    room = prob.budget if budget is None else budget
+    caps = np.where(prob.allowed, np.floor(np.clip(room, 0, None) / lb), 0).astype(int)
     c = _layer_seconds(prob)
     X = prob.lat + prob.sz.x_b * prob.spb
     pin = _pin(prob, X, caps)

@@ -73,19 +73,20 @@ def balanced_budget(prob: Problem, mem_balance: float | None, chunks: int) -> np
     return np.where(prob.allowed, np.minimum(prob.budget, level), prob.budget)
 
 
-def _with_layer_split(prob: Problem, layers, meta: dict, slack: float):
-    """The greedy's layers, or the best contiguous layer split within the same budget (EdgeShard's
-    DP, ``edgeshard.best_split``) when that is better by latency + migration delay from the
-    current placement / H (``ra_choice._objective``), or, for a first plan, at most ``slack``
-    worse and ships fewer bytes per token. A layer-level placement is a head-level one with each layer's blocks together;
-    the greedy, filling devices layer by layer, splits layers where a device is full, and every
-    split adds bytes on the links (bytes that cost more when a link drops)."""
+def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: np.ndarray):
+    """The greedy's layers, or the best contiguous layer split within the greedy's ``budget``
+    (EdgeShard's DP, ``edgeshard.best_split``; the memory-balanced caps when the greedy took
+    them) when that is better by latency + migration delay from the current placement / H
+    (``ra_choice._objective``), or, for a first plan, at most ``slack`` worse and ships fewer
+    bytes per token. A layer-level placement is a head-level one with each layer's blocks
+    together; the greedy, filling devices layer by layer, splits layers where a device is full,
+    and every split adds bytes on the links (bytes that cost more when a link drops)."""
     from testbed.partition.common import uniform_layers
     from testbed.partition.cost import Net
     from testbed.partition.edgeshard import best_split
     from testbed.partition.ra_choice import _objective
 
-    split = best_split(prob, max_devices=2 * prob.dims.n_layers)
+    split = best_split(prob, max_devices=2 * prob.dims.n_layers, budget=budget)
     if split is None:
         return layers, meta
     whole = uniform_layers([prob.names[k] for k in split], prob.dims)
@@ -186,7 +187,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
             if t_lat < (1 - headroom_gain) * h_lat:
                 layers, meta, prob, budget = lt, {**meta, "tight_memory": True}, tight, tight.budget
     if layer_split:
-        layers, meta = _with_layer_split(prob, layers, meta, split_slack)
+        layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
     new = Placement(snapshot.source, layers, meta=meta)
     return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
                        preempt=preempt, headroom_until=headroom_until)

@@ -84,3 +84,21 @@ def test_tensor_payload_is_sent_without_assembly_and_matches_bytes():
     sender.join(timeout=5)
     out = tensors_from_bytes(f.header["blk"], f.payload)
     assert torch.equal(out["a"], ts["a"]) and torch.equal(out["b"], ts["b"])
+
+
+def test_a_column_slice_is_exported_in_bounded_runs_of_rows():
+    """An FFN piece's ``w_down[:, a:b]`` is strided: it must go out in small copies (a host at
+    its memory limit exports it), and the bytes must equal those of the whole tensor's copy."""
+    import torch
+
+    from node_agent.serialize import tensors_to_bytes, tensors_to_payload
+
+    w_down = torch.randn(768, 3072)
+    piece = {"w_down": w_down[:, 256:3072], "w_up": torch.randn(3072, 768)[256:3072]}  # 8.3 MB each
+    _, eager = tensors_to_bytes(piece)
+    _, lazy = tensors_to_payload(piece)
+    bufs = list(lazy.buffers())
+    assert b"".join(bytes(b) for b in bufs) == bytes(eager)
+    assert max(len(b) for b in bufs[:-1]) <= 1 << 16  # w_down, copied 64 KB at a time
+    assert not piece["w_down"].is_contiguous() and piece["w_up"].is_contiguous()
+    assert len(bufs[-1]) == piece["w_up"].numel() * 4  # w_up: one view of its own memory
