@@ -32,6 +32,7 @@ from testbed.specs import TopologySpec
 
 MIB = 1 << 20
 AGENT_MARGIN_BYTES = 2 * MIB  # node_agent.shards.Budget refuses to use the last 2 MiB
+DRIFT_BYTES = 128 * 1024  # a receiver's usage creeps while earlier waves land (allocator, buffers)
 
 
 class EmulatedCluster:
@@ -294,13 +295,12 @@ class EmulatedCluster:
 
     # ------------------------------------------------------------------ migration
     def _waves(self, items: dict[tuple[str, str], list[dict]]) -> list[dict[tuple[str, str], list[dict]]]:
-        """A memory-safe order for the moves (``schedule_waves``) from the agents' room and blocks;
-        ``MigrationRefused`` before anything is sent when no order fits."""
+        """A memory-safe order for the moves (``schedule_waves``) from the agents' room (less
+        ``DRIFT_BYTES``) and blocks; ``MigrationRefused`` before anything is sent when none fits."""
         hosts = sorted({h for pair in items for h in pair})
         blocks = {h: self.pool.call(h, "stats", 30.0)["blocks"] for h in hosts}
-        avail = {h: self.pool.call(h, "budget", 30.0)["available_bytes"] for h in hosts}
-        cfg = self.pool.config
-        q = cfg["n_heads"] // cfg["n_kv_heads"]
+        avail = {h: self.pool.call(h, "budget", 30.0)["available_bytes"] - DRIFT_BYTES for h in hosts}
+        cfg, q = self.pool.config, self.pool.config["n_heads"] // self.pool.config["n_kv_heads"]
         wq_share = q / (q + 2)  # of a group's weights, the part in its shard's largest tensor (W_q)
 
         def transient(dst: str, item: dict, n: int) -> int:
