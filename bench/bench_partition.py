@@ -7,7 +7,7 @@
 3. RA decision time, decode model, 48 devices x 12 layers x 12 heads.
 4. Fluctuating bandwidth on the simulated cluster (8-24 devices, 3 random clusters and scenarios
    each): RA vs EdgeShard (static and dynamic) and Galaxy: mean per-token latency (migration
-   included) and peak device memory.
+   included) and peak device memory; ``ra_greedy`` is RA without its layer-split candidate.
 Compute speed: the per-core FLOP/s measured on this machine (``testbed.calibrate.per_core_flops``,
 cached per host) unless ``--per-core-flops`` is given. Static algorithms are sized for the whole
 generation's KV growth (they never re-plan); dynamic ones for one epoch + their own headroom.
@@ -118,13 +118,15 @@ def topology(rng, n: int, dims: ModelDims):
     return hosts, links
 
 
-def run_algorithm(cluster: SimulatedCluster, algorithm: str, events: dict, tokens: int, every: int) -> dict:
+def run_algorithm(cluster: SimulatedCluster, algorithm: str, events: dict, tokens: int, every: int,
+                  params: dict | None = None) -> dict:
+    params = params or {}
     cluster.reset()
     prompt = list(range(16))
     # a static plan is kept for the whole generation, so it is sized for the whole generation's KV
     horizon = every if algorithm in DYNAMIC_ALGORITHMS else tokens
     # as the runner does: planners are told how many tokens the run still generates
-    r = plan(algorithm, replace(cluster.snapshot(len(prompt), horizon), tokens_remaining=tokens), GPT2)
+    r = plan(algorithm, replace(cluster.snapshot(len(prompt), horizon), tokens_remaining=tokens), GPT2, **params)
     cluster.load(r.placement, prompt)
     total, tok, mig, n_mig = 0.0, 0, 0.0, 0
     for t in range(1, tokens):
@@ -132,7 +134,7 @@ def run_algorithm(cluster: SimulatedCluster, algorithm: str, events: dict, token
             cluster.apply_link(a, b, bandwidth_mbps=mbps)
         if r.dynamic and t % every == 0:
             r = plan(algorithm, replace(cluster.snapshot(len(prompt) + t - 1, every), tokens_remaining=tokens - t + 1),
-                     GPT2)
+                     GPT2, **params)
             if r.placement != cluster.placement:
                 d = cluster.migrate(r.placement).duration_s
                 total, mig, n_mig = total + d, mig + d, n_mig + 1
@@ -146,7 +148,10 @@ def fluctuating(per_core_flops: float, tokens: int, every: int = 8, scenarios: i
     print(f"[4] fluctuating bandwidth, simulated cluster, GPT-2-small dims, {per_core_flops:.2e} FLOP/s per core,"
           f" {tokens} tokens, re-plan every {every}; bandwidth of every link redrawn 10-100 Mbit/s"
           f" (x0.1 for a random third) every 16 tokens; {scenarios} random clusters and scenarios per size")
-    algos = ("resource_aware", "edgeshard", "edgeshard_dynamic", "galaxy")
+    # ra_greedy: the paper's greedy alone (no layer-split candidate, RA step 4b), for comparison
+    runs = {"resource_aware": ("resource_aware", {}), "ra_greedy": ("resource_aware", {"layer_split": False}),
+            "edgeshard": ("edgeshard", {}), "edgeshard_dynamic": ("edgeshard_dynamic", {}), "galaxy": ("galaxy", {})}
+    algos, layer_based = tuple(runs), ("edgeshard", "edgeshard_dynamic", "galaxy")
     for n in (8, 16, 24):
         meets, speedups = 0, []
         for k in range(scenarios):
@@ -158,10 +163,10 @@ def fluctuating(per_core_flops: float, tokens: int, every: int = 8, scenarios: i
             res = {}
             for a in algos:
                 try:
-                    res[a] = run_algorithm(cluster, a, events, tokens, every)
+                    res[a] = run_algorithm(cluster, runs[a][0], events, tokens, every, runs[a][1])
                 except (AlgorithmFailure, InfeasiblePlan) as exc:
                     res[a] = {"lat": float("inf"), "peak": float("inf"), "fail": str(exc)[:80]}
-            base = min(algos[1:], key=lambda a: res[a]["lat"])
+            base = min(layer_based, key=lambda a: res[a]["lat"])
             ra = res["resource_aware"]
             cells = "  ".join(f"{a}={res[a]['lat'] * 1e3:.1f}ms/{res[a]['peak'] / 2**20:.0f}MiB" for a in algos)
             if res[base]["lat"] == float("inf"):
