@@ -14,14 +14,16 @@ bottleneck, latency = the sum; recomputed only after ``apply_link``. Loss is sto
 Compute speed of a host = ``per_core_flops * cpu_cores`` (measured per-core figure, see calibrate).
 Memory of a host = its blocks (weights + KV at the current context) + embed/LM head on the source +
 ``mem_overhead_bytes``. During a migration a host holds max(old, new) (blocks stream one at a time
-and are freed as sent). Exceeding the limit raises ``AlgorithmFailure("OOM on h3: ...")``.
+and are freed as sent); its duration is ``migration_estimate``'s, waves included, and a change with
+no memory-safe order is refused (``MigrationRefused``) before anything moves. Exceeding the limit
+raises ``AlgorithmFailure("OOM on h3: ...")``.
 """
 from __future__ import annotations
 
 import heapq
 from dataclasses import replace
 
-from testbed.cluster import AlgorithmFailure, ClusterError, MigrationRecord, TokenRecord
+from testbed.cluster import AlgorithmFailure, ClusterError, MigrationRecord, MigrationRefused, TokenRecord
 from testbed.partition.cost import Net, decode_cost, placement_memory
 from testbed.partition.migration import migration_estimate
 from testbed.placement import Placement
@@ -240,6 +242,8 @@ class SimulatedCluster:
         snap = self._netview().snap
         est = migration_estimate(self.placement, new, replace(snap, context_len=self.context_len), self.dims,
                                  self.context_len, net=self._netview())
+        if est.blocked:  # nothing moved: the controller goes on with the current placement
+            raise MigrationRefused(f"migration refused: {est.blocked}")
         if est.delay_s == float("inf"):
             raise AlgorithmFailure("migration over an unreachable path")
         old_mem, new_mem = self._host_mem(self.placement, self.context_len), self._host_mem(new, self.context_len)
