@@ -45,6 +45,17 @@ def _layer_seconds(prob: Problem) -> np.ndarray:
         return np.where(prob.C > 0, flops / np.where(prob.C > 0, prob.C, 1.0), np.inf)
 
 
+def _caps(prob: Problem, room: np.ndarray | None = None) -> np.ndarray:
+    """Whole layers each allowed device can hold within ``room`` (default ``prob.budget``)."""
+    room = prob.budget if room is None else room
+    return np.where(prob.allowed, np.floor(np.clip(room, 0, None) / prob.layer_bytes()), 0).astype(int)
+
+
+def _hop(prob: Problem) -> np.ndarray:
+    """Seconds to pass a hidden state i -> j (latency + bytes / bandwidth)."""
+    return prob.lat + prob.sz.x_b * prob.spb
+
+
 def _pin(prob: Problem, X: np.ndarray, caps: np.ndarray) -> int:
     if prob.allowed[prob.src]:
         return prob.src
@@ -102,11 +113,7 @@ def best_split(prob: Problem, max_devices: int | None = None, budget: np.ndarray
     ``prob.budget``; the DP over EdgeShard's three device orders), None when no split fits. ``max_devices``: each order
     cut to its first devices (at least enough of them to hold every layer): a split uses at most
     ``n_layers`` devices, and the DP is quadratic in the order's length."""
-    lb = prob.layer_bytes()
-    room = prob.budget if budget is None else budget
-    caps = np.where(prob.allowed, np.floor(np.clip(room, 0, None) / lb), 0).astype(int)
-    c = _layer_seconds(prob)
-    X = prob.lat + prob.sz.x_b * prob.spb
+    caps, c, X = _caps(prob, budget), _layer_seconds(prob), _hop(prob)
     pin = _pin(prob, X, caps)
     best, best_t = None, np.inf
     for order in _orders(prob, X, c, pin, caps):
@@ -126,9 +133,8 @@ def edgeshard(snapshot, dims, cost_model: str = "decode") -> Placement:
     prob.check_totals()
     best = best_split(prob)
     if best is None:
-        lb = prob.layer_bytes()
-        caps = np.where(prob.allowed, np.floor(np.clip(prob.budget, 0, None) / lb), 0).astype(int)
-        pin = _pin(prob, prob.lat + prob.sz.x_b * prob.spb, caps)
+        lb, caps = prob.layer_bytes(), _caps(prob)
+        pin = _pin(prob, _hop(prob), caps)
         raise InfeasiblePlan(
             f"edgeshard: no contiguous layer split fits: a layer needs {int(lb)} bytes at T={prob.T_mem}; "
             f"first shard pinned to {prob.names[pin]} (room for {int(caps[pin])} layers); total needed "
@@ -169,10 +175,7 @@ def layer_repair(prob: Problem, H: float, n_new: int = 2) -> Placement | None:
     cur, d = prob.snap.current, prob.dims
     if cur is None or not layer_level(cur, d) or not _devices_ok(prob, cur):
         return None
-    lb = prob.layer_bytes()
-    caps = np.where(prob.allowed, np.floor(np.clip(prob.budget, 0, None) / lb), 0).astype(int)
-    c = _layer_seconds(prob)
-    X = prob.lat + prob.sz.x_b * prob.spb
+    caps, c, X = _caps(prob), _layer_seconds(prob), _hop(prob)
     at_T = sizes_for(d, prob.cost_model, prob.T, prob.T, prob.snap.weights_shipped)
     moved = d.n_kv_heads * at_T.mig_head_b + at_T.mig_proj_b + d.ffn_dim * at_T.mig_col_b  # what a layer ships
     where = [prob.index[lp.proj] for lp in cur.layers]
