@@ -76,6 +76,7 @@ class Problem:
         self.budget[self.src] -= B.source_bytes(dims)
         self.lat, self.spb = self._matrices()
         self.sz = sizes_for(dims, cost_model, self.T, self.T_mem, snapshot.weights_shipped)
+        self.memo: dict = {}  # planners' caches of pure functions of this problem (plan costs, tables)
 
     def _matrices(self) -> tuple[np.ndarray, np.ndarray]:
         """(latency, seconds per byte) between every ordered pair (``inf`` when the path is down)."""

@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.partition.common import Problem, evaluate
+from testbed.partition.common import Problem
 from testbed.partition.errors import InfeasiblePlan, NoFit
-from testbed.partition.ra_choice import choose_plan
+from testbed.partition.ra_choice import _objective, choose_plan, plan_cost
 from testbed.partition.ra_greedy import _round
 from testbed.placement import Placement
 
@@ -84,18 +84,16 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     from testbed.partition.common import uniform_layers
     from testbed.partition.cost import Net
     from testbed.partition.edgeshard import best_split
-    from testbed.partition.ra_choice import _objective
 
     split = best_split(prob, max_devices=2 * prob.dims.n_layers, budget=budget)
     if split is None:
         return layers, meta
     whole = uniform_layers([prob.names[k] for k in split], prob.dims)
-    src, snap, dims, cm = prob.snap.source, prob.snap, prob.dims, prob.cost_model
-    net = Net(snap)
-    a, b = Placement(src, whole), Placement(src, layers)
+    net = Net(prob.snap)
+    a, b = Placement(prob.snap.source, whole), Placement(prob.snap.source, layers)
     oa, ob = _objective(prob, a, prob.H, net)[0], _objective(prob, b, prob.H, net)[0]
-    fewer = lambda: evaluate(a, snap, dims, cm).bytes_moved < evaluate(b, snap, dims, cm).bytes_moved  # noqa: E731
-    first = snap.current is None  # later, a move that pays over H is never traded for bytes
+    fewer = lambda: plan_cost(prob, a, net).bytes_moved < plan_cost(prob, b, net).bytes_moved  # noqa: E731
+    first = prob.snap.current is None  # later, a move that pays over H is never traded for bytes
     if oa < ob or (first and oa <= (1 + slack) * ob and fewer()):
         return whole, {**meta, "layer_split": True}
     return layers, meta
@@ -168,8 +166,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
         if bal is not None:
             free = Placement(snapshot.source, layers, meta=meta)
             tight = Placement(snapshot.source, bal, meta=meta)
-            if (evaluate(tight, snapshot, dims, cost_model).token_latency_s
-                    <= (1 + balance_slack) * evaluate(free, snapshot, dims, cost_model).token_latency_s):
+            if (plan_cost(prob, tight).token_latency_s
+                    <= (1 + balance_slack) * plan_cost(prob, free).token_latency_s):
                 layers, meta = bal, {**meta, "mem_balanced": True}
     if layers is None:
         try:
@@ -182,8 +180,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
         tight.H, tight.thorough = prob.H, True
         lt, _ = one_round(tight.budget, tight)
         if lt is not None:
-            t_lat = evaluate(Placement(snapshot.source, lt), snapshot, dims, cost_model).token_latency_s
-            h_lat = evaluate(Placement(snapshot.source, layers), snapshot, dims, cost_model).token_latency_s
+            t_lat = plan_cost(tight, Placement(snapshot.source, lt)).token_latency_s
+            h_lat = plan_cost(prob, Placement(snapshot.source, layers)).token_latency_s
             if t_lat < (1 - headroom_gain) * h_lat:
                 layers, meta, prob, budget = lt, {**meta, "tight_memory": True}, tight, tight.budget
     if layer_split:

@@ -14,7 +14,7 @@ import numpy as np
 
 from testbed.partition import blocks as B
 from testbed.partition.common import Problem, check_memory, evaluate, fits_until, sizes_for
-from testbed.partition.cost import Net, decode_cost, memory
+from testbed.partition.cost import CostResult, Net, decode_cost, memory
 from testbed.partition.errors import InfeasiblePlan
 from testbed.partition.migration import migration_estimate
 from testbed.placement import FfnShard, LayerPlacement, Placement
@@ -59,27 +59,40 @@ class _MixFits:
         return np.array([float(mem.get(n, 0)) for n in p.names])
 
     def __call__(self, best: Placement, alt: Placement, l: int) -> bool:
-        lp = alt.layers[l]
-        if not {*lp.heads, lp.proj, *(s.device for s in lp.ffn)} <= self.ok or not _devices_ok(self.prob, best):
-            return False
         if self.best is not best:
-            self.best, self.used = best, self._bytes(best)
+            self.best = best
+            self.used = self._bytes(best) if _devices_ok(self.prob, best) else None
+        lp = alt.layers[l]
+        if self.used is None or not {*lp.heads, lp.proj, *(s.device for s in lp.ffn)} <= self.ok:
+            return False
         src = best.source
         swap = self._bytes(Placement(src, (lp,))) - self._bytes(Placement(src, (best.layers[l],)))
         return bool(np.all(self.used + swap <= self.limit))
+
+
+def plan_cost(prob: Problem, pl: Placement, net: Net | None = None) -> CostResult:
+    """``pl``'s cost under ``prob``'s model, computed once per problem (``prob.memo``)."""
+    memo = prob.memo.setdefault("cost", {})
+    if pl not in memo:
+        if prob.cost_model == "paper":
+            memo[pl] = evaluate(pl, prob.snap, prob.dims, "paper")
+        else:
+            memo[pl] = decode_cost(pl, prob.snap, prob.dims, net=net)
+    return memo[pl]
 
 
 def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float, float, float]:
     """(latency + migration delay / H, latency, migration delay) of moving from snapshot.current.
 
     The migration delay uses the snapshot's (current, measured) path rates and the ``migration``
-    aggregation: one sender's transfers serialised on its uplink, senders in parallel."""
-    if prob.cost_model == "paper":
-        lat = evaluate(pl, prob.snap, prob.dims, "paper").token_latency_s
-    else:
-        lat = decode_cost(pl, prob.snap, prob.dims, net=net).token_latency_s
-    mig = migration_estimate(prob.snap.current, pl, prob.snap, prob.dims, cost_model=prob.cost_model,
-                             net=net).delay_s
+    aggregation: one sender's transfers serialised on its uplink, senders in parallel. Both are
+    computed once per problem and placement (``prob.memo``)."""
+    lat = plan_cost(prob, pl, net).token_latency_s
+    memo = prob.memo.setdefault("migration", {})
+    if pl not in memo:
+        memo[pl] = migration_estimate(prob.snap.current, pl, prob.snap, prob.dims, cost_model=prob.cost_model,
+                                      net=net).delay_s
+    mig = memo[pl]
     return lat + mig / H, lat, mig
 
 

@@ -44,7 +44,7 @@ class _Tables:
 
 def _tables(prob: Problem, chunks: int) -> _Tables:
     """The tables for ``prob`` and ``chunks`` FFN chunks per layer, built once per problem."""
-    cache = prob.__dict__.setdefault("_ra_tables", {})
+    cache = prob.memo.setdefault("ra_tables", {})
     if chunks not in cache:
         cache[chunks] = _Tables(prob, chunks)
     return cache[chunks]
