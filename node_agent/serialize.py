@@ -70,7 +70,8 @@ class TensorPayload:
     """A payload that is never assembled: the tensors' own memory, sent one tensor at a time.
 
     A host at its memory limit can still export a block (a non-contiguous tensor is sent in
-    64 KB runs of rows, each copied only while it is sent). ``len()`` is the payload size; ``node_agent.wire.send_frame`` sends ``buffers()``."""
+    64 KB runs of rows, each copied only while it is sent). ``len()`` is the payload size;
+    ``node_agent.wire.send_frame`` sends ``buffers()``."""
 
     def __init__(self, tensors: list[Tensor]):
         self._tensors = tensors

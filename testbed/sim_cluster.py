@@ -78,7 +78,7 @@ def shortest_paths(nodes: list[str], links: dict[tuple[str, str], dict], sources
                      for t, (lat, hops, bw) in via.items() if t != s}
             reach[w] = (st["latency_s"], 1, st["bandwidth"])
         else:
-            reach = trees[s] if adj[s] else {s: (0.0, 0, float("inf"))}
+            reach = trees[s]
         for t in sources:
             if t != s:
                 lat, _, bw = reach.get(t, (float("inf"), 0, 0.0))

@@ -27,16 +27,16 @@ class _Tables:
         sz, C = prob.sz, np.where(prob.C > 0, prob.C, np.nan)
         tau_x = sz.x_b * prob.spb
         head_inc = sz.head_f / C + sz.head_out_b * prob.spb.T
-        back = (prob.lat + tau_x).T
+        hop = prob.lat + tau_x  # [from, to]: a hidden state arrives
+        back = hop.T
         chunk_c = -(-prob.dims.ffn_dim // chunks) * sz.ffn_col_f / C
         self.tau_x, self.lat, self.latT = tau_x.tolist(), prob.lat.tolist(), prob.lat.T.tolist()
         self.head_inc, self.back, self.chunk_c = head_inc.tolist(), back.tolist(), chunk_c.tolist()
         self.allowed_idx = np.nonzero(prob.allowed)[0]
-        self.allowed = self.allowed_idx.tolist()
         # the same over allowed devices only (columns in ``allowed_idx`` order), for the static
         # keys of devices a pass has not used yet
         al = self.allowed_idx
-        self.reach_al = (tau_x + prob.lat)[:, al]  # [from, allowed]: a hidden state arrives
+        self.reach_al = hop[:, al]  # [from, allowed]
         self.head_tail_al = (prob.lat[al].T + head_inc[:, al])  # [P, allowed]: head on j, output to P
         self.back_al = back[:, al]  # [aggregator, allowed]
         self.chunk_al = chunk_c[al]
