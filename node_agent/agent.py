@@ -5,13 +5,13 @@ dataflow of ``testbed.placement`` with its peers.
 Threads: the control thread (one Unix-socket connection from the controller, request/reply; the
 agent exits when it closes), the data listener (TCP on the host's emulated address), one reader
 per inbound data connection, and ONE worker that does all block work in order. Readers put frames
-into a timed inbox (``node_agent.inbox``) that releases each at ``_release_time``: its arrival plus
+into a timed inbox (``node_agent.inbox``) that releases each at ``node_agent.wire.release_time``: its arrival plus
 the one-way delay (transport delay emulation; 0 under netem), never before the bytes could have
 crossed the path's bottleneck — the worker never sleeps on behalf of a single frame.
 
 The token steps live in ``node_agent.dataflow``, the migration endpoints in
 ``node_agent.migration`` (mixins of ``Agent``); this module owns the sockets, the control
-commands, the worker loop and the receive-side timing (``_release_time``).
+commands, the worker loop and the receive-side timing (``node_agent.wire.release_time``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from node_agent.inbox import TimedInbox, lower_timer_slack
 from node_agent.migration import Migration
 from node_agent.budget import Budget, BudgetError, return_freed_memory, rss_bytes, tune_allocator
 from node_agent.shards import BlockStore, calibrate
-from node_agent.wire import WireError, connect, recv_frame, send_frame
+from node_agent.wire import TransitFloor, WireError, connect, recv_frame, release_time, send_frame
 from testbed.placement import Placement
 
 log = logging.getLogger("headroom.agent")
@@ -232,10 +232,13 @@ class Agent(Dataflow, Migration):
 
     def _read_data(self, conn: socket.socket) -> None:
         try:
-            src = P.check_hello(recv_frame(conn))
+            hello = recv_frame(conn)
+            src = P.check_hello(hello)
+            floor = TransitFloor()
+            floor.observe(hello)
             while True:
                 f = recv_frame(conn)
-                release = _release_time(f, self.delays.get(src, 0.0), self.rates.get(src))
+                release = release_time(f, self.delays.get(src, 0.0), self.rates.get(src), floor.observe(f))
                 self.inbox.put(("frame", src, f, release), release)
         except (WireError, OSError, P.ProtocolError) as exc:
             log.info("data connection closed: %s", exc)
@@ -323,13 +326,3 @@ def run_agent(cfg: dict) -> None:
                   cfg.get("mem_version"), cfg.get("model"))
     log.info("config %s", json.dumps(cfg))
     agent.serve()
-
-
-def _release_time(f, delay_s: float, rate_bytes_per_s: float | None) -> float:
-    """When a received frame may be used: its arrival plus the path's propagation delay, but never
-    before it could have crossed the bottleneck (sent_at + size/rate + delay). The floor matters for
-    small frames after idle, which the kernel's token bucket passes at line rate."""
-    release = max(f.received_at, f.sent_at) + delay_s
-    if rate_bytes_per_s:
-        release = max(release, f.sent_at + f.wire_bytes / rate_bytes_per_s + delay_s)
-    return release

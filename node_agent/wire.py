@@ -9,11 +9,15 @@ Frame layout (network byte order), no pickle anywhere:
     sent_at d  sender's time.time() when the frame was handed to the kernel
 followed by the JSON header (must contain "type") and the payload bytes (e.g. raw tensor data).
 
-Delay emulation: where the kernel has no netem, a receiver built with a ``delay_s`` releases each
-frame at its arrival (last byte received) plus ``delay_s`` (sender and receiver share the host clock, since all
-emulated hosts run on one kernel). The frame still crossed the shaped link, so rate and loss apply
-in the kernel and the propagation delay applies here. ``delay_s`` may be a callable so that a
-scenario can change it while the connection lives.
+Delay emulation: where the kernel has no netem, the receiver holds each frame until ``release_time``:
+its arrival (last byte received) plus the one-way delay, less the connection's *transit floor*
+(``TransitFloor``: the least arrival-minus-send seen for a small frame, i.e. this machine's own
+stack cost — syscalls, veth pairs, bridges, the reader's wake-up — which on a real link is part of
+the propagation delay the spec states; without it every hop read ~0.1-0.2 ms long), and never
+before the frame could have crossed the bottleneck. Sender and receiver share the host clock, since
+all emulated hosts run on one kernel. The frame still crossed the shaped link, so rate, queueing and
+loss apply in the kernel and the propagation delay applies here. ``delay_s`` may be a callable so
+that a scenario can change it while the connection lives.
 """
 from __future__ import annotations
 
@@ -54,6 +58,38 @@ class Frame:
         return PREFIX.size + len(json.dumps(self.header, separators=(",", ":")).encode()) + len(self.payload)
 
 
+SMALL_FRAME_BYTES = 4096  # a frame this small crosses any shaped link here in well under its delay
+MAX_TRANSIT_FLOOR_S = 0.0005  # the stack cost measured here is ~0.1 ms; never credit more than this
+
+
+class TransitFloor:
+    """One connection's transit floor: the least ``received_at - sent_at`` over its small frames
+    (0 until one is seen). Small frames only, so serialisation of a large one is never taken for
+    stack cost; capped, so a first sample taken under load cannot shorten a delay by much."""
+
+    def __init__(self) -> None:
+        self.seconds = MAX_TRANSIT_FLOOR_S
+        self._seen = False
+
+    def observe(self, f: "Frame") -> float:
+        if f.wire_bytes <= SMALL_FRAME_BYTES:
+            transit = max(0.0, f.received_at - f.sent_at)
+            self.seconds = min(self.seconds, transit) if self._seen else min(transit, MAX_TRANSIT_FLOOR_S)
+            self._seen = True
+        return self.seconds if self._seen else 0.0
+
+
+def release_time(f: "Frame", delay_s: float, rate_bytes_per_s: float | None = None, floor_s: float = 0.0) -> float:
+    """When a received frame may be used: its arrival less the transit floor, plus the path's
+    propagation delay — but never before it could have crossed the bottleneck (sent_at + size /
+    rate + delay; that matters for small frames after idle, which the kernel's token bucket passes at
+    line rate), and never before it arrived."""
+    release = max(f.received_at - floor_s, f.sent_at) + delay_s
+    if rate_bytes_per_s:
+        release = max(release, f.sent_at + f.wire_bytes / rate_bytes_per_s + delay_s)
+    return max(release, f.received_at)
+
+
 def send_frame(sock: socket.socket, header: dict, payload: bytes | memoryview = b"") -> int:
     """Send one frame; returns the number of bytes put on the wire."""
     if "type" not in header:
@@ -86,8 +122,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def recv_frame(sock: socket.socket, delay_s: Delay = 0.0) -> Frame:
-    """Receive one frame; with ``delay_s`` hold it until its arrival plus ``delay_s``."""
+def recv_frame(sock: socket.socket, delay_s: Delay = 0.0, floor: TransitFloor | None = None,
+               rate_bytes_per_s: float | None = None) -> Frame:
+    """Receive one frame; with ``delay_s`` hold it until ``release_time`` (``floor``: the
+    connection's ``TransitFloor``, updated with this frame; none means no floor is credited;
+    ``rate_bytes_per_s``: the path's bottleneck, for the serialisation floor)."""
     magic, version, _flags, hlen, plen, sent_at = PREFIX.unpack(_recv_exact(sock, PREFIX.size))
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r}: not a Headroom peer")
@@ -99,14 +138,14 @@ def recv_frame(sock: socket.socket, delay_s: Delay = 0.0) -> Frame:
     payload = _recv_exact(sock, plen) if plen else b""  # bytearray: no second copy of a large payload
     received_at = time.time()
     delay = delay_s() if callable(delay_s) else delay_s
-    # The last byte left the shaped link at received_at; propagation delay comes on top of the
-    # transmission time, so a large frame is released at its arrival plus the delay. (A caller
-    # that blocks between frames inflates received_at; the agents timestamp in a reader thread.)
-    release = max(received_at, sent_at) + delay
-    wait = release - time.time()
-    if wait > 0:
-        time.sleep(wait)
-    return Frame(header, payload, sent_at, received_at, max(received_at, time.time()))
+    frame = Frame(header, payload, sent_at, received_at, received_at)
+    if delay:
+        # (A caller that blocks between frames inflates received_at; the agents timestamp in a reader thread.)
+        wait = release_time(frame, delay, rate_bytes_per_s, floor.observe(frame) if floor else 0.0) - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        frame.released_at = max(received_at, time.time())
+    return frame
 
 
 def connect(host: str, port: int, timeout_s: float = 10.0) -> socket.socket:

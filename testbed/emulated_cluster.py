@@ -112,10 +112,11 @@ class EmulatedCluster:
 
     def _overhead(self, host: str, alive: bool) -> int:
         """Memory charged to ``host`` that is not its blocks, plus the agent's refusal margin: before
-        any load, the worst working agent of the warm-up (``testbed.warmup``; the idle charge plus
+        any load, what the warm-up measured for this host (``testbed.warmup``: one figure for all workers,
+        the source its own; the idle charge plus
         a slack if there was none); once blocks are held, at least what the cgroup charges beyond
         them, measured — so plans leave room the agent really has."""
-        estimate = (self.working_overhead + AGENT_MARGIN_BYTES if self.working_overhead is not None
+        estimate = (self.working_overhead[host] + AGENT_MARGIN_BYTES if self.working_overhead is not None
                     else self.baseline[host] + self.slack)
         if self.placement is None or not alive:
             return estimate

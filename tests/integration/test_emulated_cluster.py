@@ -137,9 +137,13 @@ def test_snapshot_measures_devices_and_paths(gpt2_cluster):
     by = {d.name: d for d in snap.devices}
     assert by["h1"].is_source and by["h2"].mem_limit_bytes == 256 << 20
     assert all(0 < d.mem_overhead_bytes < 40 << 20 for d in snap.devices)
-    # before any load, every host is planned with the worst working agent of the warm-up
-    assert c.working_overhead is not None and c.working_overhead > max(c.baseline.values())
-    assert {d.mem_overhead_bytes for d in snap.devices} == {c.working_overhead + (2 << 20)}
+    # before any load, every worker is planned with the worst working worker of the warm-up, the
+    # source with its own figure (it held no blocks there)
+    ovh = c.working_overhead
+    workers = [h for h in c.hosts() if h != "h1"]
+    assert ovh is not None and len({ovh[w] for w in workers}) == 1
+    assert ovh["h2"] > max(c.baseline[w] for w in workers)
+    assert {d.name: d.mem_overhead_bytes for d in snap.devices} == {h: ovh[h] + (2 << 20) for h in c.hosts()}
     # ... and with the fixed cost of a block call the warm-up's tokens showed beyond their FLOPs
     assert 0 < c.call_overhead_s < 0.005 and {d.call_overhead_s for d in snap.devices} == {c.call_overhead_s}
     assert by["h1"].flops_per_s > by["h4"].flops_per_s  # 1 core vs 0.25 core, calibrated in the agents
