@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from testbed.recorder import TOKEN_COLUMNS
+from testbed.run.recorder import TOKEN_COLUMNS
 
 NUMERIC_TOKEN_COLUMNS = [
     "repetition", "token_index", "token_id", "context_len", "latency_s", "compute_s", "transfer_s",

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from testbed.partition.blocks import block_flops, block_memory_bytes
-from testbed.partition.cost import COST_MODELS, CostResult, cost
-from testbed.partition.errors import InfeasiblePlan, OutOfScope
-from testbed.partition.migration import migration_delay
-from testbed.placement import Placement
-from testbed.snapshot import ClusterSnapshot, ModelDims
+from testbed.partition.cost.blocks import block_flops, block_memory_bytes
+from testbed.partition.cost.latency import COST_MODELS, CostResult, cost
+from testbed.core.errors import InfeasiblePlan, OutOfScope
+from testbed.partition.cost.migration import migration_delay
+from testbed.core.placement import Placement
+from testbed.core.snapshot import ClusterSnapshot, ModelDims
 
 ALGORITHMS = ("resource_aware", "optimal", "edgeshard", "edgeshard_dynamic", "galaxy", "greedy",
               "round_robin", "static")
@@ -53,7 +53,7 @@ def _static(snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decod
     """The initial resource-aware plan, kept forever (returns ``snapshot.current`` once there is one)."""
     from dataclasses import replace
 
-    from testbed.partition.ra import resource_aware
+    from testbed.partition.ra.planner import resource_aware
 
     if snapshot.current is not None and len(snapshot.current.layers) == dims.n_layers:
         return snapshot.current
@@ -61,10 +61,10 @@ def _static(snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decod
 
 
 def _registry() -> dict:
-    from testbed.partition.baselines import first_fit, galaxy, round_robin
-    from testbed.partition.edgeshard import edgeshard, edgeshard_dynamic
-    from testbed.partition.exact import optimal
-    from testbed.partition.ra import resource_aware
+    from testbed.partition.layer.baselines import first_fit, galaxy, round_robin
+    from testbed.partition.layer.edgeshard import edgeshard, edgeshard_dynamic
+    from testbed.partition.exact.optimal import optimal
+    from testbed.partition.ra.planner import resource_aware
 
     return {"resource_aware": resource_aware, "optimal": optimal, "edgeshard": edgeshard,
             "edgeshard_dynamic": edgeshard_dynamic, "galaxy": galaxy, "greedy": first_fit,
