@@ -1,8 +1,9 @@
 """The run directory: resolved config, manifest, append-only events, per-token table, summary.
 
 Everything is written as it happens (each event line and token row is flushed and fsync'd), so a
-run that dies half-way keeps what it recorded. ``summary.json`` is a fold over ``tokens.csv`` and
-``events.jsonl`` and is rewritten atomically after every completed (algorithm, repetition).
+run that dies half-way keeps what it recorded. ``summary.json`` is ``testbed.run.events.fold_summary`` over
+``tokens.csv`` and ``events.jsonl`` and is rewritten atomically after every completed (algorithm,
+repetition).
 """
 from __future__ import annotations
 
@@ -15,15 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-TOKEN_COLUMNS = [
-    "algorithm", "repetition", "token_index", "token_id", "context_len", "latency_s", "compute_s",
-    "transfer_s", "wait_s", "migration_s", "bytes_moved", "migrated_bytes", "phase",
-    "bytes_by_link",  # JSON {"h1->h2": bytes}: activation bytes per host pair for this token
-]
-
+from testbed.run.events import TOKEN_COLUMNS, fold_summary, latest_attempts, read_events
 
 def _git_sha() -> str:
     try:
@@ -38,7 +33,7 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "kernel": platform.release()}
-    for pkg in ("torch", "numpy", "pydantic", "highspy", "ortools", "mininet"):
+    for pkg in ("torch", "numpy", "pydantic", "highspy", "mininet"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -53,6 +48,7 @@ class RunRecorder:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._t0 = time.time()
+        _end_torn_line(self.dir / "events.jsonl")  # a resumed run's next event must not join a torn one
         self._events = open(self.dir / "events.jsonl", "a", buffering=1)
         tokens_path = self.dir / "tokens.csv"
         new_table = not tokens_path.exists() or tokens_path.stat().st_size == 0
@@ -126,40 +122,19 @@ class RunRecorder:
         os.replace(tmp, path)
 
 
+def _end_torn_line(path: Path) -> None:
+    """Terminate a last line a crash left without its newline (it stays one skipped line)."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "events.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a crash: everything before it stands
-    return out
-
-
-def _latest_attempts(events: list[dict]) -> list[dict]:
-    """Events of each (algorithm, repetition)'s last attempt only (earlier ones were interrupted)."""
-    attempts: dict[tuple, list[dict]] = {}
-    other = []
-    for ev in events:
-        if "algorithm" not in ev:
-            other.append(ev)
-            continue
-        key = (ev["algorithm"], ev.get("repetition"))
-        if ev["type"] == "algorithm_started":
-            attempts[key] = []
-        attempts.setdefault(key, []).append(ev)
-    return other + [ev for evs in attempts.values() for ev in evs]
 
 
 def summarize(run_dir: Path, algorithms: list[str], source: str | None = None) -> dict:
@@ -168,30 +143,5 @@ def summarize(run_dir: Path, algorithms: list[str], source: str | None = None) -
 
     path = Path(run_dir) / "tokens.csv"
     table = pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame(columns=TOKEN_COLUMNS)
-    events = _latest_attempts(read_events(run_dir))
-    summary = {}
-    for algo in algorithms:
-        rows = table[(table["algorithm"] == algo) & (table["phase"] == "decode")]
-        lat = rows["latency_s"].to_numpy(dtype=float)
-        evs = [e for e in events if e.get("algorithm") == algo]
-        migrations = [e for e in evs if e["type"] == "migration"]
-        failures = [e for e in evs if e["type"] == "algorithm_failed"]
-        peaks: dict[str, int] = {}
-        for e in evs:
-            if e["type"] == "repetition_done":
-                for host, b in (e.get("peak_mem_bytes") or {}).items():
-                    peaks[host] = max(peaks.get(host, 0), int(b))
-        summary[algo] = {
-            "mean_token_latency_s": float(lat.mean()) if lat.size else None,
-            "p95_token_latency_s": float(np.percentile(lat, 95)) if lat.size else None,
-            "tokens_generated": int(len(table[table["algorithm"] == algo])),
-            "migrations": int(sum(len(e.get("moves", [])) for e in migrations)),
-            "migration_epochs": len(migrations),
-            "migrated_bytes": int(sum(e.get("bytes_moved", 0) for e in migrations)),
-            "peak_mem_bytes": peaks,
-            "max_peak_mem_bytes": max(peaks.values()) if peaks else None,
-            "max_worker_peak_mem_bytes": max((b for h, b in peaks.items() if h != source), default=None),
-            "failed": bool(failures),
-            "failure": failures[-1].get("reason") if failures else None,
-        }
-    return summary
+    events = latest_attempts(read_events(run_dir))
+    return {algo: fold_summary(table, events, algo, source) for algo in algorithms}

@@ -64,7 +64,7 @@ def test_quickstart_emulated_tokens_equal_monolithic(tmp_path):
     from node_agent.model import load_model
     from testbed.spec.loader import load_experiment
     from testbed.spec.modelref import resolve_model
-    from testbed.run.recorder import read_events
+    from testbed.run.events import read_events
     from testbed.run.runner import prompt_for
 
     spec = load_experiment(REPO / "experiments/quickstart.yaml")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from testbed.spec.loader import load_experiment
-from testbed.run.recorder import read_events
+from testbed.run.events import read_events
 from testbed.run.runner import run_experiment
 
 TOPO = """\
