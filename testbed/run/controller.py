@@ -14,11 +14,10 @@ from testbed.core.cluster import Cluster, TokenRecord
 
 from testbed.core.errors import AlgorithmFailure, InfeasiblePlan, MigrationRefused
 from testbed.core.placement import Placement
+from testbed.partition import registry
 from testbed.run.recorder import RunRecorder
 from testbed.spec.scenario import Change, Timeline
 from testbed.core.snapshot import ModelDims
-
-STATIC_ALGORITHMS = {"edgeshard", "galaxy", "greedy", "round_robin", "static", "fixed"}
 
 
 @dataclass
@@ -103,7 +102,7 @@ class AlgorithmLoop:
         self.timeline = timeline
         self.state = LoopState()
         self.on_token = on_token or (lambda i: None)
-        self.dynamic = settings.algorithm not in STATIC_ALGORITHMS
+        self.dynamic = registry.get(settings.algorithm).dynamic
         self._last_values: dict[tuple, dict] = {}
         self._mem_limits: dict[str, int] | None = None  # hosts' limits as last set, read once when needed
         self.applied: list[dict] = []  # scenario changes applied, with the backend's read-back

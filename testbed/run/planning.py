@@ -19,11 +19,13 @@ class PlanningError(HeadroomError):
 def plan_initial(spec: ExperimentSpec, algorithm: str) -> dict:
     from dataclasses import replace
 
-    from testbed.partition import ALGORITHMS, InfeasiblePlan, plan
+    from testbed.partition import InfeasiblePlan, plan, registry
     from testbed.backends.simulated.build import build_simulated_cluster
 
-    if algorithm not in ALGORITHMS:
-        raise PlanningError(f"unknown algorithm {algorithm!r} (expected one of {', '.join(ALGORITHMS)})")
+    try:
+        registry.get(algorithm, planner=True)
+    except registry.AlgorithmError as exc:
+        raise PlanningError(str(exc)) from None
     try:
         model = resolve_model(spec.model)
     except ModelRefError as exc:
@@ -37,6 +39,8 @@ def plan_initial(spec: ExperimentSpec, algorithm: str) -> dict:
         result = plan(algorithm, snap, model.dims, cost_model=spec.cost_model, **params)
     except InfeasiblePlan as exc:
         raise PlanningError(f"infeasible: {exc}") from None
+    except registry.AlgorithmError as exc:
+        raise PlanningError(str(exc)) from None
     return {
         "algorithm": algorithm,
         "cost_model": spec.cost_model,

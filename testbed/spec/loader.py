@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from testbed.spec.schema import ALGORITHM_NAMES, ExperimentSpec, TopologySpec
+from testbed.partition import registry
+from testbed.spec.schema import ExperimentSpec, TopologySpec
 from testbed.core.errors import ConfigError
 
 
@@ -236,9 +237,15 @@ def _cross_check(data: dict, topo: Any, file: str, root: yaml.Node) -> list[Conf
     algorithms = data.get("algorithms") if isinstance(data.get("algorithms"), list) else []
     for i, algo in enumerate(algorithms):
         name = algo.get("name") if isinstance(algo, dict) else algo
-        if isinstance(name, str) and name not in ALGORITHM_NAMES:
+        if isinstance(name, str) and name not in registry.NAMES:
             problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i)), f"algorithms[{i}]",
-                                          f"unknown algorithm {name!r} (expected one of {', '.join(ALGORITHM_NAMES)})"))
+                                          f"unknown algorithm {name!r} (expected one of {', '.join(registry.NAMES)})"))
+        elif isinstance(name, str) and isinstance(algo, dict) and isinstance(algo.get("params"), dict):
+            try:
+                registry.get(name).validate(algo["params"])
+            except registry.AlgorithmError as exc:
+                problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i, "params")),
+                                              f"algorithms[{i}].params", str(exc)))
         if name == "fixed" and data.get("placement") is None:
             problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i)), f"algorithms[{i}]",
                                           "algorithm 'fixed' needs a top-level 'placement'"))

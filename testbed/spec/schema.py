@@ -267,10 +267,6 @@ class AlgorithmSpec(Spec):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-ALGORITHM_NAMES = ("resource_aware", "optimal", "edgeshard", "edgeshard_dynamic", "galaxy",
-                   "greedy", "round_robin", "static", "fixed")
-
-
 class ExperimentSpec(Spec):
     name: str
     topology: Union[str, TopologySpec]

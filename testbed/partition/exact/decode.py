@@ -246,18 +246,17 @@ def _neighbours(prob: Problem, pl: Placement):
                 yield put(LayerPlacement(lp.heads, lp.proj, (sh,) + lp.ffn[:i] + lp.ffn[i + 1:]))
 
 
-def improve(prob: Problem, start: Placement, H: float, time_budget_s: float = 2.0) -> tuple[Placement, float, int]:
+def improve(prob: Problem, start: Placement, H: float, max_evals: int = 10_000) -> tuple[Placement, float, int]:
     """First-improvement local search on ``objective`` (serialised ``decode_cost`` + migration / H)
     from ``start`` over ``_neighbours`` that fit the memory horizon; stops at a local optimum or
-    after ``time_budget_s``. Returns (placement, objective, evaluations)."""
-    import time
-
+    after ``max_evals`` objective evaluations (a deterministic budget: the plan does not depend on
+    the machine's speed). Returns (placement, objective, evaluations)."""
     from testbed.partition.cost.latency import Net
 
-    net, t0 = Net(prob.snap), time.perf_counter()
+    net = Net(prob.snap)
     best, best_obj = start, objective(prob, start, H, net)
     evals, improved = 1, True
-    while improved and time.perf_counter() - t0 < time_budget_s:
+    while improved and evals < max_evals:
         improved = False
         for cand in _neighbours(prob, best):
             if not _fits(prob, cand):
@@ -267,6 +266,6 @@ def improve(prob: Problem, start: Placement, H: float, time_budget_s: float = 2.
             if obj < best_obj * (1 - 1e-12):
                 best, best_obj, improved = cand, obj, True
                 break
-            if time.perf_counter() - t0 >= time_budget_s:
+            if evals >= max_evals:
                 break
     return best, best_obj, evals

@@ -202,7 +202,7 @@ def _serial_one_layer(prob: Problem, K: int) -> Placement:
     return choose_plan(prob, Placement(best.source, best.layers, meta=meta), prob.H)
 
 
-def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_s: float, snapshot, dims) -> Placement:
+def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_evals: int, snapshot, dims) -> Placement:
     """Several layers: the relaxation MILP (lower bound when no current placement applies), then a
     local search under the serialised model from its plan and from RA's, best kept (heuristic)."""
     from testbed.partition.exact.decode import decode_milp, improve
@@ -221,7 +221,7 @@ def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_s: float, 
         pass
     net, found = Net(prob.snap), []
     for name, pl in seeds:
-        pl2, obj, _ = improve(prob, pl, prob.H, local_search_s / len(seeds))
+        pl2, obj, _ = improve(prob, pl, prob.H, max(1, local_search_evals // len(seeds)))
         found.append((obj, name, pl2))
     obj, name, best = min(found, key=lambda f: f[0])
     lat = _objective(prob, best, prob.H, net)[1]
@@ -235,7 +235,7 @@ def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_s: float, 
 
 def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
             time_limit_s: float = 60.0, max_devices: int = 16, horizon_epochs: int = 4,
-            horizon_tokens: int | None = None, local_search_s: float = 2.0) -> Placement:
+            horizon_tokens: int | None = None, local_search_evals: int = 20_000) -> Placement:
     """Minimum of the chosen cost model (scope and what is exact: the module docstring).
 
     Under ``decode`` the migration delay from ``snapshot.current`` is amortised over
@@ -265,4 +265,4 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
                          f"{dims.n_layers * n ** 3} exceeds the MILP scope limit {DECODE_LIMIT}"
                          + (f" (one layer: the exact search would have {size[0]} table entries and "
                             f"{size[1]} FFN choices, limits {SERIAL_LIMIT})" if dims.n_layers == 1 else ""))
-    return _relaxed(prob, K, time_limit_s, local_search_s, snapshot, dims)
+    return _relaxed(prob, K, time_limit_s, local_search_evals, snapshot, dims)

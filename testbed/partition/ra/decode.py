@@ -6,14 +6,13 @@ critical path given what the pass already placed, with the sender's uplink seria
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from testbed.partition.common import NoFit, Problem
 
-if TYPE_CHECKING:
-    from testbed.partition.ra.greedy import _Layer
+# ``_Layer`` in annotations is ``testbed.partition.ra.greedy._Layer`` (not imported: greedy imports
+# this module, and annotations are not evaluated)
 
 
 class _Tables:
