@@ -248,34 +248,7 @@ def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np
     # (every horizon is capped at the end of generation: no block moves for KV never written)
     until_max = prob.cap(max(T + N, int(prob.T_mem if headroom_until is None else headroom_until)
                              + max(0, anticipate_epochs) * N))
-    nxt = prob.cap(T + N)  # the next decision
-    need = nxt  # every mixture must fit at least until here (and keep a pre-emptive move)
-    value = 0.0  # seconds per token of headroom (up to until_max) in the comparison, see below
-    stay = None
-    if _devices_ok(prob, cur):
-        fit = _fit(prob, cur)
-        cur_obj, cur_lat, _ = _objective(prob, cur, H, net)
-        price = preempt * cur_lat
-        horizon = prob.cap(T + (1 + max(0, anticipate_epochs)) * N)
-        if fit < horizon:  # a forced or predictable move: headroom is worth its price
-            value = price
-        if fit >= nxt:
-            stay = (cur_obj, cur)
-            if anticipate_epochs > 0 and price > 0 and fit < horizon <= until_max:
-                pre = repair(prob, cur, H, net, budget, until=horizon)
-                if pre is not None:
-                    o, f = _objective(prob, pre, H, net)[0], _fit(prob, pre)
-                    if f > fit and (o - cur_obj) * H <= price * (min(f, prob.T_end) - fit):
-                        pre, o, f = _headroom(prob, cur, pre, o, until_max, H, net, budget, price)
-                        stay, need = (o, pre), max(need, int(min(f, until_max)))
-        else:
-            fixed = repair(prob, cur, H, net, budget, until=nxt)
-            if fixed is not None and _usable(prob, fixed):
-                o = _objective(prob, fixed, H, net)[0]
-                if price > 0:
-                    fixed, o, f = _headroom(prob, cur, fixed, o, until_max, H, net, budget, price)
-                    need = max(need, int(min(f, until_max)))
-                stay = (o, fixed)
+    stay, need, value = _stay_candidate(prob, cur, H, net, budget, anticipate_epochs, preempt, until_max)
 
     def key(pl: Placement, obj: float | None = None) -> float:
         """The objective, less the headroom's value when a forced/predictable move is at stake (so
@@ -288,19 +261,64 @@ def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np
     # mix the winner per layer with the other candidate (with the current placement's usable
     # layers when there is no stay candidate, e.g. a device went down)
     alt = new if best is not new else (cands[1][1] if len(cands) > 1 else cur)
-    diff = [l for l in range(prob.dims.n_layers) if alt.layers[l] != best.layers[l]]
-    if len(diff) > 1:
-        fits = _MixFits(prob, need)
-        for l in diff:
-            if not fits(best, alt, l):
-                continue
-            cand = Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:], meta=best.meta)
-            obj = key(cand)
-            if obj < best_obj - 1e-12:
-                best_obj, best = obj, cand
+    best = _mix_per_layer(prob, best, best_obj, alt, key, need)
     if best is cur:
         return cur
     return Placement(best.source, best.layers, meta=new.meta)
+
+
+def _stay_candidate(prob: Problem, cur: Placement, H: float, net: Net, budget: np.ndarray,
+                    anticipate_epochs: int, preempt: float, until_max: int):
+    """``choose_plan``'s "stay" candidate: (objective, placement) or None, how long every mixture
+    must fit (``need``) and the value of a token of headroom in the comparison (``value``, s/token;
+    0 unless a forced or predictable move is at stake)."""
+    T, N = prob.T, prob.N
+    nxt = prob.cap(T + N)  # the next decision
+    need = nxt  # every mixture must fit at least until here (and keep a pre-emptive move)
+    value, stay = 0.0, None
+    if not _devices_ok(prob, cur):
+        return stay, need, value
+    fit = _fit(prob, cur)
+    cur_obj, cur_lat, _ = _objective(prob, cur, H, net)
+    price = preempt * cur_lat
+    horizon = prob.cap(T + (1 + max(0, anticipate_epochs)) * N)
+    if fit < horizon:  # a forced or predictable move: headroom is worth its price
+        value = price
+    if fit >= nxt:
+        stay = (cur_obj, cur)
+        if anticipate_epochs > 0 and price > 0 and fit < horizon <= until_max:
+            pre = repair(prob, cur, H, net, budget, until=horizon)
+            if pre is not None:
+                o, f = _objective(prob, pre, H, net)[0], _fit(prob, pre)
+                if f > fit and (o - cur_obj) * H <= price * (min(f, prob.T_end) - fit):
+                    pre, o, f = _headroom(prob, cur, pre, o, until_max, H, net, budget, price)
+                    stay, need = (o, pre), max(need, int(min(f, until_max)))
+        return stay, need, value
+    fixed = repair(prob, cur, H, net, budget, until=nxt)
+    if fixed is not None and _usable(prob, fixed):
+        o = _objective(prob, fixed, H, net)[0]
+        if price > 0:
+            fixed, o, f = _headroom(prob, cur, fixed, o, until_max, H, net, budget, price)
+            need = max(need, int(min(f, until_max)))
+        stay = (o, fixed)
+    return stay, need, value
+
+
+def _mix_per_layer(prob: Problem, best: Placement, best_obj: float, alt: Placement, key, need: int) -> Placement:
+    """First-improvement pass over the layers where ``alt`` differs from ``best``: take ``alt``'s
+    layer when the mixture fits until ``need`` and lowers ``key``."""
+    diff = [l for l in range(prob.dims.n_layers) if alt.layers[l] != best.layers[l]]
+    if len(diff) <= 1:
+        return best
+    fits = _MixFits(prob, need)
+    for l in diff:
+        if not fits(best, alt, l):
+            continue
+        cand = Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:], meta=best.meta)
+        obj = key(cand)
+        if obj < best_obj - 1e-12:
+            best_obj, best = obj, cand
+    return best
 
 
 def _keep_current(prob: Problem, new: Placement, horizon_tokens: float | None = None) -> Placement:

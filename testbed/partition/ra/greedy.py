@@ -152,6 +152,11 @@ def _candidates(ly: _Layer, r: list, k: int) -> list[int]:
     return best
 
 
+def _exit_s(p: Problem) -> np.ndarray:
+    """Per device: the last layer's output from there to the source (``decode``; 0 on the source)."""
+    return np.where(np.arange(len(p.names)) == p.src, 0.0, p.lat[:, p.src] + p.sz.x_b * p.spb[:, p.src])
+
+
 def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
     """Best layer plan with the projection on P: (estimated time, residual, heads, chunks, agg).
 
@@ -162,9 +167,7 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
     r0 = list(resid)
     r0[P] -= p.sz.proj_b
     paper = p.cost_model == "paper"
-    exit_s = None
-    if last and not paper:
-        exit_s = np.where(np.arange(len(p.names)) == p.src, 0.0, p.lat[:, p.src] + p.sz.x_b * p.spb[:, p.src])
+    exit_s = _exit_s(p) if last and not paper else None
     fixed = ly.proj_pen(P) + p.sz.proj_f / p.C[P]
     best, err = None, None
 

@@ -134,6 +134,28 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     horizon at that price; otherwise a forced move moves only what must move (``choose_plan``)."""
     from testbed.partition.layer.baselines import first_fit
 
+    prob, headroom_until = _problem(snapshot, dims, cost_model, headroom_epochs, horizon_epochs, horizon_tokens,
+                                    thorough)
+    K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
+    layers, meta, budget, last_err = _balanced_round(prob, K, proj_candidates, mem_balance, balance_slack)
+    if layers is None:
+        try:
+            return first_fit(snapshot, dims, cost_model)
+        except InfeasiblePlan:
+            raise prob.no_fit(last_err.block, last_err.nbytes, prob.budget) from None
+    if prob.thorough and prob.T_mem > prob.T + prob.N:
+        layers, meta, prob, budget = _tight_round(prob, K, proj_candidates, headroom_gain, layers, meta, budget)
+    if layer_split:
+        layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
+    new = Placement(snapshot.source, layers, meta=meta)
+    return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
+                       preempt=preempt, headroom_until=headroom_until)
+
+
+def _problem(snapshot, dims, cost_model: str, headroom_epochs: int, horizon_epochs: int,
+             horizon_tokens: int | None, thorough: bool | None) -> tuple[Problem, int]:
+    """RA's problem: blocks sized for ``headroom_epochs`` of KV growth (one epoch when that does not
+    fit), the amortisation horizon ``H`` and ``thorough``; and the headroom horizon (context length)."""
     N = max(1, snapshot.tokens_until_next_decision)
     H = snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs))
     prob = Problem(snapshot, dims, cost_model, mem_tokens=N * max(1, headroom_epochs))
@@ -142,50 +164,50 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     except InfeasiblePlan:
         prob = Problem(snapshot, dims, cost_model)
         prob.check_totals()
-    headroom_until = prob.T_mem
     prob.H = max(1.0, H)
-    if thorough is None:
-        thorough = int(prob.allowed.sum()) <= 16
-    prob.thorough = thorough
-    K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
+    prob.thorough = int(prob.allowed.sum()) <= 16 if thorough is None else thorough
+    return prob, prob.T_mem
 
-    def one_round(budget, pr=prob):
-        err = None
-        for share in (False, True):
-            try:
-                return _round(pr, K, proj_candidates, share, budget), None
-            except NoFit as exc:
-                err = exc
-        return None, err
 
-    layers, last_err = one_round(prob.budget)
+def _one_round(prob: Problem, K: int, proj_candidates: int, budget):
+    """One greedy round (without, then with shared aggregators): (layers, None) or (None, NoFit)."""
+    err = None
+    for share in (False, True):
+        try:
+            return _round(prob, K, proj_candidates, share, budget), None
+        except NoFit as exc:
+            err = exc
+    return None, err
+
+
+def _balanced_round(prob: Problem, K: int, proj_candidates: int, mem_balance: float | None,
+                    balance_slack: float):
+    """The greedy round, and the memory-balanced one taken when it is at most ``1 + balance_slack``
+    times slower: (layers or None, meta, the budget they were placed under, the last NoFit)."""
+    layers, last_err = _one_round(prob, K, proj_candidates, prob.budget)
     capped = balanced_budget(prob, mem_balance, K)
     meta = {"algorithm": "resource_aware", "ffn_chunks": K}
     if layers is not None and capped is not prob.budget:
-        bal, _ = one_round(capped)
+        bal, _ = _one_round(prob, K, proj_candidates, capped)
         if bal is not None:
-            free = Placement(snapshot.source, layers, meta=meta)
-            tight = Placement(snapshot.source, bal, meta=meta)
+            free = Placement(prob.snap.source, layers, meta=meta)
+            tight = Placement(prob.snap.source, bal, meta=meta)
             if (plan_cost(prob, tight).token_latency_s
                     <= (1 + balance_slack) * plan_cost(prob, free).token_latency_s):
                 layers, meta = bal, {**meta, "mem_balanced": True}
-    if layers is None:
-        try:
-            return first_fit(snapshot, dims, cost_model)
-        except InfeasiblePlan:
-            raise prob.no_fit(last_err.block, last_err.nbytes, prob.budget) from None
-    budget = capped if meta.get("mem_balanced") else prob.budget
-    if thorough and prob.T_mem > prob.T + prob.N:
-        tight = Problem(snapshot, dims, cost_model)
-        tight.H, tight.thorough = prob.H, True
-        lt, _ = one_round(tight.budget, tight)
-        if lt is not None:
-            t_lat = plan_cost(tight, Placement(snapshot.source, lt)).token_latency_s
-            h_lat = plan_cost(prob, Placement(snapshot.source, layers)).token_latency_s
-            if t_lat < (1 - headroom_gain) * h_lat:
-                layers, meta, prob, budget = lt, {**meta, "tight_memory": True}, tight, tight.budget
-    if layer_split:
-        layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
-    new = Placement(snapshot.source, layers, meta=meta)
-    return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
-                       preempt=preempt, headroom_until=headroom_until)
+    return layers, meta, capped if meta.get("mem_balanced") else prob.budget, last_err
+
+
+def _tight_round(prob: Problem, K: int, proj_candidates: int, headroom_gain: float, layers, meta: dict, budget):
+    """``thorough``: a round sized for one epoch of KV growth only, taken when it is more than
+    ``headroom_gain`` faster than the headroom plan: (layers, meta, problem, budget) to go on with."""
+    snapshot = prob.snap
+    tight = Problem(snapshot, prob.dims, prob.cost_model)
+    tight.H, tight.thorough = prob.H, True
+    lt, _ = _one_round(tight, K, proj_candidates, tight.budget)
+    if lt is not None:
+        t_lat = plan_cost(tight, Placement(snapshot.source, lt)).token_latency_s
+        h_lat = plan_cost(prob, Placement(snapshot.source, layers)).token_latency_s
+        if t_lat < (1 - headroom_gain) * h_lat:
+            return lt, {**meta, "tight_memory": True}, tight, tight.budget
+    return layers, meta, prob, budget
