@@ -21,12 +21,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.load import BREAKDOWN, Run, latency_table, mem_samples, plan_vs_measured, short_failure  # noqa: E402
+from analysis.style import FAIL_COLOR, MIB, MS, PART_COLORS, color, linestyle  # noqa: E402,F401
+from analysis.sweep import SWEEP_HOW, fig_sweep  # noqa: E402
 
-MS, MIB = 1e3, 2.0 ** 20
-KNOWN = ["resource_aware", "edgeshard", "edgeshard_dynamic", "galaxy", "greedy", "round_robin", "static",
-         "optimal", "fixed"]
-PART_COLORS = {"compute_s": "#4c72b0", "transfer_s": "#dd8452", "wait_s": "#8c8c8c", "migration_s": "#c44e52"}
-FAIL_COLOR = "#b00020"
 
 
 @dataclass
@@ -37,17 +34,6 @@ class Figure:
     png: Path
     pdf: Path
     run: str | None = None  # the run directory's path; None for figures across runs
-
-
-def linestyle(algo: str, k: int) -> object:
-    """Distinct dashes so that algorithms with identical curves stay visible on top of each other."""
-    return ["-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (3, 3))][k % 5]
-
-
-def color(algo: str) -> str:
-    cmap = plt.get_cmap("tab10")
-    idx = KNOWN.index(algo) if algo in KNOWN else len(KNOWN) + sum(map(ord, algo))
-    return matplotlib.colors.to_hex(cmap(idx % 10))
 
 
 def failure_label(run: Run, algo: str) -> str | None:
@@ -351,7 +337,6 @@ def make_figures(runs: list[Run], out_dir: Path) -> list[Figure]:
         used.add(suffix)
         figs += run_figures(run, Path(out_dir), suffix)
     if len(runs) > 1:
-        from analysis.sweep import fig_sweep, SWEEP_HOW
 
         fig = fig_sweep(runs)
         if fig is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from testbed.recorder import TOKEN_COLUMNS
+from testbed.run.events import TOKEN_COLUMNS, fold_summary, latest_attempts, read_events
 
 NUMERIC_TOKEN_COLUMNS = [
     "repetition", "token_index", "token_id", "context_len", "latency_s", "compute_s", "transfer_s",
@@ -76,41 +76,7 @@ class Run:
         return t if algorithm is None else t[t["algorithm"] == algorithm]
 
 
-# -- raw files ---------------------------------------------------------------------------------
-def read_events(path: Path, problems: list[str] | None = None) -> list[dict]:
-    """Every well-formed line of events.jsonl; a torn (undecodable) line is skipped and noted."""
-    problems = problems if problems is not None else []
-    if not path.exists():
-        problems.append(f"{path.name}: missing")
-        return []
-    out = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            ev = json.loads(line)
-        except json.JSONDecodeError:
-            problems.append(f"{path.name}:{n}: torn or malformed line skipped")
-            continue
-        if isinstance(ev, dict) and "type" in ev:
-            out.append(ev)
-    return out
-
-
-def latest_attempts(events: list[dict]) -> list[dict]:
-    """Drop events of interrupted earlier attempts of an (algorithm, repetition) (a resumed run)."""
-    attempt: dict[tuple, int] = {}
-    marks = []
-    for ev in events:
-        key = (ev.get("algorithm"), ev.get("repetition"))
-        if "algorithm" in ev and ev["type"] == "algorithm_started":
-            attempt[key] = attempt.get(key, -1) + 1
-        marks.append(attempt.get(key, 0))
-    return [ev for ev, m in zip(events, marks)
-            if "algorithm" not in ev or m == attempt.get((ev.get("algorithm"), ev.get("repetition")), 0)]
-
-
+# -- raw files (events: ``testbed.run.events.read_events``, the recorder's reader) -----------------
 def read_tokens(run_dir: Path, problems: list[str] | None = None) -> pd.DataFrame:
     """tokens.csv (or tokens.parquet) with numeric columns coerced; torn rows are dropped."""
     problems = problems if problems is not None else []
@@ -167,30 +133,10 @@ def _read_yaml(path: Path, problems: list[str]) -> dict:
 
 
 # -- folds -------------------------------------------------------------------------------------
-def derive_summary(tokens: pd.DataFrame, events: list[dict], algorithm: str) -> dict:
-    """The summary.json entry of one algorithm, folded from the tables (recorder.summarize's rules)."""
-    lat = tokens[(tokens["algorithm"] == algorithm) & (tokens["phase"] == "decode")]["latency_s"].to_numpy(float)
-    evs = [e for e in events if e.get("algorithm") == algorithm]
-    migrations = [e for e in evs if e["type"] == "migration"]
-    failures = [e for e in evs if e["type"] == "algorithm_failed"]
-    peaks: dict[str, int] = {}
-    for e in evs:
-        if e["type"] in ("repetition_done", "mem_sample"):
-            key = "peak_mem_bytes" if e["type"] == "repetition_done" else "host_mem_bytes"
-            for host, b in (e.get(key) or {}).items():
-                peaks[host] = max(peaks.get(host, 0), int(b))
-    return {
-        "mean_token_latency_s": float(lat.mean()) if lat.size else None,
-        "p95_token_latency_s": float(np.percentile(lat, 95)) if lat.size else None,
-        "tokens_generated": int((tokens["algorithm"] == algorithm).sum()),
-        "migrations": int(sum(len(e.get("moves") or []) for e in migrations)),
-        "migration_epochs": len(migrations),
-        "migrated_bytes": int(sum(e.get("bytes_moved") or 0 for e in migrations)),
-        "peak_mem_bytes": peaks,
-        "max_peak_mem_bytes": max(peaks.values()) if peaks else None,
-        "failed": bool(failures),
-        "failure": failures[-1].get("reason") if failures else None,
-    }
+def derive_summary(tokens: pd.DataFrame, events: list[dict], algorithm: str, source: str | None = None) -> dict:
+    """The summary.json entry of one algorithm, folded from the tables: ``testbed.run.events.fold_summary``,
+    the fold the recorder writes summary.json with."""
+    return fold_summary(tokens, events, algorithm, source)
 
 
 def load_run(run_dir: Path | str) -> Run:
@@ -203,8 +149,9 @@ def load_run(run_dir: Path | str) -> Run:
     events = latest_attempts(read_events(run_dir / "events.jsonl", problems))
     tokens = read_tokens(run_dir, problems)
     run = Run(run_dir, config, manifest, {}, tokens, events, problems)
+    source = topology_source(config)
     for algo in run.algorithms + [a for a in summary_file if a not in run.algorithms]:
-        run.summary[algo] = _merge_summary(derive_summary(tokens, events, algo), summary_file.get(algo),
+        run.summary[algo] = _merge_summary(derive_summary(tokens, events, algo, source), summary_file.get(algo),
                                            tokens.empty, algo, problems)
         merged = run.summary[algo]
         merged["started"] = any(e.get("algorithm") == algo and e["type"] == "algorithm_started" for e in events) \
@@ -329,6 +276,11 @@ def _group(events: list[dict]) -> dict[tuple, list[dict]]:
     for e in events:
         out.setdefault((e.get("algorithm"), e.get("repetition")), []).append(e)
     return out
+
+
+def topology_source(config: dict) -> str | None:
+    """The source host of the resolved config's topology (the one with ``source: true``)."""
+    return next((h.get("name") for h in topology_summary(config)["hosts"] if h.get("source")), None)
 
 
 def topology_summary(config: dict) -> dict:

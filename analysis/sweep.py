@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.load import Run, short_failure  # noqa: E402
+from analysis.style import FAIL_COLOR, MIB, MS, color  # noqa: E402
 
 SWEEP_HOW = ("One line per algorithm across sweep points: mean decode latency (left) and the largest per-host "
              "peak memory (right). A red cross is a point where the algorithm failed; at the bottom edge if it "
@@ -68,7 +69,6 @@ def _failure_text(df: pd.DataFrame, params: list[str]) -> str:
 
 
 def fig_sweep(runs: list[Run]):
-    from analysis.figures import FAIL_COLOR, MIB, MS, color
 
     df = sweep_frame(runs)
     if df.empty:

@@ -21,15 +21,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node_agent.model import load_model  # noqa: E402
-from testbed.agents import AgentPool  # noqa: E402
-from testbed.cleanup import Manifest  # noqa: E402
-from testbed.emulated_cluster import EmulatedCluster  # noqa: E402
-from testbed.netcheck import measure_rate  # noqa: E402
-from testbed.network import EmulatedNetwork  # noqa: E402
-from testbed.partition.cost import decode_cost  # noqa: E402
-from testbed.placement import FfnShard, LayerPlacement, Placement, uniform_layer  # noqa: E402
-from testbed.snapshot import ModelDims  # noqa: E402
-from testbed.specs import TopologySpec  # noqa: E402
+from testbed.backends.emulated.agents import AgentPool  # noqa: E402
+from testbed.emulation.cleanup import Manifest  # noqa: E402
+from testbed.backends.emulated.cluster import EmulatedCluster  # noqa: E402
+from testbed.emulation.netcheck import measure_rate  # noqa: E402
+from testbed.emulation.network import EmulatedNetwork  # noqa: E402
+from testbed.partition.cost.latency import decode_cost  # noqa: E402
+from testbed.core.placement import FfnShard, LayerPlacement, Placement, uniform_layer  # noqa: E402
+from testbed.core.snapshot import ModelDims  # noqa: E402
+from testbed.spec.schema import TopologySpec  # noqa: E402
 
 MIB = 1 << 20
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.cleanup import Manifest, read_manifest  # noqa: E402
-from testbed.netcheck import measure_rate  # noqa: E402
-from testbed.network import EmulatedNetwork  # noqa: E402
-from testbed.specs import TopologySpec  # noqa: E402
+from testbed.emulation.cleanup import Manifest, read_manifest  # noqa: E402
+from testbed.emulation.netcheck import measure_rate  # noqa: E402
+from testbed.emulation.network import EmulatedNetwork  # noqa: E402
+from testbed.spec.schema import TopologySpec  # noqa: E402
 
 RATES = (10, 20, 50)
 

@@ -8,7 +8,7 @@
 4. Fluctuating bandwidth on the simulated cluster (8-24 devices, 3 random clusters and scenarios
    each): RA vs EdgeShard (static and dynamic) and Galaxy: mean per-token latency (migration
    included) and peak device memory; ``ra_greedy`` is RA without its layer-split candidate.
-Compute speed: the per-core FLOP/s measured on this machine (``testbed.calibrate.per_core_flops``,
+Compute speed: the per-core FLOP/s measured on this machine (``testbed.backends.calibrate.per_core_flops``,
 cached per host) unless ``--per-core-flops`` is given. Static algorithms are sized for the whole
 generation's KV growth (they never re-plan); dynamic ones for one epoch + their own headroom.
 Run: .venv/bin/python bench/bench_partition.py [--per-core-flops F] [--tokens N] [--only 1,1d,2,2d,3,4]
@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 
-from testbed.cluster import AlgorithmFailure
+from testbed.core.errors import AlgorithmFailure
 from testbed.partition import DYNAMIC_ALGORITHMS, InfeasiblePlan, plan
 from testbed.partition.synthetic import random_star
-from testbed.sim_cluster import SimulatedCluster
-from testbed.snapshot import ModelDims
+from testbed.backends.simulated.cluster import SimulatedCluster
+from testbed.core.snapshot import ModelDims
 
 GPT2 = ModelDims("gpt2", 12, 768, 12, 12, 64, 3072, 50257)
 
@@ -90,7 +90,7 @@ def exact_time() -> None:
 def ra_time(seeds=(1, 2, 3), repeats: int = 9) -> None:
     """Wall time of one decision on three random 48-device stars: the first plan, and a
     re-decision after the links of 16 devices drop x0.1 (current placement given, 8 tokens on)."""
-    from testbed.snapshot import LinkState
+    from testbed.core.snapshot import LinkState
 
     first, again = [], []
     for seed in seeds:
@@ -194,7 +194,7 @@ def fluctuating(per_core_flops: float, tokens: int, every: int = 8, scenarios: i
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-core-flops", type=float, default=None,
-                    help="simulated per-core speed; default: measured here by testbed.calibrate.per_core_flops()")
+                    help="simulated per-core speed; default: measured here by testbed.backends.calibrate.per_core_flops()")
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--only", default="1,1d,2,2d,3,4", help="comma-separated sections to run")
     args = ap.parse_args()
@@ -208,10 +208,10 @@ def main() -> None:
         print(f"bench wall time {time.perf_counter() - t0:.1f} s")
         return
     if args.per_core_flops is None:
-        from testbed.calibrate import per_core_flops
+        from testbed.backends.calibrate import per_core_flops
 
         flops, how = per_core_flops()
-        print(f"per-core speed {flops:.3e} FLOP/s ({how}; testbed.calibrate.per_core_flops, 1 thread, "
+        print(f"per-core speed {flops:.3e} FLOP/s ({how}; testbed.backends.calibrate.per_core_flops, 1 thread, "
               f"256x256 matvecs)")
     else:
         flops = args.per_core_flops

@@ -1,6 +1,6 @@
 """The node agent: one process per emulated host, forked by ``node_agent.forkserver`` into the
 host's network namespace. It holds the host's blocks (``node_agent.shards``) and runs the per-token
-dataflow of ``testbed.placement`` with its peers.
+dataflow of ``testbed.core.placement`` with its peers.
 
 Threads: the control thread (one Unix-socket connection from the controller, request/reply; the
 agent exits when it closes), the data listener (TCP on the host's emulated address), one reader
@@ -34,7 +34,8 @@ from node_agent.migration import Migration
 from node_agent.budget import Budget, BudgetError, return_freed_memory, rss_bytes, tune_allocator
 from node_agent.shards import BlockStore, calibrate
 from node_agent.wire import TransitFloor, WireError, connect, recv_frame, release_time, send_frame
-from testbed.placement import Placement
+from testbed.core.errors import TokenFailed
+from testbed.core.placement import Placement
 
 log = logging.getLogger("headroom.agent")
 DATA_PORT = 7070
@@ -293,7 +294,7 @@ class Agent(Dataflow, Migration):
             except (OSError, WireError, KeyError):
                 pass
             return
-        self._fail_tokens(RuntimeError(f"{self.name}: {type(exc).__name__}: {exc}"))
+        self._fail_tokens(TokenFailed(f"{self.name}: {type(exc).__name__}: {exc}"))
 
     def _fail_tokens(self, exc: Exception) -> None:
         for st in self.tokens.values():
@@ -313,7 +314,7 @@ class Agent(Dataflow, Migration):
         elif f.type in ("mig_ack", "mig_nack"):
             self._on_mig_answer(h)
         elif f.type == "fail":
-            self._fail_tokens(RuntimeError(f"{h['from']}: {h['message']}"))
+            self._fail_tokens(TokenFailed(f"{h['from']}: {h['message']}"))
         else:
             raise P.ProtocolError(f"unexpected data frame {f.type!r} from {src}")
 

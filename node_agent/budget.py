@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from testbed.core.errors import AgentError
+
 MIB = 1 << 20
 TRANSIENT_RESERVE = 512 * 1024  # left free even at an import's peak (interpreter, socket buffers)
 
 
-class BudgetError(Exception):
+class BudgetError(AgentError):
     """A load or import would exceed the host's memory limit."""
+
+    code = "budget"
 
     def __init__(self, message: str, details: dict):
         super().__init__(message)

@@ -1,4 +1,4 @@
-"""The per-token dataflow of a node agent (``testbed.placement`` executed by the blocks one host holds).
+"""The per-token dataflow of a node agent (``testbed.core.placement`` executed by the blocks one host holds).
 
 A token starts at the source (embedding), flows layer by layer as activation messages
 (``x`` -> attention groups -> ``ho`` -> projection -> ``h`` -> FFN shards -> ``part`` -> aggregator

@@ -46,7 +46,7 @@ class Migration:
             return
         if h["type"] == "mig_nack":
             done.set_exception(BudgetError(h.get("message", "refused"), h.get("details", {}))
-                               if h.get("error") == "BudgetError" else RuntimeError(h.get("message")))
+                               if h.get("code") == BudgetError.code else RuntimeError(h.get("message")))
             return
         self.store.free(item)
         group["left"] -= 1

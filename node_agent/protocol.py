@@ -3,7 +3,9 @@
 Control plane (controller <-> agent, and controller <-> fork server): one Unix stream socket per
 peer, strictly request/reply. A request is a frame ``{"type": "req", "cmd": NAME, "id": n, ...}``
 (optionally with a raw payload); the reply is ``{"type": "ok", "id": n, ...}`` or
-``{"type": "error", "id": n, "error": CLASS, "message": TEXT, ...}``. Every call has a timeout.
+``{"type": "error", "id": n, "code": CODE, "message": TEXT, ...}`` where CODE is
+``testbed.core.errors.error_code`` of the exception (``budget``, ``timeout``, ``token_failed``, ...;
+never a class name). Every call has a timeout.
 
 Data plane (agent -> agent, TCP over the emulated addresses, one connection per ordered pair,
 opened by the sender): the first frame is ``hello`` (sender name, protocol version); then
@@ -23,26 +25,25 @@ from typing import Any
 import torch
 
 from node_agent.wire import Frame, WireError, recv_frame, send_frame
+from testbed.core.errors import AgentError, ProtocolError, error_code
 
 PROTOCOL_VERSION = 1
 ACT_KINDS = ("x", "ho", "h", "part", "out")
 CONTROL_TIMEOUT_S = 30.0
 
 
-class ProtocolError(Exception):
-    """A peer broke the protocol (unexpected message, bad shape, version mismatch)."""
+class RemoteError(AgentError):
+    """An agent (or the fork server) answered a request with an error; ``code`` is the remote one."""
+
+    def __init__(self, code: str, message: str, details: dict | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.details = code, message, details or {}
 
 
-class RemoteError(Exception):
-    """An agent (or the fork server) answered a request with an error."""
-
-    def __init__(self, error: str, message: str, details: dict | None = None):
-        super().__init__(f"{error}: {message}")
-        self.error, self.message, self.details = error, message, details or {}
-
-
-class CallTimeout(Exception):
+class CallTimeout(AgentError):
     """A control call got no reply within its timeout."""
+
+    code = "timeout"
 
 
 # ---------------------------------------------------------------------------- tensors
@@ -75,7 +76,7 @@ def ok_frame(call_id: int, **result: Any) -> dict:
 
 def error_frame(call_id: int, exc: BaseException) -> dict:
     details = getattr(exc, "details", None)
-    out = {"type": "error", "id": call_id, "error": type(exc).__name__, "message": str(exc)}
+    out = {"type": "error", "id": call_id, "code": error_code(exc), "message": str(exc)}
     if isinstance(details, dict):
         out["details"] = details
     return out
@@ -106,7 +107,7 @@ def call(sock: socket.socket, cmd: str, call_id: int, payload: bytes = b"", time
 def check_reply(frame: Frame) -> tuple[dict, bytes]:
     if frame.type == "error":
         h = frame.header
-        raise RemoteError(h.get("error", "Error"), h.get("message", ""), h.get("details"))
+        raise RemoteError(h.get("code", "internal"), h.get("message", ""), h.get("details"))
     if frame.type != "ok":
         raise ProtocolError(f"expected a reply, got {frame.type!r}")
     return frame.header, frame.payload

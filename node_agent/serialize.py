@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from testbed.core.errors import ProtocolError
+
 FORMAT = "headroom-tensors/1"
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -23,7 +25,7 @@ _DTYPES: dict[str, torch.dtype] = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class SerializeError(ValueError):
+class SerializeError(ProtocolError, ValueError):
     """The header and payload do not describe a valid set of tensors."""
 
 

@@ -25,7 +25,7 @@ from node_agent.model import (AttentionShard, Embedder, FfnShard, LMHead, ModelC
 from node_agent.budget import Budget, return_freed_memory
 from node_agent.model.blocks import cat_gemv, group_weights
 from node_agent.serialize import tensors_from_bytes, tensors_to_payload
-from testbed.placement import Placement
+from testbed.core.placement import Placement
 
 IMPORT_SLACK = 128 * 1024  # small tensors and allocator rounding during an import
 IMPORT_OVERHEAD = 1.15  # measured import peaks run up to ~12 % above the tensor arithmetic

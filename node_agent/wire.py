@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Union
 
+from testbed.core.errors import ProtocolError
+
 MAGIC = b"HDRM"
 WIRE_VERSION = 1
 PREFIX = struct.Struct("!4sHHIQd")
@@ -37,8 +39,10 @@ MAX_PAYLOAD_BYTES = 1 << 31
 Delay = Union[float, Callable[[], float]]
 
 
-class WireError(Exception):
+class WireError(ProtocolError):
     """A peer sent something that is not a valid frame, or closed the connection mid-frame."""
+
+    code = "wire"
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from testbed.config import ConfigError, load_any, load_experiment
+from testbed.core.errors import ConfigError
+from testbed.spec.loader import load_any, load_experiment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Headroom: emulated edge testbed for partitioned LLM inference.")
 net_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Emulated network tools.")
@@ -60,7 +61,7 @@ def run(
     if backend is not None and backend not in ("emulated", "simulated"):
         print(f"--backend: expected emulated or simulated, got {backend!r}", file=sys.stderr)
         raise typer.Exit(2)
-    from testbed.runner import RunError, run_experiment
+    from testbed.run.runner import RunError, run_experiment
 
     try:
         run_dirs = run_experiment(spec, experiment, out, backend=backend, resume=resume)
@@ -84,7 +85,7 @@ def plan(
         spec = load_experiment(experiment)
     except ConfigError as exc:
         _bad_input(exc)
-    from testbed.planning import PlanningError, plan_initial
+    from testbed.run.planning import PlanningError, plan_initial
 
     try:
         result = plan_initial(spec, algorithm)
@@ -106,7 +107,7 @@ def net_check(topology: Path, as_json: bool = typer.Option(False, "--json")) -> 
         load_any(topology)
     except ConfigError as exc:
         _bad_input(exc)
-    from testbed.netcheck import net_check as check
+    from testbed.emulation.netcheck import net_check as check
 
     ok, report = check(topology, as_json)
     if as_json:
@@ -131,7 +132,7 @@ def analyze(run_dirs: List[Path], out: Optional[Path] = typer.Option(None, "-o",
 def clean(run_dir: Optional[Path] = typer.Argument(None), all_runs: bool = typer.Option(False, "--all"),
           results: Path = typer.Option(Path("results"), "--results")) -> None:
     """Remove exactly what run manifests recorded (namespaces, links, qdiscs, cgroups, processes)."""
-    from testbed.cleanup import cleanup_from_manifest
+    from testbed.emulation.cleanup import cleanup_from_manifest
 
     if run_dir is None and not all_runs:
         print("give a RUN_DIR or --all", file=sys.stderr)

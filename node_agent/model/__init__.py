@@ -20,7 +20,7 @@ def load_state(name_or_dir: str | Path, seed: int = 0) -> tuple[ModelConfig, dic
     """(config, full internal state dict) for a registry name, a HF checkpoint directory, or
     ``config:{json}`` (a ModelConfig as a dict; random seeded weights)."""
     key = str(name_or_dir)
-    if key.startswith("config:"):  # explicit dims (testbed.modelref): random seeded weights
+    if key.startswith("config:"):  # explicit dims (testbed.spec.modelref): random seeded weights
         import json
 
         cfg = ModelConfig.from_dict(json.loads(key[len("config:"):]))

@@ -31,6 +31,8 @@ from .ops import (_causal_attend, _rows, apply_rope, cat_gemv, gemv_layout, norm
 class ShardError(ModelError):
     """An invalid operation on a shard (unknown group, mismatched layer, bad position)."""
 
+    code = "shard"
+
 
 _HEAD_TENSORS = ("wq", "wk", "wv")
 

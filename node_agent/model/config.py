@@ -10,11 +10,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from testbed.core.errors import HeadroomError
+
 Arch = Literal["gpt2", "llama"]
 
 
-class ModelError(Exception):
+class ModelError(HeadroomError):
     """Base error of the model side (bad config, unknown model, bad checkpoint, bad shard op)."""
+
+    code = "model"
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,26 @@
 """Partitioners: pure functions ``snapshot -> placement`` plus the cost models they optimise.
 
-Owns: cost models (``cost``: ``paper`` and ``decode``; ``migration``: migration delay), the
-resource-aware head-level planner (``ra``), the exact solver (``exact``), EdgeShard
-(``edgeshard``), Galaxy / greedy / round-robin (``baselines``) and the one entry point ``plan``.
-No I/O, no torch. Infeasible requests raise ``InfeasiblePlan`` (a ValueError) with the numbers.
+Grouped by concern: cost models (``cost/``: block sizes, ``paper`` and ``decode`` latency, migration
+delay), the resource-aware head-level planner (``ra/``), the exact solver (``exact/``), layer- and
+block-level baselines (``layer/``: EdgeShard, Galaxy, greedy, round-robin), the one table of
+algorithms and their typed parameters (``registry``) and the one entry point ``plan``.
+No I/O, no torch. Infeasible requests raise ``InfeasiblePlan`` with the numbers.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from testbed.partition.blocks import block_flops, block_memory_bytes
-from testbed.partition.cost import COST_MODELS, CostResult, cost
-from testbed.partition.errors import InfeasiblePlan, OutOfScope
-from testbed.partition.migration import migration_delay
-from testbed.placement import Placement
-from testbed.snapshot import ClusterSnapshot, ModelDims
+from testbed.partition.cost.blocks import block_flops, block_memory_bytes
+from testbed.partition.cost.latency import COST_MODELS, CostResult, cost
+from testbed.core.errors import InfeasiblePlan, OutOfScope
+from testbed.partition import registry
+from testbed.partition.cost.migration import migration_delay
+from testbed.core.placement import Placement
+from testbed.core.snapshot import ClusterSnapshot, ModelDims
 
-ALGORITHMS = ("resource_aware", "optimal", "edgeshard", "edgeshard_dynamic", "galaxy", "greedy",
-              "round_robin", "static")
-DYNAMIC_ALGORITHMS = frozenset({"resource_aware", "optimal", "edgeshard_dynamic"})
+ALGORITHMS = registry.PLANNERS
+DYNAMIC_ALGORITHMS = registry.DYNAMIC
 
 __all__ = ["ALGORITHMS", "DYNAMIC_ALGORITHMS", "COST_MODELS", "CostResult", "InfeasiblePlan", "OutOfScope",
            "PlanResult", "block_flops", "block_memory_bytes", "cost", "migration_delay", "plan"]
@@ -53,39 +54,29 @@ def _static(snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decod
     """The initial resource-aware plan, kept forever (returns ``snapshot.current`` once there is one)."""
     from dataclasses import replace
 
-    from testbed.partition.ra import resource_aware
+    from testbed.partition.ra.planner import resource_aware
 
     if snapshot.current is not None and len(snapshot.current.layers) == dims.n_layers:
         return snapshot.current
     return resource_aware(replace(snapshot, current=None), dims, cost_model, **params)
 
 
-def _registry() -> dict:
-    from testbed.partition.baselines import first_fit, galaxy, round_robin
-    from testbed.partition.edgeshard import edgeshard, edgeshard_dynamic
-    from testbed.partition.exact import optimal
-    from testbed.partition.ra import resource_aware
-
-    return {"resource_aware": resource_aware, "optimal": optimal, "edgeshard": edgeshard,
-            "edgeshard_dynamic": edgeshard_dynamic, "galaxy": galaxy, "greedy": first_fit,
-            "round_robin": round_robin, "static": _static}
-
-
 def plan(algorithm: str, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decode",
          **params) -> PlanResult:
     """Place ``dims`` on the snapshot's devices with ``algorithm``; predictions use ``cost_model``."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    entry = registry.get(algorithm, planner=True)
     if cost_model not in COST_MODELS:
         raise ValueError(f"unknown cost model {cost_model!r}; expected one of {sorted(COST_MODELS)}")
+    params = entry.validate(params)
+    fn = entry.planner()
     t0 = time.perf_counter()
-    placement = _registry()[algorithm](snapshot, dims, cost_model, **params)
+    placement = fn(snapshot, dims, cost_model, **params)
     solve = time.perf_counter() - t0
     placement.validate(dims.n_layers, dims.n_kv_heads, dims.ffn_dim)
     res = cost(placement, snapshot, dims, cost_model)
     mig = migration_delay(snapshot.current, placement, snapshot, dims, cost_model=cost_model)
     return PlanResult(algorithm, placement, res.token_latency_s, res.mem_bytes, solve,
-                      algorithm in DYNAMIC_ALGORITHMS, cost_model, res.compute_s, res.transfer_s, mig,
+                      entry.dynamic, cost_model, res.compute_s, res.transfer_s, mig,
                       _json_scalars(placement.meta))
 
 

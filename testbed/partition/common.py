@@ -8,11 +8,26 @@ from itertools import repeat
 
 import numpy as np
 
-from testbed.partition import blocks as B
-from testbed.partition.cost import COST_MODELS, CostResult, memory, paper_constants
-from testbed.partition.errors import InfeasiblePlan, mib
-from testbed.placement import FfnShard, LayerPlacement, Placement
-from testbed.snapshot import ClusterSnapshot, ModelDims
+from testbed.partition.cost import blocks as B
+from testbed.partition.cost.latency import COST_MODELS, CostResult, memory, paper_constants
+from testbed.core.errors import HeadroomError, InfeasiblePlan
+from testbed.core.placement import FfnShard, LayerPlacement, Placement
+from testbed.core.snapshot import ClusterSnapshot, ModelDims
+
+
+class NoFit(HeadroomError):
+    """A greedy pass found no device with room for ``block`` (``nbytes``); RA retries, then turns
+    it into ``InfeasiblePlan`` with the numbers."""
+
+    code = "no_fit"
+
+    def __init__(self, block: str, nbytes: float):
+        super().__init__(block)
+        self.block, self.nbytes = block, nbytes
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
 
 
 @dataclass

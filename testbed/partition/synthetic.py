@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.snapshot import ClusterSnapshot, DeviceState, LinkState, ModelDims
+from testbed.core.snapshot import ClusterSnapshot, DeviceState, LinkState, ModelDims
 
 
 def star_snapshot(speeds, mems, bws, lats, context_len: int = 16, tokens_until_next_decision: int = 8,
@@ -24,7 +24,7 @@ def star_snapshot(speeds, mems, bws, lats, context_len: int = 16, tokens_until_n
 def random_star(rng: np.random.Generator, n: int, dims: ModelDims, mem_slack: float = 2.0, **kw) -> ClusterSnapshot:
     """n devices (source included) with speeds 0.2-2 GFLOP/s, links 1-50 MB/s, 1-10 ms; memory such
     that the non-source devices together hold ``mem_slack`` times the model."""
-    from testbed.partition.blocks import block_memory_bytes, source_bytes
+    from testbed.partition.cost.blocks import block_memory_bytes, source_bytes
 
     T = kw.get("context_len", 16) + kw.get("tokens_until_next_decision", 8)
     per_layer = (dims.n_kv_heads * block_memory_bytes(dims, "head", T) + block_memory_bytes(dims, "proj", T)

@@ -78,7 +78,7 @@ def test_sigterm_interrupts_cleanly(tmp_path):
             proc.kill()
     assert rc != 0
     run_dir = found[0].parent
-    from testbed.recorder import read_events
+    from testbed.run.events import read_events
     import json
 
     types = [e["type"] for e in read_events(run_dir)]

@@ -62,10 +62,10 @@ def test_quickstart_emulated_tokens_equal_monolithic(tmp_path):
     assert manifest["delay_mechanism"] in ("netem", "transport")
 
     from node_agent.model import load_model
-    from testbed.config import load_experiment
-    from testbed.modelref import resolve_model
-    from testbed.recorder import read_events
-    from testbed.runner import prompt_for
+    from testbed.spec.loader import load_experiment
+    from testbed.spec.modelref import resolve_model
+    from testbed.run.events import read_events
+    from testbed.run.runner import prompt_for
 
     spec = load_experiment(REPO / "experiments/quickstart.yaml")
     model_ref = resolve_model(spec.model)

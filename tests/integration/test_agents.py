@@ -15,11 +15,11 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mnexec") is None, reason="needs root and mnexec"),
 ]
 
-from testbed.agents import AgentPool  # noqa: E402
-from testbed.cleanup import Manifest  # noqa: E402
-from testbed.network import EmulatedNetwork  # noqa: E402
-from testbed.placement import Placement, uniform_layer  # noqa: E402
-from testbed.specs import TopologySpec  # noqa: E402
+from testbed.backends.emulated.agents import AgentPool  # noqa: E402
+from testbed.emulation.cleanup import Manifest  # noqa: E402
+from testbed.emulation.network import EmulatedNetwork  # noqa: E402
+from testbed.core.placement import Placement, uniform_layer  # noqa: E402
+from testbed.spec.schema import TopologySpec  # noqa: E402
 
 TOPO = TopologySpec.model_validate({
     "name": "ag-star", "hosts": [

@@ -1,4 +1,4 @@
-"""The emulated backend end to end (root, real Mininet via testbed.network): head-level, layer-level
+"""The emulated backend end to end (root, real Mininet via testbed.emulation.network): head-level, layer-level
 and Galaxy-like placements on 4 hosts generate exactly the monolithic model's greedy tokens (and
 top-5 logits) for 64 tokens, through a mid-generation head migration and a link rate change; the
 same on tiny-llama (GQA); loads and migrations over a host's budget are refused with the numbers;
@@ -20,11 +20,11 @@ pytestmark = [
 ]
 
 from node_agent.model import load_model  # noqa: E402
-from testbed.cleanup import Manifest, read_manifest  # noqa: E402
-from testbed.cluster import AlgorithmFailure  # noqa: E402
-from testbed.emulated_cluster import EmulatedCluster  # noqa: E402
-from testbed.placement import FfnShard, LayerPlacement, Placement, uniform_layer  # noqa: E402
-from testbed.specs import TopologySpec  # noqa: E402
+from testbed.emulation.cleanup import Manifest, read_manifest  # noqa: E402
+from testbed.core.errors import AlgorithmFailure  # noqa: E402
+from testbed.backends.emulated.cluster import EmulatedCluster  # noqa: E402
+from testbed.core.placement import FfnShard, LayerPlacement, Placement, uniform_layer  # noqa: E402
+from testbed.spec.schema import TopologySpec  # noqa: E402
 
 
 def star(mem=(512, 256, 256, 256), name="ec-star"):

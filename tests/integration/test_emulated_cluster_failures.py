@@ -22,9 +22,9 @@ pytestmark = [
 ]
 
 from node_agent.model import load_model  # noqa: E402
-from testbed.cluster import AlgorithmFailure  # noqa: E402
-from testbed.emulated_cluster import EmulatedCluster  # noqa: E402
-from testbed.placement import FfnShard, LayerPlacement, Placement  # noqa: E402
+from testbed.core.cluster import AlgorithmFailure  # noqa: E402
+from testbed.backends.emulated.cluster import EmulatedCluster  # noqa: E402
+from testbed.core.placement import FfnShard, LayerPlacement, Placement  # noqa: E402
 
 from tests.integration.test_emulated_cluster import _assert_all_gone, reference, star  # noqa: E402
 

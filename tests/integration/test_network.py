@@ -20,12 +20,12 @@ pytestmark = [
                        reason="needs root, mnexec and iperf3"),
 ]
 
-from testbed.cleanup import Manifest, cleanup_from_manifest, read_manifest  # noqa: E402
-from testbed.config import load_topology  # noqa: E402
-from testbed.netcheck import (RTT_TOL, RTT_TOL_ABS_MS, measure_loss, measure_memory, measure_rate,  # noqa: E402
+from testbed.emulation.cleanup import Manifest, cleanup_from_manifest, read_manifest  # noqa: E402
+from testbed.spec.loader import load_topology  # noqa: E402
+from testbed.emulation.netcheck import (RTT_TOL, RTT_TOL_ABS_MS, measure_loss, measure_memory, measure_rate,  # noqa: E402
                               expected_rtt_ms, measure_rtt, run_net_check)
-from testbed.network import EmulatedNetwork, NetworkError  # noqa: E402
-from testbed.specs import TopologySpec  # noqa: E402
+from testbed.emulation.network import EmulatedNetwork, NetworkError  # noqa: E402
+from testbed.spec.schema import TopologySpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STAR = TopologySpec.model_validate({
@@ -201,9 +201,9 @@ def test_cleanup_after_orchestrator_sigkill(tmp_path):
     manifest = tmp_path / "resources.jsonl"
     script = textwrap.dedent(f"""
         import time
-        from testbed.cleanup import Manifest
-        from testbed.config import load_topology
-        from testbed.network import EmulatedNetwork
+        from testbed.emulation.cleanup import Manifest
+        from testbed.spec.loader import load_topology
+        from testbed.emulation.network import EmulatedNetwork
         net = EmulatedNetwork(load_topology("{REPO}/topologies/star3.yaml"), "killed-{uuid.uuid4().hex[:6]}",
                               Manifest("{manifest}"), delay_consumer="wire").start()
         net.popen_in_host("h2", ["sleep", "300"])

@@ -10,7 +10,7 @@ import pytest
 
 from analysis.load import latency_table, load_run, plan_vs_measured
 from analysis.report import analyze
-from testbed.recorder import RunRecorder, summarize
+from testbed.run.recorder import RunRecorder, summarize
 
 ALGOS = ["resource_aware", "edgeshard", "greedy", "galaxy"]
 NEW_TOKENS = 20

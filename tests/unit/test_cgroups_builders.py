@@ -1,4 +1,4 @@
-"""Pure parts of testbed.cgroups and testbed.cleanup's manifest (no root)."""
+"""Pure parts of testbed.emulation.cgroups and testbed.emulation.cleanup's manifest (no root)."""
 import json
 import os
 import subprocess
@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from testbed import cgroups as cg
-from testbed.cleanup import Manifest, cleanup_entries, proc_start_time, read_manifest
-from testbed.profiles import PROFILES, get_profile, resolve
+from testbed.emulation import cgroups as cg
+from testbed.emulation.cleanup import Manifest, cleanup_entries, proc_start_time, read_manifest
+from testbed.spec.profiles import PROFILES, get_profile, resolve
 
 
 def test_group_name_prefixed_and_sanitised():

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import ConfigError, load_experiment, load_topology
+from testbed.core.errors import ConfigError
+from testbed.spec.loader import load_experiment, load_topology
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,13 +1,13 @@
 """Cost models and migration delay against hand-computed numbers on a tiny instance."""
 import pytest
 
-from testbed.partition.blocks import block_flops, block_memory_bytes
-from testbed.partition.cost import decode_cost, paper_cost
-from testbed.partition.migration import migration_estimate, pair_delay
-from testbed.partition.cost import Net
+from testbed.partition.cost.blocks import block_flops, block_memory_bytes
+from testbed.partition.cost.latency import decode_cost, paper_cost
+from testbed.partition.cost.migration import migration_estimate, pair_delay
+from testbed.partition.cost.latency import Net
 from testbed.partition.synthetic import star_snapshot
-from testbed.placement import FfnShard, LayerPlacement, Placement, uniform_layer
-from testbed.snapshot import ModelDims
+from testbed.core.placement import FfnShard, LayerPlacement, Placement, uniform_layer
+from testbed.core.snapshot import ModelDims
 
 DIMS = ModelDims("tiny", 1, 4, 2, 2, 2, 8, 10)  # D=4, 2 heads (MHA), d=2, F=8, V=10, fp32
 
@@ -105,7 +105,7 @@ def test_decode_serialises_ffn_fan_out():
 
 
 def test_fan_in_queue_hand_computed():
-    from testbed.partition.cost import _Nics
+    from testbed.partition.cost.latency import _Nics
 
     nics = _Nics(Net(snap()), serial=True)
     # alone they would arrive at 1.0, 1.2, 0.5 (total times); each needs 0.5 s of the downlink:
@@ -116,7 +116,7 @@ def test_fan_in_queue_hand_computed():
 
 
 def test_uplink_serialisation_order():
-    from testbed.partition.cost import _Nics
+    from testbed.partition.cost.latency import _Nics
 
     nics = _Nics(Net(snap()), serial=True)
     a = nics.send("d0", "d1", 16, (0.0, 0.0))

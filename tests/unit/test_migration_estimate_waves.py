@@ -2,13 +2,13 @@
 delays add up), two full hosts cannot swap (no order: inf, refused by the simulated backend)."""
 import pytest
 
-from testbed.cluster import MigrationRefused
-from testbed.partition.cost import placement_memory
-from testbed.partition.migration import migration_estimate
+from testbed.core.errors import MigrationRefused
+from testbed.partition.cost.latency import placement_memory
+from testbed.partition.cost.migration import migration_estimate
 from testbed.partition.synthetic import star_snapshot
-from testbed.placement import Placement, uniform_layer
-from testbed.sim_cluster import SimulatedCluster
-from testbed.snapshot import ModelDims
+from testbed.core.placement import Placement, uniform_layer
+from testbed.backends.simulated.cluster import SimulatedCluster
+from testbed.core.snapshot import ModelDims
 
 DIMS = ModelDims("small", 2, 256, 4, 4, 64, 1024, 1000)
 T = 32

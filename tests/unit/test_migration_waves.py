@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.migration_items import MigrationBlocked, schedule_waves
+from testbed.core.moves import MigrationBlocked, schedule_waves
 
 KB = 1000
 
@@ -73,7 +73,7 @@ def test_a_whole_ffn_shard_leaving_frees_its_sender_for_the_next_wave():
 
 
 def test_warmup_placement_spreads_whole_layers_over_the_workers():
-    from testbed.warmup import warmup_placement
+    from testbed.backends.emulated.warmup import warmup_placement
 
     pl = warmup_placement(["h1", "h2", "h3"], "h1", 5, 4, 64)
     assert [lp.proj for lp in pl.layers] == ["h2", "h3", "h2", "h3", "h2"]

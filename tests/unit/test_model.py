@@ -163,8 +163,8 @@ def test_smollm2_cache_written_once_and_reloaded(tmp_path, monkeypatch):
 
 
 def test_explicit_dims_load_everywhere_with_the_same_random_weights():
-    from testbed.modelref import resolve_model
-    from testbed.specs import ModelChoice
+    from testbed.spec.modelref import resolve_model
+    from testbed.spec.schema import ModelChoice
 
     from node_agent.model import load_state
 

@@ -5,11 +5,11 @@ import pytest
 from dataclasses import replace
 
 from testbed.partition import ALGORITHMS, InfeasiblePlan, OutOfScope, plan
-from testbed.partition.baselines import _galaxy_plan
+from testbed.partition.layer.baselines import _galaxy_plan
 from testbed.partition.common import Problem
-from testbed.partition.cost import placement_memory
+from testbed.partition.cost.latency import placement_memory
 from testbed.partition.synthetic import random_star, star_snapshot
-from testbed.snapshot import ModelDims
+from testbed.core.snapshot import ModelDims
 
 GQA = ModelDims("smollm2-like", 30, 576, 9, 3, 64, 1536, 49152, gated_ffn=True)
 MHA = ModelDims("gpt2-like", 12, 768, 12, 12, 64, 3072, 50257)

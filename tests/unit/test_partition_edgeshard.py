@@ -7,14 +7,15 @@ import pytest
 
 from testbed.partition import plan
 from testbed.partition.common import Problem, check_memory
-from testbed.partition.cost import Net, placement_memory
-from testbed.partition.errors import InfeasiblePlan
-from testbed.partition.edgeshard import edgeshard, layer_level, layer_repair
-from testbed.partition.migration import migration_delay
-from testbed.partition.ra_choice import _objective
+from testbed.partition.cost.latency import Net, placement_memory
+from testbed.core.errors import InfeasiblePlan
+from testbed.partition.layer.edgeshard import edgeshard, layer_level, layer_repair
+from testbed.partition.cost.migration import migration_delay
+from testbed.partition.ra.choice import _objective
 from testbed.partition.synthetic import star_snapshot
-from testbed.placement import Placement, moved_blocks, uniform_layer
-from testbed.snapshot import ModelDims
+from testbed.core.placement import Placement, uniform_layer
+from testbed.core.moves import moved_blocks
+from testbed.core.snapshot import ModelDims
 
 MINI = ModelDims("mini-gpt2", 6, 256, 8, 8, 32, 1024, 4096)
 MIB, MBIT = 2**20, 1e6 / 8

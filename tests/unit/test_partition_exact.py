@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from testbed.partition import plan
-from testbed.partition.cost import decode_cost, paper_cost
-from testbed.partition.exact import enumerate_paper
-from testbed.partition.migration import migration_delay
+from testbed.partition.cost.latency import decode_cost, paper_cost
+from testbed.partition.exact.optimal import enumerate_paper
+from testbed.partition.cost.migration import migration_delay
 from testbed.partition.synthetic import random_star
-from testbed.placement import FfnShard, LayerPlacement, Placement
-from testbed.snapshot import ModelDims
+from testbed.core.placement import FfnShard, LayerPlacement, Placement
+from testbed.core.snapshot import ModelDims
 
 PAPER = ModelDims("p", 1, 64, 4, 4, 16, 256, 100)
 DECODE = ModelDims("d", 2, 32, 4, 2, 16, 64, 50, gated_ffn=True)
@@ -58,7 +58,7 @@ def brute_decode(snap, dims):
 def _ffn_layouts(devs, dims, K):
     """Every FFN cut at the K chunk boundaries: any device per chunk, any shard first (the
     aggregator), the other shards in any order."""
-    from testbed.partition.blocks import ffn_chunk_bounds
+    from testbed.partition.cost.blocks import ffn_chunk_bounds
 
     bounds = ffn_chunk_bounds(dims.ffn_dim, K)
     out = set()
@@ -133,7 +133,7 @@ def test_decode_one_layer_equals_brute_force(seed, n, K, on_source):
 @pytest.mark.parametrize("bws", [[10e6] * 4, [10e6, 2e6, 2e6, 2e6]])
 def test_decode_one_layer_ties_equal_brute_force(bws):
     """Identical workers: fan-in arrivals tie, decode_cost breaks ties by send order."""
-    from testbed.partition.blocks import block_memory_bytes, ffn_bytes, proj_bytes, source_bytes
+    from testbed.partition.cost.blocks import block_memory_bytes, ffn_bytes, proj_bytes, source_bytes
     from testbed.partition.synthetic import star_snapshot
 
     layer = 4 * block_memory_bytes(ONE, "head", 24) + proj_bytes(ONE) + ffn_bytes(ONE)
@@ -148,7 +148,7 @@ def test_serial_certification_loop_with_loose_bounds(seed, monkeypatch):
     """Fan-in bounds loosened by 2 ms (still valid lower bounds): the certification loop has to
     evaluate many plans with decode_cost and still lands on the brute-force minimum; with a cap on
     the evaluations it reports an uncertified plan and a valid lower bound."""
-    from testbed.partition import exact_serial
+    from testbed.partition.exact import serial as exact_serial
     from testbed.partition.common import Problem
 
     tight = exact_serial._fan_in_lb
@@ -164,7 +164,7 @@ def test_serial_certification_loop_with_loose_bounds(seed, monkeypatch):
 def test_serial_tables_equal_decode_cost():
     """The search's tabulated latency of a plan == decode_cost of that plan (no near-ties here)."""
     from testbed.partition.common import Problem
-    from testbed.partition.exact_serial import SerialLayerSearch
+    from testbed.partition.exact.serial import SerialLayerSearch
 
     rng = np.random.default_rng(7)
     dims = ModelDims("t", 1, 64, 6, 6, 16, 256, 50)
@@ -187,7 +187,7 @@ def test_decode_several_layers_bounded_by_relaxation(seed):
     """Two layers: the relaxation MILP is exact for the relaxation (== brute force), its dual bound
     bounds the serialised optimum from below, and optimal's plan lies between the two."""
     from testbed.partition.common import Problem
-    from testbed.partition.exact_decode import decode_milp
+    from testbed.partition.exact.decode import decode_milp
 
     snap = random_star(np.random.default_rng(seed), 4, DECODE, mem_slack=1.6)
     relaxed, serial = brute_decode(snap, DECODE)
@@ -257,7 +257,7 @@ def _star4_gpt2_layer(context_len, current=None):
 def test_optimal_replan_after_kv_growth_moves_only_what_must_move():
     """The KV caches outgrow the fast device: the old optimal jumped to an unrelated placement
     (13 blocks, 1.6 s of migration for 0.1 ms/token); now migration is in the objective."""
-    from testbed.placement import moved_blocks
+    from testbed.core.moves import moved_blocks
 
     dims = ModelDims("gpt2-1layer", 1, 768, 12, 12, 64, 3072, 50257)
     cur = plan("optimal", _star4_gpt2_layer(32), dims).placement
@@ -271,8 +271,8 @@ def test_optimal_replan_after_kv_growth_moves_only_what_must_move():
 @pytest.mark.parametrize("seed", [1, 3])
 def test_optimal_replan_after_small_budget_cut_keeps_unrelated_blocks(seed):
     """One worker loses a few KB: blocks leave only that worker, everything else stays put."""
-    from testbed.partition.cost import placement_memory
-    from testbed.placement import moved_blocks
+    from testbed.partition.cost.latency import placement_memory
+    from testbed.core.moves import moved_blocks
 
     dims = ModelDims("small-2layer", 2, 256, 8, 8, 32, 1024, 1000)
     snap = random_star(np.random.default_rng(100 + seed), 5, dims, mem_slack=1.5, context_len=32)
@@ -288,8 +288,8 @@ def test_optimal_replan_after_small_budget_cut_keeps_unrelated_blocks(seed):
         # a chain (dev -> k, k -> j: k makes room) only when it beats the minimal repair off dev
         # (seed 3: FFN columns d3 -> d4 and d4 -> d2, 1.3 ms/token faster for 30 ms more migration)
         from testbed.partition.common import Problem
-        from testbed.partition.cost import Net
-        from testbed.partition.ra_choice import _objective, repair
+        from testbed.partition.cost.latency import Net
+        from testbed.partition.ra.choice import _objective, repair
 
         prob, net = Problem(s2, dims), Net(s2)
         fixed = repair(prob, cur, 32, net, prob.budget, until=40)
@@ -302,8 +302,8 @@ def test_optimal_replan_objective_not_worse_than_minimal_repair(seed, n_layers):
     """latency + migration / H of optimal's re-plan <= that of RA's minimal repair of the old plan
     (two layers: relaxation MILP + local search; one layer: the exact search + migration)."""
     from testbed.partition.common import Problem
-    from testbed.partition.cost import Net, placement_memory
-    from testbed.partition.ra_choice import _objective, repair
+    from testbed.partition.cost.latency import Net, placement_memory
+    from testbed.partition.ra.choice import _objective, repair
 
     dims = ModelDims("small-layers", n_layers, 256, 8, 8, 32, 1024, 1000)
     snap = random_star(np.random.default_rng(100 + seed), 5, dims, mem_slack=1.5, context_len=32)

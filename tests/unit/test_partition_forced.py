@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from testbed.partition import plan
-from testbed.partition.blocks import block_memory_bytes
+from testbed.partition.cost.blocks import block_memory_bytes
 from testbed.partition.common import check_memory, fits_until
-from testbed.partition.cost import decode_cost, placement_memory
-from testbed.partition.errors import InfeasiblePlan
-from testbed.partition.migration import migration_delay
+from testbed.partition.cost.latency import decode_cost, placement_memory
+from testbed.core.errors import InfeasiblePlan
+from testbed.partition.cost.migration import migration_delay
 from testbed.partition.synthetic import random_star, star_snapshot
-from testbed.placement import FfnShard, LayerPlacement, Placement, moved_blocks, uniform_layer
-from testbed.snapshot import ModelDims
+from testbed.core.placement import FfnShard, LayerPlacement, Placement, uniform_layer
+from testbed.core.moves import moved_blocks
+from testbed.core.snapshot import ModelDims
 
 MINI = ModelDims("mini-gpt2", 6, 256, 8, 8, 32, 1024, 4096)
 MIB, MBIT = 2**20, 1e6 / 8

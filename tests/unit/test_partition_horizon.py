@@ -8,14 +8,15 @@ from dataclasses import replace
 
 import pytest
 
-from testbed.controller import LoopSettings, _plan, _with_policy
+from testbed.run.controller import LoopSettings, _plan, _with_policy
 from testbed.partition import plan
 from testbed.partition.common import Problem, check_memory, fits_until
-from testbed.partition.cost import placement_memory
-from testbed.partition.errors import InfeasiblePlan
+from testbed.partition.cost.latency import placement_memory
+from testbed.core.errors import InfeasiblePlan
 from testbed.partition.synthetic import star_snapshot
-from testbed.placement import FfnShard, LayerPlacement, Placement, moved_blocks, uniform_layer
-from testbed.snapshot import ModelDims
+from testbed.core.placement import FfnShard, LayerPlacement, Placement, uniform_layer
+from testbed.core.moves import moved_blocks
+from testbed.core.snapshot import ModelDims
 
 MINI = ModelDims("mini-gpt2", 6, 256, 8, 8, 32, 1024, 4096)
 MIB, MBIT = 2**20, 1e6 / 8
@@ -140,7 +141,7 @@ def test_controller_tells_the_planner_how_many_tokens_remain(monkeypatch):
 
 
 def test_a_move_late_in_the_run_must_pay_for_itself_before_the_end():
-    from testbed.snapshot import ClusterSnapshot
+    from testbed.core.snapshot import ClusterSnapshot
 
     snap = ClusterSnapshot((), {}, 100, 8, tokens_remaining=5)
     assert snap.amortisation_tokens(32) == 5.0

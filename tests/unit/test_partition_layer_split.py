@@ -4,10 +4,10 @@ import pytest
 
 from testbed.partition import plan
 from testbed.partition.common import evaluate
-from testbed.partition.edgeshard import layer_level
-from testbed.partition.ra import resource_aware
+from testbed.partition.layer.edgeshard import layer_level
+from testbed.partition.ra.planner import resource_aware
 from testbed.partition.synthetic import random_star
-from testbed.snapshot import ModelDims
+from testbed.core.snapshot import ModelDims
 
 DIMS = ModelDims("s", 4, 256, 4, 4, 64, 1024, 1000)
 

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from testbed.partition import plan
-from testbed.partition.cost import decode_cost, placement_memory
-from testbed.partition.migration import migration_delay
+from testbed.partition.cost.latency import decode_cost, placement_memory
+from testbed.partition.cost.migration import migration_delay
 from testbed.partition.synthetic import star_snapshot
-from testbed.placement import Placement, moved_blocks, uniform_layer
-from testbed.snapshot import LinkState, ModelDims
+from testbed.core.placement import Placement, uniform_layer
+from testbed.core.moves import moved_blocks
+from testbed.core.snapshot import LinkState, ModelDims
 
 DIMS = ModelDims("small", 2, 256, 4, 4, 64, 1024, 1000)
 BIG = 2**30

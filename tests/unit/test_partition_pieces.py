@@ -3,14 +3,15 @@ KV groups, projections and FFN column pieces, bytes per (sender, receiver) pair.
 import numpy as np
 import pytest
 
-from testbed.migration_items import item_bytes, migration_items
-from testbed.partition import blocks as B
-from testbed.partition.cost import paper_constants
-from testbed.partition.migration import migration_estimate
+from testbed.core.moves import item_bytes, migration_items
+from testbed.partition.cost import blocks as B
+from testbed.partition.cost.latency import paper_constants
+from testbed.partition.cost.migration import migration_estimate
 from testbed.partition.synthetic import star_snapshot
-from testbed.placement import FfnShard, LayerPlacement, Placement, item_block_id, moved_blocks
-from testbed.sim_cluster import SimulatedCluster
-from testbed.snapshot import ModelDims
+from testbed.core.placement import FfnShard, LayerPlacement, Placement
+from testbed.core.moves import item_block_id, moved_blocks
+from testbed.backends.simulated.cluster import SimulatedCluster
+from testbed.core.snapshot import ModelDims
 
 G1 = ModelDims("gpt2-1", 1, 768, 12, 12, 64, 3072, 50257)
 COL = B.ffn_bytes(G1, 1)  # bytes per FFN column

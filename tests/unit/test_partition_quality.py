@@ -5,7 +5,7 @@ import pytest
 
 from testbed.partition import InfeasiblePlan, plan
 from testbed.partition.synthetic import random_star
-from testbed.snapshot import ModelDims
+from testbed.core.snapshot import ModelDims
 
 GPT2_1 = ModelDims("gpt2-1layer", 1, 768, 12, 12, 64, 3072, 50257)
 SMALL2 = ModelDims("small-2layer", 2, 256, 8, 8, 32, 1024, 1000)

@@ -18,9 +18,10 @@ from node_agent.model import load_model
 from node_agent.budget import Budget, BudgetError
 from node_agent.shards import BlockStore
 from node_agent.wire import recv_frame, send_frame
-from testbed.agents import ControlConn
-from testbed.migration_items import migration_items
-from testbed.placement import FfnShard, LayerPlacement, Placement, moved_blocks, uniform_layer
+from testbed.backends.emulated.agents import ControlConn
+from testbed.core.moves import migration_items
+from testbed.core.placement import FfnShard, LayerPlacement, Placement, uniform_layer
+from testbed.core.moves import moved_blocks
 
 
 def test_tensor_payload_roundtrip():
@@ -48,7 +49,7 @@ def test_call_reply_and_error_over_socketpair():
     assert head["value"] == 3 and payload == b"xyz"
     with pytest.raises(P.RemoteError) as exc:
         P.call(a, "boom", 2)
-    assert exc.value.error == "BudgetError" and exc.value.details == {"needed_bytes": 5}
+    assert exc.value.code == "budget" and exc.value.details == {"needed_bytes": 5}
     th.join()
     a.close(), b.close()
 

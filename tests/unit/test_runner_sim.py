@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config import load_experiment
-from testbed.recorder import read_events
-from testbed.runner import run_experiment
+from testbed.spec.loader import load_experiment
+from testbed.run.events import read_events
+from testbed.run.runner import run_experiment
 
 TOPO = """\
 name: t4
@@ -85,7 +85,7 @@ def test_run_directory_contents(exp_path, tmp_path):
 
 
 def _interrupt_after(monkeypatch, n_steps: int):
-    from testbed import sim_cluster
+    from testbed.backends.simulated import cluster as sim_cluster
 
     real_step = sim_cluster.SimulatedCluster.step
     calls = {"n": 0}
@@ -153,7 +153,7 @@ def test_cli_run_and_plan(exp_path, tmp_path):
 
 
 def test_plan_json_carries_the_exact_solvers_certificate():
-    from testbed.planning import plan_initial
+    from testbed.run.planning import plan_initial
 
     repo = Path(__file__).resolve().parents[2]
     obj = plan_initial(load_experiment(repo / "experiments/paper/small_scale_exact.yaml"), "optimal")
@@ -172,8 +172,8 @@ def test_clean_of_a_missing_run_directory_is_a_clear_error(tmp_path):
 
 
 def test_a_migration_refused_before_anything_moved_keeps_the_current_placement(tmp_path, monkeypatch):
-    from testbed.cluster import MigrationRefused
-    from testbed.sim_cluster import SimulatedCluster
+    from testbed.core.errors import MigrationRefused
+    from testbed.backends.simulated.cluster import SimulatedCluster
 
     def refuse(self, new):
         raise MigrationRefused("migration refused: h3 cannot receive head of layer 0 (test)")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.scenario import ScenarioError, Timeline, expand
-from testbed.specs import ExperimentSpec
+from testbed.spec.scenario import ScenarioError, Timeline, expand
+from testbed.spec.schema import ExperimentSpec
 
 TOPO = {
     "name": "t",
@@ -74,8 +74,8 @@ def test_random_walk_on_all_links_uses_one_stream_per_link():
 
 
 def test_only_drops_beyond_the_threshold_trigger_an_immediate_replan():
-    from testbed.controller import _is_drop
-    from testbed.scenario import Change
+    from testbed.run.controller import _is_drop
+    from testbed.spec.scenario import Change
 
     bw = lambda v: Change(at_token=3, at_s=None, link=("h2", "s1"), values={"bandwidth_mbps": v})  # noqa: E731
     before = {"bandwidth_mbps": 20.0}

@@ -1,7 +1,7 @@
-"""Argv builders and parsers of testbed.shaping (no root, nothing executed)."""
+"""Argv builders and parsers of testbed.emulation.shaping (no root, nothing executed)."""
 import pytest
 
-from testbed import shaping as sh
+from testbed.emulation import shaping as sh
 
 
 def test_in_netns_wraps_with_nsenter_and_root_is_plain():

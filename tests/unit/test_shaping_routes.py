@@ -1,12 +1,12 @@
-"""Routing and path computation of testbed.network on specs alone (no root, nothing started)."""
+"""Routing and path computation of testbed.emulation.network on specs alone (no root, nothing started)."""
 from pathlib import Path
 
 import pytest
 
-from testbed.cleanup import Manifest
-from testbed.config import load_topology
-from testbed.network import EmulatedNetwork, NetworkError
-from testbed.specs import TopologySpec
+from testbed.emulation.cleanup import Manifest
+from testbed.spec.loader import load_topology
+from testbed.emulation.network import EmulatedNetwork, NetworkError
+from testbed.spec.schema import TopologySpec
 
 TOPO = Path(__file__).resolve().parents[2] / "topologies"
 

@@ -1,12 +1,12 @@
 """SimulatedCluster: paths, step/migrate records from the cost model, limits, OOM, determinism."""
 import pytest
 
-from testbed.cluster import AlgorithmFailure
+from testbed.core.errors import AlgorithmFailure
 from testbed.partition import plan
-from testbed.partition.cost import decode_cost
-from testbed.placement import Placement, uniform_layer
-from testbed.sim_cluster import SimulatedCluster
-from testbed.snapshot import ModelDims
+from testbed.partition.cost.latency import decode_cost
+from testbed.core.placement import Placement, uniform_layer
+from testbed.backends.simulated.cluster import SimulatedCluster
+from testbed.core.snapshot import ModelDims
 
 DIMS = ModelDims("tiny", 2, 64, 4, 2, 16, 128, 100, gated_ffn=True)
 MB = 2**20
@@ -95,9 +95,9 @@ def test_planner_on_sim_snapshot_and_reset():
 def test_simulated_host_overhead_from_the_experiment_is_charged():
     from pathlib import Path
 
-    from testbed.config import load_experiment
-    from testbed.modelref import resolve_model
-    from testbed.sim_backend import build_simulated_cluster
+    from testbed.spec.loader import load_experiment
+    from testbed.spec.modelref import resolve_model
+    from testbed.backends.simulated.build import build_simulated_cluster
 
     spec = load_experiment(Path(__file__).resolve().parents[2] / "experiments/paper/bandwidth_drop.yaml")
     assert spec.simulation.host_overhead_mib == 6
@@ -114,7 +114,7 @@ def test_paths_through_a_single_link_equal_a_dijkstra_from_every_host():
     on stars, two tiers and meshes with host-to-host links and links down."""
     import random
 
-    from testbed.sim_cluster import _tree, shortest_paths
+    from testbed.backends.simulated.cluster import _tree, shortest_paths
 
     rng = random.Random(0)
     for trial in range(60):

@@ -1,7 +1,7 @@
-"""The warm-up's memory figures (no root): ``testbed.warmup.working_overheads`` plans every worker
+"""The warm-up's memory figures (no root): ``testbed.backends.emulated.warmup.working_overheads`` plans every worker
 with the largest worker median and the source with its own, so one transient reading or the
 source's weight-shipping charge cannot leave the workers without room."""
-from testbed.warmup import warmup_workers, working_overheads
+from testbed.backends.emulated.warmup import warmup_workers, working_overheads
 
 MIB = 1 << 20
 

@@ -1,0 +1,1 @@
+"""The simulated backend: the decode cost model replayed in simulated time (no root, no agents)."""

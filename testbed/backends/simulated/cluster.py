@@ -1,0 +1,257 @@
+"""``SimulatedCluster``: the ``Cluster`` protocol in simulated time, driven by the ``decode`` cost model.
+
+No processes, no network, no model: every token's latency (and its compute/transfer split, bytes per
+link) is what ``testbed.partition.cost.latency.decode_cost`` predicts for the current placement on the
+CURRENT simulated link/host state; a migration takes what ``testbed.partition.cost.migration`` predicts.
+Token ids are pseudo-random but deterministic (a hash of seed, position and the previous id): the
+simulated backend runs no model.
+
+Topology input is plain data (so this module does not depend on the config module):
+  hosts: [(name, mem_limit_bytes, cpu_cores, is_source), ...]
+  links: [(a, b, bandwidth_bytes_per_s, latency_s), ...]   # may go through switch nodes
+Paths between hosts: least total latency (Dijkstra; ties -> fewer hops), bandwidth = the path's
+bottleneck, latency = the sum; recomputed only after ``apply_link``. Loss is stored, not modelled.
+Compute speed of a host = ``per_core_flops * cpu_cores`` (measured per-core figure, see calibrate).
+Memory of a host = its blocks (weights + KV at the current context) + embed/LM head on the source +
+``mem_overhead_bytes``. During a migration a host holds max(old, new) (blocks stream one at a time
+and are freed as sent); its duration is ``migration_estimate``'s, waves included, and a change with
+no memory-safe order is refused (``MigrationRefused``) before anything moves. Exceeding the limit
+raises ``AlgorithmFailure("OOM on h3: ...")``.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import replace
+
+from testbed.core.cluster import MigrationRecord, TokenRecord
+
+from testbed.core.errors import AlgorithmFailure, BackendError, MigrationRefused
+from testbed.partition.cost.latency import Net, decode_cost, placement_memory
+from testbed.partition.cost.migration import migration_estimate
+from testbed.core.placement import Placement
+from testbed.core.snapshot import ClusterSnapshot, DeviceState, LinkState, ModelDims
+
+_MASK = (1 << 64) - 1
+
+
+def pseudo_token(seed: int, position: int, prev: int, vocab: int) -> int:
+    """splitmix64 of (seed, position, prev) modulo the vocabulary."""
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + prev * 0x94D049BB133111EB) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return int((z ^ (z >> 31)) % vocab)
+
+
+def _tree(adj: dict, s: str) -> dict:
+    """Dijkstra from ``s``: node -> (latency, hops, bottleneck bandwidth); least latency, ties -> fewer hops."""
+    best = {s: (0.0, 0, float("inf"))}
+    heap = [(0.0, 0, s, float("inf"))]
+    while heap:
+        lat, hops, u, bw = heapq.heappop(heap)
+        if best[u][:2] < (lat, hops):
+            continue
+        for v, st in adj[u]:
+            cand = (lat + st["latency_s"], hops + 1, min(bw, st["bandwidth"]))
+            if v not in best or cand[:2] < best[v][:2]:
+                best[v] = cand
+                heapq.heappush(heap, (cand[0], cand[1], v, cand[2]))
+    return best
+
+
+def shortest_paths(nodes: list[str], links: dict[tuple[str, str], dict], sources: list[str]) -> dict:
+    """(a, b) -> LinkState for every pair of ``sources``: least latency, bottleneck bandwidth.
+
+    A source with a single link (a host on one switch port, the usual case) reaches everything
+    through that link's other end, so its paths are that link plus the other end's: one Dijkstra
+    per switch such hosts hang off (one in a star) instead of one per host."""
+    adj: dict[str, list[tuple[str, dict]]] = {n: [] for n in nodes}
+    for (a, b), st in links.items():
+        if st["up"]:
+            adj[a].append((b, st))
+            adj[b].append((a, st))
+    leaf = {h: adj[h][0] for h in sources if len(adj[h]) == 1}
+    trees = {r: _tree(adj, r) for r in {w for w, _ in leaf.values()} | (set(sources) - set(leaf))}
+    out = {}
+    for s in sources:
+        if s in leaf:
+            w, st = leaf[s]
+            via = trees[w]
+            reach = {t: (st["latency_s"] + lat, hops + 1, min(st["bandwidth"], bw))
+                     for t, (lat, hops, bw) in via.items() if t != s}
+            reach[w] = (st["latency_s"], 1, st["bandwidth"])
+        else:
+            reach = trees[s]
+        for t in sources:
+            if t != s:
+                lat, _, bw = reach.get(t, (float("inf"), 0, 0.0))
+                out[(s, t)] = LinkState(bw, lat, up=t in reach)
+    return out
+
+
+class SimulatedCluster:
+    """Implements ``testbed.core.cluster.Cluster`` in simulated time (see module docstring)."""
+
+    def __init__(self, hosts, links, dims: ModelDims, per_core_flops: float, mem_overhead_bytes: int = 0,
+                 seed: int = 0, weights_shipped: bool = True):
+        self.weights_shipped = weights_shipped  # False: migrations move KV caches only
+        self.dims, self.per_core_flops, self.overhead, self.seed = dims, float(per_core_flops), mem_overhead_bytes, seed
+        self._init_hosts = {h[0]: {"mem": int(h[1]), "cores": float(h[2]), "source": bool(h[3]), "up": True}
+                            for h in hosts}
+        self._init_links = {(a, b): {"bandwidth": float(bw), "latency_s": float(lat), "loss_pct": 0.0, "up": True}
+                            for a, b, bw, lat in links}
+        if sum(h["source"] for h in self._init_hosts.values()) != 1:
+            raise BackendError("exactly one host must be the source")
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        self.host_state = {k: dict(v) for k, v in self._init_hosts.items()}
+        self.link_state = {k: dict(v) for k, v in self._init_links.items()}
+        self.placement: Placement | None = None
+        self.context_len = 0
+        self._peak: dict[str, int] = dict.fromkeys(self.host_state, 0)
+        self._current: dict[str, int] = dict.fromkeys(self.host_state, 0)
+        self._paths = None
+        self._net: Net | None = None
+
+    def hosts(self) -> list[str]:
+        return list(self.host_state)
+
+    def _nodes(self) -> list[str]:
+        nodes = dict.fromkeys(self.host_state)
+        for a, b in self.link_state:
+            nodes.setdefault(a)
+            nodes.setdefault(b)
+        return list(nodes)
+
+    def _snapshot(self, context_len: int, until_next: int) -> ClusterSnapshot:
+        if self._paths is None:
+            self._paths = shortest_paths(self._nodes(), self.link_state, self.hosts())
+        devices = tuple(DeviceState(n, h["mem"], self.overhead, self.per_core_flops * h["cores"], h["source"], h["up"])
+                        for n, h in self.host_state.items())
+        return ClusterSnapshot(devices, self._paths, context_len, until_next, self.placement,
+                               weights_shipped=self.weights_shipped)
+
+    def snapshot(self, context_len: int, tokens_until_next_decision: int) -> ClusterSnapshot:
+        return self._snapshot(context_len, tokens_until_next_decision)
+
+    def _netview(self) -> Net:
+        if self._net is None:
+            self._net = Net(self._snapshot(self.context_len, 0))
+        return self._net
+
+    def _invalidate(self, paths: bool) -> None:
+        self._net = None
+        if paths:
+            self._paths = None
+
+    # ------------------------------------------------------------------ scenario changes
+    def apply_link(self, a: str, b: str, *, bandwidth_mbps: float | None = None, delay_ms: float | None = None,
+                   loss_pct: float | None = None, up: bool | None = None) -> dict:
+        key = (a, b) if (a, b) in self.link_state else (b, a)
+        if key not in self.link_state:
+            raise BackendError(f"no link {a}-{b} in the simulated topology")
+        st = self.link_state[key]
+        before = self._link_view(st)
+        if bandwidth_mbps is not None:
+            st["bandwidth"] = bandwidth_mbps * 1e6 / 8.0
+        if delay_ms is not None:
+            st["latency_s"] = delay_ms / 1e3
+        if loss_pct is not None:
+            st["loss_pct"] = float(loss_pct)
+        if up is not None:
+            st["up"] = bool(up)
+        self._invalidate(paths=True)
+        return {"link": [a, b], **self._link_view(st), "before": before}
+
+    @staticmethod
+    def _link_view(st: dict) -> dict:
+        return {"bandwidth_mbps": st["bandwidth"] * 8 / 1e6, "delay_ms": st["latency_s"] * 1e3,
+                "loss_pct": st["loss_pct"], "up": st["up"]}
+
+    def set_host_limits(self, host: str, *, mem_limit_mib: float | None = None,
+                        cpu_cores: float | None = None) -> dict:
+        if host not in self.host_state:
+            raise BackendError(f"no host {host} in the simulated topology")
+        h = self.host_state[host]
+        before = {"mem_limit_mib": h["mem"] / 2**20, "cpu_cores": h["cores"]}
+        if mem_limit_mib is not None:
+            h["mem"] = int(mem_limit_mib * 2**20)
+        if cpu_cores is not None:
+            h["cores"] = float(cpu_cores)
+        self._invalidate(paths=False)
+        return {"host": host, "mem_limit_mib": h["mem"] / 2**20, "cpu_cores": h["cores"], "before": before}
+
+    def kill_agent(self, host: str) -> None:
+        self.host_state[host]["up"] = False
+        self._invalidate(paths=False)
+
+    # ------------------------------------------------------------------ memory
+    def _host_mem(self, placement: Placement, context_len: int) -> dict[str, int]:
+        snap = self._snapshot(context_len, 0)
+        mem = placement_memory(placement, snap, self.dims, context_len)
+        return {h: mem.get(h, 0) + self.overhead for h in self.host_state}
+
+    def _charge(self, mem: dict[str, int]) -> None:
+        """Record peaks; raise AlgorithmFailure when a host exceeds its limit or is down."""
+        self._current = dict(mem)
+        for h, used in mem.items():
+            self._peak[h] = max(self._peak[h], used)
+            st = self.host_state[h]
+            if used > st["mem"]:
+                raise AlgorithmFailure(f"OOM on {h}: needs {used} bytes, limit {st['mem']}")
+            if not st["up"] and used > self.overhead:
+                raise AlgorithmFailure(f"host {h} is down but holds blocks")
+
+    def peak_mem_bytes(self) -> dict[str, int]:
+        return dict(self._peak)
+
+    def mem_bytes(self) -> dict[str, int]:
+        return {h: self._current.get(h, 0) for h in self.host_state}
+
+    # ------------------------------------------------------------------ tokens
+    def _record(self, n_tokens: int, prev: int) -> TokenRecord:
+        assert self.placement is not None
+        snap = self._netview().snap
+        res = decode_cost(self.placement, snap, self.dims, self.context_len, n_tokens, net=self._netview())
+        if res.token_latency_s == float("inf"):
+            raise AlgorithmFailure("a block is on an unreachable or stopped host (infinite latency)")
+        tok = pseudo_token(self.seed, self.context_len, prev, self.dims.vocab_size)
+        return TokenRecord(tok, res.token_latency_s, res.compute_s, res.transfer_s, 0.0, res.bytes_moved,
+                           dict(res.bytes_by_link))
+
+    def load(self, placement: Placement, prompt_ids: list[int]) -> TokenRecord:
+        """Place the blocks and run the prompt as one prefill step (all prompt tokens at once)."""
+        placement.validate(self.dims.n_layers, self.dims.n_kv_heads, self.dims.ffn_dim)
+        unknown = placement.devices() - set(self.host_state)
+        if unknown:
+            raise BackendError(f"placement uses unknown hosts {sorted(unknown)}")
+        self.placement, self.context_len = placement, len(prompt_ids)
+        self._charge(self._host_mem(placement, self.context_len))
+        return self._record(max(1, len(prompt_ids)), prompt_ids[-1] if prompt_ids else 0)
+
+    def step(self, token_id: int) -> TokenRecord:
+        if self.placement is None:
+            raise BackendError("step() before load()")
+        self.context_len += 1
+        self._charge(self._host_mem(self.placement, self.context_len))
+        return self._record(1, token_id)
+
+    def migrate(self, new: Placement) -> MigrationRecord:
+        if self.placement is None:
+            raise BackendError("migrate() before load()")
+        new.validate(self.dims.n_layers, self.dims.n_kv_heads, self.dims.ffn_dim)
+        snap = self._netview().snap
+        est = migration_estimate(self.placement, new, replace(snap, context_len=self.context_len), self.dims,
+                                 self.context_len, net=self._netview())
+        if est.blocked:  # nothing moved: the controller goes on with the current placement
+            raise MigrationRefused(f"migration refused: {est.blocked}")
+        if est.delay_s == float("inf"):
+            raise AlgorithmFailure("migration over an unreachable path")
+        old_mem, new_mem = self._host_mem(self.placement, self.context_len), self._host_mem(new, self.context_len)
+        self._charge({h: max(old_mem[h], new_mem[h]) for h in old_mem})
+        self.placement = new
+        return MigrationRecord(est.delay_s, est.bytes_moved, est.moves)
+
+    def close(self) -> None:
+        self.placement = None

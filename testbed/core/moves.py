@@ -1,0 +1,135 @@
+"""What a placement change ships between agents: pure functions over two placements (no I/O).
+
+An item is a KV group (weights + cache), a projection, or an FFN column piece; a new FFN shard is
+assembled from the pieces of the old shards it overlaps.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from testbed.core.placement import Placement
+from testbed.core.errors import HeadroomError
+
+
+def migration_items(old: Placement, new: Placement) -> dict[tuple[str, str], list[dict]]:
+    """What each (sender, receiver) pair must ship to go from ``old`` to ``new``: KV groups,
+    projections, and FFN column pieces (a new shard is assembled from the old shards it overlaps)."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for l, (a, b) in enumerate(zip(old.layers, new.layers)):
+        for g, (da, db) in enumerate(zip(a.heads, b.heads)):
+            if da != db:
+                out.setdefault((da, db), []).append({"kind": "head", "layer": l, "group": g})
+        if a.proj != b.proj:
+            out.setdefault((a.proj, b.proj), []).append({"kind": "proj", "layer": l})
+        old_set = set(a.ffn)
+        for s in b.ffn:
+            if s in old_set:
+                continue
+            for o in a.ffn:
+                lo, hi = max(o.col_start, s.col_start), min(o.col_end, s.col_end)
+                if lo < hi and o.device != s.device:
+                    out.setdefault((o.device, s.device), []).append({"kind": "ffn", "layer": l, "c0": lo, "c1": hi})
+    return out
+
+
+def moved_blocks(old: Placement, new: Placement) -> list[tuple[str, str, str]]:
+    """(block_id, from_device, to_device) for every piece a placement change ships: exactly the items
+    of ``migration_items`` (KV groups ``L{l}.H{g}``, projections
+    ``L{l}.proj``, and FFN column pieces ``L{l}.ffn{c0}-{c1}``: the intersection of a new shard with
+    each old shard on another device), per (sender, receiver) pair in its order.
+
+    So a shard that grows on the device holding its first columns lists the columns it gains, from
+    their old holders; a changed split lists only the columns that change device."""
+    moves: list[tuple[str, str, str]] = []
+    for (a, b), items in migration_items(old, new).items():
+        for it in items:
+            moves.append((item_block_id(it), a, b))
+    return moves
+
+
+def item_block_id(item: dict) -> str:
+    """Block id of one ``migration_items`` item (an FFN piece is named by its columns)."""
+    l = item["layer"]
+    if item["kind"] == "head":
+        return f"L{l}.H{item['group']}"
+    if item["kind"] == "proj":
+        return f"L{l}.proj"
+    return f"L{l}.ffn{item['c0']}-{item['c1']}"
+
+
+def item_bytes(item: dict, sizes: dict[str, int]) -> int:
+    """Bytes of one item, from the sender's per-block sizes (an FFN piece pro rata of its shard)."""
+    l = item["layer"]
+    if item["kind"] == "head":
+        return sizes.get(f"L{l}.H{item['group']}", 0)
+    if item["kind"] == "proj":
+        return sizes.get(f"L{l}.proj", 0)
+    for key, n in sizes.items():
+        if key.startswith(f"L{l}.ffn"):
+            c0, c1 = (int(x) for x in key[len(f"L{l}.ffn"):].split("-"))
+            if c0 <= item["c0"] and item["c1"] <= c1:
+                return n * (item["c1"] - item["c0"]) // (c1 - c0)
+    return 0
+
+
+class MigrationBlocked(HeadroomError):
+    """No memory-safe order exists for the remaining items (the message carries the numbers)."""
+
+    code = "migration_blocked"
+
+
+def frees_sender(item: dict, sender_sizes: dict[str, int]) -> bool:
+    """Heads, projections and FFN pieces that are a whole shard of the sender are freed on the
+    receiver's ack; a part of a shard only when the new placement is applied, after every wave."""
+    if item["kind"] == "ffn":
+        return f"L{item['layer']}.ffn{item['c0']}-{item['c1']}" in sender_sizes
+    return item["kind"] in ("head", "proj")
+
+
+def schedule_waves(items: dict[tuple[str, str], list[dict]], sizes: dict[str, dict[str, int]],
+                   available: dict[str, int], transient_extra: int,
+                   transient: Callable[[str, dict, int], int] | None = None) -> list[dict[tuple[str, str], list[dict]]]:
+    """Order a placement change into waves that never overfill a receiver.
+
+    ``available[h]``: bytes ``h`` may still keep (limit - usage - the agent's margin);
+    ``transient_extra``: how far an import's transient copies may dip into that margin.
+    A receiver takes an item in a wave when everything it keeps from the wave fits ``available``
+    and, with the largest transient of its imports on top (``transient(dst, item, bytes)``: the
+    payload and decode copies beyond what is kept; default twice the item), fits
+    ``available + transient_extra``. Blocks leaving a host free their bytes on the receiver's ack
+    (``frees_sender``), so a host that is emptied in one wave can fill up in the next (an evacuation
+    before a refill; two full hosts swapping blocks need a third one: blocked).
+    Pure; raises ``MigrationBlocked`` with the receiver, bytes and room when nothing can move."""
+    transient = transient or (lambda dst, it, n: 2 * n)
+    free = dict(available)
+    pending = [(src, dst, it, item_bytes(it, sizes.get(src, {}))) for (src, dst), its in items.items() for it in its]
+    pending.sort(key=lambda p: -p[3])
+    waves: list[dict[tuple[str, str], list[dict]]] = []
+    while pending:
+        wave: dict[tuple[str, str], list[dict]] = {}
+        kept: dict[str, int] = {}
+        largest: dict[str, int] = {}
+        rest = []
+        for src, dst, it, n in pending:
+            k, big = kept.get(dst, 0) + n, max(largest.get(dst, 0), transient(dst, it, n))
+            room = free.get(dst, 0)
+            if k <= room and k + big <= room + transient_extra:
+                wave.setdefault((src, dst), []).append(it)
+                kept[dst], largest[dst] = k, big
+            else:
+                rest.append((src, dst, it, n))
+        if not wave:
+            src, dst, it, n = min(rest, key=lambda p: p[3])
+            raise MigrationBlocked(
+                f"{dst} cannot receive {it['kind']} of layer {it['layer']} ({n} B; {sum(p[3] for p in rest if p[1] == dst)} B "
+                f"still due there, plus {transient(dst, it, n)} B of transient copies) but has {free.get(dst, 0)} B "
+                f"available (+{transient_extra} B for transient copies) and no earlier move frees it")
+        for (src, dst), its in wave.items():
+            for it in its:
+                n = item_bytes(it, sizes.get(src, {}))
+                free[dst] = free.get(dst, 0) - n
+                if frees_sender(it, sizes.get(src, {})):
+                    free[src] = free.get(src, 0) + n
+        waves.append(wave)
+        pending = rest
+    return waves

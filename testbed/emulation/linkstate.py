@@ -1,0 +1,53 @@
+"""Live state of an emulated network's links: each link's ends and the shaping in force per
+direction, and the one-way delays (seconds) the transport applies where the kernel has no netem
+(written by ``testbed.emulation.network`` when links change, read by the agents' receivers)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from testbed.spec.schema import LinkSpec
+
+
+class DelayTable:
+    """Thread-safe one-way delays (seconds) between hosts; agents read it per frame."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._d: dict[tuple[str, str], float] = {}
+
+    def replace(self, delays: dict[tuple[str, str], float]) -> None:
+        with self._lock:
+            self._d = dict(delays)
+
+    def get(self, src: str, dst: str) -> float:
+        with self._lock:
+            return self._d.get((src, dst), 0.0)
+
+    def getter(self, src: str, dst: str):
+        """A zero-argument callable for ``recv_frame(delay_s=...)`` that follows later changes."""
+        return lambda: self.get(src, dst)
+
+    def as_dict(self) -> dict[str, float]:
+        with self._lock:
+            return {f"{s}->{d}": v for (s, d), v in self._d.items()}
+
+
+@dataclass
+class End:
+    node: str
+    dev: str
+    netns_pid: Optional[int]  # None: root namespace (switch side)
+
+
+@dataclass
+class LiveLink:
+    index: int
+    spec: LinkSpec
+    ends: dict[str, End]  # node name -> its end
+    state: dict[str, dict] = field(default_factory=dict)  # src node -> {bandwidth_mbps, delay_ms, loss_pct}
+    up: bool = True
+
+    def other(self, node: str) -> str:
+        return self.spec.b if node == self.spec.a else self.spec.a

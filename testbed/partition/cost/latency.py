@@ -1,0 +1,316 @@
+"""Cost models: predicted per-token latency, per-device memory and the critical-path breakdown.
+
+Two models, selected by name through ``COST_MODELS``:
+
+- ``decode`` — multi-layer decode of ONE token following the dataflow in ``testbed.core.placement``
+  exactly: input broadcast from the previous aggregator to every head device and to the projection
+  device, heads of one device serial / different devices parallel, head outputs to the projection,
+  ``h`` to every FFN shard, partials to the aggregator, finally ``x`` to the source and the LM head
+  there. A lone transfer of ``b`` bytes from ``a`` to ``c`` costs ``latency(a,c) + b / bandwidth(a,c)``
+  (0 when ``a == c``). FLOPs per block are in ``blocks``; attention work grows with the context ``T``.
+
+  NIC sharing (``serial_nics=True``, the default): a device's sends share its uplink, so they are
+  SERIALISED in the order the runtime issues them (``node_agent.agent._emit`` loops over its
+  destinations: ``x`` to ``[proj, *head devices in first-appearance order]``, ``h`` to the FFN shard
+  devices in shard order, aggregator first): a send starts when the sender's uplink is free and
+  occupies it for ``b / bandwidth(a,c)`` seconds (the path's bottleneck rate — conservative when the
+  bottleneck is the receiver's side); the propagation latency overlaps. The uplink state persists
+  across the whole token. Fan-in is serialised too: messages into one device (head outputs into
+  the projection device, FFN partials into the aggregator) are received one at a time in arrival
+  order, each occupying the receiver's downlink for its ``b / bandwidth`` seconds. Waiting in these
+  queues counts as transfer time on the critical path. ``serial_nics=False`` gives the older
+  independent-transfer model (every transfer at full path rate), which is a lower bound of the
+  serialised one; the decode MILP optimises that relaxation (see ``exact``).
+- ``paper`` — the paper's one-layer evaluation model (see paper-notes.md), sequence length
+  ``L = context_len``; transfers are summed, not maxed, and carry no latency term, as in the paper.
+
+Both return a ``CostResult``: token latency, per-device memory (weights + KV at ``T``, and the
+embedding/LM head on the source) and the compute/transfer seconds on the critical path.
+Migration costs live in ``migration``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from testbed.partition.cost import blocks as B
+from testbed.core.placement import Placement
+from testbed.core.snapshot import ClusterSnapshot, ModelDims
+
+INF = float("inf")
+
+
+@dataclass
+class CostResult:
+    token_latency_s: float
+    mem_bytes: dict[str, int]
+    compute_s: float  # on the critical path
+    transfer_s: float  # on the critical path
+    bytes_moved: int = 0  # activation bytes sent between devices for one token
+    bytes_by_link: dict[str, int] = field(default_factory=dict)
+
+
+class Net:
+    """Fast lookups over a snapshot: compute speed per device and transfer time per pair."""
+
+    def __init__(self, snapshot: ClusterSnapshot):
+        self.snap = snapshot
+        self.speed = {d.name: (d.flops_per_s if d.up else 0.0) for d in snapshot.devices}
+        self.call_s = {d.name: d.call_overhead_s for d in snapshot.devices}
+        self._cache: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def link(self, a: str, b: str) -> tuple[float, float]:
+        """(latency_s, seconds per byte) of the path a -> b."""
+        key = (a, b)
+        hit = self._cache.get(key)
+        if hit is None:
+            ls = self.snap.path(a, b)
+            if not ls.up or ls.bandwidth_bytes_per_s <= 0:
+                hit = (INF, INF)
+            else:
+                hit = (ls.latency_s, 1.0 / ls.bandwidth_bytes_per_s)
+            self._cache[key] = hit
+        return hit
+
+    def xfer(self, a: str, b: str, nbytes: float) -> float:
+        if a == b:
+            return 0.0
+        lat, spb = self.link(a, b)
+        return lat + nbytes * spb
+
+    def compute(self, device: str, flops: float) -> float:
+        c = self.speed.get(device, 0.0)
+        return flops / c if c > 0 else INF
+
+    def call(self, device: str, flops: float) -> float:
+        """One block invocation on ``device``: its FLOPs at the device's speed plus the measured
+        fixed cost of a call (the ``decode`` model; the ``paper`` model counts FLOPs only)."""
+        return self.compute(device, flops) + self.call_s.get(device, 0.0)
+
+
+def _cp_max(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a if a[0] + a[1] >= b[0] + b[1] else b
+
+
+def placement_memory(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
+                     context_len: int) -> dict[str, int]:
+    """Bytes each device holds under the ``decode`` model at context ``context_len``."""
+    mem = {d.name: 0 for d in snapshot.devices}
+    mem[placement.source] = mem.get(placement.source, 0) + B.source_bytes(dims)
+    head = B.block_memory_bytes(dims, "head", context_len)
+    pb = B.proj_bytes(dims)
+    for lp in placement.layers:
+        for dev in lp.heads:
+            mem[dev] = mem.get(dev, 0) + head
+        mem[lp.proj] = mem.get(lp.proj, 0) + pb
+        for s in lp.ffn:
+            mem[s.device] = mem.get(s.device, 0) + B.ffn_bytes(dims, s.col_end - s.col_start)
+    return mem
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.by_link: dict[str, int] = {}
+
+    def send(self, a: str, b: str, nbytes: float) -> None:
+        if a != b:
+            key = f"{a}->{b}"
+            self.by_link[key] = self.by_link.get(key, 0) + int(nbytes)
+
+
+class _Nics:
+    """Per-token uplink state (time each device's uplink frees) for serialised sends."""
+
+    def __init__(self, net: Net, serial: bool):
+        self.net, self.serial = net, serial
+        self.up: dict[str, float] = {}
+
+    def send(self, a: str, b: str, nbytes: float, ready: tuple[float, float]) -> tuple[float, float]:
+        """(compute, transfer) on the critical path when ``nbytes`` from ``a`` (ready then) reach ``b``."""
+        if a == b:
+            return ready
+        lat, spb = self.net.link(a, b)
+        tau = nbytes * spb
+        if not self.serial:
+            return ready[0], ready[1] + lat + tau
+        t = ready[0] + ready[1]
+        start = max(t, self.up.get(a, t))
+        self.up[a] = start + tau
+        return ready[0], ready[1] + (start - t) + tau + lat
+
+    def fan_in(self, msgs: list[tuple[tuple[float, float], float]]) -> tuple[float, float] | None:
+        """Messages (arrival if alone, downlink seconds) into one device, received in arrival order;
+        the critical path of the last one to finish (None when there are none)."""
+        if not msgs:
+            return None
+        if not self.serial:
+            out = msgs[0][0]
+            for arr, _ in msgs[1:]:
+                out = _cp_max(out, arr)
+            return out
+        done, out = -INF, msgs[0][0]
+        for arr, tau in sorted(msgs, key=lambda m: m[0][0] + m[0][1]):
+            t = arr[0] + arr[1]
+            fin = max(t, done + tau)
+            done = fin
+            out = (arr[0], arr[1] + (fin - t))
+        return out
+
+
+def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
+    """Critical path (compute_s, transfer_s) when the layer's output is on its aggregator."""
+    net, P, xb = nics.net, lp.proj, k["x_bytes"]
+    arrive = {}
+    for dst in dict.fromkeys([P, *lp.heads]):  # the runtime's send order
+        arrive[dst] = nics.send(src_dev, dst, xb, start)
+        tally.send(src_dev, dst, xb)
+    att, msgs = arrive[P], []
+    for j, n in Counter(lp.heads).items():
+        done = (arrive[j][0] + net.call(j, n * k["head_flops"]), arrive[j][1])
+        if j == P:
+            att = _cp_max(att, done)
+            continue
+        out_b = n * k["head_out_bytes"]
+        msgs.append((nics.send(j, P, out_b, done), out_b * net.link(j, P)[1]))
+        tally.send(j, P, out_b)
+    got = nics.fan_in(msgs)
+    att = att if got is None else _cp_max(att, got)
+    pd = (att[0] + net.call(P, k["proj_flops"]), att[1])
+    agg = lp.ffn[0].device
+    cols: dict[str, int] = {}
+    for s in lp.ffn:  # shard order, aggregator first: the runtime's send order
+        cols[s.device] = cols.get(s.device, 0) + (s.col_end - s.col_start)
+    out, msgs = None, []
+    for dev, c in cols.items():
+        arr = nics.send(P, dev, xb, pd)
+        tally.send(P, dev, xb)
+        done = (arr[0] + net.call(dev, c * k["ffn_col_flops"]), arr[1])
+        if dev == agg:
+            out = done
+            continue
+        msgs.append((nics.send(dev, agg, xb, done), xb * net.link(dev, agg)[1]))
+        tally.send(dev, agg, xb)
+    got = nics.fan_in(msgs)
+    out = got if out is None else (out if got is None else _cp_max(out, got))
+    return out, agg
+
+
+def decode_constants(dims: ModelDims, context_len: int, n_tokens: int = 1) -> dict:
+    """Per-block FLOPs and message sizes for ``n_tokens`` tokens ending at ``context_len``.
+
+    ``n_tokens > 1`` models a prefill chunk: linear work and messages scale by ``n_tokens`` and the
+    attention work sums over the causal positions ``context_len - n_tokens + 1 .. context_len``.
+    """
+    D, d, q, p, n = dims.d_model, dims.head_dim, dims.q_per_group, dims.bytes_per_param, n_tokens
+    pos_sum = n * context_len - n * (n - 1) / 2.0
+    return {
+        "x_bytes": D * p * n,
+        "head_out_bytes": q * d * p * n,
+        "head_flops": 2.0 * (q + 2) * D * d * n + 4.0 * q * d * pos_sum,
+        "proj_flops": B.proj_flops(dims) * n,
+        "ffn_col_flops": 2.0 * B.ffn_mats(dims) * D * n,
+        "lm_flops": B.lm_head_flops(dims),
+    }
+
+
+def decode_cost(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
+                context_len: int | None = None, n_tokens: int = 1, net: Net | None = None,
+                serial_nics: bool = True) -> CostResult:
+    """The ``decode`` model: latency of one token at context ``T`` (default snapshot.context_len).
+
+    ``serial_nics``: serialise each device's sends on its uplink and each device's fan-in on its
+    downlink (default, see the module docstring); False = independent transfers (a lower bound)."""
+    T = snapshot.context_len if context_len is None else context_len
+    net = net or Net(snapshot)
+    k = decode_constants(dims, T, n_tokens)
+    tally, nics = _Tally(), _Nics(net, serial_nics)
+    cp, dev = (0.0, 0.0), placement.source
+    for lp in placement.layers:
+        cp, dev = _decode_layer(lp, dev, cp, nics, k, tally)
+    src = placement.source
+    cp = nics.send(dev, src, k["x_bytes"], cp)
+    cp = (cp[0] + net.call(src, k["lm_flops"]), cp[1])
+    tally.send(dev, src, k["x_bytes"])
+    return CostResult(cp[0] + cp[1], placement_memory(placement, snapshot, dims, T), cp[0], cp[1],
+                      sum(tally.by_link.values()), tally.by_link)
+
+
+# ---------------------------------------------------------------- the paper's evaluation model
+
+def paper_constants(dims: ModelDims, L: int) -> dict:
+    """Paper model per-block FLOPs/bytes for sequence length L (unit = one KV group of q heads).
+
+    Under MHA (q = 1) these are the paper's numbers exactly: head 3·L·D·d + L²·d FLOPs,
+    3·L·d·p + 3·D·d·p bytes; proj L·D² FLOPs (L·D·(H·d) in general), L·D·p bytes; FFN 8·L·D² FLOPs
+    (m·L·D·F in general, m = 2 matrices, F = 4D) and 4·L·D·p bytes (L·F·p in general).
+    """
+    D, d, q, p = dims.d_model, dims.head_dim, dims.q_per_group, dims.bytes_per_param
+    return {
+        "head_flops": (q + 2) * L * D * d + q * L * L * d,
+        "head_bytes": (q + 2) * L * d * p + (q + 2) * D * d * p,
+        "head_out_bytes": q * L * d * p,
+        "proj_flops": L * D * dims.n_heads * d,
+        "proj_bytes": L * D * p,
+        "ffn_flops": B.ffn_mats(dims) * L * D * dims.ffn_dim,
+        "ffn_bytes": L * dims.ffn_dim * p,
+        "hidden_bytes": L * D * p,
+    }
+
+
+def paper_memory(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims, L: int) -> dict[str, int]:
+    k = paper_constants(dims, L)
+    mem = {d.name: 0 for d in snapshot.devices}
+    mem[placement.source] = mem.get(placement.source, 0) + B.source_bytes(dims)
+    for lp in placement.layers:
+        for dev in lp.heads:
+            mem[dev] = mem.get(dev, 0) + k["head_bytes"]
+        mem[lp.proj] = mem.get(lp.proj, 0) + k["proj_bytes"]
+        for s in lp.ffn:
+            mem[s.device] = mem.get(s.device, 0) + k["ffn_bytes"] * (s.col_end - s.col_start) // dims.ffn_dim
+    return mem
+
+
+def paper_cost(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
+               context_len: int | None = None, net: Net | None = None) -> CostResult:
+    """T = max_j n_j·F_h/C_j + Σ_{j≠P,n_j>0} n_j·o/B_jP + F_p/C_P + Σ_{k≠P} L·D·p/B_Pk + max_k F_ffn,k/C_k.
+
+    One layer only. An FFN split into shards (not in the paper) generalises as: the hidden state is
+    sent to every shard device (summed, like the paper's transfers), shards compute in parallel.
+    """
+    if len(placement.layers) != 1:
+        raise ValueError(f"the paper cost model is single-layer; placement has {len(placement.layers)} layers")
+    L = snapshot.context_len if context_len is None else context_len
+    net = net or Net(snapshot)
+    k, lp = paper_constants(dims, L), placement.layers[0]
+    P = lp.proj
+    head_c, xfer = 0.0, 0.0
+    for j, n in Counter(lp.heads).items():
+        head_c = max(head_c, net.compute(j, n * k["head_flops"]))
+        if j != P:
+            xfer += n * k["head_out_bytes"] * net.link(j, P)[1]
+    ffn_c = 0.0
+    for s in lp.ffn:
+        ffn_c = max(ffn_c, net.compute(s.device, k["ffn_flops"] * (s.col_end - s.col_start) / dims.ffn_dim))
+        if s.device != P:
+            xfer += k["hidden_bytes"] * net.link(P, s.device)[1]
+    comp = head_c + net.compute(P, k["proj_flops"]) + ffn_c
+    return CostResult(comp + xfer, paper_memory(placement, snapshot, dims, L), comp, xfer)
+
+
+COST_MODELS = {"paper": paper_cost, "decode": decode_cost}
+
+
+def cost(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str = "decode",
+         context_len: int | None = None) -> CostResult:
+    try:
+        fn = COST_MODELS[cost_model]
+    except KeyError:
+        raise ValueError(f"unknown cost model {cost_model!r}; expected one of {sorted(COST_MODELS)}") from None
+    return fn(placement, snapshot, dims, context_len=context_len)
+
+
+def memory(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims, cost_model: str,
+           context_len: int) -> dict[str, int]:
+    if cost_model == "paper":
+        return paper_memory(placement, snapshot, dims, context_len)
+    return placement_memory(placement, snapshot, dims, context_len)

@@ -1,0 +1,122 @@
+"""Migration delay between two placements (weights + KV caches moved over the paths).
+
+What moves is what the runtime ships (``testbed.core.moves.migration_items``, used here as
+is): KV groups, projections, and FFN column PIECES, a new shard being assembled from the
+intersections with the old shards on other devices (a shard growing on its own device brings only
+the columns it gains, from their old holders; a changed split moves only the columns that change
+device). ``testbed.core.moves.moved_blocks`` lists the same items.
+Aggregation (used everywhere: planners, the exact solver, the simulated backend):
+  * all pieces moving from device ``a`` to device ``b`` travel as ONE transfer of their summed
+    bytes: ``latency(a, b) + bytes / bandwidth(a, b)``;
+  * one sender's transfers to different receivers are serialised (they share its uplink), so a
+    sender is busy for the SUM of its per-receiver transfer times;
+  * different senders run in parallel: the delay of one wave is the MAX over senders;
+  * waves: when some receiver has no room for all it receives until its own blocks have left
+    (a full host evacuated before it is refilled), the moves are ordered into memory-safe waves
+    (``migration_items.schedule_waves``, a sender's block freed once received) and the delay is
+    the SUM over waves; when no order exists (two full hosts swapping blocks) the estimate is
+    ``inf`` with ``blocked`` saying why. Room = memory budget - the old placement's bytes at ``T``;
+    import transients are the runtime's concern (the emulated controller checks them exactly).
+A head carries its KV cache at the context length ``T``; proj/FFN blocks carry weights only (an FFN
+piece its columns' share). Under the ``paper`` cost model a block's bytes are the paper's memory
+figures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from testbed.partition.cost import blocks as B
+from testbed.partition.cost.latency import Net, memory, paper_constants
+from testbed.core.moves import MigrationBlocked, migration_items, schedule_waves
+from testbed.core.placement import Placement
+from testbed.core.moves import item_block_id
+from testbed.core.snapshot import ClusterSnapshot, ModelDims
+
+
+@dataclass
+class MigrationEstimate:
+    delay_s: float
+    bytes_moved: int
+    moves: list[tuple[str, str, str]]
+    pair_bytes: dict[tuple[str, str], int]
+    waves: int = 1
+    blocked: str | None = None  # no memory-safe order: why (delay_s is inf)
+
+
+def pair_delay(pair_bytes: dict[tuple[str, str], float], net: Net) -> float:
+    """Delay of moving ``pair_bytes[(a, b)]`` bytes a -> b for every pair, aggregated as above."""
+    busy: dict[str, float] = {}
+    for (a, b), nbytes in pair_bytes.items():
+        if a != b and nbytes > 0:
+            busy[a] = busy.get(a, 0.0) + net.xfer(a, b, nbytes)
+    return max(busy.values(), default=0.0)
+
+
+def _item_bytes(dims: ModelDims, T: int, cost_model: str, weights_shipped: bool = True):
+    """Bytes of one ``migration_items`` item at context ``T`` (the blocks' memory figures; an FFN piece
+    its columns' share); without shipped weights a head moves its KV cache only and the other blocks move nothing."""
+    if not weights_shipped:
+        kv = B.head_kv_bytes(dims, T)
+        return lambda it: kv if it["kind"] == "head" else 0
+    if cost_model == "paper":
+        k = paper_constants(dims, T)
+        head, proj, ffn_b, F = k["head_bytes"], k["proj_bytes"], k["ffn_bytes"], dims.ffn_dim
+        return lambda it: (head if it["kind"] == "head" else proj if it["kind"] == "proj"
+                           else ffn_b * (it["c1"] - it["c0"]) // F)
+    head, proj, col = B.block_memory_bytes(dims, "head", T), B.proj_bytes(dims), B.ffn_bytes(dims, 1)
+    return lambda it: (head if it["kind"] == "head" else proj if it["kind"] == "proj"
+                       else col * (it["c1"] - it["c0"]))
+
+
+def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
+                       context_len: int | None = None, cost_model: str = "decode",
+                       net: Net | None = None) -> MigrationEstimate:
+    if old is None or len(old.layers) != len(new.layers):
+        return MigrationEstimate(0.0, 0, [], {})
+    T = snapshot.context_len if context_len is None else context_len
+    nbytes = _item_bytes(dims, T, cost_model, snapshot.weights_shipped)
+    items = migration_items(old, new)
+    moves: list[tuple[str, str, str]] = []
+    pairs: dict[tuple[str, str], int] = {}
+    for (a, b), its in items.items():
+        pairs[(a, b)] = sum(nbytes(it) for it in its)
+        moves.extend((item_block_id(it), a, b) for it in its)
+    net = net or Net(snapshot)
+    try:
+        waves = _waves(old, items, pairs, snapshot, dims, T, cost_model, nbytes)
+    except MigrationBlocked as exc:
+        return MigrationEstimate(float("inf"), sum(pairs.values()), moves, pairs, 0, str(exc))
+    if waves is None:
+        return MigrationEstimate(pair_delay(pairs, net), sum(pairs.values()), moves, pairs)
+    delay = sum(pair_delay({k: sum(nbytes(it) for it in its) for k, its in w.items()}, net) for w in waves)
+    return MigrationEstimate(delay, sum(pairs.values()), moves, pairs, len(waves))
+
+
+def _waves(old: Placement, items: dict, pairs: dict, snapshot: ClusterSnapshot, dims: ModelDims, T: int,
+           cost_model: str, nbytes) -> list[dict] | None:
+    """None when every receiver has room for all it receives (one wave), else the memory-safe
+    waves (raises ``MigrationBlocked``). Weights copied at the destination: always one wave."""
+    if not snapshot.weights_shipped or not items:
+        return None
+    held = memory(old, snapshot, dims, cost_model, T)
+    room = {d.name: d.mem_budget_bytes - held.get(d.name, 0) for d in snapshot.devices}
+    due: dict[str, int] = {}
+    for (_, b), n in pairs.items():
+        due[b] = due.get(b, 0) + n
+    if all(n <= room.get(b, 0) for b, n in due.items()):
+        return None
+    sizes: dict[str, dict[str, int]] = {}
+    for l, lp in enumerate(old.layers):
+        for g, d in enumerate(lp.heads):
+            sizes.setdefault(d, {})[f"L{l}.H{g}"] = nbytes({"kind": "head"})
+        sizes.setdefault(lp.proj, {})[f"L{l}.proj"] = nbytes({"kind": "proj"})
+        for sh in lp.ffn:
+            sizes.setdefault(sh.device, {})[f"L{l}.ffn{sh.col_start}-{sh.col_end}"] = nbytes(
+                {"kind": "ffn", "c0": sh.col_start, "c1": sh.col_end})
+    return schedule_waves(items, sizes, room, 0, lambda dst, it, n: 0)
+
+
+def migration_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
+                    context_len: int | None = None, cost_model: str = "decode") -> float:
+    """Seconds to move from ``old`` to ``new`` (0 if ``old`` is None); see the module docstring."""
+    return migration_estimate(old, new, snapshot, dims, context_len, cost_model).delay_s

@@ -1,0 +1,2 @@
+"""The exact solver (``optimal``): MILPs (``milp``, ``decode``) and the certified serialised
+search (``serial``)."""

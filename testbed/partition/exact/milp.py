@@ -1,0 +1,97 @@
+"""A tiny MILP builder over HiGHS (highspy): variables, sparse rows, solve with a time limit.
+
+``solve`` returns the incumbent and its objective; ``dual_bound`` then holds HiGHS' proven lower
+bound on the optimum (equal to the objective up to ``mip_rel_gap``)."""
+from __future__ import annotations
+
+import numpy as np
+
+from testbed.core.errors import InfeasiblePlan
+
+INF = float("inf")
+
+
+def _new_highs(highspy):
+    """A silent Highs instance. The first construction prints a banner on the C-level stdout, which
+    would corrupt ``headroom plan --json``; it is sent to stderr instead (fd swap, then restored)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return h
+
+
+class Milp:
+    def __init__(self) -> None:
+        self.lb: list[float] = []
+        self.ub: list[float] = []
+        self.cost: list[float] = []
+        self.integer: list[int] = []
+        self.rows: list[tuple[float, float, dict[int, float]]] = []
+        self.dual_bound: float | None = None
+
+    def var(self, lb: float = 0.0, ub: float = INF, cost: float = 0.0, integer: bool = False) -> int:
+        self.lb.append(lb)
+        self.ub.append(ub)
+        self.cost.append(cost)
+        if integer:
+            self.integer.append(len(self.lb) - 1)
+        return len(self.lb) - 1
+
+    def binary(self, cost: float = 0.0) -> int:
+        return self.var(0.0, 1.0, cost, integer=True)
+
+    def row(self, lb: float, ub: float, terms: dict[int, float]) -> None:
+        self.rows.append((lb, ub, {k: v for k, v in terms.items() if v != 0.0}))
+
+    def ge(self, terms: dict[int, float], rhs: float) -> None:
+        """sum(terms) >= rhs"""
+        self.row(rhs, INF, terms)
+
+    def le(self, terms: dict[int, float], rhs: float) -> None:
+        self.row(-INF, rhs, terms)
+
+    def eq(self, terms: dict[int, float], rhs: float) -> None:
+        self.row(rhs, rhs, terms)
+
+    def solve(self, time_limit_s: float = 60.0, what: str = "MILP") -> tuple[np.ndarray, float]:
+        import highspy
+
+        h = _new_highs(highspy)
+        h.setOptionValue("time_limit", float(time_limit_s))
+        h.setOptionValue("mip_rel_gap", 1e-7)
+        n = len(self.lb)
+        inf = h.getInfinity()
+        clip = lambda v: max(min(v, inf), -inf)  # noqa: E731
+        h.addCols(n, np.array(self.cost), np.array([clip(v) for v in self.lb]),
+                  np.array([clip(v) for v in self.ub]), 0, np.zeros(0, dtype=np.int32),
+                  np.zeros(0, dtype=np.int32), np.zeros(0))
+        for i in self.integer:
+            h.changeColIntegrality(i, highspy.HighsVarType.kInteger)
+        starts, idx, val = [], [], []
+        for _, _, terms in self.rows:
+            starts.append(len(idx))
+            idx.extend(terms.keys())
+            val.extend(terms.values())
+        h.addRows(len(self.rows), np.array([clip(r[0]) for r in self.rows]), np.array([clip(r[1]) for r in self.rows]),
+                  len(idx), np.array(starts, dtype=np.int32), np.array(idx, dtype=np.int32), np.array(val, dtype=float))
+        h.run()
+        status = h.modelStatusToString(h.getModelStatus())
+        sol = h.getSolution()
+        if status != "Optimal" or not sol.value_valid:
+            if status == "Infeasible":
+                raise InfeasiblePlan(f"{what}: no placement satisfies the memory limits (HiGHS: infeasible)")
+            raise InfeasiblePlan(f"{what}: HiGHS finished with status {status!r} within {time_limit_s} s")
+        info = h.getInfo()
+        obj = float(info.objective_function_value)
+        bound = float(getattr(info, "mip_dual_bound", obj))
+        self.dual_bound = min(obj, bound) if np.isfinite(bound) else obj
+        return np.array(sol.col_value), obj

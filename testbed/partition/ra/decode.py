@@ -1,0 +1,157 @@
+"""The ``decode``-model passes of one RA greedy round: place a layer's heads, then its FFN chunks,
+for one anchor (projection device), each block on the device that least delays the layer's
+critical path given what the pass already placed, with the sender's uplink serialised as in the
+``decode`` cost model. Tables per problem (``_Tables``) make a pass index python lists only.
+"""
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from testbed.partition.common import NoFit, Problem
+
+# ``_Layer`` in annotations is ``testbed.partition.ra.greedy._Layer`` (not imported: greedy imports
+# this module, and annotations are not evaluated)
+
+
+class _Tables:
+    """Per-problem rows the decode passes index by device (python lists: the greedy loops are
+    scalar). ``tau_x[i][j]``: seconds to push a hidden state i -> j; ``lat[i][j]``, ``latT[j][i]``
+    = ``lat[i][j]``; ``head_inc[P][j]``: one more head on j (compute + its output to P);
+    ``back[a][j]``: j's partial FFN output to aggregator a; ``chunk_c[j]``: one FFN chunk on j."""
+
+    def __init__(self, prob: Problem, chunks: int):
+        sz, C = prob.sz, np.where(prob.C > 0, prob.C, np.nan)
+        tau_x = sz.x_b * prob.spb
+        head_inc = sz.head_f / C + sz.head_out_b * prob.spb.T
+        hop = prob.lat + tau_x  # [from, to]: a hidden state arrives
+        back = hop.T
+        chunk_c = -(-prob.dims.ffn_dim // chunks) * sz.ffn_col_f / C
+        self.tau_x, self.lat, self.latT = tau_x.tolist(), prob.lat.tolist(), prob.lat.T.tolist()
+        self.head_inc, self.back, self.chunk_c = head_inc.tolist(), back.tolist(), chunk_c.tolist()
+        self.allowed_idx = np.nonzero(prob.allowed)[0]
+        # the same over allowed devices only (columns in ``allowed_idx`` order), for the static
+        # keys of devices a pass has not used yet
+        al = self.allowed_idx
+        self.reach_al = hop[:, al]  # [from, allowed]
+        self.head_tail_al = (prob.lat[al].T + head_inc[:, al])  # [P, allowed]: head on j, output to P
+        self.back_al = back[:, al]  # [aggregator, allowed]
+        self.chunk_al = chunk_c[al]
+
+
+def _tables(prob: Problem, chunks: int) -> _Tables:
+    """The tables for ``prob`` and ``chunks`` FFN chunks per layer, built once per problem."""
+    cache = prob.memo.setdefault("ra_tables", {})
+    if chunks not in cache:
+        cache[chunks] = _Tables(prob, chunks)
+    return cache[chunks]
+
+
+def _unused_in_order(idx: np.ndarray, static: np.ndarray) -> tuple[list[int], list[float]]:
+    """Devices ``idx`` cheapest first by ``static``. A pass's unused devices have keys
+    ``up + static``: the shared uplink offset ``up`` grows for all of them alike, so their order
+    never changes (the pass walks this list, skipping devices it has already used)."""
+    order = np.argsort(static, kind="stable")
+    return idx[order].tolist(), static[order].tolist()
+
+
+class _Picker:
+    """The next device for a block: the cheapest of the devices a pass already uses (a heap of
+    exact keys) and the first unused one with room (``_unused_in_order``, key ``up + static``).
+    Opening a device fixes its arrival (``base``) and adds its transfer to the sender's uplink."""
+
+    def __init__(self, tau: list, lat: list, base: dict, up: float, idx: np.ndarray, static: np.ndarray,
+                 used: list):
+        self.tau, self.lat, self.base, self.up, self.used = tau, lat, base, up, used
+        self.devs, self.keys = _unused_in_order(idx, static)
+        self.nxt = 0
+        heapq.heapify(self.used)
+
+    def pick(self, r: list, nbytes: float, block: str) -> int:
+        used, devs, m = self.used, self.devs, len(self.devs)
+        while used and r[used[0][1]] < nbytes:
+            heapq.heappop(used)
+        while self.nxt < m and (r[devs[self.nxt]] < nbytes or devs[self.nxt] in self.base):
+            self.nxt += 1
+        fresh = self.up + self.keys[self.nxt] if self.nxt < m else float("inf")
+        if used and used[0][0] <= fresh:
+            return heapq.heappop(used)[1]
+        if self.nxt == m:
+            raise NoFit(block, nbytes)
+        j = devs[self.nxt]
+        self.nxt += 1
+        self.base[j] = self.up + self.tau[j] + self.lat[j]
+        self.up += self.tau[j]
+        return j
+
+    def push(self, key: float, j: int) -> None:
+        heapq.heappush(self.used, (key, j))
+
+
+def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, dict[int, int]]:
+    """Greedy heads for anchor P: (attention-stage finish, penalties, counts per device).
+
+    Mirrors the ``decode`` model's serialised fan-out: the input device A sends x to P first,
+    then to each new head device in the order they are picked, so a device's x arrives after the
+    uplink time of every earlier destination (head-output fan-in into P is not modelled here;
+    the final plan comparison uses the full cost model). Each head goes to the device whose
+    finish (arrival + its heads' compute + output to P + migration penalty) is lowest: devices
+    already used are kept in a heap, unused ones in their fixed order (``_Picker``)."""
+    p, A, tab = ly.prob, ly.A, ly.tab
+    hb = p.sz.head_b
+    tauA, latA, tail, inc = tab.tau_x[A], tab.lat[A], tab.latT[P], tab.head_inc[P]
+    cur, mig = ly.cur_heads_l, ly.mig_head
+    base = {P: latA[P] + tauA[P] if P != A else 0.0, A: 0.0}  # devices whose x arrival is fixed
+    used = [(base[j] + tail[j] + inc[j] + (0.0 if cur[j] > 0 else mig[j]), j)
+            for j in dict.fromkeys((P, A)) if p.allowed[j]]
+    pick = _Picker(tauA, latA, base, tauA[P] if P != A else 0.0, tab.allowed_idx,
+                   tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al, used)
+    n: dict[int, int] = {}
+    finish, pens = float(base[P]), 0.0
+    for g in range(p.dims.n_kv_heads):
+        j = pick.pick(r, hb, f"L{ly.l}.H{g}")
+        k = n.get(j, 0)
+        pens += 0.0 if k < cur[j] else mig[j]
+        n[j] = k = k + 1
+        r[j] -= hb
+        finish = max(finish, base[j] + tail[j] + k * inc[j])
+        pick.push(base[j] + tail[j] + (k + 1) * inc[j] + (0.0 if k < cur[j] else mig[j]), j)
+    return finish, pens, n
+
+
+def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[float, float, dict[int, int], int]:
+    """Greedy FFN chunks after the projection on P: (stage time, penalties, counts, aggregator).
+
+    P sends h to the aggregator first, then to each new shard device in pick order (serialised on
+    P's uplink, as in the ``decode`` model). ``agg``: the aggregator (default: the cheapest).
+    Used devices in a heap, unused ones in their fixed order, as in ``_heads_decode``."""
+    tab, cb = ly.tab, ly.chunk_b
+    tauP, latP, fc = tab.tau_x[P], tab.lat[P], tab.chunk_c
+    cur, mig = ly.cur_chunks_l, ly.mig_chunk
+    idx = tab.allowed_idx
+    reach = tab.reach_al[P] + tab.chunk_al  # h arrives + one chunk, per allowed device
+    if agg is None:
+        key = np.where(np.asarray(r)[idx] >= cb, reach + ly.pen0_chunk_al, np.inf)
+        if idx.size == 0 or not key.min() < np.inf:
+            raise NoFit(f"L{ly.l}.ffn", cb)
+        agg = int(idx[int(np.argmin(key))])
+    elif r[agg] < cb:
+        raise NoFit(f"L{ly.l}.ffn", cb)
+    back = tab.back[agg]
+    base = {agg: tauP[agg] + latP[agg] if agg != P else 0.0}
+    pens = 0.0 if cur[agg] > 0 else mig[agg]
+    finish, n = base[agg] + fc[agg], {agg: 1}
+    r[agg] -= cb
+    used = [(base[agg] + 2 * fc[agg] + back[agg] + (0.0 if 1 < cur[agg] else mig[agg]), agg)]
+    pick = _Picker(tauP, latP, base, tauP[agg] if agg != P else 0.0, idx,
+                   reach + tab.back_al[agg] + ly.pen0_chunk_al, used)
+    for _ in range(ly.K - 1):
+        j = pick.pick(r, cb, f"L{ly.l}.ffn")
+        k = n.get(j, 0)
+        pens += 0.0 if k < cur[j] else mig[j]
+        n[j] = k = k + 1
+        r[j] -= cb
+        finish = max(finish, base[j] + k * fc[j] + back[j])
+        pick.push(base[j] + (k + 1) * fc[j] + back[j] + (0.0 if k < cur[j] else mig[j]), j)
+    return finish, pens, n, agg

@@ -1,0 +1,213 @@
+"""The resource-aware (RA) myopic head-level partitioner (paper-notes "RA algorithm", steps 1-5).
+
+One round (one decision epoch), given a snapshot:
+ 1. Residual memory per device = budget - embedding/LM head (source) ; every block is sized at the
+    memory horizon ``T + tokens_until_next_decision`` (KV growth until the next decision). Every
+    memory horizon (this one, the headroom, the anticipation window, ``repair``'s targets) is capped
+    at the end of generation when the snapshot says it (``tokens_remaining``).
+ 2. Layers are walked in dataflow order (all layers have equal demand); the projection is the
+    layer's anchor: a few candidate devices are tried (``proj_candidates``: the cheapest by input
+    transfer + compute, plus its current device) and the best resulting layer is kept. Per anchor,
+    both claim orders (heads first, FFN chunks first: whichever kind claims first gets the fast
+    devices' memory; a fixed "largest first" order let the FFN chunks fill the fastest device and
+    pushed the heads onto far devices, 50-60 % above the optimum) and a few FFN aggregators (in the
+    last layer its transfer to the source counts) are tried. On big clusters (``thorough`` off)
+    the FFN-first order is only tried when heads first fails, and fewer aggregators (time).
+ 3. Each block goes to the device minimising its marginal effect on the layer's critical path GIVEN
+    WHAT IS ALREADY PLACED this round: a device's finish time grows with the heads (or FFN columns)
+    it already got, so heads spread across devices whenever that lowers the critical path. Under
+    ``decode`` the key is the device's finish time with the block added (input transfer + serial
+    compute + output transfer); under ``paper`` it is the exact increase of the paper's T_token.
+    Devices without room for the block (memory incl. KV growth) are skipped.
+ 4. Contention: if some block fits nowhere, the round is redone with each layer limited to its fair
+    share of every device's residual memory (frees the tightest devices for later layers); if that
+    fails too, blocks are first-fit packed by size; if even that fails -> InfeasiblePlan with numbers.
+ 4b. The best contiguous layer split within the same memory (EdgeShard's DP, device orders cut
+    to ``2 x n_layers`` devices) is a candidate too (``layer_split``): it replaces the greedy's
+    plan when it is better by latency + migration delay / H, or (a first plan) at most
+    ``split_slack`` worse with fewer bytes on the links per token (each layer the greedy splits at
+    a full device adds messages, and those cost the most when a link drops).
+ 5. Hysteresis: per block, a device other than its current one pays its migration delay amortised
+    over the horizon ``H``; finally (``ra_choice.choose_plan``) the current placement is kept unless the new
+    one (or a per-layer mixture) lowers latency + migration delay / H, i.e. a voluntary move must
+    gain more than its delay over H tokens, the delay at the MEASURED path rates with each sender's
+    transfers serialised on its uplink (``migration``). Memory-forced moves are handled apart:
+    the KV growth is linear, so how long the current placement still fits is known exactly. When
+    it stops fitting before the next decision, the cheapest repair (fewest bytes over the slowest
+    links) makes it fit; when it will stop within ``anticipate_epochs`` decisions after that, the
+    repair is made NOW if headroom is cheap (its cost per token of headroom bought is at most
+    ``preempt`` token latencies: over a fast uplink), else deferred until forced (a slow uplink
+    may recover, and then only the minimum moves). Cheap repairs are topped up beyond the minimum.
+Pure function of the snapshot; numpy for the per-layer vectors, a heap for the per-block choice.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from testbed.partition.common import NoFit, Problem
+from testbed.core.errors import InfeasiblePlan
+from testbed.partition.ra.choice import _objective, choose_plan, plan_cost
+from testbed.partition.ra.greedy import _round
+from testbed.core.placement import Placement
+
+
+def balanced_budget(prob: Problem, mem_balance: float | None, chunks: int) -> np.ndarray:
+    """Memory-balance caps: ``min(budget_j, c)`` with the level ``c`` chosen so that the capped
+    devices together hold ``mem_balance`` x the model (at the memory horizon). ``mem_balance = 1``
+    forces the flattest possible fill (lowest peak), large values = no cap (pack the best devices)."""
+    if not mem_balance or mem_balance <= 0:
+        return prob.budget
+    need = prob.dims.n_layers * prob.layer_bytes()
+    b = np.sort(np.clip(prob.budget[prob.allowed], 0, None))
+    target = mem_balance * need
+    if b.size == 0 or target >= b.sum():
+        return prob.budget
+    acc, m, level = 0.0, b.size, float(b[-1])
+    for i, x in enumerate(b):
+        if acc + x * (m - i) >= target:
+            level = (target - acc) / (m - i)
+            break
+        acc += x
+    big = max(prob.sz.head_b, prob.sz.proj_b, -(-prob.dims.ffn_dim // chunks) * prob.sz.ffn_col_b)
+    level = max(level, 2 * big)
+    return np.where(prob.allowed, np.minimum(prob.budget, level), prob.budget)
+
+
+def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: np.ndarray):
+    """The greedy's layers, or the best contiguous layer split within the greedy's ``budget``
+    (EdgeShard's DP, ``edgeshard.best_split``; the memory-balanced caps when the greedy took
+    them) when that is better by latency + migration delay from the current placement / H
+    (``ra_choice._objective``), or, for a first plan, at most ``slack`` worse and ships fewer
+    bytes per token. A layer-level placement is a head-level one with each layer's blocks
+    together; the greedy, filling devices layer by layer, splits layers where a device is full,
+    and every split adds bytes on the links (bytes that cost more when a link drops)."""
+    from testbed.partition.common import uniform_layers
+    from testbed.partition.cost.latency import Net
+    from testbed.partition.layer.edgeshard import best_split
+
+    split = best_split(prob, max_devices=2 * prob.dims.n_layers, budget=budget)
+    if split is None:
+        return layers, meta
+    whole = uniform_layers([prob.names[k] for k in split], prob.dims)
+    net = Net(prob.snap)
+    a, b = Placement(prob.snap.source, whole), Placement(prob.snap.source, layers)
+    oa, ob = _objective(prob, a, prob.H, net)[0], _objective(prob, b, prob.H, net)[0]
+    fewer = lambda: plan_cost(prob, a, net).bytes_moved < plan_cost(prob, b, net).bytes_moved  # noqa: E731
+    first = prob.snap.current is None  # later, a move that pays over H is never traded for bytes
+    if oa < ob or (first and oa <= (1 + slack) * ob and fewer()):
+        return whole, {**meta, "layer_split": True}
+    return layers, meta
+
+
+def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
+                   proj_candidates: int = 4, headroom_epochs: int = 4, horizon_epochs: int = 4,
+                   horizon_tokens: int | None = None, mem_balance: float | None = 1.25,
+                   balance_slack: float = 0.1, thorough: bool | None = None,
+                   headroom_gain: float = 0.05, anticipate_epochs: int = 2,
+                   preempt: float = 1.0, layer_split: bool = True,
+                   split_slack: float = 0.1) -> Placement:
+    """One RA decision.
+
+    ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
+    ``decode``). ``proj_candidates``: anchors tried per layer.
+    ``headroom_epochs``: blocks are sized with this many epochs of KV growth (a placement packed to
+    the brim is evicted by KV growth at the next decision, forcing migrations); if that does not
+    fit, one epoch. The current placement stays a candidate as long as it fits the next epoch.
+    ``horizon_tokens`` (default ``horizon_epochs`` x tokens per epoch): migration delay is
+    amortised over this many tokens, both per block inside the greedy (a block pays
+    ``delay from its nearest current holder / H`` to move, so moves over fast links are preferred)
+    and for the final whole-plan / per-layer comparison against the current placement.
+    ``mem_balance``: a second greedy round caps every device at the level where the capped devices
+    hold ``mem_balance`` x the model (flatter fill, lower peak device memory); that plan is taken
+    when its predicted latency is at most ``1 + balance_slack`` times the uncapped plan's (the
+    balance term trades at most that much latency). ``None`` or 0: no balancing round.
+    ``thorough`` (default: at most 16 devices may hold blocks): per anchor, every aggregator
+    candidate in both claim orders, and one more round sized for one epoch of KV growth only (the
+    exact solver's horizon), taken when its plan is more than ``headroom_gain`` faster than the
+    headroom plan (headroom is worth a little latency, not a lot: when the KV caches outgrow the
+    tight plan, ``repair`` moves the fewest blocks).
+    ``layer_split``: step 4b, with ``split_slack``.
+    ``anticipate_epochs``, ``preempt``: when the KV growth will evict the current placement within
+    ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
+    token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
+    over the horizon), and repairs (forced or anticipated) are extended towards the headroom
+    horizon at that price; otherwise a forced move moves only what must move (``choose_plan``)."""
+    from testbed.partition.layer.baselines import first_fit
+
+    prob, headroom_until = _problem(snapshot, dims, cost_model, headroom_epochs, horizon_epochs, horizon_tokens,
+                                    thorough)
+    K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
+    layers, meta, budget, last_err = _balanced_round(prob, K, proj_candidates, mem_balance, balance_slack)
+    if layers is None:
+        try:
+            return first_fit(snapshot, dims, cost_model)
+        except InfeasiblePlan:
+            raise prob.no_fit(last_err.block, last_err.nbytes, prob.budget) from None
+    if prob.thorough and prob.T_mem > prob.T + prob.N:
+        layers, meta, prob, budget = _tight_round(prob, K, proj_candidates, headroom_gain, layers, meta, budget)
+    if layer_split:
+        layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
+    new = Placement(snapshot.source, layers, meta=meta)
+    return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
+                       preempt=preempt, headroom_until=headroom_until)
+
+
+def _problem(snapshot, dims, cost_model: str, headroom_epochs: int, horizon_epochs: int,
+             horizon_tokens: int | None, thorough: bool | None) -> tuple[Problem, int]:
+    """RA's problem: blocks sized for ``headroom_epochs`` of KV growth (one epoch when that does not
+    fit), the amortisation horizon ``H`` and ``thorough``; and the headroom horizon (context length)."""
+    N = max(1, snapshot.tokens_until_next_decision)
+    H = snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs))
+    prob = Problem(snapshot, dims, cost_model, mem_tokens=N * max(1, headroom_epochs))
+    try:
+        prob.check_totals()
+    except InfeasiblePlan:
+        prob = Problem(snapshot, dims, cost_model)
+        prob.check_totals()
+    prob.H = max(1.0, H)
+    prob.thorough = int(prob.allowed.sum()) <= 16 if thorough is None else thorough
+    return prob, prob.T_mem
+
+
+def _one_round(prob: Problem, K: int, proj_candidates: int, budget):
+    """One greedy round (without, then with shared aggregators): (layers, None) or (None, NoFit)."""
+    err = None
+    for share in (False, True):
+        try:
+            return _round(prob, K, proj_candidates, share, budget), None
+        except NoFit as exc:
+            err = exc
+    return None, err
+
+
+def _balanced_round(prob: Problem, K: int, proj_candidates: int, mem_balance: float | None,
+                    balance_slack: float):
+    """The greedy round, and the memory-balanced one taken when it is at most ``1 + balance_slack``
+    times slower: (layers or None, meta, the budget they were placed under, the last NoFit)."""
+    layers, last_err = _one_round(prob, K, proj_candidates, prob.budget)
+    capped = balanced_budget(prob, mem_balance, K)
+    meta = {"algorithm": "resource_aware", "ffn_chunks": K}
+    if layers is not None and capped is not prob.budget:
+        bal, _ = _one_round(prob, K, proj_candidates, capped)
+        if bal is not None:
+            free = Placement(prob.snap.source, layers, meta=meta)
+            tight = Placement(prob.snap.source, bal, meta=meta)
+            if (plan_cost(prob, tight).token_latency_s
+                    <= (1 + balance_slack) * plan_cost(prob, free).token_latency_s):
+                layers, meta = bal, {**meta, "mem_balanced": True}
+    return layers, meta, capped if meta.get("mem_balanced") else prob.budget, last_err
+
+
+def _tight_round(prob: Problem, K: int, proj_candidates: int, headroom_gain: float, layers, meta: dict, budget):
+    """``thorough``: a round sized for one epoch of KV growth only, taken when it is more than
+    ``headroom_gain`` faster than the headroom plan: (layers, meta, problem, budget) to go on with."""
+    snapshot = prob.snap
+    tight = Problem(snapshot, prob.dims, prob.cost_model)
+    tight.H, tight.thorough = prob.H, True
+    lt, _ = _one_round(tight, K, proj_candidates, tight.budget)
+    if lt is not None:
+        t_lat = plan_cost(tight, Placement(snapshot.source, lt)).token_latency_s
+        h_lat = plan_cost(prob, Placement(snapshot.source, layers)).token_latency_s
+        if t_lat < (1 - headroom_gain) * h_lat:
+            return lt, {**meta, "tight_memory": True}, tight, tight.budget
+    return layers, meta, prob, budget

@@ -1,0 +1,147 @@
+"""The run directory: resolved config, manifest, append-only events, per-token table, summary.
+
+Everything is written as it happens (each event line and token row is flushed and fsync'd), so a
+run that dies half-way keeps what it recorded. ``summary.json`` is ``testbed.run.events.fold_summary`` over
+``tokens.csv`` and ``events.jsonl`` and is rewritten atomically after every completed (algorithm,
+repetition).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from testbed.run.events import TOKEN_COLUMNS, fold_summary, latest_attempts, read_events
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "kernel": platform.release()}
+    for pkg in ("torch", "numpy", "pydantic", "highspy", "mininet"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+class RunRecorder:
+    """Owns one run directory. Open it, append events and token rows, close it."""
+
+    def __init__(self, run_dir: Path, *, resume: bool = False):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.time()
+        _end_torn_line(self.dir / "events.jsonl")  # a resumed run's next event must not join a torn one
+        self._events = open(self.dir / "events.jsonl", "a", buffering=1)
+        tokens_path = self.dir / "tokens.csv"
+        new_table = not tokens_path.exists() or tokens_path.stat().st_size == 0
+        if resume and not new_table:
+            self._truncate_incomplete()
+        self._tokens_file = open(tokens_path, "a", newline="", buffering=1)
+        self._tokens = csv.DictWriter(self._tokens_file, fieldnames=TOKEN_COLUMNS)
+        if new_table:
+            self._tokens.writeheader()
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_config(self, resolved: dict) -> None:
+        (self.dir / "config.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def write_manifest(self, extra: dict) -> None:
+        manifest = {"git_sha": _git_sha(), "versions": _versions(), "started_at": self._t0,
+                    "resources_file": "resources.jsonl", **extra}
+        _atomic_write(self.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+
+    def update_manifest(self, **fields: Any) -> None:
+        path = self.dir / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        manifest.update(fields)
+        _atomic_write(path, json.dumps(manifest, indent=2, default=str))
+
+    def merge_manifest(self, key: str, entries: dict) -> None:
+        """Add ``entries`` to the mapping ``manifest[key]`` (e.g. per algorithm/repetition)."""
+        path = self.dir / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        self.update_manifest(**{key: {**(manifest.get(key) or {}), **entries}})
+
+    def event(self, type_: str, **fields: Any) -> None:
+        line = json.dumps({"t_s": round(time.time() - self._t0, 6), "wall": time.time(), "type": type_, **fields},
+                          default=str)
+        self._events.write(line + "\n")
+        self._events.flush()
+        os.fsync(self._events.fileno())
+
+    def token(self, row: dict) -> None:
+        self._tokens.writerow({k: row.get(k, "") for k in TOKEN_COLUMNS})
+        self._tokens_file.flush()
+        os.fsync(self._tokens_file.fileno())
+
+    def write_summary(self, summary: dict) -> None:
+        _atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2, default=float))
+
+    def close(self) -> None:
+        self._events.close()
+        self._tokens_file.close()
+
+    # -- resume --------------------------------------------------------------------------------
+    def completed(self) -> set[tuple[str, int]]:
+        """(algorithm, repetition) pairs whose ``repetition_done`` event was recorded."""
+        done = set()
+        for ev in read_events(self.dir):
+            if ev["type"] == "repetition_done":
+                done.add((ev["algorithm"], int(ev["repetition"])))
+        return done
+
+    def _truncate_incomplete(self) -> None:
+        """Drop token rows of (algorithm, repetition) pairs that never completed."""
+        done = self.completed()
+        path = self.dir / "tokens.csv"
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if (r["algorithm"], int(r["repetition"])) in done]
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=TOKEN_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+
+
+def _end_torn_line(path: Path) -> None:
+    """Terminate a last line a crash left without its newline (it stays one skipped line)."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def summarize(run_dir: Path, algorithms: list[str], source: str | None = None) -> dict:
+    """Fold tokens.csv and events.jsonl into the per-algorithm summary (DESIGN.md §3)."""
+    import pandas as pd
+
+    path = Path(run_dir) / "tokens.csv"
+    table = pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame(columns=TOKEN_COLUMNS)
+    events = latest_attempts(read_events(run_dir))
+    return {algo: fold_summary(table, events, algo, source) for algo in algorithms}

@@ -1,0 +1,190 @@
+"""``headroom run``: expand sweeps, build the backend, replay every algorithm, write run directories.
+
+Every (algorithm, repetition) starts from a freshly reset cluster and replays the identical
+timeline. The run directory is written as tokens are produced; ``--resume`` skips the
+(algorithm, repetition) pairs already marked done and re-runs the one that was interrupted.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from testbed.core.errors import BackendError
+from testbed.run.controller import AlgorithmLoop, LoopSettings
+from testbed.spec.modelref import ModelRef, ModelRefError, resolve_model
+from testbed.core.placement import Placement
+from testbed.run.recorder import RunRecorder, summarize
+from testbed.spec.scenario import ScenarioError, Timeline, expand
+from testbed.spec.schema import ExperimentSpec, TopologySpec
+from testbed.core.errors import HeadroomError
+
+console = Console(stderr=True)
+
+
+class RunError(HeadroomError):
+    """The run itself could not proceed (not an algorithm's failure)."""
+
+    code = "run"
+
+
+def sweep_points(spec: ExperimentSpec, exp_path: Path) -> list[tuple[dict, ExperimentSpec]]:
+    """Cartesian product of ``sweep`` (dotted paths into the experiment) -> validated specs."""
+    if not spec.sweep:
+        return [({}, spec)]
+    keys = list(spec.sweep)
+    base = spec.model_dump(mode="python")
+    base.pop("sweep")
+    points = []
+    for values in itertools.product(*(spec.sweep[k] for k in keys)):
+        data = copy.deepcopy(base)
+        for key, value in zip(keys, values):
+            _set_path(data, key, value, exp_path)
+        try:
+            points.append((dict(zip(keys, values)), ExperimentSpec.model_validate(data)))
+        except Exception as exc:  # pydantic ValidationError: report the point that is wrong
+            raise RunError(f"sweep point {dict(zip(keys, values))}: {exc}") from None
+    return points
+
+
+def _set_path(data: dict, dotted: str, value, exp_path: Path) -> None:
+    from testbed.spec.loader import load_topology
+
+    if dotted == "topology" and isinstance(value, str):
+        value = load_topology((exp_path.parent / value).resolve()).model_dump(mode="python")
+    if dotted.startswith("topology.") and data.get("topology_generated"):
+        from testbed.spec.schema import GeneratedTopology
+        from testbed.spec.topogen import generate
+
+        data["topology_generated"][dotted.split(".", 1)[1]] = value
+        data["topology"] = generate(GeneratedTopology.model_validate(data["topology_generated"])).model_dump()
+        return
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: str, recorder: RunRecorder):
+    topo = spec.topology
+    assert isinstance(topo, TopologySpec)
+    if backend == "simulated":
+        from testbed.backends.simulated.build import build_simulated_cluster
+
+        return build_simulated_cluster(topo, model, recorder, host_overhead_mib=spec.simulation.host_overhead_mib,
+                                       weights_from=spec.migration.weights_from)
+    import os
+
+    if os.geteuid() != 0:
+        raise RunError("the emulated backend needs root (Mininet, tc, cgroups); use --backend simulated")
+    from testbed.backends.emulated.cluster import build_emulated_cluster
+
+    try:
+        return build_emulated_cluster(topo, model, run_dir, recorder, weights_from=spec.migration.weights_from)
+    except Exception as exc:  # a backend that cannot come up is the run's failure, reported without traceback
+        raise RunError(f"could not bring up the emulated testbed: {type(exc).__name__}: {exc}") from exc
+
+
+def prompt_for(spec: ExperimentSpec, model: ModelRef, repetition: int) -> list[int]:
+    rng = np.random.default_rng(spec.workload.seed + repetition)
+    return [int(t) for t in rng.integers(0, model.config.vocab_size, spec.workload.prompt_tokens)]
+
+
+def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str, resume: bool,
+               sweep_point: dict) -> None:
+    try:
+        model = resolve_model(spec.model, exp_path.parent)
+        changes = expand(spec, exp_path.parent)
+    except (ModelRefError, ScenarioError) as exc:
+        raise RunError(str(exc)) from None
+    rec = RunRecorder(run_dir, resume=resume)
+    done = rec.completed() if resume else set()
+    resolved = spec.model_dump(mode="json")
+    resolved.update(backend=backend, sweep_point=sweep_point, model_resolved=model.to_json())
+    rec.write_config(resolved)
+    rec.write_manifest({"experiment": spec.name, "backend": backend, "run_dir": str(run_dir),
+                        "scenario_timeline": [c.describe() for c in changes]})
+    rec.event("run_started" if not done else "run_resumed", experiment=spec.name, backend=backend,
+              skipping=[list(d) for d in sorted(done)])
+    algos = spec.algorithm_specs()
+    cluster = None
+    try:
+        cluster = make_cluster(spec, model, run_dir, backend, rec)
+        with _progress() as progress:
+            for rep in range(spec.repetitions):
+                for algo in algos:
+                    if (algo.name, rep) in done:
+                        continue
+                    _run_one(cluster, rec, spec, model, algo, rep, changes, progress)
+                    rec.write_summary(summarize(run_dir, [a.name for a in algos], spec.topology.source))
+        rec.event("run_done")
+    except KeyboardInterrupt:
+        rec.event("run_interrupted")
+        raise
+    finally:
+        if cluster is not None:
+            cluster.close()
+        rec.write_summary(summarize(run_dir, [a.name for a in algos], spec.topology.source))
+        rec.close()
+
+
+def _run_one(cluster, rec, spec, model, algo, rep, changes, progress) -> None:
+    task = progress.add_task(f"{algo.name} rep {rep}", total=spec.workload.new_tokens)
+    cluster.reset()
+    rec.event("algorithm_started", algorithm=algo.name, repetition=rep)
+    settings = LoopSettings(
+        algorithm=algo.name, repetition=rep, params=dict(algo.params), prompt_ids=prompt_for(spec, model, rep),
+        new_tokens=spec.workload.new_tokens, repartition_every=spec.repartition_every_tokens,
+        cost_model=spec.cost_model, allow_blocks_on_source=spec.allow_blocks_on_source,
+        fixed_placement=Placement.from_json(spec.placement) if spec.placement else None,
+        threshold_drop_pct=spec.replan_threshold_pct,
+    )
+    loop = AlgorithmLoop(cluster, rec, model.dims, settings, Timeline(changes),
+                         on_token=lambda i: progress.update(task, completed=i + 1))
+    ok = loop.run()
+    rec.merge_manifest("scenario_applied", {f"{algo.name}/{rep}": loop.applied})
+    rec.event("repetition_done", algorithm=algo.name, repetition=rep, failed=not ok,
+              peak_mem_bytes=cluster.peak_mem_bytes(), tokens=loop.state.tokens)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("tokens"), TimeElapsedColumn(), console=console, transient=False)
+
+
+def run_experiment(spec: ExperimentSpec, exp_path: Path, out: Path, *, backend: str | None = None,
+                   resume: Path | None = None) -> list[Path]:
+    """Run every sweep point; return the run directories (one per point)."""
+    backend = backend or spec.backend
+    points = sweep_points(spec, Path(exp_path))
+    if resume is not None:
+        top = Path(resume)
+        if not (top / "events.jsonl").exists() and not any(top.glob("point-*/events.jsonl")):
+            raise RunError(f"--resume {top}: not a run directory")
+    else:
+        top = Path(out) / spec.name / time.strftime("%Y%m%d-%H%M%S")
+    dirs = [top] if len(points) == 1 else [top / f"point-{k}" for k in range(len(points))]
+    old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        for (point, point_spec), run_dir in zip(points, dirs):
+            _run_point(point_spec, Path(exp_path), run_dir, backend, resume is not None, point)
+    except BackendError as exc:
+        raise RunError(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return dirs
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -1,0 +1,129 @@
+"""Expand an experiment's scenario (steps, ramps, random walks, traces) into a concrete timeline.
+
+Pure and deterministic: the same spec and seed give the same timeline, so every algorithm replays
+the identical sequence of changes. A change fires *before* the token with index ``at_token`` is
+generated (index 0 = before the prompt is processed), or at the first token boundary at which the
+algorithm's elapsed run time (sum of token and migration latencies) reaches ``at_s``.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from testbed.spec.schema import ExperimentSpec, RampItem, RandomWalkItem, ScenarioEvent, TraceItem
+from testbed.core.errors import ConfigError
+
+
+class ScenarioError(ConfigError, ValueError):
+    """A scenario item cannot be expanded (e.g. a malformed trace file)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One concrete change: a link's shaping/state or a host's limits (or killing its agent)."""
+
+    at_token: int | None
+    at_s: float | None
+    link: tuple[str, str] | None = None
+    host: str | None = None
+    values: dict = field(default_factory=dict)  # e.g. {"bandwidth_mbps": 4.0} or {"mem_limit_mib": 256}
+
+    def describe(self) -> str:
+        target = f"link {self.link[0]}-{self.link[1]}" if self.link else f"host {self.host}"
+        when = f"token {self.at_token}" if self.at_token is not None else f"{self.at_s:.3f} s"
+        return f"{when}: {target} " + ", ".join(f"{k}={v}" for k, v in self.values.items())
+
+
+def _from_event(ev: ScenarioEvent) -> Change:
+    keys = ("bandwidth_mbps", "delay_ms", "loss_pct", "up", "mem_limit_mib", "cpu_cores")
+    values = {k: getattr(ev, k) for k in keys if getattr(ev, k) is not None}
+    if ev.kill_agent:
+        values["kill_agent"] = True
+    return Change(ev.at_token, ev.at_s, tuple(ev.link) if ev.link else None, ev.host, values)
+
+
+def _ramp(item: RampItem) -> list[Change]:
+    r = item.ramp
+    tokens = np.linspace(r.from_token, r.to_token, r.steps + 1)[1:]
+    rates = np.linspace(r.from_mbps, r.to_mbps, r.steps + 1)[1:]
+    first = Change(r.from_token, None, tuple(r.link), None, {"bandwidth_mbps": float(r.from_mbps)})
+    return [first] + [Change(int(round(t)), None, tuple(r.link), None, {"bandwidth_mbps": round(float(b), 4)})
+                      for t, b in zip(tokens, rates)]
+
+
+def _random_walk(item: RandomWalkItem, horizon: int, all_links: list[tuple[str, str]]) -> list[Change]:
+    w = item.random_walk
+    if w.all_links:
+        out = []
+        for k, link in enumerate(all_links):
+            one = w.model_copy(update={"link": link, "all_links": False, "seed": w.seed + k})
+            out += _random_walk(RandomWalkItem(random_walk=one), horizon, [])
+        return out
+    rng = np.random.default_rng(w.seed)
+    stop = w.stop_token if w.stop_token is not None else horizon
+    rate = float(np.sqrt(w.min_mbps * w.max_mbps))  # start at the geometric middle of the range
+    out = []
+    for tok in range(w.start_token, stop, w.every_tokens):
+        out.append(Change(tok, None, tuple(w.link), None, {"bandwidth_mbps": round(rate, 4)}))
+        factor = 1.0 + w.step_pct / 100.0 * rng.uniform(-1.0, 1.0)
+        rate = float(np.clip(rate * factor, w.min_mbps, w.max_mbps))
+    return out
+
+
+def _trace(item: TraceItem, base_dir: Path) -> list[Change]:
+    t = item.trace
+    path = (base_dir / t.file) if not Path(t.file).is_absolute() else Path(t.file)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ScenarioError(f"trace {path}: {exc.strerror}") from None
+    out = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            bw = float(row["bandwidth_mbps"])
+            if "token" in row and row["token"] not in (None, ""):
+                out.append(Change(int(row["token"]), None, tuple(t.link), None, {"bandwidth_mbps": bw}))
+            else:
+                out.append(Change(None, float(row["t_s"]), tuple(t.link), None, {"bandwidth_mbps": bw}))
+        except (KeyError, ValueError, TypeError):
+            raise ScenarioError(f"{path}:{line}: expected columns token (or t_s) and bandwidth_mbps > 0, got {row}") from None
+        if bw <= 0:
+            raise ScenarioError(f"{path}:{line}: bandwidth_mbps must be > 0, got {bw}")
+    return out
+
+
+def expand(spec: ExperimentSpec, base_dir: Path = Path(".")) -> list[Change]:
+    """All changes of the scenario, token-indexed ones sorted by token, then time-indexed by time."""
+    horizon = spec.workload.new_tokens
+    changes: list[Change] = []
+    for item in spec.scenario:
+        if isinstance(item, RampItem):
+            changes += _ramp(item)
+        elif isinstance(item, RandomWalkItem):
+            changes += _random_walk(item, horizon, [(l.a, l.b) for l in spec.topology.links])
+        elif isinstance(item, TraceItem):
+            changes += _trace(item, base_dir)
+        else:
+            changes.append(_from_event(item))
+    by_token = sorted((c for c in changes if c.at_token is not None), key=lambda c: c.at_token)
+    by_time = sorted((c for c in changes if c.at_s is not None), key=lambda c: c.at_s)
+    return by_token + by_time
+
+
+class Timeline:
+    """Hands out the changes due at each token boundary; one instance per algorithm replay."""
+
+    def __init__(self, changes: list[Change]):
+        self._token = [c for c in changes if c.at_token is not None]
+        self._time = [c for c in changes if c.at_s is not None]
+
+    def due(self, token_index: int, elapsed_s: float) -> list[Change]:
+        out = [c for c in self._token if c.at_token <= token_index]
+        self._token = [c for c in self._token if c.at_token > token_index]
+        out += [c for c in self._time if c.at_s <= elapsed_s]
+        self._time = [c for c in self._time if c.at_s > elapsed_s]
+        return out
