@@ -89,7 +89,7 @@ def read_tokens(run_dir: Path, problems: list[str] | None = None) -> pd.DataFram
             frame = pd.read_parquet(pq_path)
         else:
             problems.append("tokens table: missing or empty")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError, ImportError) as exc:  # parquet needs pyarrow
         problems.append(f"tokens table unreadable: {exc}")
     for col in TOKEN_COLUMNS:
         if col not in frame.columns:

@@ -2,7 +2,7 @@
 
 1. RA / exact optimum under the ``paper`` model on random 3-5 device instances (mean, worst).
    1d. The same under the ``decode`` model (serialised NICs, what plans are reported with): one
-   layer, ``optimal`` = the certified exact search (``exact_serial``).
+   layer, ``optimal`` = the certified exact search (``testbed.partition.exact.serial``).
 2. Exact solver time, paper model, 5 devices x 32 heads; 2d. the same for the decode search.
 3. RA decision time, decode model, 48 devices x 12 layers x 12 heads.
 4. Fluctuating bandwidth on the simulated cluster (8-24 devices, 3 random clusters and scenarios

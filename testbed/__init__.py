@@ -1,12 +1,13 @@
 """Headroom orchestrator: emulated edge testbed for partitioned LLM inference.
 
-Division of labour:
-- ``testbed.spec.loader``      YAML -> frozen, validated specs (topology, experiment); error reporting.
-- ``testbed.core.placement``   the placement contract shared by partitioners, cost models and backends.
-- ``testbed.partition``   pure planners (snapshot -> placement) and cost models; no I/O.
-- ``testbed.core.cluster``     the ``Cluster`` protocol every backend implements.
-- ``testbed.emulation.network``     the only module that turns a topology spec into a live Mininet network.
-- ``testbed.run.controller``  per-epoch loop: scenario -> apply -> snapshot -> plan -> migrate -> tokens.
-- ``testbed.run.recorder``    the run directory (append-only events, per-token table, summary).
-- ``testbed.cli``         the ``headroom`` command.
+Data flow (docs/architecture.md draws it):  YAML -> ``spec`` -> ``run`` (per decision epoch:
+``Cluster.snapshot`` -> ``partition.plan`` -> ``Cluster.migrate`` -> tokens) -> run directory ->
+``analysis``. Division of labour:
+- ``testbed.core``       contracts: placement, snapshot, the ``Cluster`` protocol, moves, errors.
+- ``testbed.spec``       YAML -> frozen, validated specs; scenario expansion, models, profiles, generators.
+- ``testbed.partition``  pure planners (snapshot -> placement), their cost models and the algorithm registry.
+- ``testbed.emulation``  the only package that turns a topology spec into a live network (Mininet, tc, cgroups).
+- ``testbed.backends``   ``Cluster`` implementations: ``emulated`` (node agents) and ``simulated``.
+- ``testbed.run``        control loop, runner, recorder, typed events and the one summary fold.
+- ``testbed.cli``        the ``headroom`` command.
 """

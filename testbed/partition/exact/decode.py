@@ -199,7 +199,7 @@ def _placement(prob: Problem, layers: list[_Vars], x: np.ndarray, V, K: int) -> 
 
 
 def objective(prob: Problem, pl: Placement, H: float, net) -> float:
-    """``latency + migration delay / H`` (``ra_choice._objective``: the migration delay of what the runtime
+    """``latency + migration delay / H`` (``ra.choice._objective``: the migration delay of what the runtime
     ships, ``migration``)."""
     from testbed.partition.ra.choice import _objective
 

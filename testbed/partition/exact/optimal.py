@@ -10,7 +10,7 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
 - ``decode`` model, evaluated (and reported) with ``cost.decode_cost`` under SERIALISED NICs
   (a device's sends queue on its uplink in the runtime's order, fan-in queues on the receiver's
   downlink). What is exact and what is not:
-  * ONE layer, no ``snapshot.current`` (every token-0 plan): EXACT. ``exact_serial`` searches
+  * ONE layer, no ``snapshot.current`` (every token-0 plan): EXACT. ``exact.serial`` searches
     head counts per device x proj device x the order of the ``x`` sends to the head devices x FFN
     chunk counts (``ffn_chunks`` equal chunks, default 4 as RA) x aggregator x shard send order,
     within the memory budgets at the next decision (``T + tokens_until_next_decision``, capped at
@@ -25,20 +25,20 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
     ``latency_certified``), ``latency_gap``, ``checked`` (plans evaluated with ``decode_cost``).
   * ONE layer WITH a current placement: the objective is latency + migration delay / H
     (``horizon_epochs`` x tokens per epoch, as RA; the delay is ``migration``'s estimate of what
-    the runtime ships, ``exact_decode.objective``). HEURISTIC for the migration part:
+    the runtime ships, ``exact.decode.objective``). HEURISTIC for the migration part:
     the (up to 200) structures with the smallest latency bounds below the best objective are
     realised from scratch and keeping blocks in place, evaluated exactly, and the best is compared
-    with the current placement / RA's minimal ``repair`` of it (``ra_choice.choose_plan``).
+    with the current placement / RA's minimal ``repair`` of it (``ra.choice.choose_plan``).
     ``latency_lower_bound_s`` is still a certified bound on the latency of any plan.
   * SEVERAL layers (or one layer beyond ``SERIAL_LIMIT``): NOT exact. The MILP of
-    ``exact_decode`` solves the independent-transfer relaxation (``serial_nics=False``, a lower
+    ``exact.decode`` solves the independent-transfer relaxation (``serial_nics=False``, a lower
     bound of the serialised model placement by placement) exactly for FFNs cut into ``ffn_chunks``
     chunks; without a current placement (and with ``ffn_chunks`` dividing ``ffn_dim``) its dual
     bound is reported as ``latency_lower_bound_s`` (certified); with one, migration is in the
     MILP objective (integer head / FFN-chunk flows, proj moves, per-sender busy time) and no bound
     is reported. The plan is the best, under the serialised objective, of a local search
-    (``exact_decode.improve``) from the MILP's plan and from RA's plan (``best_seed`` says which),
-    then ``ra_choice.choose_plan``: so it is not worse than RA's plan (when that fits) by construction; its
+    (``exact.decode.improve``) from the MILP's plan and from RA's plan (``best_seed`` says which),
+    then ``ra.choice.choose_plan``: so it is not worse than RA's plan (when that fits) by construction; its
     distance to the optimum is at most ``latency_gap``. Limited to ``n_layers * devices**3 <=
     256`` (the big-M formulation is weak; HiGHS slows down beyond).
 ``enumerate_paper`` cross-checks the paper MILP by exhausting head-count vectors (no migration).
@@ -181,7 +181,7 @@ def enumerate_paper(snapshot, dims) -> tuple[Placement, float]:
 
 
 def _serial_one_layer(prob: Problem, K: int) -> Placement:
-    """One layer: the exact search under the serialised decode model (``exact_serial``)."""
+    """One layer: the exact search under the serialised decode model (``exact.serial``)."""
     from testbed.partition.exact.serial import SerialLayerSearch, with_migration
     from testbed.partition.ra.choice import choose_plan
 
@@ -242,7 +242,7 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
     ``horizon_tokens`` (default ``horizon_epochs`` x tokens per epoch, as RA), and the result is
     compared (latency + migration delay / H under the serialised model) with the current placement
     if it still fits, else with RA's minimal ``repair`` of it, and with per-layer mixtures
-    (``ra_choice.choose_plan``). ``placement.meta`` records the plan's latency, the lower bound and
+    (``ra.choice.choose_plan``). ``placement.meta`` records the plan's latency, the lower bound and
     whether the latency is certified optimal."""
     from testbed.partition.exact.serial import search_size
 

@@ -30,11 +30,11 @@ the plan is the best found and the bound is the smallest unchecked bound (``cert
 Without a current placement this is the whole of ``optimal``'s token-0 objective.
 
 With ``snapshot.current`` the objective is latency + migration delay / H, the migration delay
-being ``migration``'s estimate of what the runtime ships (``exact_decode.objective``).
+being ``migration``'s estimate of what the runtime ships (``exact.decode.objective``).
 That part is NOT exact: the structures with the smallest latency bounds (up to ``max_candidates``,
 only those whose bound is below the best objective so far) are realised both from scratch and
 keeping blocks where they are (``assign_heads``/``assign_ffn``), evaluated exactly, and the best
-is compared with the current placement / its repair by ``ra_choice.choose_plan``. The latency bound is
+is compared with the current placement / its repair by ``ra.choice.choose_plan``. The latency bound is
 still valid (migration >= 0).
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ One round (one decision epoch), given a snapshot:
     ``split_slack`` worse with fewer bytes on the links per token (each layer the greedy splits at
     a full device adds messages, and those cost the most when a link drops).
  5. Hysteresis: per block, a device other than its current one pays its migration delay amortised
-    over the horizon ``H``; finally (``ra_choice.choose_plan``) the current placement is kept unless the new
+    over the horizon ``H``; finally (``ra.choice.choose_plan``) the current placement is kept unless the new
     one (or a per-layer mixture) lowers latency + migration delay / H, i.e. a voluntary move must
     gain more than its delay over H tokens, the delay at the MEASURED path rates with each sender's
     transfers serialised on its uplink (``migration``). Memory-forced moves are handled apart:
@@ -77,7 +77,7 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     """The greedy's layers, or the best contiguous layer split within the greedy's ``budget``
     (EdgeShard's DP, ``edgeshard.best_split``; the memory-balanced caps when the greedy took
     them) when that is better by latency + migration delay from the current placement / H
-    (``ra_choice._objective``), or, for a first plan, at most ``slack`` worse and ships fewer
+    (``ra.choice._objective``), or, for a first plan, at most ``slack`` worse and ships fewer
     bytes per token. A layer-level placement is a head-level one with each layer's blocks
     together; the greedy, filling devices layer by layer, splits layers where a device is full,
     and every split adds bytes on the links (bytes that cost more when a link drops)."""
