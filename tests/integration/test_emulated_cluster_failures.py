@@ -22,7 +22,7 @@ pytestmark = [
 ]
 
 from node_agent.model import load_model  # noqa: E402
-from testbed.core.cluster import AlgorithmFailure  # noqa: E402
+from testbed.core.errors import AlgorithmFailure  # noqa: E402
 from testbed.backends.emulated.cluster import EmulatedCluster  # noqa: E402
 from testbed.core.placement import FfnShard, LayerPlacement, Placement  # noqa: E402
 
