@@ -55,8 +55,10 @@ def placements(cfg) -> dict[str, Placement]:
     }
 
 
-def bench_latency(model: str, tokens: int, run: Path) -> list[dict]:
-    c = EmulatedCluster(star(4), model, run / "latency", run_id=f"bl{uuid.uuid4().hex[:4]}")
+def bench_latency(model: str, tokens: int, run: Path, topo: TopologySpec | None = None,
+                  cpu_emulation: str = "pace") -> list[dict]:
+    c = EmulatedCluster(topo or star(4), model, run / f"latency-{cpu_emulation}",
+                        run_id=f"bl{uuid.uuid4().hex[:4]}", cpu_emulation=cpu_emulation)
     rows = []
     try:
         cfg = load_model(model).config
@@ -65,6 +67,8 @@ def bench_latency(model: str, tokens: int, run: Path) -> list[dict]:
         for name, pl in placements(cfg).items():
             c.reset()
             rec = c.load(pl, prompt)
+            for h in c.hosts():
+                c.pool.call(h, "pace", 10.0, clear=True)
             meas, pred, parts, pparts = [], [], [], []
             for i in range(tokens):
                 T = len(prompt) + i + 1
@@ -77,12 +81,25 @@ def bench_latency(model: str, tokens: int, run: Path) -> list[dict]:
                 parts.append((rec.compute_s, rec.transfer_s, rec.wait_s))
             m, p = statistics.median(meas), statistics.median(pred)
             med = lambda xs, k: statistics.median(x[k] for x in xs) * 1e3  # noqa: E731
-            rows.append({"placement": name, "measured_ms": m * 1e3, "predicted_ms": p * 1e3, "ratio": m / p,
+            rows.append({"placement": name, "cpu_emulation": cpu_emulation, "measured_ms": m * 1e3,
+                         "predicted_ms": p * 1e3, "ratio": m / p, "mean_ratio": statistics.mean(meas) / statistics.mean(pred),
+                         "p95_over_median": sorted(meas)[int(0.95 * (len(meas) - 1))] / m,
+                         "block_p95_over_median": worst_block_spread(c),
                          "compute_ms": med(parts, 0), "transfer_ms": med(parts, 1), "wait_ms": med(parts, 2),
                          "pred_compute_ms": med(pparts, 0), "pred_transfer_ms": med(pparts, 1)})
     finally:
         c.close()
     return rows
+
+
+def worst_block_spread(c: EmulatedCluster) -> float | None:
+    """Largest p95/median of one block kind's paced time on any host (the cgroup modes: wall time)."""
+    worst = None
+    for h in c.hosts():
+        for kind, st in c.pool.call(h, "pace", 10.0)["kinds"].items():
+            if st["calls"] >= 8 and st["p95_over_median"] is not None:
+                worst = max(worst or 0.0, st["p95_over_median"])
+    return worst
 
 
 def bench_migration(run: Path, layers_moved: int = 3) -> dict:
@@ -162,16 +179,28 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--agents", type=int, default=64)
     ap.add_argument("--skip", nargs="*", default=[], choices=["latency", "migration", "capacity"])
+    ap.add_argument("--cores", type=float, nargs="+", default=[1.0, 0.5, 0.5, 0.5],
+                    help="cpu_cores of h1 (source), h2, h3, h4 (repeated cyclically)")
+    ap.add_argument("--rate", type=float, nargs="+", default=[50, 20, 20, 10], help="access link Mbit/s per host")
+    ap.add_argument("--delay", type=float, nargs="+", default=[2, 3, 5, 5], help="access link delay ms per host")
+    ap.add_argument("--cpu-emulation", nargs="+", default=["pace"], choices=["pace", "cfs-short", "cfs"],
+                    help="CPU emulation modes, measured one after the other on the same topology")
     args = ap.parse_args()
     run = Path(tempfile.mkdtemp(prefix="bench-agents-"))
     if "latency" not in args.skip:
-        print(f"== per-token latency, {args.model}, 4-host star, median of {args.tokens} decode tokens")
-        print(f"{'placement':<12} {'measured':>9} {'predicted':>9} {'ratio':>6}  measured compute/transfer/wait"
-              f"  predicted compute/transfer (ms)")
-        for r in bench_latency(args.model, args.tokens, run):
-            print(f"{r['placement']:<12} {r['measured_ms']:8.2f}ms {r['predicted_ms']:8.2f}ms {r['ratio']:6.3f}  "
-                  f"{r['compute_ms']:7.2f}/{r['transfer_ms']:.2f}/{r['wait_ms']:.2f}"
-                  f"  {r['pred_compute_ms']:13.2f}/{r['pred_transfer_ms']:.2f}")
+        topo = star(4, rates=tuple(args.rate), delays=tuple(args.delay), cores=tuple(args.cores), mem=1024)
+        print(f"== per-token latency, {args.model}, 4-host star (cores {args.cores}, {args.rate} Mbit/s, "
+              f"{args.delay} ms), median of {args.tokens} decode tokens")
+        print(f"{'cpu':<9} {'placement':<12} {'measured':>9} {'predicted':>9} {'ratio':>6} {'mean r':>6} "
+              f"{'tok p95/p50':>11} {'block p95/p50':>13}  measured compute/transfer/wait  predicted compute/transfer (ms)")
+        for mode in args.cpu_emulation:
+            for r in bench_latency(args.model, args.tokens, run, topo, mode):
+                spread = r["block_p95_over_median"]
+                print(f"{mode:<9} {r['placement']:<12} {r['measured_ms']:8.2f}ms {r['predicted_ms']:8.2f}ms "
+                      f"{r['ratio']:6.3f} {r['mean_ratio']:6.3f} {r['p95_over_median']:11.3f} "
+                      f"{spread if spread is not None else float('nan'):13.3f}  "
+                      f"{r['compute_ms']:7.2f}/{r['transfer_ms']:.2f}/{r['wait_ms']:.2f}"
+                      f"  {r['pred_compute_ms']:13.2f}/{r['pred_transfer_ms']:.2f}")
     if "migration" not in args.skip:
         m = bench_migration(run)
         print(f"== migration h2->h3 (20 Mbit/s path): {m['bytes']} B in {m['duration_s']:.2f} s = "

@@ -31,6 +31,7 @@ from node_agent import protocol as P
 from node_agent.dataflow import Dataflow, Inp, TokenState
 from node_agent.inbox import TimedInbox, lower_timer_slack
 from node_agent.migration import Migration
+from node_agent.pacing import ComputePacer
 from node_agent.budget import Budget, BudgetError, return_freed_memory, rss_bytes, tune_allocator
 from node_agent.shards import BlockStore, calibrate
 from node_agent.wire import TransitFloor, WireError, connect, recv_frame, release_time, send_frame
@@ -53,6 +54,7 @@ class Agent(Dataflow, Migration):
         self.placement: Placement | None = None
         self.pv = 0
         self.inbox = TimedInbox()
+        self.pacer = ComputePacer()  # compute like the emulated device (``pace`` command); None = full speed
         self.local: deque = deque()  # hand-offs between this agent's own blocks (worker thread only)
         self.peers: dict[str, tuple[str, int]] = {}
         self.delays: dict[str, float] = {}
@@ -205,7 +207,17 @@ class Agent(Dataflow, Migration):
 
     def cmd_calibrate(self, h, _):
         cfg = self.store.cfg if self.store is not None else None
-        return self._on_worker(lambda: calibrate(cfg, float(h.get("seconds", 0.3))), 120.0), b""
+        return self._on_worker(lambda: calibrate(cfg, float(h.get("seconds", 0.3)), pacer=self.pacer), 120.0), b""
+
+    def cmd_pace(self, h, _):
+        """Set the emulated device's speed (a fraction of one core; null: full speed); stats come back."""
+        def apply():
+            if "speed" in h:
+                self.pacer.set_speed(h["speed"])
+            if h.get("clear"):
+                self.pacer.clear()
+            return self.pacer.stats()
+        return self._on_worker(apply), b""
 
     def cmd_debug_alloc(self, h, _):
         """Test hook: allocate and touch ``nbytes`` WITHOUT the budget check (provokes a real OOM kill)."""

@@ -5,6 +5,9 @@ A token starts at the source (embedding), flows layer by layer as activation mes
 -> ``x`` of the next layer, finally ``out`` back to the source for the LM head). Each host runs the
 steps for the blocks it holds, in order, on the agent's single worker thread.
 
+Every block's compute runs inside the agent's ``node_agent.pacing.ComputePacer``, which holds its
+result until the emulated device would have finished it (no-op when the host is not paced).
+
 Critical-path accounting: each activation carries ``cp = [compute, transfer, wait]`` of the path
 that produced it; the receiver adds the transfer (release - sent_at, one host clock), and a block
 that joins several inputs continues the path of the LAST one to arrive. The ``tally`` of
@@ -66,7 +69,7 @@ def _join(inputs: list[Inp]) -> tuple[list, dict, float]:
 
 class Dataflow:
     """Mixin of ``node_agent.agent.Agent``: the token steps. Uses the agent's ``name``, ``store``,
-    ``placement``, ``pv``, ``tokens`` (seq -> TokenState), ``local`` (hand-offs to its own blocks, served
+    ``placement``, ``pacer``, ``pv``, ``tokens`` (seq -> TokenState), ``local`` (hand-offs to its own blocks, served
     by the worker before its inbox) and ``_send``."""
 
     def _emit(self, kind: str, dsts: list[str], layer: int, st: "TokenState", t: torch.Tensor, cp: list,
@@ -104,7 +107,8 @@ class Dataflow:
         self.tokens[st.seq] = st
         ids = torch.tensor([h["ids"]], dtype=torch.long)
         t0 = time.time()
-        x = self.store.embedder(ids, st.start_pos)  # (1, T, D)
+        with self.pacer.paced("embed"):
+            x = self.store.embedder(ids, st.start_pos)  # (1, T, D)
         t1 = time.time()
         lp = self.placement.layers[0]
         dsts = list(dict.fromkeys([lp.proj, *lp.heads]))
@@ -137,7 +141,8 @@ class Dataflow:
         shard = self.store.attn.get(l)
         if shard is not None and shard.groups:
             t0 = time.time()
-            out = shard(inp.t, st.start_pos)  # (1, T, |groups|·q·d)
+            with self.pacer.paced("attn"):
+                out = shard(inp.t, st.start_pos)  # (1, T, |groups|·q·d)
             t1 = time.time()
             cp = [inp.cp[0] + t1 - t0, inp.cp[1], inp.cp[2] + max(0.0, t0 - inp.arrival)]
             self._emit("ho", [lp.proj], l, st, out, cp, tally, t1, groups=list(shard.groups))
@@ -154,7 +159,8 @@ class Dataflow:
         cp, tally, arrival = _join([ls.x, *ls.heads])
         t0 = time.time()
         parts = [(i.extra["groups"], i.t) for i in ls.heads]
-        h = self.store.proj[l](assemble_head_outputs(self.store.cfg, parts), ls.x.t)  # (1, T, D)
+        with self.pacer.paced("proj"):
+            h = self.store.proj[l](assemble_head_outputs(self.store.cfg, parts), ls.x.t)  # (1, T, D)
         t1 = time.time()
         cp = [cp[0] + t1 - t0, cp[1], cp[2] + max(0.0, t0 - arrival)]
         lp = self.placement.layers[l]
@@ -165,9 +171,10 @@ class Dataflow:
         agg = lp.ffn_aggregator
         t0 = time.time()
         partial = None
-        for shard in self.store.ffn.get(l, {}).values():
-            p = shard(inp.t)  # (1, T, D)
-            partial = p if partial is None else partial + p
+        with self.pacer.paced("ffn"):
+            for shard in self.store.ffn.get(l, {}).values():
+                p = shard(inp.t)  # (1, T, D)
+                partial = p if partial is None else partial + p
         t1 = time.time()
         cp = [inp.cp[0] + t1 - t0, inp.cp[1], inp.cp[2] + max(0.0, t0 - inp.arrival)]
         ls = st.layer(l)
@@ -185,7 +192,8 @@ class Dataflow:
             return
         cp, tally, arrival = _join([ls.h, *ls.parts])
         t0 = time.time()
-        x = ffn_combine([p.t for p in ls.parts], ls.h.t, self.store.ffn_bias[l])  # (1, T, D)
+        with self.pacer.paced("combine"):
+            x = ffn_combine([p.t for p in ls.parts], ls.h.t, self.store.ffn_bias[l])  # (1, T, D)
         t1 = time.time()
         cp = [cp[0] + t1 - t0, cp[1], cp[2] + max(0.0, t0 - arrival)]
         st.layers.pop(l, None)
@@ -197,9 +205,10 @@ class Dataflow:
 
     def _finish(self, st: TokenState, inp: Inp) -> None:
         t0 = time.time()
-        logits = self.store.lm_head(inp.t[:, -1:])  # (1, 1, V)
-        token = int(logits[0, -1].argmax())
-        top = torch.topk(logits[0, -1], 5)
+        with self.pacer.paced("head"):
+            logits = self.store.lm_head(inp.t[:, -1:])  # (1, 1, V)
+            token = int(logits[0, -1].argmax())
+            top = torch.topk(logits[0, -1], 5)
         t1 = time.time()
         self.tokens.pop(st.seq, None)
         latency = t1 - st.t0

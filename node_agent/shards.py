@@ -13,10 +13,12 @@ Every load or import is checked against ``node_agent.budget.Budget`` first and r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -338,11 +340,13 @@ class BlockStore:
         return {"blocks": self.block_bytes(), "kv_bytes": self.kv_bytes(), "pid": os.getpid()}
 
 
-def calibrate(cfg, seconds: float = 0.3, context: int = 32) -> dict:
-    """FLOP/s of this agent, under its CPU cap, on decode-shaped work: one whole layer of ``cfg``
-    (all groups, W_o, all FFN columns) decoding one token at ``context``, built over the fork
-    server's shared weights (nothing is copied, so nothing is charged). FLOPs are counted as the
-    decode cost model counts them. Without a model: 256x256 matrix-vector products."""
+def calibrate(cfg, seconds: float = 0.3, context: int = 32, pacer=None) -> dict:
+    """FLOP/s of this agent, under its CPU cap and through its ``pacer`` (``node_agent.pacing``), on
+    decode-shaped work: one whole layer of ``cfg`` (all groups, W_o, all FFN columns) decoding one
+    token at ``context``, built over the fork server's shared weights (nothing is copied, so nothing
+    is charged). FLOPs are counted as the decode cost model counts them. Without a model: 256x256
+    matrix-vector products. Also reported: the full-speed rate (FLOPs over the thread's CPU time)
+    and the spread of the paced step times (p95 / median)."""
     from node_agent.model import AttentionShard, FfnShard, ProjBlock
 
     if cfg is None or not hasattr(cfg, "n_groups"):
@@ -364,12 +368,20 @@ def calibrate(cfg, seconds: float = 0.3, context: int = 32) -> dict:
                  + 2.0 * D * cfg.q_dim + 2.0 * mats * D * cfg.ffn_dim)
     for _ in range(3):
         step()
-    n, t0 = 0, time.perf_counter()
+    pace = pacer.paced if pacer is not None else (lambda kind: contextlib.nullcontext())
+    n, times, cpu0, t0 = 0, [], time.thread_time(), time.perf_counter()
     while True:
-        step()
+        s0 = time.perf_counter()
+        with pace("calibrate"):
+            step()
+        times.append(time.perf_counter() - s0)
         n += 1
         el = time.perf_counter() - t0
-        if el >= seconds:
+        if el >= seconds and n >= 5:
             break
-    return {"flops_per_s": flops * n / el, "iterations": n, "seconds": el,
-            "work": "decode layer" if cfg is not None else "gemv 256"}
+    cpu = time.thread_time() - cpu0
+    med = float(np.median(times))
+    return {"flops_per_s": flops * n / el, "full_speed_flops_per_s": flops * n / cpu if cpu > 0 else None,
+            "iterations": n, "seconds": el, "step_median_s": med,
+            "step_p95_over_median": float(np.percentile(times, 95)) / med if med > 0 else None,
+            "speed": getattr(pacer, "speed", None), "work": "decode layer" if cfg is not None else "gemv 256"}

@@ -159,8 +159,8 @@ class HostCgroup:
         raise CgroupError(f"{self.name}: cannot lower memory limit to {limit_bytes} B: usage is "
                           f"{self.usage_bytes()} B and could not be reclaimed (EBUSY)")
 
-    def set_cpu(self, cores: float) -> float:
-        for w in cpu_limit_writes(self.version, cores):
+    def set_cpu(self, cores: float, period_us: int = CFS_PERIOD_US) -> float:
+        for w in cpu_limit_writes(self.version, cores, period_us):
             self._write(*w)
         return self.cpu_cores()
 
@@ -243,11 +243,11 @@ class CgroupSet:
         self.version = version or detect_version()
         self.groups: dict[str, HostCgroup] = {}
 
-    def create(self, host: str, mem_limit_mib: float, cpu_cores: float) -> HostCgroup:
+    def create(self, host: str, mem_limit_mib: float, cpu_cores: float, period_us: int = CFS_PERIOD_US) -> HostCgroup:
         g = HostCgroup(self.run_id, host, self.version, self.manifest).create()
         self.groups[host] = g
         g.set_memory(int(mem_limit_mib * MIB))
-        g.set_cpu(cpu_cores)
+        g.set_cpu(cpu_cores, period_us)
         return g
 
     def __getitem__(self, host: str) -> HostCgroup:

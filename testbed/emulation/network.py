@@ -21,6 +21,7 @@ import time
 from typing import Optional, Sequence
 
 from testbed.emulation import shaping as sh
+from testbed.emulation import cpu as cpu_modes
 from testbed.emulation.cgroups import CgroupSet
 from testbed.emulation.cleanup import Manifest, cleanup_entries, proc_start_time
 from testbed.emulation.linkstate import DelayTable, End, LiveLink
@@ -40,12 +41,17 @@ def _tag(run_id: str) -> str:
 class EmulatedNetwork:
     def __init__(self, topology: TopologySpec, run_id: str, manifest: Manifest, *,
                  delay_consumer: Optional[str] = None, limits: bool = True,
-                 netem: Optional[bool] = None):
+                 netem: Optional[bool] = None, cpu_emulation: str = "pace"):
         """``delay_consumer`` names who applies transport delay when the kernel has no netem
         (e.g. ``"wire"``); without one, a topology asking for delay raises instead of running
-        silently without it. ``netem=None`` detects it on a scratch veth pair."""
+        silently without it. ``netem=None`` detects it on a scratch veth pair. ``cpu_emulation``: how
+        a host's ``cpu_cores`` is realised (``testbed.emulation.cpu``; under ``pace`` the cgroup does
+        not throttle and the agents pace themselves)."""
         self.topology, self.run_id, self.manifest = topology, run_id, manifest
         self.delay_consumer, self.limits, self._netem_arg = delay_consumer, limits, netem
+        if cpu_emulation not in cpu_modes.MODES:
+            raise ValueError(f"unknown cpu emulation {cpu_emulation!r} (known: {', '.join(cpu_modes.MODES)})")
+        self.cpu_emulation = cpu_emulation
         self.tag = _tag(run_id)
         self.ex = sh.Executor()
         self.delays = DelayTable()
@@ -340,7 +346,7 @@ class EmulatedNetwork:
     def _start_cgroups(self) -> None:
         self.cgroups = CgroupSet(self.run_id, _RecordingManifest(self))
         for h in self.topology.hosts:
-            self.cgroups.create(h.name, h.mem_limit_mib, h.cpu_cores)
+            self.cgroups.create(h.name, h.mem_limit_mib, *cpu_modes.cgroup_cpu(self.cpu_emulation, h.cpu_cores))
 
     def set_host_limits(self, host: str, mem_limit_mib: Optional[float] = None,
                         cpu_cores: Optional[float] = None) -> dict:
@@ -348,7 +354,7 @@ class EmulatedNetwork:
         if mem_limit_mib is not None:
             g.set_memory(int(mem_limit_mib * 1024 * 1024))
         if cpu_cores is not None:
-            g.set_cpu(cpu_cores)
+            g.set_cpu(*cpu_modes.cgroup_cpu(self.cpu_emulation, cpu_cores))
         return g.stats()
 
     def poll_oom(self) -> list[tuple[str, int]]:

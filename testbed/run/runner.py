@@ -91,7 +91,8 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
     from testbed.backends.emulated.cluster import build_emulated_cluster
 
     try:
-        return build_emulated_cluster(topo, model, run_dir, recorder, weights_from=spec.migration.weights_from)
+        return build_emulated_cluster(topo, model, run_dir, recorder, weights_from=spec.migration.weights_from,
+                                      cpu_emulation=spec.emulation.cpu)
     except Exception as exc:  # a backend that cannot come up is the run's failure, reported without traceback
         raise RunError(f"could not bring up the emulated testbed: {type(exc).__name__}: {exc}") from exc
 

@@ -262,6 +262,13 @@ ScenarioItem = Annotated[
 ]
 
 
+class Emulation(Spec):
+    """How the emulated backend realises hosts (``testbed.emulation.cpu``): ``cpu: pace`` (agents hold
+    each block until the device's time for it has passed), ``cfs-short`` or ``cfs`` (a CFS quota)."""
+
+    cpu: Literal["pace", "cfs-short", "cfs"] = "pace"
+
+
 class AlgorithmSpec(Spec):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -282,6 +289,7 @@ class ExperimentSpec(Spec):
     repetitions: int = Field(1, ge=1)
     backend: Literal["emulated", "simulated"] = "emulated"
     simulation: Simulation = Simulation()
+    emulation: Emulation = Emulation()
     migration: MigrationSettings = MigrationSettings()
     placement: Optional[dict[str, Any]] = None  # for the "fixed" algorithm: Placement.to_json() form
     sweep: Optional[dict[str, list[Any]]] = None

@@ -26,6 +26,7 @@ from node_agent import protocol as P
 from node_agent.agent import DATA_PORT
 from node_agent.wire import WireError, recv_frame, send_frame
 from testbed.emulation.cleanup import proc_start_time
+from testbed.emulation.cpu import pace_speed
 from testbed.core.errors import AgentError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -144,6 +145,9 @@ class AgentPool:
         self._spawned = 0
         self.fs = ForkServerProcess(self.sock_dir, self.log_dir / "forkserver.log", manifest, threads)
         self.config: dict | None = None
+        # each agent's pacing speed (``testbed.emulation.cpu``): None where the cgroup alone limits it
+        mode = getattr(net, "cpu_emulation", "cfs")
+        self.speeds: dict[str, float | None] = {h.name: pace_speed(mode, h.cpu_cores) for h in net.topology.hosts}
         if model is not None:
             self.config = self.fs.call("preload", 600.0, model=model)["config"]
 
@@ -191,6 +195,12 @@ class AgentPool:
         peers = self.peers()
         self.each(lambda h: self.call(h, "configure", 60.0, peers=peers, delays=self.delays_to(h),
                                       rates=self.rates_to(h), threads=self.threads))
+        self.each(lambda h: self.set_speed(h, self.speeds.get(h)))
+
+    def set_speed(self, host: str, speed: float | None) -> dict:
+        """Pace ``host``'s agent at ``speed`` (a fraction of one core; None: full speed); its stats back."""
+        self.speeds[host] = speed
+        return self.call(host, "pace", 10.0, speed=speed, clear=True)
 
     def push_delays(self) -> None:
         """Send every agent the current path delays and rates (after any link change)."""

@@ -21,6 +21,7 @@ from node_agent import protocol as P
 from testbed.backends.emulated.agents import AgentCallError, AgentPool
 from testbed.emulation.cgroups import CgroupError
 from testbed.emulation.cleanup import Manifest
+from testbed.emulation.cpu import pace_speed
 from testbed.core.cluster import MigrationRecord, TokenRecord
 from testbed.core.errors import AlgorithmFailure, BackendError, MigrationRefused, TokenFailed
 from node_agent.budget import TRANSIENT_RESERVE, BudgetError
@@ -43,7 +44,7 @@ class EmulatedCluster:
     def __init__(self, topology: TopologySpec, model_ref, run_dir, manifest: Manifest | None = None, *,
                  network=None, run_id: str | None = None, seed: int = 0, token_timeout_s: float = 30.0,
                  calibrate_s: float = 0.3, threads: int = 1, runtime_slack_bytes: int = 4 * MIB,
-                 weights_from: str = "source", warmup: bool = True):
+                 weights_from: str = "source", warmup: bool = True, cpu_emulation: str = "pace"):
         self.topology, self.run_dir = topology, Path(run_dir)
         self.weights_from = weights_from  # "destination": migrations ship KV caches, not weights
         self.failure_details: dict | None = None  # the last dead agent found (host, OOM or not, bytes)
@@ -59,13 +60,15 @@ class EmulatedCluster:
             from testbed.emulation.network import EmulatedNetwork
 
             network = EmulatedNetwork(topology, run_id or f"ec{uuid.uuid4().hex[:6]}", self.manifest,
-                                      delay_consumer="wire")
+                                      delay_consumer="wire", cpu_emulation=cpu_emulation)
             network.start()
         self.net = network
         try:
             self.pool = AgentPool(self.net, self.manifest, self.run_dir, self.model, threads=threads)
             self.pool.start()
             self.flops: dict[str, float] = {}
+            self.calibrations: dict[str, dict] = {}  # host -> the last calibration's figures
+            self.cpu_cores = {h.name: h.cpu_cores for h in topology.hosts}
             self.baseline: dict[str, int] = {}
             for h in self.hosts():
                 self._calibrate(h)
@@ -95,7 +98,14 @@ class EmulatedCluster:
     def _calibrate(self, host: str) -> None:
         r = self.pool.call(host, "calibrate", 60.0, seconds=self.calibrate_s)
         self.flops[host] = float(r["flops_per_s"])
+        self.calibrations[host] = r
         self.baseline[host] = self._cg(host).usage_bytes()
+
+    def _set_cpu(self, host: str, cpu_cores: float) -> None:
+        """A host's speed: the cgroup (relaxed under pacing) and the agent's pacing speed."""
+        self.net.set_host_limits(host, cpu_cores=cpu_cores)
+        self.pool.set_speed(host, pace_speed(self.net.cpu_emulation, cpu_cores))
+        self.cpu_cores[host] = cpu_cores
 
     def _read_rates(self, a: str, b: str) -> dict:
         back = self.net.read_link(a, b)
@@ -158,14 +168,17 @@ class EmulatedCluster:
     def set_host_limits(self, host: str, *, mem_limit_mib: float | None = None,
                         cpu_cores: float | None = None) -> dict:
         g = self._cg(host)
-        before = {"mem_limit_mib": g.memory_limit() / MIB, "cpu_cores": g.cpu_cores()}
+        before = {"mem_limit_mib": g.memory_limit() / MIB, "cpu_cores": self.cpu_cores[host]}
         self._changed_hosts.add(host)
         try:
-            stats = self.net.set_host_limits(host, mem_limit_mib=mem_limit_mib, cpu_cores=cpu_cores)
+            stats = self.net.set_host_limits(host, mem_limit_mib=mem_limit_mib)
         except CgroupError as exc:
             raise AlgorithmFailure(f"memory limit of {host} cannot drop to {mem_limit_mib} MiB: {exc}") from None
         if cpu_cores is not None:
-            self.flops[host] = float(self.pool.call(host, "calibrate", 60.0, seconds=self.calibrate_s)["flops_per_s"])
+            self._set_cpu(host, cpu_cores)
+            self._calibrate(host)
+            stats = {**stats, "cpu_cores": cpu_cores, "cgroup_cpu_cores": g.cpu_cores(),
+                     "pace_speed": self.pool.speeds[host]}
         return {**stats, "flops_per_s": self.flops[host], "before": before}
 
     def kill_agent(self, host: str) -> None:
@@ -365,7 +378,8 @@ class EmulatedCluster:
             self.pool.push_delays()
         for h in sorted(self._changed_hosts):
             spec = self.topology.host(h)
-            self.net.set_host_limits(h, mem_limit_mib=spec.mem_limit_mib, cpu_cores=spec.cpu_cores)
+            self.net.set_host_limits(h, mem_limit_mib=spec.mem_limit_mib)
+            self._set_cpu(h, spec.cpu_cores)
             self._calibrate(h)
         self._changed_links, self._changed_hosts = set(), set()
         for h in self.hosts():
@@ -385,10 +399,11 @@ class EmulatedCluster:
 
 
 def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None,
-                           weights_from: str = "source") -> EmulatedCluster:
+                           weights_from: str = "source", cpu_emulation: str = "pace") -> EmulatedCluster:
     """What ``testbed.run.runner`` builds for ``backend: emulated`` (manifest in the run directory)."""
     run_dir = Path(run_dir)
-    cluster = EmulatedCluster(topo, model, run_dir, Manifest(run_dir / "resources.jsonl"), weights_from=weights_from)
+    cluster = EmulatedCluster(topo, model, run_dir, Manifest(run_dir / "resources.jsonl"), weights_from=weights_from,
+                              cpu_emulation=cpu_emulation)
     if recorder is not None:
         recorder.update_manifest(delay_mechanism=cluster.net.delay_mechanism,
                                  loss_mechanism="netem" if cluster.net.delay_mechanism == "netem" else "iptables statistic",
@@ -396,6 +411,8 @@ def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None,
                                                "(HTB passes a lone small packet at line rate)",
                                  agents={h: a.pid for h, a in cluster.pool.agents.items()},
                                  agent_flops_per_s=cluster.flops, agent_idle_charge_bytes=cluster.baseline,
+                                 cpu_emulation=cluster.net.cpu_emulation, agent_pace_speed=dict(cluster.pool.speeds),
+                                 agent_calibration=cluster.calibrations,
                                  migration_weights_from=weights_from,
                                  agent_working_overhead_bytes=cluster.working_overhead,
                                  agent_call_overhead_s=cluster.call_overhead_s)
