@@ -15,6 +15,7 @@ commands, the worker loop and the receive-side timing (``node_agent.wire.release
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from node_agent.shards import BlockStore, calibrate
 from node_agent.wire import TransitFloor, WireError, connect, recv_frame, release_time, send_frame
 from testbed.core.errors import TokenFailed
 from testbed.core.placement import Placement
+from testbed.core.snapshot import ModelDims
 
 log = logging.getLogger("headroom.agent")
 DATA_PORT = 7070
@@ -55,6 +57,8 @@ class Agent(Dataflow, Migration):
         self.pv = 0
         self.inbox = TimedInbox()
         self.pacer = ComputePacer()  # compute like the emulated device (``pace`` command); None = full speed
+        self.work_bytes_per_param: float | None = None  # the simulated weight format's (``pace``); None: the model's
+        self._work_dims = None
         self.local: deque = deque()  # hand-offs between this agent's own blocks (worker thread only)
         self.peers: dict[str, tuple[str, int]] = {}
         self.delays: dict[str, float] = {}
@@ -209,11 +213,27 @@ class Agent(Dataflow, Migration):
         cfg = self.store.cfg if self.store is not None else None
         return self._on_worker(lambda: calibrate(cfg, float(h.get("seconds", 0.3)), pacer=self.pacer), 120.0), b""
 
+    @property
+    def work_dims(self):
+        """The model's dimensions for counting a block call's work (``call_work``), in the simulated
+        weight format's bytes per parameter when the ``pace`` command named one."""
+        if self._work_dims is None or self._work_dims[0] is not self.store.cfg:
+            dims = ModelDims.from_config(self.store.cfg)
+            if self.work_bytes_per_param is not None:
+                dims = dataclasses.replace(dims, bytes_per_param=self.work_bytes_per_param)
+            self._work_dims = (self.store.cfg, dims)
+        return self._work_dims[1]
+
     def cmd_pace(self, h, _):
-        """Set the emulated device's speed (a fraction of one core; null: full speed); stats come back."""
+        """Set how this agent computes like its device — ``clock`` (a ``DeviceClock``: roofline
+        pacing), ``speed`` (a fraction of one core: CPU-time pacing) or neither (full speed) — and
+        optionally ``bytes_per_param`` of the simulated weight format; the pacer's stats come back."""
         def apply():
-            if "speed" in h:
-                self.pacer.set_speed(h["speed"])
+            if "clock" in h or "speed" in h:
+                self.pacer.set_clock(h.get("clock"))
+                self.pacer.set_speed(h.get("speed"))
+            if "bytes_per_param" in h:
+                self.work_bytes_per_param, self._work_dims = h["bytes_per_param"], None
             if h.get("clear"):
                 self.pacer.clear()
             return self.pacer.stats()

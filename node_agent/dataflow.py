@@ -24,6 +24,7 @@ import torch
 
 from node_agent import protocol as P
 from node_agent.model import assemble_head_outputs, ffn_combine
+from testbed.partition.cost.blocks import call_work
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _join(inputs: list[Inp]) -> tuple[list, dict, float]:
 
 class Dataflow:
     """Mixin of ``node_agent.agent.Agent``: the token steps. Uses the agent's ``name``, ``store``,
-    ``placement``, ``pacer``, ``pv``, ``tokens`` (seq -> TokenState), ``local`` (hand-offs to its own blocks, served
+    ``placement``, ``pacer``, ``work_dims`` (the model's dimensions in the simulated weight format), ``pv``, ``tokens`` (seq -> TokenState), ``local`` (hand-offs to its own blocks, served
     by the worker before its inbox) and ``_send``."""
 
     def _emit(self, kind: str, dsts: list[str], layer: int, st: "TokenState", t: torch.Tensor, cp: list,
@@ -91,6 +92,11 @@ class Dataflow:
             c = [round(cp[0], 6), round(cp[1], 6), round(cp[2] + (time.time() - t_ready), 6)]
             self._send(dst, P.act_header(kind, seq, layer, self.pv, shape, c, own, **extra), raw)
 
+    def _paced(self, kind: str, calls: int = 1, **work):
+        """The pacer's hold for one block call, its work counted as the cost models count it."""
+        flops, nbytes = call_work(self.work_dims, kind, **work) if self.pacer.clock is not None else (0.0, 0.0)
+        return self.pacer.paced(kind, flops, nbytes, calls)
+
     def _token(self, h: dict) -> TokenState:
         if h.get("pv", self.pv) != self.pv:
             raise P.ProtocolError(f"activation of placement version {h.get('pv')}, agent has {self.pv}")
@@ -107,7 +113,7 @@ class Dataflow:
         self.tokens[st.seq] = st
         ids = torch.tensor([h["ids"]], dtype=torch.long)
         t0 = time.time()
-        with self.pacer.paced("embed"):
+        with self._paced("embed", calls=0, n_tokens=ids.shape[1]):
             x = self.store.embedder(ids, st.start_pos)  # (1, T, D)
         t1 = time.time()
         lp = self.placement.layers[0]
@@ -141,7 +147,8 @@ class Dataflow:
         shard = self.store.attn.get(l)
         if shard is not None and shard.groups:
             t0 = time.time()
-            with self.pacer.paced("attn"):
+            n = inp.t.shape[1]
+            with self._paced("attn", groups=len(shard.groups), context_len=st.start_pos + n, n_tokens=n):
                 out = shard(inp.t, st.start_pos)  # (1, T, |groups|·q·d)
             t1 = time.time()
             cp = [inp.cp[0] + t1 - t0, inp.cp[1], inp.cp[2] + max(0.0, t0 - inp.arrival)]
@@ -159,7 +166,7 @@ class Dataflow:
         cp, tally, arrival = _join([ls.x, *ls.heads])
         t0 = time.time()
         parts = [(i.extra["groups"], i.t) for i in ls.heads]
-        with self.pacer.paced("proj"):
+        with self._paced("proj", n_tokens=ls.x.t.shape[1]):
             h = self.store.proj[l](assemble_head_outputs(self.store.cfg, parts), ls.x.t)  # (1, T, D)
         t1 = time.time()
         cp = [cp[0] + t1 - t0, cp[1], cp[2] + max(0.0, t0 - arrival)]
@@ -171,8 +178,10 @@ class Dataflow:
         agg = lp.ffn_aggregator
         t0 = time.time()
         partial = None
-        with self.pacer.paced("ffn"):
-            for shard in self.store.ffn.get(l, {}).values():
+        shards = list(self.store.ffn.get(l, {}).values())
+        cols = sum(s.col_end - s.col_start for s in shards)
+        with self._paced("ffn", cols=cols, n_tokens=inp.t.shape[1]):
+            for shard in shards:
                 p = shard(inp.t)  # (1, T, D)
                 partial = p if partial is None else partial + p
         t1 = time.time()
@@ -192,7 +201,7 @@ class Dataflow:
             return
         cp, tally, arrival = _join([ls.h, *ls.parts])
         t0 = time.time()
-        with self.pacer.paced("combine"):
+        with self._paced("combine", calls=0, parts=len(ls.parts), n_tokens=ls.h.t.shape[1]):
             x = ffn_combine([p.t for p in ls.parts], ls.h.t, self.store.ffn_bias[l])  # (1, T, D)
         t1 = time.time()
         cp = [cp[0] + t1 - t0, cp[1], cp[2] + max(0.0, t0 - arrival)]
@@ -205,7 +214,7 @@ class Dataflow:
 
     def _finish(self, st: TokenState, inp: Inp) -> None:
         t0 = time.time()
-        with self.pacer.paced("head"):
+        with self._paced("head"):
             logits = self.store.lm_head(inp.t[:, -1:])  # (1, 1, V)
             token = int(logits[0, -1].argmax())
             top = torch.topk(logits[0, -1], 5)

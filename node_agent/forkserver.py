@@ -10,6 +10,9 @@ it serves one controller connection on a Unix socket:
                                       ``setns(/proc/<netns_pid>/ns/net, CLONE_NEWNET)`` and runs
                                       ``node_agent.agent``; the reply carries the child's PID (the
                                       controller writes it into the host's cgroup and manifest);
+  ``roofline {model}``                this machine's one-core roofline on the model's blocks
+                                      (``node_agent.machine``), measured in a short-lived child so
+                                      nothing torch ran in this process before later forks;
   ``status {pids}``                   exit status of children (-N = killed by signal N), reaped here;
   ``kill {pid}``                      SIGKILL one of OUR children (by PID, never by name);
   ``shutdown``                        kill every child still running, exit.
@@ -133,6 +136,33 @@ class ForkServer:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+    def cmd_roofline(self, h: dict) -> dict:
+        import json
+
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(rfd)
+                from node_agent.machine import machine_roofline
+                from node_agent.shards import model_state
+
+                cfg, sd = model_state(h["model"]["arg"], int(h["model"].get("seed", 0)))
+                os.write(wfd, json.dumps(machine_roofline(cfg, sd)).encode())
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not data:
+            raise RuntimeError(f"roofline measurement failed (child status {status})")
+        return {"roofline": json.loads(data)}
 
     def cmd_status(self, h: dict) -> dict:
         self._reap()

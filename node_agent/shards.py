@@ -342,16 +342,18 @@ class BlockStore:
 
 def calibrate(cfg, seconds: float = 0.3, context: int = 32, pacer=None) -> dict:
     """FLOP/s of this agent, under its CPU cap and through its ``pacer`` (``node_agent.pacing``), on
-    decode-shaped work: one whole layer of ``cfg`` (all groups, W_o, all FFN columns) decoding one
-    token at ``context``, built over the fork server's shared weights (nothing is copied, so nothing
-    is charged). FLOPs are counted as the decode cost model counts them. Without a model: 256x256
-    matrix-vector products. Also reported: the full-speed rate (FLOPs over the thread's CPU time)
-    and the spread of the paced step times (p95 / median)."""
+    decode-shaped work: one whole layer of ``cfg`` (all groups, W_o, all FFN columns: three block
+    calls) decoding one token at ``context``, built over the fork server's shared weights (nothing
+    is copied, so nothing is charged). Work is counted by ``call_work``, as the cost models and the
+    pacer's device clock count it. Without a model: 256x256 matrix-vector products. Also reported:
+    the full-speed rate (FLOPs over the thread's CPU time) and the spread of the step times."""
     from node_agent.model import AttentionShard, FfnShard, ProjBlock
+    from testbed.core.snapshot import ModelDims
+    from testbed.partition.cost.blocks import call_work
 
     if cfg is None or not hasattr(cfg, "n_groups"):
         w, x = torch.randn(256, 256), torch.randn(1, 256)
-        step, flops = (lambda: torch.tanh(x @ w)), 2.0 * 256 * 256
+        step, flops, nbytes, calls = (lambda: torch.tanh(x @ w)), 2.0 * 256 * 256, 4.0 * 256 * 256, 1
     else:
         sd = next(s for c, s in _STATES.values() if c == cfg)
         attn = AttentionShard(cfg, 0, list(range(cfg.n_groups)), sd, share_storage=True)
@@ -362,13 +364,14 @@ def calibrate(cfg, seconds: float = 0.3, context: int = 32, pacer=None) -> dict:
         def step():
             h = proj(attn(x, context), x)
             return ffn(h)
-        q, d, D = cfg.q_per_group, cfg.head_dim, cfg.d_model
-        mats = 3 if cfg.arch == "llama" else 2
-        flops = (cfg.n_groups * (2.0 * (q + 2) * D * d + 4.0 * q * d * (context + 1))
-                 + 2.0 * D * cfg.q_dim + 2.0 * mats * D * cfg.ffn_dim)
+        dims = ModelDims.from_config(cfg)
+        work = [call_work(dims, "attn", groups=cfg.n_groups, context_len=context + 1),
+                call_work(dims, "proj"), call_work(dims, "ffn", cols=cfg.ffn_dim)]
+        flops, nbytes, calls = sum(w[0] for w in work), sum(w[1] for w in work), 3
     for _ in range(3):
         step()
-    pace = pacer.paced if pacer is not None else (lambda kind: contextlib.nullcontext())
+    pace = (lambda kind: pacer.paced(kind, flops, nbytes, calls)) if pacer is not None else (
+        lambda kind: contextlib.nullcontext())
     n, times, cpu0, t0 = 0, [], time.thread_time(), time.perf_counter()
     while True:
         s0 = time.perf_counter()
@@ -384,4 +387,6 @@ def calibrate(cfg, seconds: float = 0.3, context: int = 32, pacer=None) -> dict:
     return {"flops_per_s": flops * n / el, "full_speed_flops_per_s": flops * n / cpu if cpu > 0 else None,
             "iterations": n, "seconds": el, "step_median_s": med,
             "step_p95_over_median": float(np.percentile(times, 95)) / med if med > 0 else None,
-            "speed": getattr(pacer, "speed", None), "work": "decode layer" if cfg is not None else "gemv 256"}
+            "speed": getattr(pacer, "speed", None), "pacing": getattr(pacer, "mode", None),
+            "device_step_s": pacer.clock.time_s(flops, nbytes, calls) if getattr(pacer, "clock", None) else None,
+            "work": "decode layer" if cfg is not None else "gemv 256"}

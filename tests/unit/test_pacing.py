@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from node_agent.pacing import ComputePacer
+from node_agent.pacing import ComputePacer, DeviceClock
 from testbed.emulation import cpu
 
 
@@ -63,7 +63,35 @@ def test_cpu_modes():
     assert cpu.cgroup_cpu("cfs-short", 0.1) == (0.1, 10_000)
     cores, _ = cpu.cgroup_cpu("pace", 0.1)
     assert cores >= 1.0  # relaxed: the cgroup never throttles a paced agent
-    assert cpu.pace_speed("pace", 0.1) == 0.1 and cpu.pace_speed("pace", 2.0) == 1.0
-    assert cpu.pace_speed("cfs", 0.1) is None
+    machine = {"flops_per_s": 1e11, "bytes_per_s": 2e10, "call_s": 5e-5}
+    assert cpu.pacing_for("pace", 0.1, machine) == {"clock": {"flops_per_s": 1e10, "bytes_per_s": 2e9, "call_s": 5e-4}}
+    assert cpu.pacing_for("pace", 2.0, machine)["clock"]["bytes_per_s"] == 2e10  # one worker thread: at most 1
+    assert cpu.pacing_for("pace-cpu", 0.1) == {"speed": 0.1}
+    assert cpu.pacing_for("cfs", 0.1) == {"speed": None}
+    with pytest.raises(ValueError, match="needs the machine's measured roofline"):
+        cpu.pacing_for("pace", 0.1)
     with pytest.raises(ValueError, match="unknown cpu emulation 'x'"):
         cpu.cgroup_cpu("x", 1.0)
+
+
+def test_device_clock_holds_to_the_roofline_whatever_the_cpu():
+    """Roofline pacing: a block is held to max(F/R, B/W) + call_s, however long it really computed."""
+    clock = DeviceClock(flops_per_s=1e9, bytes_per_s=1e8, call_s=0.002)
+    assert clock.time_s(1e6, 1e6) == pytest.approx(0.012)  # memory-bound: 10 ms + 2 ms
+    assert clock.time_s(2e7, 1e6) == pytest.approx(0.022)  # compute-bound: 20 ms + 2 ms
+    assert clock.time_s(0, 1e5, calls=0) == pytest.approx(0.001)
+    assert clock.matvec_flops_per_s(4) == pytest.approx(5e7)
+    assert clock.scaled(0.5).call_s == pytest.approx(0.004)
+    p = ComputePacer(clock=clock)
+    for spin in (0.0005, 0.003):  # different CPU, same device time
+        t0 = time.perf_counter()
+        with p.paced("ffn", 1e6, 1e6):
+            _spin(spin)
+        assert time.perf_counter() - t0 == pytest.approx(0.012, abs=0.0015)
+    st = p.stats()
+    assert st["mode"] == "device" and st["kinds"]["ffn"]["paced_over_device_p50"] == pytest.approx(1.0, abs=0.1)
+    with p.paced("attn", 1e3, 1e3, calls=0):  # 10 us of device time, 20 ms of real work: late
+        _spin(0.02)
+    assert p.stats()["kinds"]["attn"]["late_fraction"] == 1.0
+    with pytest.raises(ValueError, match="positive FLOP/s"):
+        DeviceClock(0.0, 1.0)

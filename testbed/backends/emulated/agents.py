@@ -26,7 +26,7 @@ from node_agent import protocol as P
 from node_agent.agent import DATA_PORT
 from node_agent.wire import WireError, recv_frame, send_frame
 from testbed.emulation.cleanup import proc_start_time
-from testbed.emulation.cpu import pace_speed
+from testbed.emulation.cpu import pacing_for
 from testbed.core.errors import AgentError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -145,11 +145,14 @@ class AgentPool:
         self._spawned = 0
         self.fs = ForkServerProcess(self.sock_dir, self.log_dir / "forkserver.log", manifest, threads)
         self.config: dict | None = None
-        # each agent's pacing speed (``testbed.emulation.cpu``): None where the cgroup alone limits it
-        mode = getattr(net, "cpu_emulation", "cfs")
-        self.speeds: dict[str, float | None] = {h.name: pace_speed(mode, h.cpu_cores) for h in net.topology.hosts}
+        self.cpu_emulation = getattr(net, "cpu_emulation", "cfs")
+        self.machine: dict | None = None  # this machine's one-core roofline on the model (``pace``)
         if model is not None:
             self.config = self.fs.call("preload", 600.0, model=model)["config"]
+            if self.cpu_emulation == "pace":
+                self.machine = self._machine_roofline(model)
+        # each agent's ``pace`` command (``testbed.emulation.cpu.pacing_for``)
+        self.pacing: dict[str, dict] = {h.name: self._pacing(h.cpu_cores) for h in net.topology.hosts}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, hosts: list[str] | None = None) -> None:
@@ -195,12 +198,43 @@ class AgentPool:
         peers = self.peers()
         self.each(lambda h: self.call(h, "configure", 60.0, peers=peers, delays=self.delays_to(h),
                                       rates=self.rates_to(h), threads=self.threads))
-        self.each(lambda h: self.set_speed(h, self.speeds.get(h)))
+        self.each(lambda h: self.call(h, "pace", 10.0, clear=True, **self.pacing[h]))
 
-    def set_speed(self, host: str, speed: float | None) -> dict:
-        """Pace ``host``'s agent at ``speed`` (a fraction of one core; None: full speed); its stats back."""
-        self.speeds[host] = speed
-        return self.call(host, "pace", 10.0, speed=speed, clear=True)
+    def _machine_roofline(self, model: dict) -> dict:
+        """This machine's one-core roofline on ``model``, measured once per machine, model and torch
+        version and kept in the cache (``HEADROOM_CACHE``): every run here then emulates the same
+        device for the same ``cpu_cores`` (measurements differ by up to ~20 % from one to the next
+        on this VM, which would shift whole runs). Delete the file to measure again."""
+        import json
+        import platform
+
+        import torch
+
+        from node_agent.model.gguf_loader import cache_dir
+
+        key = f"{model['arg']}-{model.get('seed', 0)}-torch{torch.__version__}-{platform.machine()}-{os.cpu_count()}cpu"
+        path = cache_dir() / "roofline" / (key.replace("/", "_") + ".json")
+        if path.exists():
+            try:
+                return {**json.loads(path.read_text()), "cached": str(path)}
+            except (OSError, ValueError):
+                pass  # unreadable: measure again
+        got = self.fs.call("roofline", 600.0, model=model)["roofline"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(got))
+        tmp.replace(path)
+        return {**got, "measured": str(path)}
+
+    def _pacing(self, cores: float) -> dict:
+        if self.cpu_emulation == "pace" and self.machine is None:  # no model: nothing to pace
+            return {"speed": None}
+        return pacing_for(self.cpu_emulation, cores, self.machine)
+
+    def set_cores(self, host: str, cores: float) -> dict:
+        """Pace ``host``'s agent as a device of ``cores`` (this machine's cores); its stats back."""
+        self.pacing[host] = self._pacing(cores)
+        return self.call(host, "pace", 10.0, clear=True, **self.pacing[host])
 
     def push_delays(self) -> None:
         """Send every agent the current path delays and rates (after any link change)."""

@@ -21,7 +21,7 @@ from node_agent import protocol as P
 from testbed.backends.emulated.agents import AgentCallError, AgentPool
 from testbed.emulation.cgroups import CgroupError
 from testbed.emulation.cleanup import Manifest
-from testbed.emulation.cpu import pace_speed
+from node_agent.pacing import DeviceClock
 from testbed.core.cluster import MigrationRecord, TokenRecord
 from testbed.core.errors import AlgorithmFailure, BackendError, MigrationRefused, TokenFailed
 from node_agent.budget import TRANSIENT_RESERVE, BudgetError
@@ -68,6 +68,8 @@ class EmulatedCluster:
             self.pool.start()
             self.flops: dict[str, float] = {}
             self.calibrations: dict[str, dict] = {}  # host -> the last calibration's figures
+            self.clock_call_s: dict[str, float] = {}  # host -> its device clock's seconds per call
+            self.bytes_per_param = float(self.pool.config.get("bytes_per_param", 4)) if self.pool.config else 4.0
             self.cpu_cores = {h.name: h.cpu_cores for h in topology.hosts}
             self.baseline: dict[str, int] = {}
             for h in self.hosts():
@@ -96,15 +98,28 @@ class EmulatedCluster:
         return self.net.cgroups[host]
 
     def _calibrate(self, host: str) -> None:
+        """A host's compute speed for the planners. Under roofline pacing it is the device clock's
+        (the time the agent is held to, so exactly what the cost model should predict) and the
+        calibration is the check that the paced agent really runs at it; otherwise it is measured."""
         r = self.pool.call(host, "calibrate", 60.0, seconds=self.calibrate_s)
-        self.flops[host] = float(r["flops_per_s"])
+        clock = self.pool.pacing[host].get("clock")
+        if clock is not None:
+            r["clock_flops_per_s"] = DeviceClock(**clock).matvec_flops_per_s(self.bytes_per_param)
+            self.flops[host], self.clock_call_s[host] = r["clock_flops_per_s"], clock["call_s"]
+        else:
+            self.flops[host] = float(r["flops_per_s"])
+            self.clock_call_s.pop(host, None)
         self.calibrations[host] = r
         self.baseline[host] = self._cg(host).usage_bytes()
 
+    def _call_s(self, host: str) -> float:
+        """Fixed seconds per block call: the device clock's, else the warm-up's measured figure."""
+        return self.clock_call_s.get(host, self.call_overhead_s)
+
     def _set_cpu(self, host: str, cpu_cores: float) -> None:
-        """A host's speed: the cgroup (relaxed under pacing) and the agent's pacing speed."""
+        """A host's speed: the cgroup (relaxed under pacing) and the agent's pacing."""
         self.net.set_host_limits(host, cpu_cores=cpu_cores)
-        self.pool.set_speed(host, pace_speed(self.net.cpu_emulation, cpu_cores))
+        self.pool.set_cores(host, cpu_cores)
         self.cpu_cores[host] = cpu_cores
 
     def _read_rates(self, a: str, b: str) -> dict:
@@ -140,7 +155,7 @@ class EmulatedCluster:
         dead = self.pool.dead()
         devices = tuple(
             DeviceState(h.name, self._cg(h.name).memory_limit(), self._overhead(h.name, h.name not in dead),
-                        self.flops[h.name], h.source, h.name not in dead, self.call_overhead_s)
+                        self.flops[h.name], h.source, h.name not in dead, self._call_s(h.name))
             for h in self.topology.hosts)
         names = self.hosts()
         paths = {(a, b): self._path_state(a, b) for a in names for b in names if a != b}
@@ -178,7 +193,7 @@ class EmulatedCluster:
             self._set_cpu(host, cpu_cores)
             self._calibrate(host)
             stats = {**stats, "cpu_cores": cpu_cores, "cgroup_cpu_cores": g.cpu_cores(),
-                     "pace_speed": self.pool.speeds[host]}
+                     "pacing": self.pool.pacing[host]}
         return {**stats, "flops_per_s": self.flops[host], "before": before}
 
     def kill_agent(self, host: str) -> None:
@@ -411,7 +426,8 @@ def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None,
                                                "(HTB passes a lone small packet at line rate)",
                                  agents={h: a.pid for h, a in cluster.pool.agents.items()},
                                  agent_flops_per_s=cluster.flops, agent_idle_charge_bytes=cluster.baseline,
-                                 cpu_emulation=cluster.net.cpu_emulation, agent_pace_speed=dict(cluster.pool.speeds),
+                                 cpu_emulation=cluster.net.cpu_emulation, agent_pacing=dict(cluster.pool.pacing),
+                                 machine_roofline=cluster.pool.machine,
                                  agent_calibration=cluster.calibrations,
                                  migration_weights_from=weights_from,
                                  agent_working_overhead_bytes=cluster.working_overhead,

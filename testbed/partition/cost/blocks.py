@@ -110,3 +110,34 @@ def ffn_chunk_bounds(ffn_dim: int, chunks: int) -> list[tuple[int, int]]:
     chunks = max(1, min(chunks, ffn_dim))
     cuts = [round(i * ffn_dim / chunks) for i in range(chunks + 1)]
     return [(cuts[i], cuts[i + 1]) for i in range(chunks)]
+
+
+CALL_KINDS = ("embed", "attn", "proj", "ffn", "combine", "head")
+
+
+def call_work(dims: ModelDims, kind: str, *, groups: int = 0, cols: int = 0, parts: int = 0,
+              context_len: int = 0, n_tokens: int = 1) -> tuple[float, float]:
+    """(FLOPs, bytes read) of ONE block call as a node agent runs it — the numbers the emulated
+    device's clock (``node_agent.pacing.DeviceClock``) and the cost models both use.
+
+    ``attn``: ``groups`` KV groups of one layer on ``n_tokens`` new tokens, ``context_len`` positions
+    cached after the call (weights once, the whole KV read); ``proj``: W_o; ``ffn``: ``cols`` columns
+    (one call however many local shards hold them); ``combine``: summing ``parts`` FFN partials into
+    the residual; ``embed``: the embedding rows of ``n_tokens`` tokens; ``head``: the LM head on the
+    last token. Weights are read once per call (batch 1: decode is memory-bound)."""
+    D, d, q, p, n = dims.d_model, dims.head_dim, dims.q_per_group, dims.bytes_per_param, n_tokens
+    if kind == "attn":
+        pos_sum = n * context_len - n * (n - 1) / 2.0
+        flops = groups * (2.0 * (q + 2) * D * d * n + 4.0 * q * d * pos_sum)
+        return flops, float(groups * (head_weight_bytes(dims) + head_kv_bytes(dims, context_len)))
+    if kind == "proj":
+        return proj_flops(dims) * n, float(proj_bytes(dims))
+    if kind == "ffn":
+        return ffn_flops(dims, cols) * n, float(ffn_bytes(dims, cols))
+    if kind == "combine":
+        return float(parts * D * n), float((parts + 1) * D * n * p)
+    if kind == "embed":
+        return 0.0, float(D * n * p)
+    if kind == "head":
+        return lm_head_flops(dims), float(dims.vocab_size * D * p)
+    raise ValueError(f"unknown call kind {kind!r}; expected one of {CALL_KINDS}")
