@@ -14,13 +14,15 @@ Every load or import is checked against ``node_agent.budget.Budget`` first and r
 from __future__ import annotations
 
 import contextlib
+import statistics
 import os
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from node_agent.pacing import quantile
 
 from node_agent.model import (AttentionShard, Embedder, FfnShard, LMHead, ModelConfig, ProjBlock, ShardError,
                               load_state, prepare_state_dict)
@@ -383,10 +385,10 @@ def calibrate(cfg, seconds: float = 0.3, context: int = 32, pacer=None) -> dict:
         if el >= seconds and n >= 5:
             break
     cpu = time.thread_time() - cpu0
-    med = float(np.median(times))
+    med = statistics.median(times)
     return {"flops_per_s": flops * n / el, "full_speed_flops_per_s": flops * n / cpu if cpu > 0 else None,
             "iterations": n, "seconds": el, "step_median_s": med,
-            "step_p95_over_median": float(np.percentile(times, 95)) / med if med > 0 else None,
+            "step_p95_over_median": quantile(times, 0.95) / med if med > 0 else None,
             "speed": getattr(pacer, "speed", None), "pacing": getattr(pacer, "mode", None),
             "device_step_s": pacer.clock.time_s(flops, nbytes, calls) if getattr(pacer, "clock", None) else None,
             "work": "decode layer" if cfg is not None else "gemv 256"}

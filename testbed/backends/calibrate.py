@@ -45,3 +45,50 @@ def per_core_flops(use_cache: bool = True) -> tuple[float, str]:
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     CACHE.write_text(json.dumps({"flops": flops, "host": os.uname().nodename, "measured_at": time.ctime()}))
     return flops, "measured now (1 thread, 256x256 matrix-vector products)"
+
+
+def roofline_cache_path(model_arg: str, seed: int = 0) -> Path:
+    """Where this machine's one-core roofline on a model is kept (one file per machine, model, seed
+    and torch version)."""
+    import platform
+
+    import torch
+
+    key = f"{model_arg}-{seed}-torch{torch.__version__}-{platform.machine()}-{os.cpu_count()}cpu"
+    base = Path(os.environ.get("HEADROOM_CACHE", Path.home() / ".cache" / "headroom"))
+    return base / "roofline" / (key.replace("/", "_").replace(":", "_")[:200] + ".json")
+
+
+def cached_machine_roofline(model_arg: str, seed: int, measure) -> dict:
+    """This machine's one-core roofline on the model (``node_agent.machine``): read from the cache,
+    else ``measure()`` and kept, so that every run here — emulated or simulated — models the same
+    device for the same ``cpu_cores`` (two measurements differ by up to ~20 % on this VM, which would
+    shift whole runs against each other). Delete the file to measure again."""
+    path = roofline_cache_path(model_arg, seed)
+    if path.exists():
+        try:
+            return {**json.loads(path.read_text()), "cached": str(path)}
+        except (OSError, ValueError):
+            pass  # unreadable: measure again
+    got = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(got))
+    tmp.replace(path)
+    return {**got, "measured": str(path)}
+
+
+def measure_roofline_here(model_arg: str, seed: int = 0) -> dict:
+    """Measure the roofline in this process (one torch thread) on the model's real blocks."""
+    import torch
+
+    from node_agent.machine import machine_roofline
+    from node_agent.shards import model_state
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg, sd = model_state(model_arg, seed)
+        return machine_roofline(cfg, sd)
+    finally:
+        torch.set_num_threads(threads)

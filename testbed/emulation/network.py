@@ -41,12 +41,13 @@ def _tag(run_id: str) -> str:
 class EmulatedNetwork:
     def __init__(self, topology: TopologySpec, run_id: str, manifest: Manifest, *,
                  delay_consumer: Optional[str] = None, limits: bool = True,
-                 netem: Optional[bool] = None, cpu_emulation: str = "pace"):
+                 netem: Optional[bool] = None, cpu_emulation: str = "cfs"):
         """``delay_consumer`` names who applies transport delay when the kernel has no netem
         (e.g. ``"wire"``); without one, a topology asking for delay raises instead of running
         silently without it. ``netem=None`` detects it on a scratch veth pair. ``cpu_emulation``: how
-        a host's ``cpu_cores`` is realised (``testbed.emulation.cpu``; under ``pace`` the cgroup does
-        not throttle and the agents pace themselves)."""
+        a host's ``cpu_cores`` is realised (``testbed.emulation.cpu``; default ``cfs``: a bare network's
+        cgroup is the only limiter; under the paced modes the cgroup does not throttle and the agents
+        pace themselves — the emulated backend passes its mode)."""
         self.topology, self.run_id, self.manifest = topology, run_id, manifest
         self.delay_consumer, self.limits, self._netem_arg = delay_consumer, limits, netem
         if cpu_emulation not in cpu_modes.MODES:

@@ -201,30 +201,12 @@ class AgentPool:
         self.each(lambda h: self.call(h, "pace", 10.0, clear=True, **self.pacing[h]))
 
     def _machine_roofline(self, model: dict) -> dict:
-        """This machine's one-core roofline on ``model``, measured once per machine, model and torch
-        version and kept in the cache (``HEADROOM_CACHE``): every run here then emulates the same
-        device for the same ``cpu_cores`` (measurements differ by up to ~20 % from one to the next
-        on this VM, which would shift whole runs). Delete the file to measure again."""
-        import json
-        import platform
+        """This machine's one-core roofline on ``model``, measured by the fork server once per machine
+        and model (``testbed.backends.calibrate.cached_machine_roofline``)."""
+        from testbed.backends.calibrate import cached_machine_roofline
 
-        import torch
-
-        from node_agent.model.gguf_loader import cache_dir
-
-        key = f"{model['arg']}-{model.get('seed', 0)}-torch{torch.__version__}-{platform.machine()}-{os.cpu_count()}cpu"
-        path = cache_dir() / "roofline" / (key.replace("/", "_") + ".json")
-        if path.exists():
-            try:
-                return {**json.loads(path.read_text()), "cached": str(path)}
-            except (OSError, ValueError):
-                pass  # unreadable: measure again
-        got = self.fs.call("roofline", 600.0, model=model)["roofline"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(got))
-        tmp.replace(path)
-        return {**got, "measured": str(path)}
+        return cached_machine_roofline(model["arg"], int(model.get("seed", 0)),
+                                       lambda: self.fs.call("roofline", 600.0, model=model)["roofline"])
 
     def _pacing(self, cores: float) -> dict:
         if self.cpu_emulation == "pace" and self.machine is None:  # no model: nothing to pace

@@ -26,14 +26,35 @@ def topology_as_plain(topo: TopologySpec) -> tuple[list, list]:
     return hosts, links
 
 
+def device_speed(model: ModelRef) -> tuple[float, float, dict | None, str]:
+    """(FLOP/s per core, seconds per block call per core, the roofline or None, provenance).
+
+    A model whose weights this machine can build (registry entries, checkpoints, SmolLM2 from its
+    package) is timed as the emulated backend paces it: this machine's measured one-core roofline
+    on the model's own blocks (cached, shared with the emulated backend), at the matrix-vector rate
+    decode runs at, plus its per-call cost; a host of ``cpu_cores`` then has ``min(1, cpu_cores)``
+    of it, as a paced agent (one worker thread) has. Otherwise: the older 256x256 gemv figure."""
+    from testbed.backends.calibrate import cached_machine_roofline, measure_roofline_here
+
+    try:
+        roof = cached_machine_roofline(model.load_arg, model.seed, lambda: measure_roofline_here(model.load_arg, model.seed))
+    except Exception as exc:  # no weights here (a published config only): the generic figure
+        flops, provenance = per_core_flops()
+        return flops, 0.0, None, f"{provenance}; no roofline for this model ({type(exc).__name__}: {exc})"
+    matvec = min(roof["flops_per_s"], roof["bytes_per_s"] * 2.0 / model.dims.bytes_per_param)
+    return matvec, roof["call_s"], roof, "this machine's one-core roofline on the model's blocks (node_agent.machine)"
+
+
 def build_simulated_cluster(topo: TopologySpec, model: ModelRef, recorder=None, seed: int = 0,
                             host_overhead_mib: float = 0.0, weights_from: str = "source") -> SimulatedCluster:
-    flops, provenance = per_core_flops()
+    flops, call_s, roof, provenance = device_speed(model)
     overhead = int(host_overhead_mib * MIB)
     if recorder is not None:
         recorder.update_manifest(per_core_flops=flops, per_core_flops_source=provenance,
+                                 per_core_call_s=call_s, machine_roofline=roof,
                                  delay_mechanism="simulated", token_ids="pseudo (no model runs in simulation)",
                                  simulated_host_overhead_bytes=overhead)
     hosts, links = topology_as_plain(topo)
     return SimulatedCluster(hosts, links, model.dims, per_core_flops=flops, mem_overhead_bytes=overhead, seed=seed,
-                            weights_shipped=weights_from == "source")
+                            weights_shipped=weights_from == "source", per_core_call_s=call_s,
+                            one_thread=roof is not None)

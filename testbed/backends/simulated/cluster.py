@@ -11,7 +11,10 @@ Topology input is plain data (so this module does not depend on the config modul
   links: [(a, b, bandwidth_bytes_per_s, latency_s), ...]   # may go through switch nodes
 Paths between hosts: least total latency (Dijkstra; ties -> fewer hops), bandwidth = the path's
 bottleneck, latency = the sum; recomputed only after ``apply_link``. Loss is stored, not modelled.
-Compute speed of a host = ``per_core_flops * cpu_cores`` (measured per-core figure, see calibrate).
+Compute speed of a host = ``per_core_flops * cpu_cores`` (measured per-core figure, see
+``testbed.backends.simulated.build.device_speed``: this machine's roofline on the model's blocks
+where the model can be built here — then at most one core and a per-call cost, exactly as a paced
+emulated agent — else a generic gemv figure).
 Memory of a host = its blocks (weights + KV at the current context) + embed/LM head on the source +
 ``mem_overhead_bytes``. During a migration a host holds max(old, new) (blocks stream one at a time
 and are freed as sent); its duration is ``migration_estimate``'s, waves included, and a change with
@@ -92,8 +95,11 @@ class SimulatedCluster:
     """Implements ``testbed.core.cluster.Cluster`` in simulated time (see module docstring)."""
 
     def __init__(self, hosts, links, dims: ModelDims, per_core_flops: float, mem_overhead_bytes: int = 0,
-                 seed: int = 0, weights_shipped: bool = True):
+                 seed: int = 0, weights_shipped: bool = True, per_core_call_s: float = 0.0, one_thread: bool = False):
         self.weights_shipped = weights_shipped  # False: migrations move KV caches only
+        # roofline-timed hosts (as the emulated backend paces them): at most one core each, and a
+        # fixed cost per block call of per_core_call_s over the host's share
+        self.per_core_call_s, self.one_thread = float(per_core_call_s), one_thread
         self.dims, self.per_core_flops, self.overhead, self.seed = dims, float(per_core_flops), mem_overhead_bytes, seed
         self._init_hosts = {h[0]: {"mem": int(h[1]), "cores": float(h[2]), "source": bool(h[3]), "up": True}
                             for h in hosts}
@@ -117,6 +123,9 @@ class SimulatedCluster:
     def hosts(self) -> list[str]:
         return list(self.host_state)
 
+    def _share(self, cores: float) -> float:
+        return min(1.0, cores) if self.one_thread else cores
+
     def _nodes(self) -> list[str]:
         nodes = dict.fromkeys(self.host_state)
         for a, b in self.link_state:
@@ -127,7 +136,8 @@ class SimulatedCluster:
     def _snapshot(self, context_len: int, until_next: int) -> ClusterSnapshot:
         if self._paths is None:
             self._paths = shortest_paths(self._nodes(), self.link_state, self.hosts())
-        devices = tuple(DeviceState(n, h["mem"], self.overhead, self.per_core_flops * h["cores"], h["source"], h["up"])
+        devices = tuple(DeviceState(n, h["mem"], self.overhead, self.per_core_flops * self._share(h["cores"]),
+                                    h["source"], h["up"], self.per_core_call_s / self._share(h["cores"]))
                         for n, h in self.host_state.items())
         return ClusterSnapshot(devices, self._paths, context_len, until_next, self.placement,
                                weights_shipped=self.weights_shipped)
