@@ -1,0 +1,189 @@
+"""Emulated against simulated at the regime points (issue 13): the table that says whether the map holds.
+
+    python -m analysis.regime_points EMULATED_RUN SIMULATED_RUN [--json OUT]
+
+Each argument is a run directory of ``experiments/paper/regime_points.yaml`` (its ``point-N``
+sub-directories, one per topology of the sweep). Per point and algorithm: the emulated mean decode
+latency over repetitions with its 95 % confidence interval (Student t over the per-repetition
+means), the simulated mean, and their ratio (goal: within 15 %); RA against the best layer-based
+baseline (EdgeShard, static or dynamic) and against Galaxy, as a speed-up with a Welch 95 % interval
+of the difference (significant when it excludes 0, else "within noise"); whether RA's placement
+splits a layer's heads across hosts; and whether every algorithm's tokens equal the monolithic
+model's on each repetition's prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from testbed.run.events import read_events
+
+LAYER_BASED = ("edgeshard", "edgeshard_dynamic")
+# two-sided 95 % Student t quantiles by degrees of freedom (df > 30: the normal's 1.96 side)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t975(df: float) -> float:
+    """The 97.5 % quantile of Student's t at ``df`` degrees of freedom (interpolated in the table)."""
+    if df >= 30:
+        return 2.042 if df < 60 else 1.96
+    keys = sorted(_T975)
+    lo = max(k for k in keys if k <= max(df, 1))
+    hi = min(k for k in keys if k >= max(df, 1))
+    if lo == hi:
+        return _T975[lo]
+    return _T975[lo] + (_T975[hi] - _T975[lo]) * (df - lo) / (hi - lo)
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95 % interval); half-width 0 for a single value."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def welch_diff(a: list[float], b: list[float]) -> tuple[float, float] | None:
+    """(mean(a) - mean(b), half-width of its Welch 95 % interval); None without repetitions."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if va + vb == 0:
+        return diff, 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return diff, t975(df) * math.sqrt(va + vb)
+
+
+def per_repetition_means(point: Path) -> dict[str, list[float]]:
+    tok = pd.read_csv(point / "tokens.csv")
+    dec = tok[tok["phase"] == "decode"]
+    means = dec.groupby(["algorithm", "repetition"])["latency_s"].mean()
+    return {a: [float(v) for v in means[a].values] for a in means.index.get_level_values(0).unique()}
+
+
+def splits_heads(point: Path, algorithm: str = "resource_aware") -> bool | None:
+    """Whether any plan of ``algorithm`` put one layer's heads on more than one host."""
+    plans = [e for e in read_events(point) if e["type"] == "plan" and e.get("algorithm") == algorithm]
+    if not plans:
+        return None
+    return any(len(set(lp["heads"])) > 1 for e in plans for lp in e["placement"]["layers"])
+
+
+def tokens_match_monolithic(point: Path) -> dict[str, bool]:
+    """Per algorithm: every repetition's tokens equal the monolithic model's greedy tokens."""
+    from node_agent.model import load_model
+    from testbed.run.runner import prompt_for
+    from testbed.spec.modelref import resolve_model
+    from testbed.spec.schema import ExperimentSpec
+    import yaml
+
+    cfg = yaml.safe_load((point / "config.resolved.yaml").read_text())
+    cfg = {k: v for k, v in cfg.items() if k in ExperimentSpec.model_fields}
+    spec = ExperimentSpec.model_validate(cfg)
+    ref = resolve_model(spec.model)
+    model = load_model(ref.load_arg, seed=ref.seed)
+    expected: dict[int, list[int]] = {}
+    out: dict[str, bool] = {}
+    for e in read_events(point):
+        if e["type"] != "repetition_done" or e.get("failed"):
+            continue
+        rep = int(e["repetition"])
+        if rep not in expected:
+            expected[rep] = model.generate(prompt_for(spec, ref, rep), spec.workload.new_tokens)
+        out[e["algorithm"]] = out.get(e["algorithm"], True) and e["tokens"] == expected[rep]
+    return out
+
+
+def compare_point(emu: Path, sim: Path, check_tokens: bool = True) -> dict:
+    e_reps, s_reps = per_repetition_means(emu), per_repetition_means(sim)
+    topo = json.loads((emu / "manifest.json").read_text()).get("experiment"), emu.name
+    rows = {}
+    for algo, reps in e_reps.items():
+        m, h = mean_ci(reps)
+        s = statistics.fmean(s_reps[algo]) if algo in s_reps else None
+        rows[algo] = {"emulated_mean_s": m, "emulated_ci95_s": h, "repetitions": len(reps),
+                      "simulated_mean_s": s, "emulated_over_simulated": m / s if s else None}
+    ra = e_reps.get("resource_aware")
+    versus = {}
+    for label, names in (("best layer-based", LAYER_BASED), ("galaxy", ("galaxy",))):
+        cands = [n for n in names if n in e_reps]
+        if ra is None or not cands:
+            continue
+        best = min(cands, key=lambda n: statistics.fmean(e_reps[n]))
+        d = welch_diff(ra, e_reps[best])
+        ref = statistics.fmean(e_reps[best])
+        versus[label] = {"baseline": best, "ra_speedup": 1.0 - statistics.fmean(ra) / ref,
+                         "diff_s": d[0] if d else None, "diff_ci95_s": d[1] if d else None,
+                         "significant": (abs(d[0]) > d[1]) if d else None}
+    return {"point": emu.name, "topology": _topology_name(emu), "algorithms": rows, "ra_versus": versus,
+            "ra_splits_heads": splits_heads(emu),
+            "tokens_equal_monolithic": tokens_match_monolithic(emu) if check_tokens else None,
+            "experiment": topo[0]}
+
+
+def _topology_name(point: Path) -> str:
+    import yaml
+
+    cfg = yaml.safe_load((point / "config.resolved.yaml").read_text())
+    topo = cfg.get("topology")
+    return topo.get("name", "?") if isinstance(topo, dict) else str(topo)
+
+
+def _points(run: Path) -> list[Path]:
+    pts = sorted(run.glob("point-*"), key=lambda p: int(p.name.split("-")[1]))
+    return pts or [run]
+
+
+def render(results: list[dict]) -> str:
+    lines = ["| point | algorithm | emulated mean ± 95 % CI (ms) | simulated (ms) | emu/sim |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        for algo, a in r["algorithms"].items():
+            s = a["simulated_mean_s"]
+            ratio = a["emulated_over_simulated"]
+            lines.append(f"| {r['topology']} | {algo} | {a['emulated_mean_s'] * 1e3:.1f} ± {a['emulated_ci95_s'] * 1e3:.1f}"
+                         f" (n={a['repetitions']}) | {s * 1e3 if s else float('nan'):.1f} | "
+                         f"{ratio if ratio else float('nan'):.3f} |")
+    lines += ["", "| point | RA vs | RA speed-up | difference ± 95 % CI (ms) | verdict | RA splits heads | tokens = monolithic |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results:
+        tok = r["tokens_equal_monolithic"]
+        tok_s = "n/a" if tok is None else ("all" if all(tok.values()) else
+                                          "NO: " + ", ".join(a for a, ok in tok.items() if not ok))
+        for label, v in r["ra_versus"].items():
+            verdict = ("n/a" if v["significant"] is None else
+                       ("significant" if v["significant"] else "within noise"))
+            diff = (f"{v['diff_s'] * 1e3:+.1f} ± {v['diff_ci95_s'] * 1e3:.1f}" if v["diff_s"] is not None else "n/a")
+            lines.append(f"| {r['topology']} | {label} ({v['baseline']}) | {v['ra_speedup']:+.1%} | {diff} | "
+                         f"{verdict} | {r['ra_splits_heads']} | {tok_s} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("emulated", type=Path)
+    ap.add_argument("simulated", type=Path)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-tokens", action="store_true", help="skip the monolithic token check")
+    args = ap.parse_args(argv)
+    emu, sim = _points(args.emulated), _points(args.simulated)
+    if len(emu) != len(sim):
+        print(f"error: {args.emulated} has {len(emu)} points, {args.simulated} has {len(sim)}", file=sys.stderr)
+        return 2
+    results = [compare_point(e, s, not args.no_tokens) for e, s in zip(emu, sim)]
+    print(render(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
