@@ -1,6 +1,7 @@
 """Emulated against simulated at the regime points (issue 13): the table that says whether the map holds.
 
     python -m analysis.regime_points EMULATED_RUN SIMULATED_RUN [--json OUT]
+    python -m analysis.regime_points --verdict RUN     # one line per point: who won, by how much
 
 Each argument is a run directory of ``experiments/paper/regime_points.yaml`` (its ``point-N``
 sub-directories, one per topology of the sweep). Per point and algorithm: the emulated mean decode
@@ -167,13 +168,57 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def leaders(reps: dict[str, list[float]]) -> list[str]:
+    """The fastest algorithm and every one within noise of it (Welch 95 %), sorted by name — a
+    stable answer where a single winner would flip from run to run."""
+    best = min(reps, key=lambda a: statistics.fmean(reps[a]))
+    tied = [a for a in reps if a == best or ((d := welch_diff(reps[a], reps[best])) is not None and abs(d[0]) <= d[1])]
+    return sorted(tied)
+
+
+def verdict_facts(point: Path) -> dict:
+    """Who won at ``point`` (``leaders``), whether their placements split heads, and the margin to
+    each slower algorithm."""
+    reps = per_repetition_means(point)
+    top = leaders(reps)
+    lead = max(statistics.fmean(reps[a]) for a in top)
+    margins = {}
+    for other in sorted(set(reps) - set(top), key=lambda a: statistics.fmean(reps[a])):
+        d = welch_diff(reps[top[0]], reps[other])
+        margins[other] = {"faster_by": 1.0 - lead / statistics.fmean(reps[other]),
+                          "significant": None if d is None else abs(d[0]) > d[1]}
+    split = [bool(splits_heads(point, a)) for a in top]
+    kind = "head-level" if all(split) else ("layer-level" if not any(split) else "mixed")
+    return {"point": _topology_name(point), "leaders": top, "kind": kind, "repetitions": len(reps[top[0]]),
+            "leader_ms": {a: statistics.fmean(reps[a]) * 1e3 for a in top}, "margins": margins}
+
+
+def point_verdict(point: Path) -> str:
+    """One line: which kind of placement won at ``point``, by whom, and by how much."""
+    f = verdict_facts(point)
+    who = " and ".join(f"{a} {f['leader_ms'][a]:.0f} ms" for a in f["leaders"])
+    tie = " tie, within noise" if len(f["leaders"]) > 1 else ""
+    parts = [f"{m['faster_by']:.0%} faster than {o}" + ("" if m["significant"] is None else
+                                                         (" (significant)" if m["significant"] else " (within noise)"))
+             for o, m in f["margins"].items()]
+    return (f"{f['point']}: {f['kind']} wins — {who} per token{tie} (means of {f['repetitions']} repetitions); "
+            + "; ".join(parts))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("emulated", type=Path)
-    ap.add_argument("simulated", type=Path)
+    ap.add_argument("simulated", type=Path, nargs="?")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-tokens", action="store_true", help="skip the monolithic token check")
+    ap.add_argument("--verdict", action="store_true", help="one line per point of EMULATED only")
     args = ap.parse_args(argv)
+    if args.verdict:
+        for p in _points(args.emulated):
+            print(point_verdict(p))
+        return 0
+    if args.simulated is None:
+        ap.error("SIMULATED run needed (or --verdict)")
     emu, sim = _points(args.emulated), _points(args.simulated)
     if len(emu) != len(sim):
         print(f"error: {args.emulated} has {len(emu)} points, {args.simulated} has {len(sim)}", file=sys.stderr)

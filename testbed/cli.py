@@ -101,15 +101,27 @@ def plan(
 
 
 @net_app.command("check")
-def net_check(topology: Path, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Bring a topology up, measure every link and host limit against the spec, tear down."""
+def net_check(topology: Path, as_json: bool = typer.Option(False, "--json"),
+              compute_model: str = typer.Option("mini-gpt2", "--compute-model",
+                                                help="Model the paced agents calibrate on (registry name)."),
+              no_compute: bool = typer.Option(False, "--no-compute", help="Links and limits only: no agents.")) -> None:
+    """Bring a topology up, measure every link, host limit and (with agents paced as experiments run
+    them) the compute fidelity against the spec, tear down."""
     try:
         load_any(topology)
     except ConfigError as exc:
         _bad_input(exc)
     from testbed.emulation.netcheck import net_check as check
 
-    ok, report = check(topology, as_json)
+    if no_compute:
+        ok, report = check(topology, as_json)
+    else:
+        from functools import partial
+
+        from testbed.backends.emulated.computecheck import compute_fidelity
+
+        ok, report = check(topology, as_json, cpu_emulation="pace",
+                           compute=partial(compute_fidelity, model=compute_model))
     if as_json:
         print(json.dumps(report, indent=2, default=str))
     raise typer.Exit(0 if ok else 1)

@@ -183,15 +183,22 @@ def check_link_direction(net, u: str, v: str, src: str, dst: str, seconds: float
 
 
 def run_net_check(topology, json: bool = False, rate_seconds: float = 2.0, run_id: Optional[str] = None,
-                  manifest_path: Optional[str] = None, links: Optional[list] = None, memory: bool = True) -> dict:
-    """Bring ``topology`` up, measure, always tear down; returns the report (``ok`` inside)."""
+                  manifest_path: Optional[str] = None, links: Optional[list] = None, memory: bool = True,
+                  cpu_emulation: str = "cfs", compute=None) -> dict:
+    """Bring ``topology`` up, measure, always tear down; returns the report (``ok`` inside).
+
+    ``cpu_emulation`` is how the hosts' cgroups are set (``testbed.emulation.cpu``; the paced modes
+    relax them, so the check expects the relaxed figure); ``compute(net, manifest, run_dir)``, if
+    given, runs last on the live network and its dict (with ``ok``) becomes the report's ``compute``
+    (the CLI passes ``testbed.backends.emulated.computecheck.compute_fidelity``)."""
+    from testbed.emulation import cpu as cpu_modes
     from testbed.emulation.cleanup import Manifest
     from testbed.emulation.network import EmulatedNetwork
 
     run_id = run_id or f"check-{uuid.uuid4().hex[:8]}"
     manifest = Manifest(manifest_path or f"/tmp/headroom-{run_id}/resources.jsonl")
     report: dict = {"topology": topology.name, "run_id": run_id, "links": [], "hosts": []}
-    with EmulatedNetwork(topology, run_id, manifest, delay_consumer="wire-probe") as net:
+    with EmulatedNetwork(topology, run_id, manifest, delay_consumer="wire-probe", cpu_emulation=cpu_emulation) as net:
         report["delay_mechanism"] = net.delay_mechanism
         report["loss_mechanism"] = "netem" if net.delay_mechanism == "netem" else "iptables-statistic"
         report["guard_route"] = f"unreachable {topology.subnet} metric {net.route_metric}"
@@ -203,12 +210,15 @@ def run_net_check(topology, json: bool = False, rate_seconds: float = 2.0, run_i
                 report["links"].append(check_link_direction(net, u, v, src, dst, rate_seconds, port))
                 port += 2
         for h in topology.hosts if memory else ():
-            row = {"host": h.name, **measure_memory(net, h.name),
-                   "cpu_cores": net.cgroups[h.name].cpu_cores(), "spec_cpu_cores": h.cpu_cores}
-            row["ok"] = row["ok"] and abs(row["cpu_cores"] - h.cpu_cores) < 1e-3
+            want = cpu_modes.cgroup_cpu(cpu_emulation, h.cpu_cores)[0]
+            row = {"host": h.name, **measure_memory(net, h.name), "cpu_cores": net.cgroups[h.name].cpu_cores(),
+                   "spec_cpu_cores": h.cpu_cores, "cgroup_cpu_cores_expected": want}
+            row["ok"] = row["ok"] and abs(row["cpu_cores"] - want) < 1e-3
             report["hosts"].append(row)
+        if compute is not None:
+            report["compute"] = compute(net, manifest, Path(manifest.path).parent)
     report["ok"] = all(r["rate_ok"] and r["rtt_ok"] and r.get("loss_ok", True) for r in report["links"]) and \
-        all(r["ok"] for r in report["hosts"])
+        all(r["ok"] for r in report["hosts"]) and report.get("compute", {}).get("ok", True)
     if not json:
         print_report(report)
     return report
@@ -237,10 +247,30 @@ def print_report(report: dict) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=200)  # a log keeps every column
     console.print(t)
     console.print(h)
+    if "compute" in report:
+        console.print(_compute_table(report["compute"], mark))
     console.print(f"overall: {mark[report['ok']]}")
 
 
-def net_check(path_or_spec, as_json: bool = False) -> tuple[bool, dict]:
+def _compute_table(comp: dict, mark: dict):
+    from rich.table import Table
+
+    m = comp.get("machine") or {}
+    c = Table(title=f"compute fidelity ({comp['model']}, {comp['cpu_emulation']}; this machine: "
+                    f"{m.get('bytes_per_s', 0) / 1e9:.1f} GB/s, {m.get('call_s', 0) * 1e6:.0f} us/call)")
+    for col in ("host", "cpu cores", "device GB/s", "device us/call", "device step ms", "paced step ms",
+                "paced/device", "p95/p50", "same-cores spread", "ok"):
+        c.add_column(col)
+    for r in comp["hosts"]:
+        f = lambda v, k=1.0, d=3: "-" if v is None else f"{v * k:.{d}f}"  # noqa: E731
+        c.add_row(r["host"], f"{r['cpu_cores']:g}", f(r["device_bytes_per_s"], 1e-9, 2), f(r["device_call_s"], 1e6, 0),
+                  f(r["device_step_s"], 1e3), f(r["step_median_s"], 1e3), f(r["step_over_device"]),
+                  f(r["step_p95_over_median"]), f"{r['same_cores_spread']:.1%}",
+                  mark[r["ok"]] + (" (full core: reported)" if r["full_core"] else ""))
+    return c
+
+
+def net_check(path_or_spec, as_json: bool = False, cpu_emulation: str = "cfs", compute=None) -> tuple[bool, dict]:
     """CLI entry: a topology path (or spec, or an experiment whose topology is used)."""
     from testbed.spec.loader import load_any
     from testbed.spec.schema import TopologySpec
@@ -248,7 +278,7 @@ def net_check(path_or_spec, as_json: bool = False) -> tuple[bool, dict]:
     spec = path_or_spec if not isinstance(path_or_spec, (str, Path)) else load_any(path_or_spec)
     if not isinstance(spec, TopologySpec):
         spec = spec.topology
-    report = run_net_check(spec, json=as_json)
+    report = run_net_check(spec, json=as_json, cpu_emulation=cpu_emulation, compute=compute)
     return report["ok"], report
 
 

@@ -23,14 +23,14 @@ pytestmark = [
 
 def test_sigkill_then_clean_removes_everything(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed", "run", str(REPO / "experiments/quickstart.yaml"), "-o", str(tmp_path)],
+        [sys.executable, "-m", "testbed", "run", str(REPO / "experiments/tiny_star3.yaml"), "-o", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
     )
     try:
         deadline = time.time() + 120
         tokens = None
         while time.time() < deadline:
-            found = list(tmp_path.glob("quickstart/*/tokens.csv"))
+            found = list(tmp_path.glob("tiny-star3/*/tokens.csv"))
             if found and sum(1 for _ in open(found[0])) > 10:
                 tokens = found[0]
                 break
@@ -61,13 +61,13 @@ def test_sigkill_then_clean_removes_everything(tmp_path):
 def test_sigterm_interrupts_cleanly(tmp_path):
     """SIGTERM (like Ctrl-C) stops the run, tears everything down and leaves a consistent directory."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed", "run", str(REPO / "experiments/quickstart.yaml"), "-o", str(tmp_path)],
+        [sys.executable, "-m", "testbed", "run", str(REPO / "experiments/tiny_star3.yaml"), "-o", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
     )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            found = list(tmp_path.glob("quickstart/*/tokens.csv"))
+            found = list(tmp_path.glob("tiny-star3/*/tokens.csv"))
             if found and sum(1 for _ in open(found[0])) > 10:
                 break
             time.sleep(0.2)

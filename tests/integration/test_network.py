@@ -229,8 +229,20 @@ def test_cleanup_after_orchestrator_sigkill(tmp_path):
 
 def test_net_check_report(tmp_path):
     topo = load_topology(REPO / "topologies" / "star3.yaml")
+    from functools import partial
+
+    from testbed.backends.emulated.computecheck import compute_fidelity
+
     report = run_net_check(topo, json=True, rate_seconds=1, links=[("h3", "s1")],
-                           manifest_path=str(tmp_path / "resources.jsonl"))
+                           manifest_path=str(tmp_path / "resources.jsonl"), cpu_emulation="pace",
+                           compute=partial(compute_fidelity, model="mini-gpt2"))
     assert report["ok"], report
+    # compute fidelity: paced agents (cgroups relaxed) step at their device's time, equal cores alike
+    comp = report["compute"]
+    assert comp["ok"] and [r["host"] for r in comp["hosts"]] == ["h1", "h2", "h3"], comp
+    for r in comp["hosts"]:
+        assert r["step_over_device"] == pytest.approx(1.0, abs=0.1) and r["step_p95_over_median"] <= 1.3
+        assert r["same_cores_spread"] <= 0.1
+    assert all(h["cpu_cores"] == h["cgroup_cpu_cores_expected"] >= 1 for h in report["hosts"])
     assert report["delay_mechanism"] == "transport" and len(report["hosts"]) == 3
     _assert_nothing_left(list(read_manifest(tmp_path / "resources.jsonl")))
