@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from testbed.run.events import TOKEN_COLUMNS, fold_summary, latest_attempts, read_events
+from testbed.run.events import TOKEN_COLUMNS, failure_kind, fold_summary, latest_attempts, read_events
 
 NUMERIC_TOKEN_COLUMNS = [
     "repetition", "token_index", "token_id", "context_len", "latency_s", "compute_s", "transfer_s",
@@ -133,10 +133,11 @@ def _read_yaml(path: Path, problems: list[str]) -> dict:
 
 
 # -- folds -------------------------------------------------------------------------------------
-def derive_summary(tokens: pd.DataFrame, events: list[dict], algorithm: str, source: str | None = None) -> dict:
+def derive_summary(tokens: pd.DataFrame, events: list[dict], algorithm: str, source: str | None = None,
+                   varied: dict | None = None) -> dict:
     """The summary.json entry of one algorithm, folded from the tables: ``testbed.run.events.fold_summary``,
     the fold the recorder writes summary.json with."""
-    return fold_summary(tokens, events, algorithm, source)
+    return fold_summary(tokens, events, algorithm, source, varied)
 
 
 def load_run(run_dir: Path | str) -> Run:
@@ -151,7 +152,8 @@ def load_run(run_dir: Path | str) -> Run:
     run = Run(run_dir, config, manifest, {}, tokens, events, problems)
     source = topology_source(config)
     for algo in run.algorithms + [a for a in summary_file if a not in run.algorithms]:
-        run.summary[algo] = _merge_summary(derive_summary(tokens, events, algo, source), summary_file.get(algo),
+        run.summary[algo] = _merge_summary(derive_summary(tokens, events, algo, source, manifest.get("repetition_variation")),
+                                           summary_file.get(algo),
                                            tokens.empty, algo, problems)
         merged = run.summary[algo]
         merged["started"] = any(e.get("algorithm") == algo and e["type"] == "algorithm_started" for e in events) \
@@ -206,15 +208,7 @@ def failure_token(events: list[dict], algorithm: str) -> int | None:
 
 def short_failure(reason: str | None, token: int | None) -> str:
     """A one-phrase label for a failure: 'OOM at token 37', 'infeasible at token 0', ..."""
-    text = (reason or "").lower()
-    if "infeasible" in text:  # the planner found no placement (checked first: its message names memory)
-        kind = "infeasible"
-    elif any(w in text for w in ("oom", "out of memory", "memory", "killed", "-9")):
-        kind = "OOM"
-    elif "timeout" in text or "timed out" in text:
-        kind = "timeout"
-    else:
-        kind = "failed"
+    kind = failure_kind(reason)
     return f"{kind} at token {token}" if token is not None else kind
 
 
