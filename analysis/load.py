@@ -206,6 +206,14 @@ def failure_token(events: list[dict], algorithm: str) -> int | None:
     return int(fails[-1]["token_index"])
 
 
+def failure_label(run: Run, algo: str) -> str | None:
+    """'OOM at token 37', 'not run', or None for an algorithm that completed."""
+    s = run.summary.get(algo, {})
+    if not s.get("failed"):
+        return None if s.get("started", True) else "not run"
+    return short_failure(s.get("failure"), s.get("failed_at_token"))
+
+
 def short_failure(reason: str | None, token: int | None) -> str:
     """A one-phrase label for a failure: 'OOM at token 37', 'infeasible at token 0', ..."""
     kind = failure_kind(reason)
@@ -220,7 +228,11 @@ def latency_table(run: Run) -> pd.DataFrame:
         dec = run.decode(algo)
         row: dict[str, Any] = {"algorithm": algo, **{k: s.get(k) for k in (
             "mean_token_latency_s", "p95_token_latency_s", "tokens_generated", "migrations",
-            "migrated_bytes", "max_peak_mem_bytes", "failed", "failure", "failed_at_token", "started")}}
+            "migrated_bytes", "max_peak_mem_bytes", "failed", "failure", "failed_at_token", "started",
+            "p50_token_latency_s", "repetitions", "memory_ran_out")}}
+        row["latency_ci95_half_s"] = _half(s.get("latency_ci95_s"))
+        row["peak_ci95_half_bytes"] = _half((s.get("peak_memory") or {}).get("ci95_bytes"))
+        row["context_reached"] = s.get("context_reached")
         for col in BREAKDOWN:
             row[f"mean_{col}"] = float(dec[col].mean()) if len(dec) else None
         # latency_s includes the stall of a migration just before the token; this mean leaves it out
@@ -235,6 +247,10 @@ def latency_table(run: Run) -> pd.DataFrame:
         (m / ref_val) if (ref_val and m is not None and not pd.isna(m)) else None
         for m in table["mean_token_latency_s"]]
     return table
+
+
+def _half(ci) -> float | None:
+    return float(ci["half_width"]) if isinstance(ci, dict) and ci.get("half_width") is not None else None
 
 
 def mem_samples(run: Run) -> pd.DataFrame:
