@@ -99,7 +99,8 @@ def peaks_of(events: list[dict]) -> dict[str, int]:
         else:
             continue
         for host, b in (seen or {}).items():
-            peaks[host] = max(peaks.get(host, 0), int(b))
+            if isinstance(b, (int, float)) and math.isfinite(b):  # a peak that is not a number is no peak
+                peaks[host] = max(peaks.get(host, 0), int(b))
     return peaks
 
 
