@@ -31,6 +31,9 @@ def largest_worker_peaks(run: Run, algo: str) -> list[float]:
     source = topology_source(run.config)
     out = []
     for rep in run.summary.get(algo, {}).get("per_repetition") or []:
+        if rep.get("max_worker_peak_mem_bytes") is not None:
+            out.append(float(rep["max_worker_peak_mem_bytes"]))
+            continue
         peaks = {h: b for h, b in (rep.get("peak_mem_bytes") or {}).items() if h != source}
         if peaks:
             out.append(float(max(peaks.values())))

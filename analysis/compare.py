@@ -1,7 +1,7 @@
 """Comparisons between algorithms of one run: is a difference significant or within noise?
 
 Each algorithm's repetitions give one value each (mean decode latency; largest per-device peak
-memory), taken from the summary's ``per_repetition`` entries. Two algorithms are compared with
+memory, the source excluded: its embeddings are the same for every algorithm), taken from the summary's ``per_repetition`` entries. Two algorithms are compared with
 Welch's t-test at the 5 % level (``testbed.run.stats.welch``). The reference (resource_aware) is
 compared with every other algorithm that produced tokens; the best other (lowest mean latency among
 those that did not fail, else among all) is marked, since "RA vs the best baseline" is the question
@@ -14,7 +14,7 @@ import pandas as pd
 from analysis.load import REFERENCE, Run
 from testbed.run import stats
 
-METRICS = {"latency": "mean_token_latency_s", "peak memory": "max_peak_mem_bytes"}
+METRICS = {"latency": "mean_token_latency_s", "peak memory": "max_worker_peak_mem_bytes"}
 COLUMNS = ["a", "b", "metric", "mean_a", "mean_b", "ratio", "n_a", "n_b", "verdict", "t", "df", "t_crit",
            "reason", "best_other", "a_failed", "b_failed"]
 

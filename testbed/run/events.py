@@ -105,7 +105,7 @@ def peaks_of(events: list[dict]) -> dict[str, int]:
 
 
 STATISTICS_NOTE = ("latency_ci95_s and peak_memory.ci95_bytes: Student-t 95 % interval of the mean over "
-                   "per-repetition values (decode-token mean latency; largest per-device peak); "
+                   "per-repetition values (decode-token mean latency; largest per-device peak, source excluded); "
                    "p50/p95 latency over all decode tokens of all repetitions; testbed.run.stats")
 
 
@@ -131,7 +131,7 @@ def memory_ran_out(reason: str | None, oom_event: bool = False) -> bool:
         w in text for w in ("mib short", "memory", "cannot hold", "does not fit", "no room"))
 
 
-def _repetition_entry(mine: Any, evs: list[dict], rep: int) -> dict:
+def _repetition_entry(mine: Any, evs: list[dict], rep: int, source: str | None) -> dict:
     """One repetition of one algorithm: its latency mean, tokens, peaks and how it ended."""
     rows = mine[mine["repetition"] == rep]
     lat = stats.finite(pd_numeric(rows[rows["phase"] == "decode"]["latency_s"]))
@@ -149,6 +149,7 @@ def _repetition_entry(mine: Any, evs: list[dict], rep: int) -> dict:
     return {"repetition": int(rep), "mean_token_latency_s": float(lat.mean()) if lat.size else None,
             "tokens_generated": int(len(rows)), "peak_mem_bytes": peaks,
             "max_peak_mem_bytes": max(peaks.values()) if peaks else None,
+            "max_worker_peak_mem_bytes": max((b for h, b in peaks.items() if h != source), default=None),
             "failed": reason is not None, "failure": reason,
             "memory_ran_out": ran_out, "context_len_reached": context}
 
@@ -186,7 +187,7 @@ def _latency_block(mine: Any, per_rep: list[dict], nulls: dict) -> dict:
 
 
 def _memory_block(per_rep: list[dict], peaks: dict[str, int], source: str | None, nulls: dict) -> dict:
-    largest = [r["max_peak_mem_bytes"] for r in per_rep]
+    largest = [r["max_worker_peak_mem_bytes"] for r in per_rep]  # the source's embeddings are everyone's
     d = stats.describe(largest)
     ci = stats.mean_ci95(largest)
     if ci is None:
@@ -202,7 +203,8 @@ def _memory_block(per_rep: list[dict], peaks: dict[str, int], source: str | None
         "peak_mem_bytes": peaks,
         "max_peak_mem_bytes": max(peaks.values()) if peaks else None,
         "max_worker_peak_mem_bytes": max((b for h, b in peaks.items() if h != source), default=None),
-        "peak_memory": {"mean_bytes": d["mean"], "p50_bytes": d["p50"], "p95_bytes": d["p95"], "n": d["n"],
+        "peak_memory": {"over": "per-repetition largest per-device peak, the source excluded",
+                        "mean_bytes": d["mean"], "p50_bytes": d["p50"], "p95_bytes": d["p95"], "n": d["n"],
                         "ci95_bytes": ci.to_json() if ci else None},
         "memory_ran_out": bool(ran_out),
         "context_reached": None if context is None else {
@@ -219,7 +221,7 @@ def fold_summary(tokens: Any, events: list[dict], algorithm: str, source: str | 
     mine = tokens[tokens["algorithm"] == algorithm]
     evs = [e for e in events if e.get("algorithm") == algorithm]
     migrations = [e for e in evs if e["type"] == "migration"]
-    per_rep = [_repetition_entry(mine, evs, r) for r in _repetitions_of(mine, evs)]
+    per_rep = [_repetition_entry(mine, evs, r, source) for r in _repetitions_of(mine, evs)]
     failed = [r for r in per_rep if r["failed"]]
     nulls: dict[str, str] = {}
     out = {

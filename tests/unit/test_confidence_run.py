@@ -122,7 +122,7 @@ def test_summary_statistics_from_repetitions(walk_run):
         ci = s["latency_ci95_s"]
         assert ci["n"] == 3 and ci["half_width"] == pytest.approx(4.3027 * sd / math.sqrt(3), abs=1e-12)
         assert ci["low"] <= ci["mean"] <= ci["high"]
-        peaks = [r["max_peak_mem_bytes"] for r in s["per_repetition"]]
+        peaks = [r["max_worker_peak_mem_bytes"] for r in s["per_repetition"]]
         assert s["peak_memory"]["mean_bytes"] == pytest.approx(sum(peaks) / 3)
         assert s["max_peak_mem_bytes"] == max(s["peak_mem_bytes"].values()) >= max(peaks)
         assert s["memory_ran_out"] is False and s["context_reached"] is None
@@ -166,7 +166,7 @@ def _fake_run(tmp_path: Path, ra: list[float], other: list[float]) -> Run:
     def entry(values):
         return {"mean_token_latency_s": sum(values) / len(values), "tokens_generated": 10 * len(values),
                 "failed": False, "started": True,
-                "per_repetition": [{"repetition": i, "mean_token_latency_s": v, "max_peak_mem_bytes": 1 << 20}
+                "per_repetition": [{"repetition": i, "mean_token_latency_s": v, "max_worker_peak_mem_bytes": 1 << 20}
                                    for i, v in enumerate(values)]}
     summary = {"resource_aware": entry(ra), "edgeshard": entry(other)}
     return Run(tmp_path, {"algorithms": list(summary)}, {}, summary, pd.DataFrame(columns=TOKEN_COLUMNS), [])

@@ -132,6 +132,7 @@ def test_fold_summary_context_reached_where_memory_ran_out():
     assert s["peak_mem_bytes"] == {"h2": 300} and s["max_peak_mem_bytes"] == 300
     assert s["peak_memory"]["mean_bytes"] == 200.0 and s["peak_memory"]["ci95_bytes"]["n"] == 2
     assert [r["max_peak_mem_bytes"] for r in s["per_repetition"]] == [100, 300]
+    assert [r["max_worker_peak_mem_bytes"] for r in s["per_repetition"]] == [100, 300]  # no source given
 
 
 @pytest.mark.parametrize("reason, oom_event, expected", [
