@@ -132,7 +132,8 @@ def fig_memory_tokens(run: Run):
         return None
     hosts = sorted(ms["host"].unique())
     last = int(max(ms["token_index"].max(), run.tokens["token_index"].max() if len(run.tokens) else 0))
-    fig, axes = plt.subplots(1, len(hosts), figsize=(3.2 * len(hosts) + 1, 3.6), sharey=True, squeeze=False)
+    # each device on its own scale: the source's large limit would flatten the workers' curves
+    fig, axes = plt.subplots(1, len(hosts), figsize=(3.4 * len(hosts) + 1, 3.6), squeeze=False)
     for ax, host in zip(axes[0], hosts):
         _memory_panel(ax, run, ms, host, last)
     axes[0][0].set_ylabel("memory charged at decision epochs [MiB]")
