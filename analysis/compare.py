@@ -1,8 +1,8 @@
 """Comparisons between algorithms of one run: is a difference significant or within noise?
 
 Each algorithm's repetitions give one value each (mean decode latency; largest per-device peak
-memory, the source excluded: its embeddings are the same for every algorithm), taken from the summary's ``per_repetition`` entries. Two algorithms are compared with
-Welch's t-test at the 5 % level (``testbed.run.stats.welch``). The reference (resource_aware) is
+memory, the source excluded: its embeddings are the same for every algorithm), taken from the
+summary's ``per_repetition`` entries. Two algorithms are compared with Welch's t-test at the 5 % level (``testbed.run.stats.welch``). The reference (resource_aware) is
 compared with every other algorithm that produced tokens; the best other (lowest mean latency among
 those that did not fail, else among all) is marked, since "RA vs the best baseline" is the question
 the report answers first.

@@ -3,9 +3,9 @@
 Per run: per-token latency over the token index, latency CDF, mean/p95 latency with its breakdown,
 peak memory per host, memory over tokens per device with its limits and latency vs peak memory
 (``analysis.capacity``), migrations, and predicted vs measured latency where plans carry a prediction.
-With repetitions, means carry Student-t 95 % confidence intervals as error bars. Across runs (a sweep): mean latency and peak memory
-against the swept parameter. A failed algorithm is never dropped silently: it is drawn as far as it
-got and labelled with what happened ("OOM at token 37").
+With repetitions, means carry Student-t 95 % confidence intervals as error bars. Across runs (a
+sweep): mean latency and peak memory against the swept parameter. A failed algorithm is never
+dropped silently: it is drawn as far as it got and labelled with what happened ("OOM at token 37").
 """
 from __future__ import annotations
 

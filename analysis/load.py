@@ -152,8 +152,8 @@ def load_run(run_dir: Path | str) -> Run:
     run = Run(run_dir, config, manifest, {}, tokens, events, problems)
     source = topology_source(config)
     for algo in run.algorithms + [a for a in summary_file if a not in run.algorithms]:
-        run.summary[algo] = _merge_summary(derive_summary(tokens, events, algo, source, manifest.get("repetition_variation")),
-                                           summary_file.get(algo),
+        derived = derive_summary(tokens, events, algo, source, manifest.get("repetition_variation"))
+        run.summary[algo] = _merge_summary(derived, summary_file.get(algo),
                                            tokens.empty, algo, problems)
         merged = run.summary[algo]
         merged["started"] = any(e.get("algorithm") == algo and e["type"] == "algorithm_started" for e in events) \

@@ -134,17 +134,17 @@ def memory_ran_out(reason: str | None, oom_event: bool = False) -> bool:
 def _repetition_entry(mine: Any, evs: list[dict], rep: int, source: str | None) -> dict:
     """One repetition of one algorithm: its latency mean, tokens, peaks and how it ended."""
     rows = mine[mine["repetition"] == rep]
-    lat = stats.finite(pd_numeric(rows[rows["phase"] == "decode"]["latency_s"]))
+    lat = stats.finite(as_floats(rows[rows["phase"] == "decode"]["latency_s"]))
     rev = [e for e in evs if e.get("repetition") == rep]
     fails = [e for e in rev if e["type"] == "algorithm_failed"]
     peaks = peaks_of(rev)
     reason = fails[-1].get("reason") if fails else None
-    bad = rows[~np.isfinite(pd_numeric(rows["latency_s"]))]
+    bad = rows[~np.isfinite(as_floats(rows["latency_s"]))]
     if not fails and len(bad):  # a latency that is not a number is a failure, never a NaN mean
         reason = (f"non-finite latency at token {int(bad['token_index'].iloc[0])}: "
                   "the backend produced no usable time (recorded as a failure)")
     ran_out = bool(reason) and memory_ran_out(reason, any(e["type"] == "oom_kill" for e in rev))
-    ctx = stats.finite(pd_numeric(rows["context_len"]))
+    ctx = stats.finite(as_floats(rows["context_len"]))
     context = int(ctx.max()) + 1 if ran_out and ctx.size else None  # the last token's context, plus it
     return {"repetition": int(rep), "mean_token_latency_s": float(lat.mean()) if lat.size else None,
             "tokens_generated": int(len(rows)), "peak_mem_bytes": peaks,
@@ -154,7 +154,7 @@ def _repetition_entry(mine: Any, evs: list[dict], rep: int, source: str | None) 
             "memory_ran_out": ran_out, "context_len_reached": context}
 
 
-def pd_numeric(col: Any) -> np.ndarray:
+def as_floats(col: Any) -> np.ndarray:
     """A column as floats; what is not a number becomes NaN."""
     return np.asarray([_to_float(v) for v in col], dtype=float)
 
@@ -173,7 +173,7 @@ def _repetitions_of(mine: Any, evs: list[dict]) -> list[int]:
 
 
 def _latency_block(mine: Any, per_rep: list[dict], nulls: dict) -> dict:
-    lat = stats.finite(pd_numeric(mine[mine["phase"] == "decode"]["latency_s"]))
+    lat = stats.finite(as_floats(mine[mine["phase"] == "decode"]["latency_s"]))
     pooled = stats.describe(lat)
     ci = stats.mean_ci95([r["mean_token_latency_s"] for r in per_rep])
     if not lat.size:

@@ -2,8 +2,9 @@
 
 Every (algorithm, repetition) starts from a freshly reset cluster; the algorithms of one
 repetition replay the identical prompt and timeline, and repetitions differ in the prompt and the
-random walks' seeds (``repetition_variation``, recorded in the manifest). The run directory is written as tokens are produced; ``--resume`` skips the
-(algorithm, repetition) pairs already marked done and re-runs the one that was interrupted.
+random walks' seeds (``repetition_variation``, recorded in the manifest). The run directory is
+written as tokens are produced; ``--resume`` skips the (algorithm, repetition) pairs already marked
+done and re-runs the one that was interrupted.
 """
 from __future__ import annotations
 
