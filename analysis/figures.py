@@ -1,10 +1,11 @@
 """Figures from loaded runs (matplotlib, Agg): each saved as PNG and PDF into one output directory.
 
 Per run: per-token latency over the token index, latency CDF, mean/p95 latency with its breakdown,
-peak memory per host (and over tokens where ``mem_sample`` events exist), migrations, and predicted vs
-measured latency where plans carry a prediction. Across runs (a sweep): mean latency and peak memory
-against the swept parameter. A failed algorithm is never dropped silently: it is drawn as far as it
-got and labelled with what happened ("OOM at token 37").
+peak memory per host, memory over tokens per device with its limits and latency vs peak memory
+(``analysis.capacity``), migrations, and predicted vs measured latency where plans carry a prediction.
+With repetitions, means carry Student-t 95 % confidence intervals as error bars. Across runs (a
+sweep): mean latency and peak memory against the swept parameter. A failed algorithm is never
+dropped silently: it is drawn as far as it got and labelled with what happened ("OOM at token 37").
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.load import BREAKDOWN, Run, latency_table, mem_samples, plan_vs_measured, short_failure  # noqa: E402
+from analysis.capacity import MEMORY_HOW, PARETO_HOW, fig_memory_tokens, fig_pareto  # noqa: E402
+from analysis.load import BREAKDOWN, Run, failure_label, latency_table, plan_vs_measured  # noqa: E402,F401
 from analysis.style import FAIL_COLOR, MIB, MS, PART_COLORS, color, linestyle  # noqa: E402,F401
 from analysis.sweep import SWEEP_HOW, fig_sweep  # noqa: E402
 
@@ -34,13 +36,6 @@ class Figure:
     png: Path
     pdf: Path
     run: str | None = None  # the run directory's path; None for figures across runs
-
-
-def failure_label(run: Run, algo: str) -> str | None:
-    s = run.summary.get(algo, {})
-    if not s.get("failed"):
-        return None if s.get("started", True) else "not run"
-    return short_failure(s.get("failure"), s.get("failed_at_token"))
 
 
 def _save(fig, out_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -175,6 +170,11 @@ def fig_latency_breakdown(run: Run):
             v = _num(row[f"mean_{col}"]) * MS
             ax.bar(x[i] - 0.2, v, 0.38, bottom=bottom, color=PART_COLORS[col], edgecolor="k", lw=0.4)
             bottom += v
+        half = _num(row.get("latency_ci95_half_s")) * MS
+        if half:
+            ax.errorbar(x[i] - 0.2, _num(row["mean_token_latency_s"]) * MS, yerr=half, fmt="none", ecolor="k",
+                        capsize=5, lw=1.2)
+            bottom = max(bottom, _num(row["mean_token_latency_s"]) * MS + half)
         p95 = _num(row["p95_token_latency_s"]) * MS
         ax.bar(x[i] + 0.2, p95, 0.38, color="white", edgecolor=color(row["algorithm"]), hatch="///", lw=1.2)
         top = max(top, bottom, p95)
@@ -219,27 +219,6 @@ def fig_peak_memory(run: Run):
     ax.set(xlabel="host", ylabel="peak memory [MiB]", title=f"Peak memory per host — {run.label}")
     _legend(ax, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return fig
-
-
-def fig_memory_tokens(run: Run):
-    ms = mem_samples(run)
-    if ms.empty:
-        return None
-    hosts = sorted(ms["host"].unique())
-    fig, axes = plt.subplots(1, len(hosts), figsize=(3.2 * len(hosts) + 1, 3.6), sharey=True, squeeze=False)
-    for ax, host in zip(axes[0], hosts):
-        for algo in run.algorithms:
-            d = ms[(ms["host"] == host) & (ms["algorithm"] == algo)]
-            if not d.empty:
-                m = d.groupby("token_index")["bytes"].mean() / MIB
-                ax.step(m.index, m.values, where="post", color=color(algo), marker=".", label=algo)
-        _scenario_lines(ax, run)
-        ax.set(title=host, xlabel="token index")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("memory charged at decision epochs [MiB]")
-    _legend(axes[0][-1], fontsize=7)
-    fig.suptitle(f"Memory over tokens (mem_sample events) — {run.label}")
     return fig
 
 
@@ -295,13 +274,14 @@ PER_RUN = [
      "Further left is faster; a long right tail means stalls. Algorithms that failed part-way are labelled with "
      "the failure and the number of tokens they produced."),
     ("latency_breakdown", fig_latency_breakdown, "Mean and p95 latency with breakdown",
-     "Left bar of each pair: mean decode latency split into compute, transfer, wait and amortised migration; "
-     "right hatched bar: p95 latency."),
+     "Left bar of each pair: mean decode latency split into compute, transfer, wait and amortised migration, "
+     "with the Student-t 95 % confidence interval of the mean over repetitions as an error bar (none with one "
+     "repetition); right hatched bar: p95 latency over all decode tokens."),
     ("peak_memory", fig_peak_memory, "Peak memory per host",
      "Grouped bars per host, one per algorithm; the dashed line is the host's initial memory limit. "
      "Cross-hatched bars belong to algorithms that failed."),
-    ("memory_tokens", fig_memory_tokens, "Memory over tokens",
-     "Memory per host sampled at each decision epoch; KV caches grow with the context, migrations move it."),
+    ("memory_tokens", fig_memory_tokens, "Memory over tokens per device, with limits", MEMORY_HOW),
+    ("pareto", fig_pareto, "Latency vs peak memory (Pareto view)", PARETO_HOW),
     ("migrations", fig_migrations, "Migrations",
      "Blocks moved (left) and bytes moved (right) per algorithm over the whole run."),
     ("plan_accuracy", fig_plan_accuracy, "Predicted vs measured latency",

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from testbed.run.events import TOKEN_COLUMNS, fold_summary, latest_attempts, read_events
+from testbed.run.events import TOKEN_COLUMNS, failure_kind, fold_summary, latest_attempts, read_events
 
 NUMERIC_TOKEN_COLUMNS = [
     "repetition", "token_index", "token_id", "context_len", "latency_s", "compute_s", "transfer_s",
@@ -133,10 +133,11 @@ def _read_yaml(path: Path, problems: list[str]) -> dict:
 
 
 # -- folds -------------------------------------------------------------------------------------
-def derive_summary(tokens: pd.DataFrame, events: list[dict], algorithm: str, source: str | None = None) -> dict:
+def derive_summary(tokens: pd.DataFrame, events: list[dict], algorithm: str, source: str | None = None,
+                   varied: dict | None = None) -> dict:
     """The summary.json entry of one algorithm, folded from the tables: ``testbed.run.events.fold_summary``,
     the fold the recorder writes summary.json with."""
-    return fold_summary(tokens, events, algorithm, source)
+    return fold_summary(tokens, events, algorithm, source, varied)
 
 
 def load_run(run_dir: Path | str) -> Run:
@@ -151,7 +152,8 @@ def load_run(run_dir: Path | str) -> Run:
     run = Run(run_dir, config, manifest, {}, tokens, events, problems)
     source = topology_source(config)
     for algo in run.algorithms + [a for a in summary_file if a not in run.algorithms]:
-        run.summary[algo] = _merge_summary(derive_summary(tokens, events, algo, source), summary_file.get(algo),
+        derived = derive_summary(tokens, events, algo, source, manifest.get("repetition_variation"))
+        run.summary[algo] = _merge_summary(derived, summary_file.get(algo),
                                            tokens.empty, algo, problems)
         merged = run.summary[algo]
         merged["started"] = any(e.get("algorithm") == algo and e["type"] == "algorithm_started" for e in events) \
@@ -204,17 +206,17 @@ def failure_token(events: list[dict], algorithm: str) -> int | None:
     return int(fails[-1]["token_index"])
 
 
+def failure_label(run: Run, algo: str) -> str | None:
+    """'OOM at token 37', 'not run', or None for an algorithm that completed."""
+    s = run.summary.get(algo, {})
+    if not s.get("failed"):
+        return None if s.get("started", True) else "not run"
+    return short_failure(s.get("failure"), s.get("failed_at_token"))
+
+
 def short_failure(reason: str | None, token: int | None) -> str:
     """A one-phrase label for a failure: 'OOM at token 37', 'infeasible at token 0', ..."""
-    text = (reason or "").lower()
-    if "infeasible" in text:  # the planner found no placement (checked first: its message names memory)
-        kind = "infeasible"
-    elif any(w in text for w in ("oom", "out of memory", "memory", "killed", "-9")):
-        kind = "OOM"
-    elif "timeout" in text or "timed out" in text:
-        kind = "timeout"
-    else:
-        kind = "failed"
+    kind = failure_kind(reason)
     return f"{kind} at token {token}" if token is not None else kind
 
 
@@ -226,7 +228,11 @@ def latency_table(run: Run) -> pd.DataFrame:
         dec = run.decode(algo)
         row: dict[str, Any] = {"algorithm": algo, **{k: s.get(k) for k in (
             "mean_token_latency_s", "p95_token_latency_s", "tokens_generated", "migrations",
-            "migrated_bytes", "max_peak_mem_bytes", "failed", "failure", "failed_at_token", "started")}}
+            "migrated_bytes", "max_peak_mem_bytes", "failed", "failure", "failed_at_token", "started",
+            "p50_token_latency_s", "repetitions", "memory_ran_out")}}
+        row["latency_ci95_half_s"] = _half(s.get("latency_ci95_s"))
+        row["peak_ci95_half_bytes"] = _half((s.get("peak_memory") or {}).get("ci95_bytes"))
+        row["context_reached"] = s.get("context_reached")
         for col in BREAKDOWN:
             row[f"mean_{col}"] = float(dec[col].mean()) if len(dec) else None
         # latency_s includes the stall of a migration just before the token; this mean leaves it out
@@ -241,6 +247,10 @@ def latency_table(run: Run) -> pd.DataFrame:
         (m / ref_val) if (ref_val and m is not None and not pd.isna(m)) else None
         for m in table["mean_token_latency_s"]]
     return table
+
+
+def _half(ci) -> float | None:
+    return float(ci["half_width"]) if isinstance(ci, dict) and ci.get("half_width") is not None else None
 
 
 def mem_samples(run: Run) -> pd.DataFrame:

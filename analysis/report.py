@@ -1,8 +1,10 @@
 """``analyze``: run directories in, figures (PNG + PDF) and ``report.html`` out.
 
 The report states what was run and where (experiment, topology, git SHA, kernel, delay mechanism),
-the summary table with each algorithm's mean latency as a multiple of resource_aware's, every
-failure in words, and the figures with one line on how to read each.
+the summary table with each algorithm's mean latency as a multiple of resource_aware's and its 95 %
+confidence interval over repetitions, resource_aware against every other algorithm marked
+"significant", "within noise" or "not testable" (Welch's t-test at 5 %, ``analysis.compare``), what
+the repetitions varied, every failure in words, and the figures with one line on how to read each.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 
+from analysis.compare import significance_table
 from analysis.figures import Figure, _num, failure_label, make_figures
 from analysis.load import Run, latency_table, load_runs, manifest_facts, short_failure, topology_summary
 from analysis.template import REPORT_TEMPLATE
@@ -30,6 +33,32 @@ def _fmt(v, scale: float = 1.0, digits: int = 3) -> str:
     return f"{float(v) * scale:.{digits}f}"
 
 
+def _pm(half, scale: float, digits: int) -> str:
+    """'± 0.123' for a confidence half-width; '—' where there is none (fewer than two repetitions)."""
+    return "—" if half is None or half != half else f"± {float(half) * scale:.{digits}f}"
+
+
+def _context(reached) -> str:
+    if not isinstance(reached, dict):
+        return "—"
+    return f"{reached.get('tokens_generated')} tokens (context {reached.get('context_len') or '—'})"
+
+
+def _significance_rows(run: Run) -> list[dict]:
+    """RA against each other algorithm on latency and peak memory (analysis.compare), best other first."""
+    rows = []
+    for _, r in significance_table(run).iterrows():
+        ms = r["metric"] == "latency"
+        scale, unit, digits = (1e3, "ms", 3) if ms else (2.0 ** -20, "MiB", 2)
+        rows.append({"a": r["a"], "b": r["b"], "metric": r["metric"], "best": bool(r["best_other"]),
+                     "mean_a": _fmt(r["mean_a"], scale, digits), "mean_b": _fmt(r["mean_b"], scale, digits),
+                     "unit": unit, "ratio": _fmt(r["ratio"], 1, 2) + "×" if r["ratio"] is not None else "—",
+                     "verdict": r["verdict"], "reason": r["reason"], "n": f"{r['n_a']} / {r['n_b']}",
+                     "failed": bool(r["a_failed"] or r["b_failed"]),
+                     "css": r["verdict"].replace(" ", "-")})
+    return rows
+
+
 def _table_rows(run: Run) -> list[dict]:
     rows = []
     for _, row in latency_table(run).iterrows():
@@ -43,6 +72,10 @@ def _table_rows(run: Run) -> list[dict]:
             "tokens": int(_num(row["tokens_generated"])), "migrations": int(_num(row["migrations"])),
             "migrated_mib": _fmt(row["migrated_bytes"], 2.0 ** -20, 2),
             "peak_mib": _fmt(row["max_peak_mem_bytes"], 2.0 ** -20, 2),
+            "ci_ms": _pm(row.get("latency_ci95_half_s"), 1e3, 3), "peak_ci_mib": _pm(row.get("peak_ci95_half_bytes"),
+                                                                                   2.0 ** -20, 2),
+            "p50_ms": _fmt(row.get("p50_token_latency_s"), 1e3), "reps": int(_num(row.get("repetitions"))),
+            "context": _context(row.get("context_reached")),
             "status": lab if lab else "ok",
         })
     return rows
@@ -66,7 +99,8 @@ def _run_context(run: Run, figs: list[Figure], out_dir: Path) -> dict:
         "model": model.get("name") or model.get("path") or "unknown",
         "workload": ", ".join(f"{k}={v}" for k, v in work.items()) or "unknown",
         "timeline": run.manifest.get("scenario_timeline") or [],
-        "table": _table_rows(run), "failures": failures, "problems": run.problems,
+        "table": _table_rows(run), "significance": _significance_rows(run), "failures": failures,
+        "varied": (run.manifest.get("repetition_variation") or {}), "problems": run.problems,
         "figures": _figure_entries([f for f in figs if f.run == str(run.path)], out_dir),
     }
 

@@ -1,7 +1,8 @@
 """Sweeps: several run directories of one experiment at different ``sweep_point`` values.
 
 ``sweep_frame`` is the tidy table (one row per run and algorithm); ``fig_sweep`` plots mean latency
-and peak memory against the swept parameter, one line per algorithm, failed points as red crosses.
+and peak memory against the swept parameter, one line per algorithm (latency with its confidence
+interval over repetitions as error bars), failed points as red crosses.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from analysis.load import Run, short_failure  # noqa: E402
 from analysis.style import FAIL_COLOR, MIB, MS, color  # noqa: E402
 
 SWEEP_HOW = ("One line per algorithm across sweep points: mean decode latency (left) and the largest per-host "
-             "peak memory (right). A red cross is a point where the algorithm failed; at the bottom edge if it "
-             "produced no tokens there.")
+             "peak memory (right); error bars are Student-t 95 % confidence intervals of the mean over "
+             "repetitions (where there are several). A red cross is a point where the algorithm failed; at the "
+             "bottom edge if it produced no tokens there.")
 
 
 def swept_params(runs: list[Run]) -> list[str]:
@@ -40,12 +42,17 @@ def sweep_frame(runs: list[Run]) -> pd.DataFrame:
             s = r.summary.get(algo, {})
             rows.append({"run": i, "label": label, "x": x, "algorithm": algo,
                          "mean_token_latency_s": s.get("mean_token_latency_s"),
+                         "mean_token_latency_s_ci": _half(s.get("latency_ci95_s")),
                          # workers only: the source's embeddings would flatten every line
                          "max_peak_mem_bytes": s.get("max_worker_peak_mem_bytes", s.get("max_peak_mem_bytes")),
                          "failed": bool(s.get("failed")),
                          "failure": short_failure(s.get("failure"), s.get("failed_at_token"))
                          if s.get("failed") else None})
     return pd.DataFrame(rows)
+
+
+def _half(ci) -> float | None:
+    return float(ci["half_width"]) if isinstance(ci, dict) and ci.get("half_width") is not None else None
 
 
 def _numeric(values) -> bool:
@@ -90,6 +97,10 @@ def fig_sweep(runs: list[Run]):
                     ms=7 - k % 3, label=algo + (f" (failed at {nfail}/{len(d)} points)" if nfail else ""))
             if nfail:
                 ax.plot(d["xpos"], y, ls=":", color=color(algo), lw=1)
+            if f"{col}_ci" in d:
+                err = pd.to_numeric(d[f"{col}_ci"], errors="coerce").fillna(0.0).to_numpy(float) * scale
+                if err.any():
+                    ax.errorbar(d["xpos"], y, yerr=err, fmt="none", ecolor=color(algo), capsize=3, lw=1)
             for xp, yv in zip(d["xpos"][bad], y[bad]):
                 if np.isfinite(yv):
                     ax.plot(xp, yv, "X", color=FAIL_COLOR, ms=10, mec="k", zorder=5)

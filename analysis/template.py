@@ -12,6 +12,8 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
  .how { color: #555; font-size: 13px; margin: .2em 0 .4em; } figure { margin: 1.2em 0; }
  img { max-width: 100%; border: 1px solid #eee; } code { font-size: 13px; }
  .warn { color: #8a5a00; font-size: 13px; }
+ .verdict.significant { color: #0a6b0a; font-weight: bold; } .verdict.within-noise { color: #555; font-style: italic; }
+ .verdict.not-testable { color: #8a5a00; } tr.best td { background: #f4f8ff; }
 </style></head><body>
 <h1>Headroom report — {{ experiment }}</h1>
 <p>{{ runs|length }} run director{{ "y" if runs|length == 1 else "ies" }}; generated from the recorded files only
@@ -48,17 +50,35 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
 
 <h3>Summary</h3>
 <table>
-<tr><th class="l">algorithm</th><th>mean latency [ms]</th><th>× resource_aware</th><th>p95 latency [ms]</th>
-<th>mean excl. migration stalls [ms]</th><th>tokens</th><th>migrations (blocks)</th><th>migrated [MiB]</th><th>max peak mem [MiB]</th><th class="l">status</th></tr>
+<tr><th class="l">algorithm</th><th>mean latency [ms]</th><th>95 % CI [ms]</th><th>× resource_aware</th><th>p50 [ms]</th><th>p95 latency [ms]</th>
+<th>mean excl. migration stalls [ms]</th><th>repetitions</th><th>tokens</th><th>migrations (blocks)</th><th>migrated [MiB]</th><th>max peak mem [MiB]</th><th>95 % CI [MiB]</th>
+<th class="l">memory ran out at</th><th class="l">status</th></tr>
 {% for row in r.table %}
 <tr class="{{ 'failed' if row.failed else '' }}"><td class="l">{{ row.algorithm }}</td>
- <td>{{ row.mean_ms }}</td><td>{{ row.ratio }}</td><td>{{ row.p95_ms }}</td><td>{{ row.mean_mig_ms }}</td><td>{{ row.tokens }}</td>
- <td>{{ row.migrations }}</td><td>{{ row.migrated_mib }}</td><td>{{ row.peak_mib }}</td>
+ <td>{{ row.mean_ms }}</td><td>{{ row.ci_ms }}</td><td>{{ row.ratio }}</td><td>{{ row.p50_ms }}</td><td>{{ row.p95_ms }}</td><td>{{ row.mean_mig_ms }}</td>
+ <td>{{ row.reps }}</td><td>{{ row.tokens }}</td>
+ <td>{{ row.migrations }}</td><td>{{ row.migrated_mib }}</td><td>{{ row.peak_mib }}</td><td>{{ row.peak_ci_mib }}</td><td class="l">{{ row.context }}</td>
  <td class="l">{% if row.failed %}<span class="fail">{{ row.status }}</span>{% else %}{{ row.status }}{% endif %}</td></tr>
 {% endfor %}
 </table>
 <p class="how">Latencies are over decode tokens and include the stall of a migration made just before a token
-(summary.json's definition); "excl. migration stalls" leaves each token's migration_s out. Ratios use the mean latency.</p>
+(summary.json's definition); "excl. migration stalls" leaves each token's migration_s out. Ratios use the mean latency.
+95 % CI: Student-t interval of the mean over the per-repetition means (latency) or per-repetition largest peaks (memory);
+p50/p95 over all decode tokens of all repetitions. "Memory ran out at": tokens generated (and context length) before memory ran out.</p>
+{% if r.varied %}<p class="how">Repetitions varied: {% for k, v in r.varied.items() %}{% if v is not none %}<br>&nbsp;• {{ k }}: {{ v }}{% endif %}{% endfor %}</p>{% endif %}
+
+{% if r.significance %}<h3>Differences: significant or within noise</h3>
+<table class="significance">
+<tr><th class="l">comparison</th><th class="l">metric</th><th>mean a</th><th>mean b</th><th>a / b</th><th>repetitions a / b</th><th class="l">verdict</th><th class="l">why</th></tr>
+{% for s in r.significance %}
+<tr class="{{ 'best' if s.best else '' }}"><td class="l">{{ s.a }} vs {{ s.b }}{% if s.best %} <b>(best other)</b>{% endif %}</td><td class="l">{{ s.metric }}</td>
+ <td>{{ s.mean_a }} {{ s.unit }}</td><td>{{ s.mean_b }} {{ s.unit }}</td><td>{{ s.ratio }}</td><td>{{ s.n }}</td>
+ <td class="l"><span class="verdict {{ s.css }}">{{ s.verdict }}</span>{% if s.failed %} <span class="warn">(a failed algorithm: partial data)</span>{% endif %}</td><td class="l">{{ s.reason }}</td></tr>
+{% endfor %}
+</table>
+<p class="how">Welch's two-sided t-test at the 5 % level over per-repetition values: "significant" when |t| exceeds the
+Student-t critical value at the Welch–Satterthwaite degrees of freedom; with no spread across repetitions (a deterministic
+backend) any difference is significant; "not testable" with fewer than two repetitions on a side.</p>{% endif %}
 
 {% if r.failures %}<h3>Failures</h3><ul>
 {% for f in r.failures %}<li><span class="fail">{{ f.algorithm }}: {{ f.short }}</span> — <code>{{ f.reason }}</code></li>{% endfor %}

@@ -20,10 +20,13 @@ Rules of the fold (one place, so the recorder and analysis cannot disagree):
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from testbed.run import stats
 
 TOKEN_COLUMNS = [
     "algorithm", "repetition", "token_index", "token_id", "context_len", "latency_s", "compute_s",
@@ -96,29 +99,159 @@ def peaks_of(events: list[dict]) -> dict[str, int]:
         else:
             continue
         for host, b in (seen or {}).items():
-            peaks[host] = max(peaks.get(host, 0), int(b))
+            if isinstance(b, (int, float)) and math.isfinite(b):  # a peak that is not a number is no peak
+                peaks[host] = max(peaks.get(host, 0), int(b))
     return peaks
 
 
-def fold_summary(tokens: Any, events: list[dict], algorithm: str, source: str | None = None) -> dict:
-    """The summary.json entry of one algorithm (DESIGN.md §3) from the token table (a DataFrame
-    with ``TOKEN_COLUMNS``) and the latest attempts' events."""
-    mine = tokens[tokens["algorithm"] == algorithm]
-    lat = mine[mine["phase"] == "decode"]["latency_s"].to_numpy(dtype=float)
-    evs = [e for e in events if e.get("algorithm") == algorithm]
-    migrations = [e for e in evs if e["type"] == "migration"]
-    failures = [e for e in evs if e["type"] == "algorithm_failed"]
-    peaks = peaks_of(evs)
+STATISTICS_NOTE = ("latency_ci95_s and peak_memory.ci95_bytes: Student-t 95 % interval of the mean over "
+                   "per-repetition values (decode-token mean latency; largest per-device peak, source excluded); "
+                   "p50/p95 latency over all decode tokens of all repetitions; testbed.run.stats")
+
+
+def failure_kind(reason: str | None) -> str:
+    """'infeasible', 'OOM', 'timeout' or 'failed' from a failure's text (the planner's "infeasible"
+    is checked first: its message names memory)."""
+    text = (reason or "").lower()
+    if "infeasible" in text:
+        return "infeasible"
+    if any(w in text for w in ("oom", "out of memory", "memory", "killed", "-9")):
+        return "OOM"
+    if "timeout" in text or "timed out" in text:
+        return "timeout"
+    return "failed"
+
+
+def memory_ran_out(reason: str | None, oom_event: bool = False) -> bool:
+    """A failure caused by memory: an OOM kill, or no placement because the devices' memory is too small."""
+    text = (reason or "").lower()
+    if oom_event or failure_kind(reason) == "OOM":
+        return True
+    return failure_kind(reason) == "infeasible" and any(
+        w in text for w in ("mib short", "memory", "cannot hold", "does not fit", "no room"))
+
+
+def _repetition_entry(mine: Any, evs: list[dict], rep: int, source: str | None) -> dict:
+    """One repetition of one algorithm: its latency mean, tokens, peaks and how it ended."""
+    rows = mine[mine["repetition"] == rep]
+    lat = stats.finite(as_floats(rows[rows["phase"] == "decode"]["latency_s"]))
+    rev = [e for e in evs if e.get("repetition") == rep]
+    fails = [e for e in rev if e["type"] == "algorithm_failed"]
+    peaks = peaks_of(rev)
+    reason = fails[-1].get("reason") if fails else None
+    bad = rows[~np.isfinite(as_floats(rows["latency_s"]))]
+    if not fails and len(bad):  # a latency that is not a number is a failure, never a NaN mean
+        reason = (f"non-finite latency at token {int(bad['token_index'].iloc[0])}: "
+                  "the backend produced no usable time (recorded as a failure)")
+    ran_out = bool(reason) and memory_ran_out(reason, any(e["type"] == "oom_kill" for e in rev))
+    ctx = stats.finite(as_floats(rows["context_len"]))
+    context = int(ctx.max()) + 1 if ran_out and ctx.size else None  # the last token's context, plus it
+    return {"repetition": int(rep), "mean_token_latency_s": float(lat.mean()) if lat.size else None,
+            "tokens_generated": int(len(rows)), "peak_mem_bytes": peaks,
+            "max_peak_mem_bytes": max(peaks.values()) if peaks else None,
+            "max_worker_peak_mem_bytes": max((b for h, b in peaks.items() if h != source), default=None),
+            "failed": reason is not None, "failure": reason,
+            "memory_ran_out": ran_out, "context_len_reached": context}
+
+
+def as_floats(col: Any) -> np.ndarray:
+    """A column as floats; what is not a number becomes NaN."""
+    return np.asarray([_to_float(v) for v in col], dtype=float)
+
+
+def _to_float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _repetitions_of(mine: Any, evs: list[dict]) -> list[int]:
+    reps = {int(r) for r in mine["repetition"].dropna()} | \
+        {int(e["repetition"]) for e in evs if e.get("repetition") is not None}
+    return sorted(reps)
+
+
+def _latency_block(mine: Any, per_rep: list[dict], nulls: dict) -> dict:
+    lat = stats.finite(as_floats(mine[mine["phase"] == "decode"]["latency_s"]))
+    pooled = stats.describe(lat)
+    ci = stats.mean_ci95([r["mean_token_latency_s"] for r in per_rep])
+    if not lat.size:
+        for key in ("mean_token_latency_s", "p50_token_latency_s", "p95_token_latency_s"):
+            nulls[key] = "no decode token was produced"
+    if ci is None:
+        nulls["latency_ci95_s"] = (f"{sum(r['mean_token_latency_s'] is not None for r in per_rep)} repetition(s) "
+                                   "with decode tokens: a confidence interval needs >= 2")
+    return {"mean_token_latency_s": pooled["mean"], "p50_token_latency_s": pooled["p50"],
+            "p95_token_latency_s": pooled["p95"], "latency_ci95_s": ci.to_json() if ci else None}
+
+
+def _memory_block(per_rep: list[dict], peaks: dict[str, int], source: str | None, nulls: dict) -> dict:
+    largest = [r["max_worker_peak_mem_bytes"] for r in per_rep]  # the source's embeddings are everyone's
+    d = stats.describe(largest)
+    ci = stats.mean_ci95(largest)
+    if ci is None:
+        nulls["peak_memory.ci95_bytes"] = (f"{d['n']} repetition(s) with a measured peak: "
+                                           "a confidence interval needs >= 2")
+    if not peaks:
+        nulls["max_peak_mem_bytes"] = "no memory was measured (no repetition_done or mem_sample event)"
+    ran_out = [r for r in per_rep if r["memory_ran_out"]]
+    context = min(ran_out, key=lambda r: r["tokens_generated"]) if ran_out else None
+    if context is None:
+        nulls["context_reached"] = "memory did not run out"
     return {
-        "mean_token_latency_s": float(lat.mean()) if lat.size else None,
-        "p95_token_latency_s": float(np.percentile(lat, 95)) if lat.size else None,
-        "tokens_generated": int(len(mine)),
-        "migrations": int(sum(len(e.get("moves") or []) for e in migrations)),
-        "migration_epochs": len(migrations),
-        "migrated_bytes": int(sum(e.get("bytes_moved") or 0 for e in migrations)),
         "peak_mem_bytes": peaks,
         "max_peak_mem_bytes": max(peaks.values()) if peaks else None,
         "max_worker_peak_mem_bytes": max((b for h, b in peaks.items() if h != source), default=None),
-        "failed": bool(failures),
-        "failure": failures[-1].get("reason") if failures else None,
+        "peak_memory": {"over": "per-repetition largest per-device peak, the source excluded",
+                        "mean_bytes": d["mean"], "p50_bytes": d["p50"], "p95_bytes": d["p95"], "n": d["n"],
+                        "ci95_bytes": ci.to_json() if ci else None},
+        "memory_ran_out": bool(ran_out),
+        "context_reached": None if context is None else {
+            "repetition": context["repetition"], "tokens_generated": context["tokens_generated"],
+            "context_len": context["context_len_reached"]},
     }
+
+
+def fold_summary(tokens: Any, events: list[dict], algorithm: str, source: str | None = None,
+                 varied: dict | None = None) -> dict:
+    """The summary.json entry of one algorithm (DESIGN.md §3; docs/experiments.md "Statistics") from
+    the token table (a DataFrame with ``TOKEN_COLUMNS``) and the latest attempts' events. Holds no NaN:
+    a value that cannot be given is null and ``null_reasons`` says why."""
+    mine = tokens[tokens["algorithm"] == algorithm]
+    evs = [e for e in events if e.get("algorithm") == algorithm]
+    migrations = [e for e in evs if e["type"] == "migration"]
+    per_rep = [_repetition_entry(mine, evs, r, source) for r in _repetitions_of(mine, evs)]
+    failed = [r for r in per_rep if r["failed"]]
+    nulls: dict[str, str] = {}
+    out = {
+        **_latency_block(mine, per_rep, nulls),
+        "tokens_generated": int(len(mine)),
+        "repetitions": len(per_rep),
+        "migrations": int(sum(len(e.get("moves") or []) for e in migrations)),
+        "migration_epochs": len(migrations),
+        "migrated_bytes": int(sum(e.get("bytes_moved") or 0 for e in migrations)),
+        **_memory_block(per_rep, peaks_of(evs), source, nulls),
+        "failed": bool(failed),
+        "failure": failed[-1]["failure"] if failed else None,
+        "per_repetition": per_rep,
+        "varied_across_repetitions": varied or {},
+        "statistics": STATISTICS_NOTE,
+    }
+    if not out["failed"]:
+        nulls["failure"] = "did not fail"
+    out["null_reasons"] = nulls
+    return without_nan(out, nulls)
+
+
+def without_nan(value: Any, nulls: dict[str, str], key: str = "") -> Any:
+    """``value`` with every non-finite float replaced by None (and a reason under its dotted key)."""
+    if isinstance(value, dict):
+        return {k: (v if k == "null_reasons" else without_nan(v, nulls, f"{key}.{k}" if key else str(k)))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nan(v, nulls, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        nulls.setdefault(key, f"non-finite value ({value}) recorded")
+        return None
+    return value

@@ -93,7 +93,9 @@ class RunRecorder:
         os.fsync(self._tokens_file.fileno())
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2, default=float))
+        # allow_nan=False: the fold replaces every non-finite number by null with a reason, and a
+        # regression must fail loudly here rather than write NaN (issue 15 item 3)
+        _atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2, default=float, allow_nan=False))
 
     def close(self) -> None:
         self._events.close()
@@ -144,4 +146,9 @@ def summarize(run_dir: Path, algorithms: list[str], source: str | None = None) -
     path = Path(run_dir) / "tokens.csv"
     table = pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame(columns=TOKEN_COLUMNS)
     events = latest_attempts(read_events(run_dir))
-    return {algo: fold_summary(table, events, algo, source) for algo in algorithms}
+    manifest_path = Path(run_dir) / "manifest.json"
+    try:
+        varied = json.loads(manifest_path.read_text()).get("repetition_variation") if manifest_path.exists() else None
+    except (json.JSONDecodeError, OSError):
+        varied = None
+    return {algo: fold_summary(table, events, algo, source, varied) for algo in algorithms}

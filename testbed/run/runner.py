@@ -1,8 +1,10 @@
 """``headroom run``: expand sweeps, build the backend, replay every algorithm, write run directories.
 
-Every (algorithm, repetition) starts from a freshly reset cluster and replays the identical
-timeline. The run directory is written as tokens are produced; ``--resume`` skips the
-(algorithm, repetition) pairs already marked done and re-runs the one that was interrupted.
+Every (algorithm, repetition) starts from a freshly reset cluster; the algorithms of one
+repetition replay the identical prompt and timeline, and repetitions differ in the prompt and the
+random walks' seeds (``repetition_variation``, recorded in the manifest). The run directory is
+written as tokens are produced; ``--resume`` skips the (algorithm, repetition) pairs already marked
+done and re-runs the one that was interrupted.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from testbed.run.controller import AlgorithmLoop, LoopSettings
 from testbed.spec.modelref import ModelRef, ModelRefError, resolve_model
 from testbed.core.placement import Placement
 from testbed.run.recorder import RunRecorder, summarize
-from testbed.spec.scenario import ScenarioError, Timeline, expand
-from testbed.spec.schema import ExperimentSpec, TopologySpec
+from testbed.spec.scenario import REPETITION_SEED_STRIDE, ScenarioError, Timeline, expand
+from testbed.spec.schema import ExperimentSpec, RandomWalkItem, TopologySpec
 from testbed.core.errors import HeadroomError
 
 console = Console(stderr=True)
@@ -98,6 +100,7 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
 
 
 def prompt_for(spec: ExperimentSpec, model: ModelRef, repetition: int) -> list[int]:
+    """The prompt of ``repetition``: ``prompt_tokens`` ids drawn with seed ``workload.seed + repetition``."""
     rng = np.random.default_rng(spec.workload.seed + repetition)
     return [int(t) for t in rng.integers(0, model.config.vocab_size, spec.workload.prompt_tokens)]
 
@@ -106,7 +109,7 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
                sweep_point: dict) -> None:
     try:
         model = resolve_model(spec.model, exp_path.parent)
-        changes = expand(spec, exp_path.parent)
+        timelines = [expand(spec, exp_path.parent, rep) for rep in range(spec.repetitions)]
     except (ModelRefError, ScenarioError) as exc:
         raise RunError(str(exc)) from None
     rec = RunRecorder(run_dir, resume=resume)
@@ -115,7 +118,10 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
     resolved.update(backend=backend, sweep_point=sweep_point, model_resolved=model.to_json())
     rec.write_config(resolved)
     rec.write_manifest({"experiment": spec.name, "backend": backend, "run_dir": str(run_dir),
-                        "scenario_timeline": [c.describe() for c in changes]})
+                        "scenario_timeline": [c.describe() for c in timelines[0]],
+                        "scenario_timeline_by_repetition": {str(r): [c.describe() for c in t]
+                                                            for r, t in enumerate(timelines) if r},
+                        "repetition_variation": repetition_variation(spec)})
     rec.event("run_started" if not done else "run_resumed", experiment=spec.name, backend=backend,
               skipping=[list(d) for d in sorted(done)])
     algos = spec.algorithm_specs()
@@ -127,7 +133,7 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
                 for algo in algos:
                     if (algo.name, rep) in done:
                         continue
-                    _run_one(cluster, rec, spec, model, algo, rep, changes, progress)
+                    _run_one(cluster, rec, spec, model, algo, rep, timelines[rep], progress)
                     rec.write_summary(summarize(run_dir, [a.name for a in algos], spec.topology.source))
         rec.event("run_done")
     except KeyboardInterrupt:
@@ -138,6 +144,22 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
             cluster.close()
         rec.write_summary(summarize(run_dir, [a.name for a in algos], spec.topology.source))
         rec.close()
+
+
+def repetition_variation(spec: ExperimentSpec) -> dict:
+    """What differs between repetitions (recorded in the manifest and in every summary entry)."""
+    walks = [item.random_walk for item in spec.scenario if isinstance(item, RandomWalkItem)]
+    out = {"repetitions": spec.repetitions,
+           "prompt": f"token ids drawn with numpy default_rng(workload.seed + r) = {spec.workload.seed} + r",
+           "fixed": "model weights, topology, scenario events, ramps and traces; every algorithm of a "
+                    "repetition replays that repetition's identical prompt and timeline"}
+    if walks:
+        out["random_walk_seed"] = (f"seed + {REPETITION_SEED_STRIDE}·r for repetition r "
+                                   f"(configured seeds {[w.seed for w in walks]} at r = 0)")
+    else:
+        out["random_walk_seed"] = None
+        out["random_walk_seed_reason"] = "the scenario has no random walk"
+    return out
 
 
 def _run_one(cluster, rec, spec, model, algo, rep, changes, progress) -> None:

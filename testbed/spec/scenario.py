@@ -54,8 +54,19 @@ def _ramp(item: RampItem) -> list[Change]:
                       for t, b in zip(tokens, rates)]
 
 
-def _random_walk(item: RandomWalkItem, horizon: int, all_links: list[tuple[str, str]]) -> list[Change]:
+REPETITION_SEED_STRIDE = 1_000_003  # far beyond any link count, so link k of one repetition never reuses another's seed
+
+
+def repetition_seed(seed: int, repetition: int) -> int:
+    """The random-walk seed of ``repetition`` (repetition 0 keeps the configured seed)."""
+    return int(seed) + REPETITION_SEED_STRIDE * int(repetition)
+
+
+def _random_walk(item: RandomWalkItem, horizon: int, all_links: list[tuple[str, str]],
+                 repetition: int = 0) -> list[Change]:
     w = item.random_walk
+    if repetition:
+        w = w.model_copy(update={"seed": repetition_seed(w.seed, repetition)})
     if w.all_links:
         out = []
         for k, link in enumerate(all_links):
@@ -96,15 +107,16 @@ def _trace(item: TraceItem, base_dir: Path) -> list[Change]:
     return out
 
 
-def expand(spec: ExperimentSpec, base_dir: Path = Path(".")) -> list[Change]:
-    """All changes of the scenario, token-indexed ones sorted by token, then time-indexed by time."""
+def expand(spec: ExperimentSpec, base_dir: Path = Path("."), repetition: int = 0) -> list[Change]:
+    """All changes of the scenario, token-indexed ones sorted by token, then time-indexed by time.
+    ``repetition`` > 0 re-seeds every random walk with ``repetition_seed`` (all else is fixed data)."""
     horizon = spec.workload.new_tokens
     changes: list[Change] = []
     for item in spec.scenario:
         if isinstance(item, RampItem):
             changes += _ramp(item)
         elif isinstance(item, RandomWalkItem):
-            changes += _random_walk(item, horizon, [(l.a, l.b) for l in spec.topology.links])
+            changes += _random_walk(item, horizon, [(l.a, l.b) for l in spec.topology.links], repetition)
         elif isinstance(item, TraceItem):
             changes += _trace(item, base_dir)
         else:
