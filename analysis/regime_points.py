@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -24,43 +23,25 @@ from pathlib import Path
 import pandas as pd
 
 from testbed.run.events import read_events
+from testbed.run.stats import NOT_TESTABLE, mean_ci95, welch
 
 LAYER_BASED = ("edgeshard", "edgeshard_dynamic")
-# two-sided 95 % Student t quantiles by degrees of freedom (df > 30: the normal's 1.96 side)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def t975(df: float) -> float:
-    """The 97.5 % quantile of Student's t at ``df`` degrees of freedom (interpolated in the table)."""
-    if df >= 30:
-        return 2.042 if df < 60 else 1.96
-    keys = sorted(_T975)
-    lo = max(k for k in keys if k <= max(df, 1))
-    hi = min(k for k in keys if k >= max(df, 1))
-    if lo == hi:
-        return _T975[lo]
-    return _T975[lo] + (_T975[hi] - _T975[lo]) * (df - lo) / (hi - lo)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of its 95 % interval); half-width 0 for a single value."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    """(mean, half-width of its Student-t 95 % interval: ``testbed.run.stats.mean_ci95``); 0 for one value."""
+    ci = mean_ci95(values)
+    return (statistics.fmean(values), 0.0) if ci is None else (ci.mean, ci.half_width)
 
 
 def welch_diff(a: list[float], b: list[float]) -> tuple[float, float] | None:
     """(mean(a) - mean(b), half-width of its Welch 95 % interval); None without repetitions."""
-    if len(a) < 2 or len(b) < 2:
+    w = welch(a, b)
+    if w.verdict == NOT_TESTABLE:
         return None
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    if va + vb == 0:
-        return diff, 0.0
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    return diff, t975(df) * math.sqrt(va + vb)
+    if w.t is None:  # no spread at all (the simulated backend): any difference is real
+        return w.diff, 0.0
+    return w.diff, w.t_crit * abs(w.diff / w.t) if w.t else 0.0
 
 
 def per_repetition_means(point: Path) -> dict[str, list[float]]:

