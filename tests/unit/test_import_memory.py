@@ -68,5 +68,13 @@ def test_import_estimate_covers_the_measured_peak_without_gross_overreservation(
     # The kernel's RSS counters are synced in batches (up to 64 pages a thread), so a peak read from
     # VmHWM is known to about +-RSS_SLOP.
     assert got["estimate"] >= got["peak"] - RSS_SLOP, got  # never lets an import exceed its reservation
-    # ... and does not refuse imports that would fit: at most 1.6x the measured peak
-    assert got["estimate"] <= 1.6 * got["peak"] + RSS_SLOP, got
+    # ... and does not refuse imports that would fit: at most 1.6x the measured peak. A probe now and
+    # then reads a far lower peak (262 KB for a 734 KB estimate at mini-gpt2 T=200, also at ab623d8:
+    # the allocator served the import from memory freed before the reset), so the largest of up to
+    # three fresh probes is the peak this bound is checked against; every probe checks the first.
+    peaks = [got["peak"]]
+    while got["estimate"] > 1.6 * max(peaks) + RSS_SLOP and len(peaks) < 3:
+        again = _probe(name, T)
+        assert again["estimate"] >= again["peak"] - RSS_SLOP, again
+        peaks.append(again["peak"])
+    assert got["estimate"] <= 1.6 * max(peaks) + RSS_SLOP, (got, peaks)
