@@ -85,6 +85,7 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
         from testbed.backends.simulated.build import build_simulated_cluster
 
         return build_simulated_cluster(topo, model, recorder, host_overhead_mib=spec.simulation.host_overhead_mib,
+                                       message_overhead_s=spec.simulation.message_overhead_ms / 1e3,
                                        weights_from=spec.migration.weights_from)
     import os
 

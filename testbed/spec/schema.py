@@ -144,6 +144,10 @@ class Simulation(Spec):
     # memory charged per host that is not model blocks: the emulated agents' idle charge plus their
     # refusal margin is ~6 MiB, so 6 makes a simulated run of an emulated experiment comparable
     host_overhead_mib: float = Field(0.0, ge=0)
+    # the agents' runtime cost per activation message between hosts (the emulated backend measures
+    # it in its warm-up: ``agent_message_overhead_s`` in an emulated run's manifest); added to every
+    # path's latency so a simulated run of an emulated experiment is comparable
+    message_overhead_ms: float = Field(0.0, ge=0)
 
 
 class MigrationSettings(Spec):

@@ -84,10 +84,10 @@ class EmulatedCluster:
             self._changed_hosts: set[str] = set()
             self._oom_seen = {h: self._cg(h).oom_kills() for h in self.hosts()}
             # from the warm-up: a working agent's charge beyond its blocks, the cost of a block call
-            self.working_overhead, self.call_overhead_s = None, 0.0
+            self.working_overhead, self.call_overhead_s, self.message_overhead_s = None, 0.0, 0.0
             measured = measure_working_overhead(self) if warmup else None
             if measured is not None:
-                self.working_overhead, self.call_overhead_s = measured
+                self.working_overhead, self.call_overhead_s, self.message_overhead_s = measured
                 self.reset()  # fresh agents again: the warm-up's blocks and peaks are not anyone's
         except BaseException:
             self.close()
@@ -132,7 +132,8 @@ class EmulatedCluster:
         hops = self.net.path(a, b)
         up = all(self.net._live(u, v).up for u, v in hops)
         rate = min(self._rates[(u, v)] for u, v in hops)
-        return LinkState(rate, self.net.one_way_delay_s(a, b), up=up)
+        # the agents' runtime cost of one message rides on the path's latency (warm-up, measured)
+        return LinkState(rate, self.net.one_way_delay_s(a, b) + self.message_overhead_s, up=up)
 
     def hosts(self) -> list[str]:
         return [h.name for h in self.topology.hosts]
@@ -431,5 +432,6 @@ def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None,
                                  agent_calibration=cluster.calibrations,
                                  migration_weights_from=weights_from,
                                  agent_working_overhead_bytes=cluster.working_overhead,
-                                 agent_call_overhead_s=cluster.call_overhead_s)
+                                 agent_call_overhead_s=cluster.call_overhead_s,
+                                 agent_message_overhead_s=cluster.message_overhead_s)
     return cluster

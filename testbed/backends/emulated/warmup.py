@@ -49,12 +49,16 @@ def working_overheads(samples: dict[str, list[int]], workers: list[str]) -> dict
     return {h: worst_worker if h in workers else m for h, m in median.items()}
 
 
-def measure_working_overhead(cluster, prompt_len: int = 8, tokens: int = 4) -> tuple[dict[str, int], float] | None:
+def measure_working_overhead(cluster, prompt_len: int = 8, tokens: int = 4) -> tuple[dict[str, int], float, float] | None:
     """After a warm-up: each host's charge beyond its blocks (``working_overheads``, read after
-    every decode token), and the fixed cost of one block call (the decode tokens' measured
+    every decode token); the fixed cost of one block call (the decode tokens' measured
     critical-path compute beyond what the FLOPs at the calibrated speeds predict, over the calls on
-    that path: three a layer and the LM head). None if the warm-up placement does not fit (the
-    caller keeps its static estimates)."""
+    that path: three a layer and the LM head); and the runtime's cost of one activation message
+    between hosts (the measured transfer + wait on the critical path beyond the links' predicted
+    transfer, over the path's cross-host messages: one per layer boundary and one back to the
+    source) — serialising, handing the frame to the worker, waking it: time a real device's runtime
+    spends too, which the links' delay and rate do not contain. None if the warm-up placement does
+    not fit (the caller keeps its static estimates)."""
     from node_agent.model.config import ModelConfig
     from testbed.partition.cost.latency import decode_cost
     from testbed.core.snapshot import ModelDims
@@ -63,7 +67,7 @@ def measure_working_overhead(cluster, prompt_len: int = 8, tokens: int = 4) -> t
     dims = ModelDims.from_config(ModelConfig.from_dict(cfg))
     source = cluster.topology.source
     pl = warmup_placement(cluster.hosts(), source, dims.n_layers, dims.n_kv_heads, dims.ffn_dim)
-    excess, samples = [], {h: [] for h in cluster.hosts()}
+    excess, comm, samples = [], [], {h: [] for h in cluster.hosts()}
     try:
         tok = cluster.load(pl, [1 + i % 7 for i in range(prompt_len)]).token_id
         snap = cluster.snapshot(prompt_len, 1)  # calibrated speeds (no per-call cost known yet)
@@ -71,8 +75,9 @@ def measure_working_overhead(cluster, prompt_len: int = 8, tokens: int = 4) -> t
             rec = cluster.step(tok)
             tok = rec.token_id
             if i:  # the first decode token still warms caches up
-                predicted = decode_cost(pl, snap, dims, context_len=prompt_len + i + 1).compute_s
-                excess.append(rec.compute_s - predicted)
+                predicted = decode_cost(pl, snap, dims, context_len=prompt_len + i + 1)
+                excess.append(rec.compute_s - predicted.compute_s)
+                comm.append(rec.transfer_s + rec.wait_s - predicted.transfer_s)
             for h in samples:
                 samples[h].append(_excess_bytes(cluster, h))
     except AlgorithmFailure:
@@ -80,4 +85,7 @@ def measure_working_overhead(cluster, prompt_len: int = 8, tokens: int = 4) -> t
     workers = warmup_workers(cluster.hosts(), source)
     calls = 3 * dims.n_layers + 1
     per_call = max(0.0, min(excess)) / calls if excess else 0.0
-    return working_overheads(samples, workers), per_call
+    messages = sum(1 for a, b in zip([source, *(lp.proj for lp in pl.layers)], [*(lp.proj for lp in pl.layers), source])
+                   if a != b)
+    per_message = max(0.0, sorted(comm)[len(comm) // 2]) / messages if comm and messages else 0.0
+    return working_overheads(samples, workers), per_call, per_message

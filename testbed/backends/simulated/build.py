@@ -26,6 +26,19 @@ def topology_as_plain(topo: TopologySpec) -> tuple[list, list]:
     return hosts, links
 
 
+def with_message_overhead(links: list, hosts: list, message_overhead_s: float) -> list:
+    """Charge a per-message runtime cost once per host-to-host path: on each host's access link,
+    half on either side when both ends are hosts (a host-switch-host path crosses two access links)."""
+    if not message_overhead_s:
+        return links
+    names = {h[0] for h in hosts}
+    out = []
+    for a, b, rate, delay in links:
+        ends = (a in names) + (b in names)
+        out.append((a, b, rate, delay + (message_overhead_s / 2 if ends == 1 else message_overhead_s if ends == 2 else 0.0)))
+    return out
+
+
 def device_speed(model: ModelRef) -> tuple[float, float, dict | None, str]:
     """(FLOP/s per core, seconds per block call per core, the roofline or None, provenance).
 
@@ -46,15 +59,18 @@ def device_speed(model: ModelRef) -> tuple[float, float, dict | None, str]:
 
 
 def build_simulated_cluster(topo: TopologySpec, model: ModelRef, recorder=None, seed: int = 0,
-                            host_overhead_mib: float = 0.0, weights_from: str = "source") -> SimulatedCluster:
+                            host_overhead_mib: float = 0.0, weights_from: str = "source",
+                            message_overhead_s: float = 0.0) -> SimulatedCluster:
     flops, call_s, roof, provenance = device_speed(model)
     overhead = int(host_overhead_mib * MIB)
     if recorder is not None:
         recorder.update_manifest(per_core_flops=flops, per_core_flops_source=provenance,
                                  per_core_call_s=call_s, machine_roofline=roof,
+                                 simulated_message_overhead_s=message_overhead_s,
                                  delay_mechanism="simulated", token_ids="pseudo (no model runs in simulation)",
                                  simulated_host_overhead_bytes=overhead)
     hosts, links = topology_as_plain(topo)
+    links = with_message_overhead(links, hosts, message_overhead_s)
     return SimulatedCluster(hosts, links, model.dims, per_core_flops=flops, mem_overhead_bytes=overhead, seed=seed,
                             weights_shipped=weights_from == "source", per_core_call_s=call_s,
                             one_thread=roof is not None)
