@@ -86,6 +86,10 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
                                        weights_from=spec.migration.weights_from)
     import os
 
+    try:
+        model.require_weights()
+    except ModelRefError as exc:
+        raise RunError(str(exc)) from None
     if os.geteuid() != 0:
         raise RunError("the emulated backend needs root (Mininet, tc, cgroups); use --backend simulated")
     from testbed.backends.emulated.cluster import build_emulated_cluster
