@@ -56,7 +56,7 @@ class DeviceProfile:
 
 
 DLLAMA = "https://github.com/b4rtaz/distributed-llama (README, 'Average Single Token Generation Time', 16 samples)"
-DLLAMA_PI5 = "https://github.com/b4rtaz/distributed-llama/issues/8 (1 x RPi 5 8 GB, Llama-2-7B Q40, ~439 ms/token)"
+DLLAMA_PI5 = "https://github.com/b4rtaz/distributed-llama/issues/8 (1 x RPi 5 8 GB, Llama-2-7B Q40: mean of the 16 tokens shown 436.25 ms)"
 STREAM_PI4 = "https://www.sci-pi.org.uk/bench/stream.html (STREAM on a Pi 4: Copy 5527 MB/s, Scale 5562 MB/s)"
 TMB_PI5 = ("https://github.com/raspberrypi/firmware/issues/1876 (tinymembench, 8 GB Pi 5: C copy 5557 MB/s "
            "copied = 11.1 GB/s read + written)")
@@ -83,7 +83,7 @@ _PI4_SOURCES = {"flops_per_s.q4_0": f"calibrated: {DLLAMA}, 1 x RasPi 4B 8 GB, L
                 "call_overhead_s": "estimate: 4-thread wake-up and join per call",
                 "mem_limit_mib": "board RAM minus ~0.5 GiB for Raspberry Pi OS Lite"}
 # Raspberry Pi 5 (4x Cortex-A76 @ 2.4 GHz, LPDDR4X-4267): Q4_0 rate calibrated on one Pi 5's
-# Llama-2-7B Q40 tokens in distributed-llama issue #8 (mean of the 16 shown: ~439 ms)
+# Llama-2-7B Q40 tokens in distributed-llama issue #8 (mean of the 16 shown: 436.25 ms)
 _PI5_RATES = _rates(70 * G, 35 * G, 33 * G, 30.5 * G)
 _PI5_SOURCES = {"flops_per_s.q4_0": f"calibrated: {DLLAMA_PI5}",
                 "flops_per_s.fp32": f"estimate: 2x fp64 HPL ({HPL_PI5})",
