@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class Spec(BaseModel):
@@ -145,15 +145,20 @@ class ModelChoice(Spec):
     dims: Optional[dict[str, Any]] = None
     weight_format: str = "fp32"
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "ModelChoice":
+    @field_validator("weight_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
         from testbed.core.formats import FORMATS
 
+        if value not in FORMATS:
+            raise ValueError(f"unknown weight format {value!r} (known: {', '.join(FORMATS)})")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelChoice":
         given = [k for k in ("name", "path", "dims") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of name, path, dims (got {given or 'none'})")
-        if self.weight_format not in FORMATS:
-            raise ValueError(f"weight_format: unknown format {self.weight_format!r} (known: {', '.join(FORMATS)})")
         return self
 
 
