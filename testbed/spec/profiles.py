@@ -15,9 +15,12 @@ A profile carries what one decode block costs on the device (``testbed.partition
 and bytes under this roofline): ``bench/bench_devices.py`` prints the derivation; multi-device
 figures of the same sources are the test, never the calibration.
 
-A host says ``profile: NAME`` and may override any field (``resolve``); the simulated backend
-scales a profiled host's rates by ``cpu_cores / profile.cpu_cores`` (1 unless the host or a
-scenario event changes ``cpu_cores``). Old names stay valid (``ALIASES``).
+A host says ``profile: NAME`` and may override any field (``resolve``). With ``speed: device``
+(the default for a profiled host that does not write its own ``cpu_cores``) the simulated backend
+times it by the device's roofline, scaled by ``cpu_cores / profile.cpu_cores`` when a scenario
+event changes ``cpu_cores``; with ``speed: cores`` (a ``cpu_cores`` written next to the profile,
+as every topology did before profiles had rates) by ``cpu_cores`` x this machine's per-core FLOP/s.
+Old names stay valid (``ALIASES``).
 """
 from __future__ import annotations
 
@@ -151,9 +154,11 @@ def resolve(host: dict) -> dict:
 
 
 def host_device(host) -> DeviceProfile | None:
-    """The device a host spec stands for: its profile with the host's overrides (rate fields, memory,
-    ``cpu_cores``), or a profile built from the rate fields alone; None for a host that is only a
-    share of this machine's cores (no profile, no ``flops_per_s``)."""
+    """The device a host spec stands for: its profile with the host's rate overrides, or a profile
+    built from the rate fields alone; None for a host timed as a share of this machine's cores
+    (``speed: cores``, the default when ``cpu_cores`` is written next to a profile)."""
+    if getattr(host, "speed", "device") == "cores":
+        return None
     over = {k: getattr(host, k, None) for k in RATE_FIELDS}
     if getattr(host, "profile", None):
         base = get_profile(host.profile)

@@ -33,11 +33,21 @@ class HostSpec(Spec):
     flops_per_s: Optional[Union[float, dict[str, float]]] = None
     mem_bw_bytes_per_s: Optional[float] = Field(None, gt=0)
     call_overhead_s: Optional[float] = Field(None, ge=0)
+    # how the simulated backend times this host: "device" = the device's roofline (profile and
+    # rate fields), "cores" = cpu_cores x this machine's per-core FLOP/s. Default: "device" when
+    # the host gives flops_per_s, or a profile without its own cpu_cores; "cores" otherwise (a
+    # cpu_cores written next to a profile is a share of this machine, as before profiles had rates)
+    speed: Optional[Literal["device", "cores"]] = None
 
     @model_validator(mode="before")
     @classmethod
     def _apply_profile(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("profile"):
+        if not isinstance(data, dict):
+            return data
+        if data.get("speed") is None:
+            device = data.get("flops_per_s") is not None or (bool(data.get("profile")) and "cpu_cores" not in data)
+            data = {**data, "speed": "device" if device else "cores"}
+        if data.get("profile"):
             from testbed.spec.profiles import get_profile, known_profiles, resolve
 
             try:
@@ -57,6 +67,8 @@ class HostSpec(Spec):
                 raise ValueError(f"flops_per_s: unknown weight format {fmt!r} (known: {', '.join(FORMATS)})")
             if not rate > 0:
                 raise ValueError(f"flops_per_s.{fmt}: must be > 0, got {rate}")
+        if self.speed == "device" and not (self.profile or self.flops_per_s is not None):
+            raise ValueError("speed: device needs a profile or flops_per_s")
         return self
 
 

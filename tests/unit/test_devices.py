@@ -157,13 +157,18 @@ def _topo(hosts):
 
 def test_simulated_hosts_compute_at_their_devices_roofline():
     topo = _topo([{"name": "h1", "profile": "rpi5-8gb", "source": True},
-                  {"name": "h2", "profile": "rpi4-8gb", "cpu_cores": 0.25},
-                  {"name": "h3", "mem_limit_mib": 512, "cpu_cores": 1}])
+                  {"name": "h2", "profile": "rpi4-8gb", "cpu_cores": 0.25, "speed": "device"},
+                  {"name": "h3", "mem_limit_mib": 512, "cpu_cores": 1},
+                  {"name": "h4", "profile": "rpi4-8gb", "cpu_cores": 0.25}])
+    assert [h.speed for h in topo.hosts] == ["device", "device", "cores", "cores"]
     cluster = build_simulated_cluster(topo, resolve_model(ModelChoice(name="llama-3.2-1b", weight_format="q4_0")))
-    h1, h2, h3 = cluster.snapshot(8, 1).devices
+    h1, h2, h3, h4 = cluster.snapshot(8, 1).devices
     assert (h1.flops_per_s, h1.mem_bw_bytes_per_s) == (30.5e9, 11.1e9)
     assert h2.flops_per_s == pytest.approx(10.1e9 / 2) and h2.call_overhead_s == pytest.approx(100e-6)  # half its cores
-    assert h3.mem_bw_bytes_per_s == float("inf") and h3.flops_per_s == cluster.per_core_flops
+    for h in (h3, h4):  # a share of this machine, FLOPs only (h4: cpu_cores written next to its profile)
+        assert h.mem_bw_bytes_per_s == float("inf") and h.flops_per_s == cluster.per_core_flops * (1 if h is h3 else 0.25)
+    cluster.set_host_limits("h1", cpu_cores=0.5)  # a scenario halves the Pi 5
+    assert cluster.snapshot(8, 1).devices[0].flops_per_s == pytest.approx(30.5e9 / 2)
 
 
 def test_size_only_names_and_the_weighted_registry():
