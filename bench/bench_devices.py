@@ -24,7 +24,7 @@ from testbed.core.placement import FfnShard, LayerPlacement, Placement
 from testbed.partition import plan
 from testbed.partition.cost import blocks as B
 from testbed.spec.modelref import resolve_model
-from testbed.spec.profiles import DLLAMA, DLLAMA_PI5, get_profile
+from testbed.spec.profiles import DLLAMA, DLLAMA_PI5, SLAREN_13900K, TMAC_8G3, get_profile
 from testbed.spec.schema import ModelChoice, TopologySpec
 
 PR64 = "https://github.com/b4rtaz/distributed-llama/pull/64 (Llama 3 8B Q40, 'This PR' rows, 90 tokens)"
@@ -49,6 +49,10 @@ SETUPS = (
           {1: 436.25}, DLLAMA_PI5, 1),
     Setup("Raspberry Pi 5 8 GB x n, Llama-3(.1)-8B Q4_0", "rpi5-8gb", "llama-3.1-8b",
           {2: 325.46, 4: 245.08}, PR64, None),
+    Setup("laptop profile (i9-13900K figures) x 1, Llama-2-7B Q4_0", "laptop", "llama-2-7b",
+          {1: 54.74}, SLAREN_13900K, 1),
+    Setup("phone profile (Snapdragon 8 Gen 3) x 1, Llama-2-7B 4-bit", "phone-sd8g3", "llama-2-7b",
+          {1: 1000 / 6.61}, TMAC_8G3, 1),
 )
 
 

@@ -119,7 +119,8 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
     resolved.update(backend=backend, sweep_point=sweep_point, model_resolved=model.to_json())
     rec.write_config(resolved)
     rec.write_manifest({"experiment": spec.name, "backend": backend, "run_dir": str(run_dir),
-                        "scenario_timeline": [c.describe() for c in changes]})
+                        "scenario_timeline": [c.describe() for c in changes],
+                        "weight_format_simulated": model.weight_format, "agents_compute": "fp32"})
     rec.event("run_started" if not done else "run_resumed", experiment=spec.name, backend=backend,
               skipping=[list(d) for d in sorted(done)])
     algos = spec.algorithm_specs()
