@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from testbed.core.formats import get_format
 from testbed.core.placement import Placement
 
 
@@ -24,13 +25,38 @@ class ModelDims:
     bytes_per_param: int = 4
     gated_ffn: bool = False  # SwiGLU (3 matrices) vs GELU MLP (2 matrices)
     tie_embeddings: bool = True  # LM head shares the embedding matrix (source holds V*D once)
+    weight_format: str = "fp32"  # testbed.core.formats: sizes of weights, KV elements, activations
+
+    def __post_init__(self):
+        get_format(self.weight_format)  # an unknown format fails here, naming the known ones
 
     @property
     def q_per_group(self) -> int:
         return self.n_heads // self.n_kv_heads
 
+    def _sizes(self) -> tuple[float, float, float]:
+        if self.weight_format == "fp32":  # the config's own precision (legacy bytes_per_param)
+            return (float(self.bytes_per_param),) * 3
+        f = get_format(self.weight_format)
+        return f.weight_bytes, f.kv_bytes, f.act_bytes
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes per weight of a matrix in ``weight_format``."""
+        return self._sizes()[0]
+
+    @property
+    def kv_bytes(self) -> float:
+        """Bytes per KV-cache element."""
+        return self._sizes()[1]
+
+    @property
+    def act_bytes(self) -> float:
+        """Bytes per activation value sent between devices."""
+        return self._sizes()[2]
+
     @classmethod
-    def from_config(cls, cfg, name: str = "") -> "ModelDims":
+    def from_config(cls, cfg, name: str = "", weight_format: str = "fp32") -> "ModelDims":
         """Duck-typed: any object with node_agent ModelConfig's field names."""
         return cls(
             name=name or getattr(cfg, "name", ""),
@@ -44,6 +70,7 @@ class ModelDims:
             bytes_per_param=getattr(cfg, "bytes_per_param", 4),
             gated_ffn=getattr(cfg, "arch", "gpt2") == "llama",
             tie_embeddings=bool(getattr(cfg, "tie_embeddings", True)),
+            weight_format=weight_format,
         )
 
 
@@ -54,12 +81,20 @@ class DeviceState:
     name: str
     mem_limit_bytes: int
     mem_overhead_bytes: int  # charged that is not model blocks (agent runtime, buffers), measured
-    flops_per_s: float  # measured (calibration under the current CPU cap)
+    flops_per_s: float  # measured (calibration under the current CPU cap) or the profile's, for the model's format
     is_source: bool = False
     up: bool = True
     # fixed seconds per block call beyond FLOPs / speed (dispatch, messages, small ops), measured on
-    # working agents by the emulated warm-up (testbed.backends.emulated.warmup); 0 in simulation
+    # working agents by the emulated warm-up (testbed.backends.emulated.warmup); the device
+    # profile's figure in simulation (0 for a host without a profile)
     call_overhead_s: float = 0.0
+    # sustained memory bandwidth: a block takes max(FLOPs / flops_per_s, bytes read / this) + call
+    # (testbed.partition.cost.roofline); inf = FLOPs only (hosts given as a share of this machine)
+    mem_bw_bytes_per_s: float = float("inf")
+
+    def flops_for(self, weight_format: str) -> float:
+        """The rate for the snapshot's model (resolved for its format when the snapshot was built)."""
+        return self.flops_per_s
 
     @property
     def mem_budget_bytes(self) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 
 from testbed.partition.cost import blocks as B
 from testbed.partition.cost.latency import COST_MODELS, CostResult, memory, paper_constants
+from testbed.partition.cost.roofline import matvec_rate
 from testbed.core.errors import HeadroomError, InfeasiblePlan
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 from testbed.core.snapshot import ClusterSnapshot, ModelDims
@@ -50,15 +51,15 @@ class Sizes:
 
 
 def sizes_for(dims: ModelDims, cost_model: str, T: int, T_mem: int, weights_shipped: bool = True) -> Sizes:
-    D, p, F = dims.d_model, dims.bytes_per_param, dims.ffn_dim
+    F = dims.ffn_dim
     if cost_model == "paper":
         k, km = paper_constants(dims, T), paper_constants(dims, T_mem)
         s = Sizes(km["head_bytes"], km["proj_bytes"], km["ffn_bytes"] / F, k["head_flops"], k["proj_flops"],
                   k["ffn_flops"] / F, k["hidden_bytes"], k["head_out_bytes"])
     else:
-        s = Sizes(B.block_memory_bytes(dims, "head", T_mem), B.proj_bytes(dims), B.ffn_bytes(dims, 1),
-                  B.head_flops(dims, T), B.proj_flops(dims), B.ffn_flops(dims, 1), D * p,
-                  dims.q_per_group * dims.head_dim * p)
+        s = Sizes(B.block_memory_bytes(dims, "head", T_mem), B.proj_bytes(dims), B.ffn_col_bytes(dims),
+                  B.head_flops(dims, T), B.proj_flops(dims), B.ffn_flops(dims, 1), B.hidden_bytes(dims),
+                  B.head_out_bytes(dims))
     if weights_shipped:
         s.mig_head_b, s.mig_proj_b, s.mig_col_b = s.head_b, s.proj_b, s.ffn_col_b
     else:
@@ -83,7 +84,10 @@ class Problem:
         # never past the end of generation (``snapshot.tokens_remaining``)
         self.T_end = snapshot.end_context_len
         self.T_mem = self.cap(self.T + (snapshot.tokens_until_next_decision if mem_tokens is None else mem_tokens))
-        self.C = np.array([d.flops_per_s if d.up else 0.0 for d in snapshot.devices], dtype=float)
+        # a device's decode rate under its roofline (FLOP/s of a matrix-vector product in the
+        # model's format): planners rank by FLOPs / C; the cost model they are judged by is exact
+        self.C = np.array([matvec_rate(d.flops_per_s, d.mem_bw_bytes_per_s, dims.weight_bytes) if d.up else 0.0
+                           for d in snapshot.devices], dtype=float)
         ok = np.array([d.up and d.flops_per_s > 0 for d in snapshot.devices])
         ok[self.src] &= snapshot.allow_blocks_on_source
         self.allowed = ok

@@ -89,6 +89,10 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
                                        weights_from=spec.migration.weights_from)
     import os
 
+    try:
+        model.require_weights()
+    except ModelRefError as exc:
+        raise RunError(str(exc)) from None
     if os.geteuid() != 0:
         raise RunError("the emulated backend needs root (Mininet, tc, cgroups); use --backend simulated")
     from testbed.backends.emulated.cluster import build_emulated_cluster
@@ -122,7 +126,8 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
                         "scenario_timeline": [c.describe() for c in timelines[0]],
                         "scenario_timeline_by_repetition": {str(r): [c.describe() for c in t]
                                                             for r, t in enumerate(timelines) if r},
-                        "repetition_variation": repetition_variation(spec)})
+                        "repetition_variation": repetition_variation(spec),
+                        "weight_format_simulated": model.weight_format, "agents_compute": "fp32"})
     rec.event("run_started" if not done else "run_resumed", experiment=spec.name, backend=backend,
               skipping=[list(d) for d in sorted(done)])
     algos = spec.algorithm_specs()

@@ -229,11 +229,11 @@ def _cross_check(data: dict, topo: Any, file: str, root: yaml.Node) -> list[Conf
                                               f"no link between {link[0]!r} and {link[1]!r} in topology {topo.name!r}"))
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("name"), str):
-        from node_agent.model.config import REGISTRY
+        from testbed.spec.models import known_models
 
-        if model["name"] not in REGISTRY:
+        if model["name"] not in known_models():
             problems.append(ConfigProblem(file, _line_of(root, ("model", "name")), "model.name",
-                                          f"unknown model {model['name']!r} (registry: {', '.join(sorted(REGISTRY))})"))
+                                          f"unknown model {model['name']!r} (known: {', '.join(known_models())})"))
     algorithms = data.get("algorithms") if isinstance(data.get("algorithms"), list) else []
     for i, algo in enumerate(algorithms):
         name = algo.get("name") if isinstance(algo, dict) else algo

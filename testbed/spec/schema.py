@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class Spec(BaseModel):
@@ -27,18 +27,49 @@ class HostSpec(Spec):
     mem_limit_mib: float = Field(gt=0)
     cpu_cores: float = Field(gt=0, le=256)
     source: bool = False
-    profile: Optional[str] = None  # e.g. "rpi4": fills mem_limit_mib / cpu_cores where not given
+    profile: Optional[str] = None  # e.g. "rpi4-8gb": fills mem_limit_mib / cpu_cores where not given
+    # device rates (testbed.spec.profiles): override the profile's, or give a device without one;
+    # flops_per_s is one number (every weight format) or {format: FLOP/s}
+    flops_per_s: Optional[Union[float, dict[str, float]]] = None
+    mem_bw_bytes_per_s: Optional[float] = Field(None, gt=0)
+    call_overhead_s: Optional[float] = Field(None, ge=0)
+    # how the simulated backend times this host: "device" = the device's roofline (profile and
+    # rate fields), "cores" = cpu_cores x this machine's per-core FLOP/s. Default: "device" when
+    # the host gives flops_per_s, or a profile without its own cpu_cores; "cores" otherwise (a
+    # cpu_cores written next to a profile is a share of this machine, as before profiles had rates)
+    speed: Optional[Literal["device", "cores"]] = None
 
     @model_validator(mode="before")
     @classmethod
     def _apply_profile(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("profile"):
-            from testbed.spec.profiles import PROFILES, resolve
+        if not isinstance(data, dict):
+            return data
+        if data.get("speed") is None:
+            device = data.get("flops_per_s") is not None or (bool(data.get("profile")) and "cpu_cores" not in data)
+            data = {**data, "speed": "device" if device else "cores"}
+        if data.get("profile"):
+            from testbed.spec.profiles import get_profile, known_profiles, resolve
 
-            if data["profile"] not in PROFILES:
-                raise ValueError(f"unknown profile {data['profile']!r} (known: {', '.join(sorted(PROFILES))})")
+            try:
+                get_profile(data["profile"])
+            except KeyError:
+                raise ValueError(f"unknown profile {data['profile']!r} (known: {', '.join(known_profiles())})") from None
             return resolve(data)
         return data
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> "HostSpec":
+        from testbed.core.formats import FORMATS
+
+        rates = self.flops_per_s if isinstance(self.flops_per_s, dict) else {"fp32": self.flops_per_s or 1.0}
+        for fmt, rate in rates.items():
+            if fmt not in FORMATS:
+                raise ValueError(f"flops_per_s: unknown weight format {fmt!r} (known: {', '.join(FORMATS)})")
+            if not rate > 0:
+                raise ValueError(f"flops_per_s.{fmt}: must be > 0, got {rate}")
+        if self.speed == "device" and not (self.profile or self.flops_per_s is not None):
+            raise ValueError("speed: device needs a profile or flops_per_s")
+        return self
 
 
 class LinkSpec(Spec):
@@ -117,12 +148,23 @@ class GeneratedTopology(Spec):
 
 
 class ModelChoice(Spec):
-    """A registry name, a local HF checkpoint directory, or explicit dims (random weights)."""
+    """A registry name, a local HF checkpoint directory, or explicit dims (random weights);
+    ``weight_format`` is the format planned and simulated (agents compute fp32 whatever it is)."""
 
     name: Optional[str] = None
     path: Optional[str] = None
     seed: int = 0
     dims: Optional[dict[str, Any]] = None
+    weight_format: str = "fp32"
+
+    @field_validator("weight_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from testbed.core.formats import FORMATS
+
+        if value not in FORMATS:
+            raise ValueError(f"unknown weight format {value!r} (known: {', '.join(FORMATS)})")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelChoice":

@@ -7,11 +7,13 @@ Token ids are pseudo-random but deterministic (a hash of seed, position and the 
 simulated backend runs no model.
 
 Topology input is plain data (so this module does not depend on the config module):
-  hosts: [(name, mem_limit_bytes, cpu_cores, is_source), ...]
+  hosts: [(name, mem_limit_bytes, cpu_cores, is_source[, DeviceRates | None]), ...]
   links: [(a, b, bandwidth_bytes_per_s, latency_s), ...]   # may go through switch nodes
 Paths between hosts: least total latency (Dijkstra; ties -> fewer hops), bandwidth = the path's
 bottleneck, latency = the sum; recomputed only after ``apply_link``. Loss is stored, not modelled.
-Compute speed of a host = ``per_core_flops * cpu_cores`` (measured per-core figure, see
+Compute speed of a host with ``DeviceRates`` (a device profile): its roofline (FLOP/s for the model's
+format, memory bandwidth, call overhead), scaled by ``cpu_cores / rates.cores`` (1 unless a scenario
+changes ``cpu_cores``); of a host without: ``per_core_flops * cpu_cores`` (see
 ``testbed.backends.simulated.build.device_speed``: this machine's roofline on the model's blocks
 where the model can be built here — then at most one core and a per-call cost, exactly as a paced
 emulated agent — else a generic gemv figure).
@@ -24,7 +26,7 @@ raises ``AlgorithmFailure("OOM on h3: ...")``.
 from __future__ import annotations
 
 import heapq
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 
 from testbed.core.cluster import MigrationRecord, TokenRecord
 
@@ -35,6 +37,25 @@ from testbed.core.placement import Placement
 from testbed.core.snapshot import ClusterSnapshot, DeviceState, LinkState, ModelDims
 
 _MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """A simulated device at ``cores`` cpu_cores: FLOP/s for the model's format, bytes/s, s/call."""
+
+    flops_per_s: float
+    mem_bw_bytes_per_s: float
+    call_overhead_s: float
+    cores: float
+    profile: str = ""
+
+    def at(self, cpu_cores: float) -> tuple[float, float, float]:
+        """(FLOP/s, bytes/s, s per call) at ``cpu_cores`` (rates scale, the call cost inversely)."""
+        k = cpu_cores / self.cores
+        return self.flops_per_s * k, self.mem_bw_bytes_per_s * k, self.call_overhead_s / k
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 def pseudo_token(seed: int, position: int, prev: int, vocab: int) -> int:
@@ -101,8 +122,8 @@ class SimulatedCluster:
         # fixed cost per block call of per_core_call_s over the host's share
         self.per_core_call_s, self.one_thread = float(per_core_call_s), one_thread
         self.dims, self.per_core_flops, self.overhead, self.seed = dims, float(per_core_flops), mem_overhead_bytes, seed
-        self._init_hosts = {h[0]: {"mem": int(h[1]), "cores": float(h[2]), "source": bool(h[3]), "up": True}
-                            for h in hosts}
+        self._init_hosts = {h[0]: {"mem": int(h[1]), "cores": float(h[2]), "source": bool(h[3]), "up": True,
+                                   "rates": h[4] if len(h) > 4 else None} for h in hosts}
         self._init_links = {(a, b): {"bandwidth": float(bw), "latency_s": float(lat), "loss_pct": 0.0, "up": True}
                             for a, b, bw, lat in links}
         if sum(h["source"] for h in self._init_hosts.values()) != 1:
@@ -136,11 +157,18 @@ class SimulatedCluster:
     def _snapshot(self, context_len: int, until_next: int) -> ClusterSnapshot:
         if self._paths is None:
             self._paths = shortest_paths(self._nodes(), self.link_state, self.hosts())
-        devices = tuple(DeviceState(n, h["mem"], self.overhead, self.per_core_flops * self._share(h["cores"]),
-                                    h["source"], h["up"], self.per_core_call_s / self._share(h["cores"]))
-                        for n, h in self.host_state.items())
+        devices = tuple(self._device(n, h) for n, h in self.host_state.items())
         return ClusterSnapshot(devices, self._paths, context_len, until_next, self.placement,
                                weights_shipped=self.weights_shipped)
+
+    def _device(self, name: str, h: dict) -> DeviceState:
+        if h["rates"] is None:
+            share = self._share(h["cores"])
+            return DeviceState(name, h["mem"], self.overhead, self.per_core_flops * share, h["source"], h["up"],
+                               self.per_core_call_s / share)
+        flops, bw, call = h["rates"].at(h["cores"])
+        return DeviceState(name, h["mem"], self.overhead, flops, h["source"], h["up"], call_overhead_s=call,
+                           mem_bw_bytes_per_s=bw)
 
     def snapshot(self, context_len: int, tokens_until_next_decision: int) -> ClusterSnapshot:
         return self._snapshot(context_len, tokens_until_next_decision)

@@ -3,35 +3,45 @@
 Block kinds of one decoder layer (``testbed.core.placement`` names them ``L{l}.H{g}``, ``L{l}.proj``,
 ``L{l}.ffn{c0}-{c1}``):
 
+Sizes follow the model's weight format (``testbed.core.formats``): ``w`` bytes per weight of a
+matrix (Q4_0: 18/32), ``k`` per KV-cache element, ``a`` per activation sent; an fp32 model has
+``w = k = a = p``, its config's ``bytes_per_param``. Byte counts of blocks round up to whole bytes.
+
 - ``head``: one KV group = ``q`` query heads sharing one K/V head (``q = 1`` under MHA). Weights are
-  the W_q slices of its ``q`` heads and its W_k, W_v slices: ``(q + 2)·D·d·p`` bytes. KV cache
-  ``2·T·d·p``. FLOPs per decoded token ``2·(q + 2)·D·d`` (QKV) ``+ 4·q·T·d`` (scores and weighted
+  the W_q slices of its ``q`` heads and its W_k, W_v slices: ``(q + 2)·D·d·w`` bytes. KV cache
+  ``2·T·d·k``. FLOPs per decoded token ``2·(q + 2)·D·d`` (QKV) ``+ 4·q·T·d`` (scores and weighted
   sum over T positions). Convention: heads do NOT hold W_o rows; the output projection is its own
   block (as in placement.py's dataflow).
-- ``proj``: W_o, ``H·d × D``: ``H·d·D·p`` bytes, ``2·H·d·D`` FLOPs.
-- ``ffn``: ``c`` intermediate columns: ``m·D·c·p`` bytes and ``2·m·D·c`` FLOPs with ``m = 3`` for a
+- ``proj``: W_o, ``H·d × D``: ``H·d·D·w`` bytes, ``2·H·d·D`` FLOPs.
+- ``ffn``: ``c`` intermediate columns: ``m·D·c·w`` bytes and ``2·m·D·c`` FLOPs with ``m = 3`` for a
   gated (SwiGLU) MLP and ``m = 2`` for the GELU MLP.
-- source-resident: embedding ``V·D·p`` (+ a separate LM head ``V·D·p`` unless tied); LM head FLOPs
-  ``2·V·D``.
+- source-resident: embedding ``V·D·w`` (+ a separate LM head ``V·D·w`` unless tied); LM head FLOPs
+  ``2·V·D``; a token reads one embedding row (``D·w``) and the whole LM head.
 Norms, biases and residual adds are O(D) and ignored.
 """
 from __future__ import annotations
+
+import math
 
 from testbed.core.snapshot import ModelDims
 
 BLOCK_KINDS = ("head", "proj", "ffn")
 
 
+def _whole(nbytes: float) -> int:
+    return int(math.ceil(nbytes - 1e-9))
+
+
 def head_weight_bytes(dims: ModelDims) -> int:
-    return (dims.q_per_group + 2) * dims.d_model * dims.head_dim * dims.bytes_per_param
+    return _whole((dims.q_per_group + 2) * dims.d_model * dims.head_dim * dims.weight_bytes)
 
 
 def head_kv_bytes(dims: ModelDims, context_len: int) -> int:
-    return 2 * context_len * dims.head_dim * dims.bytes_per_param
+    return _whole(2 * context_len * dims.head_dim * dims.kv_bytes)
 
 
 def proj_bytes(dims: ModelDims) -> int:
-    return dims.n_heads * dims.head_dim * dims.d_model * dims.bytes_per_param
+    return _whole(dims.n_heads * dims.head_dim * dims.d_model * dims.weight_bytes)
 
 
 def ffn_mats(dims: ModelDims) -> int:
@@ -40,13 +50,39 @@ def ffn_mats(dims: ModelDims) -> int:
 
 def ffn_bytes(dims: ModelDims, cols: int | None = None) -> int:
     cols = dims.ffn_dim if cols is None else cols
-    return ffn_mats(dims) * dims.d_model * cols * dims.bytes_per_param
+    return _whole(ffn_mats(dims) * dims.d_model * cols * dims.weight_bytes)
+
+
+def ffn_col_bytes(dims: ModelDims) -> float:
+    """Weight bytes of ONE intermediate column (fractional under a block format: a share of blocks)."""
+    return ffn_mats(dims) * dims.d_model * dims.weight_bytes
 
 
 def source_bytes(dims: ModelDims) -> int:
     """Embedding + LM head held by the source device."""
     copies = 1 if dims.tie_embeddings else 2
-    return copies * dims.vocab_size * dims.d_model * dims.bytes_per_param
+    return _whole(copies * dims.vocab_size * dims.d_model * dims.weight_bytes)
+
+
+def lm_head_read_bytes(dims: ModelDims) -> float:
+    """Bytes the LM head reads for one token: the whole ``V × D`` matrix."""
+    return float(dims.vocab_size * dims.d_model * dims.weight_bytes)
+
+
+def hidden_bytes(dims: ModelDims, n_tokens: int = 1) -> float:
+    """One hidden state (``D`` activations) per token as sent between devices."""
+    return dims.d_model * dims.act_bytes * n_tokens
+
+
+def head_out_bytes(dims: ModelDims, n_tokens: int = 1) -> float:
+    """One KV group's attention output (``q·d`` activations) per token as sent to the projection."""
+    return dims.q_per_group * dims.head_dim * dims.act_bytes * n_tokens
+
+
+def total_weight_bytes(dims: ModelDims) -> int:
+    """Every block of every layer plus the source's embedding/LM head: the model's size."""
+    layer = dims.n_kv_heads * head_weight_bytes(dims) + proj_bytes(dims) + ffn_bytes(dims)
+    return dims.n_layers * layer + source_bytes(dims)
 
 
 def block_memory_bytes(dims: ModelDims, block_kind: str, context_len: int, cols: int | None = None) -> int:
@@ -125,7 +161,7 @@ def call_work(dims: ModelDims, kind: str, *, groups: int = 0, cols: int = 0, par
     (one call however many local shards hold them); ``combine``: summing ``parts`` FFN partials into
     the residual; ``embed``: the embedding rows of ``n_tokens`` tokens; ``head``: the LM head on the
     last token. Weights are read once per call (batch 1: decode is memory-bound)."""
-    D, d, q, p, n = dims.d_model, dims.head_dim, dims.q_per_group, dims.bytes_per_param, n_tokens
+    D, d, q, a, n = dims.d_model, dims.head_dim, dims.q_per_group, dims.act_bytes, n_tokens
     if kind == "attn":
         pos_sum = n * context_len - n * (n - 1) / 2.0
         flops = groups * (2.0 * (q + 2) * D * d * n + 4.0 * q * d * pos_sum)
@@ -135,9 +171,9 @@ def call_work(dims: ModelDims, kind: str, *, groups: int = 0, cols: int = 0, par
     if kind == "ffn":
         return ffn_flops(dims, cols) * n, float(ffn_bytes(dims, cols))
     if kind == "combine":
-        return float(parts * D * n), float((parts + 1) * D * n * p)
+        return float(parts * D * n), float((parts + 1) * D * n * a)
     if kind == "embed":
-        return 0.0, float(D * n * p)
+        return 0.0, float(D * n * dims.weight_bytes)
     if kind == "head":
-        return lm_head_flops(dims), float(dims.vocab_size * D * p)
+        return lm_head_flops(dims), lm_head_read_bytes(dims)
     raise ValueError(f"unknown call kind {kind!r}; expected one of {CALL_KINDS}")

@@ -7,7 +7,10 @@ Two models, selected by name through ``COST_MODELS``:
   device, heads of one device serial / different devices parallel, head outputs to the projection,
   ``h`` to every FFN shard, partials to the aggregator, finally ``x`` to the source and the LM head
   there. A lone transfer of ``b`` bytes from ``a`` to ``c`` costs ``latency(a,c) + b / bandwidth(a,c)``
-  (0 when ``a == c``). FLOPs per block are in ``blocks``; attention work grows with the context ``T``.
+  (0 when ``a == c``). FLOPs and bytes read per block are in ``blocks``; attention work grows with the
+  context ``T``. A block call takes its device's roofline time (``roofline.roofline_s``:
+  max(FLOPs / rate, bytes read / memory bandwidth) + call overhead); all of one device's groups of a
+  layer are one call, as the agents run them.
 
   NIC sharing (``serial_nics=True``, the default): a device's sends share its uplink, so they are
   SERIALISED in the order the runtime issues them (``node_agent.agent._emit`` loops over its
@@ -34,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from testbed.partition.cost import blocks as B
+from testbed.partition.cost.roofline import roofline_s
 from testbed.core.placement import Placement
 from testbed.core.snapshot import ClusterSnapshot, ModelDims
 
@@ -57,6 +61,7 @@ class Net:
         self.snap = snapshot
         self.speed = {d.name: (d.flops_per_s if d.up else 0.0) for d in snapshot.devices}
         self.call_s = {d.name: d.call_overhead_s for d in snapshot.devices}
+        self.mem_bw = {d.name: d.mem_bw_bytes_per_s for d in snapshot.devices}
         self._cache: dict[tuple[str, str], tuple[float, float]] = {}
 
     def link(self, a: str, b: str) -> tuple[float, float]:
@@ -82,10 +87,11 @@ class Net:
         c = self.speed.get(device, 0.0)
         return flops / c if c > 0 else INF
 
-    def call(self, device: str, flops: float) -> float:
-        """One block invocation on ``device``: its FLOPs at the device's speed plus the measured
-        fixed cost of a call (the ``decode`` model; the ``paper`` model counts FLOPs only)."""
-        return self.compute(device, flops) + self.call_s.get(device, 0.0)
+    def call(self, device: str, flops: float, nbytes: float = 0.0) -> float:
+        """One block invocation on ``device``: its roofline time for ``flops`` and ``nbytes`` read
+        plus the fixed cost of a call (the ``decode`` model; the ``paper`` model counts FLOPs only)."""
+        return roofline_s(flops, nbytes, self.speed.get(device, 0.0), self.mem_bw.get(device, INF),
+                          self.call_s.get(device, 0.0))
 
 
 def _cp_max(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
@@ -166,7 +172,7 @@ def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
         tally.send(src_dev, dst, xb)
     att, msgs = arrive[P], []
     for j, n in Counter(lp.heads).items():
-        done = (arrive[j][0] + net.call(j, n * k["head_flops"]), arrive[j][1])
+        done = (arrive[j][0] + net.call(j, n * k["head_flops"], n * k["head_read"]), arrive[j][1])
         if j == P:
             att = _cp_max(att, done)
             continue
@@ -175,7 +181,7 @@ def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
         tally.send(j, P, out_b)
     got = nics.fan_in(msgs)
     att = att if got is None else _cp_max(att, got)
-    pd = (att[0] + net.call(P, k["proj_flops"]), att[1])
+    pd = (att[0] + net.call(P, k["proj_flops"], k["proj_read"]), att[1])
     agg = lp.ffn[0].device
     cols: dict[str, int] = {}
     for s in lp.ffn:  # shard order, aggregator first: the runtime's send order
@@ -184,7 +190,7 @@ def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
     for dev, c in cols.items():
         arr = nics.send(P, dev, xb, pd)
         tally.send(P, dev, xb)
-        done = (arr[0] + net.call(dev, c * k["ffn_col_flops"]), arr[1])
+        done = (arr[0] + net.call(dev, c * k["ffn_col_flops"], c * k["ffn_col_read"]), arr[1])
         if dev == agg:
             out = done
             continue
@@ -196,20 +202,26 @@ def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
 
 
 def decode_constants(dims: ModelDims, context_len: int, n_tokens: int = 1) -> dict:
-    """Per-block FLOPs and message sizes for ``n_tokens`` tokens ending at ``context_len``.
+    """Per-block FLOPs, bytes read (``*_read``) and message sizes for ``n_tokens`` tokens ending at
+    ``context_len``, in the model's weight format.
 
     ``n_tokens > 1`` models a prefill chunk: linear work and messages scale by ``n_tokens`` and the
-    attention work sums over the causal positions ``context_len - n_tokens + 1 .. context_len``.
+    attention work sums over the causal positions ``context_len - n_tokens + 1 .. context_len``;
+    weights are read once per call whatever ``n_tokens`` (as ``blocks.call_work``).
     """
-    D, d, q, p, n = dims.d_model, dims.head_dim, dims.q_per_group, dims.bytes_per_param, n_tokens
+    D, d, q, n = dims.d_model, dims.head_dim, dims.q_per_group, n_tokens
     pos_sum = n * context_len - n * (n - 1) / 2.0
     return {
-        "x_bytes": D * p * n,
-        "head_out_bytes": q * d * p * n,
+        "x_bytes": B.hidden_bytes(dims, n),
+        "head_out_bytes": B.head_out_bytes(dims, n),
         "head_flops": 2.0 * (q + 2) * D * d * n + 4.0 * q * d * pos_sum,
+        "head_read": float(B.head_weight_bytes(dims) + B.head_kv_bytes(dims, context_len)),
         "proj_flops": B.proj_flops(dims) * n,
+        "proj_read": float(B.proj_bytes(dims)),
         "ffn_col_flops": 2.0 * B.ffn_mats(dims) * D * n,
+        "ffn_col_read": B.ffn_col_bytes(dims),
         "lm_flops": B.lm_head_flops(dims),
+        "lm_read": B.lm_head_read_bytes(dims),
     }
 
 
@@ -229,7 +241,7 @@ def decode_cost(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims
         cp, dev = _decode_layer(lp, dev, cp, nics, k, tally)
     src = placement.source
     cp = nics.send(dev, src, k["x_bytes"], cp)
-    cp = (cp[0] + net.call(src, k["lm_flops"]), cp[1])
+    cp = (cp[0] + net.call(src, k["lm_flops"], k["lm_read"]), cp[1])
     tally.send(dev, src, k["x_bytes"])
     return CostResult(cp[0] + cp[1], placement_memory(placement, snapshot, dims, T), cp[0], cp[1],
                       sum(tally.by_link.values()), tally.by_link)
