@@ -17,19 +17,19 @@ import time
 import uuid
 from pathlib import Path
 
-from node_agent import protocol as P
-from testbed.backends.emulated.agents import AgentCallError, AgentPool
+from testbed.backends.emulated.agents import AgentPool
 from testbed.emulation.cgroups import CgroupError
 from testbed.emulation.cleanup import Manifest
 from node_agent.pacing import DeviceClock
 from testbed.core.cluster import MigrationRecord, TokenRecord
-from testbed.core.errors import AlgorithmFailure, BackendError, MigrationRefused, TokenFailed
-from node_agent.budget import TRANSIENT_RESERVE, BudgetError
+from testbed.core.errors import AlgorithmFailure, BackendError, MigrationRefused
+from node_agent.budget import TRANSIENT_RESERVE
 from node_agent.shards import IMPORT_OVERHEAD, IMPORT_SLACK
 from testbed.core.moves import MigrationBlocked, migration_items, schedule_waves
 from testbed.core.placement import Placement
 from testbed.core.moves import moved_blocks
 from testbed.core.snapshot import ClusterSnapshot, DeviceState, LinkState
+from testbed.backends.emulated.diagnosis import FailureDiagnosis
 from testbed.backends.emulated.warmup import measure_working_overhead
 from testbed.spec.schema import TopologySpec
 
@@ -38,7 +38,7 @@ AGENT_MARGIN_BYTES = 2 * MIB  # node_agent.shards.Budget refuses to use the last
 DRIFT_BYTES = 128 * 1024  # a receiver's usage creeps while earlier waves land (allocator, buffers)
 
 
-class EmulatedCluster:
+class EmulatedCluster(FailureDiagnosis):
     """See the module docstring. ``model_ref``: a ``testbed.spec.modelref.ModelRef`` or a registry name."""
 
     def __init__(self, topology: TopologySpec, model_ref, run_dir, manifest: Manifest | None = None, *,
@@ -199,100 +199,6 @@ class EmulatedCluster:
 
     def kill_agent(self, host: str) -> None:
         self.pool.kill(self.pool.agents[host])
-
-    # ------------------------------------------------------------------ failures
-    def _failure(self) -> str | None:
-        """A description of a dead agent that holds blocks (OOM kill or killed), else None."""
-        used = self.placement.devices() if self.placement else set(self.hosts())
-        dead = {h: rc for h, rc in self.pool.dead().items() if h in used}
-        if not dead:
-            return None
-        host, rc = next(iter(dead.items()))
-        st = self._cg(host).stats()
-        oom = st["oom_kills"] > self._oom_seen.get(host, 0)
-        what = "OOM-killed" if oom else "killed"
-        self.failure_details = {"host": host, "kind": "oom_kill" if oom else "killed", "returncode": rc,
-                                "oom_kills": st["oom_kills"], "usage_bytes": st["usage_bytes"],
-                                "peak_bytes": st["peak_bytes"], "limit_bytes": st["memory_limit_bytes"]}
-        return (f"agent on {host} was {what} (returncode {rc}, oom_kill {st['oom_kills']}); cgroup usage "
-                f"{st['usage_bytes']} B, peak {st['peak_bytes']} B, limit {st['memory_limit_bytes']} B")
-
-    def _watchdog(self) -> None:
-        """Called while waiting for a token or migration: a dead agent or a link taken down on the
-        placement's paths fails the algorithm at once instead of at the token timeout."""
-        msg = self._failure()
-        down = [] if msg else self._down_links(self.placement)
-        if down:
-            msg = f"link {', '.join(down)} went down on the placement's paths"
-        if msg:
-            self.dirty = True
-            raise AlgorithmFailure(msg)
-
-    def _placement_links(self, placement: Placement | None) -> list:
-        """The live links on any path between two devices of ``placement`` (all hosts if None)."""
-        devs = sorted(placement.devices()) if placement else self.hosts()
-        seen: dict[int, object] = {}
-        for a in devs:
-            for b in devs:
-                if a != b:
-                    for u, v in self.net.path(a, b):
-                        link = self.net._live(u, v)
-                        seen.setdefault(link.index, link)
-        return [seen[i] for i in sorted(seen)]
-
-    def _down_links(self, placement: Placement | None) -> list[str]:
-        """Links that are down on the paths ``placement`` uses, as "a-b"."""
-        if all(l.up for l in self.net.links):  # the common case, checked by the watchdog 5x a second
-            return []
-        return [f"{l.spec.a}-{l.spec.b}" for l in self._placement_links(placement) if not l.up]
-
-    def _diagnose(self, grace_s: float = 1.0) -> str | None:
-        """Why a token or migration could not finish: a dead agent (waiting up to ``grace_s`` for
-        its exit to be reaped), a link down on the placement's paths, or lossy links; else None."""
-        deadline = time.monotonic() + grace_s
-        while True:
-            msg = self._failure()
-            if msg:
-                return msg
-            down = self._down_links(self.placement)
-            if down:
-                return f"link {', '.join(down)} is down on the placement's paths"
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        lossy = [f"{l.spec.a}-{l.spec.b} ({max(st['loss_pct'] for st in l.state.values()):g}% loss)"
-                 for l in self._placement_links(self.placement) if any(st["loss_pct"] for st in l.state.values())]
-        return f"lossy links on the placement's paths: {', '.join(lossy)}" if lossy else None
-
-    def _guard(self, what: str, fn):
-        try:
-            return fn()
-        except AlgorithmFailure as exc:  # from the watchdog: say what it interrupted
-            raise AlgorithmFailure(f"{what}: {exc}") from None
-        except P.RemoteError as exc:
-            if exc.code == BudgetError.code:
-                raise AlgorithmFailure(f"{what} refused: {exc.message}") from None
-            self.dirty = True
-            if exc.code not in ("timeout", "runtime", TokenFailed.code):
-                msg = self._diagnose(0.0)
-                if not msg:
-                    raise BackendError(f"{what}: {exc}") from None
-            else:
-                msg = self._diagnose()
-            raise AlgorithmFailure(f"{what}: {msg} ({exc.message})" if msg else f"{what}: {exc.message}") from None
-        except (AgentCallError, P.CallTimeout) as exc:
-            self.dirty = True
-            msg = self._diagnose()
-            raise AlgorithmFailure(f"{what}: {msg} ({exc})" if msg else f"{what}: {exc}") from None
-
-    def _check_paths(self, placement: Placement) -> None:
-        devs = sorted(placement.devices())
-        for a in devs:
-            for b in devs:
-                if a != b and not self._path_state(a, b).up:
-                    raise AlgorithmFailure(f"placement needs {a}->{b} but link "
-                                           f"{', '.join(self._down_links(placement))} is down")
-        self._watchdog()
 
     # ------------------------------------------------------------------ tokens
     def load(self, placement: Placement, prompt_ids: list[int]) -> TokenRecord:
