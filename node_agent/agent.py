@@ -15,7 +15,6 @@ commands, the worker loop and the receive-side timing (``node_agent.wire.release
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -57,7 +56,6 @@ class Agent(Dataflow, Migration):
         self.pv = 0
         self.inbox = TimedInbox()
         self.pacer = ComputePacer()  # compute like the emulated device (``pace`` command); None = full speed
-        self.work_bytes_per_param: float | None = None  # the simulated weight format's (``pace``); None: the model's
         self._work_dims = None
         self.local: deque = deque()  # hand-offs between this agent's own blocks (worker thread only)
         self.peers: dict[str, tuple[str, int]] = {}
@@ -215,25 +213,19 @@ class Agent(Dataflow, Migration):
 
     @property
     def work_dims(self):
-        """The model's dimensions for counting a block call's work (``call_work``), in the simulated
-        weight format's bytes per parameter when the ``pace`` command named one."""
+        """The model's dimensions for counting a block call's work (``call_work``), built once per model."""
         if self._work_dims is None or self._work_dims[0] is not self.store.cfg:
-            dims = ModelDims.from_config(self.store.cfg)
-            if self.work_bytes_per_param is not None:
-                dims = dataclasses.replace(dims, bytes_per_param=self.work_bytes_per_param)
-            self._work_dims = (self.store.cfg, dims)
+            self._work_dims = (self.store.cfg, ModelDims.from_config(self.store.cfg))
         return self._work_dims[1]
 
     def cmd_pace(self, h, _):
         """Set how this agent computes like its device — ``clock`` (a ``DeviceClock``: roofline
-        pacing), ``speed`` (a fraction of one core: CPU-time pacing) or neither (full speed) — and
-        optionally ``bytes_per_param`` of the simulated weight format; the pacer's stats come back."""
+        pacing), ``speed`` (a fraction of one core: CPU-time pacing) or neither (full speed); the
+        pacer's stats come back."""
         def apply():
             if "clock" in h or "speed" in h:
                 self.pacer.set_clock(h.get("clock"))
                 self.pacer.set_speed(h.get("speed"))
-            if "bytes_per_param" in h:
-                self.work_bytes_per_param, self._work_dims = h["bytes_per_param"], None
             if h.get("clear"):
                 self.pacer.clear()
             return self.pacer.stats()

@@ -7,9 +7,9 @@ result until the block's time *on the emulated device* has passed since it start
   ``max(FLOPs / flops_per_s, bytes read / bytes_per_s) + call_s`` (decode on edge CPUs is
   memory-bound; the call term is the fixed cost of one block call on the device). The block's FLOPs
   and bytes come from ``testbed.partition.cost.blocks.call_work`` — the very numbers the cost models
-  use — so the emulated device spends exactly the time the planner's model says, whatever this
-  machine's load, cache state or weight format (agents compute fp32; the clock reads the simulated
-  format's bytes). This is the classic compute-then-hold emulation of a slower processor.
+  use, timed by the cost model's own ``testbed.partition.cost.roofline`` — so the emulated device
+  spends exactly the time the planner's model says, whatever this machine's load or cache state.
+  This is the classic compute-then-hold emulation of a slower processor.
 - ``speed`` (``pace-cpu``): release at ``start + cpu_time / speed``, the worker thread's own CPU
   time scaled by a fraction of one of this machine's cores. Kept as the measured alternative:
   a block's CPU time here depends on what the cache holds (a layer's blocks run alone take half
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import statistics
 
 from node_agent.inbox import lower_timer_slack
+from testbed.partition.cost.roofline import matvec_rate, roofline_s
 
 HISTORY = 4096  # calls kept for the fidelity figures
 SPIN_S = 5e-5  # the last part of a hold is spun: a sleep overshoots by ~20 us even at 1 ns timer slack
@@ -54,12 +55,12 @@ class DeviceClock:
     def time_s(self, flops: float, nbytes: float, calls: int = 1) -> float:
         """The roofline time of ``calls`` block calls doing ``flops`` and reading ``nbytes`` in all
         (``calls = 0``: elementwise work folded into its neighbour, e.g. summing FFN partials)."""
-        return max(flops / self.flops_per_s, nbytes / self.bytes_per_s) + calls * self.call_s
+        return roofline_s(flops, nbytes, self.flops_per_s, self.bytes_per_s, self.call_s, calls)
 
     def matvec_flops_per_s(self, bytes_per_param: float) -> float:
         """The FLOP/s of a batch-1 matrix-vector product in this roofline (2 FLOPs per weight read):
         the one rate a FLOPs-only cost model needs for decode blocks."""
-        return min(self.flops_per_s, self.bytes_per_s * 2.0 / bytes_per_param)
+        return matvec_rate(self.flops_per_s, self.bytes_per_s, bytes_per_param)
 
     def scaled(self, speed: float) -> "DeviceClock":
         """A device ``speed`` times as fast (rates times, call cost over ``speed``)."""

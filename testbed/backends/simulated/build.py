@@ -67,6 +67,7 @@ def device_speed(model: ModelRef) -> tuple[float, float, dict | None, str]:
     decode runs at, plus its per-call cost; a host of ``cpu_cores`` then has ``min(1, cpu_cores)``
     of it, as a paced agent (one worker thread) has. Otherwise: the older 256x256 gemv figure."""
     from testbed.backends.calibrate import cached_machine_roofline, measure_roofline_here
+    from testbed.partition.cost.roofline import matvec_rate
 
     d = model.dims
     fp32_bytes = 4 * (d.n_layers * (d.d_model * d.head_dim * (2 * d.n_heads + 2 * d.n_kv_heads)
@@ -79,7 +80,7 @@ def device_speed(model: ModelRef) -> tuple[float, float, dict | None, str]:
     except Exception as exc:  # no weights here (a published config only): the generic figure
         flops, provenance = per_core_flops()
         return flops, 0.0, None, f"{provenance}; no roofline for this model ({type(exc).__name__}: {exc})"
-    matvec = min(roof["flops_per_s"], roof["bytes_per_s"] * 2.0 / model.dims.bytes_per_param)
+    matvec = matvec_rate(roof["flops_per_s"], roof["bytes_per_s"], model.dims.bytes_per_param)
     return matvec, roof["call_s"], roof, "this machine's one-core roofline on the model's blocks (node_agent.machine)"
 
 
