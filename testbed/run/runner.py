@@ -93,6 +93,10 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
         model.require_weights()
     except ModelRefError as exc:
         raise RunError(str(exc)) from None
+    if model.weight_format != "fp32":
+        raise RunError(f"weight_format {model.weight_format} runs with backend: simulated only: emulated agents "
+                       "hold fp32 weights, so their cgroups would be charged about "
+                       f"{4 / model.dims.weight_bytes:.1f}x what the planners size in {model.weight_format}")
     if os.geteuid() != 0:
         raise RunError("the emulated backend needs root (Mininet, tc, cgroups); use --backend simulated")
     from testbed.backends.emulated.cluster import build_emulated_cluster

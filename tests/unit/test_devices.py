@@ -264,3 +264,16 @@ def test_bench_devices_multi_board_rows_within_goal():
                 continue
             sim, _ = bd.simulate(setup, n, delay_ms=0.1, tokens=4)
             assert abs(sim / pub - 1) <= 0.15, (setup.title, n, sim, pub)
+
+
+def test_emulated_run_refuses_a_non_fp32_format(tmp_path):
+    """Agents hold fp32 weights: an emulated run in q4_0 would be planned 7x smaller than charged."""
+    from testbed.run.runner import RunError, make_cluster
+    from testbed.spec.loader import load_experiment
+
+    (tmp_path / "exp.yaml").write_text(
+        "name: q4\ntopology: " + str(Path(__file__).resolve().parents[2] / "topologies/star3.yaml") + "\n"
+        "model: {name: mini-gpt2, weight_format: q4_0}\nalgorithms: [edgeshard]\nbackend: emulated\n")
+    spec = load_experiment(tmp_path / "exp.yaml")
+    with pytest.raises(RunError, match=r"weight_format q4_0 runs with backend: simulated only.*7\.1x"):
+        make_cluster(spec, resolve_model(spec.model), tmp_path / "run", "emulated", None)
