@@ -224,6 +224,18 @@ def parse_leaf(output: str) -> Optional[dict]:
     return None
 
 
+def parse_leaf_drops(output: str) -> int:
+    """Packets the leaf FIFO dropped (queue overflow), from ``tc -s qdisc show`` text."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if re.search(rf"qdisc \S+ {re.escape(LEAF_HANDLE)} parent {re.escape(HTB_CLASS)}", line):
+            for stat in lines[i + 1:i + 3]:
+                m = re.search(r"dropped (\d+)", stat)
+                if m:
+                    return int(m.group(1))
+    return 0
+
+
 def parse_link_up(output: str) -> bool:
     m = re.search(r"<([^>]*)>", output)
     return bool(m) and "UP" in m.group(1).split(",")
@@ -265,6 +277,10 @@ class Executor:
             raise ShapingError(f"{dev}: no HTB class {HTB_CLASS} found")
         return {"dev": dev, "rate_bps": cls["rate_bps"], "ceil_bps": cls["ceil_bps"],
                 "leaf": leaf, "up": up}
+
+    def queue_drops(self, dev: str, netns_pid: Optional[int] = None) -> int:
+        """Overflow drops of the device's leaf queue so far (a counter; compare two readings)."""
+        return parse_leaf_drops(self.run(["tc", "-s", "qdisc", "show", "dev", dev], netns_pid).stdout)
 
     def netem_available(self) -> bool:
         """Try netem on a scratch veth pair created and deleted here (root namespace, never up)."""

@@ -101,3 +101,14 @@ def test_executor_raises_with_stderr(tmp_path):
     with pytest.raises(sh.ShapingError, match="exit"):
         ex.run(["sh", "-c", "echo boom >&2; exit 3"])
     assert ex.run(["true"]).returncode == 0 and len(ex.log) == 2
+
+
+def test_parse_leaf_drops_reads_the_leaf_not_the_root():
+    text = ("qdisc htb 1: root refcnt 2 r2q 10 default 0x1 direct_packets_stat 0 direct_qlen 1000\n"
+            " Sent 1813550 bytes 1757 pkt (dropped 120, overlimits 1450 requeues 0)\n"
+            " backlog 0b 0p requeues 0\n"
+            "qdisc bfifo 10: parent 1:1 limit 6250b\n"
+            " Sent 1813550 bytes 1757 pkt (dropped 46, overlimits 0 requeues 0)\n"
+            " backlog 0b 0p requeues 0\n")
+    assert sh.parse_leaf_drops(text) == 46
+    assert sh.parse_leaf_drops("qdisc noqueue 0: root refcnt 2\n Sent 0 bytes 0 pkt (dropped 0)\n") == 0
