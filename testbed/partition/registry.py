@@ -47,6 +47,8 @@ class ResourceAwareParams(Params):
     preempt: float = Field(1.0, ge=0)
     layer_split: bool = True
     split_slack: float = Field(0.1, ge=0)
+    portfolio: bool = True
+    portfolio_slack: float = Field(0.01, ge=0, lt=1)
 
 
 class OptimalParams(Params):

@@ -37,7 +37,11 @@ class RunError(HeadroomError):
 
 
 def sweep_points(spec: ExperimentSpec, exp_path: Path) -> list[tuple[dict, ExperimentSpec]]:
-    """Cartesian product of ``sweep`` (dotted paths into the experiment) -> validated specs."""
+    """Cartesian product of ``sweep`` (dotted paths into the experiment) -> validated specs.
+
+    A key joining several paths with ``+`` (``topology.profiles+topology.source_profile``) moves
+    them together: each of its values is a list with one value per path (a zipped axis, e.g. a
+    device mix and its source, or a scenario and its repetitions)."""
     if not spec.sweep:
         return [({}, spec)]
     keys = list(spec.sweep)
@@ -46,13 +50,27 @@ def sweep_points(spec: ExperimentSpec, exp_path: Path) -> list[tuple[dict, Exper
     points = []
     for values in itertools.product(*(spec.sweep[k] for k in keys)):
         data = copy.deepcopy(base)
-        for key, value in zip(keys, values):
-            _set_path(data, key, value, exp_path)
+        point = dict(zip(keys, values))
         try:
-            points.append((dict(zip(keys, values)), ExperimentSpec.model_validate(data)))
+            for key, value in point.items():
+                for path, one in _zipped(key, value):
+                    _set_path(data, path, one, exp_path)
+            points.append((point, ExperimentSpec.model_validate(data)))
+        except RunError:
+            raise
         except Exception as exc:  # pydantic ValidationError: report the point that is wrong
-            raise RunError(f"sweep point {dict(zip(keys, values))}: {exc}") from None
+            raise RunError(f"sweep point {point}: {exc}") from None
     return points
+
+
+def _zipped(key: str, value) -> list[tuple[str, object]]:
+    """(path, value) pairs of one sweep value: one pair, or one per ``+``-joined path."""
+    paths = key.split("+")
+    if len(paths) == 1:
+        return [(key, value)]
+    if not isinstance(value, (list, tuple)) or len(value) != len(paths):
+        raise RunError(f"sweep.{key}: each value must be a list of {len(paths)} (one per path), got {value!r}")
+    return list(zip(paths, value))
 
 
 def _set_path(data: dict, dotted: str, value, exp_path: Path) -> None:

@@ -63,7 +63,8 @@ def repetition_seed(seed: int, repetition: int) -> int:
 
 
 def _random_walk(item: RandomWalkItem, horizon: int, all_links: list[tuple[str, str]],
-                 repetition: int = 0) -> list[Change]:
+                 repetition: int = 0, rates: dict | None = None) -> list[Change]:
+    """``rates``: each link's rate in the topology, (a, b) -> Mbit/s (a relative range needs it)."""
     w = item.random_walk
     if repetition:
         w = w.model_copy(update={"seed": repetition_seed(w.seed, repetition)})
@@ -71,16 +72,25 @@ def _random_walk(item: RandomWalkItem, horizon: int, all_links: list[tuple[str, 
         out = []
         for k, link in enumerate(all_links):
             one = w.model_copy(update={"link": link, "all_links": False, "seed": w.seed + k})
-            out += _random_walk(RandomWalkItem(random_walk=one), horizon, [])
+            out += _random_walk(RandomWalkItem(random_walk=one), horizon, [], rates=rates)
         return out
     rng = np.random.default_rng(w.seed)
     stop = w.stop_token if w.stop_token is not None else horizon
-    rate = float(np.sqrt(w.min_mbps * w.max_mbps))  # start at the geometric middle of the range
+    if w.min_frac is not None:
+        link = tuple(w.link)
+        nominal = (rates or {}).get(link, (rates or {}).get(link[::-1]))
+        if nominal is None:
+            raise ScenarioError(f"random_walk on {list(link)}: no such link in the topology")
+        lo, hi = w.min_frac * nominal, w.max_frac * nominal
+        rate = float(np.clip(nominal, lo, hi))  # start at the link's own rate
+    else:
+        lo, hi = w.min_mbps, w.max_mbps
+        rate = float(np.sqrt(lo * hi))  # start at the geometric middle of the range
     out = []
     for tok in range(w.start_token, stop, w.every_tokens):
         out.append(Change(tok, None, tuple(w.link), None, {"bandwidth_mbps": round(rate, 4)}))
         factor = 1.0 + w.step_pct / 100.0 * rng.uniform(-1.0, 1.0)
-        rate = float(np.clip(rate * factor, w.min_mbps, w.max_mbps))
+        rate = float(np.clip(rate * factor, lo, hi))
     return out
 
 
@@ -116,7 +126,8 @@ def expand(spec: ExperimentSpec, base_dir: Path = Path("."), repetition: int = 0
         if isinstance(item, RampItem):
             changes += _ramp(item)
         elif isinstance(item, RandomWalkItem):
-            changes += _random_walk(item, horizon, [(l.a, l.b) for l in spec.topology.links], repetition)
+            changes += _random_walk(item, horizon, [(l.a, l.b) for l in spec.topology.links], repetition,
+                                    rates={(l.a, l.b): l.bandwidth_mbps for l in spec.topology.links})
         elif isinstance(item, TraceItem):
             changes += _trace(item, base_dir)
         else:

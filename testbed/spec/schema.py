@@ -136,7 +136,7 @@ class GeneratedTopology(Spec):
     generate: Literal["star", "two_tier"]
     n_hosts: int = Field(ge=2, le=4096)
     profiles: tuple[str, ...] = ("rpi4", "rpi5", "jetson-nano")
-    source_profile: str = "laptop"
+    source_profile: Optional[str] = "laptop"  # None: the source is one more device of ``profiles``
     mem_scale: float = Field(1.0, gt=0)  # multiplies every worker profile's memory (the source keeps its own)
     bandwidths_mbps: tuple[float, ...] = (10.0, 20.0, 50.0)
     delay_ms: float = Field(2.0, ge=0)
@@ -252,15 +252,20 @@ class RandomWalk(Spec):
     """A seeded multiplicative random walk of a link's bandwidth, a step every ``every_tokens``.
 
     ``all_links: true`` instead of ``link`` walks every link of the topology independently
-    (link k uses seed + k)."""
+    (link k uses seed + k). The range is absolute (``min_mbps``/``max_mbps``: the walk starts at
+    its geometric middle) or relative to each link's own rate in the topology
+    (``min_frac``/``max_frac``: the walk starts at the link's rate, clipped into the range) — the
+    relative form keeps one scenario meaningful across a bandwidth sweep."""
 
     link: Optional[tuple[str, str]] = None
     all_links: bool = False
     every_tokens: int = Field(4, ge=1)
     start_token: int = Field(0, ge=0)
     stop_token: Optional[int] = Field(None, ge=1)
-    min_mbps: float = Field(gt=0)
-    max_mbps: float = Field(gt=0)
+    min_mbps: Optional[float] = Field(None, gt=0)
+    max_mbps: Optional[float] = Field(None, gt=0)
+    min_frac: Optional[float] = Field(None, gt=0)
+    max_frac: Optional[float] = Field(None, gt=0)
     step_pct: float = Field(30.0, gt=0, le=100)
     seed: int = 0
 
@@ -268,8 +273,15 @@ class RandomWalk(Spec):
     def _target(self) -> "RandomWalk":
         if (self.link is None) == (not self.all_links):
             raise ValueError("give either link or all_links: true")
-        if self.min_mbps > self.max_mbps:
-            raise ValueError("min_mbps must not exceed max_mbps")
+        absolute = (self.min_mbps, self.max_mbps)
+        relative = (self.min_frac, self.max_frac)
+        if any(v is not None for v in absolute) == any(v is not None for v in relative):
+            raise ValueError("give either min_mbps and max_mbps or min_frac and max_frac (of each link's rate)")
+        lo, hi = absolute if absolute != (None, None) else relative
+        if lo is None or hi is None:
+            raise ValueError("give both bounds of the range (min_mbps/max_mbps or min_frac/max_frac)")
+        if lo > hi:
+            raise ValueError("the range's minimum must not exceed its maximum")
         return self
 
 

@@ -2,7 +2,8 @@
 
 Used where writing N hosts by hand is pointless (device-count sweeps, 100+ device simulations).
 Generation is pure and seeded: the same parameters give the same topology. Device heterogeneity
-comes from cycling through ``profiles`` and drawing each access link's rate from ``bandwidths_mbps``.
+comes from cycling through ``profiles`` (the source is ``source_profile``, or with
+``source_profile: null`` the first device of the cycle) and drawing each access link's rate from ``bandwidths_mbps``.
 """
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ def _host(name: str, profile: str, scale: float, source: bool = False) -> dict:
 
 def generate(g: GeneratedTopology) -> TopologySpec:
     rng = np.random.default_rng(g.seed)
-    hosts = [_host("h1", g.source_profile, 1.0, source=True)]  # the source keeps its full memory
-    hosts += [_host(f"h{i}", g.profiles[(i - 2) % len(g.profiles)], g.mem_scale) for i in range(2, g.n_hosts + 1)]
+    if g.source_profile is not None:  # a requesting device apart, with its full memory
+        hosts = [_host("h1", g.source_profile, 1.0, source=True)]
+        hosts += [_host(f"h{i}", g.profiles[(i - 2) % len(g.profiles)], g.mem_scale) for i in range(2, g.n_hosts + 1)]
+    else:  # the source is the first of the devices (profiles cycled from h1)
+        hosts = [_host(f"h{i}", g.profiles[(i - 1) % len(g.profiles)], g.mem_scale, source=i == 1)
+                 for i in range(1, g.n_hosts + 1)]
     rates = rng.choice(np.asarray(g.bandwidths_mbps), size=g.n_hosts)
     rates[0] = max(g.bandwidths_mbps)  # the source gets the best access link
     if g.generate == "star":

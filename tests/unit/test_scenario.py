@@ -85,3 +85,28 @@ def test_only_drops_beyond_the_threshold_trigger_an_immediate_replan():
     assert not _is_drop(bw(30.0), before, 20.0)
     down = Change(at_token=3, at_s=None, link=("h2", "s1"), values={"up": False})
     assert _is_drop(down, {}, 90.0)
+
+
+def test_relative_random_walk_starts_at_each_links_rate_and_stays_in_its_range():
+    topo = {**TOPO, "links": [{"a": "h1", "b": "s1", "bandwidth_mbps": 10}, {"a": "h2", "b": "s1", "bandwidth_mbps": 200}]}
+    s = ExperimentSpec.model_validate({
+        "name": "e", "topology": topo, "model": {"name": "tiny-gpt2"}, "algorithms": ["greedy"],
+        "workload": {"new_tokens": 40},
+        "scenario": [{"random_walk": {"all_links": True, "min_frac": 0.2, "max_frac": 1.0, "every_tokens": 4,
+                                      "step_pct": 50, "seed": 3}}]})
+    by_link = {}
+    for c in expand(s):
+        by_link.setdefault(c.link, []).append(c.values["bandwidth_mbps"])
+    assert by_link[("h1", "s1")][0] == 10 and by_link[("h2", "s1")][0] == 200
+    assert all(2 <= r <= 10 for r in by_link[("h1", "s1")]) and all(40 <= r <= 200 for r in by_link[("h2", "s1")])
+    assert min(by_link[("h2", "s1")]) < 200  # it does wander
+
+
+@pytest.mark.parametrize("walk, message", [
+    ({"min_mbps": 1, "max_mbps": 5, "min_frac": 0.2, "max_frac": 1}, "either min_mbps and max_mbps or min_frac"),
+    ({"min_frac": 0.2}, "both bounds"),
+    ({"min_frac": 0.9, "max_frac": 0.5}, "must not exceed"),
+])
+def test_random_walk_range_must_be_absolute_or_relative(walk, message):
+    with pytest.raises(Exception, match=message):
+        spec([{"random_walk": {"link": ["h1", "s1"], **walk}}])

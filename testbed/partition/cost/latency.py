@@ -63,6 +63,9 @@ class Net:
         self.call_s = {d.name: d.call_overhead_s for d in snapshot.devices}
         self.mem_bw = {d.name: d.mem_bw_bytes_per_s for d in snapshot.devices}
         self._cache: dict[tuple[str, str], tuple[float, float]] = {}
+        # (context, tokens, serial) -> (layer placement, its input's device) -> the layer's cost
+        # relative to its start (see ``_layer_delta``)
+        self.layer_memo: dict[tuple, dict] = {}
 
     def link(self, a: str, b: str) -> tuple[float, float]:
         """(latency_s, seconds per byte) of the path a -> b."""
@@ -201,6 +204,24 @@ def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
     return out, agg
 
 
+def _layer_delta(lp, src_dev, nics: _Nics, k: dict, memo: dict):
+    """``_decode_layer`` from a start at (0, 0): ((compute_s, transfer_s), aggregator, bytes per link).
+
+    A layer's cost does not depend on when it starts: every message it sends is awaited before its
+    output exists (head outputs by the projection, FFN partials by the aggregator), so every
+    uplink is free again by the time the next layer starts, and all its times shift with the start.
+    Placements that share a layer (Galaxy's identical layers, RA's candidates and per-layer mixes
+    of two plans) compute it once per ``Net``."""
+    key = (lp, src_dev)
+    hit = memo.get(key)
+    if hit is None:
+        tally = _Tally()
+        fresh = _Nics(nics.net, nics.serial)
+        delta, agg = _decode_layer(lp, src_dev, (0.0, 0.0), fresh, k, tally)
+        hit = memo[key] = (delta, agg, tally.by_link)
+    return hit
+
+
 def decode_constants(dims: ModelDims, context_len: int, n_tokens: int = 1) -> dict:
     """Per-block FLOPs, bytes read (``*_read``) and message sizes for ``n_tokens`` tokens ending at
     ``context_len``, in the model's weight format.
@@ -236,9 +257,13 @@ def decode_cost(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims
     net = net or Net(snapshot)
     k = decode_constants(dims, T, n_tokens)
     tally, nics = _Tally(), _Nics(net, serial_nics)
+    memo = net.layer_memo.setdefault((T, n_tokens, serial_nics), {})
     cp, dev = (0.0, 0.0), placement.source
     for lp in placement.layers:
-        cp, dev = _decode_layer(lp, dev, cp, nics, k, tally)
+        (dc, dt), dev, sent = _layer_delta(lp, dev, nics, k, memo)
+        cp = (cp[0] + dc, cp[1] + dt)
+        for link, nbytes in sent.items():
+            tally.by_link[link] = tally.by_link.get(link, 0) + nbytes
     src = placement.source
     cp = nics.send(dev, src, k["x_bytes"], cp)
     cp = (cp[0] + net.call(src, k["lm_flops"], k["lm_read"]), cp[1])

@@ -77,16 +77,27 @@ def _dp(prob: Problem, caps: np.ndarray, c: np.ndarray, X: np.ndarray, order: li
     for m in range(1, min(L, caps[pin]) + 1):
         f[m, 0], arg[m, 0] = X[prob.src, pin] + m * c[pin] + S[pin, m], (-1, m)
     ordv = np.array(order)
+    I = np.arange(L + 1)[:, None]  # layers placed so far, i
     for t in range(1, n):
         k = order[t]
+        M = int(min(L - 1, caps[k]))
+        if M < 1:
+            continue
         into = X[ordv[:t], k]
-        for i in range(2, L + 1):
-            for m in range(1, min(i - 1, caps[k]) + 1):
-                prev = f[i - m, :t] + into
-                j = int(np.argmin(prev))
-                val = prev[j] + m * c[k] + S[k, i] - S[k, i - m]
-                if val < f[i, t]:
-                    f[i, t], arg[i, t] = val, (j, m)
+        reach = f[:, :t] + into[None, :]  # (L+1, t): finish of layers [0, i') then the hop to k
+        j_best = np.argmin(reach, axis=1)  # first minimum, as a scan over j would pick
+        g = reach[np.arange(L + 1), j_best]
+        m = np.arange(1, M + 1)[None, :]  # (1, M): shard length on k
+        before = I - m  # (L+1, M): layers before the shard
+        ok = (m <= I - 1) & (before >= 1)
+        b = np.clip(before, 0, L)
+        val = np.where(ok, g[b] + m * c[k] + S[k, I] - S[k, b], np.inf)  # (L+1, M)
+        m_best = np.argmin(val, axis=1)  # shortest shard among equal values, as the scan did
+        best = val[np.arange(L + 1), m_best]
+        done = np.isfinite(best)
+        f[done, t] = best[done]
+        arg[done, t, 0] = j_best[b[np.arange(L + 1), m_best]][done]
+        arg[done, t, 1] = m_best[done] + 1
     end = f[L] + X[ordv, prob.src]
     return end, arg
 
@@ -114,6 +125,15 @@ def best_split(prob: Problem, max_devices: int | None = None, budget: np.ndarray
     cut to its first devices (at least enough of them to hold every layer): a split uses at most
     ``n_layers`` devices, and the DP is quadratic in the order's length."""
     caps, c, X = _caps(prob, budget), _layer_seconds(prob), _hop(prob)
+    memo = prob.memo.setdefault("best_split", {})
+    key = (max_devices, caps.tobytes())  # the split depends on the budget only through whole layers
+    if key not in memo:
+        memo[key] = _best_split(prob, max_devices, caps, c, X)
+    return None if memo[key] is None else list(memo[key])
+
+
+def _best_split(prob: Problem, max_devices: int | None, caps: np.ndarray, c: np.ndarray,
+                X: np.ndarray) -> list[int] | None:
     pin = _pin(prob, X, caps)
     best, best_t = None, np.inf
     for order in _orders(prob, X, c, pin, caps):

@@ -27,6 +27,14 @@ One round (one decision epoch), given a snapshot:
     plan when it is better by latency + migration delay / H, or (a first plan) at most
     ``split_slack`` worse with fewer bytes on the links per token (each layer the greedy splits at
     a full device adds messages, and those cost the most when a link drops).
+ 4c. The baselines' plans are candidates too (``portfolio``): EdgeShard's best layer split over
+    the full memory (not the balanced caps) and Galaxy's tensor-parallel split of every layer
+    over the best group of fastest devices (FFN columns split as many ways as the group has
+    devices, where the greedy stops at ``ffn_chunks``). The one with the lowest latency +
+    migration delay / H replaces the plan so far when that is more than ``portfolio_slack``
+    lower — RA minimises the latency it is asked to, so it is never slower than a plan it can
+    reach (issue 12: within 2 % of the best of EdgeShard and Galaxy at every point of the map);
+    the slack keeps the balanced, fewer-bytes plan when the difference is noise.
  5. Hysteresis: per block, a device other than its current one pays its migration delay amortised
     over the horizon ``H``; finally (``ra.choice.choose_plan``) the current placement is kept unless the new
     one (or a per-layer mixture) lowers latency + migration delay / H, i.e. a voluntary move must
@@ -99,13 +107,57 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     return layers, meta
 
 
+def galaxy_groups(n: int) -> list[int]:
+    """Group sizes Galaxy's candidate tries among ``n`` devices: every size up to 16, then a
+    geometric ladder (x1.25) and ``n`` itself — a plan per size is a full evaluation."""
+    sizes, g = list(range(1, min(n, 16) + 1)), 16
+    while g < n:
+        g = min(n, max(g + 1, int(g * 1.25)))
+        sizes.append(g)
+    return sizes
+
+
+def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_split: bool = True):
+    """Step 4c: the plan so far, or the best of EdgeShard's full-memory layer split and Galaxy's
+    tensor-parallel split (``layer.baselines._galaxy_plan`` over the g fastest devices, sized at
+    RA's memory horizon) when its latency + migration delay / H is more than ``slack`` lower.
+    ``with_layer_split=False`` (RA's ``layer_split`` off): Galaxy's candidate only."""
+    from testbed.partition.common import uniform_layers
+    from testbed.partition.cost.latency import Net
+    from testbed.partition.layer.baselines import _galaxy_plan
+    from testbed.partition.layer.edgeshard import best_split
+
+    net = Net(prob.snap)
+    ours = Placement(prob.snap.source, layers, meta=meta)
+    best_obj, best = _objective(prob, ours, prob.H, net)[0], None
+    split = best_split(prob, max_devices=2 * prob.dims.n_layers) if with_layer_split else None
+    cands = []
+    if split is not None:
+        cands.append((uniform_layers([prob.names[k] for k in split], prob.dims), {"portfolio": "layer_split"}))
+    order = sorted(np.nonzero(prob.allowed)[0].tolist(), key=lambda j: (-prob.C[j], j))
+    for g in galaxy_groups(len(order)):
+        try:
+            pl = _galaxy_plan(prob, order[:g])
+        except InfeasiblePlan:
+            continue
+        cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
+    for cand_layers, tag in cands:
+        obj = _objective(prob, Placement(prob.snap.source, cand_layers), prob.H, net)[0]
+        if obj < best_obj * (1 - slack) and (best is None or obj < best[0]):
+            best = (obj, cand_layers, tag)
+    if best is None:
+        return layers, meta
+    return best[1], {**meta, **best[2]}
+
+
 def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
                    proj_candidates: int = 4, headroom_epochs: int = 4, horizon_epochs: int = 4,
                    horizon_tokens: int | None = None, mem_balance: float | None = 1.25,
                    balance_slack: float = 0.1, thorough: bool | None = None,
                    headroom_gain: float = 0.05, anticipate_epochs: int = 2,
                    preempt: float = 1.0, layer_split: bool = True,
-                   split_slack: float = 0.1) -> Placement:
+                   split_slack: float = 0.1, portfolio: bool = True,
+                   portfolio_slack: float = 0.01) -> Placement:
     """One RA decision.
 
     ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
@@ -126,7 +178,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     exact solver's horizon), taken when its plan is more than ``headroom_gain`` faster than the
     headroom plan (headroom is worth a little latency, not a lot: when the KV caches outgrow the
     tight plan, ``repair`` moves the fewest blocks).
-    ``layer_split``: step 4b, with ``split_slack``.
+    ``layer_split``: step 4b, with ``split_slack``. ``portfolio``: step 4c, with ``portfolio_slack``
+    (the paper's greedy alone: ``layer_split=False, portfolio=False``).
     ``anticipate_epochs``, ``preempt``: when the KV growth will evict the current placement within
     ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
     token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
@@ -147,6 +200,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
         layers, meta, prob, budget = _tight_round(prob, K, proj_candidates, headroom_gain, layers, meta, budget)
     if layer_split:
         layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
+    if portfolio:
+        layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split)
     new = Placement(snapshot.source, layers, meta=meta)
     return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
                        preempt=preempt, headroom_until=headroom_until)
