@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from testbed.core.errors import ConfigError
 from testbed.spec.loader import load_any, load_experiment
@@ -85,7 +86,7 @@ def run(
         run_dirs = run_experiment(spec, experiment, out, backend=backend, resume=resume, jobs=jobs,
                                   ray_address=ray_address)
     except RunError as exc:
-        err.print(f"[red]run failed:[/red] {exc}")
+        err.print(f"[red]run failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1)
     for d in run_dirs:
         err.print(f"run directory: {d}")
