@@ -105,17 +105,27 @@ def run_pool(todo: list[PointJob], workers: int) -> None:
     _raise_failures(todo, failures)
 
 
+_busy = False  # in a pool worker: running a point (SIGTERM interrupts it) or idle (SIGTERM ends it)
+
+
 def _worker_init() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    if _busy:
+        raise KeyboardInterrupt
+    raise SystemExit(0)  # an idle worker has nothing to record
 
 
 def _timed_point(job: PointJob) -> float:
+    global _busy
     t0 = time.monotonic()
-    _run_point(job, bars=False)
+    _busy = True
+    try:
+        _run_point(job, bars=False)
+    finally:
+        _busy = False
     return time.monotonic() - t0
 
 
