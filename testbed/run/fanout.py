@@ -153,6 +153,9 @@ def run_ray(todo: list[PointJob], address: str, top: Path) -> None:
     started = not ray.is_initialized()
     if started:
         _ray_init(ray, address)
+        # ray.init puts its own SIGTERM handler in place (it exits on the spot); keep the run's, which
+        # interrupts: the pending tasks are cancelled and a local instance is shut down below
+        signal.signal(signal.SIGTERM, _interrupt_run)
     top = Path(top)
     top.mkdir(parents=True, exist_ok=True)
     probe = (top / PROBE_NAME).resolve()
@@ -192,12 +195,17 @@ def run_ray(todo: list[PointJob], address: str, top: Path) -> None:
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref)  # a running task gets KeyboardInterrupt: it records run_interrupted
+        ray.wait(pending, num_returns=len(pending), timeout=10)  # ... before shutdown ends its worker
         raise
     finally:
         probe.unlink(missing_ok=True)
         if started:
             ray.shutdown()
     _raise_failures(todo, failures)
+
+
+def _interrupt_run(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _ray_point(job: PointJob, target: str, probe: str, token: str, shared: bool | None, seed: dict) -> dict:
