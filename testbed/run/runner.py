@@ -12,6 +12,7 @@ import copy
 import itertools
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -132,19 +133,44 @@ def prompt_for(spec: ExperimentSpec, model: ModelRef, repetition: int) -> list[i
     return [int(t) for t in rng.integers(0, model.config.vocab_size, spec.workload.prompt_tokens)]
 
 
-def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str, resume: bool,
-               sweep_point: dict) -> None:
+@dataclass(frozen=True)
+class PointJob:
+    """One sweep point, self-contained: what a worker process or a Ray task needs to run it without
+    the experiment's directory (the driver resolves the model config and the scenario's timelines,
+    which read files next to the experiment: checkpoints' config.json, trace CSVs)."""
+
+    index: int
+    sweep_point: dict
+    spec: ExperimentSpec
+    model: ModelRef
+    timelines: tuple
+    run_dir: Path
+    backend: str
+    resume: bool
+
+
+def point_job(index: int, sweep_point: dict, spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str,
+              resume: bool) -> PointJob:
     try:
         model = resolve_model(spec.model, exp_path.parent)
-        timelines = [expand(spec, exp_path.parent, rep) for rep in range(spec.repetitions)]
+        timelines = tuple(expand(spec, exp_path.parent, rep) for rep in range(spec.repetitions))
     except (ModelRefError, ScenarioError) as exc:
         raise RunError(str(exc)) from None
-    rec = RunRecorder(run_dir, resume=resume)
-    done = rec.completed() if resume else set()
+    return PointJob(index, sweep_point, spec, model, timelines, Path(run_dir), backend, resume)
+
+
+def _run_point(job: PointJob, *, bars: bool = True, write_to: Path | None = None) -> Path:
+    """Run one sweep point into ``job.run_dir`` (or ``write_to``, a stand-in directory whose files
+    the caller moves to ``job.run_dir``: the manifest names ``job.run_dir`` either way). ``bars``:
+    rich per-token progress bars (off in worker processes, where the driver prints one line a point)."""
+    spec, model, timelines, backend = job.spec, job.model, job.timelines, job.backend
+    run_dir = Path(write_to or job.run_dir)
+    rec = RunRecorder(run_dir, resume=job.resume)
+    done = rec.completed() if job.resume else set()
     resolved = spec.model_dump(mode="json")
-    resolved.update(backend=backend, sweep_point=sweep_point, model_resolved=model.to_json())
+    resolved.update(backend=backend, sweep_point=job.sweep_point, model_resolved=model.to_json())
     rec.write_config(resolved)
-    rec.write_manifest({"experiment": spec.name, "backend": backend, "run_dir": str(run_dir),
+    rec.write_manifest({"experiment": spec.name, "backend": backend, "run_dir": str(job.run_dir),
                         "scenario_timeline": [c.describe() for c in timelines[0]],
                         "scenario_timeline_by_repetition": {str(r): [c.describe() for c in t]
                                                             for r, t in enumerate(timelines) if r},
@@ -156,7 +182,7 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
     cluster = None
     try:
         cluster = make_cluster(spec, model, run_dir, backend, rec)
-        with _progress() as progress:
+        with (_progress() if bars else _NoProgress()) as progress:
             for rep in range(spec.repetitions):
                 for algo in algos:
                     if (algo.name, rep) in done:
@@ -172,6 +198,7 @@ def _run_point(spec: ExperimentSpec, exp_path: Path, run_dir: Path, backend: str
             cluster.close()
         rec.write_summary(summarize(run_dir, [a.name for a in algos], spec.topology.source))
         rec.close()
+    return job.run_dir
 
 
 def repetition_variation(spec: ExperimentSpec) -> dict:
@@ -214,10 +241,34 @@ def _progress() -> Progress:
                     TextColumn("tokens"), TimeElapsedColumn(), console=console, transient=False)
 
 
+class _NoProgress:
+    """Stands in for ``rich.progress.Progress`` where bars would interleave (parallel points)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
 def run_experiment(spec: ExperimentSpec, exp_path: Path, out: Path, *, backend: str | None = None,
-                   resume: Path | None = None) -> list[Path]:
-    """Run every sweep point; return the run directories (one per point)."""
+                   resume: Path | None = None, jobs: int = 1, ray_address: str | None = None) -> list[Path]:
+    """Run every sweep point; return the run directories (one per point).
+
+    ``jobs`` > 1 runs the points in that many local worker processes, ``ray_address`` as Ray tasks on
+    a cluster (``testbed.run.fanout``; simulated backend only). Results are identical to a serial run."""
+    from testbed.run import fanout
+
     backend = backend or spec.backend
+    fanout.check_options(backend, jobs, ray_address)
+    if ray_address is not None:
+        fanout.require_ray()
     points = sweep_points(spec, Path(exp_path))
     if resume is not None:
         top = Path(resume)
@@ -226,10 +277,17 @@ def run_experiment(spec: ExperimentSpec, exp_path: Path, out: Path, *, backend: 
     else:
         top = Path(out) / spec.name / time.strftime("%Y%m%d-%H%M%S")
     dirs = [top] if len(points) == 1 else [top / f"point-{k}" for k in range(len(points))]
+    todo = [point_job(k, point, point_spec, Path(exp_path), run_dir, backend, resume is not None)
+            for k, ((point, point_spec), run_dir) in enumerate(zip(points, dirs))]
     old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        for (point, point_spec), run_dir in zip(points, dirs):
-            _run_point(point_spec, Path(exp_path), run_dir, backend, resume is not None, point)
+        if ray_address is not None:
+            fanout.run_ray(todo, ray_address, top)
+        elif jobs > 1 and len(todo) > 1:
+            fanout.run_pool(todo, jobs)
+        else:
+            for job in todo:
+                _run_point(job)
     except BackendError as exc:
         raise RunError(str(exc)) from None
     finally:
