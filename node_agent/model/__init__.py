@@ -8,17 +8,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .blocks import (AttentionShard, Embedder, FfnShard, LMHead, ProjBlock, ShardError,
-                     assemble_head_outputs, ffn_combine, ffn_down_bias, prepare_state_dict,
-                     source_blocks)
 from .config import REGISTRY, ModelConfig, ModelError, config_from_hf
-from .model import Model
-from .weights import load_hf_dir, random_state_dict
+
+# torch-backed names load on first use, so reading a config (``headroom validate``, planning) never
+# imports torch
+_LAZY = {
+    **{n: "blocks" for n in ("AttentionShard", "Embedder", "FfnShard", "LMHead", "ProjBlock", "ShardError",
+                             "assemble_head_outputs", "ffn_combine", "ffn_down_bias", "prepare_state_dict",
+                             "source_blocks")},
+    "Model": "model", "load_hf_dir": "weights", "random_state_dict": "weights",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_state(name_or_dir: str | Path, seed: int = 0) -> tuple[ModelConfig, dict]:
     """(config, full internal state dict) for a registry name, a HF checkpoint directory, or
     ``config:{json}`` (a ModelConfig as a dict; random seeded weights)."""
+    from .weights import load_hf_dir, random_state_dict
+
     key = str(name_or_dir)
     if key.startswith("config:"):  # explicit dims (testbed.spec.modelref): random seeded weights
         import json
@@ -39,6 +53,9 @@ def load_state(name_or_dir: str | Path, seed: int = 0) -> tuple[ModelConfig, dic
 
 def load_model(name_or_dir: str | Path | ModelConfig, seed: int = 0) -> Model:
     """A ready Model (fp32, CPU). A ModelConfig gets random seeded weights."""
+    from .model import Model
+    from .weights import random_state_dict
+
     if isinstance(name_or_dir, ModelConfig):
         return Model(name_or_dir, random_state_dict(name_or_dir, seed))
     return Model(*load_state(name_or_dir, seed))
