@@ -154,6 +154,13 @@ def analyze(run_dirs: List[Path], out: Optional[Path] = typer.Option(None, "-o",
     if missing:
         print(f"{missing[0]}: not a run directory (no events.jsonl)", file=sys.stderr)
         raise typer.Exit(2)
+    from analysis.regime_map import analyze_map, is_regime_map, render
+
+    if len(run_dirs) == 1 and is_regime_map(run_dirs[0]):  # 1200 points: the map's figures, not one set per run
+        result = analyze_map(run_dirs[0], out)
+        print(render(result["summary"]))
+        print(f"report: {result['report']}")
+        return
     from analysis.report import analyze as do_analyze
 
     result = do_analyze(list(run_dirs), out)
