@@ -5,7 +5,11 @@
    layer, ``optimal`` = the certified exact search (``testbed.partition.exact.serial``).
 2. Exact solver time, paper model, 5 devices x 32 heads; 2d. the same for the decode search.
 3. RA decision time, decode model, 48 devices x 12 layers x 12 heads.
-4. Fluctuating bandwidth on the simulated cluster (8-24 devices, 3 random clusters and scenarios
+4. RA on the regime map (``experiments/paper/regime_map.yaml``, 1200 simulated points, or
+   ``--map-run DIR``): RA / best of EdgeShard, EdgeShard-dynamic and Galaxy (target <= 1.02x at
+   every point), RA's speed-up over the best layer split where compute dominates, where RA beats
+   Galaxy, and the boundary rule's accuracy (``analysis.regime_map``).
+4g. (``--only 4g``) Fluctuating bandwidth on a GPT-2-small simulated cluster (8-24 devices, 3 random clusters and scenarios
    each): RA vs EdgeShard (static and dynamic) and Galaxy: mean per-token latency (migration
    included) and peak device memory; ``ra_greedy`` is RA without its layer-split candidate.
 Compute speed: the per-core FLOP/s measured on this machine (``testbed.backends.calibrate.per_core_flops``,
@@ -145,7 +149,7 @@ def run_algorithm(cluster: SimulatedCluster, algorithm: str, events: dict, token
 
 
 def fluctuating(per_core_flops: float, tokens: int, every: int = 8, scenarios: int = 3) -> None:
-    print(f"[4] fluctuating bandwidth, simulated cluster, GPT-2-small dims, {per_core_flops:.2e} FLOP/s per core,"
+    print(f"[4g] fluctuating bandwidth, simulated cluster, GPT-2-small dims, {per_core_flops:.2e} FLOP/s per core,"
           f" {tokens} tokens, re-plan every {every}; bandwidth of every link redrawn 10-100 Mbit/s"
           f" (x0.1 for a random third) every 16 tokens; {scenarios} random clusters and scenarios per size")
     # ra_greedy: the paper's greedy alone (no layer-split candidate, RA step 4b), for comparison
@@ -191,12 +195,51 @@ def fluctuating(per_core_flops: float, tokens: int, every: int = 8, scenarios: i
               f"where one ran; target (>= 25% faster and lower peak) met in {meets}/{scenarios}")
 
 
+def regime_map(run_dir: str | None) -> None:
+    """[4] RA on the regime map (issue 12 item 6): at most 1.02x the best of EdgeShard (static,
+    dynamic) and Galaxy at every point, >= 25 % faster than the best layer split where compute
+    dominates (R > R*), and where it beats Galaxy too. Runs experiments/paper/regime_map.yaml
+    (simulated, ~8.5 min on 2 cores) unless ``--map-run`` names a finished run of it."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from analysis.regime_map import DOMINANCE, load_map, render, summarize
+
+    if run_dir is None:
+        from testbed.run.runner import run_experiment
+        from testbed.spec.loader import load_experiment
+
+        exp = Path(__file__).resolve().parents[1] / "experiments/paper/regime_map.yaml"
+        t = time.perf_counter()
+        dirs = run_experiment(load_experiment(exp), exp, Path(tempfile.mkdtemp(prefix="regime-map-")))
+        run_dir = str(dirs[0].parent)
+        print(f"[4] ran {exp.name}: {len(dirs)} points in {time.perf_counter() - t:.0f} s -> {run_dir}")
+    df = load_map(Path(run_dir))
+    summary = summarize(df)
+    print(f"[4] regime map {run_dir}")
+    print("    " + render(summary).replace("\n", "\n    "))
+    for scen, d in df.groupby("scenario"):
+        r_star = summary[scen]["rule_R_star"]
+        ran = d[np.isfinite(d["ra_over_best"])]
+        compute = ran[ran["R"] > 2 * r_star]
+        fast = int((compute["ra_over_layer"] <= 0.75).sum())
+        print(f"    {scen}: RA / best baseline max {ran['ra_over_best'].max():.3f} (target <= {DOMINANCE}): "
+              f"{'MEETS' if ran['ra_over_best'].max() <= DOMINANCE else 'MISSES'} "
+              f"({summary[scen]['ra_worse_than_1.02x_best_significant']} significant); where compute dominates "
+              f"(R > 2 R* = {2 * r_star:.3g}, {len(compute)} points) RA >= 25 % faster than the best layer split "
+              f"at {fast} ({100 * fast / max(len(compute), 1):.0f} %)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-core-flops", type=float, default=None,
                     help="simulated per-core speed; default: measured here by testbed.backends.calibrate.per_core_flops()")
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--only", default="1,1d,2,2d,3,4", help="comma-separated sections to run")
+    ap.add_argument("--only", default="1,1d,2,2d,3,4", help="comma-separated sections to run (4g: the old "
+                    "GPT-2 fluctuating-bandwidth section)")
+    ap.add_argument("--map-run", default=None, help="[4]: a finished run of experiments/paper/regime_map.yaml")
     args = ap.parse_args()
     only = set(args.only.split(","))
     t0 = time.perf_counter()
@@ -204,7 +247,9 @@ def main() -> None:
                     ("2d", exact_time_decode), ("3", ra_time)):
         if key in only:
             fn()
-    if "4" not in only:
+    if "4" in only:
+        regime_map(args.map_run)
+    if "4g" not in only:
         print(f"bench wall time {time.perf_counter() - t0:.1f} s")
         return
     if args.per_core_flops is None:
