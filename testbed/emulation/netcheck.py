@@ -103,6 +103,14 @@ def expected_rtt_ms(net, src: str, dst: str) -> float:
             + _probe_frame_bytes("pong") / net.path_rate_bytes_per_s(dst, src)) * 1e3
 
 
+def path_queue_drops(net, src: str, dst: str) -> int:
+    """Queue-overflow drops so far on every egress along src -> dst (a counter: subtract two
+    readings). Separates congestion loss (a sender's burst overflowing a shallow queue) from the
+    loss a link was asked for."""
+    ends = [net._live(x, y).ends[x] for x, y in net.path(src, dst)]
+    return sum(net.ex.queue_drops(end.dev, end.netns_pid) for end in ends)
+
+
 def measure_loss(net, src: str, dst: str, rate_mbps: float, seconds: float = 2.0, port: int = 5301,
                  attempts: int = 3) -> dict:
     """Bounded iperf3 UDP src -> dst at ``rate_mbps``: the receiver's lost-datagram share, and the
@@ -120,12 +128,12 @@ def measure_loss(net, src: str, dst: str, rate_mbps: float, seconds: float = 2.0
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(0.3 + 0.3 * attempt)
-            drops_before = net.path_queue_drops(src, dst)
+            drops_before = path_queue_drops(net, src, dst)
             client = net.popen_in_host(src, ["iperf3", "-u", "-c", net.host_ip(dst), "-p", str(p), "-t", str(seconds),
                                              "-b", f"{rate_mbps}M", "-l", "1000", "-w", "2M", "-J"], cgroup=False,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             rc, out, err = _finish(client, seconds + 5)
-            queue_drops = net.path_queue_drops(src, dst) - drops_before
+            queue_drops = path_queue_drops(net, src, dst) - drops_before
         finally:
             _finish(server, 5)
         data = json.loads(out) if out.strip().startswith("{") else {}

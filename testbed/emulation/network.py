@@ -343,14 +343,6 @@ class EmulatedNetwork:
             out["up"] = all(ups)
             return out
 
-    def path_queue_drops(self, src: str, dst: str) -> int:
-        """Queue-overflow drops so far on every egress along src -> dst (a counter: subtract two
-        readings). Separates congestion loss (a sender's burst overflowing a shallow queue) from the
-        loss a link was asked for."""
-        with self._lock:
-            ends = [self._live(x, y).ends[x] for x, y in self.path(src, dst)]
-        return sum(self.ex.queue_drops(end.dev, end.netns_pid) for end in ends)
-
     # ------------------------------------------------------------------ hosts: processes and limits
     def _start_cgroups(self) -> None:
         self.cgroups = CgroupSet(self.run_id, _RecordingManifest(self))

@@ -182,7 +182,7 @@ def _run_point(job: PointJob, *, bars: bool = True, write_to: Path | None = None
     cluster = None
     try:
         cluster = make_cluster(spec, model, run_dir, backend, rec)
-        with (_progress() if bars else _NoProgress()) as progress:
+        with _progress(disable=not bars) as progress:
             for rep in range(spec.repetitions):
                 for algo in algos:
                     if (algo.name, rep) in done:
@@ -236,25 +236,10 @@ def _run_one(cluster, rec, spec, model, algo, rep, changes, progress) -> None:
               peak_mem_bytes=cluster.peak_mem_bytes(), tokens=loop.state.tokens)
 
 
-def _progress() -> Progress:
+def _progress(disable: bool = False) -> Progress:
+    """Per-token bars; ``disable`` in worker processes, where bars of parallel points would interleave."""
     return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("tokens"), TimeElapsedColumn(), console=console, transient=False)
-
-
-class _NoProgress:
-    """Stands in for ``rich.progress.Progress`` where bars would interleave (parallel points)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *args, **kwargs) -> int:
-        return 0
-
-    def update(self, *args, **kwargs) -> None:
-        pass
+                    TextColumn("tokens"), TimeElapsedColumn(), console=console, transient=False, disable=disable)
 
 
 def run_experiment(spec: ExperimentSpec, exp_path: Path, out: Path, *, backend: str | None = None,

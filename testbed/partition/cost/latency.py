@@ -204,7 +204,7 @@ def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
     return out, agg
 
 
-def _layer_delta(lp, src_dev, nics: _Nics, k: dict, memo: dict):
+def _layer_delta(lp, src_dev, net: Net, serial: bool, k: dict, memo: dict):
     """``_decode_layer`` from a start at (0, 0): ((compute_s, transfer_s), aggregator, bytes per link).
 
     A layer's cost does not depend on when it starts: every message it sends is awaited before its
@@ -216,8 +216,7 @@ def _layer_delta(lp, src_dev, nics: _Nics, k: dict, memo: dict):
     hit = memo.get(key)
     if hit is None:
         tally = _Tally()
-        fresh = _Nics(nics.net, nics.serial)
-        delta, agg = _decode_layer(lp, src_dev, (0.0, 0.0), fresh, k, tally)
+        delta, agg = _decode_layer(lp, src_dev, (0.0, 0.0), _Nics(net, serial), k, tally)
         hit = memo[key] = (delta, agg, tally.by_link)
     return hit
 
@@ -260,7 +259,7 @@ def decode_cost(placement: Placement, snapshot: ClusterSnapshot, dims: ModelDims
     memo = net.layer_memo.setdefault((T, n_tokens, serial_nics), {})
     cp, dev = (0.0, 0.0), placement.source
     for lp in placement.layers:
-        (dc, dt), dev, sent = _layer_delta(lp, dev, nics, k, memo)
+        (dc, dt), dev, sent = _layer_delta(lp, dev, net, serial_nics, k, memo)
         cp = (cp[0] + dc, cp[1] + dt)
         for link, nbytes in sent.items():
             tally.by_link[link] = tally.by_link.get(link, 0) + nbytes

@@ -134,17 +134,28 @@ def _galaxy_plan(prob: Problem, group: list[int]) -> Placement:
     return pl
 
 
+def galaxy_plans(prob: Problem, sizes):
+    """(g, Galaxy's plan over the g fastest allowed devices, or the InfeasiblePlan saying why not)
+    for each group size g in ``sizes`` (at most the number of allowed devices)."""
+    order = sorted(np.nonzero(prob.allowed)[0].tolist(), key=lambda j: (-prob.C[j], j))
+    for g in sizes:
+        if g > len(order):
+            break
+        try:
+            yield g, _galaxy_plan(prob, order[:g])
+        except InfeasiblePlan as exc:
+            yield g, exc
+
+
 def galaxy(snapshot, dims, cost_model: str = "decode", max_group: int | None = None) -> Placement:
     """``galaxy``: per-layer tensor parallelism over the best group of fastest devices."""
     prob = Problem(snapshot, dims, cost_model)
     prob.check_totals()
-    order = sorted(np.nonzero(prob.allowed)[0].tolist(), key=lambda j: (-prob.C[j], j))
+    n = int(prob.allowed.sum())
     best, best_lat, last_err = None, np.inf, None
-    for g in range(1, min(len(order), max_group or len(order)) + 1):
-        try:
-            pl = _galaxy_plan(prob, order[:g])
-        except InfeasiblePlan as exc:
-            last_err = exc
+    for g, pl in galaxy_plans(prob, range(1, min(n, max_group or n) + 1)):
+        if isinstance(pl, InfeasiblePlan):
+            last_err = pl
             continue
         lat = evaluate(pl, snapshot, dims, cost_model).token_latency_s
         if lat < best_lat:

@@ -70,6 +70,15 @@ class _MixFits:
         return bool(np.all(self.used + swap <= self.limit))
 
 
+def problem_net(prob: Problem) -> Net:
+    """The problem's one ``Net``: its path lookups and per-layer costs are shared by every plan
+    the decision weighs (the greedy's, the layer split, the baselines', the per-layer mixes)."""
+    net = prob.memo.get("net")
+    if net is None:
+        net = prob.memo["net"] = Net(prob.snap)
+    return net
+
+
 def plan_cost(prob: Problem, pl: Placement, net: Net | None = None) -> CostResult:
     """``pl``'s cost under ``prob``'s model, computed once per problem (``prob.memo``)."""
     memo = prob.memo.setdefault("cost", {})
@@ -77,7 +86,7 @@ def plan_cost(prob: Problem, pl: Placement, net: Net | None = None) -> CostResul
         if prob.cost_model == "paper":
             memo[pl] = evaluate(pl, prob.snap, prob.dims, "paper")
         else:
-            memo[pl] = decode_cost(pl, prob.snap, prob.dims, net=net)
+            memo[pl] = decode_cost(pl, prob.snap, prob.dims, net=net or problem_net(prob))
     return memo[pl]
 
 
@@ -239,7 +248,7 @@ def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np
     cur = prob.snap.current
     if cur is None or len(cur.layers) != prob.dims.n_layers or cur.source != new.source:
         return new
-    net = Net(prob.snap)
+    net = problem_net(prob)
     H = max(1.0, float(horizon_tokens))
     budget = budget if budget is not None else prob.budget
     T, N = prob.T, prob.N
@@ -330,5 +339,5 @@ def _keep_current(prob: Problem, new: Placement, horizon_tokens: float | None = 
     if not _usable(prob, cur):
         return new
     H = max(1.0, float(horizon_tokens or prob.N))
-    net = Net(prob.snap)
+    net = problem_net(prob)
     return cur if _objective(prob, cur, H, net)[0] <= _objective(prob, new, H, net)[0] else new

@@ -54,7 +54,7 @@ import numpy as np
 
 from testbed.partition.common import NoFit, Problem
 from testbed.core.errors import InfeasiblePlan
-from testbed.partition.ra.choice import _objective, choose_plan, plan_cost
+from testbed.partition.ra.choice import _objective, choose_plan, plan_cost, problem_net
 from testbed.partition.ra.greedy import _round
 from testbed.core.placement import Placement
 
@@ -90,14 +90,13 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     together; the greedy, filling devices layer by layer, splits layers where a device is full,
     and every split adds bytes on the links (bytes that cost more when a link drops)."""
     from testbed.partition.common import uniform_layers
-    from testbed.partition.cost.latency import Net
     from testbed.partition.layer.edgeshard import best_split
 
     split = best_split(prob, max_devices=2 * prob.dims.n_layers, budget=budget)
     if split is None:
         return layers, meta
     whole = uniform_layers([prob.names[k] for k in split], prob.dims)
-    net = Net(prob.snap)
+    net = problem_net(prob)
     a, b = Placement(prob.snap.source, whole), Placement(prob.snap.source, layers)
     oa, ob = _objective(prob, a, prob.H, net)[0], _objective(prob, b, prob.H, net)[0]
     fewer = lambda: plan_cost(prob, a, net).bytes_moved < plan_cost(prob, b, net).bytes_moved  # noqa: E731
@@ -119,28 +118,23 @@ def galaxy_groups(n: int) -> list[int]:
 
 def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_split: bool = True):
     """Step 4c: the plan so far, or the best of EdgeShard's full-memory layer split and Galaxy's
-    tensor-parallel split (``layer.baselines._galaxy_plan`` over the g fastest devices, sized at
+    tensor-parallel split (``layer.baselines.galaxy_plans``: the g fastest devices, sized at
     RA's memory horizon) when its latency + migration delay / H is more than ``slack`` lower.
     ``with_layer_split=False`` (RA's ``layer_split`` off): Galaxy's candidate only."""
     from testbed.partition.common import uniform_layers
-    from testbed.partition.cost.latency import Net
-    from testbed.partition.layer.baselines import _galaxy_plan
+    from testbed.partition.layer.baselines import galaxy_plans
     from testbed.partition.layer.edgeshard import best_split
 
-    net = Net(prob.snap)
+    net = problem_net(prob)
     ours = Placement(prob.snap.source, layers, meta=meta)
     best_obj, best = _objective(prob, ours, prob.H, net)[0], None
     split = best_split(prob, max_devices=2 * prob.dims.n_layers) if with_layer_split else None
     cands = []
     if split is not None:
         cands.append((uniform_layers([prob.names[k] for k in split], prob.dims), {"portfolio": "layer_split"}))
-    order = sorted(np.nonzero(prob.allowed)[0].tolist(), key=lambda j: (-prob.C[j], j))
-    for g in galaxy_groups(len(order)):
-        try:
-            pl = _galaxy_plan(prob, order[:g])
-        except InfeasiblePlan:
-            continue
-        cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
+    for g, pl in galaxy_plans(prob, galaxy_groups(int(prob.allowed.sum()))):
+        if not isinstance(pl, InfeasiblePlan):
+            cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
     for cand_layers, tag in cands:
         obj = _objective(prob, Placement(prob.snap.source, cand_layers), prob.H, net)[0]
         if obj < best_obj * (1 - slack) and (best is None or obj < best[0]):
