@@ -14,8 +14,10 @@ from testbed.spec.schema import GeneratedTopology, TopologySpec
 
 def _host(name: str, profile: str, scale: float, source: bool = False) -> dict:
     p = get_profile(profile)
+    # timed as the device (its profile's roofline), not as a share of this machine's core: the
+    # profile's cpu_cores written next to it would otherwise select speed "cores" (HostSpec)
     return {"name": name, "mem_limit_mib": round(p.mem_limit_mib * scale, 3), "cpu_cores": p.cpu_cores,
-            "source": source, "profile": profile}
+            "source": source, "profile": profile, "speed": "device"}
 
 
 def generate(g: GeneratedTopology) -> TopologySpec:
