@@ -39,8 +39,9 @@ class Cluster(Protocol):
 
     def apply_link(self, a: str, b: str, *, bandwidth_mbps: float | None = None,
                    delay_ms: float | None = None, loss_pct: float | None = None,
-                   up: bool | None = None) -> dict:
-        """Change a link in place (both directions); return the read-back state."""
+                   up: bool | None = None, direction: str | None = None) -> dict:
+        """Change a link in place — both directions, or only the traffic leaving ``direction``
+        (a or b) — and return the read-back state, with the state before under ``"before"``."""
         ...
 
     def set_host_limits(self, host: str, *, mem_limit_mib: float | None = None,

@@ -70,19 +70,26 @@ def _with_policy(snap, current, allow_on_source, pending_limits: dict[str, float
 
 def _is_drop(change: Change, before: dict, threshold_pct: float = 0.0) -> bool:
     """True if the change lowers bandwidth, memory or CPU by more than ``threshold_pct`` % of the
-    value before it, or takes a link down / kills an agent (always)."""
+    value before it, raises a link's delay by more than that share (from 0: any rise of at least
+    1 ms), raises its loss (any rise), or takes a link down / kills an agent (always)."""
     vals = change.values
     if vals.get("up") is False or vals.get("kill_agent"):
         return True
     for key in ("bandwidth_mbps", "mem_limit_mib", "cpu_cores"):
         if key in vals and key in before and before[key] and vals[key] < before[key] * (1 - threshold_pct / 100):
             return True
-    return False
+    if "delay_ms" in vals and "delay_ms" in before:
+        old = before["delay_ms"]
+        if vals["delay_ms"] > (old * (1 + threshold_pct / 100) if old > 0 else old + 1.0):
+            return True
+    return "loss_pct" in vals and "loss_pct" in before and vals["loss_pct"] > before["loss_pct"]
 
 
 def apply_change(cluster: Cluster, change: Change) -> dict:
     """Apply one scenario change and return the read-back state the backend reports."""
     if change.link is not None:
+        if change.direction is not None:
+            return cluster.apply_link(change.link[0], change.link[1], direction=change.direction, **change.values)
         return cluster.apply_link(change.link[0], change.link[1], **change.values)
     values = dict(change.values)
     if values.pop("kill_agent", False):
@@ -184,7 +191,7 @@ class AlgorithmLoop:
 
     def _apply(self, token_index: int, changes: list[Change]) -> None:
         for change in changes:
-            key = (change.link, change.host)
+            key = (change.link, change.host, change.direction)
             before = self._last_values.get(key, {})
             readback = apply_change(self.cluster, change)
             self._last_values[key] = {**before, **change.values}
@@ -192,6 +199,7 @@ class AlgorithmLoop:
                 self.state.replan_now = True
             self._ev("scenario_applied", token_index=token_index, change=change.describe(),
                      link=list(change.link) if change.link else None, host=change.host,
+                     **({"direction": change.direction} if change.direction else {}),
                      values=change.values, readback=readback)
             self.applied.append({"token_index": token_index, "change": change.describe(), "readback": readback})
 

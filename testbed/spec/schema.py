@@ -199,6 +199,11 @@ class MigrationSettings(Spec):
     weights_from: Literal["source", "destination"] = "source"
 
 
+# which traffic of a link a scenario change touches: a -> b, b -> a (as the link is written in the
+# event) or both directions
+Direction = Literal["a_to_b", "b_to_a", "both"]
+
+
 class ScenarioEvent(Spec):
     """One scripted change, at a token index or a wall time (seconds since the algorithm started)."""
 
@@ -213,6 +218,7 @@ class ScenarioEvent(Spec):
     mem_limit_mib: Optional[float] = Field(None, gt=0)
     cpu_cores: Optional[float] = Field(None, gt=0)
     kill_agent: bool = False
+    direction: Direction = "both"  # a link event: change only the traffic a -> b (or b -> a)
 
     @model_validator(mode="after")
     def _check(self) -> "ScenarioEvent":
@@ -228,34 +234,64 @@ class ScenarioEvent(Spec):
             raise ValueError("a link event changes bandwidth_mbps, delay_ms, loss_pct or up (and nothing else)")
         if self.host is not None and (link_fields or not host_fields):
             raise ValueError("a host event changes mem_limit_mib, cpu_cores or kill_agent (and nothing else)")
+        if self.direction != "both" and (self.link is None or self.up is not None):
+            raise ValueError("direction applies to a link's bandwidth_mbps, delay_ms or loss_pct (up is both ways)")
         return self
 
 
+# the quantities a ramp, walk or trace can drive, by the unit suffix of their range keys
+QUANTITY_BY_UNIT = {"mbps": "bandwidth_mbps", "ms": "delay_ms", "pct": "loss_pct"}
+
+
+def _one_range(obj, lo_prefix: str, hi_prefix: str, what: str) -> tuple[str, float, float]:
+    """(quantity, low, high) from exactly one pair of ``{lo_prefix}_{unit}``/``{hi_prefix}_{unit}``."""
+    pairs = [(q, getattr(obj, f"{lo_prefix}_{u}"), getattr(obj, f"{hi_prefix}_{u}")) for u, q in QUANTITY_BY_UNIT.items()]
+    given = [(q, lo, hi) for q, lo, hi in pairs if lo is not None or hi is not None]
+    keys = " or ".join(f"{lo_prefix}_{u}/{hi_prefix}_{u}" for u in QUANTITY_BY_UNIT)
+    if len(given) != 1 or given[0][1] is None or given[0][2] is None:
+        raise ValueError(f"{what}: give exactly one pair of {keys}")
+    return given[0]
+
+
 class Ramp(Spec):
-    """A linear bandwidth ramp on one link, applied as ``steps`` step changes."""
+    """A linear ramp of one link quantity — bandwidth (``from_mbps``/``to_mbps``), delay
+    (``from_ms``/``to_ms``) or loss (``from_pct``/``to_pct``) — applied as ``steps`` step changes."""
 
     link: tuple[str, str]
     from_token: int = Field(ge=0)
     to_token: int = Field(ge=1)
-    from_mbps: float = Field(gt=0)
-    to_mbps: float = Field(gt=0)
+    from_mbps: Optional[float] = Field(None, gt=0)
+    to_mbps: Optional[float] = Field(None, gt=0)
+    from_ms: Optional[float] = Field(None, ge=0)
+    to_ms: Optional[float] = Field(None, ge=0)
+    from_pct: Optional[float] = Field(None, ge=0, le=100)
+    to_pct: Optional[float] = Field(None, ge=0, le=100)
     steps: int = Field(4, ge=1)
+    direction: Direction = "both"
 
     @model_validator(mode="after")
     def _order(self) -> "Ramp":
         if self.to_token <= self.from_token:
             raise ValueError("to_token must be after from_token")
+        _one_range(self, "from", "to", "ramp")
         return self
+
+    def quantity(self) -> tuple[str, float, float]:
+        """(changed key, start value, end value)."""
+        return _one_range(self, "from", "to", "ramp")
 
 
 class RandomWalk(Spec):
-    """A seeded multiplicative random walk of a link's bandwidth, a step every ``every_tokens``.
+    """A seeded random walk of one link quantity, a step every ``every_tokens``.
 
     ``all_links: true`` instead of ``link`` walks every link of the topology independently
-    (link k uses seed + k). The range is absolute (``min_mbps``/``max_mbps``: the walk starts at
-    its geometric middle) or relative to each link's own rate in the topology
-    (``min_frac``/``max_frac``: the walk starts at the link's rate, clipped into the range) — the
-    relative form keeps one scenario meaningful across a bandwidth sweep."""
+    (link k uses seed + k). The range is absolute — ``min_mbps``/``max_mbps`` (bandwidth),
+    ``min_ms``/``max_ms`` (one-way delay) or ``min_pct``/``max_pct`` (loss) — or relative to each
+    link's own value in the topology (``min_frac``/``max_frac`` of ``quantity``, default bandwidth).
+    A range with a positive minimum is walked multiplicatively (a step scales the value by up to
+    ±``step_pct`` %), starting at its geometric middle (absolute) or at the link's own value
+    clipped into it (relative); a range from 0 (e.g. loss) additively, by up to ``step_pct`` % of
+    its width a step, from its middle. The relative form keeps one scenario meaningful across a sweep."""
 
     link: Optional[tuple[str, str]] = None
     all_links: bool = False
@@ -264,32 +300,50 @@ class RandomWalk(Spec):
     stop_token: Optional[int] = Field(None, ge=1)
     min_mbps: Optional[float] = Field(None, gt=0)
     max_mbps: Optional[float] = Field(None, gt=0)
+    min_ms: Optional[float] = Field(None, ge=0)
+    max_ms: Optional[float] = Field(None, ge=0)
+    min_pct: Optional[float] = Field(None, ge=0, le=100)
+    max_pct: Optional[float] = Field(None, ge=0, le=100)
     min_frac: Optional[float] = Field(None, gt=0)
     max_frac: Optional[float] = Field(None, gt=0)
+    quantity: Literal["bandwidth_mbps", "delay_ms", "loss_pct"] = "bandwidth_mbps"  # of min_frac/max_frac
     step_pct: float = Field(30.0, gt=0, le=100)
     seed: int = 0
+    direction: Direction = "both"
 
     @model_validator(mode="after")
     def _target(self) -> "RandomWalk":
         if (self.link is None) == (not self.all_links):
             raise ValueError("give either link or all_links: true")
-        absolute = (self.min_mbps, self.max_mbps)
+        absolute = any(getattr(self, f"{b}_{u}") is not None for b in ("min", "max") for u in QUANTITY_BY_UNIT)
         relative = (self.min_frac, self.max_frac)
-        if any(v is not None for v in absolute) == any(v is not None for v in relative):
-            raise ValueError("give either min_mbps and max_mbps or min_frac and max_frac (of each link's rate)")
-        lo, hi = absolute if absolute != (None, None) else relative
-        if lo is None or hi is None:
-            raise ValueError("give both bounds of the range (min_mbps/max_mbps or min_frac/max_frac)")
+        if absolute == any(v is not None for v in relative):
+            raise ValueError("give either an absolute range (min_mbps/max_mbps, min_ms/max_ms or min_pct/max_pct) "
+                             "or min_frac and max_frac (of each link's own value)")
+        if absolute:
+            _, lo, hi = _one_range(self, "min", "max", "random_walk")
+        else:
+            lo, hi = relative
+            if lo is None or hi is None:
+                raise ValueError("give both bounds of the range (min_frac/max_frac)")
         if lo > hi:
             raise ValueError("the range's minimum must not exceed its maximum")
         return self
 
+    def absolute_range(self) -> tuple[str, float, float] | None:
+        """(key, low, high) of an absolute range; None for a relative one."""
+        if self.min_frac is not None:
+            return None
+        return _one_range(self, "min", "max", "random_walk")
+
 
 class Trace(Spec):
-    """Replay a bandwidth trace: a CSV with columns ``token`` (or ``t_s``) and ``bandwidth_mbps``."""
+    """Replay a link trace: a CSV with a column ``token`` (or ``t_s``) and one or more of
+    ``bandwidth_mbps``, ``delay_ms``, ``loss_pct`` (a row changes the quantities whose cells are not empty)."""
 
     link: tuple[str, str]
     file: str
+    direction: Direction = "both"
 
 
 class RampItem(Spec):

@@ -166,6 +166,28 @@ def test_snapshot_measures_devices_and_paths(gpt2_cluster):
     assert c.snapshot(16, 8).device("h4").flops_per_s < 0.6 * by["h1"].flops_per_s
 
 
+def test_a_one_direction_delay_reaches_the_agents_and_the_snapshot(gpt2_cluster):
+    """Issue 16: only s1 -> h3 gains 30 ms. A layer split h1 -> h2 -> h3 -> h1 pays it once per token
+    (h2 -> h3: 1 + 30 ms), not on the way back (h3 -> h1: 2 + 1 ms); both ways it would pay 65 ms."""
+    c = gpt2_cluster
+    c.reset()
+    back = c.apply_link("h3", "s1", delay_ms=30, direction="s1")
+    try:
+        assert back["s1->h3"]["delay_ms"] == 30 and back["h3->s1"]["delay_ms"] == 2 and back["before"]["delay_ms"] == 2
+        snap, mo = c.snapshot(16, 8), c.message_overhead_s
+        assert snap.path("h2", "h3").latency_s == pytest.approx(0.031 + mo)
+        assert snap.path("h3", "h2").latency_s == pytest.approx(0.003 + mo)
+        pl = _placements(load_model("tiny-gpt2").config)["layer_level"]
+        prompt = [17, 200, 3, 64, 99, 150, 8, 42]
+        out, _, recs, _ = generate(c, pl, prompt, 6)
+        assert out == reference("tiny-gpt2", 0, prompt, 6)[0]
+        one_way = 0.002 + 0.031 + 0.003
+        assert all(one_way <= r.transfer_s + r.wait_s < one_way + 0.02 for r in recs[1:]), [r.transfer_s for r in recs]
+    finally:
+        c.apply_link("h3", "s1", delay_ms=2)
+    assert c.snapshot(16, 8).path("h2", "h3").latency_s == pytest.approx(0.003 + c.message_overhead_s)
+
+
 @pytest.mark.parametrize("weights_from", ["source", "destination"])
 def test_tiny_llama_gqa_head_level_with_migration(tmp_path, weights_from):
     seed, prompt = 3, [200, 180, 90, 24, 56, 183, 160, 163]

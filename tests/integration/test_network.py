@@ -133,6 +133,25 @@ def test_transport_delay_measured_by_wire_probe(star):
         star.set_link("h3", "s1", delay_ms=5)
 
 
+def test_one_direction_rate_and_delay(star):
+    """Issue 16: h3 -> s1 alone drops to 5 Mbit/s and gains 10 ms; s1 -> h3 keeps 10 Mbit/s and 5 ms,
+    measured both ways (iperf3 each way, the wire probe's round trip)."""
+    back = star.set_link("h3", "s1", bandwidth_mbps=5, delay_ms=15, direction="h3")
+    try:
+        assert back["h3->s1"]["bandwidth_mbps"] == 5 and back["s1->h3"]["bandwidth_mbps"] == 10
+        assert back["h3->s1"]["delay_ms"] == 15 and back["s1->h3"]["delay_ms"] == 5
+        assert star.one_way_delay_s("h3", "h2") == pytest.approx(0.020)
+        assert star.one_way_delay_s("h2", "h3") == pytest.approx(0.010)
+        up, down = measure_rate(star, "h3", "h1", seconds=2)["l2_mbps"], measure_rate(star, "h1", "h3", seconds=2)["l2_mbps"]
+        assert abs(up - 5) <= 0.25 and abs(down - 10) <= 0.5, (up, down)
+        expected = expected_rtt_ms(star, "h2", "h3")
+        assert 30.0 < expected < 30.5
+        rtt = measure_rtt(star, "h2", "h3")["rtt_ms"]
+        assert abs(rtt - expected) <= _rtt_tolerance_ms(expected), rtt
+    finally:
+        star.set_link("h3", "s1", bandwidth_mbps=10, delay_ms=5)
+
+
 def test_loss_via_iptables_statistic(star):
     star.set_link("h3", "s1", loss_pct=5)
     try:

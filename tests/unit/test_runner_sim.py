@@ -177,3 +177,34 @@ def test_a_migration_refused_before_anything_moved_keeps_the_current_placement(t
     # enforced and the algorithm fails with the OOM, not with the refusal
     assert summary[algo]["tokens_generated"] == refused[0]["token_index"] == 32
     assert summary[algo]["failed"] and summary[algo]["failure"].startswith("OOM on h2")
+
+
+def test_delay_loss_and_one_direction_changes_run_and_are_read_back(tmp_path: Path):
+    """Issue 16 items 2-3 through the runner: a one-direction delay step, a delay ramp and a loss walk
+    are applied identically for every algorithm, read back per direction into the manifest, and a
+    delay rise re-plans a dynamic algorithm at once (replan_threshold_pct)."""
+    (tmp_path / "topo.yaml").write_text(TOPO)
+    exp = EXP.split("scenario:")[0] + """scenario:
+  - {at_token: 5, link: [h2, s1], delay_ms: 40, direction: b_to_a}
+  - {ramp: {link: [h3, s1], from_token: 8, to_token: 16, from_ms: 2, to_ms: 20, steps: 2}}
+  - {random_walk: {link: [h4, s1], min_pct: 0, max_pct: 2, every_tokens: 6, seed: 2}}
+repetitions: 1
+backend: simulated
+"""
+    (tmp_path / "exp.yaml").write_text(exp)
+    (run_dir,) = run_experiment(load_experiment(tmp_path / "exp.yaml"), tmp_path / "exp.yaml", tmp_path / "out")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not any(s["failed"] for s in summary.values()), summary
+    applied = json.loads((run_dir / "manifest.json").read_text())["scenario_applied"]
+    runs = list(applied.values())
+    assert len(runs) == 4 and all([a["change"] for a in r] == [a["change"] for a in runs[0]] for r in runs)
+    (step,) = [a for a in runs[0] if "h2" in a["change"]]
+    assert step["change"] == "token 5: link s1->h2 delay_ms=40.0"
+    assert step["readback"]["s1->h2"]["delay_ms"] == 40 and step["readback"]["h2->s1"]["delay_ms"] == 2
+    losses = [a["readback"]["loss_pct"] for a in runs[0] if "h4" in a["change"]]
+    assert len(losses) == 4 and losses[0] == 1.0 and all(0 <= v <= 2 for v in losses)
+    delays = [a["readback"]["delay_ms"] for a in runs[0] if "h3" in a["change"]]
+    assert delays == [2, 11, 20]
+    events = [e for e in read_events(run_dir / "events.jsonl") if e.get("algorithm") == "resource_aware"]
+    plans = [e["token_index"] for e in events if e["type"] == "plan"]
+    assert 5 in plans  # the 40 ms rise re-planned at once (decisions are scheduled every 4 tokens)

@@ -120,19 +120,19 @@ def test_paths_through_a_single_link_equal_a_dijkstra_from_every_host():
     for trial in range(60):
         n = rng.randint(2, 10)
         hosts = [f"h{i}" for i in range(n)]
-        link = lambda: {"bandwidth": rng.choice([1e6, 2e6, 5e6]), "latency_s": rng.choice([1e-3, 2e-3]),  # noqa: E731
-                        "up": rng.random() > 0.1}
-        links = {(h, f"s{i % 3}"): link() for i, h in enumerate(hosts)}
-        links.update({(f"s{k}", f"s{(k + 1) % 3}"): link() for k in range(3)})
+        one = lambda: {"bandwidth": rng.choice([1e6, 2e6, 5e6]), "latency_s": rng.choice([1e-3, 2e-3])}  # noqa: E731
+        link = lambda a, b: {"up": rng.random() > 0.1, "dir": {a: one(), b: one()}}  # noqa: E731  directions differ
+        links = {(h, f"s{i % 3}"): link(h, f"s{i % 3}") for i, h in enumerate(hosts)}
+        links.update({(f"s{k}", f"s{(k + 1) % 3}"): link(f"s{k}", f"s{(k + 1) % 3}") for k in range(3)})
         if trial % 2:
-            links.update({tuple(rng.sample(hosts, 2)): link() for _ in range(n // 2)})
+            links.update({(a, b): link(a, b) for a, b in (rng.sample(hosts, 2) for _ in range(n // 2))})
         nodes = list(dict.fromkeys(hosts + [x for k in links for x in k]))
         got = shortest_paths(nodes, links, hosts)
         adj = {v: [] for v in nodes}
         for (a, b), st in links.items():
             if st["up"]:
-                adj[a].append((b, st))
-                adj[b].append((a, st))
+                adj[a].append((b, st["dir"][a]))
+                adj[b].append((a, st["dir"][b]))
         for s in hosts:
             ref = _tree(adj, s)
             for t in hosts:
@@ -142,3 +142,36 @@ def test_paths_through_a_single_link_equal_a_dijkstra_from_every_host():
                     if p.up:
                         assert p.latency_s == pytest.approx(ref[t][0], abs=1e-12)
                         assert p.bandwidth_bytes_per_s == ref[t][2]
+
+
+def test_a_one_direction_change_changes_only_that_direction():
+    """Issue 16: link h3-s2's b_to_a direction (s2 -> h3) slows and gains delay; h1 -> h3 pays it,
+    h3 -> h1 does not; the read-back reports both directions and the state before."""
+    c = make()
+    back = c.apply_link("h3", "s2", bandwidth_mbps=0.8, delay_ms=10, direction="s2")
+    assert back["before"]["delay_ms"] == pytest.approx(3.0)
+    assert back["s2->h3"]["delay_ms"] == 10 and back["h3->s2"]["delay_ms"] == pytest.approx(3.0)
+    snap = c.snapshot(4, 8)
+    there, home = snap.path("h1", "h3"), snap.path("h3", "h1")
+    assert there.latency_s == pytest.approx(0.012) and there.bandwidth_bytes_per_s == pytest.approx(1e5)
+    assert home.latency_s == pytest.approx(0.005) and home.bandwidth_bytes_per_s == 5e5
+    c.apply_link("h3", "s2", delay_ms=1)  # both directions again
+    snap = c.snapshot(4, 8)
+    assert snap.path("h1", "h3").latency_s == snap.path("h3", "h1").latency_s == pytest.approx(0.003)
+    with pytest.raises(Exception, match="direction must leave h3 or s2"):
+        c.apply_link("h3", "s2", delay_ms=1, direction="h1")
+
+
+def test_per_direction_topology_overrides_are_kept():
+    from testbed.backends.simulated.build import topology_as_plain
+    from testbed.spec.schema import TopologySpec
+
+    topo = TopologySpec.model_validate({
+        "name": "t", "hosts": [{"name": "h1", "mem_limit_mib": 64, "cpu_cores": 1, "source": True},
+                               {"name": "h2", "mem_limit_mib": 64, "cpu_cores": 1}],
+        "links": [{"a": "h1", "b": "h2", "bandwidth_mbps": 8, "delay_ms": 2, "b_to_a": {"bandwidth_mbps": 2, "delay_ms": 7}}]})
+    hosts, links = topology_as_plain(topo)
+    c = SimulatedCluster([h[:4] for h in hosts], links, DIMS, per_core_flops=1e8)
+    snap = c.snapshot(4, 8)
+    assert snap.path("h1", "h2").bandwidth_bytes_per_s == 1e6 and snap.path("h1", "h2").latency_s == pytest.approx(0.002)
+    assert snap.path("h2", "h1").bandwidth_bytes_per_s == 2.5e5 and snap.path("h2", "h1").latency_s == pytest.approx(0.007)

@@ -171,10 +171,13 @@ class EmulatedCluster(FailureDiagnosis):
 
     # ------------------------------------------------------------------ scenario changes
     def apply_link(self, a: str, b: str, *, bandwidth_mbps: float | None = None, delay_ms: float | None = None,
-                   loss_pct: float | None = None, up: bool | None = None) -> dict:
+                   loss_pct: float | None = None, up: bool | None = None, direction: str | None = None) -> dict:
+        if direction is not None and direction not in (a, b):
+            raise BackendError(f"link {a}-{b}: direction must leave {a} or {b}, got {direction!r}")
         link = self.net._live(a, b)
-        before = dict(link.state[a], up=link.up)
-        self.net.set_link(a, b, bandwidth_mbps=bandwidth_mbps, delay_ms=delay_ms, loss_pct=loss_pct, up=up)
+        before = dict(link.state[direction or a], up=link.up)
+        self.net.set_link(a, b, bandwidth_mbps=bandwidth_mbps, delay_ms=delay_ms, loss_pct=loss_pct, up=up,
+                          direction=direction)
         self._changed_links.add((a, b))
         back = self._read_rates(a, b)
         if delay_ms is not None or bandwidth_mbps is not None or up is not None:

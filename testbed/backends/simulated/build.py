@@ -5,8 +5,7 @@
 with a device profile (or its own ``flops_per_s``) computes at the device's roofline for the model's
 weight format (``testbed.spec.profiles.host_device``), any other host at ``cpu_cores`` times this
 machine's measured per-core FLOP/s.
-A link with per-direction overrides is simulated with its slower direction's rate and its larger
-delay (the simulated network is symmetric).
+A link with per-direction overrides keeps them: each direction is simulated with its own rate and delay.
 """
 from __future__ import annotations
 
@@ -39,9 +38,8 @@ def topology_as_plain(topo: TopologySpec, weight_format: str = "fp32") -> tuple[
     links = []
     for link in topo.links:
         fwd, back = link.direction(link.a), link.direction(link.b)
-        rate_bytes = min(fwd.bandwidth_mbps, back.bandwidth_mbps) * 1e6 / 8
-        delay_s = max(fwd.delay_ms, back.delay_ms) / 1e3
-        links.append((link.a, link.b, rate_bytes, delay_s))
+        links.append((link.a, link.b, fwd.bandwidth_mbps * 1e6 / 8, fwd.delay_ms / 1e3,
+                      back.bandwidth_mbps * 1e6 / 8, back.delay_ms / 1e3))
     return hosts, links
 
 
@@ -52,9 +50,11 @@ def with_message_overhead(links: list, hosts: list, message_overhead_s: float) -
         return links
     names = {h[0] for h in hosts}
     out = []
-    for a, b, rate, delay in links:
+    for a, b, rate, delay, *back in links:
         ends = (a in names) + (b in names)
-        out.append((a, b, rate, delay + (message_overhead_s / 2 if ends == 1 else message_overhead_s if ends == 2 else 0.0)))
+        extra = message_overhead_s / 2 if ends == 1 else message_overhead_s if ends == 2 else 0.0
+        rate_back, delay_back = back or (rate, delay)
+        out.append((a, b, rate, delay + extra, rate_back, delay_back + extra))
     return out
 
 

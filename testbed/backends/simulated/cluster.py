@@ -8,9 +8,12 @@ simulated backend runs no model.
 
 Topology input is plain data (so this module does not depend on the config module):
   hosts: [(name, mem_limit_bytes, cpu_cores, is_source[, DeviceRates | None]), ...]
-  links: [(a, b, bandwidth_bytes_per_s, latency_s), ...]   # may go through switch nodes
-Paths between hosts: least total latency (Dijkstra; ties -> fewer hops), bandwidth = the path's
-bottleneck, latency = the sum; recomputed only after ``apply_link``. Loss is stored, not modelled.
+  links: [(a, b, bandwidth_bytes_per_s, latency_s), ...]   # may go through switch nodes; or
+         [(a, b, a->b bytes/s, a->b latency_s, b->a bytes/s, b->a latency_s), ...] per direction
+Links are directed: each direction has its own rate, latency and loss, and a scenario may change
+one direction only. Paths from a host: least total latency over the directions they travel
+(Dijkstra; ties -> fewer hops), bandwidth = the path's bottleneck, latency = the sum; recomputed
+only after ``apply_link``. Loss is stored, not modelled.
 Compute speed of a host with ``DeviceRates`` (a device profile): its roofline (FLOP/s for the model's
 format, memory bandwidth, call overhead), scaled by ``cpu_cores / rates.cores`` (1 unless a scenario
 changes ``cpu_cores``); of a host without: ``per_core_flops * cpu_cores`` (see
@@ -66,6 +69,13 @@ def pseudo_token(seed: int, position: int, prev: int, vocab: int) -> int:
     return int((z ^ (z >> 31)) % vocab)
 
 
+def _link_state(a: str, b: str, bw: float, lat: float, bw_back: float | None = None, lat_back: float | None = None) -> dict:
+    """A link's live state: up, and per direction (keyed by the node it leaves) rate, latency, loss."""
+    back = (bw if bw_back is None else bw_back, lat if lat_back is None else lat_back)
+    return {"up": True, "dir": {a: {"bandwidth": float(bw), "latency_s": float(lat), "loss_pct": 0.0},
+                                b: {"bandwidth": float(back[0]), "latency_s": float(back[1]), "loss_pct": 0.0}}}
+
+
 def _tree(adj: dict, s: str) -> dict:
     """Dijkstra from ``s``: node -> (latency, hops, bottleneck bandwidth); least latency, ties -> fewer hops."""
     best = {s: (0.0, 0, float("inf"))}
@@ -74,7 +84,7 @@ def _tree(adj: dict, s: str) -> dict:
         lat, hops, u, bw = heapq.heappop(heap)
         if best[u][:2] < (lat, hops):
             continue
-        for v, st in adj[u]:
+        for v, st in adj[u]:  # st: the u -> v direction
             cand = (lat + st["latency_s"], hops + 1, min(bw, st["bandwidth"]))
             if v not in best or cand[:2] < best[v][:2]:
                 best[v] = cand
@@ -91,8 +101,8 @@ def shortest_paths(nodes: list[str], links: dict[tuple[str, str], dict], sources
     adj: dict[str, list[tuple[str, dict]]] = {n: [] for n in nodes}
     for (a, b), st in links.items():
         if st["up"]:
-            adj[a].append((b, st))
-            adj[b].append((a, st))
+            adj[a].append((b, st["dir"][a]))
+            adj[b].append((a, st["dir"][b]))
     leaf = {h: adj[h][0] for h in sources if len(adj[h]) == 1}
     trees = {r: _tree(adj, r) for r in {w for w, _ in leaf.values()} | (set(sources) - set(leaf))}
     out = {}
@@ -124,8 +134,7 @@ class SimulatedCluster:
         self.dims, self.per_core_flops, self.overhead, self.seed = dims, float(per_core_flops), mem_overhead_bytes, seed
         self._init_hosts = {h[0]: {"mem": int(h[1]), "cores": float(h[2]), "source": bool(h[3]), "up": True,
                                    "rates": h[4] if len(h) > 4 else None} for h in hosts}
-        self._init_links = {(a, b): {"bandwidth": float(bw), "latency_s": float(lat), "loss_pct": 0.0, "up": True}
-                            for a, b, bw, lat in links}
+        self._init_links = {(l[0], l[1]): _link_state(*l) for l in links}
         if sum(h["source"] for h in self._init_hosts.values()) != 1:
             raise BackendError("exactly one host must be the source")
         self.reset()
@@ -133,7 +142,8 @@ class SimulatedCluster:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         self.host_state = {k: dict(v) for k, v in self._init_hosts.items()}
-        self.link_state = {k: dict(v) for k, v in self._init_links.items()}
+        self.link_state = {k: {"up": v["up"], "dir": {n: dict(d) for n, d in v["dir"].items()}}
+                           for k, v in self._init_links.items()}
         self.placement: Placement | None = None
         self.context_len = 0
         self._peak: dict[str, int] = dict.fromkeys(self.host_state, 0)
@@ -185,27 +195,35 @@ class SimulatedCluster:
 
     # ------------------------------------------------------------------ scenario changes
     def apply_link(self, a: str, b: str, *, bandwidth_mbps: float | None = None, delay_ms: float | None = None,
-                   loss_pct: float | None = None, up: bool | None = None) -> dict:
+                   loss_pct: float | None = None, up: bool | None = None, direction: str | None = None) -> dict:
+        """Change link a-b: both directions, or only the traffic leaving ``direction`` (a or b)."""
         key = (a, b) if (a, b) in self.link_state else (b, a)
         if key not in self.link_state:
             raise BackendError(f"no link {a}-{b} in the simulated topology")
+        if direction is not None and direction not in key:
+            raise BackendError(f"link {a}-{b}: direction must leave {a} or {b}, got {direction!r}")
         st = self.link_state[key]
-        before = self._link_view(st)
-        if bandwidth_mbps is not None:
-            st["bandwidth"] = bandwidth_mbps * 1e6 / 8.0
-        if delay_ms is not None:
-            st["latency_s"] = delay_ms / 1e3
-        if loss_pct is not None:
-            st["loss_pct"] = float(loss_pct)
+        before = self._link_view(st, direction or a)
+        for d in ([direction] if direction else [a, b]):
+            one = st["dir"][d]
+            if bandwidth_mbps is not None:
+                one["bandwidth"] = bandwidth_mbps * 1e6 / 8.0
+            if delay_ms is not None:
+                one["latency_s"] = delay_ms / 1e3
+            if loss_pct is not None:
+                one["loss_pct"] = float(loss_pct)
         if up is not None:
             st["up"] = bool(up)
         self._invalidate(paths=True)
-        return {"link": [a, b], **self._link_view(st), "before": before}
+        after = {f"{u}->{v}": self._link_view(st, u) for u, v in ((a, b), (b, a))}
+        return {"link": [a, b], **self._link_view(st, direction or a), **after, "before": before}
 
     @staticmethod
-    def _link_view(st: dict) -> dict:
-        return {"bandwidth_mbps": st["bandwidth"] * 8 / 1e6, "delay_ms": st["latency_s"] * 1e3,
-                "loss_pct": st["loss_pct"], "up": st["up"]}
+    def _link_view(st: dict, src: str) -> dict:
+        """The state of the direction leaving ``src``, in the config's units."""
+        d = st["dir"][src]
+        return {"bandwidth_mbps": d["bandwidth"] * 8 / 1e6, "delay_ms": d["latency_s"] * 1e3,
+                "loss_pct": d["loss_pct"], "up": st["up"]}
 
     def set_host_limits(self, host: str, *, mem_limit_mib: float | None = None,
                         cpu_cores: float | None = None) -> dict:
