@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -33,8 +34,8 @@ from node_agent.inbox import TimedInbox, lower_timer_slack
 from node_agent.migration import Migration
 from node_agent.pacing import ComputePacer
 from node_agent.budget import Budget, BudgetError, return_freed_memory, rss_bytes, tune_allocator
+from node_agent.wire import TransitFloor, WireError, connect, draw_jitter, recv_frame, release_time, send_frame
 from node_agent.shards import BlockStore, calibrate
-from node_agent.wire import TransitFloor, WireError, connect, recv_frame, release_time, send_frame
 from testbed.core.errors import TokenFailed
 from testbed.core.placement import Placement
 from testbed.core.snapshot import ModelDims
@@ -60,6 +61,7 @@ class Agent(Dataflow, Migration):
         self.local: deque = deque()  # hand-offs between this agent's own blocks (worker thread only)
         self.peers: dict[str, tuple[str, int]] = {}
         self.delays: dict[str, float] = {}
+        self.jitters: dict[str, tuple[float, ...]] = {}  # src -> per-hop jitter (s, uniform ±j) of the path
         self.rates: dict[str, float] = {}  # bytes/s bottleneck of the path from each peer
         self._out: dict[str, socket.socket] = {}
         self.tokens: dict[int, TokenState] = {}
@@ -128,6 +130,7 @@ class Agent(Dataflow, Migration):
             self._out.clear()
         if "delays" in h:
             self.delays = {k: float(v) for k, v in h["delays"].items()}
+            self.jitters = {k: tuple(float(x) for x in v) for k, v in (h.get("jitters") or {}).items()}
         if "rates" in h:
             self.rates = {k: float(v) for k, v in h["rates"].items()}
         if h.get("threads"):
@@ -138,6 +141,7 @@ class Agent(Dataflow, Migration):
 
     def cmd_set_delays(self, h, _):
         self.delays = {k: float(v) for k, v in h["delays"].items()}  # atomic dict swap, read by readers
+        self.jitters = {k: tuple(float(x) for x in v) for k, v in (h.get("jitters") or {}).items()}
         if "rates" in h:
             self.rates = {k: float(v) for k, v in h["rates"].items()}
         return {}, b""
@@ -261,9 +265,11 @@ class Agent(Dataflow, Migration):
             src = P.check_hello(hello)
             floor = TransitFloor()
             floor.observe(hello)
+            rng = random.Random(f"{self.name}<-{src}")  # jitter draws: reproducible per connection
             while True:
                 f = recv_frame(conn)
-                release = release_time(f, self.delays.get(src, 0.0), self.rates.get(src), floor.observe(f))
+                delay = self.delays.get(src, 0.0) + draw_jitter(rng, self.jitters.get(src, ()))
+                release = floor.in_order(release_time(f, delay, self.rates.get(src), floor.observe(f)))
                 self.inbox.put(("frame", src, f, release), release)
         except (WireError, OSError, P.ProtocolError) as exc:
             log.info("data connection closed: %s", exc)

@@ -17,11 +17,14 @@ the propagation delay the spec states; without it every hop read ~0.1-0.2 ms lon
 before the frame could have crossed the bottleneck. Sender and receiver share the host clock, since
 all emulated hosts run on one kernel. The frame still crossed the shaped link, so rate, queueing and
 loss apply in the kernel and the propagation delay applies here. ``delay_s`` may be a callable so
-that a scenario can change it while the connection lives.
+that a scenario can change it while the connection lives. Jitter: each frame's delay gains the sum
+over the path's jittered hops of a uniform draw in ±j (``draw_jitter``), and a connection's frames are
+released in order (``TransitFloor.last_release``), as TCP delivers them.
 """
 from __future__ import annotations
 
 import json
+import random
 import socket
 import struct
 import time
@@ -67,13 +70,20 @@ MAX_TRANSIT_FLOOR_S = 0.0005  # the stack cost measured here is ~0.1 ms; never c
 
 
 class TransitFloor:
-    """One connection's transit floor: the least ``received_at - sent_at`` over its small frames
-    (0 until one is seen). Small frames only, so serialisation of a large one is never taken for
-    stack cost; capped, so a first sample taken under load cannot shorten a delay by much."""
+    """One connection's receive state: its transit floor, the least ``received_at - sent_at`` over
+    its small frames (0 until one is seen; small frames only, so serialisation of a large one is
+    never taken for stack cost; capped, so a first sample taken under load cannot shorten a delay by
+    much), and the release time of its last frame (frames leave in order)."""
 
     def __init__(self) -> None:
         self.seconds = MAX_TRANSIT_FLOOR_S
         self._seen = False
+        self.last_release = 0.0
+
+    def in_order(self, release: float) -> float:
+        """``release``, but never before the connection's previous frame; remembered."""
+        self.last_release = max(release, self.last_release)
+        return self.last_release
 
     def observe(self, f: "Frame") -> float:
         if f.wire_bytes <= SMALL_FRAME_BYTES:
@@ -83,11 +93,16 @@ class TransitFloor:
         return self.seconds if self._seen else 0.0
 
 
+def draw_jitter(rng: random.Random, hops: tuple[float, ...] | list[float]) -> float:
+    """One frame's extra one-way delay (seconds): a uniform draw in ±j for each jittered hop, summed."""
+    return sum(rng.uniform(-j, j) for j in hops)
+
+
 def release_time(f: "Frame", delay_s: float, rate_bytes_per_s: float | None = None, floor_s: float = 0.0) -> float:
     """When a received frame may be used: its arrival less the transit floor, plus the path's
-    propagation delay — but never before it could have crossed the bottleneck (sent_at + size /
-    rate + delay; that matters for small frames after idle, which the kernel's token bucket passes at
-    line rate), and never before it arrived."""
+    propagation delay (this frame's, jitter drawn) — but never before it could have crossed the
+    bottleneck (sent_at + size / rate + delay; that matters for small frames after idle, which the
+    kernel's token bucket passes at line rate), and never before it arrived."""
     release = max(f.received_at - floor_s, f.sent_at) + delay_s
     if rate_bytes_per_s:
         release = max(release, f.sent_at + f.wire_bytes / rate_bytes_per_s + delay_s)
@@ -127,10 +142,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 def recv_frame(sock: socket.socket, delay_s: Delay = 0.0, floor: TransitFloor | None = None,
-               rate_bytes_per_s: float | None = None) -> Frame:
+               rate_bytes_per_s: float | None = None, jitter: Callable[[], float] | None = None) -> Frame:
     """Receive one frame; with ``delay_s`` hold it until ``release_time`` (``floor``: the
-    connection's ``TransitFloor``, updated with this frame; none means no floor is credited;
-    ``rate_bytes_per_s``: the path's bottleneck, for the serialisation floor)."""
+    connection's ``TransitFloor``, updated with this frame, which also keeps frames in order; none
+    means no floor is credited; ``rate_bytes_per_s``: the path's bottleneck, for the serialisation
+    floor; ``jitter()``: this frame's jitter draw, seconds)."""
     magic, version, _flags, hlen, plen, sent_at = PREFIX.unpack(_recv_exact(sock, PREFIX.size))
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r}: not a Headroom peer")
@@ -145,7 +161,9 @@ def recv_frame(sock: socket.socket, delay_s: Delay = 0.0, floor: TransitFloor | 
     frame = Frame(header, payload, sent_at, received_at, received_at)
     if delay:
         # (A caller that blocks between frames inflates received_at; the agents timestamp in a reader thread.)
-        wait = release_time(frame, delay, rate_bytes_per_s, floor.observe(frame) if floor else 0.0) - time.time()
+        delay += jitter() if jitter else 0.0
+        release = release_time(frame, delay, rate_bytes_per_s, floor.observe(frame) if floor else 0.0)
+        wait = (floor.in_order(release) if floor else release) - time.time()
         if wait > 0:
             time.sleep(wait)
         frame.released_at = max(received_at, time.time())

@@ -11,19 +11,28 @@ from testbed.spec.schema import LinkSpec
 
 
 class DelayTable:
-    """Thread-safe one-way delays (seconds) between hosts; agents read it per frame."""
+    """Thread-safe one-way delays (seconds) between hosts, and the jitter of each hop on the way
+    (seconds, uniform ±j per hop and frame); agents read it per frame."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._d: dict[tuple[str, str], float] = {}
+        self._j: dict[tuple[str, str], tuple[float, ...]] = {}
 
-    def replace(self, delays: dict[tuple[str, str], float]) -> None:
+    def replace(self, delays: dict[tuple[str, str], float],
+                jitters: dict[tuple[str, str], tuple[float, ...]] | None = None) -> None:
         with self._lock:
             self._d = dict(delays)
+            self._j = {k: tuple(v) for k, v in (jitters or {}).items() if any(v)}
 
     def get(self, src: str, dst: str) -> float:
         with self._lock:
             return self._d.get((src, dst), 0.0)
+
+    def jitter(self, src: str, dst: str) -> tuple[float, ...]:
+        """The per-hop jitters (seconds) a transport draws from for a frame src -> dst (empty: none)."""
+        with self._lock:
+            return self._j.get((src, dst), ())
 
     def getter(self, src: str, dst: str):
         """A zero-argument callable for ``recv_frame(delay_s=...)`` that follows later changes."""
@@ -46,7 +55,7 @@ class LiveLink:
     index: int
     spec: LinkSpec
     ends: dict[str, End]  # node name -> its end
-    state: dict[str, dict] = field(default_factory=dict)  # src node -> {bandwidth_mbps, delay_ms, loss_pct}
+    state: dict[str, dict] = field(default_factory=dict)  # src node -> {bandwidth_mbps, delay_ms, loss_pct, jitter_ms}
     up: bool = True
 
     def other(self, node: str) -> str:

@@ -24,6 +24,7 @@ from typing import Optional
 
 RATE_TOL = 0.05
 RTT_TOL, RTT_TOL_ABS_MS = 0.05, 0.3  # issue 16: every round trip within 5 % or 0.3 ms of the spec
+JITTER_TOL, JITTER_TOL_ABS_MS = 0.3, 0.2  # the round trips' standard deviation vs the links' jitter
 L2_OVERHEAD = 14 + 20 + 20 + 12  # Ethernet + IPv4 + TCP + timestamp option, per MSS of payload
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,22 +71,24 @@ def measure_rate(net, src: str, dst: str, seconds: float = 2.0, port: int = 5201
 
 def measure_rtt(net, src: str, dst: str, count: int = 20, port: int = 7301) -> dict:
     """Wire ping-pong with the agents' delay rule (``node_agent.wire.release_time``: arrival less
-    the connection's transit floor, plus the one-way delay)."""
+    the connection's transit floor, plus the one-way delay and its jitter draw): the median round
+    trip and the samples' standard deviation (what jitter spreads)."""
     server = _py(net, dst, ["_wire_server", str(port), repr(net.transport_delay_s(src, dst)),
-                            repr(net.path_rate_bytes_per_s(src, dst))])
+                            repr(net.path_rate_bytes_per_s(src, dst)), json.dumps(net.transport_jitter_s(src, dst))])
     try:
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError(f"wire probe server on {dst} did not start: {server.stderr.read()[-300:]}")
         client = _py(net, src, ["_wire_client", net.host_ip(dst), str(port),
                                 repr(net.transport_delay_s(dst, src)), str(count),
-                                repr(net.path_rate_bytes_per_s(dst, src))])
+                                repr(net.path_rate_bytes_per_s(dst, src)), json.dumps(net.transport_jitter_s(dst, src))])
         rc, out, err = _finish(client, 30)
         if rc != 0:
             raise RuntimeError(f"wire probe {src}->{dst} failed: {err[-300:]}")
     finally:
         _finish(server, 5)
     rtts = json.loads(out)["rtt_s"]
-    return {"rtt_ms": statistics.median(rtts) * 1e3, "rtt_min_ms": min(rtts) * 1e3, "samples": len(rtts)}
+    return {"rtt_ms": statistics.median(rtts) * 1e3, "rtt_min_ms": min(rtts) * 1e3, "samples": len(rtts),
+            "rtt_stdev_ms": statistics.stdev(rtts) * 1e3 if len(rtts) > 1 else 0.0}
 
 
 def _probe_frame_bytes(kind: str) -> int:
@@ -101,6 +104,13 @@ def expected_rtt_ms(net, src: str, dst: str) -> float:
     return (net.one_way_delay_s(src, dst) + net.one_way_delay_s(dst, src)
             + _probe_frame_bytes("ping") / net.path_rate_bytes_per_s(src, dst)
             + _probe_frame_bytes("pong") / net.path_rate_bytes_per_s(dst, src)) * 1e3
+
+
+def expected_jitter_ms(net, src: str, dst: str) -> float:
+    """The round trip's standard deviation the links' jitter implies: every jittered hop both ways
+    adds a uniform ±j draw (variance j²/3), independently."""
+    hops = list(net.path_jitter_s(src, dst)) + list(net.path_jitter_s(dst, src))
+    return sum(j * j / 3.0 for j in hops) ** 0.5 * 1e3
 
 
 def path_queue_drops(net, src: str, dst: str) -> int:
@@ -193,14 +203,19 @@ def check_link_direction(net, u: str, v: str, src: str, dst: str, seconds: float
     expected = min(rates.values())
     bottleneck = "-".join(min(rates, key=rates.get))
     rate = measure_rate(net, src, dst, seconds, port)
-    rtt = measure_rtt(net, src, dst, port=port + 1000)
+    exp_jitter = expected_jitter_ms(net, src, dst)
+    rtt = measure_rtt(net, src, dst, count=60 if exp_jitter else 20, port=port + 1000)
     exp_rtt = expected_rtt_ms(net, src, dst)
     row = {"link": f"{u}->{v}", "pair": f"{src}->{dst}", "bottleneck": bottleneck,
            "expected_mbps": expected, "measured_mbps": round(rate["l2_mbps"], 3),
            "goodput_mbps": round(rate["goodput_mbps"], 3),
            "rate_ok": abs(rate["l2_mbps"] - expected) <= RATE_TOL * expected,
            "expected_rtt_ms": round(exp_rtt, 3), "measured_rtt_ms": round(rtt["rtt_ms"], 3),
-           "rtt_ok": abs(rtt["rtt_ms"] - exp_rtt) <= max(RTT_TOL * exp_rtt, RTT_TOL_ABS_MS)}
+           "rtt_ok": abs(rtt["rtt_ms"] - exp_rtt) <= max(RTT_TOL * exp_rtt, RTT_TOL_ABS_MS),
+           "expected_jitter_ms": round(exp_jitter, 3), "measured_jitter_ms": round(rtt["rtt_stdev_ms"], 3),
+           "mechanism": net.delay_mechanism}
+    if exp_jitter:  # the samples' spread within 30 % (60 samples: ~9 % standard error) or 0.2 ms
+        row["jitter_ok"] = abs(rtt["rtt_stdev_ms"] - exp_jitter) <= max(JITTER_TOL * exp_jitter, JITTER_TOL_ABS_MS)
     loss = net.path_loss(src, dst) * 100
     if loss > 0:
         got = measure_loss(net, src, dst, expected * 0.5, seconds, port + 100)
@@ -247,7 +262,8 @@ def run_net_check(topology, json: bool = False, rate_seconds: float = 2.0, run_i
             report["hosts"].append(row)
         if compute is not None:
             report["compute"] = compute(net, manifest, Path(manifest.path).parent)
-    report["ok"] = all(r["rate_ok"] and r["rtt_ok"] and r.get("loss_ok", True) for r in report["links"]) and \
+    report["ok"] = all(r["rate_ok"] and r["rtt_ok"] and r.get("loss_ok", True) and r.get("jitter_ok", True)
+                       for r in report["links"]) and \
         all(r["ok"] for r in report["hosts"]) and report.get("compute", {}).get("ok", True)
     if not json:
         print_report(report)
@@ -261,13 +277,15 @@ def print_report(report: dict) -> None:
     mark = {True: "[green]ok[/]", False: "[red]FAIL[/]"}
     t = Table(title=f"{report['topology']}: links (delay via {report['delay_mechanism']})")
     for col in ("link", "pair", "bottleneck", "spec Mbit/s", "L2 Mbit/s", "goodput", "rate",
-                "spec RTT ms", "RTT ms", "rtt", "loss % (spec/meas)"):
+                "spec RTT ms", "RTT ms", "rtt", "jitter ms (spec/meas)", "loss % (spec/meas)"):
         t.add_column(col)
     for r in report["links"]:
         loss = f"{r['expected_loss_pct']}/{r['measured_loss_pct']:.2f} {mark[r['loss_ok']]}" if "loss_ok" in r else "-"
+        jit = f"{r['expected_jitter_ms']:.2f}/{r['measured_jitter_ms']:.2f} {mark[r['jitter_ok']]}" if "jitter_ok" in r \
+            else f"-/{r.get('measured_jitter_ms', 0):.2f}"
         t.add_row(r["link"], r["pair"], r["bottleneck"], f"{r['expected_mbps']:g}", f"{r['measured_mbps']:.2f}",
                   f"{r['goodput_mbps']:.2f}", mark[r["rate_ok"]], f"{r['expected_rtt_ms']:.2f}",
-                  f"{r['measured_rtt_ms']:.2f}", mark[r["rtt_ok"]], loss)
+                  f"{r['measured_rtt_ms']:.2f}", mark[r["rtt_ok"]], jit, loss)
     h = Table(title="hosts")
     for col in ("host", "limit MiB", "killed at MiB", "oom kills", "cpu cores", "ok"):
         h.add_column(col)
@@ -313,12 +331,22 @@ def net_check(path_or_spec, as_json: bool = False, cpu_emulation: str = "cfs", c
 
 
 # --------------------------------------------------------------------------- probes (run in hosts)
-def _wire_server(port: int, delay_s: float, rate_bytes_per_s: float) -> None:
+def _jitter_draw(hops: list[float], seed: str):
+    import random
+
+    from node_agent.wire import draw_jitter
+
+    rng = random.Random(seed)
+    return (lambda: draw_jitter(rng, hops)) if hops else None
+
+
+def _wire_server(port: int, delay_s: float, rate_bytes_per_s: float, jitter_hops: list[float]) -> None:
     from node_agent.inbox import lower_timer_slack
     from node_agent.wire import TransitFloor, recv_frame, send_frame
 
     lower_timer_slack()  # as the agents' worker: timed holds punctual to ~10 us
     floor = TransitFloor()
+    jitter = _jitter_draw(jitter_hops, f"server{port}")
 
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -330,7 +358,7 @@ def _wire_server(port: int, delay_s: float, rate_bytes_per_s: float) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         while True:
-            f = recv_frame(conn, delay_s=delay_s, floor=floor, rate_bytes_per_s=rate_bytes_per_s)
+            f = recv_frame(conn, delay_s=delay_s, floor=floor, rate_bytes_per_s=rate_bytes_per_s, jitter=jitter)
             if f.type == "bye":
                 return
             send_frame(conn, {"type": "pong", "seq": f.header.get("seq")})
@@ -338,18 +366,20 @@ def _wire_server(port: int, delay_s: float, rate_bytes_per_s: float) -> None:
         conn.close()
 
 
-def _wire_client(ip: str, port: int, delay_s: float, count: int, rate_bytes_per_s: float) -> None:
+def _wire_client(ip: str, port: int, delay_s: float, count: int, rate_bytes_per_s: float,
+                 jitter_hops: list[float]) -> None:
     from node_agent.inbox import lower_timer_slack
     from node_agent.wire import TransitFloor, connect, recv_frame, send_frame
 
     lower_timer_slack()
     floor = TransitFloor()
+    jitter = _jitter_draw(jitter_hops, f"client{port}")
     sock = connect(ip, port)
     rtts = []
     for seq in range(count + 2):
         t0 = time.time()
         send_frame(sock, {"type": "ping", "seq": seq})
-        recv_frame(sock, delay_s=delay_s, floor=floor, rate_bytes_per_s=rate_bytes_per_s)
+        recv_frame(sock, delay_s=delay_s, floor=floor, rate_bytes_per_s=rate_bytes_per_s, jitter=jitter)
         if seq >= 2:  # first exchanges warm ARP and the connection
             rtts.append(time.time() - t0)
         time.sleep(0.01)
@@ -374,9 +404,9 @@ def _alloc(cap_mib: int) -> None:
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "_wire_server":
-        _wire_server(int(args[0]), float(args[1]), float(args[2]))
+        _wire_server(int(args[0]), float(args[1]), float(args[2]), json.loads(args[3]))
     elif cmd == "_wire_client":
-        _wire_client(args[0], int(args[1]), float(args[2]), int(args[3]), float(args[4]))
+        _wire_client(args[0], int(args[1]), float(args[2]), int(args[3]), float(args[4]), json.loads(args[5]))
     elif cmd == "_alloc":
         _alloc(int(args[0]))
     else:

@@ -177,7 +177,7 @@ class EmulatedNetwork:
         for end in (ea, eb):
             src_dir = spec.direction(end.node)
             link.state[end.node] = {"bandwidth_mbps": src_dir.bandwidth_mbps, "delay_ms": src_dir.delay_ms,
-                                    "loss_pct": src_dir.loss_pct}
+                                    "loss_pct": src_dir.loss_pct, "jitter_ms": src_dir.jitter_ms}
             self.ex.run(sh.offloads_off(end.dev), end.netns_pid, check=False)
             for argv in sh.shape_commands(end.dev, src_dir.bandwidth_mbps * 1e6):
                 self.ex.run(argv, end.netns_pid)
@@ -225,6 +225,15 @@ class EmulatedNetwork:
         """What a transport must add (0 when netem already delays in the kernel)."""
         return self.delays.get(src, dst)
 
+    def path_jitter_s(self, src: str, dst: str) -> tuple[float, ...]:
+        """The jitter (seconds, uniform ±j) of every hop src -> dst that has any, as specified."""
+        with self._lock:
+            return tuple(j / 1000.0 for u, v in self.path(src, dst) if (j := self._live(u, v).state[u]["jitter_ms"]) > 0)
+
+    def transport_jitter_s(self, src: str, dst: str) -> tuple[float, ...]:
+        """The per-hop jitters a transport must draw from (empty when netem jitters in the kernel)."""
+        return self.delays.jitter(src, dst)
+
     def path_loss(self, src: str, dst: str) -> float:
         keep = 1.0
         for u, v in self.path(src, dst):
@@ -270,10 +279,12 @@ class EmulatedNetwork:
             for l in (changed or self.links):
                 for node, end in l.ends.items():
                     st = l.state[node]
-                    self.ex.run(sh.netem_qdisc(end.dev, st["delay_ms"], st["loss_pct"], change=True), end.netns_pid)
+                    self.ex.run(sh.netem_qdisc(end.dev, st["delay_ms"], st["loss_pct"], change=True,
+                                               jitter_ms=st["jitter_ms"]), end.netns_pid)
             self.delays.replace({p: 0.0 for p in pairs})
             return
-        self.delays.replace({(s, d): self.one_way_delay_s(s, d) for s, d in pairs})
+        self.delays.replace({(s, d): self.one_way_delay_s(s, d) for s, d in pairs},
+                            {(s, d): self.path_jitter_s(s, d) for s, d in pairs})
         self._apply_loss_rules(pairs)
 
     def _apply_loss_rules(self, pairs) -> None:
@@ -339,7 +350,8 @@ class EmulatedNetwork:
                 ups.append(k["up"])
                 out[f"{src}->{dst}"] = {"bandwidth_mbps": k["rate_bps"] / 1e6, "ceil_mbps": k["ceil_bps"] / 1e6,
                                         "queue": k["leaf"], "delay_ms": link.state[src]["delay_ms"],
-                                        "loss_pct": link.state[src]["loss_pct"], "dev": end.dev}
+                                        "loss_pct": link.state[src]["loss_pct"],
+                                        "jitter_ms": link.state[src]["jitter_ms"], "dev": end.dev}
             out["up"] = all(ups)
             return out
 

@@ -132,10 +132,13 @@ def leaf_queue(dev: str, rate_bps: float, change: bool = False) -> list[str]:
             "handle", LEAF_HANDLE, "bfifo", "limit", str(queue_limit_bytes(rate_bps))]
 
 
-def netem_qdisc(dev: str, delay_ms: float, loss_pct: float, change: bool = False) -> list[str]:
-    """netem as the leaf under the HTB class (used only where the kernel has it)."""
+def netem_qdisc(dev: str, delay_ms: float, loss_pct: float, change: bool = False, jitter_ms: float = 0.0) -> list[str]:
+    """netem as the leaf under the HTB class (used only where the kernel has it); jitter uniform
+    (netem's default distribution), uncorrelated."""
     argv = ["tc", "qdisc", "change" if change else "add", "dev", dev, "parent", HTB_CLASS,
             "handle", LEAF_HANDLE, "netem", "delay", f"{delay_ms}ms"]
+    if jitter_ms > 0:
+        argv += [f"{jitter_ms}ms"]
     if loss_pct > 0:
         argv += ["loss", f"{loss_pct}%"]
     return argv

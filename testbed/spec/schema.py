@@ -20,6 +20,7 @@ class LinkDirection(Spec):
     bandwidth_mbps: Optional[float] = Field(None, gt=0)
     delay_ms: Optional[float] = Field(None, ge=0)
     loss_pct: Optional[float] = Field(None, ge=0, le=100)
+    jitter_ms: Optional[float] = Field(None, ge=0)
 
 
 class HostSpec(Spec):
@@ -78,13 +79,27 @@ class LinkSpec(Spec):
     bandwidth_mbps: float = Field(gt=0)
     delay_ms: float = Field(0.0, ge=0)
     loss_pct: float = Field(0.0, ge=0, le=100)
+    # delay jitter: each frame's one-way delay on this link is delay_ms + U(-jitter_ms, +jitter_ms),
+    # drawn independently per frame (no correlation; netem's default distribution); frames of one
+    # connection are never released out of order (TCP delivers in order)
+    jitter_ms: float = Field(0.0, ge=0)
     a_to_b: Optional[LinkDirection] = None
     b_to_a: Optional[LinkDirection] = None
+
+    @model_validator(mode="after")
+    def _jitter_within_delay(self) -> "LinkSpec":
+        for src in (self.a, self.b):
+            d = self.direction(src)
+            if d.jitter_ms > d.delay_ms:
+                raise ValueError(f"jitter_ms ({d.jitter_ms:g}) must not exceed delay_ms ({d.delay_ms:g}) "
+                                 f"on {src}->{self.b if src == self.a else self.a}: a frame cannot arrive before it was sent")
+        return self
 
     def direction(self, src: str) -> LinkDirection:
         """Effective shaping for traffic leaving ``src`` (one of a, b)."""
         override = self.a_to_b if src == self.a else self.b_to_a
-        base = dict(bandwidth_mbps=self.bandwidth_mbps, delay_ms=self.delay_ms, loss_pct=self.loss_pct)
+        base = dict(bandwidth_mbps=self.bandwidth_mbps, delay_ms=self.delay_ms, loss_pct=self.loss_pct,
+                    jitter_ms=self.jitter_ms)
         if override is not None:
             base.update({k: v for k, v in override.model_dump().items() if v is not None})
         return LinkDirection(**base)

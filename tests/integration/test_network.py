@@ -152,6 +152,24 @@ def test_one_direction_rate_and_delay(star):
         star.set_link("h3", "s1", bandwidth_mbps=10, delay_ms=5)
 
 
+def test_jitter_spreads_round_trips_as_specified(tmp_path):
+    """Issue 16 item 4: 2 ms of uniform jitter on each of the 4 hops of an h1 -> s1 -> h2 round trip
+    gives a standard deviation of sqrt(4 x 2^2 / 3) = 2.31 ms around the 16 ms median, and net check
+    reports it next to the spec."""
+    topo = TopologySpec.model_validate({
+        "name": "jit", "hosts": [{"name": "h1", "mem_limit_mib": 128, "cpu_cores": 0.5, "source": True},
+                                 {"name": "h2", "mem_limit_mib": 128, "cpu_cores": 0.5}],
+        "switches": ["s1"],
+        "links": [{"a": "h1", "b": "s1", "bandwidth_mbps": 50, "delay_ms": 4, "jitter_ms": 2},
+                  {"a": "h2", "b": "s1", "bandwidth_mbps": 50, "delay_ms": 4, "jitter_ms": 2}]})
+    report = run_net_check(topo, json=True, rate_seconds=1, memory=False, manifest_path=str(tmp_path / "r.jsonl"))
+    for row in report["links"]:
+        assert row["expected_jitter_ms"] == pytest.approx(2.309, abs=1e-3), row
+        assert row["jitter_ok"] and row["rtt_ok"], row
+        assert row["mechanism"] == "transport"
+    assert report["ok"]
+
+
 def test_loss_via_iptables_statistic(star):
     star.set_link("h3", "s1", loss_pct=5)
     try:

@@ -70,6 +70,7 @@ def test_loss_rules_restore_and_delete_round_trip():
 
 def test_netem_leaf_only_lists_loss_when_asked():
     assert "loss" not in sh.netem_qdisc("d0", 5, 0)
+    assert sh.netem_qdisc("d0", 5, 0, jitter_ms=1.5)[-3:] == ["delay", "5ms", "1.5ms"]
     argv = sh.netem_qdisc("d0", 5, 1.5, change=True)
     assert argv[2] == "change" and argv[-2:] == ["loss", "1.5%"]
 

@@ -102,3 +102,32 @@ def test_a_column_slice_is_exported_in_bounded_runs_of_rows():
     assert max(len(b) for b in bufs[:-1]) <= 1 << 16  # w_down, copied 64 KB at a time
     assert not piece["w_down"].is_contiguous() and piece["w_up"].is_contiguous()
     assert len(bufs[-1]) == piece["w_up"].numel() * 4  # w_up: one view of its own memory
+
+
+def test_jitter_draws_stay_within_the_hops_and_spread_as_uniforms():
+    import random
+    import statistics
+
+    rng = random.Random(1)
+    draws = [wire.draw_jitter(rng, (0.002, 0.001)) for _ in range(20000)]
+    assert max(abs(d) for d in draws) <= 0.003
+    assert statistics.pstdev(draws) == pytest.approx(((0.002**2 + 0.001**2) / 3) ** 0.5, rel=0.03)
+    assert abs(statistics.fmean(draws)) < 5e-5
+    assert wire.draw_jitter(rng, ()) == 0.0
+
+
+def test_a_connection_releases_its_frames_in_order():
+    floor = wire.TransitFloor()
+    assert floor.in_order(10.0) == 10.0
+    assert floor.in_order(9.5) == 10.0  # drawn earlier than its predecessor: waits for it (TCP order)
+    assert floor.in_order(11.0) == 11.0
+
+
+def test_jitter_may_not_exceed_the_delay():
+    from testbed.spec.schema import LinkSpec
+
+    link = LinkSpec.model_validate({"a": "h1", "b": "s1", "bandwidth_mbps": 10, "delay_ms": 4, "jitter_ms": 1,
+                                    "b_to_a": {"jitter_ms": 3}})
+    assert link.direction("h1").jitter_ms == 1 and link.direction("s1").jitter_ms == 3
+    with pytest.raises(Exception, match=r"jitter_ms \(5\) must not exceed delay_ms \(4\) on h1->s1"):
+        LinkSpec.model_validate({"a": "h1", "b": "s1", "bandwidth_mbps": 10, "delay_ms": 4, "jitter_ms": 5})

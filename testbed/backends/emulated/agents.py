@@ -189,6 +189,11 @@ class AgentPool:
     def delays_to(self, dst: str) -> dict[str, float]:
         return {src: self.net.transport_delay_s(src, dst) for src in self.agents if src != dst}
 
+    def jitters_to(self, dst: str) -> dict[str, list[float]]:
+        """Per-hop jitters (seconds) of the path from each peer to ``dst`` that has any."""
+        out = {src: list(self.net.transport_jitter_s(src, dst)) for src in self.agents if src != dst}
+        return {k: v for k, v in out.items() if v}
+
     def rates_to(self, dst: str) -> dict[str, float]:
         """Bottleneck rate (bytes/s) of the path from each peer to ``dst``: the receivers' floor for
         serialisation time (HTB lets a lone small packet pass at line rate; a real link does not)."""
@@ -197,7 +202,7 @@ class AgentPool:
     def configure_all(self) -> None:
         peers = self.peers()
         self.each(lambda h: self.call(h, "configure", 60.0, peers=peers, delays=self.delays_to(h),
-                                      rates=self.rates_to(h), threads=self.threads))
+                                      jitters=self.jitters_to(h), rates=self.rates_to(h), threads=self.threads))
         self.each(lambda h: self.call(h, "pace", 10.0, clear=True, **self.pacing[h]))
 
     def _machine_roofline(self, model: dict) -> dict:
@@ -221,7 +226,7 @@ class AgentPool:
     def push_delays(self) -> None:
         """Send every agent the current path delays and rates (after any link change)."""
         for h in self.agents:
-            self.call(h, "set_delays", 10.0, delays=self.delays_to(h), rates=self.rates_to(h))
+            self.call(h, "set_delays", 10.0, delays=self.delays_to(h), jitters=self.jitters_to(h), rates=self.rates_to(h))
 
     def respawn(self, host: str) -> None:
         old = self.agents.pop(host, None)
