@@ -286,3 +286,23 @@ def test_net_check_report(tmp_path):
     assert all(h["cpu_cores"] == h["cgroup_cpu_cores_expected"] >= 1 for h in report["hosts"])
     assert report["delay_mechanism"] == "transport" and len(report["hosts"]) == 3
     _assert_nothing_left(list(read_manifest(tmp_path / "resources.jsonl")))
+
+
+SHIPPED = sorted(p.name for p in (REPO / "topologies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_net_check_passes_on_every_shipped_topology(name, tmp_path):
+    """Issue 16: every link direction's rate (1 s iperf3), RTT and jitter, and every host pair's round
+    trip over its routed path (up to 4 hops through 3 switches on two_tier and chain3), within
+    tolerance: rates ±5 %, RTTs ±5 % or 0.3 ms, jitter ±30 % or 0.2 ms. (The memory probe of each host
+    is exercised by test_memory_limit_kills_probe and test_net_check_report.)"""
+    topo = load_topology(REPO / "topologies" / name)
+    report = run_net_check(topo, json=True, rate_seconds=1, memory=False, manifest_path=str(tmp_path / "r.jsonl"))
+    bad = [r for r in report["links"] if not (r["rate_ok"] and r["rtt_ok"] and r.get("loss_ok", True)
+                                              and r.get("jitter_ok", True))]
+    bad += [r for r in report["paths"] if not (r["rtt_ok"] and r.get("jitter_ok", True))]
+    assert report["ok"] and not bad, bad
+    n = len(topo.hosts)
+    assert len(report["paths"]) == n * (n - 1) // 2
+    _assert_nothing_left(list(read_manifest(tmp_path / "r.jsonl")))
