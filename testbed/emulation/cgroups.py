@@ -79,6 +79,16 @@ def setup_writes(version: str) -> list[tuple[str, str, str]]:
     return []
 
 
+def v2_subtree_enable(subtree_control: str) -> Optional[str]:
+    """What to write to the v2 root's ``cgroup.subtree_control`` so that its children get memory.max
+    and cpu.max (``"+memory +cpu"``, or only the missing one); None when both are on already. A
+    root without them (a plain v2 kernel without systemd's delegation) would otherwise fail every
+    limit write with ENOENT."""
+    on = set(subtree_control.split())
+    missing = [c for c in ("memory", "cpu") if c not in on]
+    return " ".join(f"+{c}" for c in missing) or None
+
+
 def parse_oom_kills(version: str, text: str) -> int:
     """``oom_kill N`` from v1 memory.oom_control or v2 memory.events."""
     m = re.search(r"^oom_kill (\d+)$", text, flags=re.M)
@@ -109,6 +119,8 @@ class HostCgroup:
         self._seen_ooms = 0
 
     def create(self) -> "HostCgroup":
+        if self.version == "v2":
+            self._enable_v2_controllers()
         for d in self.dirs.values():
             try:
                 d.mkdir()
@@ -119,6 +131,16 @@ class HostCgroup:
         for w in setup_writes(self.version):
             self._write(*w, quiet=True)
         return self
+
+    def _enable_v2_controllers(self) -> None:
+        ctl = self.dirs["unified"].parent / "cgroup.subtree_control"
+        try:
+            want = v2_subtree_enable(ctl.read_text())
+            if want:
+                ctl.write_text(want)
+        except OSError as exc:
+            raise CgroupError(f"{ctl}: cannot enable the memory and cpu controllers for child groups "
+                              f"({os.strerror(exc.errno)})") from exc
 
     def _write(self, ctrl: str, file: str, value: str, quiet: bool = False) -> None:
         try:
