@@ -28,6 +28,18 @@ class TokenRecord:
 
 
 @dataclass
+class RecoveryRecord:
+    """A restart of crashed agents: their blocks reloaded and every KV cache rebuilt by replaying
+    the token history as one prefill (whose output must be the last token generated)."""
+
+    hosts: list[str]
+    duration_s: float
+    replayed_tokens: int
+    replayed_bytes: int  # activations the replay moved between hosts
+    token_id: int  # the replay's next token
+
+
+@dataclass
 class MigrationRecord:
     duration_s: float
     bytes_moved: int

@@ -56,6 +56,17 @@ class AlgorithmFailure(HeadroomError):
     code = "algorithm_failed"
 
 
+class AgentLost(AlgorithmFailure):
+    """An agent holding blocks died without running out of memory (a crash, ``kill_agent``): the
+    device is still there, so a backend that can restart it (``recover``) lets the run go on."""
+
+    code = "agent_lost"
+
+    def __init__(self, message: str, hosts: list[str]):
+        super().__init__(message)
+        self.hosts = list(hosts)
+
+
 class MigrationRefused(AlgorithmFailure):
     """A migration was refused before anything moved (no memory-safe order): the current
     placement is intact, so the run can go on with it."""

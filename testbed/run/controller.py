@@ -12,12 +12,14 @@ from typing import Callable
 
 from testbed.core.cluster import Cluster, TokenRecord
 
-from testbed.core.errors import AlgorithmFailure, InfeasiblePlan, MigrationRefused
+from testbed.core.errors import AgentLost, AlgorithmFailure, InfeasiblePlan, MigrationRefused
 from testbed.core.placement import Placement
 from testbed.partition import registry
 from testbed.run.recorder import RunRecorder
 from testbed.spec.scenario import Change, Timeline
 from testbed.core.snapshot import ModelDims
+
+MAX_RECOVERIES = 3  # crashed-agent restarts per token before the algorithm fails
 
 
 @dataclass
@@ -127,13 +129,14 @@ class AlgorithmLoop:
             self._record_token(0, rec, 0.0, 0, phase="prefill")
             for token_index in range(1, self.s.new_tokens):
                 deferred = self._apply_due(token_index)
+                stall_s = self._recover_lost(token_index, "agent crash found at the token boundary")
                 mig_s, mig_b = self._maybe_replan(token_index, deferred)
                 self._apply(token_index, deferred)
                 if token_index % self.s.repartition_every == 0:
                     self._ev("mem_sample", token_index=token_index, host_mem_bytes=self.cluster.mem_bytes(),
                              host_peak_mem_bytes=self.cluster.peak_mem_bytes())
-                rec = self.cluster.step(self.state.tokens[-1])
-                self._record_token(token_index, rec, mig_s, mig_b, phase="decode")
+                rec, rec_s = self._step(token_index)
+                self._record_token(token_index, rec, mig_s + stall_s + rec_s, mig_b, phase="decode")
         except AlgorithmFailure as exc:
             details = getattr(self.cluster, "failure_details", None)
             if details and details.get("kind") == "oom_kill":
@@ -146,6 +149,36 @@ class AlgorithmLoop:
                      code=exc.code)
             return False
         return True
+
+    def _step(self, token_index: int) -> tuple[TokenRecord, float]:
+        """One decode step; an agent that crashes during it is restarted (``_recover_lost``) and the
+        step retried, at most ``MAX_RECOVERIES`` times. Returns the record and the recovery stall."""
+        stall = 0.0
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                return self.cluster.step(self.state.tokens[-1]), stall
+            except AgentLost as exc:
+                if attempt == MAX_RECOVERIES or not hasattr(self.cluster, "recover"):
+                    raise
+                stall += self._recover_lost(token_index, str(exc))
+        raise AssertionError("unreachable")
+
+    def _recover_lost(self, token_index: int, cause: str) -> float:
+        """Restart crashed agents (a backend with ``lost_agents``/``recover``): their blocks are rebuilt and
+        every KV cache replayed from the history; the replay must give the last token again. Returns
+        the stall (seconds, 0 when nothing crashed); a recovery event records it."""
+        lost = getattr(self.cluster, "lost_agents", None)
+        if lost is None or not lost():
+            return 0.0
+        history = list(self.s.prompt_ids) + self.state.tokens[:-1]
+        r = self.cluster.recover(history)
+        if r.token_id != self.state.tokens[-1]:
+            raise AlgorithmFailure(f"recovery of {', '.join(r.hosts)}: the replay gave token {r.token_id}, "
+                                   f"the run had {self.state.tokens[-1]}")
+        self._ev("recovery", token_index=token_index, hosts=r.hosts, duration_s=r.duration_s,
+                 replayed_tokens=r.replayed_tokens, replayed_bytes=r.replayed_bytes, cause=cause)
+        self.state.elapsed_s += r.duration_s
+        return r.duration_s
 
     def _initial_plan(self) -> None:
         if self.s.algorithm == "fixed":
@@ -219,6 +252,10 @@ class AlgorithmLoop:
         except MigrationRefused as exc:  # nothing moved: go on with the current placement
             self._ev("migration_refused", token_index=token_index, reason=str(exc))
             return 0.0, 0
+        except AgentLost as exc:  # crashed mid-migration: the current placement rebuilt, no move
+            if not hasattr(self.cluster, "recover"):
+                raise
+            return self._recover_lost(token_index, str(exc)), 0
         self.state.placement = result.placement
         self.state.elapsed_s += mig.duration_s
         self._ev("migration", token_index=token_index, duration_s=mig.duration_s, bytes_moved=mig.bytes_moved,

@@ -43,6 +43,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "plan": ("token_index", "placement", "predicted_token_latency_s", "solve_time_s"),
     "migration": ("token_index", "duration_s", "bytes_moved", "moves", "trigger"),
     "migration_refused": ("token_index", "reason"),
+    # crashed agents restarted, their blocks rebuilt and every KV cache replayed (``Cluster.recover``)
+    "recovery": ("token_index", "hosts", "duration_s", "replayed_tokens", "replayed_bytes", "cause"),
     "mem_sample": ("token_index", "host_mem_bytes", "host_peak_mem_bytes"),
     "oom_kill": ("token_index", "host"),
     "algorithm_failed": ("token_index", "reason"),

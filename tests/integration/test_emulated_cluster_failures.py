@@ -162,6 +162,40 @@ def test_kill_agent_while_a_token_is_in_flight(cluster, ref):
     assert_recovers(c, ref)
 
 
+def test_a_crashed_agent_is_restarted_and_its_caches_replayed(cluster, ref):
+    """Issue 15 item 1 at the cluster: h3 crashes between tokens 5 and 6 and again mid-token 10; each
+    time ``recover`` restarts it, rebuilds the blocks and replays the history, and the run goes on
+    with the monolithic model's tokens and top-5 logits."""
+    from testbed.core.errors import AgentLost
+
+    c = cluster
+    c.reset()
+    rec = c.load(head_level(), PROMPT)
+    out, tops, recoveries = [rec.token_id], [c.last_reply["top_logits"]], []
+    for i in range(1, 16):
+        if i == 6:
+            c.kill_agent("h3")
+        if i == 10:
+            c.apply_link("h4", "s1", bandwidth_mbps=1)  # a slow token: the crash lands in flight
+            threading.Timer(0.05, lambda: c.kill_agent("h3")).start()
+        try:
+            rec = c.step(out[-1])
+        except AgentLost as exc:
+            assert exc.hosts == ["h3"] and c.lost_agents() == ["h3"], exc
+            r = c.recover(PROMPT + out[:-1])
+            assert r.hosts == ["h3"] and r.token_id == out[-1] and r.replayed_tokens == len(PROMPT) + i - 1
+            assert 0 < r.duration_s < 10 and r.replayed_bytes > 0
+            recoveries.append(i)
+            rec = c.step(out[-1])
+        if i == 10:
+            c.apply_link("h4", "s1", bandwidth_mbps=10)
+        out.append(rec.token_id)
+        tops.append(c.last_reply["top_logits"])
+    assert recoveries == [6, 10]
+    assert_equal_monolithic((out, tops), ref, 16)
+    assert c.pool.dead() == {}
+
+
 def test_loss_keeps_tokens_and_raises_latency(cluster, ref):
     c = cluster
     c.reset()

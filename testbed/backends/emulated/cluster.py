@@ -21,7 +21,7 @@ from testbed.backends.emulated.agents import AgentPool
 from testbed.emulation.cgroups import CgroupError
 from testbed.emulation.cleanup import Manifest
 from node_agent.pacing import DeviceClock
-from testbed.core.cluster import MigrationRecord, TokenRecord
+from testbed.core.cluster import MigrationRecord, RecoveryRecord, TokenRecord
 from testbed.core.errors import AlgorithmFailure, BackendError, MigrationRefused
 from node_agent.budget import TRANSIENT_RESERVE
 from node_agent.shards import IMPORT_OVERHEAD, IMPORT_SLACK
@@ -202,6 +202,38 @@ class EmulatedCluster(FailureDiagnosis):
 
     def kill_agent(self, host: str) -> None:
         self.pool.kill(self.pool.agents[host])
+
+    def lost_agents(self) -> list[str]:
+        """Hosts of the current placement whose agent died without an OOM kill (crashed; the device
+        is up, so ``recover`` can restart it). An OOM-killed agent is a result, not a crash."""
+        if self.placement is None:
+            return []
+        used = self.placement.devices()
+        dead = [h for h in self.pool.dead() if h in used]
+        return [h for h in dead if self._cg(h).oom_kills() <= self._oom_seen.get(h, 0)]
+
+    def recover(self, history: list[int]) -> RecoveryRecord:
+        """Restart the crashed agents of the current placement (``lost_agents``) in their hosts,
+        rebuild the placement's blocks (every agent drops and rebuilds its own from the checkpoint,
+        so a crash in the middle of a migration leaves nothing half-moved), and rebuild every KV cache
+        by replaying ``history`` (prompt and tokens generated so far, the last excluded) as one
+        prefill from position 0. Returns what it took, with the replay's next token (the caller
+        checks it against the run's)."""
+        lost = self.lost_agents()
+        if not lost:
+            raise BackendError("recover(): no crashed agent on the current placement")
+        t0 = time.time()
+        for h in lost:
+            self.pool.respawn(h)
+        self.pool.configure_all()  # peers' sockets to the old process closed, delays and pacing again
+        self.pv += 1
+        pj = self.placement.to_json()
+        self._guard("recovery", lambda: self.pool.each(
+            lambda h: self.pool.call(h, "load", 300.0, placement=pj, pv=self.pv)))
+        self.context_len = 0
+        rec = self._forward(list(history))
+        self.dirty = False
+        return RecoveryRecord(lost, time.time() - t0, len(history), rec.bytes_moved, rec.token_id)
 
     # ------------------------------------------------------------------ tokens
     def load(self, placement: Placement, prompt_ids: list[int]) -> TokenRecord:

@@ -14,7 +14,7 @@ import time
 from node_agent import protocol as P
 from node_agent.budget import BudgetError
 from testbed.backends.emulated.agents import AgentCallError
-from testbed.core.errors import AlgorithmFailure, BackendError, TokenFailed
+from testbed.core.errors import AgentLost, AlgorithmFailure, BackendError, TokenFailed
 from testbed.core.placement import Placement
 
 
@@ -26,6 +26,7 @@ class FailureDiagnosis:
         used = self.placement.devices() if self.placement else set(self.hosts())
         dead = {h: rc for h, rc in self.pool.dead().items() if h in used}
         if not dead:
+            self.failure_details = None
             return None
         host, rc = next(iter(dead.items()))
         st = self._cg(host).stats()
@@ -46,7 +47,7 @@ class FailureDiagnosis:
             msg = f"link {', '.join(down)} went down on the placement's paths"
         if msg:
             self.dirty = True
-            raise AlgorithmFailure(msg)
+            raise self._lost(msg)
 
     def _placement_links(self, placement: Placement | None) -> list:
         """The live links on any path between two devices of ``placement`` (all hosts if None)."""
@@ -84,11 +85,19 @@ class FailureDiagnosis:
                  for l in self._placement_links(self.placement) if any(st["loss_pct"] for st in l.state.values())]
         return f"lossy links on the placement's paths: {', '.join(lossy)}" if lossy else None
 
+    def _lost(self, message: str) -> AlgorithmFailure:
+        """``AgentLost`` when the diagnosis found an agent killed without an OOM kill (a crash the
+        device survives), else a plain ``AlgorithmFailure``."""
+        d = self.failure_details or {}
+        if d.get("kind") == "killed":
+            return AgentLost(message, [d["host"]])
+        return AlgorithmFailure(message)
+
     def _guard(self, what: str, fn):
         try:
             return fn()
         except AlgorithmFailure as exc:  # from the watchdog: say what it interrupted
-            raise AlgorithmFailure(f"{what}: {exc}") from None
+            raise self._lost(f"{what}: {exc}") from None
         except P.RemoteError as exc:
             if exc.code == BudgetError.code:
                 raise AlgorithmFailure(f"{what} refused: {exc.message}") from None
@@ -99,11 +108,11 @@ class FailureDiagnosis:
                     raise BackendError(f"{what}: {exc}") from None
             else:
                 msg = self._diagnose()
-            raise AlgorithmFailure(f"{what}: {msg} ({exc.message})" if msg else f"{what}: {exc.message}") from None
+            raise self._lost(f"{what}: {msg} ({exc.message})" if msg else f"{what}: {exc.message}") from None
         except (AgentCallError, P.CallTimeout) as exc:
             self.dirty = True
             msg = self._diagnose()
-            raise AlgorithmFailure(f"{what}: {msg} ({exc})" if msg else f"{what}: {exc}") from None
+            raise self._lost(f"{what}: {msg} ({exc})" if msg else f"{what}: {exc}") from None
 
     def _check_paths(self, placement: Placement) -> None:
         devs = sorted(placement.devices())
