@@ -75,7 +75,7 @@ def _is_drop(change: Change, before: dict, threshold_pct: float = 0.0) -> bool:
     value before it, raises a link's delay by more than that share (from 0: any rise of at least
     1 ms), raises its loss (any rise), or takes a link down / kills an agent (always)."""
     vals = change.values
-    if vals.get("up") is False or vals.get("kill_agent"):
+    if vals.get("up") is False or vals.get("kill_agent") or vals.get("down") is True:
         return True
     for key in ("bandwidth_mbps", "mem_limit_mib", "cpu_cores"):
         if key in vals and key in before and before[key] and vals[key] < before[key] * (1 - threshold_pct / 100):
@@ -94,6 +94,11 @@ def apply_change(cluster: Cluster, change: Change) -> dict:
             return cluster.apply_link(change.link[0], change.link[1], direction=change.direction, **change.values)
         return cluster.apply_link(change.link[0], change.link[1], **change.values)
     values = dict(change.values)
+    if "down" in values:
+        set_down = getattr(cluster, "set_device_down", None)
+        if set_down is None:
+            raise AlgorithmFailure(f"backend cannot take device {change.host} down")
+        return set_down(change.host, values.pop("down"))
     if values.pop("kill_agent", False):
         kill = getattr(cluster, "kill_agent", None)
         if kill is None:
@@ -165,13 +170,23 @@ class AlgorithmLoop:
 
     def _recover_lost(self, token_index: int, cause: str) -> float:
         """Restart crashed agents (a backend with ``lost_agents``/``recover``): their blocks are rebuilt and
-        every KV cache replayed from the history; the replay must give the last token again. Returns
-        the stall (seconds, 0 when nothing crashed); a recovery event records it."""
-        lost = getattr(self.cluster, "lost_agents", None)
-        if lost is None or not lost():
+        every KV cache replayed from the history; the replay must give the last token again. A
+        device that is gone (``lost_devices``) cannot be restarted: a dynamic algorithm re-places the
+        placement on the survivors (its planner, on a snapshot that reports the device down), a
+        static one fails naming the device. Returns the stall (seconds, 0 when nothing was lost); a
+        recovery event records it."""
+        crashed = getattr(self.cluster, "lost_agents", lambda: [])()
+        gone = getattr(self.cluster, "lost_devices", lambda: [])()
+        if not crashed and not gone:
             return 0.0
+        placement = None
+        if gone:
+            placement = self._replace_lost(token_index, gone)
+            cause = f"device {', '.join(gone)} gone: re-placed on the survivors"
         history = list(self.s.prompt_ids) + self.state.tokens[:-1]
-        r = self.cluster.recover(history)
+        r = self.cluster.recover(history, placement) if placement is not None else self.cluster.recover(history)
+        if placement is not None:
+            self.state.placement = placement
         if r.token_id != self.state.tokens[-1]:
             raise AlgorithmFailure(f"recovery of {', '.join(r.hosts)}: the replay gave token {r.token_id}, "
                                    f"the run had {self.state.tokens[-1]}")
@@ -179,6 +194,20 @@ class AlgorithmLoop:
                  replayed_tokens=r.replayed_tokens, replayed_bytes=r.replayed_bytes, cause=cause)
         self.state.elapsed_s += r.duration_s
         return r.duration_s
+
+    def _replace_lost(self, token_index: int, gone: list[str]) -> Placement:
+        """A dynamic algorithm's placement without the devices that are gone (planned on a snapshot
+        that reports them down); a static one, or a plan that does not fit, fails naming them."""
+        if not self.dynamic:
+            raise AlgorithmFailure(f"device {', '.join(gone)} is gone and {self.s.algorithm}'s static placement uses "
+                                   f"it: a static algorithm does not re-place")
+        context = len(self.s.prompt_ids) + token_index
+        try:
+            result, snap = _plan(self.s, self.cluster, self.dims, context, None)
+        except InfeasiblePlan as exc:
+            raise AlgorithmFailure(f"device {', '.join(gone)} is gone and its blocks fit nowhere else: {exc}") from None
+        self._record_plan(token_index, result, snap)
+        return result.placement
 
     def _initial_plan(self) -> None:
         if self.s.algorithm == "fixed":

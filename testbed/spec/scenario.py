@@ -51,6 +51,8 @@ def _from_event(ev: ScenarioEvent) -> Change:
     values = {k: getattr(ev, k) for k in keys if getattr(ev, k) is not None}
     if ev.kill_agent:
         values["kill_agent"] = True
+    if ev.down is not None:
+        values["down"] = ev.down
     link = tuple(ev.link) if ev.link else None
     return Change(ev.at_token, ev.at_s, link, ev.host, values, _source_end(link, ev.direction) if link else None)
 

@@ -232,7 +232,8 @@ class ScenarioEvent(Spec):
     up: Optional[bool] = None
     mem_limit_mib: Optional[float] = Field(None, gt=0)
     cpu_cores: Optional[float] = Field(None, gt=0)
-    kill_agent: bool = False
+    kill_agent: bool = False  # the agent on ``host`` crashes; the device stays (the run restarts it)
+    down: Optional[bool] = None  # true: the device is gone (its blocks re-placed); false: it is back
     direction: Direction = "both"  # a link event: change only the traffic a -> b (or b -> a)
 
     @model_validator(mode="after")
@@ -245,10 +246,14 @@ class ScenarioEvent(Spec):
         host_fields = [k for k in ("mem_limit_mib", "cpu_cores") if getattr(self, k) is not None]
         if self.kill_agent:
             host_fields.append("kill_agent")
+        if self.down is not None:
+            host_fields.append("down")
+            if len(host_fields) > 1:
+                raise ValueError("down: a device going or coming back changes nothing else in the same event")
         if self.link is not None and (host_fields or not link_fields):
             raise ValueError("a link event changes bandwidth_mbps, delay_ms, loss_pct or up (and nothing else)")
         if self.host is not None and (link_fields or not host_fields):
-            raise ValueError("a host event changes mem_limit_mib, cpu_cores or kill_agent (and nothing else)")
+            raise ValueError("a host event changes mem_limit_mib, cpu_cores, kill_agent or down (and nothing else)")
         if self.direction != "both" and (self.link is None or self.up is not None):
             raise ValueError("direction applies to a link's bandwidth_mbps, delay_ms or loss_pct (up is both ways)")
         return self

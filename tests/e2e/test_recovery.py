@@ -71,3 +71,39 @@ def test_a_crashed_agent_is_recovered_with_identical_tokens(tmp_path):
         (rec,) = [e for e in events if e["type"] == "recovery" and e["algorithm"] == algo]
         assert rec["hosts"] == ["h2"] and rec["token_index"] == 5 and rec["replayed_tokens"] == 8 + 4
         assert 0 < rec["duration_s"] < 30 and rec["replayed_bytes"] > 0
+
+
+def test_a_lost_device_is_replaced_by_a_dynamic_algorithm_and_fails_a_static_one(tmp_path):
+    """``{host: h2, down: true}`` at token 5: RA re-places h2's blocks on h3 (a plan on a snapshot
+    reporting h2 down), rebuilds every cache by replay and finishes with the monolithic tokens;
+    EdgeShard's static split fails, naming the device."""
+    exp = tmp_path / "lost.yaml"
+    exp.write_text(EXPERIMENT.replace("name: recovery", "name: lost")
+                   .replace("{at_token: 5, host: h2, kill_agent: true}", "{at_token: 5, host: h2, down: true}")
+                   .replace("mem_limit_mib: 320", "mem_limit_mib: 560"))
+    out = subprocess.run([sys.executable, "-m", "testbed", "run", str(exp), "-o", str(tmp_path / "out"),
+                          "--print-run-dir"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = Path(out.stdout.strip().splitlines()[-1])
+
+    from node_agent.model import load_model
+    from testbed.core.placement import Placement
+    from testbed.run.events import read_events
+    from testbed.run.runner import prompt_for
+    from testbed.spec.loader import load_experiment
+    from testbed.spec.modelref import resolve_model
+
+    spec = load_experiment(exp)
+    ref = resolve_model(spec.model)
+    expected = load_model(ref.load_arg, seed=ref.seed).generate(prompt_for(spec, ref, 0), spec.workload.new_tokens)
+    summary = json.loads((run / "summary.json").read_text())
+    events = read_events(run)
+    ra = [e for e in events if e.get("algorithm") == "resource_aware"]
+    assert not summary["resource_aware"]["failed"], summary["resource_aware"]["failure"]
+    assert [e for e in ra if e["type"] == "repetition_done"][0]["tokens"] == expected
+    (rec,) = [e for e in ra if e["type"] == "recovery"]
+    assert rec["hosts"] == ["h2"] and "device h2 gone" in rec["cause"]
+    last_plan = [e for e in ra if e["type"] == "plan"][-1]
+    assert "h2" not in Placement.from_json(last_plan["placement"]).devices()
+    assert summary["edgeshard"]["failed"]
+    assert "device h2 is gone and edgeshard's static placement uses it" in summary["edgeshard"]["failure"]

@@ -196,6 +196,33 @@ def test_a_crashed_agent_is_restarted_and_its_caches_replayed(cluster, ref):
     assert c.pool.dead() == {}
 
 
+def test_a_lost_device_is_replaced_on_the_survivors(cluster, ref):
+    """Issue 15 item 1, a device that is gone: h3 goes down after token 7; its blocks are re-placed on
+    h2 and h4, every cache rebuilt by replay, and the tokens stay the monolithic model's. The device
+    back up gets a fresh agent with no blocks; the source cannot go down."""
+    c = cluster
+    c.reset()
+    rec = c.load(head_level(), PROMPT)
+    out, tops = [rec.token_id], [c.last_reply["top_logits"]]
+    for i in range(1, 16):
+        if i == 8:
+            assert c.set_device_down("h3", True)["down"] is True
+            assert c.lost_devices() == ["h3"] and c.lost_agents() == []
+            assert not c.snapshot(len(PROMPT) + i, 4).device("h3").up
+            survivors = Placement("h1", tuple(LayerPlacement(tuple("h2" if d == "h3" else d for d in lp.heads), lp.proj,
+                                                             (FfnShard("h4", 0, lp.ffn[0].col_end),))
+                                              for lp in head_level().layers))
+            r = c.recover(PROMPT + out[:-1], survivors)
+            assert r.hosts == ["h3"] and r.token_id == out[-1] and c.placement == survivors
+        rec = c.step(out[-1])
+        out.append(rec.token_id)
+        tops.append(c.last_reply["top_logits"])
+    assert_equal_monolithic((out, tops), ref, 16)
+    assert c.set_device_down("h3", False)["down"] is False and c.snapshot(24, 4).device("h3").up
+    with pytest.raises(AlgorithmFailure, match="the source h1 cannot go down"):
+        c.set_device_down("h1", True)
+
+
 def test_loss_keeps_tokens_and_raises_latency(cluster, ref):
     c = cluster
     c.reset()

@@ -199,11 +199,12 @@ class AgentPool:
         serialisation time (HTB lets a lone small packet pass at line rate; a real link does not)."""
         return {src: self.net.path_rate_bytes_per_s(src, dst) for src in self.agents if src != dst}
 
-    def configure_all(self) -> None:
+    def configure_all(self, hosts: list[str] | None = None) -> None:
+        """Peers, delays, rates and pacing to every agent (or ``hosts``: e.g. all but a device that is gone)."""
         peers = self.peers()
         self.each(lambda h: self.call(h, "configure", 60.0, peers=peers, delays=self.delays_to(h),
-                                      jitters=self.jitters_to(h), rates=self.rates_to(h), threads=self.threads))
-        self.each(lambda h: self.call(h, "pace", 10.0, clear=True, **self.pacing[h]))
+                                      jitters=self.jitters_to(h), rates=self.rates_to(h), threads=self.threads), hosts)
+        self.each(lambda h: self.call(h, "pace", 10.0, clear=True, **self.pacing[h]), hosts)
 
     def _machine_roofline(self, model: dict) -> dict:
         """This machine's one-core roofline on ``model``, measured by the fork server once per machine
