@@ -309,7 +309,9 @@ def manifest_facts(run: Run) -> dict:
     facts = {"git_sha": m.get("git_sha"), "kernel": versions.get("kernel") or m.get("kernel"),
              "backend": m.get("backend") or run.config.get("backend"),
              "delay_mechanism": m.get("delay_mechanism"), "loss_mechanism": m.get("loss_mechanism"),
-             "versions": versions, "resources": {}}
+             "versions": versions, "resources": {},
+             # emulated runs: the network as measured at bring-up (testbed.emulation.netcheck.bringup_check)
+             "network": m.get("network_check") if isinstance(m.get("network_check"), dict) else None}
     res_path = run.path / str(m.get("resources_file") or "resources.jsonl")
     if res_path.is_file():
         for line in res_path.read_text(errors="replace").splitlines():

@@ -249,6 +249,31 @@ def check_path(net, src: str, dst: str, port: int) -> dict:
     return row
 
 
+def bringup_check(net, count: int = 10) -> dict:
+    """What an emulated run records of its network at bring-up: per link direction the spec and the
+    rate read back from tc, and the round trip source <-> every other host over its routed path
+    (the wire probe, ``count`` samples) against the spec. Every link of a star lies on one of those
+    paths. Cheap (~1 s a host), so every run carries its own measured network."""
+    source = net.topology.source
+    links = []
+    for link in net.links:
+        back = net.read_link(link.spec.a, link.spec.b)
+        for u, v in ((link.spec.a, link.spec.b), (link.spec.b, link.spec.a)):
+            st, got = link.state[u], back[f"{u}->{v}"]
+            links.append({"link": f"{u}->{v}", "spec_mbps": st["bandwidth_mbps"], "tc_mbps": got["bandwidth_mbps"],
+                          "delay_ms": st["delay_ms"], "jitter_ms": st["jitter_ms"], "loss_pct": st["loss_pct"]})
+    paths = []
+    for i, h in enumerate(x for x in net.hosts if x != source):
+        exp_j = expected_jitter_ms(net, source, h)
+        rtt = measure_rtt(net, source, h, count=max(count, 40) if exp_j else count, port=9101 + i)
+        exp = expected_rtt_ms(net, source, h)
+        paths.append({"pair": f"{source}<->{h}", "hops": len(net.path(source, h)), "expected_rtt_ms": round(exp, 3),
+                      "measured_rtt_ms": round(rtt["rtt_ms"], 3), "expected_jitter_ms": round(exp_j, 3),
+                      "measured_jitter_ms": round(rtt["rtt_spread_ms"], 3),
+                      "rtt_ok": abs(rtt["rtt_ms"] - exp) <= max(RTT_TOL * exp, RTT_TOL_ABS_MS)})
+    return {"mechanism": net.delay_mechanism, "links": links, "paths": paths}
+
+
 def run_net_check(topology, json: bool = False, rate_seconds: float = 2.0, run_id: Optional[str] = None,
                   manifest_path: Optional[str] = None, links: Optional[list] = None, memory: bool = True,
                   cpu_emulation: str = "cfs", compute=None, paths: bool = True) -> dict:

@@ -396,7 +396,10 @@ def build_emulated_cluster(topo: TopologySpec, model, run_dir, recorder=None,
     cluster = EmulatedCluster(topo, model, run_dir, Manifest(run_dir / "resources.jsonl"), weights_from=weights_from,
                               cpu_emulation=cpu_emulation)
     if recorder is not None:
-        recorder.update_manifest(delay_mechanism=cluster.net.delay_mechanism,
+        from testbed.emulation.netcheck import bringup_check
+
+        recorder.update_manifest(network_check=bringup_check(cluster.net),
+                                 delay_mechanism=cluster.net.delay_mechanism,
                                  loss_mechanism="netem" if cluster.net.delay_mechanism == "netem" else "iptables statistic",
                                  serialisation="receivers hold a frame until sent_at + bytes/path rate + delay "
                                                "(HTB passes a lone small packet at line rate)",
