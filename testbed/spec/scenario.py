@@ -8,6 +8,7 @@ algorithm's elapsed run time (sum of token and migration latencies) reaches ``at
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,27 +95,66 @@ def _random_walk(item: RandomWalkItem, horizon: int, all_links: list[tuple[str, 
     return out
 
 
+class TraceError(ScenarioError):
+    """A trace CSV is malformed; ``file`` and ``line`` point into the CSV."""
+
+    def __init__(self, file: str, line: int, message: str):
+        super().__init__(f"{file}:{line}: {message}")
+        self.file, self.line, self.message = file, line, message
+
+
+TRACE_COLUMNS = "columns token (or t_s) and bandwidth_mbps"
+
+
+def trace_path(file: str, base_dir: Path) -> Path:
+    return (base_dir / file) if not Path(file).is_absolute() else Path(file)
+
+
+def read_trace(path: Path) -> list[tuple[int | None, float | None, float]]:
+    """(token, t_s, bandwidth_mbps) per row of a trace CSV: one time column, increasing; rates finite
+    and > 0. Raises TraceError naming the CSV's line."""
+    from testbed.spec.yamltext import read_text
+    from testbed.core.errors import ConfigError
+
+    try:
+        text = read_text(path, "trace")
+    except ConfigError as exc:
+        p = exc.problems[0]
+        raise TraceError(str(path), p.line, p.message) from None
+    reader = csv.DictReader(text.splitlines())
+    cols = set(reader.fieldnames or ())
+    time_col = "token" if "token" in cols else "t_s" if "t_s" in cols else None
+    if time_col is None or "bandwidth_mbps" not in cols:
+        raise TraceError(str(path), 1, f"expected {TRACE_COLUMNS}, got {sorted(cols)}")
+    out, last = [], None
+    for line, row in enumerate(reader, start=2):
+        when, bw = _trace_row(path, line, row, time_col)
+        if last is not None and when <= last:
+            raise TraceError(str(path), line, f"{time_col} must be increasing: {when} after {last}")
+        last = when
+        out.append((when, None, bw) if time_col == "token" else (None, when, bw))
+    if not out:
+        raise TraceError(str(path), 1, "no rows: a trace needs at least one rate")
+    return out
+
+
+def _trace_row(path: Path, line: int, row: dict, time_col: str) -> tuple[float, float]:
+    try:
+        when = int(row[time_col]) if time_col == "token" else float(row[time_col])
+        bw = float(row["bandwidth_mbps"])
+    except (KeyError, ValueError, TypeError):
+        raise TraceError(str(path), line, f"expected {TRACE_COLUMNS} as numbers, got {row}") from None
+    if not (math.isfinite(bw) and math.isfinite(when)):
+        raise TraceError(str(path), line, f"values must be finite numbers, got {row}")
+    if bw <= 0 or when < 0:
+        raise TraceError(str(path), line, f"bandwidth_mbps must be > 0 and {time_col} >= 0, got {row}")
+    return when, bw
+
+
 def _trace(item: TraceItem, base_dir: Path) -> list[Change]:
     t = item.trace
-    path = (base_dir / t.file) if not Path(t.file).is_absolute() else Path(t.file)
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise ScenarioError(f"trace {path}: {exc.strerror}") from None
-    out = []
-    for line, row in enumerate(rows, start=2):
-        try:
-            bw = float(row["bandwidth_mbps"])
-            if "token" in row and row["token"] not in (None, ""):
-                out.append(Change(int(row["token"]), None, tuple(t.link), None, {"bandwidth_mbps": bw}))
-            else:
-                out.append(Change(None, float(row["t_s"]), tuple(t.link), None, {"bandwidth_mbps": bw}))
-        except (KeyError, ValueError, TypeError):
-            raise ScenarioError(f"{path}:{line}: expected columns token (or t_s) and bandwidth_mbps > 0, got {row}") from None
-        if bw <= 0:
-            raise ScenarioError(f"{path}:{line}: bandwidth_mbps must be > 0, got {bw}")
-    return out
+    return [Change(tok, at_s, tuple(t.link), None, {"bandwidth_mbps": bw})
+            for tok, at_s, bw in read_trace(trace_path(t.file, base_dir))]
 
 
 def expand(spec: ExperimentSpec, base_dir: Path = Path("."), repetition: int = 0) -> list[Change]:
