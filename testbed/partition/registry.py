@@ -24,7 +24,7 @@ class AlgorithmError(ConfigError, ValueError):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class NoParams(Params):

@@ -9,6 +9,7 @@ inside the run; a ``fixed`` placement against the model and hosts; trace CSVs. E
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 import struct
 from pathlib import Path
@@ -179,6 +180,11 @@ def _algorithm_problems(data: dict, where: Where) -> list[ConfigProblem]:
             problems.append(where.at(("algorithms", i), f"unknown algorithm {name!r} (expected one of "
                                      f"{', '.join(registry.NAMES)})"))
         elif isinstance(name, str) and isinstance(algo, dict) and isinstance(algo.get("params"), dict):
+            bad = {k: v for k, v in algo["params"].items() if isinstance(v, float) and not math.isfinite(v)}
+            if bad:  # the planners take inf from code (tests); a config gives finite numbers
+                problems.append(where.at(("algorithms", i, "params", next(iter(bad))),
+                                         f"Input should be a finite number, got {next(iter(bad.values()))}"))
+                continue
             try:
                 registry.get(name).validate(algo["params"])
             except registry.AlgorithmError as exc:
