@@ -146,8 +146,9 @@ def test_a_bad_header_is_a_bad_frame_with_the_stream_in_sync(header):
     assert wire.recv_frame(b).type == "next"
 
 
-@pytest.mark.parametrize("sent_at", [time.time() + 5.0, float("nan"), float("inf")])
-def test_a_send_time_in_the_future_is_refused(sent_at):
+@pytest.mark.parametrize("ahead_s", [5.0, float("nan"), float("inf")])
+def test_a_send_time_in_the_future_is_refused(ahead_s):
+    sent_at = time.time() + ahead_s
     a, b = pair()
     a.sendall(wire.PREFIX.pack(wire.MAGIC, wire.WIRE_VERSION, 0, 15, 0, sent_at) + b'{"type":"act"} ')
     with pytest.raises(wire.BadFrame, match="ahead of this clock"):
