@@ -34,8 +34,8 @@ from node_agent.migration import Migration
 from node_agent.pacing import ComputePacer
 from node_agent.budget import Budget, BudgetError, return_freed_memory, rss_bytes, tune_allocator
 from node_agent.shards import BlockStore, calibrate
-from node_agent.wire import (BadFrame, FrameTooLarge, TransitFloor, WireError, connect, discard, recv_frame,
-                             release_time, send_frame)
+from node_agent.wire import (BadFrame, FrameTooLarge, TransitFloor, WireError, connect, recv_frame, release_time,
+                             send_frame)
 from testbed.core.errors import TokenFailed
 from testbed.core.placement import Placement
 from testbed.core.snapshot import ModelDims
@@ -102,17 +102,17 @@ class Agent(Dataflow, Migration):
             try:
                 frame = recv_frame(conn, max_payload=self.payload_limit)
             except FrameTooLarge as exc:  # refused before reading: drop its bytes, keep the stream
-                if not self._reply(conn, P.error_frame(None, exc)) or not self._discard(conn, exc.remaining):
+                if not P.reply(conn, P.error_frame(None, exc)) or not P.discard_rest(conn, exc.remaining):
                     return
                 continue
             except BadFrame as exc:
-                if not self._reply(conn, P.error_frame(None, exc)):
+                if not P.reply(conn, P.error_frame(None, exc)):
                     return
                 continue
             except (WireError, OSError) as exc:
                 log.info("control stream ended: %s", exc)
                 return
-            if not self._reply(conn, *self._serve_request(frame)):
+            if not P.reply(conn, *self._serve_request(frame)):
                 return
 
     def _serve_request(self, frame) -> tuple[dict, bytes]:
@@ -132,23 +132,6 @@ class Agent(Dataflow, Migration):
             if not isinstance(exc, (BudgetError, P.ProtocolError, KeyError, TypeError, ValueError, AttributeError)):
                 log.error("command %s failed: %s", h.get("cmd"), traceback.format_exc())
             return P.error_frame(call_id, exc), b""
-
-    @staticmethod
-    def _reply(conn: socket.socket, header: dict, payload: bytes = b"") -> bool:
-        try:
-            send_frame(conn, header, payload)
-            return True
-        except (OSError, ValueError) as exc:  # WireError included: the controller is gone or the reply is unsendable
-            log.info("control reply failed: %s", exc)
-            return False
-
-    @staticmethod
-    def _discard(conn: socket.socket, n: int) -> bool:
-        try:
-            discard(conn, n)
-            return True
-        except (WireError, OSError):
-            return False
 
     def payload_limit(self) -> int:
         """The largest frame payload this agent takes: what its memory budget has free now."""

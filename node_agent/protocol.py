@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from node_agent.wire import Frame, WireError, recv_frame, send_frame
+from node_agent.wire import Frame, WireError, discard, recv_frame, send_frame
 from testbed.core.errors import AgentError, ProtocolError, error_code
 
 PROTOCOL_VERSION = 1
@@ -86,6 +86,24 @@ def error_frame(call_id: int | None, exc: BaseException) -> dict:
     if isinstance(details, dict):
         out["details"] = details
     return out
+
+
+def reply(conn: socket.socket, header: dict, payload: bytes = b"") -> bool:
+    """Send a reply on a control connection; False when the peer is gone or the reply unsendable."""
+    try:
+        send_frame(conn, header, payload)
+        return True
+    except (OSError, ValueError):  # WireError included
+        return False
+
+
+def discard_rest(conn: socket.socket, n: int) -> bool:
+    """Drop the ``n`` unread bytes of a refused frame; False when the connection broke meanwhile."""
+    try:
+        discard(conn, n)
+        return True
+    except (WireError, OSError):
+        return False
 
 
 def call(sock: socket.socket, cmd: str, call_id: int, payload: bytes = b"", timeout_s: float = CONTROL_TIMEOUT_S,
