@@ -34,22 +34,24 @@ from node_agent.inbox import TimedInbox, lower_timer_slack
 from node_agent.migration import Migration
 from node_agent.pacing import ComputePacer
 from node_agent.budget import Budget, BudgetError, return_freed_memory, rss_bytes, tune_allocator
-from node_agent.wire import TransitFloor, WireError, connect, draw_jitter, recv_frame, release_time, send_frame
 from node_agent.shards import BlockStore, calibrate
+from node_agent.wire import (BadFrame, FrameTooLarge, TransitFloor, WireError, connect, draw_jitter, recv_frame,
+                             release_time, send_frame)
 from testbed.core.errors import TokenFailed
 from testbed.core.placement import Placement
 from testbed.core.snapshot import ModelDims
 
 log = logging.getLogger("headroom.agent")
 DATA_PORT = 7070
+MAX_FUTURE_S = 1.0  # a data frame sent more than this ahead of the receiver's clock is refused (one kernel, one clock)
 
 
 class Agent(Dataflow, Migration):
     """One host's agent (see the module docstring); ``serve`` runs it until control closes."""
 
     def __init__(self, name: str, control_path: str, data_port: int = DATA_PORT, mem_dir: str | None = None,
-                 mem_version: str | None = None, model: dict | None = None):
-        self.name, self.control_path, self.data_port = name, control_path, data_port
+                 mem_version: str | None = None, model: dict | None = None, data_host: str = "0.0.0.0"):
+        self.name, self.control_path, self.data_port, self.data_host = name, control_path, data_port, data_host
         self.budget = Budget(name, mem_dir, mem_version)
         self.model = model
         self.store: BlockStore | None = None
@@ -79,7 +81,7 @@ class Agent(Dataflow, Migration):
         ctl.listen(1)
         data = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         data.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        data.bind(("0.0.0.0", self.data_port))
+        data.bind((self.data_host, self.data_port))
         data.listen(64)
         self._listeners = [ctl, data]
         threading.Thread(target=self._accept_data, args=(data,), daemon=True, name="data-accept").start()
@@ -96,19 +98,46 @@ class Agent(Dataflow, Migration):
 
     # ------------------------------------------------------------------ control plane
     def _control_loop(self, conn: socket.socket) -> None:
+        """Request/reply until the controller closes. A frame the agent cannot take (too large for
+        its memory, not a well-formed request) gets an error reply and the loop goes on."""
         while not self.stop.is_set():
             try:
-                frame = recv_frame(conn)
-            except (WireError, OSError):
+                frame = recv_frame(conn, max_payload=self.payload_limit)
+            except FrameTooLarge as exc:  # refused before reading: drop its bytes, keep the stream
+                if not P.reply(conn, P.error_frame(None, exc)) or not P.discard_rest(conn, exc.remaining):
+                    return
+                continue
+            except BadFrame as exc:
+                if not P.reply(conn, P.error_frame(None, exc)):
+                    return
+                continue
+            except (WireError, OSError) as exc:
+                log.info("control stream ended: %s", exc)
                 return
-            h = frame.header
-            try:
-                result, payload = getattr(self, "cmd_" + h["cmd"])(h, frame.payload)
-                send_frame(conn, P.ok_frame(h["id"], **result), payload)
-            except Exception as exc:  # reported to the controller, never swallowed
-                if not isinstance(exc, (BudgetError, P.ProtocolError)):
-                    log.error("command %s failed: %s", h.get("cmd"), traceback.format_exc())
-                send_frame(conn, P.error_frame(h["id"], exc))
+            if not P.reply(conn, *self._serve_request(frame)):
+                return
+
+    def _serve_request(self, frame) -> tuple[dict, bytes]:
+        h = frame.header
+        call_id = h.get("id")
+        try:
+            cmd = h.get("cmd")
+            if h.get("type") != "req" or not isinstance(cmd, str) or not isinstance(call_id, int):
+                raise P.ProtocolError(f"expected a request {{type: req, cmd: NAME, id: INT}}, got "
+                                      f"type {h.get('type')!r}, cmd {cmd!r}, id {call_id!r}")
+            handler = getattr(self, "cmd_" + cmd, None)
+            if handler is None:
+                raise P.ProtocolError(f"unknown command {cmd!r}")
+            result, payload = handler(h, frame.payload)
+            return P.ok_frame(call_id, **result), payload
+        except Exception as exc:  # reported to the controller, never swallowed
+            if not isinstance(exc, (BudgetError, P.ProtocolError, KeyError, TypeError, ValueError, AttributeError)):
+                log.error("command %s failed: %s", h.get("cmd"), traceback.format_exc())
+            return P.error_frame(call_id, exc), b""
+
+    def payload_limit(self) -> int:
+        """The largest frame payload this agent takes: what its memory budget has free now."""
+        return self.budget.available()
 
     def _on_worker(self, fn, timeout_s: float = 60.0):
         fut: Future = Future()
@@ -129,10 +158,10 @@ class Agent(Dataflow, Migration):
                 s.close()
             self._out.clear()
         if "delays" in h:
-            self.delays = {k: float(v) for k, v in h["delays"].items()}
-            self.jitters = {k: tuple(float(x) for x in v) for k, v in (h.get("jitters") or {}).items()}
+            self.delays = P.peer_delays(h["delays"])
+            self.jitters = P.peer_jitters(h.get("jitters"))
         if "rates" in h:
-            self.rates = {k: float(v) for k, v in h["rates"].items()}
+            self.rates = P.peer_rates(h["rates"])
         if h.get("threads"):
             torch.set_num_threads(int(h["threads"]))
         if h.get("model") and (self.store is None or self.model != h["model"]):
@@ -140,10 +169,10 @@ class Agent(Dataflow, Migration):
             self.store = BlockStore(self.name, self.model["arg"], int(self.model.get("seed", 0)), self.budget)
 
     def cmd_set_delays(self, h, _):
-        self.delays = {k: float(v) for k, v in h["delays"].items()}  # atomic dict swap, read by readers
-        self.jitters = {k: tuple(float(x) for x in v) for k, v in (h.get("jitters") or {}).items()}
+        self.delays = P.peer_delays(h["delays"])  # atomic dict swap, read by readers
+        self.jitters = P.peer_jitters(h.get("jitters"))
         if "rates" in h:
-            self.rates = {k: float(v) for k, v in h["rates"].items()}
+            self.rates = P.peer_rates(h["rates"])
         return {}, b""
 
     def cmd_load(self, h, _):
@@ -260,19 +289,31 @@ class Agent(Dataflow, Migration):
             threading.Thread(target=self._read_data, args=(conn,), daemon=True).start()
 
     def _read_data(self, conn: socket.socket) -> None:
+        """One inbound data connection: hello, then frames into the inbox at their release time. A
+        frame that is malformed, sent from the future or not a data message is refused (logged) and
+        the connection goes on; one too large for the budget, or a broken stream, closes it."""
         try:
-            hello = recv_frame(conn)
+            hello = recv_frame(conn, max_payload=self.payload_limit, max_future_s=MAX_FUTURE_S)
             src = P.check_hello(hello)
             floor = TransitFloor()
             floor.observe(hello)
             rng = random.Random(f"{self.name}<-{src}")  # jitter draws: reproducible per connection
             while True:
-                f = recv_frame(conn)
+                try:
+                    f = recv_frame(conn, max_payload=self.payload_limit, max_future_s=MAX_FUTURE_S)
+                    P.check_data_header(f.header, len(f.payload))
+                except (BadFrame, P.ProtocolError) as exc:
+                    if isinstance(exc, WireError) and not isinstance(exc, BadFrame):
+                        raise
+                    log.warning("refused a data frame from %s: %s", src, exc)
+                    continue
                 delay = self.delays.get(src, 0.0) + draw_jitter(rng, self.jitters.get(src, ()))
                 release = floor.in_order(release_time(f, delay, self.rates.get(src), floor.observe(f)))
                 self.inbox.put(("frame", src, f, release), release)
         except (WireError, OSError, P.ProtocolError) as exc:
             log.info("data connection closed: %s", exc)
+        except Exception as exc:  # never an uncaught exception in a reader thread
+            log.error("data connection dropped: %s", traceback.format_exc())
         finally:
             conn.close()
 
@@ -354,6 +395,6 @@ def run_agent(cfg: dict) -> None:
     torch.set_num_threads(int(cfg.get("threads", 1)))
     tune_allocator()
     agent = Agent(cfg["name"], cfg["control_path"], int(cfg.get("data_port", DATA_PORT)), cfg.get("mem_dir"),
-                  cfg.get("mem_version"), cfg.get("model"))
+                  cfg.get("mem_version"), cfg.get("model"), cfg.get("data_host", "0.0.0.0"))
     log.info("config %s", json.dumps(cfg))
     agent.serve()

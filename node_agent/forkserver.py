@@ -72,7 +72,7 @@ class ForkServer:
 
     def serve(self) -> None:
         from node_agent import protocol as P
-        from node_agent.wire import WireError, recv_frame, send_frame
+        from node_agent.wire import BadFrame, WireError, recv_frame, send_frame
 
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         srv.bind(self.path)
@@ -84,15 +84,18 @@ class ForkServer:
             while True:
                 try:
                     frame = recv_frame(conn)
+                except BadFrame as exc:  # read whole, stream in sync: say so and go on
+                    send_frame(conn, P.error_frame(None, exc))
+                    continue
                 except (WireError, OSError):
                     return
                 h = frame.header
                 try:
-                    result = getattr(self, "cmd_" + h["cmd"])(h)
-                    send_frame(conn, P.ok_frame(h["id"], **result))
+                    result = getattr(self, "cmd_" + str(h.get("cmd")))(h)
+                    send_frame(conn, P.ok_frame(h.get("id"), **result))
                 except Exception as exc:
                     traceback.print_exc()
-                    send_frame(conn, P.error_frame(h["id"], exc))
+                    send_frame(conn, P.error_frame(h.get("id"), exc))
                 if h.get("cmd") == "shutdown":
                     return
         finally:

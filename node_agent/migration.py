@@ -41,7 +41,11 @@ class Migration:
             self._send(src, err)
 
     def _on_mig_answer(self, h: dict) -> None:
-        item, done, group = self.pending_mig.pop(int(h["mig_id"]))
+        pending = self.pending_mig.pop(int(h["mig_id"]), None)
+        if pending is None:  # an answer to nothing this agent sent (a stale or forged frame)
+            log.warning("answer to unknown migration %s ignored", h["mig_id"])
+            return
+        item, done, group = pending
         if done.done():
             return
         if h["type"] == "mig_nack":

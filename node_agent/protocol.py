@@ -18,13 +18,14 @@ No pickle anywhere; sizes are bounded by ``wire``.
 """
 from __future__ import annotations
 
+import math
 import socket
 import time
 from typing import Any
 
 import torch
 
-from node_agent.wire import Frame, WireError, recv_frame, send_frame
+from node_agent.wire import Frame, WireError, discard, recv_frame, send_frame
 from testbed.core.errors import AgentError, ProtocolError, error_code
 
 PROTOCOL_VERSION = 1
@@ -74,12 +75,35 @@ def ok_frame(call_id: int, **result: Any) -> dict:
     return {"type": "ok", "id": call_id, **result}
 
 
-def error_frame(call_id: int, exc: BaseException) -> dict:
+MAX_MESSAGE_CHARS = 4000
+
+
+def error_frame(call_id: int | None, exc: BaseException) -> dict:
+    """An error reply (``call_id`` None when the request could not be read); the message is capped."""
     details = getattr(exc, "details", None)
-    out = {"type": "error", "id": call_id, "code": error_code(exc), "message": str(exc)}
+    message = str(exc) if len(str(exc)) <= MAX_MESSAGE_CHARS else str(exc)[:MAX_MESSAGE_CHARS] + " ..."
+    out = {"type": "error", "id": call_id, "code": error_code(exc), "message": message}
     if isinstance(details, dict):
         out["details"] = details
     return out
+
+
+def reply(conn: socket.socket, header: dict, payload: bytes = b"") -> bool:
+    """Send a reply on a control connection; False when the peer is gone or the reply unsendable."""
+    try:
+        send_frame(conn, header, payload)
+        return True
+    except (OSError, ValueError):  # WireError included
+        return False
+
+
+def discard_rest(conn: socket.socket, n: int) -> bool:
+    """Drop the ``n`` unread bytes of a refused frame; False when the connection broke meanwhile."""
+    try:
+        discard(conn, n)
+        return True
+    except (WireError, OSError):
+        return False
 
 
 def call(sock: socket.socket, cmd: str, call_id: int, payload: bytes = b"", timeout_s: float = CONTROL_TIMEOUT_S,
@@ -123,7 +147,68 @@ def check_hello(frame: Frame) -> str:
         raise ProtocolError(f"data connection must start with hello, got {frame.type!r}")
     if frame.header.get("proto") != PROTOCOL_VERSION:
         raise ProtocolError(f"peer speaks protocol {frame.header.get('proto')}, this agent {PROTOCOL_VERSION}")
-    return str(frame.header["from"])
+    if not isinstance(frame.header.get("from"), str):
+        raise ProtocolError(f"hello needs the sender's name in 'from', got {frame.header.get('from')!r}")
+    return frame.header["from"]
+
+
+MAX_DELAY_S = 60.0  # an emulated one-way delay beyond this is a configuration error, not a delay
+_INT, _STR, _LIST, _DICT = int, str, list, dict
+_DATA_FIELDS = {  # type -> required fields and their types (checked before the worker sees a frame)
+    "act": {"kind": _STR, "seq": _INT, "layer": _INT, "pv": _INT, "shape": _LIST, "cp": _LIST, "tally": _DICT},
+    "mig": {"mig_id": _INT, "item": _DICT, "blk": _DICT},
+    "mig_ack": {"mig_id": _INT},
+    "mig_nack": {"mig_id": _INT},
+    "fail": {"from": _STR, "message": _STR},
+}
+
+
+def check_data_header(h: dict, payload_bytes: int) -> None:
+    """Raise ProtocolError unless ``h`` is a data-plane message with fields of the right types (an
+    activation's shape must match its float32 payload, its critical-path times be finite)."""
+    fields = _DATA_FIELDS.get(h.get("type"))
+    if fields is None:
+        raise ProtocolError(f"unexpected data frame type {h.get('type')!r} (expected one of {', '.join(_DATA_FIELDS)})")
+    for name, kind in fields.items():
+        value = h.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ProtocolError(f"{h['type']} frame: {name!r} must be {kind.__name__}, got {value!r}"[:300])
+    if h["type"] == "act":
+        if h["kind"] not in ACT_KINDS:
+            raise ProtocolError(f"unknown activation kind {h['kind']!r}")
+        shape, cp = h["shape"], h["cp"]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or \
+                4 * math.prod(shape) != payload_bytes:
+            raise ProtocolError(f"act shape {shape!r} does not fit a float32 payload of {payload_bytes} B"[:300])
+        if len(cp) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in cp):
+            raise ProtocolError(f"act cp must be 3 finite numbers, got {cp!r}"[:300])
+
+
+def peer_delays(values: dict) -> dict[str, float]:
+    """Per-peer one-way delays: finite seconds in [0, MAX_DELAY_S] (a NaN would break the inbox's order)."""
+    out = {str(k): float(v) for k, v in values.items()}
+    bad = {k: v for k, v in out.items() if not (math.isfinite(v) and 0 <= v <= MAX_DELAY_S)}
+    if bad:
+        raise ValueError(f"delays must be finite seconds in [0, {MAX_DELAY_S}], got {bad}"[:300])
+    return out
+
+
+def peer_jitters(values: dict | None) -> dict[str, tuple[float, ...]]:
+    """Per-peer jitter of each jittered hop on the path: finite seconds in [0, MAX_DELAY_S]."""
+    out = {str(k): tuple(float(x) for x in v) for k, v in (values or {}).items()}
+    bad = {k: v for k, v in out.items() if not all(math.isfinite(x) and 0 <= x <= MAX_DELAY_S for x in v)}
+    if bad:
+        raise ValueError(f"jitters must be finite seconds in [0, {MAX_DELAY_S}], got {bad}"[:300])
+    return out
+
+
+def peer_rates(values: dict) -> dict[str, float]:
+    """Per-peer path rates: finite bytes/s > 0."""
+    out = {str(k): float(v) for k, v in values.items()}
+    bad = {k: v for k, v in out.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"rates must be finite bytes/s > 0, got {bad}"[:300])
+    return out
 
 
 def act_header(kind: str, seq: int, layer: int, pv: int, shape: list[int], cp: list[float],

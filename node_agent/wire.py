@@ -20,10 +20,17 @@ loss apply in the kernel and the propagation delay applies here. ``delay_s`` may
 that a scenario can change it while the connection lives. Jitter: each frame's delay gains the sum
 over the path's jittered hops of a uniform draw in ±j (``draw_jitter``), and a connection's frames are
 released in order (``TransitFloor.last_release``), as TCP delivers them.
+
+Hardening (issue 15 item 4): a payload buffer grows as its bytes arrive, never to the announced
+size up front; ``max_payload`` refuses a frame larger than the receiver can hold before any of it is
+read (``FrameTooLarge``: the caller discards or closes); a frame read whole whose header is not a
+JSON object with a string ``type``, or (with ``max_future_s``) whose send time is not finite or lies
+in the future beyond the bound, raises ``BadFrame`` with the stream still in sync.
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 import socket
 import struct
@@ -38,6 +45,8 @@ WIRE_VERSION = 1
 PREFIX = struct.Struct("!4sHHIQd")
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 31
+RECV_CHUNK = 1 << 20  # a payload buffer grows by at most this much ahead of the bytes received
+CHECK_LIMIT_ABOVE = 1 << 20  # max_payload (a callable may read a cgroup) is asked only above this
 
 Delay = Union[float, Callable[[], float]]
 
@@ -46,6 +55,28 @@ class WireError(ProtocolError):
     """A peer sent something that is not a valid frame, or closed the connection mid-frame."""
 
     code = "wire"
+
+
+class BadFrame(WireError):
+    """A frame was read whole but cannot be used; the stream is still in sync (reply, go on)."""
+
+    code = "bad_frame"
+
+
+class FrameTooLarge(WireError):
+    """A frame's announced size is beyond the receiver's limit: only its prefix was read, so the
+    caller must ``discard(sock, remaining)`` or close the connection."""
+
+    code = "too_large"
+
+    def __init__(self, hlen: int, plen: int, limit: int):
+        super().__init__(f"frame refused: payload of {plen} B (header {hlen} B) is beyond the {limit} B this "
+                         "receiver can hold")
+        self.hlen, self.plen, self.limit = hlen, plen, limit
+
+    @property
+    def remaining(self) -> int:
+        return self.hlen + self.plen
 
 
 @dataclass
@@ -130,33 +161,70 @@ def send_frame(sock: socket.socket, header: dict, payload: bytes | memoryview = 
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
+    """``n`` bytes; the buffer grows as they arrive (by at most ``RECV_CHUNK`` beyond them), so a
+    peer that announces more than it sends costs no more than what it sent."""
+    buf = bytearray(min(n, RECV_CHUNK))
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        if got == len(buf):
+            buf.extend(bytes(min(max(len(buf), RECV_CHUNK), n - len(buf))))  # at most doubles
+        with memoryview(buf) as view, view[got:] as tail:
+            k = sock.recv_into(tail, len(buf) - got)
         if k == 0:
             raise WireError(f"connection closed after {got} of {n} bytes")
         got += k
     return buf
 
 
+def discard(sock: socket.socket, n: int) -> None:
+    """Read and drop ``n`` bytes (the rest of a refused frame) in bounded chunks."""
+    left = n
+    while left > 0:
+        chunk = sock.recv(min(left, RECV_CHUNK))
+        if not chunk:
+            raise WireError(f"connection closed with {left} bytes of a refused frame unread")
+        left -= len(chunk)
+
+
+def _header(raw: bytearray) -> dict:
+    try:
+        header = json.loads(raw) if raw else {}
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadFrame(f"frame header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise BadFrame(f"frame header must be a JSON object with a string 'type', got {str(header)[:80]}")
+    return header
+
+
 def recv_frame(sock: socket.socket, delay_s: Delay = 0.0, floor: TransitFloor | None = None,
-               rate_bytes_per_s: float | None = None, jitter: Callable[[], float] | None = None) -> Frame:
+               rate_bytes_per_s: float | None = None, max_payload: int | Callable[[], int] | None = None,
+               max_future_s: float | None = None, jitter: Callable[[], float] | None = None) -> Frame:
     """Receive one frame; with ``delay_s`` hold it until ``release_time`` (``floor``: the
     connection's ``TransitFloor``, updated with this frame, which also keeps frames in order; none
     means no floor is credited; ``rate_bytes_per_s``: the path's bottleneck, for the serialisation
-    floor; ``jitter()``: this frame's jitter draw, seconds)."""
+    floor; ``jitter()``: this frame's jitter draw, seconds). ``max_payload`` (bytes, or a callable
+    asked for large frames only) refuses larger frames before reading them; ``max_future_s``
+    refuses a send time beyond now + that (see the module docstring)."""
     magic, version, _flags, hlen, plen, sent_at = PREFIX.unpack(_recv_exact(sock, PREFIX.size))
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r}: not a Headroom peer")
     if version != WIRE_VERSION:
         raise WireError(f"wire version {version}, this side speaks {WIRE_VERSION}")
-    if hlen > MAX_HEADER_BYTES or plen > MAX_PAYLOAD_BYTES:
+    if hlen > MAX_HEADER_BYTES:
         raise WireError(f"frame too large: header {hlen} B, payload {plen} B")
-    header = json.loads(_recv_exact(sock, hlen)) if hlen else {}
+    if plen > MAX_PAYLOAD_BYTES:
+        raise FrameTooLarge(hlen, plen, MAX_PAYLOAD_BYTES)
+    if max_payload is not None and plen > CHECK_LIMIT_ABOVE:
+        limit = max_payload() if callable(max_payload) else max_payload
+        if plen > limit:
+            raise FrameTooLarge(hlen, plen, max(0, int(limit)))
+    raw = _recv_exact(sock, hlen) if hlen else bytearray()
     payload = _recv_exact(sock, plen) if plen else b""  # bytearray: no second copy of a large payload
     received_at = time.time()
+    header = _header(raw)
+    if max_future_s is not None and not (math.isfinite(sent_at) and sent_at <= received_at + max_future_s):
+        raise BadFrame(f"send time {sent_at} is {sent_at - received_at:.3f} s ahead of this clock (bound "
+                       f"{max_future_s} s): refused")
     delay = delay_s() if callable(delay_s) else delay_s
     frame = Frame(header, payload, sent_at, received_at, received_at)
     if delay:

@@ -39,6 +39,9 @@ def validate(files: List[Path] = typer.Argument(..., help="Topology or experimen
             load_any(f)
         except ConfigError as exc:
             problems.extend(exc.problems)
+        except (Exception, RecursionError) as exc:  # a check's own bug: still a located report, exit 2
+            problems.append(f"{f}:1: <file>: could not be validated ({type(exc).__name__}: {exc}); "
+                            "this is a bug in headroom's checks, please report it")
     for p in problems:
         print(p, file=sys.stderr)
     if problems:

@@ -106,7 +106,7 @@ class OomEvent:
 # --------------------------------------------------------------------------- one host's group
 class HostCgroup:
     def __init__(self, run_id: str, host: str, version: Optional[str] = None, manifest=None):
-        self.host = host
+        self.host, self.run_id = host, run_id
         self.name = group_name(run_id, host)
         self.version = version or detect_version()
         if self.version is None:
@@ -252,9 +252,10 @@ class HostCgroup:
                 "oom_kills": self.oom_kills(), "failcnt": self.failcnt(), "cpu_cores": self.cpu_cores()}
 
     def remove(self) -> None:
-        from testbed.emulation.cleanup import cleanup_entries
+        from testbed.emulation.cleanup import Scope, cleanup_entries
 
-        cleanup_entries([{"kind": "cgroup", "path": str(d)} for d in self.dirs.values()])
+        cleanup_entries([{"kind": "cgroup", "path": str(d), "host": self.host} for d in self.dirs.values()],
+                        Scope(run_ids=frozenset({self.run_id})))
 
 
 class CgroupSet:

@@ -3,7 +3,11 @@ creates is appended (and fsync'ed) to a JSONL file the moment it exists, so that
 ``cleanup_from_manifest`` can remove exactly those even after the orchestrator was SIGKILLed.
 
 Nothing is ever found or removed by name pattern: only what a manifest line names. Processes are
-identified by PID *and* their kernel start time, so a recycled PID is never signalled.
+identified by PID *and* their kernel start time, so a recycled PID is never signalled. And a line is
+not enough (issue 15 item 6): a device, route or cgroup is removed only when its name carries the
+tag of the run that journalled it (``Scope``: the ``run_tag`` / ``run_id`` the network notes before
+creating anything), a link inside a host only when that host's namespace is the journal's own;
+anything else a journal names (``docker0``, ``/sys/fs/cgroup/memory/system.slice``) is refused.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -77,6 +82,59 @@ def read_manifest(path: str | os.PathLike) -> Iterator[dict]:
             yield json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by SIGKILL mid-write: the resource was not created yet
+
+
+def guard_metric(tag: str) -> int:
+    """The metric of a run's unreachable guard route (``EmulatedNetwork``), derived from its tag."""
+    return 1000 + int(tag, 16) % 60000
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one journal may remove: names carrying its run's tags, links inside its own hosts."""
+
+    tags: frozenset = frozenset()  # network tags: bridges and root-side veths are hr<tag>...
+    run_ids: frozenset = frozenset()  # cgroups are headroom-<run_id>-<host> under a cgroup root
+    netns: frozenset = frozenset()  # (pid, start_time) of the journal's hosts: links inside them are its own
+
+    @classmethod
+    def of(cls, entries: list[dict], tags=(), run_ids=()) -> "Scope":
+        meta = [e for e in entries if e.get("kind") == "meta"]
+        return cls(frozenset(tags) | {str(e["value"]) for e in meta if e.get("key") == "run_tag"},
+                   frozenset(run_ids) | {str(e["value"]) for e in meta if e.get("key") == "run_id"},
+                   frozenset((e.get("pid"), e.get("start_time")) for e in entries if e.get("kind") == "host"))
+
+    def refusal(self, e: dict) -> Optional[str]:
+        """Why ``e`` is not this run's to remove (None: it is)."""
+        kind = e.get("kind")
+        if kind in ("bridge", "veth") and not (kind == "veth" and e.get("netns_pid") is not None):
+            ok = any(str(e.get("dev", "")).startswith(f"hr{t}") for t in self.tags)
+            return None if ok else f"device {e.get('dev')!r} does not carry this run's tag (hr{'|'.join(self.tags) or '?'})"
+        if kind in ("veth", "iptables"):
+            ok = (e.get("netns_pid"), e.get("start_time")) in self.netns
+            return None if ok else f"namespace of pid {e.get('netns_pid')} is not one of this run's hosts"
+        if kind == "route":
+            ok = any(e.get("route") == ["unreachable", e["route"][1], "metric", str(guard_metric(t))]
+                     for t in self.tags) if isinstance(e.get("route"), list) and len(e["route"]) == 4 else False
+            return None if ok else f"route {e.get('route')} is not this run's guard route"
+        if kind == "cgroup":
+            return _cgroup_refusal(e, self.run_ids)
+        if kind == "socket_dir":
+            path = Path(str(e.get("path")))
+            ok = path.parent == Path("/tmp") and path.name.startswith("hr-")
+            return None if ok else f"{path} is not a headroom socket directory (/tmp/hr-*)"
+        return None  # processes and host shells: identified by PID and kernel start time
+
+
+def _cgroup_refusal(e: dict, run_ids: frozenset) -> Optional[str]:
+    from testbed.emulation.cgroups import V1_CPU, V1_MEMORY, V2_ROOTS, group_name
+
+    path = Path(str(e.get("path")))
+    names = {group_name(r, str(e.get("host"))) for r in run_ids}
+    if path.parent in (V1_MEMORY, V1_CPU, *V2_ROOTS) and path.name in names:
+        return None
+    return f"cgroup {path} is not this run's (expected {' or '.join(sorted(names)) or 'headroom-<run_id>-<host>'} " \
+           "under a cgroup root)"
 
 
 def _run(argv: list[str]) -> bool:
@@ -201,12 +259,19 @@ _REMOVERS = {"process": _remove_process, "host": _remove_host, "iptables": _remo
              "cgroup": _remove_cgroup, "socket_dir": _remove_socket_dir}
 
 
-def cleanup_entries(entries: list[dict]) -> list[str]:
-    """Remove the given resources (latest first within each kind); return what was removed."""
+def cleanup_entries(entries: list[dict], scope: Optional[Scope] = None) -> list[str]:
+    """Remove the given resources (latest first within each kind) that are in ``scope`` (default:
+    the one the entries' own meta lines give); return what was removed, and what was refused."""
     removed: list[str] = []
     errors: list[str] = []
+    refused: list[str] = []
+    scope = scope or Scope.of(entries)
     for kind in _ORDER:
         for e in reversed([e for e in entries if e.get("kind") == kind]):
+            why = scope.refusal(e)
+            if why is not None:
+                refused.append(f"REFUSED: {kind} {why}: left alone")
+                continue
             try:
                 what = _REMOVERS[kind](e)
             except (OSError, subprocess.SubprocessError, KeyError, ValueError) as exc:
@@ -218,7 +283,7 @@ def cleanup_entries(entries: list[dict]) -> list[str]:
     errors += [f"unknown resource kind {k!r}: not removed" for k in unknown]
     if errors:
         removed.extend(f"FAILED: {msg}" for msg in errors)
-    return removed
+    return removed + refused
 
 
 def cleanup_from_manifest(path: str | os.PathLike) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 from testbed.emulation import shaping as sh
 from testbed.emulation import cpu as cpu_modes
 from testbed.emulation.cgroups import CgroupSet
-from testbed.emulation.cleanup import Manifest, cleanup_entries, proc_start_time
+from testbed.emulation.cleanup import Manifest, Scope, cleanup_entries, guard_metric, proc_start_time
 from testbed.emulation.linkstate import DelayTable, End, LiveLink
 from testbed.emulation.routing import Routing, TopologyError
 from testbed.spec.schema import LinkSpec, TopologySpec
@@ -86,6 +86,9 @@ class EmulatedNetwork:
     def start(self) -> "EmulatedNetwork":
         if os.geteuid() != 0:
             raise NetworkError("an emulated network needs root")
+        # journalled before anything exists: clean-up removes only names carrying these (cleanup.Scope)
+        self.manifest.note("run_tag", self.tag)
+        self.manifest.note("run_id", self.run_id)
         self._choose_delay_mechanism()
         try:
             self._guard_route()
@@ -110,7 +113,7 @@ class EmulatedNetwork:
                     p.kill()
                     p.wait(timeout=5)
             # links are deleted while their namespaces still exist (not left to async netns teardown)
-            removed = cleanup_entries(self._entries)
+            removed = cleanup_entries(self._entries, Scope.of(self._entries, tags={self.tag}, run_ids={self.run_id}))
             for host in self.hosts.values():
                 host.terminate()  # shell already killed by clean-up; this reaps it and closes the pty
             self._entries, self._procs, self.hosts = [], [], {}
@@ -130,7 +133,7 @@ class EmulatedNetwork:
         self.manifest.note("loss_mechanism", "netem" if netem else "iptables-statistic")
 
     def _guard_route(self) -> None:
-        self.route_metric = 1000 + int(self.tag, 16) % 60000
+        self.route_metric = guard_metric(self.tag)
         spec = ["unreachable", self.topology.subnet, "metric", str(self.route_metric)]
         self._record("route", route=spec)
         self.ex.run(sh.unreachable_route(self.topology.subnet, self.route_metric))

@@ -38,20 +38,24 @@ class Routing:
                 x = parent[x]
             return x
 
-        for l in self.topology.links:
+        for i, l in enumerate(self.topology.links):
             if l.a in parent and l.b in parent:
                 ra, rb = find(l.a), find(l.b)
                 if ra == rb:
-                    raise TopologyError(f"switch links form a loop through {l.a}-{l.b} (no STP here)")
+                    raise TopologyError(f"links[{i}]: switch links form a loop through {l.a}-{l.b} (no STP here)")
                 parent[ra] = rb
         for h in self.topology.hosts:
-            segs = [find(l.b if l.a == h.name else l.a) for l in self.topology.links
-                    if h.name in (l.a, l.b) and (l.b if l.a == h.name else l.a) in parent]
-            if len(segs) != len(set(segs)):
-                raise TopologyError(f"host {h.name} has two links into one switched segment")
+            segs: dict[str, int] = {}
+            for i, l in enumerate(self.topology.links):
+                other = l.b if l.a == h.name else l.a
+                if h.name in (l.a, l.b) and other in parent:
+                    if find(other) in segs:
+                        raise TopologyError(f"links[{i}]: host {h.name} has two links into one switched segment "
+                                            f"(links[{segs[find(other)]}] and links[{i}])")
+                    segs[find(other)] = i
         net = ipaddress.ip_network(self.topology.subnet)
         if net.num_addresses < len(self.topology.hosts) + 2:
-            raise TopologyError(f"subnet {net} too small for {len(self.topology.hosts)} hosts")
+            raise TopologyError(f"subnet: {net} too small for {len(self.topology.hosts)} hosts")
         self.ips = {h.name: str(net.network_address + i + 1) for i, h in enumerate(self.topology.hosts)}
 
     def _adjacency(self) -> dict[str, list[tuple[str, int]]]:

@@ -7,6 +7,7 @@ returns; only a ``BackendError`` (the testbed itself broke) propagates.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -292,6 +293,11 @@ class AlgorithmLoop:
         return mig.duration_s, mig.bytes_moved
 
     def _record_token(self, index: int, rec: TokenRecord, mig_s: float, mig_b: int, phase: str) -> None:
+        times = {"latency_s": rec.latency_s, "compute_s": rec.compute_s, "transfer_s": rec.transfer_s,
+                 "wait_s": rec.wait_s, "migration_s": mig_s}
+        bad = {k: v for k, v in times.items() if not math.isfinite(v)}
+        if bad:  # any backend: a time that is not a number is the algorithm's failure, never a NaN row
+            raise AlgorithmFailure(f"token {index}: the backend reported non-finite times {bad}")
         self.state.tokens.append(rec.token_id)
         self.state.elapsed_s += rec.latency_s
         self.rec.token({

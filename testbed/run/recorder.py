@@ -4,6 +4,10 @@ Everything is written as it happens (each event line and token row is flushed an
 run that dies half-way keeps what it recorded. ``summary.json`` is ``testbed.run.events.fold_summary`` over
 ``tokens.csv`` and ``events.jsonl`` and is rewritten atomically after every completed (algorithm,
 repetition).
+
+``manifest.json`` is append-only across attempts: a resumed run (``--resume``) leaves every field of
+the earlier attempts as it was (scenario read-backs, agent PIDs, calibrations) and records its own
+under ``attempts[k]`` (k >= 1); mappings merged per (algorithm, repetition) only gain new keys.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ class RunRecorder:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._t0 = time.time()
+        self._resume, self._attempt = resume, 0
         _end_torn_line(self.dir / "events.jsonl")  # a resumed run's next event must not join a torn one
         self._events = open(self.dir / "events.jsonl", "a", buffering=1)
         tokens_path = self.dir / "tokens.csv"
@@ -64,21 +69,47 @@ class RunRecorder:
         (self.dir / "config.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     def write_manifest(self, extra: dict) -> None:
-        manifest = {"git_sha": _git_sha(), "versions": _versions(), "started_at": self._t0,
-                    "resources_file": "resources.jsonl", **extra}
-        _atomic_write(self.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+        """The first attempt writes the manifest; a resumed one appends its own entry to ``attempts``."""
+        fields = {"git_sha": _git_sha(), "versions": _versions(), "started_at": self._t0, **extra}
+        path = self.dir / "manifest.json"
+        old = _read_json(path) if self._resume else None
+        if old is None:
+            _atomic_write(path, _dump({**fields, "resources_file": "resources.jsonl", "attempts": []}))
+            self._attempt = 0
+            return
+        attempts = list(old.get("attempts") or [])
+        self._attempt = len(attempts) + 1
+        attempts.append({"attempt": self._attempt, **fields})
+        _atomic_write(path, _dump({**old, "attempts": attempts}))
 
     def update_manifest(self, **fields: Any) -> None:
+        """Set fields of this attempt (top level for the first, ``attempts[k]`` for a resumed one)."""
         path = self.dir / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
-        manifest.update(fields)
-        _atomic_write(path, json.dumps(manifest, indent=2, default=str))
+        manifest = _read_json(path) or {}
+        if self._attempt:
+            attempts = manifest.setdefault("attempts", [])
+            entry = next((a for a in attempts if a.get("attempt") == self._attempt), None)
+            if entry is None:
+                attempts.append(entry := {"attempt": self._attempt})
+            entry.update(fields)
+        else:
+            manifest.update(fields)
+        _atomic_write(path, _dump(manifest))
 
     def merge_manifest(self, key: str, entries: dict) -> None:
-        """Add ``entries`` to the mapping ``manifest[key]`` (e.g. per algorithm/repetition)."""
+        """Add ``entries`` to the mapping ``manifest[key]`` (e.g. per algorithm/repetition); a key an
+        earlier attempt recorded keeps its value (this attempt's goes to ``attempts[k][key]``)."""
         path = self.dir / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
-        self.update_manifest(**{key: {**(manifest.get(key) or {}), **entries}})
+        manifest = _read_json(path) or {}
+        have = manifest.get(key) or {}
+        kept = {k: v for k, v in entries.items() if k in have}
+        manifest[key] = {**have, **{k: v for k, v in entries.items() if k not in have}}
+        _atomic_write(path, _dump(manifest))
+        if kept and self._attempt:
+            attempt = next(a for a in _read_json(path)["attempts"] if a.get("attempt") == self._attempt)
+            self.update_manifest(**{key: {**(attempt.get(key) or {}), **kept}})
+        elif kept:
+            self.update_manifest(**{key: {**have, **kept}})
 
     def event(self, type_: str, **fields: Any) -> None:
         line = json.dumps({"t_s": round(time.time() - self._t0, 6), "wall": time.time(), "type": type_, **fields},
@@ -131,6 +162,17 @@ def _end_torn_line(path: Path) -> None:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 f.write(b"\n")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _dump(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, default=str)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -8,18 +8,17 @@ done and re-runs the one that was interrupted.
 """
 from __future__ import annotations
 
-import copy
-import itertools
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from testbed.core.errors import BackendError
+from testbed.core.errors import BackendError, ConfigError
 from testbed.run.controller import AlgorithmLoop, LoopSettings
 from testbed.spec.modelref import ModelRef, ModelRefError, resolve_model
 from testbed.core.placement import Placement
@@ -38,63 +37,19 @@ class RunError(HeadroomError):
 
 
 def sweep_points(spec: ExperimentSpec, exp_path: Path) -> list[tuple[dict, ExperimentSpec]]:
-    """Cartesian product of ``sweep`` (dotted paths into the experiment) -> validated specs.
+    """Cartesian product of ``sweep`` (``testbed.spec.sweep``) -> validated specs, one per point."""
+    from testbed.spec.sweep import points_data
 
-    A key joining several paths with ``+`` (``topology.profiles+topology.source_profile``) moves
-    them together: each of its values is a list with one value per path (a zipped axis, e.g. a
-    device mix and its source, or a scenario and its repetitions)."""
-    if not spec.sweep:
-        return [({}, spec)]
-    keys = list(spec.sweep)
-    base = spec.model_dump(mode="python")
-    base.pop("sweep")
     points = []
-    for values in itertools.product(*(spec.sweep[k] for k in keys)):
-        data = copy.deepcopy(base)
-        point = dict(zip(keys, values))
-        try:
-            for key, value in point.items():
-                for path, one in _zipped(key, value):
-                    _set_path(data, path, one, exp_path)
-            points.append((point, ExperimentSpec.model_validate(data)))
-        except RunError:
-            raise
-        except Exception as exc:  # pydantic ValidationError: report the point that is wrong
-            raise RunError(f"sweep point {point}: {exc}") from None
+    try:
+        for point, data in points_data(spec, Path(exp_path)):
+            try:
+                points.append((point, ExperimentSpec.model_validate(data)))
+            except ValidationError as exc:  # report the point that is wrong
+                raise RunError(f"sweep point {point}: {exc}") from None
+    except ConfigError as exc:
+        raise RunError(str(exc)) from None
     return points
-
-
-def _zipped(key: str, value) -> list[tuple[str, object]]:
-    """(path, value) pairs of one sweep value: one pair, or one per ``+``-joined path."""
-    paths = key.split("+")
-    if len(paths) == 1:
-        return [(key, value)]
-    if not isinstance(value, (list, tuple)) or len(value) != len(paths):
-        raise RunError(f"sweep.{key}: each value must be a list of {len(paths)} (one per path), got {value!r}")
-    return list(zip(paths, value))
-
-
-def _set_path(data: dict, dotted: str, value, exp_path: Path) -> None:
-    from testbed.spec.loader import load_topology
-
-    if dotted == "topology" and isinstance(value, str):
-        value = load_topology((exp_path.parent / value).resolve()).model_dump(mode="python")
-    if dotted.startswith("topology.") and data.get("topology_generated"):
-        from testbed.spec.schema import GeneratedTopology
-        from testbed.spec.topogen import generate
-
-        data["topology_generated"][dotted.split(".", 1)[1]] = value
-        data["topology"] = generate(GeneratedTopology.model_validate(data["topology_generated"])).model_dump()
-        return
-    node = data
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
 
 
 def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: str, recorder: RunRecorder):

@@ -1,90 +1,29 @@
 """Load topology and experiment YAML into frozen specs; report every problem as FILE:LINE: field: message.
 
-YAML is composed into a node tree first so that each pydantic error location can be mapped back
-to the line it came from. Cross-file checks (scenario events naming hosts and links of the
-topology) happen here too, since only here both files are known.
+The text is read and composed into a checked node tree by ``testbed.spec.yamltext`` (encoding,
+syntax, duplicate keys, tags, aliases), so that each pydantic error location can be mapped back to
+the line it came from; a validator's message that starts with ``path: `` is placed at that path.
+Then ``testbed.spec.checks`` looks beyond single fields (routing, the model and its positions,
+scenario timing, placement, traces, references), and every sweep point is validated as an
+experiment of its own, its problems reported at the sweep axis that made it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from testbed.partition import registry
-from testbed.spec.schema import ExperimentSpec, TopologySpec
 from testbed.core.errors import ConfigError
+from testbed.spec import checks
+from testbed.spec.schema import ExperimentSpec, TopologySpec
+from testbed.spec.yamltext import ConfigProblem, Where, compose, field_name, line_of, to_python
 
-
-@dataclass(frozen=True)
-class ConfigProblem:
-    file: str
-    line: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
-
-
-
-def _to_python(node: yaml.Node) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        return {_to_python(k): _to_python(v) for k, v in node.value}
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_python(v) for v in node.value]
-    return yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
-
-
-def _line_of(node: yaml.Node | None, loc: tuple) -> int:
-    """1-based line of the deepest node reachable along ``loc``."""
-    line = node.start_mark.line + 1 if node is not None else 1
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if k.value == key), None)
-            if match is None:
-                break
-            line = match[0].start_mark.line + 1
-            node = match[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _compose(path: Path) -> yaml.Node:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError([ConfigProblem(str(path), 1, "<file>", f"cannot read: {exc.strerror}")]) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise ConfigError([ConfigProblem(str(path), line, "<yaml>", f"syntax error: {getattr(exc, 'problem', exc)}")]) from None
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError([ConfigProblem(str(path), 1, "<root>", "expected a mapping at the top level")])
-    return node
-
-
-def _field_name(loc: tuple) -> str:
-    parts: list[str] = []
-    for key in loc:
-        if isinstance(key, int):
-            parts.append(f"[{key}]")
-        elif key in ("TopologySpec", "AlgorithmSpec", "str", "function-after[_check_references(), TopologySpec]"):
-            continue
-        else:
-            parts.append(("." if parts else "") + str(key))
-    return "".join(parts) or "<root>"
-
+__all__ = ["ConfigProblem", "load_any", "load_experiment", "load_topology"]
 
 _SCENARIO_TAGS = ("event", "ramp", "random_walk", "trace")
+MAX_SWEEP_PROBLEMS = 20
 
 
 def _clean_loc(loc: tuple) -> tuple:
@@ -93,7 +32,7 @@ def _clean_loc(loc: tuple) -> tuple:
     for i, k in enumerate(loc):
         if isinstance(k, int):
             out.append(k)
-        elif k[:1].isupper() or k == "str" or k.startswith("function-"):
+        elif k[:1].isupper() or k in ("str", "int", "float") or k.startswith("function-") or "[" in k:
             continue
         elif k in _SCENARIO_TAGS and i >= 2 and loc[i - 2] == "scenario" and isinstance(loc[i - 1], int):
             continue
@@ -102,38 +41,53 @@ def _clean_loc(loc: tuple) -> tuple:
     return tuple(out)
 
 
-def _problems_from(exc: ValidationError, file: str, root: yaml.Node, under: tuple = ()) -> list[ConfigProblem]:
-    """One problem per distinct error; ``under`` is where the validated mapping sits in the file."""
-    problems = []
-    seen = set()
-    for err in exc.errors():
-        loc = under + _clean_loc(tuple(err["loc"]))
+def _problems_from(exc: ValidationError, where: Where) -> list[ConfigProblem]:
+    """One problem per distinct error; a custom validator's ``path: message`` goes to that path."""
+    problems, seen = [], set()
+    errors = exc.errors()
+    locs = [_clean_loc(tuple(e["loc"])) for e in errors]
+    for err, loc in zip(errors, locs):
+        if "at least 1 item" in err["msg"] and any(len(o) > len(loc) and o[:len(loc)] == loc for o in locs):
+            continue  # a list whose every item failed: the items' errors say why
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        key = (loc, msg)
-        if key in seen:
-            continue
-        seen.add(key)
-        problems.append(ConfigProblem(file, _line_of(root, loc), _field_name(loc), msg))
+        elif isinstance(err.get("input"), int) and abs(err["input"]) > 1e300:
+            msg = f"number out of range ({len(str(abs(err['input'])))} digits)"
+        problem = where.at(loc, msg, parse=err["type"] == "value_error")
+        if (problem.line, problem.field, problem.message) not in seen:
+            seen.add((problem.line, problem.field, problem.message))
+            problems.append(problem)
     return problems
+
+
+def _dedupe(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    out, seen = [], set()
+    for p in problems:
+        if (p.file, p.line, p.field) not in seen:
+            seen.add((p.file, p.line, p.field))
+            out.append(p)
+    return out
 
 
 def load_topology(path: str | Path) -> TopologySpec:
     path = Path(path)
-    root = _compose(path)
-    return _validate_topology(_to_python(root), str(path), root)
+    root = compose(path)
+    return _validate_topology(to_python(root), Where(str(path), root))
 
 
-def _validate_topology(data: Any, file: str, root: yaml.Node) -> TopologySpec:
+def _validate_topology(data: Any, where: Where) -> TopologySpec:
     try:
-        return TopologySpec.model_validate(data)
+        topo = TopologySpec.model_validate(data)
     except ValidationError as exc:
-        problems = [p for p in _problems_from(exc, file, root) if "at least 1 item" not in p.message]
-        raise ConfigError(problems + _dangling_links(data, file, root)) from None
+        raise ConfigError(_dedupe(_problems_from(exc, where) + _dangling_links(data, where))) from None
+    problems = checks.topology_problems(topo, where)
+    if problems:
+        raise ConfigError(problems)
+    return topo
 
 
-def _dangling_links(data: Any, file: str, root: yaml.Node) -> list[ConfigProblem]:
+def _dangling_links(data: Any, where: Where) -> list[ConfigProblem]:
     """Links naming unknown nodes, found on the raw data (so they show next to field errors)."""
     if not isinstance(data, dict) or not isinstance(data.get("links"), list):
         return []
@@ -144,47 +98,61 @@ def _dangling_links(data: Any, file: str, root: yaml.Node) -> list[ConfigProblem
         for end in ("a", "b"):
             node = link.get(end) if isinstance(link, dict) else None
             if isinstance(node, str) and node not in known:
-                problems.append(ConfigProblem(file, _line_of(root, ("links", i, end)), f"links[{i}].{end}",
-                                              f"unknown node {node!r} (known: {sorted(n for n in known if n)})"))
+                problems.append(where.at(("links", i, end),
+                                         f"unknown node {node!r} (known: {sorted(n for n in known if n)})"))
     return problems
 
 
 def load_experiment(path: str | Path) -> ExperimentSpec:
-    """Load, resolve the topology (path relative to the file, or inline) and cross-check."""
+    """Load, resolve the topology (path relative to the file, or inline), cross-check, and
+    validate every sweep point."""
     path = Path(path)
-    root = _compose(path)
-    data = _to_python(root)
-    problems: list[ConfigProblem] = []
-    topo = data.get("topology") if isinstance(data, dict) else None
-    if isinstance(topo, dict) and "generate" in topo:
-        problems += _generate_topology(data, str(path), root)
-    elif isinstance(topo, str):
-        topo_path = (path.parent / topo).resolve()
-        try:
-            data["topology"] = load_topology(topo_path)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            if not topo_path.exists():
-                problems = [ConfigProblem(str(path), _line_of(root, ("topology",)), "topology",
-                                          f"file not found: {topo_path}")]
-            data["topology"] = None
+    root = compose(path)
+    data = to_python(root)
+    where = Where(str(path), root)
+    problems = _resolve_topology(data, path, where)
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:
-        problems.extend(p for p in _problems_from(exc, str(path), root) if not
-                        (p.field == "topology" and data.get("topology") is None and problems))
+        problems.extend(p for p in _problems_from(exc, where) if not
+                        (p.field.startswith("topology") and data.get("topology") is None and problems))
         spec = None
-    # references are checked on the raw mapping, so they are reported alongside field errors
-    topology = data.get("topology") if isinstance(data, dict) else None
-    known = {(p.line, p.field) for p in problems}
-    problems += [p for p in _cross_check(data if isinstance(data, dict) else {}, topology, str(path), root)
-                 if (p.line, p.field) not in known]
+    problems += checks.reference_problems(data, data.get("topology"), where, path.parent)
+    if spec is not None:
+        problems += checks.experiment_problems(spec, where, path.parent)
+        if not problems and spec.sweep:
+            problems += _sweep_problems(spec, path, where)
+    problems = _dedupe(problems)
     if problems or spec is None:
-        raise ConfigError(sorted(problems, key=lambda p: p.line))
+        raise ConfigError(sorted(problems, key=lambda p: (p.file != str(path), p.line)))
     return spec
 
 
-def _generate_topology(data: dict, file: str, root: yaml.Node) -> list[ConfigProblem]:
+def _resolve_topology(data: dict, path: Path, where: Where) -> list[ConfigProblem]:
+    """Replace ``topology:`` (a file, an inline mapping, or ``{generate: ...}``) by its spec."""
+    topo = data.get("topology")
+    if isinstance(topo, dict) and "generate" in topo:
+        return _generate_topology(data, where)
+    if isinstance(topo, dict):
+        try:
+            data["topology"] = _validate_topology(topo, where.deeper(("topology",)))
+        except ConfigError as exc:
+            data["topology"] = None
+            return list(exc.problems)
+    elif isinstance(topo, str):
+        topo_path = (path.parent / topo).resolve()
+        if not topo_path.exists():
+            data["topology"] = None
+            return [where.at(("topology",), f"file not found: {topo_path}")]
+        try:
+            data["topology"] = load_topology(topo_path)
+        except ConfigError as exc:
+            data["topology"] = None
+            return list(exc.problems)
+    return []
+
+
+def _generate_topology(data: dict, where: Where) -> list[ConfigProblem]:
     """Replace ``topology: {generate: ...}`` by the generated spec, keeping the parameters."""
     from testbed.spec.schema import GeneratedTopology
     from testbed.spec.topogen import generate
@@ -196,64 +164,70 @@ def _generate_topology(data: dict, file: str, root: yaml.Node) -> list[ConfigPro
         return []
     except ValidationError as exc:
         data["topology"] = None
-        return _problems_from(exc, file, root, under=("topology",))
-    except KeyError as exc:
+        return _problems_from(exc, where.deeper(("topology",)))
+    except (KeyError, ValueError) as exc:
         data["topology"] = None
-        return [ConfigProblem(file, _line_of(root, ("topology",)), "topology", str(exc).strip('"'))]
+        return [where.at(("topology",), str(exc).strip('"'))]
 
 
-def _cross_check(data: dict, topo: Any, file: str, root: yaml.Node) -> list[ConfigProblem]:
-    """References in the raw experiment mapping: scenario hosts, links and trace files against the
-    topology (when it loaded), the model name against the registry, the algorithm names."""
-    problems = []
-    topo = topo if isinstance(topo, TopologySpec) else None
-    hosts = {h.name for h in topo.hosts} if topo else set()
-    scenario = data.get("scenario") if isinstance(data.get("scenario"), list) else []
-    for i, item in enumerate(scenario):
-        if not isinstance(item, dict):
-            continue
-        nested = next((item[k] for k in ("ramp", "random_walk", "trace") if isinstance(item.get(k), dict)), None)
-        event = nested if nested is not None else item
-        host, link, trace_file = event.get("host"), event.get("link"), event.get("file")
-        if topo and isinstance(host, str) and host not in hosts:
-            problems.append(ConfigProblem(file, _line_of(root, ("scenario", i, "host")), f"scenario[{i}].host",
-                                          f"unknown host {host!r} (hosts: {sorted(hosts)})"))
-        if isinstance(trace_file, str) and not (Path(file).parent / trace_file).exists():
-            problems.append(ConfigProblem(file, _line_of(root, ("scenario", i)), f"scenario[{i}].trace.file",
-                                          f"file not found: {Path(file).parent / trace_file}"))
-        if topo and isinstance(link, list) and len(link) == 2 and all(isinstance(x, str) for x in link):
-            try:
-                topo.find_link(*link)
-            except KeyError:
-                problems.append(ConfigProblem(file, _line_of(root, ("scenario", i, "link")), f"scenario[{i}].link",
-                                              f"no link between {link[0]!r} and {link[1]!r} in topology {topo.name!r}"))
-    model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("name"), str):
-        from testbed.spec.models import known_models
+def _sweep_problems(spec: ExperimentSpec, path: Path, where: Where) -> list[ConfigProblem]:
+    """Each sweep point validated as an experiment; a problem is reported once, at the axis that
+    set the field it is about (or the only axis), with the first point that shows it."""
+    from testbed.spec.sweep import SweepError, points_data
 
-        if model["name"] not in known_models():
-            problems.append(ConfigProblem(file, _line_of(root, ("model", "name")), "model.name",
-                                          f"unknown model {model['name']!r} (known: {', '.join(known_models())})"))
-    algorithms = data.get("algorithms") if isinstance(data.get("algorithms"), list) else []
-    for i, algo in enumerate(algorithms):
-        name = algo.get("name") if isinstance(algo, dict) else algo
-        if isinstance(name, str) and name not in registry.NAMES:
-            problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i)), f"algorithms[{i}]",
-                                          f"unknown algorithm {name!r} (expected one of {', '.join(registry.NAMES)})"))
-        elif isinstance(name, str) and isinstance(algo, dict) and isinstance(algo.get("params"), dict):
-            try:
-                registry.get(name).validate(algo["params"])
-            except registry.AlgorithmError as exc:
-                problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i, "params")),
-                                              f"algorithms[{i}].params", str(exc)))
-        if name == "fixed" and data.get("placement") is None:
-            problems.append(ConfigProblem(file, _line_of(root, ("algorithms", i)), f"algorithms[{i}]",
-                                          "algorithm 'fixed' needs a top-level 'placement'"))
+    problems: list[ConfigProblem] = []
+    seen: set = set()
+    axes = list(spec.sweep or {})
+    points = points_data(spec, path)
+    topo_seen: dict[int, list] = {}
+    while len(problems) < MAX_SWEEP_PROBLEMS:
+        try:
+            point, data = next(points)
+        except StopIteration:
+            break
+        except (SweepError, ConfigError) as exc:
+            axis = getattr(exc, "axis", axes[0])
+            msg = getattr(exc, "message", None) or "; ".join(str(p) for p in exc.problems)
+            return problems + [where.at(("sweep", axis), msg)]
+        for field, message in _point_problems(data, path, topo_seen):
+            axis = _axis_of(field, axes)
+            key = (axis, field, message)
+            if key not in seen:
+                seen.add(key)
+                problems.append(where.at(("sweep", axis) if axis else ("sweep",),
+                                         f"point {point}: {field}: {message}"))
     return problems
 
 
+def _point_problems(data: dict, path: Path, topo_seen: dict) -> list[tuple[str, str]]:
+    """(field, message) of one sweep point's experiment (no lines: the point has no text);
+    ``topo_seen`` keeps each topology object's problems (generated ones are shared by points)."""
+    here = Where(str(path), None)
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        return [(p.field, p.message) for p in _problems_from(exc, here)]
+    problems = checks.experiment_problems(spec, here, path.parent)
+    if isinstance(spec.topology, TopologySpec):
+        if id(data["topology"]) not in topo_seen:
+            topo_seen[id(data["topology"])] = (data["topology"], checks.topology_problems(spec.topology,
+                                                                                        here.deeper(("topology",))))
+        problems += topo_seen[id(data["topology"])][1]
+    return [(p.field, p.message) for p in problems]
+
+
+def _axis_of(field: str, axes: list[str]) -> str | None:
+    """The sweep axis whose path is, or contains, ``field``; the only axis when there is one."""
+    for axis in axes:
+        for p in axis.split("+"):
+            dotted = field.replace("[", ".").replace("]", "")
+            if dotted == p or dotted.startswith(p + ".") or p.startswith(dotted + "."):
+                return axis
+    return axes[0] if len(axes) == 1 else None
+
+
 def load_any(path: str | Path) -> TopologySpec | ExperimentSpec:
-    """Topology or experiment, told apart by the presence of an ``algorithms`` key."""
-    root = _compose(Path(path))
+    """Topology or experiment, told apart by the presence of an ``algorithms`` or ``model`` key."""
+    root = compose(Path(path))
     keys = {k.value for k, _ in root.value}
     return load_experiment(path) if "algorithms" in keys or "model" in keys else load_topology(path)

@@ -59,29 +59,78 @@ class ModelRef:
 
 
 def resolve_model(choice: ModelChoice, base_dir: Path | None = None) -> ModelRef:
-    from node_agent.model.config import REGISTRY, ModelConfig, ModelError, config_from_hf
+    """The model a choice names; a ``ModelRefError``'s message starts with the field it is about."""
+    from node_agent.model.config import REGISTRY
 
     fmt = choice.weight_format
     if choice.name is not None:
         if choice.name in SIZE_ONLY:
             return ModelRef(choice.name, None, choice.seed, size_only_config(choice.name), fmt, has_weights=False)
         if choice.name not in REGISTRY:
-            raise ModelRefError(f"unknown model {choice.name!r} (known: {', '.join(known_models())})")
+            raise ModelRefError(f"name: unknown model {choice.name!r} (known: {', '.join(known_models())})")
         return ModelRef(choice.name, None, choice.seed, REGISTRY[choice.name], fmt)
     if choice.path is not None:
-        path = Path(choice.path)
-        if not path.is_absolute() and base_dir is not None:
-            path = (base_dir / path).resolve()
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise ModelRefError(f"model path {path}: no config.json")
-        try:
-            cfg = config_from_hf(json.loads(cfg_file.read_text()), name=path.name)
-        except ModelError as exc:
-            raise ModelRefError(f"model path {path}: {exc}") from None
-        return ModelRef(None, str(path), choice.seed, cfg, fmt)
-    try:
-        cfg = ModelConfig.from_dict({"name": "custom", **(choice.dims or {})})
-    except (ModelError, TypeError) as exc:
-        raise ModelRefError(f"model dims: {exc}") from None
+        return _from_path(choice, base_dir)
+    cfg = config_from_dims(choice.dims or {})
     return ModelRef(None, None, choice.seed, cfg, fmt)
+
+
+def _from_path(choice: ModelChoice, base_dir: Path | None) -> ModelRef:
+    from node_agent.model.config import ModelError, config_from_hf
+
+    path = Path(choice.path)
+    if not path.is_absolute() and base_dir is not None:
+        path = (base_dir / path).resolve()
+    if not path.is_dir():
+        raise ModelRefError(f"path: {path} {'is not a directory' if path.exists() else 'does not exist'} "
+                            "(expected a Hugging Face checkpoint directory)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelRefError(f"path: {path}: no config.json (expected a Hugging Face checkpoint directory)")
+    try:
+        cfg = config_from_hf(json.loads(cfg_file.read_text()), name=path.name)
+    except (OSError, ValueError, KeyError, TypeError, ModelError) as exc:
+        raise ModelRefError(f"path: {cfg_file}: not a usable config ({type(exc).__name__}: {exc})") from None
+    return ModelRef(None, str(path), choice.seed, cfg, choice.weight_format)
+
+
+MAX_DIM = 1 << 24
+
+
+def config_from_dims(dims: dict) -> object:
+    """A ``ModelConfig`` from explicit dims, each field checked for its type and range first
+    (messages start with ``dims.FIELD:``)."""
+    import dataclasses
+
+    from node_agent.model.config import ModelConfig, ModelError
+
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(dims) - set(fields))
+    if unknown:
+        raise ModelRefError(f"dims: unknown fields {unknown} (known: {', '.join(sorted(fields))})")
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in dims]
+    if missing:
+        raise ModelRefError(f"dims: missing fields {missing}")
+    for name, value in dims.items():
+        _check_dim(name, fields[name].type, value)
+    try:
+        return ModelConfig.from_dict({"name": "custom", **dims})
+    except (ModelError, TypeError, ValueError) as exc:
+        raise ModelRefError(f"dims: {exc}") from None
+
+
+def _check_dim(name: str, kind: str, value) -> None:
+    import math
+
+    if kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ModelRefError(f"dims.{name}: expected an integer, got {value!r}")
+        if not 0 < value <= MAX_DIM:
+            raise ModelRefError(f"dims.{name}: expected 1 .. {MAX_DIM} (less than or equal to {MAX_DIM}), got {value}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ModelRefError(f"dims.{name}: expected a finite number > 0, got {value!r}")
+    elif kind == "bool" and not isinstance(value, bool):
+        raise ModelRefError(f"dims.{name}: expected true or false, got {value!r}")
+    elif kind == "str" and not isinstance(value, str):
+        raise ModelRefError(f"dims.{name}: expected a string, got {value!r}")

@@ -9,6 +9,7 @@ algorithm's elapsed run time (sum of token and migration latencies) reaches ``at
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,47 +119,83 @@ def _random_walk(item: RandomWalkItem, horizon: int, all_links: list[tuple[str, 
     return [Change(t, None, link, None, {key: round(v, 4)}, direction) for t, v in zip(tokens, values)]
 
 
-TRACE_COLUMNS = ("bandwidth_mbps", "delay_ms", "loss_pct")
+class TraceError(ScenarioError):
+    """A trace CSV is malformed; ``file`` and ``line`` point into the CSV."""
+
+    def __init__(self, file: str, line: int, message: str):
+        super().__init__(f"{file}:{line}: {message}")
+        self.file, self.line, self.message = file, line, message
+
+
+TRACE_QUANTITIES = ("bandwidth_mbps", "delay_ms", "loss_pct")
+TRACE_COLUMNS = f"columns token (or t_s) and one or more of {', '.join(TRACE_QUANTITIES)}"
+# per quantity: (lowest value, whether it is allowed, highest value or None)
 _TRACE_BOUNDS = {"bandwidth_mbps": (0.0, False, None), "delay_ms": (0.0, True, None), "loss_pct": (0.0, True, 100.0)}
 
 
-def _trace_value(path: Path, line: int, key: str, cell: str) -> float:
-    lo, lo_ok, hi = _TRACE_BOUNDS[key]
+def trace_path(file: str, base_dir: Path) -> Path:
+    return (base_dir / file) if not Path(file).is_absolute() else Path(file)
+
+
+def read_trace(path: Path) -> list[tuple[int | None, float | None, dict[str, float]]]:
+    """(token, t_s, {quantity: value}) per row of a trace CSV: one time column, increasing; values
+    finite and in range; a row's empty cells change nothing. Raises TraceError naming the CSV's line."""
+    from testbed.spec.yamltext import read_text
+    from testbed.core.errors import ConfigError
+
     try:
-        v = float(cell)
+        text = read_text(path, "trace")
+    except ConfigError as exc:
+        p = exc.problems[0]
+        raise TraceError(str(path), p.line, p.message) from None
+    reader = csv.DictReader(text.splitlines())
+    cols = set(reader.fieldnames or ())
+    time_col = "token" if "token" in cols else "t_s" if "t_s" in cols else None
+    keys = [k for k in TRACE_QUANTITIES if k in cols]
+    if time_col is None or not keys:
+        raise TraceError(str(path), 1, f"expected {TRACE_COLUMNS}, got {sorted(cols)}")
+    out, last = [], None
+    for line, row in enumerate(reader, start=2):
+        when, values = _trace_row(path, line, row, time_col, keys)
+        if last is not None and when <= last:
+            raise TraceError(str(path), line, f"{time_col} must be increasing: {when} after {last}")
+        last = when
+        out.append((when, None, values) if time_col == "token" else (None, when, values))
+    if not out:
+        raise TraceError(str(path), 1, "no rows: a trace needs at least one value")
+    return out
+
+
+def _trace_row(path: Path, line: int, row: dict, time_col: str, keys: list[str]) -> tuple[float, dict[str, float]]:
+    cell = (row.get(time_col) or "").strip()
+    try:
+        when = int(cell) if time_col == "token" else float(cell)
     except ValueError:
-        raise ScenarioError(f"{path}:{line}: {key}: expected a number, got {cell!r}") from None
-    if not np.isfinite(v) or v < lo or (v == lo and not lo_ok) or (hi is not None and v > hi):
-        want = f"{'>=' if lo_ok else '>'} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-        raise ScenarioError(f"{path}:{line}: {key} must be {want}, got {cell}")
-    return v
+        raise TraceError(str(path), line, f"{time_col}: expected a number, got {cell!r}") from None
+    if not math.isfinite(when) or when < 0:
+        raise TraceError(str(path), line, f"{time_col} must be a finite number >= 0, got {cell}")
+    values = {}
+    for key in keys:
+        text = (row.get(key) or "").strip()
+        if not text:
+            continue
+        try:
+            v = float(text)
+        except ValueError:
+            raise TraceError(str(path), line, f"{key}: expected a number, got {text!r}") from None
+        lo, lo_ok, hi = _TRACE_BOUNDS[key]
+        if not math.isfinite(v) or v < lo or (v == lo and not lo_ok) or (hi is not None and v > hi):
+            want = f"a finite number {'>=' if lo_ok else '>'} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+            raise TraceError(str(path), line, f"{key} must be {want}, got {text}")
+        values[key] = v
+    return when, values
 
 
 def _trace(item: TraceItem, base_dir: Path) -> list[Change]:
     t = item.trace
-    path = (base_dir / t.file) if not Path(t.file).is_absolute() else Path(t.file)
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows, header = list(reader), reader.fieldnames or []
-    except OSError as exc:
-        raise ScenarioError(f"trace {path}: {exc.strerror}") from None
-    when = "token" if "token" in header else "t_s" if "t_s" in header else None
-    keys = [k for k in TRACE_COLUMNS if k in header]
-    if when is None or not keys:
-        raise ScenarioError(f"{path}:1: expected a column token (or t_s) and one or more of "
-                            f"{', '.join(TRACE_COLUMNS)}, got {header}")
-    link, direction, out = tuple(t.link), _source_end(t.link, t.direction), []
-    for line, row in enumerate(rows, start=2):
-        values = {k: _trace_value(path, line, k, row[k]) for k in keys if (row.get(k) or "").strip()}
-        at = (row.get(when) or "").strip()
-        try:
-            at_token, at_s = (int(at), None) if when == "token" else (None, float(at))
-        except ValueError:
-            raise ScenarioError(f"{path}:{line}: {when}: expected a number, got {at!r}") from None
-        if values:
-            out.append(Change(at_token, at_s, link, None, values, direction))
-    return out
+    link, direction = tuple(t.link), _source_end(t.link, t.direction)
+    return [Change(tok, at_s, link, None, values, direction)
+            for tok, at_s, values in read_trace(trace_path(t.file, base_dir)) if values]
 
 
 def expand(spec: ExperimentSpec, base_dir: Path = Path("."), repetition: int = 0) -> list[Change]:

@@ -5,27 +5,42 @@ Units live in key names: ``bandwidth_mbps``, ``delay_ms``, ``loss_pct``, ``mem_l
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
+# Ranges every number is held to (issue 15 item 2): a value beyond them is a typo or an overflow,
+# never a setting (YAML ints are unbounded; ``.inf`` and ``.nan`` are refused by allow_inf_nan)
+MAX_TOKENS = 1 << 20  # token counts and indices
+MAX_SEED = 2**32 - 1
+MAX_REPETITIONS = 1000
+MAX_MBPS = 1e6  # 1 Tbit/s
+MAX_DELAY_MS = 60_000.0
+MAX_MIB = float(1 << 24)  # 16 TiB
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+TokenIndex = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+RESERVED_NETS = tuple(ipaddress.IPv4Network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
+                                                           "240.0.0.0/4"))
+
+
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LinkDirection(Spec):
     """Per-direction override of a link's shaping."""
 
-    bandwidth_mbps: Optional[float] = Field(None, gt=0)
-    delay_ms: Optional[float] = Field(None, ge=0)
+    bandwidth_mbps: Optional[float] = Field(None, gt=0, le=MAX_MBPS)
+    delay_ms: Optional[float] = Field(None, ge=0, le=MAX_DELAY_MS)
     loss_pct: Optional[float] = Field(None, ge=0, le=100)
-    jitter_ms: Optional[float] = Field(None, ge=0)
+    jitter_ms: Optional[float] = Field(None, ge=0, le=MAX_DELAY_MS)
 
 
 class HostSpec(Spec):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,9}$")
-    mem_limit_mib: float = Field(gt=0)
+    mem_limit_mib: float = Field(gt=0, le=MAX_MIB)
     cpu_cores: float = Field(gt=0, le=256)
     source: bool = False
     profile: Optional[str] = None  # e.g. "rpi4-8gb": fills mem_limit_mib / cpu_cores where not given
@@ -76,13 +91,13 @@ class HostSpec(Spec):
 class LinkSpec(Spec):
     a: str
     b: str
-    bandwidth_mbps: float = Field(gt=0)
-    delay_ms: float = Field(0.0, ge=0)
+    bandwidth_mbps: float = Field(gt=0, le=MAX_MBPS)
+    delay_ms: float = Field(0.0, ge=0, le=MAX_DELAY_MS)
     loss_pct: float = Field(0.0, ge=0, le=100)
     # delay jitter: each frame's one-way delay on this link is delay_ms + U(-jitter_ms, +jitter_ms),
     # drawn independently per frame (no correlation; netem's default distribution); frames of one
     # connection are never released out of order (TCP delivers in order)
-    jitter_ms: float = Field(0.0, ge=0)
+    jitter_ms: float = Field(0.0, ge=0, le=MAX_DELAY_MS)
     a_to_b: Optional[LinkDirection] = None
     b_to_a: Optional[LinkDirection] = None
 
@@ -112,20 +127,43 @@ class TopologySpec(Spec):
     links: tuple[LinkSpec, ...] = ()
     subnet: str = "10.0.0.0/8"
 
+    @field_validator("subnet")
+    @classmethod
+    def _check_subnet(cls, value: str) -> str:
+        try:
+            net = ipaddress.ip_network(value, strict=True)
+        except ValueError as exc:
+            if "host bits" in str(exc):
+                raise ValueError(f"{value} has host bits set (write the network address)") from None
+            raise ValueError(f"{value!r} is not a valid IPv4 network (expected e.g. 10.0.0.0/8)") from None
+        if net.version != 4:
+            raise ValueError(f"{value}: emulated hosts take IPv4 addresses (expected e.g. 10.0.0.0/8)")
+        clash = next((r for r in RESERVED_NETS if net.overlaps(r)), None)
+        if clash is not None:
+            raise ValueError(f"{value} overlaps the reserved range {clash} (loopback, link-local, multicast ...)")
+        return value
+
     @model_validator(mode="after")
     def _check_references(self) -> "TopologySpec":
-        names = [h.name for h in self.hosts] + list(self.switches)
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"duplicate node names: {sorted(dup)}")
-        known = set(names)
+        seen: set[str] = set()
+        for where, name in [(f"hosts[{i}].name", h.name) for i, h in enumerate(self.hosts)] + \
+                [(f"switches[{i}]", s) for i, s in enumerate(self.switches)]:
+            if name in seen:
+                raise ValueError(f"{where}: duplicate node names: {name!r} is used twice")
+            seen.add(name)
+        joined: dict[frozenset, int] = {}
         for i, link in enumerate(self.links):
             for end in ("a", "b"):
                 node = getattr(link, end)
-                if node not in known:
-                    raise ValueError(f"links[{i}].{end}: unknown node {node!r} (known: {sorted(known)})")
+                if node not in seen:
+                    raise ValueError(f"links[{i}].{end}: unknown node {node!r} (known: {sorted(seen)})")
             if link.a == link.b:
                 raise ValueError(f"links[{i}]: a link needs two different ends, got {link.a!r} twice")
+            pair = frozenset((link.a, link.b))
+            if pair in joined:
+                raise ValueError(f"links[{i}]: duplicate link between {link.a} and {link.b} (links[{joined[pair]}] "
+                                 "already joins them; per-direction settings go in a_to_b / b_to_a)")
+            joined[pair] = i
         sources = [h.name for h in self.hosts if h.source]
         if len(sources) != 1:
             raise ValueError(f"hosts: exactly one host must have source: true, found {sources}")
@@ -152,13 +190,13 @@ class GeneratedTopology(Spec):
     n_hosts: int = Field(ge=2, le=4096)
     profiles: tuple[str, ...] = ("rpi4", "rpi5", "jetson-nano")
     source_profile: Optional[str] = "laptop"  # None: the source is one more device of ``profiles``
-    mem_scale: float = Field(1.0, gt=0)  # multiplies every worker profile's memory (the source keeps its own)
-    bandwidths_mbps: tuple[float, ...] = (10.0, 20.0, 50.0)
-    delay_ms: float = Field(2.0, ge=0)
-    uplink_mbps: float = Field(100.0, gt=0)  # two_tier: edge switch to regional switch
-    uplink_delay_ms: float = Field(10.0, ge=0)
-    hosts_per_edge: int = Field(8, ge=1)
-    seed: int = 0
+    mem_scale: float = Field(1.0, gt=0, le=1e6)  # multiplies every worker profile's memory (the source keeps its own)
+    bandwidths_mbps: tuple[Annotated[float, Field(gt=0, le=MAX_MBPS)], ...] = (10.0, 20.0, 50.0)
+    delay_ms: float = Field(2.0, ge=0, le=MAX_DELAY_MS)
+    uplink_mbps: float = Field(100.0, gt=0, le=MAX_MBPS)  # two_tier: edge switch to regional switch
+    uplink_delay_ms: float = Field(10.0, ge=0, le=MAX_DELAY_MS)
+    hosts_per_edge: int = Field(8, ge=1, le=4096)
+    seed: Seed = 0
     name: Optional[str] = None
 
 
@@ -168,7 +206,7 @@ class ModelChoice(Spec):
 
     name: Optional[str] = None
     path: Optional[str] = None
-    seed: int = 0
+    seed: Seed = 0
     dims: Optional[dict[str, Any]] = None
     weight_format: str = "fp32"
 
@@ -190,9 +228,9 @@ class ModelChoice(Spec):
 
 
 class Workload(Spec):
-    prompt_tokens: int = Field(16, ge=1)
-    new_tokens: int = Field(32, ge=1)
-    seed: int = 0
+    prompt_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
+    new_tokens: int = Field(32, ge=1, le=MAX_TOKENS)
+    seed: Seed = 0
 
 
 class Simulation(Spec):
@@ -200,11 +238,11 @@ class Simulation(Spec):
 
     # memory charged per host that is not model blocks: the emulated agents' idle charge plus their
     # refusal margin is ~6 MiB, so 6 makes a simulated run of an emulated experiment comparable
-    host_overhead_mib: float = Field(0.0, ge=0)
+    host_overhead_mib: float = Field(0.0, ge=0, le=MAX_MIB)
     # the agents' runtime cost per activation message between hosts (the emulated backend measures
     # it in its warm-up: ``agent_message_overhead_s`` in an emulated run's manifest); added to every
     # path's latency so a simulated run of an emulated experiment is comparable
-    message_overhead_ms: float = Field(0.0, ge=0)
+    message_overhead_ms: float = Field(0.0, ge=0, le=MAX_DELAY_MS)
 
 
 class MigrationSettings(Spec):
@@ -222,15 +260,15 @@ Direction = Literal["a_to_b", "b_to_a", "both"]
 class ScenarioEvent(Spec):
     """One scripted change, at a token index or a wall time (seconds since the algorithm started)."""
 
-    at_token: Optional[int] = Field(None, ge=0)
-    at_s: Optional[float] = Field(None, ge=0)
+    at_token: Optional[TokenIndex] = None
+    at_s: Optional[float] = Field(None, ge=0, le=1e9)
     link: Optional[tuple[str, str]] = None
     host: Optional[str] = None
-    bandwidth_mbps: Optional[float] = Field(None, gt=0)
-    delay_ms: Optional[float] = Field(None, ge=0)
+    bandwidth_mbps: Optional[float] = Field(None, gt=0, le=MAX_MBPS)
+    delay_ms: Optional[float] = Field(None, ge=0, le=MAX_DELAY_MS)
     loss_pct: Optional[float] = Field(None, ge=0, le=100)
     up: Optional[bool] = None
-    mem_limit_mib: Optional[float] = Field(None, gt=0)
+    mem_limit_mib: Optional[float] = Field(None, gt=0, le=MAX_MIB)
     cpu_cores: Optional[float] = Field(None, gt=0)
     kill_agent: bool = False  # the agent on ``host`` crashes; the device stays (the run restarts it)
     down: Optional[bool] = None  # true: the device is gone (its blocks re-placed); false: it is back
@@ -278,15 +316,15 @@ class Ramp(Spec):
     (``from_ms``/``to_ms``) or loss (``from_pct``/``to_pct``) — applied as ``steps`` step changes."""
 
     link: tuple[str, str]
-    from_token: int = Field(ge=0)
-    to_token: int = Field(ge=1)
-    from_mbps: Optional[float] = Field(None, gt=0)
-    to_mbps: Optional[float] = Field(None, gt=0)
-    from_ms: Optional[float] = Field(None, ge=0)
-    to_ms: Optional[float] = Field(None, ge=0)
+    from_token: TokenIndex
+    to_token: int = Field(ge=1, le=MAX_TOKENS)
+    from_mbps: Optional[float] = Field(None, gt=0, le=MAX_MBPS)
+    to_mbps: Optional[float] = Field(None, gt=0, le=MAX_MBPS)
+    from_ms: Optional[float] = Field(None, ge=0, le=MAX_DELAY_MS)
+    to_ms: Optional[float] = Field(None, ge=0, le=MAX_DELAY_MS)
     from_pct: Optional[float] = Field(None, ge=0, le=100)
     to_pct: Optional[float] = Field(None, ge=0, le=100)
-    steps: int = Field(4, ge=1)
+    steps: int = Field(4, ge=1, le=MAX_TOKENS)
     direction: Direction = "both"
 
     @model_validator(mode="after")
@@ -315,20 +353,20 @@ class RandomWalk(Spec):
 
     link: Optional[tuple[str, str]] = None
     all_links: bool = False
-    every_tokens: int = Field(4, ge=1)
-    start_token: int = Field(0, ge=0)
-    stop_token: Optional[int] = Field(None, ge=1)
-    min_mbps: Optional[float] = Field(None, gt=0)
-    max_mbps: Optional[float] = Field(None, gt=0)
-    min_ms: Optional[float] = Field(None, ge=0)
-    max_ms: Optional[float] = Field(None, ge=0)
+    every_tokens: int = Field(4, ge=1, le=MAX_TOKENS)
+    start_token: TokenIndex = 0
+    stop_token: Optional[int] = Field(None, ge=1, le=MAX_TOKENS)
+    min_mbps: Optional[float] = Field(None, gt=0, le=MAX_MBPS)
+    max_mbps: Optional[float] = Field(None, gt=0, le=MAX_MBPS)
+    min_ms: Optional[float] = Field(None, ge=0, le=MAX_DELAY_MS)
+    max_ms: Optional[float] = Field(None, ge=0, le=MAX_DELAY_MS)
     min_pct: Optional[float] = Field(None, ge=0, le=100)
     max_pct: Optional[float] = Field(None, ge=0, le=100)
-    min_frac: Optional[float] = Field(None, gt=0)
-    max_frac: Optional[float] = Field(None, gt=0)
+    min_frac: Optional[float] = Field(None, gt=0, le=1e6)
+    max_frac: Optional[float] = Field(None, gt=0, le=1e6)
     quantity: Literal["bandwidth_mbps", "delay_ms", "loss_pct"] = "bandwidth_mbps"  # of min_frac/max_frac
     step_pct: float = Field(30.0, gt=0, le=100)
-    seed: int = 0
+    seed: Seed = 0
     direction: Direction = "both"
 
     @model_validator(mode="after")
@@ -406,6 +444,9 @@ class AlgorithmSpec(Spec):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
 class ExperimentSpec(Spec):
     name: str
     topology: Union[str, TopologySpec]
@@ -413,18 +454,38 @@ class ExperimentSpec(Spec):
     model: ModelChoice
     workload: Workload = Workload()
     algorithms: tuple[Union[str, AlgorithmSpec], ...] = Field(min_length=1)
-    repartition_every_tokens: int = Field(8, ge=1)
+    repartition_every_tokens: int = Field(8, ge=1, le=MAX_TOKENS)
     replan_threshold_pct: float = Field(20.0, ge=0, le=100)  # a drop this large re-plans at once
     cost_model: Literal["decode", "paper"] = "decode"
     allow_blocks_on_source: bool = False
     scenario: tuple[ScenarioItem, ...] = ()
-    repetitions: int = Field(1, ge=1)
+    repetitions: int = Field(1, ge=1, le=MAX_REPETITIONS)
     backend: Literal["emulated", "simulated"] = "emulated"
     simulation: Simulation = Simulation()
     emulation: Emulation = Emulation()
     migration: MigrationSettings = MigrationSettings()
     placement: Optional[dict[str, Any]] = None  # for the "fixed" algorithm: Placement.to_json() form
     sweep: Optional[dict[str, list[Any]]] = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        import re
+
+        if not re.match(NAME_PATTERN, value) or value in (".", ".."):
+            raise ValueError(f"{value!r}: a plain name is expected (letters, digits, '.', '_', '-'; at most 100), "
+                             "not a path: the run directory is <-o>/<name>/ and must stay under -o")
+        return value
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_not_empty(cls, value: Optional[dict]) -> Optional[dict]:
+        if value is not None and not value:
+            raise ValueError("an empty sweep runs nothing: give at least one path with a list of values, or drop sweep")
+        for key, values in (value or {}).items():
+            if not values:
+                raise ValueError(f"{key}: empty list of values: this axis would run no point at all")
+        return value
 
     def algorithm_specs(self) -> list[AlgorithmSpec]:
         return [a if isinstance(a, AlgorithmSpec) else AlgorithmSpec(name=a) for a in self.algorithms]

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from testbed.cli import app
 from testbed.run import fanout
 from testbed.run.runner import RunError, run_experiment
+from testbed.core.errors import ConfigError
 from testbed.spec.loader import load_experiment
 
 from sim_topology import TOPO  # noqa: E402  (tests/unit is on sys.path under pytest)
@@ -149,7 +150,8 @@ def test_a_point_that_fails_in_a_worker_lets_the_others_finish(exp_path, tmp_pat
 
 def test_a_bad_sweep_point_fails_before_any_worker_starts(exp_path, tmp_path):
     exp_path.write_text(EXP.replace("sweep: {", "sweep: {model.name: [tiny-gpt2, no-such-model], "))
-    with pytest.raises(RunError, match="unknown model 'no-such-model'"):
+    # every sweep point is validated when the experiment loads (issue 15 item 2): nothing starts
+    with pytest.raises(ConfigError, match=r"sweep.model.name: point .*unknown model 'no-such-model'"):
         run_experiment(load_experiment(exp_path), exp_path, tmp_path / "out", jobs=2)
     assert not (tmp_path / "out").exists()
 

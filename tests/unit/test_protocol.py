@@ -122,7 +122,7 @@ def agents():
     ports = {n: _free_port() for n in names}
     conns = {}
     for n in names:
-        ag = Agent(n, f"{d}/{n}.sock", ports[n], model={"arg": "tiny-gpt2", "seed": 0})
+        ag = Agent(n, f"{d}/{n}.sock", ports[n], model={"arg": "tiny-gpt2", "seed": 0}, data_host="127.0.0.1")
         ag.exit_on_shutdown = False
         threading.Thread(target=ag.serve, daemon=True).start()
         conns[n] = ControlConn(f"{d}/{n}.sock")

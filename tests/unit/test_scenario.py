@@ -46,7 +46,7 @@ def test_trace_file(tmp_path: Path):
     changes = expand(spec([{"trace": {"link": ["h2", "s1"], "file": "tr.csv"}}]), tmp_path)
     assert [(c.at_token, c.values["bandwidth_mbps"]) for c in changes] == [(0, 10), (5, 1.5), (9, 7)]
     (tmp_path / "bad.csv").write_text("token,bandwidth_mbps\n0,10\n5,-1\n")
-    with pytest.raises(ScenarioError, match=r"bad.csv:3: bandwidth_mbps must be > 0"):
+    with pytest.raises(ScenarioError, match=r"bad.csv:3: bandwidth_mbps must be a finite number > 0"):
         expand(spec([{"trace": {"link": ["h2", "s1"], "file": "bad.csv"}}]), tmp_path)
 
 
@@ -182,9 +182,9 @@ def test_trace_of_delay_and_loss(tmp_path: Path):
     changes = expand(spec([{"trace": {"link": ["h2", "s1"], "file": "t.csv", "direction": "a_to_b"}}]), tmp_path)
     assert [(c.at_s, c.values, c.direction) for c in changes] == [
         (0.5, {"delay_ms": 4.0}, "h2"), (1.0, {"loss_pct": 2.5}, "h2"), (1.5, {"delay_ms": 8.0, "loss_pct": 0.0}, "h2")]
-    for body, msg in (("t_s,loss_pct\n0,101\n", r"x.csv:2: loss_pct must be >= 0 and <= 100"),
-                      ("t_s,delay_ms\n0,-1\n", r"x.csv:2: delay_ms must be >= 0"),
-                      ("t_s,jitter\n0,1\n", r"x.csv:1: expected a column token \(or t_s\) and one or more of"),
+    for body, msg in (("t_s,loss_pct\n0,101\n", r"x.csv:2: loss_pct must be a finite number >= 0 and <= 100"),
+                      ("t_s,delay_ms\n0,-1\n", r"x.csv:2: delay_ms must be a finite number >= 0"),
+                      ("t_s,jitter\n0,1\n", r"x.csv:1: expected columns token \(or t_s\) and one or more of"),
                       ("token,delay_ms\nx,1\n", r"x.csv:2: token: expected a number")):
         (tmp_path / "x.csv").write_text(body)
         with pytest.raises(ScenarioError, match=msg):

@@ -7,6 +7,7 @@ import pytest
 
 import yaml
 
+from testbed.core.errors import ConfigError
 from testbed.run.runner import RunError, sweep_points
 from testbed.spec.loader import load_experiment
 
@@ -16,9 +17,14 @@ BASE = {"name": "s", "model": {"name": "llama-2-7b", "weight_format": "q4_0"}, "
         "backend": "simulated"}
 
 
-def points(sweep: dict, tmp: Path):
+def _write(sweep: dict, tmp: Path) -> Path:
     path = tmp / "exp.yaml"
     path.write_text(yaml.safe_dump({**BASE, "sweep": sweep}, sort_keys=False))
+    return path
+
+
+def points(sweep: dict, tmp: Path):
+    path = _write(sweep, tmp)
     return sweep_points(load_experiment(path), path)
 
 
@@ -38,8 +44,14 @@ def test_zipped_scenario_and_repetitions(tmp_path):
 
 
 def test_a_zipped_value_of_the_wrong_length_names_the_axis(tmp_path):
-    with pytest.raises(RunError, match=r"sweep.topology.n_hosts\+repetitions: each value must be a list of 2"):
+    # validation expands every point, so loading the experiment already reports it (at the axis)
+    with pytest.raises(ConfigError, match=r"exp.yaml:\d+: sweep.topology.n_hosts\+repetitions: each value must be "
+                                          "a list of 2"):
         points({"topology.n_hosts+repetitions": [[2, 1], [4]]}, tmp_path)
+    spec = load_experiment(_write({"topology.n_hosts": [2]}, tmp_path))
+    object.__setattr__(spec, "sweep", {"topology.n_hosts+repetitions": [[2, 1], [4]]})
+    with pytest.raises(RunError, match=r"sweep.topology.n_hosts\+repetitions: each value must be a list of 2"):
+        sweep_points(spec, tmp_path / "exp.yaml")
 
 
 def test_source_profile_null_makes_the_source_one_of_the_devices(tmp_path):

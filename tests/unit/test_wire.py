@@ -131,3 +131,56 @@ def test_jitter_may_not_exceed_the_delay():
     assert link.direction("h1").jitter_ms == 1 and link.direction("s1").jitter_ms == 3
     with pytest.raises(Exception, match=r"jitter_ms \(5\) must not exceed delay_ms \(4\) on h1->s1"):
         LinkSpec.model_validate({"a": "h1", "b": "s1", "bandwidth_mbps": 10, "delay_ms": 4, "jitter_ms": 5})
+
+
+def test_payload_buffer_grows_with_the_bytes_not_the_announced_size():
+    """A frame announcing 1 GiB that sends 10 bytes and closes costs about one receive chunk."""
+    import tracemalloc
+
+    a, b = pair()
+    a.sendall(wire.PREFIX.pack(wire.MAGIC, wire.WIRE_VERSION, 0, 2, 1 << 30, time.time()) + b"{}" + b"0123456789")
+    a.close()
+    tracemalloc.start()
+    with pytest.raises(wire.WireError, match="closed after 10 of 1073741824 bytes"):
+        wire.recv_frame(b)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * wire.RECV_CHUNK, peak
+
+
+def test_max_payload_refuses_before_reading_and_discard_keeps_the_stream():
+    a, b = pair()
+    head = b'{"type":"blob"}'
+    a.sendall(wire.PREFIX.pack(wire.MAGIC, wire.WIRE_VERSION, 0, len(head), 3 << 20, time.time()))
+    with pytest.raises(wire.FrameTooLarge) as exc:
+        wire.recv_frame(b, max_payload=lambda: 2 << 20)  # nothing but the prefix was sent: not read
+    assert exc.value.remaining == len(head) + (3 << 20)
+    sender = threading.Thread(target=lambda: (a.sendall(head + bytes(3 << 20)), wire.send_frame(a, {"type": "next"})))
+    sender.start()
+    wire.discard(b, exc.value.remaining)
+    assert wire.recv_frame(b).type == "next"
+    sender.join(timeout=5)
+    a.sendall(wire.PREFIX.pack(wire.MAGIC, wire.WIRE_VERSION, 0, 2, (1 << 31) + 1, time.time()))
+    with pytest.raises(wire.FrameTooLarge):  # beyond the absolute bound without any limit given
+        wire.recv_frame(b)
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b"\xff\xfe", b'{"type": 5}', b'"act"', b'{"no": "type"}'])
+def test_a_bad_header_is_a_bad_frame_with_the_stream_in_sync(header):
+    a, b = pair()
+    a.sendall(wire.PREFIX.pack(wire.MAGIC, wire.WIRE_VERSION, 0, len(header), 4, time.time()) + header + b"abcd")
+    wire.send_frame(a, {"type": "next"})
+    with pytest.raises(wire.BadFrame):
+        wire.recv_frame(b)
+    assert wire.recv_frame(b).type == "next"
+
+
+@pytest.mark.parametrize("ahead_s", [5.0, float("nan"), float("inf")])
+def test_a_send_time_in_the_future_is_refused(ahead_s):
+    sent_at = time.time() + ahead_s
+    a, b = pair()
+    a.sendall(wire.PREFIX.pack(wire.MAGIC, wire.WIRE_VERSION, 0, 15, 0, sent_at) + b'{"type":"act"} ')
+    with pytest.raises(wire.BadFrame, match="ahead of this clock"):
+        wire.recv_frame(b, max_future_s=1.0)
+    wire.send_frame(a, {"type": "ok"})
+    assert wire.recv_frame(b, max_future_s=1.0).type == "ok"

@@ -29,6 +29,7 @@ raises ``AlgorithmFailure("OOM on h3: ...")``.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import asdict, dataclass, replace
 
 from testbed.core.cluster import MigrationRecord, TokenRecord
@@ -270,11 +271,22 @@ class SimulatedCluster:
         assert self.placement is not None
         snap = self._netview().snap
         res = decode_cost(self.placement, snap, self.dims, self.context_len, n_tokens, net=self._netview())
-        if res.token_latency_s == float("inf"):
-            raise AlgorithmFailure("a block is on an unreachable or stopped host (infinite latency)")
+        if not math.isfinite(res.token_latency_s):
+            raise AlgorithmFailure(f"no usable path for this token ({self._unreachable()}): a block is on an "
+                                   "unreachable or stopped host, so the token has no finite latency")
         tok = pseudo_token(self.seed, self.context_len, prev, self.dims.vocab_size)
         return TokenRecord(tok, res.token_latency_s, res.compute_s, res.transfer_s, 0.0, res.bytes_moved,
                            dict(res.bytes_by_link))
+
+    def _unreachable(self, placement: Placement | None = None) -> str:
+        """The pairs of the placement's devices with no route between them (or the hosts down)."""
+        used = sorted((placement or self.placement).devices() | {(placement or self.placement).source})
+        snap = self._snapshot(self.context_len, 0)
+        pairs = [f"{a}-{b}" for i, a in enumerate(used) for b in used[i + 1:]
+                 if not snap.path(a, b).up or not math.isfinite(snap.path(a, b).latency_s)]
+        down = [h for h in used if not self.host_state[h]["up"]]
+        return "; ".join(filter(None, [pairs and "no route between " + ", ".join(pairs),
+                                       down and "hosts down: " + ", ".join(down)])) or "no finite time"
 
     def load(self, placement: Placement, prompt_ids: list[int]) -> TokenRecord:
         """Place the blocks and run the prompt as one prefill step (all prompt tokens at once)."""
@@ -302,8 +314,8 @@ class SimulatedCluster:
                                  self.context_len, net=self._netview())
         if est.blocked:  # nothing moved: the controller goes on with the current placement
             raise MigrationRefused(f"migration refused: {est.blocked}")
-        if est.delay_s == float("inf"):
-            raise AlgorithmFailure("migration over an unreachable path")
+        if not math.isfinite(est.delay_s):
+            raise AlgorithmFailure(f"migration over an unreachable path ({self._unreachable(new)})")
         old_mem, new_mem = self._host_mem(self.placement, self.context_len), self._host_mem(new, self.context_len)
         self._charge({h: max(old_mem[h], new_mem[h]) for h in old_mem})
         self.placement = new
