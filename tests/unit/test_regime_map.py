@@ -21,7 +21,7 @@ def small_map(tmp_path_factory):
     sw = exp["sweep"]
     sw["topology.profiles+topology.source_profile"] = sw["topology.profiles+topology.source_profile"][:1]  # rpi4-8gb
     sw["topology.bandwidths_mbps"] = [[5], [1000]]
-    sw["topology.delay_ms"] = [0.2]
+    sw["topology.delay_ms"] = [2.0]
     sw["topology.n_hosts"] = [4]
     sw["model"] = [{"name": "llama-2-7b", "weight_format": "q4_0"}]
     sw["scenario+repetitions"] = sw["scenario+repetitions"][:1]
@@ -37,11 +37,12 @@ def test_the_map_finds_both_sides_of_the_boundary(small_map):
     assert is_regime_map(run)
     res = analyze_map(run, tmp / "ana")
     df = res["frame"].set_index("rate_mbps")
-    # 7B Q4_0 on four Pi 4s: a layer takes ~40 ms; a 5 Mbit/s hop ~7 ms (R ~5.5: layer split),
-    # a Gigabit hop ~0.4 ms (R ~90: head-level, as distributed-llama's 4-board speed-up shows)
-    assert df.loc[5, "R"] < 8 and df.loc[1000, "R"] > 50
+    # 7B Q4_0 on four Pi 4s (timed by their profile: 1314 ms a token on one board): a layer takes
+    # ~40 ms; with 2 ms one-way delay a 5 Mbit/s hop costs ~11 ms (R ~3.7: the layer split), a
+    # Gigabit hop ~4 ms (R ~10: head-level, 0.69x the layer split's latency in the full map)
+    assert df.loc[5, "R"] < 4.5 and df.loc[1000, "R"] > 9
     assert df.loc[5, "ra_over_layer"] == pytest.approx(1.0, abs=0.02)
-    assert df.loc[1000, "ra_over_layer"] < 0.6
+    assert df.loc[1000, "ra_over_layer"] < 0.75
     assert (df["ra_over_best"] <= 1.02).all()
     for name in ("regime_latency", "regime_memory", "regime_rule", "regime_devices"):
         assert Path(res["figures"][name]).stat().st_size > 10_000
