@@ -1,0 +1,67 @@
+"""Issue 18 (planner speed): the pieces made faster keep their meaning.
+
+``PathMatrix`` behaves as the dict of paths it replaces (and ``Problem`` reads the same
+matrices from it), the simulated backend's vectorised paths equal the per-pair ones, the
+calibration cache is per machine, and planning a model whose hosts all have device profiles
+imports no torch."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from testbed.backends import calibrate
+from testbed.core.paths import PathMatrix
+from testbed.core.snapshot import LinkState
+from testbed.partition.common import Problem
+from testbed.partition.synthetic import GPT2, random_star
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _as_matrix(snap):
+    names = [d.name for d in snap.devices]
+    n = len(names)
+    bw, lat, up = np.zeros((n, n)), np.full((n, n), np.inf), np.zeros((n, n), dtype=bool)
+    for (a, b), ls in snap.paths.items():
+        i, j = names.index(a), names.index(b)
+        bw[i, j], lat[i, j], up[i, j] = ls.bandwidth_bytes_per_s, ls.latency_s, ls.up
+    return PathMatrix(names, bw, lat, up)
+
+
+def test_path_matrix_is_the_mapping_and_gives_the_same_problem():
+    from dataclasses import replace
+
+    snap = random_star(np.random.default_rng(3), 9, GPT2)
+    snap = replace(snap, paths={**snap.paths, ("d1", "d2"): LinkState(5e6, 0.01, up=False)})
+    pm = _as_matrix(snap)
+    assert dict(pm) == snap.paths and len(pm) == len(snap.paths) and ("d1", "d1") not in pm
+    a, b = Problem(snap, GPT2), Problem(replace(snap, paths=pm), GPT2)
+    assert np.array_equal(a.lat, b.lat) and np.array_equal(a.spb, b.spb)
+
+
+def test_calibration_cache_is_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "CACHE", tmp_path / "per_core_flops.json")
+    runs = []
+    monkeypatch.setattr(calibrate, "measure_per_core_flops", lambda: runs.append(1) or 1e9 + len(runs))
+    here = calibrate.machine_id()
+    assert calibrate.per_core_flops()[0] == 1e9 + 1 and calibrate.per_core_flops()[0] == 1e9 + 1
+    assert len(runs) == 1 and json.loads(calibrate.CACHE.read_text())["machine"] == here
+    monkeypatch.setattr(calibrate, "machine_id", lambda: {**here, "cpus": (here["cpus"] or 1) + 1})
+    assert calibrate.per_core_flops()[0] == 1e9 + 2 and len(runs) == 2  # another machine: measured again
+
+
+def test_plan_imports_no_torch_once_calibrated(tmp_path):
+    """``headroom plan`` of a model without weights here: the calibration cached for this machine
+    is all it needs (a cache from another machine is measured again: the test above)."""
+    (tmp_path / "per_core_flops.json").write_text(json.dumps(
+        {"flops": 3e9, "machine": calibrate.machine_id(), "measured_at": "test"}))
+    code = ("import sys, json; from testbed.spec.loader import load_experiment; "
+            "from testbed.run.planning import plan_initial; "
+            f"r = plan_initial(load_experiment({str(ROOT / 'bench/plan64.yaml')!r}), 'edgeshard'); "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'ok': bool(r['placement'])}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"HEADROOM_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"torch": False, "ok": True}
