@@ -77,11 +77,16 @@ def per_core_flops(use_cache: bool = True) -> tuple[float, str]:
 def roofline_cache_path(model_arg: str, seed: int = 0) -> Path:
     """Where this machine's one-core roofline on a model is kept (one file per machine, model, seed
     and torch version)."""
+    import importlib.metadata as md
     import platform
 
-    import torch
+    try:  # the installed torch's version, without importing it (seconds on a loaded machine)
+        torch_version = md.version("torch")
+    except md.PackageNotFoundError:
+        import torch
 
-    key = f"{model_arg}-{seed}-torch{torch.__version__}-{platform.machine()}-{os.cpu_count()}cpu"
+        torch_version = torch.__version__
+    key = f"{model_arg}-{seed}-torch{torch_version}-{platform.machine()}-{os.cpu_count()}cpu"
     base = Path(os.environ.get("HEADROOM_CACHE", Path.home() / ".cache" / "headroom"))
     return base / "roofline" / (key.replace("/", "_").replace(":", "_")[:200] + ".json")
 

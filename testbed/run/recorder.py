@@ -65,6 +65,7 @@ class RunRecorder:
         if new_table:
             self._tokens.writeheader()
         self._synced = time.monotonic()
+        self._manifest: dict | None = None
 
     # -- writing -------------------------------------------------------------------------------
     def write_config(self, resolved: dict) -> None:
@@ -73,19 +74,31 @@ class RunRecorder:
     def write_manifest(self, extra: dict) -> None:
         manifest = {"git_sha": _git_sha(), "versions": _versions(), "started_at": self._t0,
                     "resources_file": "resources.jsonl", **extra}
-        _atomic_write(self.dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+        self._write_manifest(manifest)
 
     def update_manifest(self, **fields: Any) -> None:
-        path = self.dir / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
+        manifest = self._read_manifest()
         manifest.update(fields)
-        _atomic_write(path, json.dumps(manifest, indent=2, default=str))
+        self._write_manifest(manifest)
 
     def merge_manifest(self, key: str, entries: dict) -> None:
         """Add ``entries`` to the mapping ``manifest[key]`` (e.g. per algorithm/repetition)."""
-        path = self.dir / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
-        self.update_manifest(**{key: {**(manifest.get(key) or {}), **entries}})
+        manifest = self._read_manifest()
+        manifest[key] = {**(manifest.get(key) or {}), **entries}
+        self._write_manifest(manifest)
+
+    def _read_manifest(self) -> dict:
+        """The manifest as last written by this recorder (read from disk once: it is the only
+        writer of its run directory; a 128-device run's manifest is ~20 MB)."""
+        if self._manifest is None:
+            path = self.dir / "manifest.json"
+            self._manifest = json.loads(path.read_text()) if path.exists() else {}
+        return self._manifest
+
+    def _write_manifest(self, manifest: dict) -> None:
+        text = json.dumps(manifest, indent=2, default=str)
+        _atomic_write(self.dir / "manifest.json", text)
+        self._manifest = json.loads(text)  # what a re-read gives (no aliasing of the caller's objects)
 
     def event(self, type_: str, **fields: Any) -> None:
         line = json.dumps({"t_s": round(time.time() - self._t0, 6), "wall": time.time(), "type": type_, **fields},

@@ -108,12 +108,17 @@ def placement_memory(placement: Placement, snapshot: ClusterSnapshot, dims: Mode
     mem[placement.source] = mem.get(placement.source, 0) + B.source_bytes(dims)
     head = B.block_memory_bytes(dims, "head", context_len)
     pb = B.proj_bytes(dims)
+    shard: dict[int, int] = {}  # columns -> bytes (a plan has few distinct shard widths)
     for lp in placement.layers:
-        for dev in lp.heads:
-            mem[dev] = mem.get(dev, 0) + head
+        for dev, n in Counter(lp.heads).items():
+            mem[dev] = mem.get(dev, 0) + n * head
         mem[lp.proj] = mem.get(lp.proj, 0) + pb
         for s in lp.ffn:
-            mem[s.device] = mem.get(s.device, 0) + B.ffn_bytes(dims, s.col_end - s.col_start)
+            c = s.col_end - s.col_start
+            nb = shard.get(c)
+            if nb is None:
+                nb = shard[c] = B.ffn_bytes(dims, c)
+            mem[s.device] = mem.get(s.device, 0) + nb
     return mem
 
 
