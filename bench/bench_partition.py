@@ -100,17 +100,13 @@ def exact_time() -> None:
 def ra_time(seeds=(1, 2, 3), repeats: int = 9) -> None:
     """Wall time of one decision on three random 48-device stars: the first plan, and a
     re-decision after the links of 16 devices drop x0.1 (current placement given, 8 tokens on)."""
-    from testbed.core.snapshot import LinkState
-
     first, again = [], []
     for seed in seeds:
         snap = random_star(np.random.default_rng(seed), 49, GPT2)
         first += [plan("resource_aware", snap, GPT2).solve_time_s for _ in range(repeats)]
         cur = plan("resource_aware", snap, GPT2).placement
         slow = {f"d{i}" for i in range(1, 49, 3)}
-        paths = {k: (LinkState(v.bandwidth_bytes_per_s / 10, v.latency_s) if slow & set(k) else v)
-                 for k, v in snap.paths.items()}
-        re = replace(snap, paths=paths, current=cur, context_len=snap.context_len + 8)
+        re = replace(snap, paths=snap.paths.divided(slow, 10), current=cur, context_len=snap.context_len + 8)
         again += [plan("resource_aware", re, GPT2).solve_time_s for _ in range(repeats)]
     ms = lambda xs: f"median {1e3 * statistics.median(xs):.1f} ms, max {1e3 * max(xs):.1f} ms"  # noqa: E731
     print(f"[3] RA decision, decode model, 48 devices x 12 layers x 12 heads, {len(seeds)} instances x "
@@ -130,17 +126,13 @@ def _ms(xs) -> str:
 def scale_decisions(seeds=(1, 2, 3), repeats: int = 5) -> None:
     """[5] RA at 64 devices x 32 layers x 32 heads: the first decision and a re-decision after the
     links of 3 devices drop x0.1 (current placement given, 8 tokens on), ``solve_time_s``."""
-    from testbed.core.snapshot import LinkState
-
     first, again = [], []
     for seed in seeds:
         snap = random_star(np.random.default_rng(seed), 65, LLAMA7)
         first += [plan("resource_aware", snap, LLAMA7).solve_time_s for _ in range(repeats)]
         cur = plan("resource_aware", snap, LLAMA7).placement
-        slow = {"d3", "d17", "d40"}
-        paths = {k: (LinkState(v.bandwidth_bytes_per_s / 10, v.latency_s) if slow & set(k) else v)
-                 for k, v in snap.paths.items()}
-        re = replace(snap, paths=paths, current=cur, context_len=snap.context_len + 8)
+        re = replace(snap, paths=snap.paths.divided({"d3", "d17", "d40"}, 10), current=cur,
+                     context_len=snap.context_len + 8)
         again += [plan("resource_aware", re, LLAMA7).solve_time_s for _ in range(repeats)]
     print(f"[5] RA, 64 devices x 32 layers x 32 heads (Llama-2-7B Q4_0), {len(seeds)} instances x {repeats} runs: "
           f"first decision {_ms(first)} (target < 20 ms); re-decision after 3 links drop {_ms(again)} "

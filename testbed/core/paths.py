@@ -43,6 +43,13 @@ class PathMatrix(Mapping):
         n = len(self.names)
         return n * (n - 1)
 
+    def divided(self, devices: set[str], divisor: float) -> "PathMatrix":
+        """A copy with the bandwidth of every path to or from one of ``devices`` divided by
+        ``divisor`` (a scenario's "these links drop" without a loop over the pairs)."""
+        hit = np.isin(np.asarray(self.names), list(devices))
+        touch = hit[:, None] | hit[None, :]
+        return PathMatrix(self.names, np.where(touch, self.bandwidth / divisor, self.bandwidth), self.latency, self.up)
+
     def arrays(self, names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(bandwidth, latency, up) rows and columns in ``names`` order, or None when a name is
         not one of this matrix's."""
