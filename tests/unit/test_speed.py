@@ -65,3 +65,30 @@ def test_plan_imports_no_torch_once_calibrated(tmp_path):
                          env={"HEADROOM_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"torch": False, "ok": True}
+
+
+def test_event_tail_reads_what_read_events_reads(tmp_path):
+    from testbed.run.events import EventTail, read_events
+
+    log = tmp_path / "events.jsonl"
+    tail = EventTail(tmp_path)
+    assert tail.read() == []
+    parts = ['{"type": "a", "x": 1}\n{"type": "b"}\n', '{"type": "c", "s": "\\u00e9"}\nnot json\n{"typ',
+             'e": "d"}\n\n', '{"type": "e"}']
+    text = ""
+    for part in parts:
+        text += part
+        log.write_text(text)
+        assert tail.read() == read_events(tmp_path)
+    assert [e["type"] for e in tail.read()] == ["a", "b", "c", "d", "e"]
+
+
+def test_timeline_cursor_hands_out_each_change_once_in_order():
+    from testbed.spec.scenario import Change, Timeline
+
+    changes = [Change(at_token=t, at_s=None, link=("h1", "s1"), values={"bandwidth_mbps": t}) for t in (3, 1, 3, 7)]
+    changes.append(Change(at_token=None, at_s=0.5, link=("h2", "s1"), values={"up": False}))
+    tl = Timeline(changes)
+    got = [[c.values for c in tl.due(k, 0.1 * k)] for k in range(9)]
+    assert got == [[], [{"bandwidth_mbps": 1}], [], [{"bandwidth_mbps": 3}, {"bandwidth_mbps": 3}], [],
+                   [{"up": False}], [], [{"bandwidth_mbps": 7}], []]
