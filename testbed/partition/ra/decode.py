@@ -123,12 +123,16 @@ def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, dict[int, 
     heapq.heapify(used)
     devs, keys = _order(ly, "h", lambda: tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al, A, P)
     m, nxt, up = len(devs), 0, tauA[P] if P != A else 0.0
+    pop, push, replace = heapq.heappop, heapq.heappush, heapq.heapreplace
     n: dict[int, int] = {}
     finish, pens = float(base[P]), 0.0
     for g in range(p.dims.n_kv_heads):
         while used and r[used[0][1]] < hb:
-            heapq.heappop(used)
-        while nxt < m and (r[devs[nxt]] < hb or devs[nxt] in base):
+            pop(used)
+        while nxt < m:
+            d = devs[nxt]
+            if r[d] >= hb and d not in base:
+                break
             nxt += 1
         top = bool(used) and (nxt == m or used[0][0] <= up + keys[nxt])
         if top:
@@ -142,15 +146,19 @@ def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, dict[int, 
             base[j], up = up_j + latA[j], up_j
             bt[j] = base[j] + tail[j]
         k = n.get(j, 0)
-        pens += 0.0 if k < cur[j] else mig[j]
+        cj, btj, incj = cur[j], bt[j], inc[j]
+        if k >= cj:
+            pens += mig[j]
         n[j] = k = k + 1
         r[j] -= hb
-        finish = max(finish, bt[j] + k * inc[j])
-        item = (bt[j] + (k + 1) * inc[j] + (0.0 if k < cur[j] else mig[j]), j)
+        x = btj + k * incj
+        if x > finish:
+            finish = x
+        item = (btj + (k + 1) * incj + (0.0 if k < cj else mig[j]), j)
         if top:
-            heapq.heapreplace(used, item)
+            replace(used, item)
         else:
-            heapq.heappush(used, item)
+            push(used, item)
     return finish, pens, n
 
 
