@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from testbed.partition.cost import blocks as B
 from testbed.partition.cost.roofline import roofline_s
+from testbed.core.paths import PathMatrix
 from testbed.core.placement import Placement
 from testbed.core.snapshot import ClusterSnapshot, ModelDims
 
@@ -72,11 +73,14 @@ class Net:
         key = (a, b)
         hit = self._cache.get(key)
         if hit is None:
-            ls = self.snap.path(a, b)
-            if not ls.up or ls.bandwidth_bytes_per_s <= 0:
-                hit = (INF, INF)
+            paths = self.snap.paths
+            ij = (paths.index.get(a), paths.index.get(b)) if isinstance(paths, PathMatrix) else (None, None)
+            if ij[0] is not None and ij[1] is not None and a != b:  # from the arrays: no LinkState
+                bw, up, lat = float(paths.bandwidth[ij]), bool(paths.up[ij]), float(paths.latency[ij])
             else:
-                hit = (ls.latency_s, 1.0 / ls.bandwidth_bytes_per_s)
+                ls = self.snap.path(a, b)
+                bw, up, lat = ls.bandwidth_bytes_per_s, ls.up, ls.latency_s
+            hit = (INF, INF) if not up or bw <= 0 else (lat, 1.0 / bw)
             self._cache[key] = hit
         return hit
 
