@@ -144,8 +144,9 @@ def budgets() -> None:
     from testbed.partition.registry import OptimalParams
 
     o = OptimalParams()
-    print(f"[5] budgets: RA is a greedy of fixed work (layers x anchors <= proj_candidates + 1 x blocks; no "
-          f"clock); optimal: local search <= {o.local_search_evals} plan evaluations, one-layer exact search "
+    print(f"[5] budgets (work counts, no clock): RA is a greedy of fixed work (per layer <= proj_candidates + 1 "
+          f"anchors x blocks); optimal: local search <= {o.local_search_evals} plan evaluations, MILP <= "
+          f"{o.milp_max_nodes} branch-and-bound nodes (then the incumbent and its gap), one-layer exact search "
           f"<= {exact_limits()}; the MILP's time_limit_s={o.time_limit_s:g} only guards (reaching it is a "
           f"failure, never another plan)")
 

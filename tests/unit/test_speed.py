@@ -92,3 +92,22 @@ def test_timeline_cursor_hands_out_each_change_once_in_order():
     got = [[c.values for c in tl.due(k, 0.1 * k)] for k in range(9)]
     assert got == [[], [{"bandwidth_mbps": 1}], [], [{"bandwidth_mbps": 3}, {"bandwidth_mbps": 3}], [],
                    [{"up": False}], [], [{"bandwidth_mbps": 7}], []]
+
+
+def test_milp_node_budget_returns_the_incumbent_with_its_gap_deterministically():
+    from testbed.partition.exact.milp import Milp
+
+    def knapsack(max_nodes):
+        rng, m = np.random.default_rng(1), Milp()
+        x = [m.binary(-float(v)) for v in rng.integers(5, 60, 60)]
+        for _ in range(15):
+            w = rng.integers(5, 60, 60).astype(float)
+            m.le(dict(zip(x, w)), w.sum() / 4)
+        sol, obj = m.solve(60.0, "knapsack", max_nodes)
+        return m, tuple(np.round(sol).astype(int)), obj
+
+    m, sol, obj = knapsack(20)
+    assert m.node_limited and m.gap > 0 and m.dual_bound < obj
+    assert knapsack(20)[1:] == (sol, obj)  # a work budget: the same plan every time
+    full, _, best = knapsack(None)
+    assert not full.node_limited and full.gap == 0.0 and best <= obj
