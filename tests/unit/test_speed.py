@@ -111,3 +111,79 @@ def test_milp_node_budget_returns_the_incumbent_with_its_gap_deterministically()
     assert knapsack(20)[1:] == (sol, obj)  # a work budget: the same plan every time
     full, _, best = knapsack(None)
     assert not full.node_limited and full.gap == 0.0 and best <= obj
+
+
+def _reference_decode_layer(lp, src_dev, start, nics, k, tally):
+    """``cost.latency._decode_layer`` as it was before issue 18 (one method call per message)."""
+    from collections import Counter
+
+    from testbed.partition.cost.latency import _cp_max
+
+    net, P, xb = nics.net, lp.proj, k["x_bytes"]
+    arrive = {}
+    for dst in dict.fromkeys([P, *lp.heads]):
+        arrive[dst] = nics.send(src_dev, dst, xb, start)
+        tally.send(src_dev, dst, xb)
+    att, msgs = arrive[P], []
+    for j, n in Counter(lp.heads).items():
+        done = (arrive[j][0] + net.call(j, n * k["head_flops"], n * k["head_read"]), arrive[j][1])
+        if j == P:
+            att = _cp_max(att, done)
+            continue
+        out_b = n * k["head_out_bytes"]
+        msgs.append((nics.send(j, P, out_b, done), out_b * net.link(j, P)[1]))
+        tally.send(j, P, out_b)
+    got = nics.fan_in(msgs)
+    att = att if got is None else _cp_max(att, got)
+    pd = (att[0] + net.call(P, k["proj_flops"], k["proj_read"]), att[1])
+    agg = lp.ffn[0].device
+    cols = {}
+    for s in lp.ffn:
+        cols[s.device] = cols.get(s.device, 0) + (s.col_end - s.col_start)
+    out, msgs = None, []
+    for dev, c in cols.items():
+        arr = nics.send(P, dev, xb, pd)
+        tally.send(P, dev, xb)
+        done = (arr[0] + net.call(dev, c * k["ffn_col_flops"], c * k["ffn_col_read"]), arr[1])
+        if dev == agg:
+            out = done
+            continue
+        msgs.append((nics.send(dev, agg, xb, done), xb * net.link(dev, agg)[1]))
+        tally.send(dev, agg, xb)
+    got = nics.fan_in(msgs)
+    out = got if out is None else (out if got is None else _cp_max(out, got))
+    return out, agg
+
+
+def _random_placement(rng, names, dims):
+    from testbed.core.placement import FfnShard, LayerPlacement, Placement
+
+    layers = []
+    for _ in range(dims.n_layers):
+        pool = list(rng.choice(names, size=int(rng.integers(1, len(names) + 1)), replace=False))
+        heads = tuple(str(rng.choice(pool)) for _ in range(dims.n_kv_heads))
+        cuts = sorted(set(rng.integers(1, dims.ffn_dim, size=int(rng.integers(0, 4))).tolist()))
+        bounds = list(zip([0, *cuts], [*cuts, dims.ffn_dim]))
+        ffn = tuple(FfnShard(str(rng.choice(pool)), a, b) for a, b in bounds)
+        layers.append(LayerPlacement(heads, str(rng.choice(pool)), ffn))
+    return Placement(names[0], tuple(layers))
+
+
+def test_decode_cost_is_the_reference_message_by_message(monkeypatch):
+    from dataclasses import replace
+
+    from testbed.partition.cost import latency
+
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        snap = replace(random_star(rng, int(rng.integers(3, 9)), GPT2), allow_blocks_on_source=True)
+        names = [d.name for d in snap.devices]
+        pl = _random_placement(rng, names, GPT2)
+        for serial in (True, False):
+            new = latency.decode_cost(pl, snap, GPT2, serial_nics=serial)
+            with monkeypatch.context() as m:
+                m.setattr(latency, "_decode_layer", _reference_decode_layer)
+                ref = latency.decode_cost(pl, snap, GPT2, serial_nics=serial)
+            assert (new.token_latency_s, new.compute_s, new.transfer_s) == (
+                ref.token_latency_s, ref.compute_s, ref.transfer_s), trial
+            assert list(new.bytes_by_link.items()) == list(ref.bytes_by_link.items())
