@@ -69,7 +69,8 @@ def per_core_flops(use_cache: bool = True) -> tuple[float, str]:
     flops = measure_per_core_flops()
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     tmp = CACHE.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"flops": flops, "machine": here, "measured_at": time.ctime()}))
+    # "host" too: what older readers of this file check (shared ~/.cache across checkouts)
+    tmp.write_text(json.dumps({"flops": flops, "machine": here, "host": here["host"], "measured_at": time.ctime()}))
     tmp.replace(CACHE)
     return flops, "measured now (1 thread, 256x256 matrix-vector products)"
 
