@@ -9,18 +9,25 @@
    ``--map-run DIR``): RA / best of EdgeShard, EdgeShard-dynamic and Galaxy (target <= 1.02x at
    every point), RA's speed-up over the best layer split where compute dominates, where RA beats
    Galaxy, and the boundary rule's accuracy (``analysis.regime_map``).
+5. Issue 18, planner speed at real scale, each figure next to its target: RA decision time at
+   64 devices x 32 layers x 32 heads (Llama-2-7B Q4_0 shape; first decision and re-decision,
+   median ``solve_time_s``), the search budgets (work counts, not wall clock), the exact
+   decode optimum at 8 devices x 12 layers, ``headroom plan`` end to end on ``bench/plan64.yaml``
+   and the simulated backend at 128 devices x 2000 tokens (``bench_simulated``; ``--only 5``
+   runs it, ``5q`` skips it).
 4g. (``--only 4g``) Fluctuating bandwidth on a GPT-2-small simulated cluster (8-24 devices, 3 random clusters and scenarios
    each): RA vs EdgeShard (static and dynamic) and Galaxy: mean per-token latency (migration
    included) and peak device memory; ``ra_greedy`` is RA without its layer-split candidate.
 Compute speed: the per-core FLOP/s measured on this machine (``testbed.backends.calibrate.per_core_flops``,
 cached per host) unless ``--per-core-flops`` is given. Static algorithms are sized for the whole
 generation's KV growth (they never re-plan); dynamic ones for one epoch + their own headroom.
-Run: .venv/bin/python bench/bench_partition.py [--per-core-flops F] [--tokens N] [--only 1,1d,2,2d,3,4]
+Run: .venv/bin/python bench/bench_partition.py [--per-core-flops F] [--tokens N] [--only 1,1d,2,2d,3,4,5]
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 import statistics
 import time
 
@@ -28,11 +35,10 @@ import numpy as np
 
 from testbed.core.errors import AlgorithmFailure
 from testbed.partition import DYNAMIC_ALGORITHMS, InfeasiblePlan, plan
-from testbed.partition.synthetic import random_star
+from testbed.partition.synthetic import GPT2, random_star
 from testbed.backends.simulated.cluster import SimulatedCluster
 from testbed.core.snapshot import ModelDims
 
-GPT2 = ModelDims("gpt2", 12, 768, 12, 12, 64, 3072, 50257)
 
 
 def ra_vs_optimal(n_instances: int = 60) -> None:
@@ -94,22 +100,109 @@ def exact_time() -> None:
 def ra_time(seeds=(1, 2, 3), repeats: int = 9) -> None:
     """Wall time of one decision on three random 48-device stars: the first plan, and a
     re-decision after the links of 16 devices drop x0.1 (current placement given, 8 tokens on)."""
-    from testbed.core.snapshot import LinkState
-
     first, again = [], []
     for seed in seeds:
         snap = random_star(np.random.default_rng(seed), 49, GPT2)
         first += [plan("resource_aware", snap, GPT2).solve_time_s for _ in range(repeats)]
         cur = plan("resource_aware", snap, GPT2).placement
         slow = {f"d{i}" for i in range(1, 49, 3)}
-        paths = {k: (LinkState(v.bandwidth_bytes_per_s / 10, v.latency_s) if slow & set(k) else v)
-                 for k, v in snap.paths.items()}
-        re = replace(snap, paths=paths, current=cur, context_len=snap.context_len + 8)
+        re = replace(snap, paths=snap.paths.divided(slow, 10), current=cur, context_len=snap.context_len + 8)
         again += [plan("resource_aware", re, GPT2).solve_time_s for _ in range(repeats)]
     ms = lambda xs: f"median {1e3 * statistics.median(xs):.1f} ms, max {1e3 * max(xs):.1f} ms"  # noqa: E731
     print(f"[3] RA decision, decode model, 48 devices x 12 layers x 12 heads, {len(seeds)} instances x "
           f"{repeats} runs: first decision {ms(first)}; re-decision after a x0.1 drop (current placement "
           f"given) {ms(again)} (target < 20 ms)")
+
+
+LLAMA7 = ModelDims("llama-2-7b", 32, 4096, 32, 32, 128, 11008, 32000, gated_ffn=True, tie_embeddings=False,
+                   weight_format="q4_0")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ms(xs) -> str:
+    return f"median {1e3 * statistics.median(xs):.1f} ms (max {1e3 * max(xs):.1f})"
+
+
+def scale_decisions(seeds=(1, 2, 3), repeats: int = 5) -> None:
+    """[5] RA at 64 devices x 32 layers x 32 heads: the first decision and a re-decision after the
+    links of 3 devices drop x0.1 (current placement given, 8 tokens on), ``solve_time_s``."""
+    first, again = [], []
+    for seed in seeds:
+        snap = random_star(np.random.default_rng(seed), 65, LLAMA7)
+        first += [plan("resource_aware", snap, LLAMA7).solve_time_s for _ in range(repeats)]
+        cur = plan("resource_aware", snap, LLAMA7).placement
+        re = replace(snap, paths=snap.paths.divided({"d3", "d17", "d40"}, 10), current=cur,
+                     context_len=snap.context_len + 8)
+        again += [plan("resource_aware", re, LLAMA7).solve_time_s for _ in range(repeats)]
+    print(f"[5] RA, 64 devices x 32 layers x 32 heads (Llama-2-7B Q4_0), {len(seeds)} instances x {repeats} runs: "
+          f"first decision {_ms(first)} (target < 20 ms); re-decision after 3 links drop {_ms(again)} "
+          f"(target < 10 ms)")
+
+
+def budgets() -> None:
+    """[5] What bounds each search (work counts: a plan does not depend on the machine's speed)."""
+    from testbed.partition.registry import OptimalParams
+
+    o = OptimalParams()
+    print(f"[5] budgets (work counts, no clock): RA is a greedy of fixed work (per layer <= proj_candidates + 1 "
+          f"anchors x blocks); optimal: local search <= {o.local_search_evals} plan evaluations, MILP <= "
+          f"{o.milp_max_nodes} branch-and-bound nodes (then the incumbent and its gap), one-layer exact search "
+          f"<= {exact_limits()}; the MILP's time_limit_s={o.time_limit_s:g} only guards (reaching it is a "
+          f"failure, never another plan)")
+
+
+def exact_limits() -> str:
+    from testbed.partition.exact.optimal import SERIAL_LIMIT
+
+    return f"{SERIAL_LIMIT[0]:.0e} table entries / {SERIAL_LIMIT[1]:.0e} FFN choices"
+
+
+def exact_scale() -> None:
+    """[5] The exact decode optimum at 8 devices x 12 layers (target: certified in < 60 s)."""
+    from testbed.core.errors import OutOfScope
+
+    snap = random_star(np.random.default_rng(0), 9, GPT2)
+    try:
+        r = plan("optimal", snap, GPT2)
+        m = r.placement.meta
+        print(f"[5] exact decode optimum, 8 devices x 12 layers: {r.solve_time_s:.1f} s (target < 60 s), "
+              f"certified {bool(m.get('latency_certified'))}, gap {m.get('latency_gap')}")
+    except OutOfScope as exc:
+        print(f"[5] exact decode optimum, 8 devices x 12 layers: not reached (target: certified in < 60 s): {exc}")
+
+
+def plan_end_to_end(runs: int = 3) -> None:
+    """[5] ``headroom plan`` on bench/plan64.yaml as a user runs it (a fresh process each time)."""
+    import json
+    import subprocess
+    import sys
+
+    walls, solves = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "testbed", "plan", "bench/plan64.yaml", "--algorithm",
+                              "resource_aware", "--json"], cwd=ROOT, capture_output=True, text=True)
+        walls.append(time.perf_counter() - t)
+        if out.returncode != 0:
+            print(f"[5] headroom plan failed: {out.stderr[-300:]}")
+            return
+        solves.append(json.loads(out.stdout)["solve_time_s"])
+    print(f"[5] headroom plan bench/plan64.yaml (Llama-2-7B Q4_0, 64 devices), {runs} runs: end to end "
+          f"median {statistics.median(walls):.2f} s (target < 1.5 s), solve_time_s {_ms(solves)}")
+
+
+def simulated_scale(tokens: int = 2000) -> None:
+    """[5] The simulated backend, 128 devices x ``tokens`` (``bench_simulated``; target < 20 s)."""
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_simulated
+
+    print(f"[5] simulated backend (target < 20 s for 128 devices x 2000 tokens, "
+          f"{', '.join(bench_simulated.ALGORITHMS)}):")
+    with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
+        bench_simulated.run(128, tokens, Path(tmp))
 
 
 def topology(rng, n: int, dims: ModelDims):
@@ -237,8 +330,8 @@ def main() -> None:
     ap.add_argument("--per-core-flops", type=float, default=None,
                     help="simulated per-core speed; default: measured here by testbed.backends.calibrate.per_core_flops()")
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--only", default="1,1d,2,2d,3,4", help="comma-separated sections to run (4g: the old "
-                    "GPT-2 fluctuating-bandwidth section)")
+    ap.add_argument("--only", default="1,1d,2,2d,3,4,5", help="comma-separated sections to run (4g: the old "
+                    "GPT-2 fluctuating-bandwidth section; 5q: section 5 without the simulated run)")
     ap.add_argument("--map-run", default=None, help="[4]: a finished run of experiments/paper/regime_map.yaml")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -249,6 +342,13 @@ def main() -> None:
             fn()
     if "4" in only:
         regime_map(args.map_run)
+    if only & {"5", "5q"}:
+        scale_decisions()
+        budgets()
+        exact_scale()
+        plan_end_to_end()
+        if "5" in only:
+            simulated_scale()
     if "4g" not in only:
         print(f"bench wall time {time.perf_counter() - t0:.1f} s")
         return

@@ -35,26 +35,59 @@ def measure_per_core_flops(d: int = 256, repeats: int = 200) -> float:
         torch.set_num_threads(threads)
 
 
+def machine_id() -> dict:
+    """What a cached measurement is valid for: host name, CPU model, core count, architecture,
+    kernel and the torch that measured (read from its metadata: no torch import). A change of any
+    of them (another VM, a resized one, a new torch) invalidates the cache."""
+    import importlib.metadata as md
+    import platform
+
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), "")
+    except OSError:
+        cpu = platform.processor()
+    try:
+        torch_version = md.version("torch")
+    except md.PackageNotFoundError:
+        torch_version = "absent"
+    return {"host": os.uname().nodename, "cpu": cpu, "cpus": os.cpu_count(), "arch": platform.machine(),
+            "kernel": platform.release(), "torch": torch_version}
+
+
 def per_core_flops(use_cache: bool = True) -> tuple[float, str]:
-    """(FLOP/s, provenance). Cached per machine so that repeated runs use the same figure."""
+    """(FLOP/s, provenance). Cached per machine (``machine_id``) so that repeated runs use the
+    same figure; measured again (torch imported) only when the machine changed."""
+    here = machine_id()
     if use_cache and CACHE.exists():
-        data = json.loads(CACHE.read_text())
-        if data.get("host") == os.uname().nodename:
+        try:
+            data = json.loads(CACHE.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if data.get("machine") == here:
             return float(data["flops"]), f"cached measurement from {data['measured_at']}"
     flops = measure_per_core_flops()
     CACHE.parent.mkdir(parents=True, exist_ok=True)
-    CACHE.write_text(json.dumps({"flops": flops, "host": os.uname().nodename, "measured_at": time.ctime()}))
+    tmp = CACHE.with_suffix(".tmp")
+    # "host" too: what older readers of this file check (shared ~/.cache across checkouts)
+    tmp.write_text(json.dumps({"flops": flops, "machine": here, "host": here["host"], "measured_at": time.ctime()}))
+    tmp.replace(CACHE)
     return flops, "measured now (1 thread, 256x256 matrix-vector products)"
 
 
 def roofline_cache_path(model_arg: str, seed: int = 0) -> Path:
     """Where this machine's one-core roofline on a model is kept (one file per machine, model, seed
     and torch version)."""
+    import importlib.metadata as md
     import platform
 
-    import torch
+    try:  # the installed torch's version, without importing it (seconds on a loaded machine)
+        torch_version = md.version("torch")
+    except md.PackageNotFoundError:
+        import torch
 
-    key = f"{model_arg}-{seed}-torch{torch.__version__}-{platform.machine()}-{os.cpu_count()}cpu"
+        torch_version = torch.__version__
+    key = f"{model_arg}-{seed}-torch{torch_version}-{platform.machine()}-{os.cpu_count()}cpu"
     base = Path(os.environ.get("HEADROOM_CACHE", Path.home() / ".cache" / "headroom"))
     return base / "roofline" / (key.replace("/", "_").replace(":", "_")[:200] + ".json")
 

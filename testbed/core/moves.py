@@ -57,19 +57,30 @@ def item_block_id(item: dict) -> str:
     return f"L{l}.ffn{item['c0']}-{item['c1']}"
 
 
-def item_bytes(item: dict, sizes: dict[str, int]) -> int:
-    """Bytes of one item, from the sender's per-block sizes (an FFN piece pro rata of its shard)."""
+def item_bytes(item: dict, sizes: dict[str, int], shards: dict | None = None) -> int:
+    """Bytes of one item, from the sender's per-block sizes (an FFN piece pro rata of its shard).
+    ``shards``: ``ffn_shards(sizes)`` when the caller sizes many items of one sender."""
     l = item["layer"]
     if item["kind"] == "head":
         return sizes.get(f"L{l}.H{item['group']}", 0)
     if item["kind"] == "proj":
         return sizes.get(f"L{l}.proj", 0)
-    for key, n in sizes.items():
-        if key.startswith(f"L{l}.ffn"):
-            c0, c1 = (int(x) for x in key[len(f"L{l}.ffn"):].split("-"))
-            if c0 <= item["c0"] and item["c1"] <= c1:
-                return n * (item["c1"] - item["c0"]) // (c1 - c0)
+    for c0, c1, n in (ffn_shards(sizes) if shards is None else shards).get(l, ()):
+        if c0 <= item["c0"] and item["c1"] <= c1:
+            return n * (item["c1"] - item["c0"]) // (c1 - c0)
     return 0
+
+
+def ffn_shards(sizes: dict[str, int]) -> dict[int, list[tuple[int, int, int]]]:
+    """The FFN shards among one sender's block sizes: layer -> [(col_start, col_end, bytes)] in
+    ``sizes`` order."""
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for key, n in sizes.items():
+        layer, sep, cols = key[1:].partition(".ffn")
+        if sep:
+            c0, c1 = (int(x) for x in cols.split("-"))
+            out.setdefault(int(layer), []).append((c0, c1, n))
+    return out
 
 
 class MigrationBlocked(HeadroomError):
@@ -102,20 +113,23 @@ def schedule_waves(items: dict[tuple[str, str], list[dict]], sizes: dict[str, di
     Pure; raises ``MigrationBlocked`` with the receiver, bytes and room when nothing can move."""
     transient = transient or (lambda dst, it, n: 2 * n)
     free = dict(available)
-    pending = [(src, dst, it, item_bytes(it, sizes.get(src, {}))) for (src, dst), its in items.items() for it in its]
+    shards = {src: ffn_shards(sz) for src, sz in sizes.items()}
+    pending = [(src, dst, it, item_bytes(it, sizes.get(src, {}), shards.get(src, {})))
+               for (src, dst), its in items.items() for it in its]
     pending.sort(key=lambda p: -p[3])
     waves: list[dict[tuple[str, str], list[dict]]] = []
     while pending:
         wave: dict[tuple[str, str], list[dict]] = {}
         kept: dict[str, int] = {}
         largest: dict[str, int] = {}
-        rest = []
+        rest, took = [], []
         for src, dst, it, n in pending:
             k, big = kept.get(dst, 0) + n, max(largest.get(dst, 0), transient(dst, it, n))
             room = free.get(dst, 0)
             if k <= room and k + big <= room + transient_extra:
                 wave.setdefault((src, dst), []).append(it)
                 kept[dst], largest[dst] = k, big
+                took.append((src, dst, it, n))
             else:
                 rest.append((src, dst, it, n))
         if not wave:
@@ -124,12 +138,10 @@ def schedule_waves(items: dict[tuple[str, str], list[dict]], sizes: dict[str, di
                 f"{dst} cannot receive {it['kind']} of layer {it['layer']} ({n} B; {sum(p[3] for p in rest if p[1] == dst)} B "
                 f"still due there, plus {transient(dst, it, n)} B of transient copies) but has {free.get(dst, 0)} B "
                 f"available (+{transient_extra} B for transient copies) and no earlier move frees it")
-        for (src, dst), its in wave.items():
-            for it in its:
-                n = item_bytes(it, sizes.get(src, {}))
-                free[dst] = free.get(dst, 0) - n
-                if frees_sender(it, sizes.get(src, {})):
-                    free[src] = free.get(src, 0) + n
+        for src, dst, it, n in took:  # integer bytes: the order of the updates does not matter
+            free[dst] = free.get(dst, 0) - n
+            if frees_sender(it, sizes.get(src, {})):
+                free[src] = free.get(src, 0) + n
         waves.append(wave)
         pending = rest
     return waves

@@ -4,6 +4,7 @@ Units are SI inside: bytes, bytes/s, FLOP/s, seconds.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from testbed.core.formats import get_format
@@ -116,7 +117,8 @@ class ClusterSnapshot:
     """Input of every partitioner: devices, pairwise paths, the current placement and position."""
 
     devices: tuple[DeviceState, ...]
-    paths: dict[tuple[str, str], LinkState]  # both orders present; (a, a) absent
+    # both orders present; (a, a) absent. A mapping: a dict, or a ``core.paths.PathMatrix`` (arrays)
+    paths: Mapping[tuple[str, str], LinkState]
     context_len: int  # T: prompt + tokens generated so far
     tokens_until_next_decision: int
     current: Placement | None = None

@@ -12,6 +12,7 @@ from testbed.partition.cost import blocks as B
 from testbed.partition.cost.latency import COST_MODELS, CostResult, memory, paper_constants
 from testbed.partition.cost.roofline import matvec_rate
 from testbed.core.errors import HeadroomError, InfeasiblePlan
+from testbed.core.paths import PathMatrix
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 from testbed.core.snapshot import ClusterSnapshot, ModelDims
 
@@ -104,7 +105,14 @@ class Problem:
         np.fill_diagonal(lat, 0.0)
         np.fill_diagonal(spb, 0.0)
         paths = self.snap.paths
-        if paths:
+        arrays = paths.arrays(self.names) if isinstance(paths, PathMatrix) else None
+        if arrays is not None:
+            bw, delay, up = arrays
+            good = up & (bw > 0)
+            np.fill_diagonal(good, False)
+            lat[good] = delay[good]
+            spb[good] = 1.0 / bw[good]
+        elif paths:
             src, dst = zip(*paths)
             i = np.array(list(map(index.get, src, repeat(-1))))
             j = np.array(list(map(index.get, dst, repeat(-1))))

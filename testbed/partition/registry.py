@@ -52,8 +52,10 @@ class ResourceAwareParams(Params):
 
 
 class OptimalParams(Params):
-    """``testbed.partition.exact.optimal.optimal``: ``time_limit_s`` only guards the MILP (reaching it
-    is a failure, never a different plan); the local search's budget is ``local_search_evals``."""
+    """``testbed.partition.exact.optimal.optimal``: budgets are work counts (``local_search_evals``
+    plan evaluations, ``milp_max_nodes`` branch-and-bound nodes: the plan does not depend on the
+    machine's speed or load); ``time_limit_s`` only guards the MILP (reaching it is a failure,
+    never a different plan)."""
 
     ffn_chunks: Optional[int] = Field(None, ge=1)
     time_limit_s: float = Field(60.0, gt=0)
@@ -61,6 +63,7 @@ class OptimalParams(Params):
     horizon_epochs: int = Field(4, ge=0)
     horizon_tokens: Optional[int] = Field(None, ge=1)
     local_search_evals: int = Field(20_000, ge=1)
+    milp_max_nodes: int = Field(200_000, ge=1)
 
 
 class EdgeShardDynamicParams(Params):

@@ -3,21 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.core.snapshot import ClusterSnapshot, DeviceState, LinkState, ModelDims
+from testbed.core.paths import PathMatrix
+from testbed.core.snapshot import ClusterSnapshot, DeviceState, ModelDims
 
 
 def star_snapshot(speeds, mems, bws, lats, context_len: int = 16, tokens_until_next_decision: int = 8,
                   current=None, allow_blocks_on_source: bool = False) -> ClusterSnapshot:
     """Device 0 (``d0``) is the source. Device i reaches the hub over (bws[i], lats[i]); a path a->b
-    has bandwidth min(bws[a], bws[b]) and latency lats[a] + lats[b]."""
+    has bandwidth min(bws[a], bws[b]) and latency lats[a] + lats[b] (a ``PathMatrix``)."""
     names = [f"d{i}" for i in range(len(speeds))]
     devices = tuple(DeviceState(n, int(m), 0, float(c), is_source=i == 0)
                     for i, (n, m, c) in enumerate(zip(names, mems, speeds)))
-    paths = {}
-    for i, a in enumerate(names):
-        for j, b in enumerate(names):
-            if i != j:
-                paths[(a, b)] = LinkState(float(min(bws[i], bws[j])), float(lats[i] + lats[j]))
+    bw, lat = np.asarray(bws, dtype=float), np.asarray(lats, dtype=float)
+    up = ~np.eye(len(names), dtype=bool)
+    paths = PathMatrix(names, np.minimum.outer(bw, bw), np.add.outer(lat, lat), up)
     return ClusterSnapshot(devices, paths, context_len, tokens_until_next_decision, current, allow_blocks_on_source)
 
 

@@ -8,6 +8,7 @@ done and re-runs the one that was interrupted.
 """
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from testbed.core.errors import BackendError, ConfigError
 from testbed.run.controller import AlgorithmLoop, LoopSettings
 from testbed.spec.modelref import ModelRef, ModelRefError, resolve_model
 from testbed.core.placement import Placement
+from testbed.run.events import EventTail
 from testbed.run.recorder import RunRecorder, summarize
 from testbed.spec.scenario import REPETITION_SEED_STRIDE, ScenarioError, Timeline, expand
 from testbed.spec.schema import ExperimentSpec, RandomWalkItem, TopologySpec
@@ -134,6 +136,8 @@ def _run_point(job: PointJob, *, bars: bool = True, write_to: Path | None = None
     rec.event("run_started" if not done else "run_resumed", experiment=spec.name, backend=backend,
               skipping=[list(d) for d in sorted(done)])
     algos = spec.algorithm_specs()
+    tail, varied = EventTail(run_dir), json.loads(json.dumps(repetition_variation(spec), default=str))
+    fold = lambda: summarize(run_dir, [a.name for a in algos], spec.topology.source, tail, varied)  # noqa: E731
     cluster = None
     try:
         cluster = make_cluster(spec, model, run_dir, backend, rec)
@@ -143,7 +147,7 @@ def _run_point(job: PointJob, *, bars: bool = True, write_to: Path | None = None
                     if (algo.name, rep) in done:
                         continue
                     _run_one(cluster, rec, spec, model, algo, rep, timelines[rep], progress)
-                    rec.write_summary(summarize(run_dir, [a.name for a in algos], spec.topology.source))
+                    rec.write_summary(fold())
         rec.event("run_done")
     except KeyboardInterrupt:
         rec.event("run_interrupted")
@@ -151,7 +155,7 @@ def _run_point(job: PointJob, *, bars: bool = True, write_to: Path | None = None
     finally:
         if cluster is not None:
             cluster.close()
-        rec.write_summary(summarize(run_dir, [a.name for a in algos], spec.topology.source))
+        rec.write_summary(fold())
         rec.close()
     return job.run_dir
 

@@ -87,9 +87,12 @@ def device_speed(model: ModelRef) -> tuple[float, float, dict | None, str]:
 def build_simulated_cluster(topo: TopologySpec, model: ModelRef, recorder=None, seed: int = 0,
                             host_overhead_mib: float = 0.0, weights_from: str = "source",
                             message_overhead_s: float = 0.0) -> SimulatedCluster:
-    flops, call_s, roof, provenance = device_speed(model)
-    overhead = int(host_overhead_mib * MIB)
     hosts, links = topology_as_plain(topo, model.weight_format)
+    if all(h[4] is not None for h in hosts):  # every host computes at its profile's rates
+        flops, call_s, roof, provenance = 0.0, 0.0, None, "not used: every host has a device profile's rates"
+    else:
+        flops, call_s, roof, provenance = device_speed(model)
+    overhead = int(host_overhead_mib * MIB)
     if recorder is not None:
         recorder.update_manifest(per_core_flops=flops, per_core_flops_source=provenance,
                                  per_core_call_s=call_s, machine_roofline=roof,

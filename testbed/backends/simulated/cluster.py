@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import heapq
 import math
+
+import numpy as np
 from dataclasses import asdict, dataclass, replace
 
 from testbed.core.cluster import MigrationRecord, TokenRecord
@@ -37,6 +39,7 @@ from testbed.core.cluster import MigrationRecord, TokenRecord
 from testbed.core.errors import AlgorithmFailure, BackendError, MigrationRefused
 from testbed.partition.cost.latency import Net, decode_cost, placement_memory
 from testbed.partition.cost.migration import migration_estimate
+from testbed.core.paths import PathMatrix
 from testbed.core.placement import Placement
 from testbed.core.snapshot import ClusterSnapshot, DeviceState, LinkState, ModelDims
 
@@ -93,8 +96,9 @@ def _tree(adj: dict, s: str) -> dict:
     return best
 
 
-def shortest_paths(nodes: list[str], links: dict[tuple[str, str], dict], sources: list[str]) -> dict:
-    """(a, b) -> LinkState for every pair of ``sources``: least latency, bottleneck bandwidth.
+def shortest_paths(nodes: list[str], links: dict[tuple[str, str], dict], sources: list[str]) -> PathMatrix:
+    """(a, b) -> LinkState for every pair of ``sources``: least latency, bottleneck bandwidth
+    (a ``PathMatrix``: arrays, no object per pair).
 
     A source with a single link (a host on one switch port, the usual case) reaches everything
     through that link's other end, so its paths are that link plus the other end's: one Dijkstra
@@ -105,22 +109,27 @@ def shortest_paths(nodes: list[str], links: dict[tuple[str, str], dict], sources
             adj[a].append((b, st["dir"][a]))
             adj[b].append((a, st["dir"][b]))
     leaf = {h: adj[h][0] for h in sources if len(adj[h]) == 1}
-    trees = {r: _tree(adj, r) for r in {w for w, _ in leaf.values()} | (set(sources) - set(leaf))}
-    out = {}
-    for s in sources:
+    roots = {w for w, _ in leaf.values()} | (set(sources) - set(leaf))
+    rows = {r: _tree_row(_tree(adj, r), sources) for r in roots}
+    n = len(sources)
+    lat, bw, up = np.full((n, n), np.inf), np.zeros((n, n)), np.zeros((n, n), dtype=bool)
+    for i, s in enumerate(sources):
         if s in leaf:
             w, st = leaf[s]
-            via = trees[w]
-            reach = {t: (st["latency_s"] + lat, hops + 1, min(st["bandwidth"], bw))
-                     for t, (lat, hops, bw) in via.items() if t != s}
-            reach[w] = (st["latency_s"], 1, st["bandwidth"])
+            t_lat, t_bw, t_in = rows[w]
+            t_lat, t_bw = st["latency_s"] + t_lat, np.minimum(st["bandwidth"], t_bw)
         else:
-            reach = trees[s]
-        for t in sources:
-            if t != s:
-                lat, _, bw = reach.get(t, (float("inf"), 0, 0.0))
-                out[(s, t)] = LinkState(bw, lat, up=t in reach)
-    return out
+            t_lat, t_bw, t_in = rows[s]
+        lat[i], bw[i], up[i] = np.where(t_in, t_lat, np.inf), np.where(t_in, t_bw, 0.0), t_in
+    np.fill_diagonal(up, False)
+    return PathMatrix(sources, bw, lat, up)
+
+
+def _tree_row(tree: dict, sources: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(latency, bottleneck bandwidth, reachable) from a ``_tree`` to each of ``sources``."""
+    got = [tree.get(t) for t in sources]
+    return (np.array([g[0] if g else np.inf for g in got]), np.array([g[2] if g else 0.0 for g in got]),
+            np.array([g is not None for g in got]))
 
 
 class SimulatedCluster:

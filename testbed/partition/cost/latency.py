@@ -36,8 +36,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from testbed.partition.cost import blocks as B
 from testbed.partition.cost.roofline import roofline_s
+from testbed.core.paths import PathMatrix
 from testbed.core.placement import Placement
 from testbed.core.snapshot import ClusterSnapshot, ModelDims
 
@@ -63,6 +66,7 @@ class Net:
         self.call_s = {d.name: d.call_overhead_s for d in snapshot.devices}
         self.mem_bw = {d.name: d.mem_bw_bytes_per_s for d in snapshot.devices}
         self._cache: dict[tuple[str, str], tuple[float, float]] = {}
+        self._path_rows = None
         # (context, tokens, serial) -> (layer placement, its input's device) -> the layer's cost
         # relative to its start (see ``_layer_delta``)
         self.layer_memo: dict[tuple, dict] = {}
@@ -72,13 +76,30 @@ class Net:
         key = (a, b)
         hit = self._cache.get(key)
         if hit is None:
-            ls = self.snap.path(a, b)
-            if not ls.up or ls.bandwidth_bytes_per_s <= 0:
-                hit = (INF, INF)
+            rows = self._rows()
+            i, j = (rows[0].get(a), rows[0].get(b)) if rows else (None, None)
+            if i is not None and j is not None and a != b:  # from the arrays: no LinkState
+                hit = (rows[1][i][j], rows[2][i][j])
             else:
-                hit = (ls.latency_s, 1.0 / ls.bandwidth_bytes_per_s)
+                ls = self.snap.path(a, b)
+                bw, up, lat = ls.bandwidth_bytes_per_s, ls.up, ls.latency_s
+                hit = (INF, INF) if not up or bw <= 0 else (lat, 1.0 / bw)
             self._cache[key] = hit
         return hit
+
+    def _rows(self):
+        """A ``PathMatrix``'s (index, latency rows, seconds-per-byte rows) as Python lists, ``inf``
+        where a path is down (``link``'s values), built on the first lookup; None for a dict."""
+        if self._path_rows is None:
+            pm = self.snap.paths
+            if not isinstance(pm, PathMatrix):
+                self._path_rows = ()
+            else:
+                ok = pm.up & (pm.bandwidth > 0)
+                with np.errstate(divide="ignore"):
+                    spb = np.where(ok, 1.0 / np.where(ok, pm.bandwidth, 1.0), INF)
+                self._path_rows = (pm.index, np.where(ok, pm.latency, INF).tolist(), spb.tolist())
+        return self._path_rows
 
     def xfer(self, a: str, b: str, nbytes: float) -> float:
         if a == b:
@@ -108,12 +129,17 @@ def placement_memory(placement: Placement, snapshot: ClusterSnapshot, dims: Mode
     mem[placement.source] = mem.get(placement.source, 0) + B.source_bytes(dims)
     head = B.block_memory_bytes(dims, "head", context_len)
     pb = B.proj_bytes(dims)
+    shard: dict[int, int] = {}  # columns -> bytes (a plan has few distinct shard widths)
     for lp in placement.layers:
-        for dev in lp.heads:
-            mem[dev] = mem.get(dev, 0) + head
+        for dev, n in Counter(lp.heads).items():
+            mem[dev] = mem.get(dev, 0) + n * head
         mem[lp.proj] = mem.get(lp.proj, 0) + pb
         for s in lp.ffn:
-            mem[s.device] = mem.get(s.device, 0) + B.ffn_bytes(dims, s.col_end - s.col_start)
+            c = s.col_end - s.col_start
+            nb = shard.get(c)
+            if nb is None:
+                nb = shard[c] = B.ffn_bytes(dims, c)
+            mem[s.device] = mem.get(s.device, 0) + nb
     return mem
 
 
@@ -166,39 +192,65 @@ class _Nics:
         return out
 
 
+def _sends(nics: _Nics, tally: _Tally, pairs, nbytes) -> list[tuple[float, float]]:
+    """``nics.send(a, b, n, ready)`` then ``tally.send(a, b, n)`` for each ``(a, b, ready)`` of
+    ``pairs`` in order (``nbytes``: one size for all, or one per pair): the same arithmetic, in one
+    loop (a layer sends ~35 messages; this is the cost model's innermost loop)."""
+    link, up, by, serial = nics.net.link, nics.up, tally.by_link, nics.serial
+    sizes = nbytes if isinstance(nbytes, list) else None
+    out = []
+    for i, (a, b, ready) in enumerate(pairs):
+        if a == b:
+            out.append(ready)
+            continue
+        n = nbytes if sizes is None else sizes[i]
+        lat, spb = link(a, b)
+        tau = n * spb
+        r0, r1 = ready
+        if serial:
+            t = r0 + r1
+            start = max(t, up.get(a, t))
+            up[a] = start + tau
+            out.append((r0, r1 + (start - t) + tau + lat))
+        else:
+            out.append((r0, r1 + lat + tau))
+        key = f"{a}->{b}"
+        by[key] = by.get(key, 0) + int(n)
+    return out
+
+
 def _decode_layer(lp, src_dev, start, nics: _Nics, k: dict, tally: _Tally):
     """Critical path (compute_s, transfer_s) when the layer's output is on its aggregator."""
     net, P, xb = nics.net, lp.proj, k["x_bytes"]
-    arrive = {}
-    for dst in dict.fromkeys([P, *lp.heads]):  # the runtime's send order
-        arrive[dst] = nics.send(src_dev, dst, xb, start)
-        tally.send(src_dev, dst, xb)
-    att, msgs = arrive[P], []
-    for j, n in Counter(lp.heads).items():
-        done = (arrive[j][0] + net.call(j, n * k["head_flops"], n * k["head_read"]), arrive[j][1])
+    counts = Counter(lp.heads)
+    dsts = list(dict.fromkeys([P, *counts]))  # the runtime's send order
+    arrive = dict(zip(dsts, _sends(nics, tally, [(src_dev, d, start) for d in dsts], xb)))
+    att, outs, sizes = arrive[P], [], []
+    hf, hr, hob, call = k["head_flops"], k["head_read"], k["head_out_bytes"], net.call
+    for j, n in counts.items():
+        done = (arrive[j][0] + call(j, n * hf, n * hr), arrive[j][1])
         if j == P:
             att = _cp_max(att, done)
             continue
-        out_b = n * k["head_out_bytes"]
-        msgs.append((nics.send(j, P, out_b, done), out_b * net.link(j, P)[1]))
-        tally.send(j, P, out_b)
-    got = nics.fan_in(msgs)
+        outs.append((j, P, done))
+        sizes.append(n * hob)
+    sent = _sends(nics, tally, outs, sizes)
+    got = nics.fan_in([(arr, nb * net.link(j, P)[1]) for arr, nb, (j, _, _) in zip(sent, sizes, outs)])
     att = att if got is None else _cp_max(att, got)
-    pd = (att[0] + net.call(P, k["proj_flops"], k["proj_read"]), att[1])
+    pd = (att[0] + call(P, k["proj_flops"], k["proj_read"]), att[1])
     agg = lp.ffn[0].device
     cols: dict[str, int] = {}
     for s in lp.ffn:  # shard order, aggregator first: the runtime's send order
         cols[s.device] = cols.get(s.device, 0) + (s.col_end - s.col_start)
     out, msgs = None, []
-    for dev, c in cols.items():
-        arr = nics.send(P, dev, xb, pd)
-        tally.send(P, dev, xb)
-        done = (arr[0] + net.call(dev, c * k["ffn_col_flops"], c * k["ffn_col_read"]), arr[1])
+    fcf, fcr = k["ffn_col_flops"], k["ffn_col_read"]
+    for dev, c in cols.items():  # P's sends interleave with the partials' (one uplink may carry both)
+        arr = _sends(nics, tally, [(P, dev, pd)], xb)[0]
+        done = (arr[0] + call(dev, c * fcf, c * fcr), arr[1])
         if dev == agg:
             out = done
             continue
-        msgs.append((nics.send(dev, agg, xb, done), xb * net.link(dev, agg)[1]))
-        tally.send(dev, agg, xb)
+        msgs.append((_sends(nics, tally, [(dev, agg, done)], xb)[0], xb * net.link(dev, agg)[1]))
     got = nics.fan_in(msgs)
     out = got if out is None else (out if got is None else _cp_max(out, got))
     return out, agg

@@ -149,9 +149,11 @@ def _migration(m: Milp, prob: Problem, V, layers: list, K: int, cur: list) -> in
     return mig
 
 
-def decode_milp(prob: Problem, K: int, time_limit_s: float, horizon: float | None = None) -> Placement:
+def decode_milp(prob: Problem, K: int, time_limit_s: float, horizon: float | None = None,
+                max_nodes: int | None = None) -> Placement:
     """``horizon``: when given and ``snapshot.current`` applies, the objective adds the migration
-    delay from it divided by ``horizon`` tokens."""
+    delay from it divided by ``horizon`` tokens. ``max_nodes``: the MILP's work budget
+    (``Milp.solve``); its dual bound stays a bound when the budget stops it."""
     d, V, m = prob.dims, np.nonzero(prob.allowed)[0].tolist(), Milp()
     k = decode_constants(d, prob.T)
     fc = k["ffn_col_flops"] * d.ffn_dim / K
@@ -174,13 +176,14 @@ def decode_milp(prob: Problem, K: int, time_limit_s: float, horizon: float | Non
     cur = _current_counts(prob, K) if horizon else None
     if cur is not None:
         m.cost[_migration(m, prob, V, layers, K, cur)] = 1.0 / horizon
-    x, obj = m.solve(time_limit_s, "optimal (decode MILP)")
+    x, obj = m.solve(time_limit_s, "optimal (decode MILP)", max_nodes)
     pl = _placement(prob, layers, x, V, K)
     # without a migration term the MILP's optimum is the relaxation's: a bound on the serialised one
     # (over FFNs cut into K chunks; with unequal chunks the MILP's mean width / ceil bytes are not exact)
     exact = cur is None and d.ffn_dim % K == 0
     pl.meta["relaxation_bound_s"] = m.dual_bound if exact else None
     pl.meta["milp_objective"] = obj
+    pl.meta.update(milp_max_nodes=max_nodes, milp_node_limited=m.node_limited, milp_gap=m.gap)
     return pl
 
 

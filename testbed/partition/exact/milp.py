@@ -62,12 +62,18 @@ class Milp:
     def eq(self, terms: dict[int, float], rhs: float) -> None:
         self.row(rhs, rhs, terms)
 
-    def solve(self, time_limit_s: float = 60.0, what: str = "MILP") -> tuple[np.ndarray, float]:
+    def solve(self, time_limit_s: float = 60.0, what: str = "MILP",
+              max_nodes: int | None = None) -> tuple[np.ndarray, float]:
+        """(solution, objective). ``max_nodes``: the deterministic work budget (branch-and-bound
+        nodes): reaching it returns the incumbent (``node_limited``, ``gap``), the same plan on any
+        machine; ``time_limit_s`` only guards (reaching it is a failure, never another plan)."""
         import highspy
 
         h = _new_highs(highspy)
         h.setOptionValue("time_limit", float(time_limit_s))
         h.setOptionValue("mip_rel_gap", 1e-7)
+        if max_nodes is not None:
+            h.setOptionValue("mip_max_nodes", int(max_nodes))
         n = len(self.lb)
         inf = h.getInfinity()
         clip = lambda v: max(min(v, inf), -inf)  # noqa: E731
@@ -86,7 +92,8 @@ class Milp:
         h.run()
         status = h.modelStatusToString(h.getModelStatus())
         sol = h.getSolution()
-        if status != "Optimal" or not sol.value_valid:
+        self.node_limited = status == "Solution limit reached" and max_nodes is not None and sol.value_valid
+        if (status != "Optimal" and not self.node_limited) or not sol.value_valid:
             if status == "Infeasible":
                 raise InfeasiblePlan(f"{what}: no placement satisfies the memory limits (HiGHS: infeasible)")
             raise InfeasiblePlan(f"{what}: HiGHS finished with status {status!r} within {time_limit_s} s")
@@ -94,4 +101,5 @@ class Milp:
         obj = float(info.objective_function_value)
         bound = float(getattr(info, "mip_dual_bound", obj))
         self.dual_bound = min(obj, bound) if np.isfinite(bound) else obj
+        self.gap = float(info.mip_gap) if self.node_limited else 0.0
         return np.array(sol.col_value), obj

@@ -108,7 +108,7 @@ def _paper_migration(m: Milp, prob: Problem, V: list[int], nv: dict, pv: dict, f
     return mig, flow
 
 
-def _paper_milp(prob: Problem, time_limit_s: float):
+def _paper_milp(prob: Problem, time_limit_s: float, max_nodes: int | None = None):
     sz, G, V = prob.sz, prob.dims.n_kv_heads, np.nonzero(prob.allowed)[0].tolist()
     fb, m = prob.dims.ffn_dim * sz.ffn_col_b, Milp()
     z = m.var(0, cost=1.0)
@@ -132,14 +132,20 @@ def _paper_milp(prob: Problem, time_limit_s: float):
     if cur is not None and len(cur.layers) == 1 and cur.devices() <= set(prob.names):
         mig, flow = _paper_migration(m, prob, V, nv, pv, fv, cur)
         m.cost[mig] = 1.0 / prob.N
-    x, _ = m.solve(time_limit_s, "optimal (paper MILP)")
+    x, _ = m.solve(time_limit_s, "optimal (paper MILP)", max_nodes)
     pick = lambda d: next(j for j in V if x[d[j]] > 0.5)  # noqa: E731
     counts = {prob.names[j]: int(round(x[nv[j]])) for j in V}
     flows = {(prob.names[i], prob.names[j]): int(round(x[v])) for (i, j), v in flow.items() if x[v] > 0.5}
     heads = _heads_from_flows(cur.layers[0].heads if flow else None, counts, flows)
     F = prob.dims.ffn_dim
     layer = LayerPlacement(heads, prob.names[pick(pv)], (FfnShard(prob.names[pick(fv)], 0, F),))
-    return Placement(prob.snap.source, (layer,), meta={"algorithm": "optimal", "solver": "highs-milp"})
+    return Placement(prob.snap.source, (layer,), meta={"algorithm": "optimal", "solver": "highs-milp",
+                                                       **_budget_meta(m, max_nodes)})
+
+
+def _budget_meta(m: Milp, max_nodes: int | None) -> dict:
+    """What the MILP's work budget did: its node limit, whether it stopped there, the gap then."""
+    return {"milp_max_nodes": max_nodes, "milp_node_limited": m.node_limited, "milp_gap": m.gap}
 
 
 def _compositions(total: int, parts: int) -> np.ndarray:
@@ -202,7 +208,8 @@ def _serial_one_layer(prob: Problem, K: int) -> Placement:
     return choose_plan(prob, Placement(best.source, best.layers, meta=meta), prob.H)
 
 
-def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_evals: int, snapshot, dims) -> Placement:
+def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_evals: int, snapshot, dims,
+             milp_max_nodes: int | None = None) -> Placement:
     """Several layers: the relaxation MILP (lower bound when no current placement applies), then a
     local search under the serialised model from its plan and from RA's, best kept (heuristic)."""
     from testbed.partition.exact.decode import decode_milp, improve
@@ -210,7 +217,7 @@ def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_evals: int
     from testbed.partition.ra.choice import _objective, _usable, choose_plan
     from testbed.partition.cost.latency import Net
 
-    milp = decode_milp(prob, K, time_limit_s, horizon=prob.H)
+    milp = decode_milp(prob, K, time_limit_s, horizon=prob.H, max_nodes=milp_max_nodes)
     bound = milp.meta.get("relaxation_bound_s")
     seeds = [("milp-relaxation", milp)]
     try:
@@ -228,6 +235,7 @@ def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_evals: int
     meta = {"algorithm": "optimal", "solver": "highs-milp-relaxation+local-search", "ffn_chunks": K,
             "latency_s": lat, "latency_lower_bound_s": bound, "latency_certified": False,
             "latency_gap": (lat / bound - 1) if bound else None, "best_seed": name,
+            **{k: milp.meta[k] for k in ("milp_max_nodes", "milp_node_limited", "milp_gap")},
             "objective": "latency + migration / H (heuristic)" if prob.snap.current is not None
             else "latency (heuristic, bounded)"}
     return choose_plan(prob, Placement(best.source, best.layers, meta=meta), prob.H)
@@ -235,7 +243,8 @@ def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_evals: int
 
 def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
             time_limit_s: float = 60.0, max_devices: int = 16, horizon_epochs: int = 4,
-            horizon_tokens: int | None = None, local_search_evals: int = 20_000) -> Placement:
+            horizon_tokens: int | None = None, local_search_evals: int = 20_000,
+            milp_max_nodes: int = 200_000) -> Placement:
     """Minimum of the chosen cost model (scope and what is exact: the module docstring).
 
     Under ``decode`` the migration delay from ``snapshot.current`` is amortised over
@@ -243,7 +252,10 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
     compared (latency + migration delay / H under the serialised model) with the current placement
     if it still fits, else with RA's minimal ``repair`` of it, and with per-layer mixtures
     (``ra.choice.choose_plan``). ``placement.meta`` records the plan's latency, the lower bound and
-    whether the latency is certified optimal."""
+    whether the latency is certified optimal. Budgets are work counts (``local_search_evals``
+    plan evaluations, ``milp_max_nodes`` branch-and-bound nodes, the exact search's
+    ``SERIAL_LIMIT``), so the plan does not depend on the machine's speed or load;
+    ``time_limit_s`` only guards the MILP (reaching it is a failure)."""
     from testbed.partition.exact.serial import search_size
 
     prob = Problem(snapshot, dims, cost_model)
@@ -253,7 +265,7 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
         if dims.n_layers != 1 or n > max_devices:
             raise OutOfScope(f"optimal/paper: needs 1 layer and <= {max_devices} devices; got "
                              f"{dims.n_layers} layers, {n} devices")
-        return _paper_milp(prob, time_limit_s)
+        return _paper_milp(prob, time_limit_s, milp_max_nodes)
     K = max(1, min(ffn_chunks or 4, dims.ffn_dim))
     H = snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None else prob.N * max(1, horizon_epochs))
     prob.H = max(1.0, H)
@@ -265,4 +277,4 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
                          f"{dims.n_layers * n ** 3} exceeds the MILP scope limit {DECODE_LIMIT}"
                          + (f" (one layer: the exact search would have {size[0]} table entries and "
                             f"{size[1]} FFN choices, limits {SERIAL_LIMIT})" if dims.n_layers == 1 else ""))
-    return _relaxed(prob, K, time_limit_s, local_search_evals, snapshot, dims)
+    return _relaxed(prob, K, time_limit_s, local_search_evals, snapshot, dims, milp_max_nodes)

@@ -56,15 +56,28 @@ def _unused_in_order(idx: np.ndarray, static: np.ndarray) -> tuple[list[int], li
     return idx[order].tolist(), static[order].tolist()
 
 
+def _order(ly: _Layer, kind: str, static, a: int, b: int) -> tuple[list[int], list[float]]:
+    """``_unused_in_order`` of the allowed devices by ``static()`` (a pass's static keys for
+    sender ``a`` and anchor/aggregator ``b``), once per problem: the keys depend on the layer only
+    through its current placement (the migration penalties), so layers without one, and every
+    round and anchor that repeats (a, b), share it."""
+    memo = ly.prob.memo.setdefault("ra_order", {})
+    key = (kind, a, b, -1 if ly.cur is None else ly.l)
+    hit = memo.get(key)
+    if hit is None:
+        hit = memo[key] = _unused_in_order(ly.tab.allowed_idx, static())
+    return hit
+
+
 class _Picker:
     """The next device for a block: the cheapest of the devices a pass already uses (a heap of
     exact keys) and the first unused one with room (``_unused_in_order``, key ``up + static``).
     Opening a device fixes its arrival (``base``) and adds its transfer to the sender's uplink."""
 
-    def __init__(self, tau: list, lat: list, base: dict, up: float, idx: np.ndarray, static: np.ndarray,
+    def __init__(self, tau: list, lat: list, base: dict, up: float, order: tuple[list[int], list[float]],
                  used: list):
         self.tau, self.lat, self.base, self.up, self.used = tau, lat, base, up, used
-        self.devs, self.keys = _unused_in_order(idx, static)
+        self.devs, self.keys = order
         self.nxt = 0
         heapq.heapify(self.used)
 
@@ -97,26 +110,55 @@ def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, dict[int, 
     uplink time of every earlier destination (head-output fan-in into P is not modelled here;
     the final plan comparison uses the full cost model). Each head goes to the device whose
     finish (arrival + its heads' compute + output to P + migration penalty) is lowest: devices
-    already used are kept in a heap, unused ones in their fixed order (``_Picker``)."""
+    already used are kept in a heap of exact keys, unused ones in their fixed order (``_order``;
+    key ``up + static``: opening one fixes its arrival and adds its transfer to A's uplink ``up``).
+    The loop is ``_Picker``'s, inlined (this is the planner's innermost loop)."""
     p, A, tab = ly.prob, ly.A, ly.tab
     hb = p.sz.head_b
     tauA, latA, tail, inc = tab.tau_x[A], tab.lat[A], tab.latT[P], tab.head_inc[P]
     cur, mig = ly.cur_heads_l, ly.mig_head
     base = {P: latA[P] + tauA[P] if P != A else 0.0, A: 0.0}  # devices whose x arrival is fixed
-    used = [(base[j] + tail[j] + inc[j] + (0.0 if cur[j] > 0 else mig[j]), j)
-            for j in dict.fromkeys((P, A)) if p.allowed[j]]
-    pick = _Picker(tauA, latA, base, tauA[P] if P != A else 0.0, tab.allowed_idx,
-                   tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al, used)
+    bt = {j: base[j] + tail[j] for j in base}  # arrival + output to P
+    used = [(bt[j] + inc[j] + (0.0 if cur[j] > 0 else mig[j]), j) for j in dict.fromkeys((P, A)) if p.allowed[j]]
+    heapq.heapify(used)
+    devs, keys = _order(ly, "h", lambda: tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al, A, P)
+    m, nxt, up = len(devs), 0, tauA[P] if P != A else 0.0
+    pop, push, replace = heapq.heappop, heapq.heappush, heapq.heapreplace
     n: dict[int, int] = {}
     finish, pens = float(base[P]), 0.0
     for g in range(p.dims.n_kv_heads):
-        j = pick.pick(r, hb, f"L{ly.l}.H{g}")
+        while used and r[used[0][1]] < hb:
+            pop(used)
+        while nxt < m:
+            d = devs[nxt]
+            if r[d] >= hb and d not in base:
+                break
+            nxt += 1
+        top = bool(used) and (nxt == m or used[0][0] <= up + keys[nxt])
+        if top:
+            j = used[0][1]
+        elif nxt == m:
+            raise NoFit(f"L{ly.l}.H{g}", hb)
+        else:
+            j = devs[nxt]
+            nxt += 1
+            up_j = up + tauA[j]
+            base[j], up = up_j + latA[j], up_j
+            bt[j] = base[j] + tail[j]
         k = n.get(j, 0)
-        pens += 0.0 if k < cur[j] else mig[j]
+        cj, btj, incj = cur[j], bt[j], inc[j]
+        if k >= cj:
+            pens += mig[j]
         n[j] = k = k + 1
         r[j] -= hb
-        finish = max(finish, base[j] + tail[j] + k * inc[j])
-        pick.push(base[j] + tail[j] + (k + 1) * inc[j] + (0.0 if k < cur[j] else mig[j]), j)
+        x = btj + k * incj
+        if x > finish:
+            finish = x
+        item = (btj + (k + 1) * incj + (0.0 if k < cj else mig[j]), j)
+        if top:
+            replace(used, item)
+        else:
+            push(used, item)
     return finish, pens, n
 
 
@@ -129,13 +171,12 @@ def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[fl
     tab, cb = ly.tab, ly.chunk_b
     tauP, latP, fc = tab.tau_x[P], tab.lat[P], tab.chunk_c
     cur, mig = ly.cur_chunks_l, ly.mig_chunk
-    idx = tab.allowed_idx
-    reach = tab.reach_al[P] + tab.chunk_al  # h arrives + one chunk, per allowed device
-    if agg is None:
-        key = np.where(np.asarray(r)[idx] >= cb, reach + ly.pen0_chunk_al, np.inf)
-        if idx.size == 0 or not key.min() < np.inf:
+    reach = lambda: tab.reach_al[P] + tab.chunk_al  # h arrives + one chunk, per allowed device  # noqa: E731
+    if agg is None:  # the cheapest device with room (the first in the stable order: argmin's tie rule)
+        devs, keys = _order(ly, "agg", lambda: reach() + ly.pen0_chunk_al, P, -1)
+        agg = next((j for j, kv in zip(devs, keys) if r[j] >= cb and kv < np.inf), None)
+        if agg is None:
             raise NoFit(f"L{ly.l}.ffn", cb)
-        agg = int(idx[int(np.argmin(key))])
     elif r[agg] < cb:
         raise NoFit(f"L{ly.l}.ffn", cb)
     back = tab.back[agg]
@@ -144,8 +185,8 @@ def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[fl
     finish, n = base[agg] + fc[agg], {agg: 1}
     r[agg] -= cb
     used = [(base[agg] + 2 * fc[agg] + back[agg] + (0.0 if 1 < cur[agg] else mig[agg]), agg)]
-    pick = _Picker(tauP, latP, base, tauP[agg] if agg != P else 0.0, idx,
-                   reach + tab.back_al[agg] + ly.pen0_chunk_al, used)
+    pick = _Picker(tauP, latP, base, tauP[agg] if agg != P else 0.0,
+                   _order(ly, "f", lambda: reach() + tab.back_al[agg] + ly.pen0_chunk_al, P, agg), used)
     for _ in range(ly.K - 1):
         j = pick.pick(r, cb, f"L{ly.l}.ffn")
         k = n.get(j, 0)

@@ -41,7 +41,19 @@ class _Layer:
     """Inputs for planning one layer: input device, anchor, residual memory and hysteresis data."""
 
     def __init__(self, prob: Problem, l: int, A: int, chunks: int):
+        cur = _cur_layer(prob, l)
+        # everything but A depends on the layer only through its current placement: computed
+        # once per problem for layers without one (a first plan), once per layer otherwise
+        memo = prob.memo.setdefault("ra_layer", {})
+        key = (-1 if cur is None else l, chunks)
+        if key not in memo:
+            self._derive(prob, l, chunks)
+            memo[key] = dict(self.__dict__)
+        self.__dict__.update(memo[key])
         self.prob, self.l, self.A, self.K = prob, l, A, chunks
+
+    def _derive(self, prob: Problem, l: int, chunks: int) -> None:
+        self.prob, self.l, self.K = prob, l, chunks
         self.chunk_cols = -(-prob.dims.ffn_dim // chunks)
         self.chunk_b = self.chunk_cols * prob.sz.ffn_col_b
         cur = _cur_layer(prob, l)
@@ -144,8 +156,11 @@ def _candidates(ly: _Layer, r: list, k: int) -> list[int]:
         raise NoFit(f"L{ly.l}.proj", p.sz.proj_b)
     if idx.size <= k:
         return idx.tolist()
-    work = p.sz.proj_f + p.dims.n_kv_heads * p.sz.head_f
-    score = (p.lat[ly.A] + p.sz.x_b * p.spb[ly.A] + work / np.where(p.C > 0, p.C, np.nan))[idx]
+    memo = p.memo.setdefault("ra_anchor_score", {})
+    if ly.A not in memo:  # input transfer + the layer's compute, per device (once per input device)
+        work = p.sz.proj_f + p.dims.n_kv_heads * p.sz.head_f
+        memo[ly.A] = p.lat[ly.A] + p.sz.x_b * p.spb[ly.A] + work / np.where(p.C > 0, p.C, np.nan)
+    score = memo[ly.A][idx]
     best = idx[np.argsort(score, kind="stable")[:k]].tolist()
     if ly.cur_proj is not None and ok[ly.cur_proj] and ly.cur_proj not in best:
         best.append(ly.cur_proj)

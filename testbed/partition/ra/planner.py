@@ -98,12 +98,24 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     whole = uniform_layers([prob.names[k] for k in split], prob.dims)
     net = problem_net(prob)
     a, b = Placement(prob.snap.source, whole), Placement(prob.snap.source, layers)
-    oa, ob = _objective(prob, a, prob.H, net)[0], _objective(prob, b, prob.H, net)[0]
-    fewer = lambda: plan_cost(prob, a, net).bytes_moved < plan_cost(prob, b, net).bytes_moved  # noqa: E731
+    ob = _objective(prob, b, prob.H, net)[0]
     first = prob.snap.current is None  # later, a move that pays over H is never traded for bytes
+    # the split's latency alone (<= its objective) may already rule it out: no migration estimate
+    oa = _objective_below(prob, a, net, (1 + slack) * ob if first else ob)
+    fewer = lambda: plan_cost(prob, a, net).bytes_moved < plan_cost(prob, b, net).bytes_moved  # noqa: E731
     if oa < ob or (first and oa <= (1 + slack) * ob and fewer()):
         return whole, {**meta, "layer_split": True}
     return layers, meta
+
+
+def _objective_below(prob: Problem, pl: Placement, net, bound: float) -> float:
+    """``_objective(pl)``, or just its latency when that is already above ``bound`` (latency +
+    migration delay / H >= latency: the comparison with ``bound`` is decided without the
+    migration estimate, the costly part at 100+ devices)."""
+    lat = plan_cost(prob, pl, net).token_latency_s
+    if lat > bound:
+        return lat
+    return _objective(prob, pl, prob.H, net)[0]
 
 
 def galaxy_groups(n: int) -> list[int]:
@@ -136,7 +148,8 @@ def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_
         if not isinstance(pl, InfeasiblePlan):
             cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
     for cand_layers, tag in cands:
-        obj = _objective(prob, Placement(prob.snap.source, cand_layers), prob.H, net)[0]
+        below = best_obj * (1 - slack) if best is None else min(best_obj * (1 - slack), best[0])
+        obj = _objective_below(prob, Placement(prob.snap.source, cand_layers), net, below)
         if obj < best_obj * (1 - slack) and (best is None or obj < best[0]):
             best = (obj, cand_layers, tag)
     if best is None:
