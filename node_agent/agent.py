@@ -130,7 +130,8 @@ class Agent(Dataflow, Migration):
         return fut.result(timeout=timeout_s)
 
     def cmd_ping(self, h, _):
-        return {"pid": os.getpid(), "name": self.name}, b""
+        cfg = self.store.cfg.to_dict() if self.store is not None else None
+        return {"pid": os.getpid(), "name": self.name, "config": cfg}, b""
 
     def cmd_configure(self, h, _):
         self._on_worker(lambda: self._configure(h))

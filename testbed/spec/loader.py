@@ -168,6 +168,8 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
                 problems = [ConfigProblem(str(path), _line_of(root, ("topology",)), "topology",
                                           f"file not found: {topo_path}")]
             data["topology"] = None
+    if isinstance(data, dict):
+        problems += _resolve_inventory(data, path, root)
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:
@@ -182,6 +184,32 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     if problems or spec is None:
         raise ConfigError(sorted(problems, key=lambda p: p.line))
     return spec
+
+
+def _resolve_inventory(data: dict, path: Path, root: yaml.Node) -> list[ConfigProblem]:
+    """``ssh.inventory``: made absolute, loaded (its own problems), every topology host mapped to a
+    device; ``backend: ssh`` without one is a problem."""
+    from testbed.spec.inventory import check_hosts_mapped, load_inventory
+
+    ssh = data.get("ssh")
+    inv = ssh.get("inventory") if isinstance(ssh, dict) else None
+    if not isinstance(inv, str):
+        if data.get("backend") == "ssh" and not isinstance(ssh, dict):
+            return [ConfigProblem(str(path), _line_of(root, ("backend",)), "ssh",
+                                  "backend: ssh needs ssh: {inventory: FILE}")]
+        return []
+    inv_path = (path.parent / inv).resolve()
+    data["ssh"] = {**ssh, "inventory": str(inv_path)}
+    try:
+        inventory = load_inventory(inv_path)
+    except ConfigError as exc:
+        if not inv_path.exists():
+            return [ConfigProblem(str(path), _line_of(root, ("ssh", "inventory")), "ssh.inventory",
+                                  f"file not found: {inv_path}")]
+        return list(exc.problems)
+    topo = data.get("topology")
+    return [ConfigProblem(str(path), _line_of(root, ("ssh", "inventory")), "ssh.inventory", msg)
+            for msg in (check_hosts_mapped(topo, inventory) if isinstance(topo, TopologySpec) else [])]
 
 
 def _generate_topology(data: dict, file: str, root: yaml.Node) -> list[ConfigProblem]:
@@ -252,8 +280,13 @@ def _cross_check(data: dict, topo: Any, file: str, root: yaml.Node) -> list[Conf
     return problems
 
 
-def load_any(path: str | Path) -> TopologySpec | ExperimentSpec:
-    """Topology or experiment, told apart by the presence of an ``algorithms`` key."""
+def load_any(path: str | Path):
+    """Topology, experiment or SSH inventory, told apart by their keys (``algorithms``/``model``: an
+    experiment; ``devices``: an inventory)."""
     root = _compose(Path(path))
     keys = {k.value for k, _ in root.value}
+    if "devices" in keys:
+        from testbed.spec.inventory import load_inventory
+
+        return load_inventory(path)
     return load_experiment(path) if "algorithms" in keys or "model" in keys else load_topology(path)
