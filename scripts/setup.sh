@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 STAMP="$VENV/.headroom-setup"
-APT_PKGS=(mininet iperf3 bridge-utils iproute2 iptables ethtool procps python3-venv)
+APT_PKGS=(mininet iperf3 bridge-utils iproute2 iptables ethtool procps python3-venv openssh-server openssh-client)
 
 log() { printf '[setup] %s\n' "$*"; }
 

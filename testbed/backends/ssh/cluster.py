@@ -11,6 +11,7 @@ from pathlib import Path
 from testbed.backends.emulated.cluster import EmulatedCluster
 from testbed.backends.ssh.agents import SshAgentPool
 from testbed.backends.ssh.fleet import SshFleet
+from testbed.core.errors import BackendError
 from testbed.emulation.cleanup import Manifest
 from testbed.spec.inventory import InventorySpec, effective_topology
 
@@ -28,6 +29,14 @@ class SshCluster(EmulatedCluster):
 
     def _make_pool(self, threads: int) -> SshAgentPool:
         return SshAgentPool(self.net, self.manifest, self.run_dir, self.model, threads=threads)
+
+    def _failure(self) -> str | None:
+        """A lost SSH connection is a testbed fault that stops the run (not an algorithm's result)."""
+        lost = sorted(h for h, c in self.net.conns.items() if not c.alive())
+        if lost:
+            raise BackendError(f"device {lost[0]}: SSH connection lost mid-run; the run stops here and the "
+                               "tear-down removes what it created (else: headroom clean RUN_DIR)")
+        return super()._failure()
 
 
 def build_ssh_cluster(topo, inventory: InventorySpec, model, run_dir, recorder=None,

@@ -265,10 +265,20 @@ class SshFleet(LinkPaths):
         return g.stats()
 
     # ------------------------------------------------------------------ tear-down
+    def _reconnect_lost(self) -> None:
+        """A device whose connection dropped mid-run gets one new connection for the tear-down."""
+        for h, c in list(self.conns.items()):
+            if not c.alive():
+                try:
+                    self.conns[h] = SshConnection(self.inventory.device(h), self.inventory)
+                except DeviceError:
+                    pass  # its resources stay journalled: headroom clean RUN_DIR retries
+
     def stop(self) -> list[str]:
         """Collect logs, remove what this run journalled on every device, close the connections."""
         done: list[str] = []
         with self._lock:
+            self._reconnect_lost()
             if self.remote_dir:
                 clean.collect_logs(self, self.run_dir / "agents")
             entries = [e for e in self.manifest.entries() if e.get("kind") == "remote"
