@@ -6,7 +6,8 @@ namespace (``connect_netns``) — the root namespace never sends a packet to an 
 Every sshd is started through ``EmulatedNetwork.popen_in_host`` (so its PID is in the rig's journal)
 and listens only on its device's emulated address. ``stop`` ends the per-connection sshd children
 of OUR sshd PIDs (found by parent PID), the network (which kills the sshd listeners by recorded PID),
-removes ``/run/sshd`` if the rig created it, and deletes the keys.
+removes ``/run/sshd`` if the rig created it, and deletes the keys. (Descendants are found by parent
+PID from our recorded sshd PIDs: sshd's per-connection processes are not in its process group.)
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 PrintMotd no
+LoginGraceTime 15
 Subsystem sftp internal-sftp
 """
 
@@ -111,18 +113,22 @@ class SshdRig:
                     time.sleep(0.1)
 
     def session_children(self, h: str) -> list[int]:
-        """PIDs of the per-connection processes of OUR sshd on ``h`` (children by parent PID)."""
-        parent = self.sshd[h].pid
-        out = []
+        """PIDs of the per-connection processes of OUR sshd on ``h``: its descendants by parent PID,
+        deepest first (snapshotted while the parents live, so none is orphaned before it is found)."""
+        children: dict[int, list[int]] = {}
         for p in Path("/proc").iterdir():
             if p.name.isdigit():
                 try:
                     ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
                 except (OSError, IndexError, ValueError):
                     continue
-                if ppid == parent:
-                    out.append(int(p.name))
-        return out
+                children.setdefault(ppid, []).append(int(p.name))
+        out, todo = [], [self.sshd[h].pid]
+        while todo:
+            kids = children.get(todo.pop(), [])
+            out += kids
+            todo += kids
+        return out[::-1]
 
     def drop_connections(self, h: str) -> list[int]:
         """Kill the SSH sessions to ``h`` (the network connection dies as if cut); the listener stays."""

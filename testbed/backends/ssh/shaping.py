@@ -116,10 +116,12 @@ class FleetShaper:
 
     def set_link(self, a, b, bandwidth_mbps, delay_ms, loss_pct, up, direction) -> dict:
         link = self.fleet._live(a, b)
+        if bandwidth_mbps is None and delay_ms is None and loss_pct is None and up is not False:
+            return self.read_link(a, b)
         if not link.spec.shape:
             raise BackendError(f"link {a}-{b} is a real link without shape: true: the ssh backend cannot change "
                                "it (add shape: true to the link to shape it with tc)")
-        if up is not None:
+        if up is False:  # (up=True, as a reset restores a topology, is what a real link already is)
             raise BackendError(f"link {a}-{b}: taking a real link down is not supported by the ssh backend")
         if loss_pct and not self.netem:
             raise BackendError(f"link {a}-{b}: loss needs netem on the devices, which they lack")

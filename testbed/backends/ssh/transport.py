@@ -100,18 +100,22 @@ class SshConnection:
                                 timeout=inventory.connect_timeout_s, banner_timeout=inventory.connect_timeout_s,
                                 auth_timeout=inventory.connect_timeout_s)
         except DeviceError:
+            self.client.close()
             sock.close()
             raise
         except paramiko.BadHostKeyException as exc:
+            self.client.close()
             sock.close()
             raise DeviceError(f"{where}: host key CHANGED (got {fingerprint(exc.key)}, known_hosts has "
                               f"{fingerprint(exc.expected_key)}): verify the device, then fix {known}") from None
         except paramiko.AuthenticationException:
+            self.client.close()
             sock.close()
             what = f"key {device.key_file}" if device.key_file else "the ssh-agent's keys"
             raise DeviceError(f"{where}: authentication failed with {what}: put its public key in the "
                               "device's authorized_keys or fix key_file") from None
         except (paramiko.SSHException, OSError) as exc:
+            self.client.close()
             sock.close()
             raise DeviceError(f"{where}: SSH failed ({exc}): check that sshd answers on that port") from None
         key = self.client.get_transport().get_remote_server_key()
