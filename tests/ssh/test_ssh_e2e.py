@@ -105,6 +105,7 @@ def test_connection_cut_mid_run_fails_clearly_and_tears_down(rig, tmp_path):
         tok = c.load(pl, [3, 1, 4, 1, 5]).token_id
         for _ in range(3):
             tok = c.step(tok).token_id
+        assert_data_plane_closed(c, rig)
         assert rig.drop_connections("h2")
         t0 = time.time()
         with pytest.raises(BackendError, match=r"^device h2: SSH connection lost mid-run"):
@@ -113,6 +114,34 @@ def test_connection_cut_mid_run_fails_clearly_and_tears_down(rig, tmp_path):
     finally:
         c.close()
     assert_nothing_left(rig, run)
+
+
+PROBE = """
+import json, socket, sys
+from node_agent.wire import connect, send_frame
+out = {}
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=5).close()
+    out["loopback"] = "open"
+except OSError as exc:
+    out["loopback"] = type(exc).__name__
+s = connect(sys.argv[1], int(sys.argv[2]))
+send_frame(s, {"type": "hello", "from": "h2", "proto": int(sys.argv[3])})  # a peer's name, no token
+s.settimeout(10)
+out["after_hello"] = len(s.recv(1))
+print(json.dumps(out))
+"""
+
+
+def assert_data_plane_closed(c, rig) -> None:
+    """From device h3: h2's data port is not bound on loopback, and a hello without this run's token
+    (even claiming a peer's name) is dropped; the tokens still flow between the run's agents."""
+    from node_agent.protocol import PROTOCOL_VERSION
+    from testbed.backends.ssh.measure import helper_argv
+
+    argv = helper_argv(c.net, "h3", [])[:3] + ["-c", PROBE, rig.ip("h2"), str(c.pool.data_port), str(PROTOCOL_VERSION)]
+    got = json.loads(c.net.conns["h3"].run(argv, timeout_s=60).out.strip().splitlines()[-1])
+    assert got == {"loopback": "ConnectionRefusedError", "after_hello": 0}, got
 
 
 def test_sigkilled_run_then_clean_removes_everything(rig, tmp_path):
