@@ -93,6 +93,8 @@ def _check(**over) -> dict:
     ({"cgroup": {"version": None, "roots": {}, "writable": False}}, "no cgroup memory+cpu controllers"),
     ({"cgroup": {"version": "v1", "roots": {"memory": "/m"}, "writable": False}}, "connect as root"),
     ({"interface_addr": None}, "interface 'eth1' has no IPv4 address"),
+    ({"cgroup": {"version": "v2", "roots": {"unified": "/sys/fs/cgroup"}, "writable": True, "delegated": False}},
+     "does not delegate memory and cpu"),
     ({"mem_available_bytes": 100 << 20}, "too small for its assignment: mem_limit_mib 256 but only 100 MiB"),
 ])
 def test_device_problems_say_what_to_do(over, says):

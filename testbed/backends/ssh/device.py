@@ -49,7 +49,12 @@ def cgroup_info() -> dict:
         except OSError:
             continue
         if "memory" in ctrls and "cpu" in ctrls:
-            return {"version": "v2", "roots": {"unified": str(root)}, "writable": os.access(root, os.W_OK)}
+            try:  # a child group only gets the controllers its parent delegates
+                delegated = (root / "cgroup.subtree_control").read_text().split()
+            except OSError:
+                delegated = []
+            return {"version": "v2", "roots": {"unified": str(root)}, "writable": os.access(root, os.W_OK),
+                    "delegated": "memory" in delegated and "cpu" in delegated}
     return {"version": None, "roots": {}, "writable": False}
 
 

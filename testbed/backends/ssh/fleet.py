@@ -193,6 +193,9 @@ class SshFleet(LinkPaths):
         cg = info["cgroup"]
         if cg["version"] is None:
             return "no cgroup memory+cpu controllers (neither v1 nor v2 with both enabled): enable them"
+        if cg.get("delegated") is False:
+            root = cg["roots"]["unified"]
+            return f"{root} does not delegate memory and cpu to child groups: echo '+memory +cpu' > {root}/cgroup.subtree_control"
         if not cg["writable"]:
             return f"cannot create cgroups under {', '.join(cg['roots'].values())}: connect as root (user: root)"
         if info["interface_addr"] is None:

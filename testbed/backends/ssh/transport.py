@@ -81,45 +81,45 @@ class SshConnection:
         self.device, self.name = device, device.name
         self.fingerprint: Optional[str] = None
         self.trusted_on_first_use = False
-        where = f"device {device.name} ({device.user}@{device.address}:{device.port})"
+        self.where = f"device {device.name} ({device.user}@{device.address}:{device.port})"
         try:
             sock = (socket_in_netns(inventory.connect_netns, device.address, device.port, inventory.connect_timeout_s)
                     if inventory.connect_netns else
                     socket.create_connection((device.address, device.port), timeout=inventory.connect_timeout_s))
         except OSError as exc:
-            raise DeviceError(f"{where}: unreachable ({exc.strerror or exc}): check address, port and that sshd "
-                              "runs there") from None
+            raise DeviceError(f"{self.where}: unreachable ({exc.strerror or exc}): check address, port and that "
+                              "sshd runs there") from None
         self.client = paramiko.SSHClient()
         known = Path(inventory.known_hosts).expanduser()
         if known.exists():
             self.client.load_host_keys(str(known))
-        self.client.set_missing_host_key_policy(_Policy(self, known, inventory.trust_on_first_use, where))
+        self.client.set_missing_host_key_policy(_Policy(self, known, inventory.trust_on_first_use, self.where))
         try:
             self.client.connect(device.address, device.port, username=device.user, key_filename=device.key_file,
                                 allow_agent=device.agent, look_for_keys=False, sock=sock,
                                 timeout=inventory.connect_timeout_s, banner_timeout=inventory.connect_timeout_s,
                                 auth_timeout=inventory.connect_timeout_s)
-        except DeviceError:
+        except Exception as exc:  # every way of failing becomes one line naming the device
             self.client.close()
             sock.close()
-            raise
-        except paramiko.BadHostKeyException as exc:
-            self.client.close()
-            sock.close()
-            raise DeviceError(f"{where}: host key CHANGED (got {fingerprint(exc.key)}, known_hosts has "
-                              f"{fingerprint(exc.expected_key)}): verify the device, then fix {known}") from None
-        except paramiko.AuthenticationException:
-            self.client.close()
-            sock.close()
-            what = f"key {device.key_file}" if device.key_file else "the ssh-agent's keys"
-            raise DeviceError(f"{where}: authentication failed with {what}: put its public key in the "
-                              "device's authorized_keys or fix key_file") from None
-        except (paramiko.SSHException, OSError) as exc:
-            self.client.close()
-            sock.close()
-            raise DeviceError(f"{where}: SSH failed ({exc}): check that sshd answers on that port") from None
+            raise self._refused(exc, known) from None
         key = self.client.get_transport().get_remote_server_key()
         self.fingerprint = self.fingerprint or fingerprint(key)
+
+    def _refused(self, exc: Exception, known: Path) -> Exception:
+        """The one-line ``DeviceError`` for a failed SSH handshake (what happened, what to do)."""
+        if isinstance(exc, DeviceError):  # from the host-key policy
+            return exc
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return DeviceError(f"{self.where}: host key CHANGED (got {fingerprint(exc.key)}, known_hosts has "
+                               f"{fingerprint(exc.expected_key)}): verify the device, then fix {known}")
+        if isinstance(exc, paramiko.AuthenticationException):
+            what = f"key {self.device.key_file}" if self.device.key_file else "the ssh-agent's keys"
+            return DeviceError(f"{self.where}: authentication failed with {what}: put its public key in the "
+                               "device's authorized_keys or fix key_file")
+        if isinstance(exc, (paramiko.SSHException, OSError)):
+            return DeviceError(f"{self.where}: SSH failed ({exc}): check that sshd answers on that port")
+        return exc
 
     # ------------------------------------------------------------------ commands
     def run(self, argv: Sequence[str], timeout_s: float = 60.0, check: bool = True, input: str | None = None) -> Result:
