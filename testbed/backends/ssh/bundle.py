@@ -8,6 +8,7 @@ gives the same bundle, and the run manifest records which one each device ran.
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import io
 import tarfile
@@ -89,10 +90,11 @@ def build_bundle(roots=ROOTS) -> Bundle:
     for rel, f in files:
         h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
-        for rel, f in files:
-            data = f.read_bytes()
-            info = tarfile.TarInfo(rel)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz:  # no timestamp in the header
+        with tarfile.open(fileobj=gz, mode="w") as tar:
+            for rel, f in files:
+                data = f.read_bytes()
+                info = tarfile.TarInfo(rel)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
     return Bundle(h.hexdigest()[:12], buf.getvalue(), tuple(rel for rel, _ in files))
