@@ -104,6 +104,21 @@ def test_device_problems_say_what_to_do(over, says):
     assert fleet._device_problem("h2", _check()) is None
 
 
+def test_device_must_hold_an_agent_and_the_whole_model():
+    from node_agent.model import load_model
+    from testbed.backends.ssh.cluster import AGENT_RUNTIME_BYTES, model_weight_bytes
+
+    cfg = load_model("mini-gpt2").config
+    floor = AGENT_RUNTIME_BYTES + model_weight_bytes(cfg)
+    assert 160 << 20 < floor < 256 << 20
+    fleet = SshFleet(TOPO, inventory(), "r", manifest=None, run_dir=".", agent_floor_bytes=floor)
+    msg = fleet._device_problem("h2", _check())  # h2: 256 MiB
+    assert msg is None or "cannot hold an agent" in msg
+    small = TOPO.model_copy(update={"hosts": (TOPO.hosts[0], TOPO.hosts[1].model_copy(update={"mem_limit_mib": 100}))})
+    msg = SshFleet(small, inventory(), "r", None, ".", agent_floor_bytes=floor)._device_problem("h2", _check())
+    assert msg.startswith("too small for its assignment: mem_limit_mib 100 cannot hold an agent") and "raise" in msg
+
+
 def test_hello_token():
     def frame(h):
         return Frame(h, b"", 0.0, 0.0, 0.0)

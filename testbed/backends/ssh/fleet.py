@@ -82,8 +82,12 @@ class _Groups(dict):
 
 
 class SshFleet(LinkPaths):
-    def __init__(self, topology, inventory, run_id: str, manifest, run_dir: Path, model_modules=()):
+    def __init__(self, topology, inventory, run_id: str, manifest, run_dir: Path, model_modules=(),
+                 agent_floor_bytes: int = 0):
+        """``agent_floor_bytes``: the least a device's memory limit must hold before any block (an
+        agent's interpreter and torch, plus the model weights every agent loads whole)."""
         self.topology, self.inventory, self.run_id, self.manifest = topology, inventory, run_id, manifest
+        self.agent_floor_bytes = int(agent_floor_bytes)
         self.run_dir = Path(run_dir)
         self.model_modules = tuple(model_modules)
         self.cpu_emulation = "cfs"  # a real device computes at its own speed; a cpu cap is a cgroup quota
@@ -200,6 +204,10 @@ class SshFleet(LinkPaths):
             return f"cannot create cgroups under {', '.join(cg['roots'].values())}: connect as root (user: root)"
         if info["interface_addr"] is None:
             return f"interface {dev.interface!r} has no IPv4 address: fix interface: in the inventory"
+        if host.mem_limit_mib * MIB < self.agent_floor_bytes:
+            return (f"too small for its assignment: mem_limit_mib {host.mem_limit_mib:g} cannot hold an agent "
+                    f"(Python, torch and the model's weights, which each agent loads whole: "
+                    f"{self.agent_floor_bytes / MIB:.0f} MiB before any block): raise mem_limit_mib")
         if info["mem_available_bytes"] < host.mem_limit_mib * MIB:
             return (f"too small for its assignment: mem_limit_mib {host.mem_limit_mib:g} but only "
                     f"{info['mem_available_bytes'] / MIB:.0f} MiB available: lower mem_limit_mib or free memory")
