@@ -59,6 +59,8 @@ def measure_paths(fleet) -> dict[str, dict]:
             m = measure_pair(fleet, a, b)
             m["declared_rate_mbps"] = fleet.path_rate_bytes_per_s(a, b) * 8 / 1e6
             m["declared_rtt_ms"] = 1e3 * (fleet.one_way_delay_s(a, b) + fleet.one_way_delay_s(b, a))
+            # < 1: the real path is slower than the topology says (the planners use the declared figure)
+            m["rate_vs_declared"] = m["rate_mbps"] / m["declared_rate_mbps"] if m["rate_mbps"] else None
             out[f"{a}->{b}"] = m
     return out
 
