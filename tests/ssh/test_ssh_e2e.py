@@ -166,6 +166,11 @@ def test_sigkilled_run_then_clean_removes_everything(rig, tmp_path):
     assert out.returncode == 0, out.stderr
     assert not [l for l in out.stdout.splitlines() if l.startswith("FAILED")], out.stdout
     assert "removed cgroup" in out.stdout and "removed directory" in out.stdout
+    assert "h3: deleted root qdisc of h3-eth0" in out.stdout  # the shaped link's classes
+    for h in rig.devices:
+        shown = subprocess.run(["nsenter", "-t", str(rig.net.host_pid(h)), "-n", "--", "tc", "class", "show", "dev",
+                                f"{h}-eth0"], capture_output=True, text=True).stdout
+        assert "1:10 " not in shown and "1:11 " not in shown, (h, shown)
     assert_nothing_left(rig, run_dir)
     again = headroom("clean", run_dir, timeout=300)
     assert again.returncode == 0 and not again.stdout.strip(), again.stdout
