@@ -49,9 +49,10 @@ MAX_FUTURE_S = 1.0  # a data frame sent more than this ahead of the receiver's c
 class Agent(Dataflow, Migration):
     """One host's agent (see the module docstring); ``serve`` runs it until control closes."""
 
-    def __init__(self, name: str, control_path: str, data_port: int = DATA_PORT, mem_dir: str | None = None,
+    def __init__(self, name: str, control_path: str | None, data_port: int = DATA_PORT, mem_dir: str | None = None,
                  mem_version: str | None = None, model: dict | None = None, data_host: str = "0.0.0.0"):
         self.name, self.control_path, self.data_port, self.data_host = name, control_path, data_port, data_host
+        self.token: str | None = None  # the run's secret: peers must present it in their hello (``configure``)
         self.budget = Budget(name, mem_dir, mem_version)
         self.model = model
         self.store: BlockStore | None = None
@@ -73,28 +74,43 @@ class Agent(Dataflow, Migration):
         self.stop = threading.Event()
         self.exit_on_shutdown = True  # False when agents run as threads inside one test process
         self._listeners: list[socket.socket] = []
+        self._started = False
 
     # ------------------------------------------------------------------ entry point
     def serve(self) -> None:
+        """Serve one controller connection on the Unix socket ``control_path`` (the emulated backend)."""
         ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         ctl.bind(self.control_path)
         ctl.listen(1)
-        data = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        data.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        data.bind((self.data_host, self.data_port))
-        data.listen(64)
-        self._listeners = [ctl, data]
-        threading.Thread(target=self._accept_data, args=(data,), daemon=True, name="data-accept").start()
-        threading.Thread(target=self._work, daemon=True, name="worker").start()
-        if self.model:
-            self.store = BlockStore(self.name, self.model["arg"], int(self.model.get("seed", 0)), self.budget)
-        log.info("agent %s pid %d ready (control %s, data port %d)", self.name, os.getpid(), self.control_path,
-                 self.data_port)
+        self._listeners.append(ctl)
+        self._start()
         conn, _ = ctl.accept()
+        self.serve_stream(conn)
+
+    def serve_stream(self, conn) -> None:
+        """Serve the control protocol on ``conn`` (a socket, or ``node_agent.remote``'s stdio stream
+        when the agent was started over SSH) until it closes; then the agent is done."""
+        if not self._started:
+            self._start()
         try:
             self._control_loop(conn)
         finally:
             log.info("agent %s: control connection closed, exiting", self.name)
+
+    def _start(self) -> None:
+        """The data listener (on ``data_host`` only), the worker, the model's block store."""
+        self._started = True
+        data = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        data.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        data.bind((self.data_host, self.data_port))
+        data.listen(64)
+        self._listeners.append(data)
+        threading.Thread(target=self._accept_data, args=(data,), daemon=True, name="data-accept").start()
+        threading.Thread(target=self._work, daemon=True, name="worker").start()
+        if self.model:
+            self.store = BlockStore(self.name, self.model["arg"], int(self.model.get("seed", 0)), self.budget)
+        log.info("agent %s pid %d ready (control %s, data %s:%d)", self.name, os.getpid(),
+                 self.control_path or "stream", self.data_host, self.data_port)
 
     # ------------------------------------------------------------------ control plane
     def _control_loop(self, conn: socket.socket) -> None:
@@ -145,7 +161,8 @@ class Agent(Dataflow, Migration):
         return fut.result(timeout=timeout_s)
 
     def cmd_ping(self, h, _):
-        return {"pid": os.getpid(), "name": self.name}, b""
+        cfg = self.store.cfg.to_dict() if self.store is not None else None
+        return {"pid": os.getpid(), "name": self.name, "config": cfg}, b""
 
     def cmd_configure(self, h, _):
         self._on_worker(lambda: self._configure(h))
@@ -162,6 +179,8 @@ class Agent(Dataflow, Migration):
             self.jitters = P.peer_jitters(h.get("jitters"))
         if "rates" in h:
             self.rates = P.peer_rates(h["rates"])
+        if h.get("token"):
+            self.token = str(h["token"])
         if h.get("threads"):
             torch.set_num_threads(int(h["threads"]))
         if h.get("model") and (self.store is None or self.model != h["model"]):
@@ -294,7 +313,7 @@ class Agent(Dataflow, Migration):
         the connection goes on; one too large for the budget, or a broken stream, closes it."""
         try:
             hello = recv_frame(conn, max_payload=self.payload_limit, max_future_s=MAX_FUTURE_S)
-            src = P.check_hello(hello)
+            src = P.check_hello(hello, self.token)
             floor = TransitFloor()
             floor.observe(hello)
             rng = random.Random(f"{self.name}<-{src}")  # jitter draws: reproducible per connection
@@ -323,7 +342,7 @@ class Agent(Dataflow, Migration):
             if sock is None:
                 ip, port = self.peers[dst]
                 sock = connect(ip, port)
-                send_frame(sock, P.hello_frame(self.name))
+                send_frame(sock, P.hello_frame(self.name, self.token))
                 self._out[dst] = sock
             n = send_frame(sock, header, payload)
         except OSError as exc:  # name the peer: the controller's failure message starts from here

@@ -8,7 +8,8 @@ peer, strictly request/reply. A request is a frame ``{"type": "req", "cmd": NAME
 never a class name). Every call has a timeout.
 
 Data plane (agent -> agent, TCP over the emulated addresses, one connection per ordered pair,
-opened by the sender): the first frame is ``hello`` (sender name, protocol version); then
+opened by the sender): the first frame is ``hello`` (sender name, protocol version and, when the run
+has one, its secret token: a receiver with a token drops a connection whose hello lacks it); then
   ``act``      one activation tensor of token ``seq`` (kinds: x, ho, h, part, out), raw float32
                payload, ``shape``, placement version ``pv``, the critical-path accumulator ``cp``
                = [compute_s, transfer_s, wait_s] and the ``tally`` of activation bytes per link;
@@ -18,6 +19,7 @@ No pickle anywhere; sizes are bounded by ``wire``.
 """
 from __future__ import annotations
 
+import hmac
 import math
 import socket
 import time
@@ -138,18 +140,26 @@ def check_reply(frame: Frame) -> tuple[dict, bytes]:
 
 
 # ---------------------------------------------------------------------------- data plane
-def hello_frame(sender: str) -> dict:
-    return {"type": "hello", "from": sender, "proto": PROTOCOL_VERSION}
+def hello_frame(sender: str, token: str | None = None) -> dict:
+    """The first frame of a data connection; ``token`` is the run's secret (when the run has one)."""
+    out = {"type": "hello", "from": sender, "proto": PROTOCOL_VERSION}
+    if token is not None:
+        out["token"] = token
+    return out
 
 
-def check_hello(frame: Frame) -> str:
+def check_hello(frame: Frame, token: str | None = None) -> str:
+    """The sender's name; a ``ProtocolError`` unless the frame is a hello of this protocol and, when
+    this agent has a run token, carries the same token (compared in constant time, never logged)."""
     if frame.type != "hello":
         raise ProtocolError(f"data connection must start with hello, got {frame.type!r}")
     if frame.header.get("proto") != PROTOCOL_VERSION:
         raise ProtocolError(f"peer speaks protocol {frame.header.get('proto')}, this agent {PROTOCOL_VERSION}")
     if not isinstance(frame.header.get("from"), str):
         raise ProtocolError(f"hello needs the sender's name in 'from', got {frame.header.get('from')!r}")
-    return frame.header["from"]
+    if token is not None and not hmac.compare_digest(str(frame.header.get("token", "")).encode(), token.encode()):
+        raise ProtocolError(f"peer {str(frame.header.get('from'))[:16]!r} is not of this run (wrong run token)")
+    return str(frame.header["from"])
 
 
 MAX_DELAY_S = 60.0  # an emulated one-way delay beyond this is a configuration error, not a delay

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Idempotent set-up on Debian/Ubuntu as root: apt packages, a virtualenv at .venv, torch==2.13.0 (CPU),
 # the project with its test and ray extras, and Debian's Mininet made importable from the venv.
-# A second run only checks and is fast. Usage: bash scripts/setup.sh
+# A second run only checks and is fast. Usage: bash scripts/setup.sh (HEADROOM_VAGRANT=1: also vagrant)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 STAMP="$VENV/.headroom-setup"
-APT_PKGS=(mininet iperf3 bridge-utils iproute2 iptables ethtool procps python3-venv)
+APT_PKGS=(mininet iperf3 bridge-utils iproute2 iptables ethtool procps python3-venv openssh-server openssh-client)
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -22,6 +22,13 @@ else
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
+fi
+
+# Vagrant (only to validate, or to bring up the VM fleet where virtualisation exists): on request.
+if [ "${HEADROOM_VAGRANT:-0}" = "1" ] && [ "$(id -u)" -eq 0 ] && ! command -v vagrant >/dev/null 2>&1; then
+  log "installing vagrant (HEADROOM_VAGRANT=1)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends vagrant >/dev/null \
+    || log "warning: could not install vagrant"
 fi
 
 PY=${PYTHON:-python3}

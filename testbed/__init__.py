@@ -7,7 +7,7 @@ Data flow (docs/architecture.md draws it):  YAML -> ``spec`` -> ``run`` (per dec
 - ``testbed.spec``       YAML -> frozen, validated specs; scenario expansion, models, profiles, generators.
 - ``testbed.partition``  pure planners (snapshot -> placement), their cost models and the algorithm registry.
 - ``testbed.emulation``  the only package that turns a topology spec into a live network (Mininet, tc, cgroups).
-- ``testbed.backends``   ``Cluster`` implementations: ``emulated`` (node agents) and ``simulated``.
+- ``testbed.backends``   ``Cluster`` implementations: ``emulated`` (node agents), ``simulated``, ``ssh`` (real devices).
 - ``testbed.run``        control loop, runner, recorder, typed events and the one summary fold.
 - ``testbed.cli``        the ``headroom`` command.
 """

@@ -53,7 +53,7 @@ def validate(files: List[Path] = typer.Argument(..., help="Topology or experimen
 def run(
     experiment: Path,
     out: Path = typer.Option(Path("results"), "-o", "--out", help="Results root."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="emulated | simulated (overrides the YAML)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="emulated | simulated | ssh (overrides the YAML)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Run directory to continue."),
     print_run_dir: bool = typer.Option(False, "--print-run-dir", help="Print the run directory as the last line."),
     jobs: Optional[int] = typer.Option(None, "-j", "--jobs", help="Sweep points at once, in local worker processes "
@@ -69,8 +69,11 @@ def run(
         spec = load_experiment(experiment)
     except ConfigError as exc:
         _bad_input(exc)
-    if backend is not None and backend not in ("emulated", "simulated"):
-        print(f"--backend: expected emulated or simulated, got {backend!r}", file=sys.stderr)
+    if backend is not None and backend not in ("emulated", "simulated", "ssh"):
+        print(f"--backend: expected emulated, simulated or ssh, got {backend!r}", file=sys.stderr)
+        raise typer.Exit(2)
+    if (backend or spec.backend) == "ssh" and spec.ssh is None:
+        print(f"{experiment}: backend ssh needs ssh: {{inventory: FILE}} in the experiment", file=sys.stderr)
         raise typer.Exit(2)
     from testbed.run import fanout
     from testbed.run.runner import RunError, run_experiment
@@ -173,8 +176,9 @@ def analyze(run_dirs: List[Path], out: Optional[Path] = typer.Option(None, "-o",
 @app.command()
 def clean(run_dir: Optional[Path] = typer.Argument(None), all_runs: bool = typer.Option(False, "--all"),
           results: Path = typer.Option(Path("results"), "--results")) -> None:
-    """Remove exactly what run manifests recorded (namespaces, links, qdiscs, cgroups, processes)."""
-    from testbed.emulation.cleanup import cleanup_from_manifest
+    """Remove exactly what run manifests recorded (namespaces, links, qdiscs, cgroups, processes; on
+    SSH devices: agents, cgroups, qdiscs and files, over SSH as recorded)."""
+    from testbed.emulation.cleanup import REMOTE_KINDS, cleanup_from_manifest, read_manifest
 
     if run_dir is None and not all_runs:
         print("give a RUN_DIR or --all", file=sys.stderr)
@@ -189,6 +193,12 @@ def clean(run_dir: Optional[Path] = typer.Argument(None), all_runs: bool = typer
             continue
         for line in cleanup_from_manifest(m):
             print(line)
+        entries = list(read_manifest(m))
+        if any(e.get("kind") in REMOTE_KINDS for e in entries):
+            from testbed.backends.ssh.clean import cleanup_remote
+
+            for line in cleanup_remote(entries):
+                print(line)
 
 
 def main() -> None:

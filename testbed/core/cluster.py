@@ -1,7 +1,7 @@
 """The ``Cluster`` protocol: the one interface between the controller and a backend.
 
 Backends: emulated (Mininet + cgroups + node agents), simulated (cost-model replay in simulated
-time); an ssh backend (the same agents on real machines) is planned. The controller only ever calls
+time), ssh (the same agents on real devices over SSH). The controller only ever calls
 these methods. Their errors (``BackendError``, ``AlgorithmFailure``, ``MigrationRefused``) live in
 ``testbed.core.errors``.
 """

@@ -123,7 +123,7 @@ class HostCgroup:
             self._enable_v2_controllers()
         for d in self.dirs.values():
             try:
-                d.mkdir()
+                self._mkdir(d)
             except FileExistsError:
                 raise CgroupError(f"{d} already exists (another run with id {self.name}?)") from None
             if self.manifest is not None:
@@ -142,16 +142,24 @@ class HostCgroup:
             raise CgroupError(f"{ctl}: cannot enable the memory and cpu controllers for child groups "
                               f"({os.strerror(exc.errno)})") from exc
 
+    # file access: the only methods that touch the cgroup filesystem (the SSH backend's remote
+    # groups override these three and reuse everything else)
+    def _mkdir(self, d: Path) -> None:
+        d.mkdir()
+
+    def _write_raw(self, ctrl: str, file: str, value: str) -> None:
+        (self.dirs[ctrl] / file).write_text(value)
+
+    def _read(self, ctrl: str, file: str) -> str:
+        return (self.dirs[ctrl] / file).read_text()
+
     def _write(self, ctrl: str, file: str, value: str, quiet: bool = False) -> None:
         try:
-            (self.dirs[ctrl] / file).write_text(value)
+            self._write_raw(ctrl, file, value)
         except OSError as exc:
             if quiet:
                 return
             raise CgroupError(f"{self.dirs[ctrl] / file} <- {value}: {os.strerror(exc.errno)}") from exc
-
-    def _read(self, ctrl: str, file: str) -> str:
-        return (self.dirs[ctrl] / file).read_text()
 
     def set_memory(self, limit_bytes: int) -> int:
         """Set the memory limit; reclaim first when usage is above it. Returns the limit read back."""
@@ -163,7 +171,7 @@ class HostCgroup:
             self._write("unified", "memory.high", "max")
             return self.memory_limit()
         try:
-            (self.dirs["memory"] / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            self._write_raw("memory", "memory.limit_in_bytes", str(limit_bytes))
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise CgroupError(f"{self.name}: memory limit {limit_bytes}: {os.strerror(exc.errno)}") from exc
@@ -174,7 +182,7 @@ class HostCgroup:
         for _ in range(3):
             self._write("memory", "memory.force_empty", "0", quiet=True)
             try:
-                (self.dirs["memory"] / "memory.limit_in_bytes").write_text(str(limit_bytes))
+                self._write_raw("memory", "memory.limit_in_bytes", str(limit_bytes))
                 return
             except OSError:
                 time.sleep(0.05)

@@ -23,6 +23,8 @@ from typing import Iterator, Optional
 
 # removal order: processes before the namespaces they live in, links before bridges, cgroups last
 _ORDER = ("process", "iptables", "veth", "bridge", "route", "host", "cgroup", "socket_dir")
+# on other machines, removed over SSH by ``testbed.backends.ssh.clean`` (``headroom clean`` calls both)
+REMOTE_KINDS = ("remote",)
 
 
 def proc_start_time(pid: int) -> Optional[int]:
@@ -279,7 +281,7 @@ def cleanup_entries(entries: list[dict], scope: Optional[Scope] = None) -> list[
                 continue
             if what:
                 removed.append(what)
-    unknown = sorted({e.get("kind") for e in entries} - set(_ORDER) - {"meta"})
+    unknown = sorted({e.get("kind") for e in entries} - set(_ORDER) - set(REMOTE_KINDS) - {"meta"})
     errors += [f"unknown resource kind {k!r}: not removed" for k in unknown]
     if errors:
         removed.extend(f"FAILED: {msg}" for msg in errors)

@@ -1,6 +1,7 @@
 """Live state of an emulated network's links: each link's ends and the shaping in force per
 direction, and the one-way delays (seconds) the transport applies where the kernel has no netem
-(written by ``testbed.emulation.network`` when links change, read by the agents' receivers)."""
+(written by ``testbed.emulation.network`` when links change, read by the agents' receivers), and
+the path figures (one-way delay, bottleneck rate, loss) over those links."""
 from __future__ import annotations
 
 import threading
@@ -60,3 +61,36 @@ class LiveLink:
 
     def other(self, node: str) -> str:
         return self.spec.b if node == self.spec.a else self.spec.a
+
+
+class LinkPaths:
+    """Path figures over live links, shared by the emulated network and the SSH backend's fleet: a
+    subclass provides ``links`` (``LiveLink``), ``path(src, dst)`` (routed hops) and ``_lock``."""
+
+    def _live(self, a: str, b: str) -> LiveLink:
+        for l in self.links:
+            if set(l.ends) == {a, b}:
+                return l
+        raise KeyError(f"no link between {a} and {b}")
+
+    def one_way_delay_s(self, src: str, dst: str) -> float:
+        with self._lock:
+            return sum(self._live(u, v).state[u]["delay_ms"] for u, v in self.path(src, dst)) / 1000.0
+
+    def path_rate_bytes_per_s(self, src: str, dst: str) -> float:
+        """Bottleneck of the current per-direction rates along the routed path (bytes/s)."""
+        with self._lock:
+            return min(self._live(u, v).state[u]["bandwidth_mbps"] for u, v in self.path(src, dst)) * 1e6 / 8
+
+    def path_jitter_s(self, src: str, dst: str) -> tuple[float, ...]:
+        """The jitter (seconds, uniform ±j) of every hop src -> dst that has any, as specified."""
+        with self._lock:
+            return tuple(j / 1000.0 for u, v in self.path(src, dst)
+                         if (j := self._live(u, v).state[u].get("jitter_ms", 0.0)) > 0)
+
+    def path_loss(self, src: str, dst: str) -> float:
+        keep = 1.0
+        for u, v in self.path(src, dst):
+            keep *= 1 - self._live(u, v).state[u]["loss_pct"] / 100.0
+        return 1 - keep
+

@@ -24,7 +24,7 @@ from testbed.emulation import shaping as sh
 from testbed.emulation import cpu as cpu_modes
 from testbed.emulation.cgroups import CgroupSet
 from testbed.emulation.cleanup import Manifest, Scope, cleanup_entries, guard_metric, proc_start_time
-from testbed.emulation.linkstate import DelayTable, End, LiveLink
+from testbed.emulation.linkstate import DelayTable, End, LinkPaths, LiveLink
 from testbed.emulation.routing import Routing, TopologyError
 from testbed.spec.schema import LinkSpec, TopologySpec
 from testbed.core.errors import BackendError
@@ -38,7 +38,7 @@ def _tag(run_id: str) -> str:
     return hashlib.sha1(f"{run_id}/{os.getpid()}/{time.time_ns()}".encode()).hexdigest()[:6]
 
 
-class EmulatedNetwork:
+class EmulatedNetwork(LinkPaths):
     def __init__(self, topology: TopologySpec, run_id: str, manifest: Manifest, *,
                  delay_consumer: Optional[str] = None, limits: bool = True,
                  netem: Optional[bool] = None, cpu_emulation: str = "cfs"):
@@ -209,39 +209,13 @@ class EmulatedNetwork:
         except TopologyError as exc:
             raise NetworkError(str(exc)) from None
 
-    def _live(self, a: str, b: str) -> LiveLink:
-        for l in self.links:
-            if set(l.ends) == {a, b}:
-                return l
-        raise KeyError(f"no link between {a} and {b}")
-
-    def one_way_delay_s(self, src: str, dst: str) -> float:
-        with self._lock:
-            return sum(self._live(u, v).state[u]["delay_ms"] for u, v in self.path(src, dst)) / 1000.0
-
-    def path_rate_bytes_per_s(self, src: str, dst: str) -> float:
-        """Bottleneck of the current per-direction rates along the routed path (bytes/s)."""
-        with self._lock:
-            return min(self._live(u, v).state[u]["bandwidth_mbps"] for u, v in self.path(src, dst)) * 1e6 / 8
-
     def transport_delay_s(self, src: str, dst: str) -> float:
         """What a transport must add (0 when netem already delays in the kernel)."""
         return self.delays.get(src, dst)
 
-    def path_jitter_s(self, src: str, dst: str) -> tuple[float, ...]:
-        """The jitter (seconds, uniform ±j) of every hop src -> dst that has any, as specified."""
-        with self._lock:
-            return tuple(j / 1000.0 for u, v in self.path(src, dst) if (j := self._live(u, v).state[u]["jitter_ms"]) > 0)
-
     def transport_jitter_s(self, src: str, dst: str) -> tuple[float, ...]:
         """The per-hop jitters a transport must draw from (empty when netem jitters in the kernel)."""
         return self.delays.jitter(src, dst)
-
-    def path_loss(self, src: str, dst: str) -> float:
-        keep = 1.0
-        for u, v in self.path(src, dst):
-            keep *= 1 - self._live(u, v).state[u]["loss_pct"] / 100.0
-        return 1 - keep
 
     def _host_routes(self, h: str) -> tuple[dict[int, str], list, bool]:
         """(link index -> device, explicit /32 routes, whether one subnet route suffices) of host h."""

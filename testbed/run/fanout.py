@@ -61,10 +61,11 @@ def check_options(backend: str, jobs: int, ray_address: str | None) -> None:
     if ray_address is not None and jobs > 1:
         raise FanoutOptionError(f"--jobs {jobs} with --ray {ray_address}: give one of them (Ray schedules the "
                                 "points on the cluster's CPUs)")
-    if backend == "emulated" and (jobs > 1 or ray_address is not None):
+    if backend in ("emulated", "ssh") and (jobs > 1 or ray_address is not None):
         what = f"--ray {ray_address}" if ray_address is not None else f"--jobs {jobs}"
-        raise FanoutOptionError(f"{what}: backend emulated runs its sweep points one at a time (one Mininet on "
-                                "this machine); drop the option, or use --backend simulated")
+        where = "one Mininet on this machine" if backend == "emulated" else "one device fleet"
+        raise FanoutOptionError(f"{what}: backend {backend} runs its sweep points one at a time ({where}); "
+                                "drop the option, or use --backend simulated")
 
 
 def require_ray():

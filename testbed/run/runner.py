@@ -73,6 +73,8 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
         raise RunError(f"weight_format {model.weight_format} runs with backend: simulated only: emulated agents "
                        "hold fp32 weights, so their cgroups would be charged about "
                        f"{4 / model.dims.weight_bytes:.1f}x what the planners size in {model.weight_format}")
+    if backend == "ssh":
+        return _ssh_cluster(spec, topo, model, run_dir, recorder)
     if os.geteuid() != 0:
         raise RunError("the emulated backend needs root (Mininet, tc, cgroups); use --backend simulated")
     from testbed.backends.emulated.cluster import build_emulated_cluster
@@ -82,6 +84,21 @@ def make_cluster(spec: ExperimentSpec, model: ModelRef, run_dir: Path, backend: 
                                       cpu_emulation=spec.emulation.cpu)
     except Exception as exc:  # a backend that cannot come up is the run's failure, reported without traceback
         raise RunError(f"could not bring up the emulated testbed: {type(exc).__name__}: {exc}") from exc
+
+
+def _ssh_cluster(spec: ExperimentSpec, topo: TopologySpec, model: ModelRef, run_dir: Path, recorder: RunRecorder):
+    """``backend: ssh``: the inventory's devices (``testbed.backends.ssh``); a device that cannot be
+    used is the run's failure, one line per device, before anything was started on any of them."""
+    from testbed.backends.ssh.cluster import build_ssh_cluster
+    from testbed.spec.inventory import load_inventory
+
+    if spec.ssh is None:
+        raise RunError("backend ssh needs ssh: {inventory: FILE} in the experiment")
+    inventory = load_inventory(spec.ssh.inventory)
+    try:
+        return build_ssh_cluster(topo, inventory, model, run_dir, recorder, weights_from=spec.migration.weights_from)
+    except Exception as exc:  # reported without traceback, like the emulated backend's bring-up
+        raise RunError(f"could not bring up the ssh testbed: {exc}") from exc
 
 
 def prompt_for(spec: ExperimentSpec, model: ModelRef, repetition: int) -> list[int]:

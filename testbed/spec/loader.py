@@ -111,6 +111,8 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     data = to_python(root)
     where = Where(str(path), root)
     problems = _resolve_topology(data, path, where)
+    if isinstance(data, dict):
+        problems += _resolve_inventory(data, path, where)
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:
@@ -126,6 +128,30 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     if problems or spec is None:
         raise ConfigError(sorted(problems, key=lambda p: (p.file != str(path), p.line)))
     return spec
+
+
+def _resolve_inventory(data: dict, path: Path, where: Where) -> list[ConfigProblem]:
+    """``ssh.inventory``: made absolute, loaded (its own problems), every topology host mapped to a
+    device; ``backend: ssh`` without one is a problem."""
+    from testbed.spec.inventory import check_hosts_mapped, load_inventory
+
+    ssh = data.get("ssh")
+    inv = ssh.get("inventory") if isinstance(ssh, dict) else None
+    if not isinstance(inv, str):
+        if data.get("backend") == "ssh" and not isinstance(ssh, dict):
+            return [where.at(("backend",), "backend: ssh needs ssh: {inventory: FILE}")]
+        return []
+    inv_path = (path.parent / inv).resolve()
+    data["ssh"] = {**ssh, "inventory": str(inv_path)}
+    if not inv_path.exists():
+        return [where.at(("ssh", "inventory"), f"file not found: {inv_path}")]
+    try:
+        inventory = load_inventory(inv_path)
+    except ConfigError as exc:
+        return list(exc.problems)
+    topo = data.get("topology")
+    return [where.at(("ssh", "inventory"), msg)
+            for msg in (check_hosts_mapped(topo, inventory) if isinstance(topo, TopologySpec) else [])]
 
 
 def _resolve_topology(data: dict, path: Path, where: Where) -> list[ConfigProblem]:
@@ -226,8 +252,13 @@ def _axis_of(field: str, axes: list[str]) -> str | None:
     return axes[0] if len(axes) == 1 else None
 
 
-def load_any(path: str | Path) -> TopologySpec | ExperimentSpec:
-    """Topology or experiment, told apart by the presence of an ``algorithms`` or ``model`` key."""
+def load_any(path: str | Path):
+    """Topology, experiment or SSH inventory, told apart by their keys (``algorithms``/``model``: an
+    experiment; ``devices``: an inventory)."""
     root = compose(Path(path))
     keys = {k.value for k, _ in root.value}
+    if "devices" in keys:
+        from testbed.spec.inventory import load_inventory
+
+        return load_inventory(path)
     return load_experiment(path) if "algorithms" in keys or "model" in keys else load_topology(path)

@@ -100,6 +100,10 @@ class LinkSpec(Spec):
     jitter_ms: float = Field(0.0, ge=0, le=MAX_DELAY_MS)
     a_to_b: Optional[LinkDirection] = None
     b_to_a: Optional[LinkDirection] = None
+    # ssh backend: the link is real and its values describe it; shape: true puts tc shaping of these
+    # values on the devices' interfaces on top (and lets a scenario change it). The emulated backend
+    # always shapes every link; the simulated one models it.
+    shape: bool = False
 
     @model_validator(mode="after")
     def _jitter_within_delay(self) -> "LinkSpec":
@@ -439,6 +443,13 @@ class Emulation(Spec):
     cpu: Literal["pace", "cfs-short", "cfs"] = "pace"
 
 
+class SshSettings(Spec):
+    """``backend: ssh``: the inventory of real devices (``testbed.spec.inventory``), a path relative
+    to the experiment file (the loader validates it and makes it absolute)."""
+
+    inventory: str
+
+
 class AlgorithmSpec(Spec):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -460,7 +471,8 @@ class ExperimentSpec(Spec):
     allow_blocks_on_source: bool = False
     scenario: tuple[ScenarioItem, ...] = ()
     repetitions: int = Field(1, ge=1, le=MAX_REPETITIONS)
-    backend: Literal["emulated", "simulated"] = "emulated"
+    backend: Literal["emulated", "simulated", "ssh"] = "emulated"
+    ssh: Optional[SshSettings] = None
     simulation: Simulation = Simulation()
     emulation: Emulation = Emulation()
     migration: MigrationSettings = MigrationSettings()

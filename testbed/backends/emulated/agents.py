@@ -1,5 +1,6 @@
 """Controller side of the node agents: the fork server process, one Unix-socket control connection
-per agent, and the pool that spawns agents into the hosts of an ``EmulatedNetwork``.
+per agent, and the pool that spawns agents into the hosts of an ``EmulatedNetwork``
+(``AgentPoolBase``, what the pools of all backends share, is also the SSH backend's base).
 
 The controller (root namespace) NEVER talks to an emulated address: it reaches the fork server and
 the agents only over Unix sockets in a short private directory; agents talk to each other over TCP
@@ -130,7 +131,95 @@ class AgentHandle:
     control_path: str
 
 
-class AgentPool:
+class AgentPoolBase:
+    """What every backend's agent pool shares: peers, delays and rates pushed to the agents, pacing,
+    parallel calls. A subclass owns how agents start, die and are reached (``spawn``, ``kill``,
+    ``dead``, ``close``) and sets ``net``, ``agents``, ``data_port``, ``threads``, ``pacing``,
+    ``cpu_emulation``, ``machine`` and ``token`` (the run's data-plane secret, or None)."""
+
+    token: str | None = None
+
+    def start(self, hosts: list[str] | None = None) -> None:
+        for h in hosts or [x.name for x in self.net.topology.hosts]:
+            self.spawn(h)
+        self.configure_all()
+
+    def peers(self) -> dict[str, list]:
+        return {h: [self.net.host_ip(h), self.data_port] for h in self.agents}
+
+    def delays_to(self, dst: str) -> dict[str, float]:
+        return {src: self.net.transport_delay_s(src, dst) for src in self.agents if src != dst}
+
+    def jitters_to(self, dst: str) -> dict[str, list[float]]:
+        """Per-hop jitters (seconds) of the path from each peer to ``dst`` that has any (a network
+        without transport jitter: none)."""
+        jitter = getattr(self.net, "transport_jitter_s", None)
+        if jitter is None:
+            return {}
+        out = {src: list(jitter(src, dst)) for src in self.agents if src != dst}
+        return {k: v for k, v in out.items() if v}
+
+    def rates_to(self, dst: str) -> dict[str, float]:
+        """Bottleneck rate (bytes/s) of the path from each peer to ``dst``: the receivers' floor for
+        serialisation time (HTB lets a lone small packet pass at line rate; a real link does not)."""
+        return {src: self.net.path_rate_bytes_per_s(src, dst) for src in self.agents if src != dst}
+
+    def configure_all(self, hosts: list[str] | None = None) -> None:
+        """Peers, delays, jitters, rates and pacing to every agent (or ``hosts``: e.g. all but a
+        device that is gone)."""
+        peers = self.peers()
+        secret = {"token": self.token} if self.token else {}
+        self.each(lambda h: self.call(h, "configure", 60.0, peers=peers, delays=self.delays_to(h),
+                                      jitters=self.jitters_to(h), rates=self.rates_to(h), threads=self.threads,
+                                      **secret), hosts)
+        self.each(lambda h: self.call(h, "pace", 10.0, clear=True, **self.pacing[h]), hosts)
+
+    def _pacing(self, cores: float) -> dict:
+        if self.cpu_emulation == "pace" and self.machine is None:  # no model: nothing to pace
+            return {"speed": None}
+        return pacing_for(self.cpu_emulation, cores, self.machine)
+
+    def set_cores(self, host: str, cores: float) -> dict:
+        """Pace ``host``'s agent as a device of ``cores`` (this machine's cores); its stats back."""
+        self.pacing[host] = self._pacing(cores)
+        return self.call(host, "pace", 10.0, clear=True, **self.pacing[host])
+
+    def push_delays(self, hosts: list[str] | None = None) -> None:
+        """Send every agent (or ``hosts``) the current path delays, jitters and rates (after any link change)."""
+        for h in hosts if hosts is not None else list(self.agents):
+            self.call(h, "set_delays", 10.0, delays=self.delays_to(h), jitters=self.jitters_to(h), rates=self.rates_to(h))
+
+    def respawn(self, host: str) -> None:
+        old = self.agents.pop(host, None)
+        if old is not None:
+            self.kill(old)
+        self.spawn(host)
+
+    def call(self, host: str, cmd: str, timeout_s: float = P.CONTROL_TIMEOUT_S, watchdog=None, **args) -> dict:
+        return self.agents[host].conn.call(cmd, timeout_s, watchdog, **args)
+
+    def each(self, fn: Callable[[str], object], hosts: list[str] | None = None) -> dict[str, object]:
+        """Run ``fn(host)`` for every host in parallel threads; re-raise the first error."""
+        hosts = list(hosts if hosts is not None else self.agents)
+        out: dict[str, object] = {}
+        errs: list[BaseException] = []
+
+        def run(h):
+            try:
+                out[h] = fn(h)
+            except BaseException as exc:  # collected and re-raised in the caller's thread
+                errs.append(exc)
+        threads = [threading.Thread(target=run, args=(h,)) for h in hosts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errs:
+            raise errs[0]
+        return out
+
+
+class AgentPool(AgentPoolBase):
     """One agent per host of ``net`` (an ``EmulatedNetwork``), all forked by one fork server."""
 
     def __init__(self, net, manifest, run_dir: Path, model: dict | None, data_port: int = DATA_PORT,
@@ -153,12 +242,6 @@ class AgentPool:
                 self.machine = self._machine_roofline(model)
         # each agent's ``pace`` command (``testbed.emulation.cpu.pacing_for``)
         self.pacing: dict[str, dict] = {h.name: self._pacing(h.cpu_cores) for h in net.topology.hosts}
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self, hosts: list[str] | None = None) -> None:
-        for h in hosts or [x.name for x in self.net.topology.hosts]:
-            self.spawn(h)
-        self.configure_all()
 
     def _mem_dir(self, host: str) -> tuple[str | None, str | None]:
         cg = getattr(self.net, "cgroups", None)
@@ -183,29 +266,6 @@ class AgentPool:
         self.agents[host] = handle
         return handle
 
-    def peers(self) -> dict[str, list]:
-        return {h: [self.net.host_ip(h), self.data_port] for h in self.agents}
-
-    def delays_to(self, dst: str) -> dict[str, float]:
-        return {src: self.net.transport_delay_s(src, dst) for src in self.agents if src != dst}
-
-    def jitters_to(self, dst: str) -> dict[str, list[float]]:
-        """Per-hop jitters (seconds) of the path from each peer to ``dst`` that has any."""
-        out = {src: list(self.net.transport_jitter_s(src, dst)) for src in self.agents if src != dst}
-        return {k: v for k, v in out.items() if v}
-
-    def rates_to(self, dst: str) -> dict[str, float]:
-        """Bottleneck rate (bytes/s) of the path from each peer to ``dst``: the receivers' floor for
-        serialisation time (HTB lets a lone small packet pass at line rate; a real link does not)."""
-        return {src: self.net.path_rate_bytes_per_s(src, dst) for src in self.agents if src != dst}
-
-    def configure_all(self, hosts: list[str] | None = None) -> None:
-        """Peers, delays, rates and pacing to every agent (or ``hosts``: e.g. all but a device that is gone)."""
-        peers = self.peers()
-        self.each(lambda h: self.call(h, "configure", 60.0, peers=peers, delays=self.delays_to(h),
-                                      jitters=self.jitters_to(h), rates=self.rates_to(h), threads=self.threads), hosts)
-        self.each(lambda h: self.call(h, "pace", 10.0, clear=True, **self.pacing[h]), hosts)
-
     def _machine_roofline(self, model: dict) -> dict:
         """This machine's one-core roofline on ``model``, measured by the fork server once per machine
         and model (``testbed.backends.calibrate.cached_machine_roofline``)."""
@@ -213,27 +273,6 @@ class AgentPool:
 
         return cached_machine_roofline(model["arg"], int(model.get("seed", 0)),
                                        lambda: self.fs.call("roofline", 600.0, model=model)["roofline"])
-
-    def _pacing(self, cores: float) -> dict:
-        if self.cpu_emulation == "pace" and self.machine is None:  # no model: nothing to pace
-            return {"speed": None}
-        return pacing_for(self.cpu_emulation, cores, self.machine)
-
-    def set_cores(self, host: str, cores: float) -> dict:
-        """Pace ``host``'s agent as a device of ``cores`` (this machine's cores); its stats back."""
-        self.pacing[host] = self._pacing(cores)
-        return self.call(host, "pace", 10.0, clear=True, **self.pacing[host])
-
-    def push_delays(self) -> None:
-        """Send every agent the current path delays and rates (after any link change)."""
-        for h in self.agents:
-            self.call(h, "set_delays", 10.0, delays=self.delays_to(h), jitters=self.jitters_to(h), rates=self.rates_to(h))
-
-    def respawn(self, host: str) -> None:
-        old = self.agents.pop(host, None)
-        if old is not None:
-            self.kill(old)
-        self.spawn(host)
 
     def kill(self, handle: AgentHandle) -> None:
         """SIGKILL one agent (through the fork server, its parent, which reaps it), then close."""
@@ -257,30 +296,6 @@ class AgentPool:
         self.agents.clear()
         self.fs.close()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
-
-    # ------------------------------------------------------------------ calls
-    def call(self, host: str, cmd: str, timeout_s: float = P.CONTROL_TIMEOUT_S, watchdog=None, **args) -> dict:
-        return self.agents[host].conn.call(cmd, timeout_s, watchdog, **args)
-
-    def each(self, fn: Callable[[str], object], hosts: list[str] | None = None) -> dict[str, object]:
-        """Run ``fn(host)`` for every host in parallel threads; re-raise the first error."""
-        hosts = list(hosts if hosts is not None else self.agents)
-        out: dict[str, object] = {}
-        errs: list[BaseException] = []
-
-        def run(h):
-            try:
-                out[h] = fn(h)
-            except BaseException as exc:  # collected and re-raised in the caller's thread
-                errs.append(exc)
-        threads = [threading.Thread(target=run, args=(h,)) for h in hosts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errs:
-            raise errs[0]
-        return out
 
     def dead(self) -> dict[str, int]:
         """Hosts whose agent has exited, with its return code (-9 = SIGKILL, e.g. the OOM killer)."""

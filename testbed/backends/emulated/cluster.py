@@ -58,14 +58,10 @@ class EmulatedCluster(FailureDiagnosis):
         self._own_net = network is None
         self.pool = None
         if network is None:
-            from testbed.emulation.network import EmulatedNetwork
-
-            network = EmulatedNetwork(topology, run_id or f"ec{uuid.uuid4().hex[:6]}", self.manifest,
-                                      delay_consumer="wire", cpu_emulation=cpu_emulation)
-            network.start()
+            network = self._make_network(run_id or f"ec{uuid.uuid4().hex[:6]}", cpu_emulation)
         self.net = network
         try:
-            self.pool = AgentPool(self.net, self.manifest, self.run_dir, self.model, threads=threads)
+            self.pool = self._make_pool(threads)
             self.pool.start()
             self.flops: dict[str, float] = {}
             self.calibrations: dict[str, dict] = {}  # host -> the last calibration's figures
@@ -93,6 +89,20 @@ class EmulatedCluster(FailureDiagnosis):
         except BaseException:
             self.close()
             raise
+
+    # ------------------------------------------------------------------ what a backend provides
+    def _make_network(self, run_id: str, cpu_emulation: str):
+        """The live network with per-host limits (here Mininet; the SSH backend's is its device fleet)."""
+        from testbed.emulation.network import EmulatedNetwork
+
+        network = EmulatedNetwork(self.topology, run_id, self.manifest, delay_consumer="wire",
+                                  cpu_emulation=cpu_emulation)
+        network.start()
+        return network
+
+    def _make_pool(self, threads: int):
+        """One agent per host, not yet started (here forked by a fork server into the namespaces)."""
+        return AgentPool(self.net, self.manifest, self.run_dir, self.model, threads=threads)
 
     # ------------------------------------------------------------------ measurement
     def _cg(self, host: str):
@@ -182,7 +192,7 @@ class EmulatedCluster(FailureDiagnosis):
         self._changed_links.add((a, b))
         back = self._read_rates(a, b)
         if delay_ms is not None or bandwidth_mbps is not None or up is not None:
-            self.pool.push_delays()  # delays and the serialisation floor's rates
+            self.pool.push_delays(self.live_hosts())  # delays and the serialisation floor's rates
         return {**back, "before": before}
 
     def set_host_limits(self, host: str, *, mem_limit_mib: float | None = None,

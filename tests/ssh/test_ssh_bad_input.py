@@ -1,0 +1,103 @@
+"""Bad input to the SSH backend, against real sshd in namespaces: an unreachable host, a wrong key,
+an unknown host key, a device without the Python modules, a device too small for its assignment —
+each a one-line error naming the device and what to do, raised before anything is created on any
+device (the devices' work directory stays empty, no cgroup of the run exists). Trust on first use
+records the fingerprint. This module is in the default suite (not slow); ``-m ssh`` selects it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.ssh.conftest import NEEDS
+from testbed.backends.ssh.fleet import SshFleet
+from testbed.backends.ssh.transport import DeviceError
+from testbed.emulation.cleanup import Manifest, read_manifest
+from testbed.spec.inventory import load_inventory
+from testbed.spec.schema import TopologySpec
+
+pytestmark = [pytest.mark.ssh, pytest.mark.root, NEEDS]
+
+
+def topo(mem=512, rates=(50, 20, 10)) -> TopologySpec:
+    return TopologySpec.model_validate({
+        "name": "t", "switches": ["s1"],
+        "hosts": [{"name": f"h{i + 1}", "mem_limit_mib": mem, "cpu_cores": 1, "source": i == 0} for i in range(3)],
+        "links": [{"a": f"h{i + 1}", "b": "s1", "bandwidth_mbps": r} for i, r in enumerate(rates)]})
+
+
+def bring_up(rig, tmp: Path, topology=None, known_hosts=None, **inv):
+    inventory = load_inventory(rig.inventory(tmp / "inv.yaml", known_hosts, **inv))
+    run = tmp / "run"
+    run.mkdir(exist_ok=True)
+    fleet = SshFleet(topology or topo(), inventory, "bad1", Manifest(run / "resources.jsonl"), run)
+    return fleet.start(), run
+
+
+def assert_nothing_created(rig, run: Path) -> None:
+    assert not any((rig.tmp / "devices").iterdir())
+    assert not [e for e in read_manifest(run / "resources.jsonl") if e["kind"] == "remote"]
+    for root in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpu"):
+        assert not list(Path(root).glob("headroom-bad1-*"))
+
+
+CASES = {
+    "unreachable": ({"device_h2": {"port": 2222}}, r"device h2 \(root@[\d.]+:2222\): unreachable .*sshd runs"),
+    "wrong_key": ({"device_h3": {"key_file": "WRONG"}}, r"device h3 .*authentication failed .*authorized_keys"),
+    "missing_modules": ({"device_h1": {"python": "/usr/bin/python3"}},
+                        r"device h1: Python modules missing: torch.*install them"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_device_is_one_line_before_anything_is_created(rig, tmp_path, case):
+    overrides, pattern = CASES[case]
+    overrides = json.loads(json.dumps(overrides).replace('"WRONG"', json.dumps(str(rig.keys / "wrong"))))
+    with pytest.raises(DeviceError, match=pattern) as exc:
+        bring_up(rig, tmp_path, **overrides)
+    assert len(str(exc.value).splitlines()) == 1
+    assert_nothing_created(rig, tmp_path / "run")
+
+
+def test_unknown_host_key_refused_then_trusted_on_first_use(rig, tmp_path):
+    known = rig.write_known_hosts(tmp_path / "known_hosts", devices=["h1", "h2"])
+    with pytest.raises(DeviceError, match=r"^device h3 .*unknown host key ssh-ed25519 SHA256:\S+: add it to .*"
+                                          r"trust_on_first_use: true$"):
+        bring_up(rig, tmp_path, known_hosts=known)
+    assert_nothing_created(rig, tmp_path / "run")
+    fleet, run = bring_up(rig, tmp_path, known_hosts=known, trust_on_first_use=True, measure=False)
+    try:
+        keys = next(e["value"] for e in read_manifest(run / "resources.jsonl") if e.get("key") == "ssh_host_keys")
+        assert keys["h3"]["trusted_on_first_use"] and keys["h3"]["fingerprint"].startswith("ssh-ed25519 SHA256:")
+        assert not keys["h1"]["trusted_on_first_use"]
+        assert rig.ip("h3") in known.read_text()
+    finally:
+        fleet.stop()
+
+
+def test_device_too_small_and_clean_bring_up(rig, tmp_path):
+    with pytest.raises(DeviceError, match=r"^device h\d: too small for its assignment: mem_limit_mib 1e\+07 but only "
+                                          r"\d+ MiB available: lower mem_limit_mib or free memory"):
+        bring_up(rig, tmp_path, topology=topo(mem=1e7))
+    assert_nothing_created(rig, tmp_path / "run")
+    fleet, run = bring_up(rig, tmp_path)  # the same rig, sane limits: comes up, measures, tears down
+    try:
+        assert fleet.measured["h1->h3"]["rate_mbps"] == pytest.approx(10, rel=0.25)
+        assert fleet.cgroups["h2"].memory_limit() == 512 << 20
+        log = (run / "resources.jsonl").read_text()
+        assert "BEGIN OPENSSH" not in log and "token" not in log
+    finally:
+        removed = fleet.stop()
+    assert not [l for l in removed if l.startswith("FAILED")], removed
+    assert_nothing_left(rig, run)
+
+
+def assert_nothing_left(rig, run: Path) -> None:
+    assert not any((rig.tmp / "devices").iterdir())
+    for e in read_manifest(run / "resources.jsonl"):
+        if e["kind"] == "remote" and e["what"] in ("cgroup", "dir"):
+            assert not Path(e["path"]).exists(), e
+        if e["kind"] == "remote" and e["what"] == "process":
+            stat = Path(f"/proc/{e['pid']}/stat")
+            assert not stat.exists() or int(stat.read_text().rsplit(")", 1)[1].split()[19]) != e["start_time"], e
