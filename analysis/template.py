@@ -50,9 +50,9 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
 <table><tr><th>link direction</th><th>spec Mbit/s</th><th>tc Mbit/s</th><th>delay ms</th><th>jitter ms</th><th>loss %</th></tr>
 {% for l in r.facts.network.links %}<tr><td class="l">{{ l.link }}</td><td>{{ l.spec_mbps }}</td><td>{{ "%.2f"|format(l.tc_mbps) }}</td>
  <td>{{ l.delay_ms }}</td><td>{{ l.jitter_ms }}</td><td>{{ l.loss_pct }}</td></tr>{% endfor %}</table>
-<table><tr><th>pair</th><th>hops</th><th>spec RTT ms</th><th>measured RTT ms</th><th>jitter ms (spec / measured)</th><th>within 5 % or 0.3 ms</th></tr>
+<table><tr><th>pair</th><th>hops</th><th>spec RTT ms</th><th>measured RTT ms (raw)</th><th>added by the links</th><th>jitter ms (spec / measured)</th><th>within 5 % or 0.3 ms</th></tr>
 {% for p in r.facts.network.paths %}<tr><td class="l">{{ p.pair }}</td><td>{{ p.hops }}</td><td>{{ p.expected_rtt_ms }}</td>
- <td>{{ p.measured_rtt_ms }}</td><td>{{ p.expected_jitter_ms }} / {{ p.measured_jitter_ms }}</td>
+ <td>{{ p.measured_rtt_ms }}</td><td>{{ p.added_rtt_ms }}</td><td>{{ p.expected_jitter_ms }} / {{ p.measured_jitter_ms }}</td>
  <td class="l">{% if p.rtt_ok %}yes{% else %}<span class="fail">no</span>{% endif %}</td></tr>{% endfor %}</table>
 {% endif %}
 {% if r.timeline %}<p>Scenario: {% for c in r.timeline %}<br>&nbsp;• {{ c }}{% endfor %}</p>{% endif %}
