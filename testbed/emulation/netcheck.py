@@ -7,13 +7,11 @@ whose receivers apply the delay table; netem: the same probe without transport d
 the spec asks for loss, a UDP loss run. Per host: the memory limit is proven by a probe placed in
 the host's cgroup that allocates past it and must be OOM-killed; the CPU quota is read back.
 Rates compare as L2 rates (goodput scaled by frame/payload size) within ±5 %; RTT within ±10 %
-or 1 ms. The probe entry points at the bottom run *inside* the hosts (``python -m testbed.emulation.netcheck``).
+or 1 ms. The probes themselves run *inside* the hosts (``python -m testbed.emulation.netprobe``).
 """
 from __future__ import annotations
 
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _py(net, host: str, args: list[str], **kw) -> subprocess.Popen:
-    return net.popen_in_host(host, [sys.executable, "-m", "testbed.emulation.netcheck", *args], cgroup=False,
+    return net.popen_in_host(host, [sys.executable, "-m", "testbed.emulation.netprobe", *args], cgroup=False,
                              cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -200,7 +198,7 @@ def measure_memory(net, host: str, timeout_s: float = 60.0) -> dict:
     g = net.cgroups[host]
     limit_mib = g.memory_limit() / 2**20
     before = g.oom_kills()
-    p = net.popen_in_host(host, [sys.executable, "-m", "testbed.emulation.netcheck", "_alloc", str(int(limit_mib * 2 + 256))],
+    p = net.popen_in_host(host, [sys.executable, "-m", "testbed.emulation.netprobe", "_alloc", str(int(limit_mib * 2 + 256))],
                           cgroup=True, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     rc, out, _ = _finish(p, timeout_s)
     got = [int(x) for x in out.split()] or [0]
@@ -335,65 +333,10 @@ def run_net_check(topology, json: bool = False, rate_seconds: float = 2.0, run_i
                        for r in report["links"]) and all(r["rtt_ok"] and r.get("jitter_ok", True) for r in report["paths"]) and \
         all(r["ok"] for r in report["hosts"]) and report.get("compute", {}).get("ok", True)
     if not json:
+        from testbed.emulation.netreport import print_report
+
         print_report(report)
     return report
-
-
-def print_report(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    mark = {True: "[green]ok[/]", False: "[red]FAIL[/]"}
-    t = Table(title=f"{report['topology']}: links (delay via {report['delay_mechanism']})")
-    for col in ("link", "pair", "bottleneck", "spec Mbit/s", "L2 Mbit/s", "goodput", "rate",
-                "spec RTT ms", "RTT ms (raw)", "added by links", "rtt", "jitter ms (spec/meas)", "loss % (spec/meas)"):
-        t.add_column(col)
-    for r in report["links"]:
-        loss = f"{r['expected_loss_pct']}/{r['measured_loss_pct']:.2f} {mark[r['loss_ok']]}" if "loss_ok" in r else "-"
-        jit = f"{r['expected_jitter_ms']:.2f}/{r['measured_jitter_ms']:.2f} {mark[r['jitter_ok']]}" if "jitter_ok" in r \
-            else f"-/{r.get('measured_jitter_ms', 0):.2f}"
-        t.add_row(r["link"], r["pair"], r["bottleneck"], f"{r['expected_mbps']:g}", f"{r['measured_mbps']:.2f}",
-                  f"{r['goodput_mbps']:.2f}", mark[r["rate_ok"]] + (" (machine cap)" if r.get("rate_capped") else ""),
-                  f"{r['expected_rtt_ms']:.2f}", f"{r['measured_rtt_ms']:.2f}", f"{r['added_rtt_ms']:.2f}",
-                  mark[r["rtt_ok"]], jit, loss)
-    p = Table(title="host pairs: round trips over the routed path")
-    for col in ("pair", "hops", "spec RTT ms", "RTT ms (raw)", "probe alone", "added by links", "jitter ms (spec/meas)", "ok"):
-        p.add_column(col)
-    for r in report.get("paths", []):
-        jit = f"{r['expected_jitter_ms']:.2f}/{r['measured_jitter_ms']:.2f}"
-        p.add_row(r["pair"], str(r["hops"]), f"{r['expected_rtt_ms']:.2f}", f"{r['measured_rtt_ms']:.2f}",
-                  f"{r.get('probe_rtt_ms', 0):.2f}", f"{r['added_rtt_ms']:.2f}", jit, mark[r["rtt_ok"] and r.get("jitter_ok", True)])
-    h = Table(title="hosts")
-    for col in ("host", "limit MiB", "killed at MiB", "oom kills", "cpu cores", "ok"):
-        h.add_column(col)
-    for r in report["hosts"]:
-        h.add_row(r["host"], f"{r['mem_limit_mib']:.0f}", str(r["allocated_mib_at_kill"]), str(r["oom_kills"]),
-                  f"{r['cpu_cores']:g}", mark[r["ok"]])
-    console = Console() if sys.stdout.isatty() else Console(width=200)  # a log keeps every column
-    console.print(t)
-    console.print(p)
-    console.print(h)
-    if "compute" in report:
-        console.print(_compute_table(report["compute"], mark))
-    console.print(f"overall: {mark[report['ok']]}")
-
-
-def _compute_table(comp: dict, mark: dict):
-    from rich.table import Table
-
-    m = comp.get("machine") or {}
-    c = Table(title=f"compute fidelity ({comp['model']}, {comp['cpu_emulation']}; this machine: "
-                    f"{m.get('bytes_per_s', 0) / 1e9:.1f} GB/s, {m.get('call_s', 0) * 1e6:.0f} us/call)")
-    for col in ("host", "cpu cores", "device GB/s", "device us/call", "device step ms", "paced step ms",
-                "paced/device", "p95/p50", "same-cores spread", "ok"):
-        c.add_column(col)
-    for r in comp["hosts"]:
-        f = lambda v, k=1.0, d=3: "-" if v is None else f"{v * k:.{d}f}"  # noqa: E731
-        c.add_row(r["host"], f"{r['cpu_cores']:g}", f(r["device_bytes_per_s"], 1e-9, 2), f(r["device_call_s"], 1e6, 0),
-                  f(r["device_step_s"], 1e3), f(r["step_median_s"], 1e3), f(r["step_over_device"]),
-                  f(r["step_p95_over_median"]), f"{r['same_cores_spread']:.1%}",
-                  mark[r["ok"]] + (" (full core: reported)" if r["full_core"] else ""))
-    return c
 
 
 def net_check(path_or_spec, as_json: bool = False, cpu_emulation: str = "cfs", compute=None) -> tuple[bool, dict]:
@@ -406,87 +349,3 @@ def net_check(path_or_spec, as_json: bool = False, cpu_emulation: str = "cfs", c
         spec = spec.topology
     report = run_net_check(spec, json=as_json, cpu_emulation=cpu_emulation, compute=compute)
     return report["ok"], report
-
-
-# --------------------------------------------------------------------------- probes (run in hosts)
-def _jitter_draw(hops: list[float], seed: str):
-    import random
-
-    from node_agent.wire import draw_jitter
-
-    rng = random.Random(seed)
-    return (lambda: draw_jitter(rng, hops)) if hops else None
-
-
-def _wire_server(port: int, delay_s: float, rate_bytes_per_s: float, jitter_hops: list[float]) -> None:
-    from node_agent.inbox import lower_timer_slack
-    from node_agent.wire import TransitFloor, recv_frame, send_frame
-
-    lower_timer_slack()  # as the agents' worker: timed holds punctual to ~10 us
-    floor = TransitFloor()
-    jitter = _jitter_draw(jitter_hops, f"server{port}")
-
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", port))
-    srv.listen(1)
-    print("ready", flush=True)
-    srv.settimeout(30)
-    conn, _ = srv.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        while True:
-            f = recv_frame(conn, delay_s=delay_s, floor=floor, rate_bytes_per_s=rate_bytes_per_s, jitter=jitter)
-            if f.type == "bye":
-                return
-            send_frame(conn, {"type": "pong", "seq": f.header.get("seq"), "floor": floor.seconds if delay_s else 0.0})
-    finally:
-        conn.close()
-
-
-def _wire_client(ip: str, port: int, delay_s: float, count: int, rate_bytes_per_s: float,
-                 jitter_hops: list[float]) -> None:
-    from node_agent.inbox import lower_timer_slack
-    from node_agent.wire import TransitFloor, connect, recv_frame, send_frame
-
-    lower_timer_slack()
-    floor = TransitFloor()
-    jitter = _jitter_draw(jitter_hops, f"client{port}")
-    sock = connect(ip, port)
-    rtts = []
-    for seq in range(count + 2):
-        t0 = time.time()
-        send_frame(sock, {"type": "ping", "seq": seq})
-        pong = recv_frame(sock, delay_s=delay_s, floor=floor, rate_bytes_per_s=rate_bytes_per_s, jitter=jitter)
-        if seq >= 2:  # first exchanges warm ARP and the connection
-            rtts.append(time.time() - t0)
-        time.sleep(0.01)
-    send_frame(sock, {"type": "bye"})
-    print(json.dumps({"rtt_s": rtts, "floor_c": floor.seconds if delay_s else 0.0,
-                      "floor_s": float(pong.header.get("floor") or 0.0)}))
-
-
-def _alloc(cap_mib: int) -> None:
-    """Grow in 1 MiB steps, printing the process's private resident MiB (interpreter included) after each."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    chunks = []
-    rss_mib = 0
-    while rss_mib < cap_mib:
-        chunks.append(b"\x01" * 2**20)  # written, so every page is touched and charged
-        with open("/proc/self/statm") as f:
-            fields = f.read().split()
-            rss_mib = (int(fields[1]) - int(fields[2])) * page // 2**20  # resident minus file-backed shared
-        print(rss_mib, flush=True)
-    sys.exit(3)  # never killed: the limit is not enforced
-
-
-if __name__ == "__main__":
-    cmd, args = sys.argv[1], sys.argv[2:]
-    if cmd == "_wire_server":
-        _wire_server(int(args[0]), float(args[1]), float(args[2]), json.loads(args[3]))
-    elif cmd == "_wire_client":
-        _wire_client(args[0], int(args[1]), float(args[2]), int(args[3]), float(args[4]), json.loads(args[5]))
-    elif cmd == "_alloc":
-        _alloc(int(args[0]))
-    else:
-        raise SystemExit(f"unknown probe {cmd}")

@@ -44,24 +44,31 @@ migration: {weights_from: destination}
 """
 
 
-def test_a_crashed_agent_is_recovered_with_identical_tokens(tmp_path):
-    exp = tmp_path / "recovery.yaml"
-    exp.write_text(EXPERIMENT)
-    out = subprocess.run([sys.executable, "-m", "testbed", "run", str(exp), "-o", str(tmp_path / "out"),
-                          "--print-run-dir"], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
-    run = Path(out.stdout.strip().splitlines()[-1])
-
+def run_and_reference(exp: Path) -> tuple[Path, list[int]]:
+    """``headroom run EXP`` (must succeed) -> (its run directory, the monolithic model's greedy tokens
+    on the run's prompt: real SmolLM2 weights, so the tokens vary)."""
     from node_agent.model import load_model
-    from testbed.run.events import read_events
     from testbed.run.runner import prompt_for
     from testbed.spec.loader import load_experiment
     from testbed.spec.modelref import resolve_model
 
+    out = subprocess.run([sys.executable, "-m", "testbed", "run", str(exp), "-o", str(exp.parent / "out"),
+                          "--print-run-dir"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
     spec = load_experiment(exp)
     ref = resolve_model(spec.model)
     expected = load_model(ref.load_arg, seed=ref.seed).generate(prompt_for(spec, ref, 0), spec.workload.new_tokens)
     assert len(set(expected)) > 1
+    return Path(out.stdout.strip().splitlines()[-1]), expected
+
+
+def test_a_crashed_agent_is_recovered_with_identical_tokens(tmp_path):
+    exp = tmp_path / "recovery.yaml"
+    exp.write_text(EXPERIMENT)
+    run, expected = run_and_reference(exp)
+
+    from testbed.run.events import read_events
+
     # the run carries its network as measured at bring-up (issue 16 item 6; the strict RTT tolerance
     # is net check's test, tests/integration/test_network.py, on a machine not running agents)
     net = json.loads((run / "manifest.json").read_text())["network_check"]
@@ -87,21 +94,11 @@ def test_a_lost_device_is_replaced_by_a_dynamic_algorithm_and_fails_a_static_one
     exp.write_text(EXPERIMENT.replace("name: recovery", "name: lost")
                    .replace("{at_token: 5, host: h2, kill_agent: true}", "{at_token: 5, host: h2, down: true}")
                    .replace("mem_limit_mib: 320", "mem_limit_mib: 560"))
-    out = subprocess.run([sys.executable, "-m", "testbed", "run", str(exp), "-o", str(tmp_path / "out"),
-                          "--print-run-dir"], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
-    run = Path(out.stdout.strip().splitlines()[-1])
+    run, expected = run_and_reference(exp)
 
-    from node_agent.model import load_model
     from testbed.core.placement import Placement
     from testbed.run.events import read_events
-    from testbed.run.runner import prompt_for
-    from testbed.spec.loader import load_experiment
-    from testbed.spec.modelref import resolve_model
 
-    spec = load_experiment(exp)
-    ref = resolve_model(spec.model)
-    expected = load_model(ref.load_arg, seed=ref.seed).generate(prompt_for(spec, ref, 0), spec.workload.new_tokens)
     summary = json.loads((run / "summary.json").read_text())
     events = read_events(run)
     ra = [e for e in events if e.get("algorithm") == "resource_aware"]
