@@ -185,7 +185,7 @@ class AlgorithmLoop:
             placement = self._replace_lost(token_index, gone)
             cause = f"device {', '.join(gone)} gone: re-placed on the survivors"
         history = list(self.s.prompt_ids) + self.state.tokens[:-1]
-        r = self.cluster.recover(history, placement) if placement is not None else self.cluster.recover(history)
+        r = self.cluster.recover(history, placement)  # placement None: the current one
         if placement is not None:
             self.state.placement = placement
         if r.token_id != self.state.tokens[-1]:
