@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from testbed.partition.cost.blocks import block_flops, block_memory_bytes
-from testbed.partition.cost.latency import COST_MODELS, CostResult, cost
+from testbed.partition.cost.latency import COST_MODELS, CostResult, cost, memory
 from testbed.core.errors import InfeasiblePlan, OutOfScope
 from testbed.partition import registry
 from testbed.partition.cost.migration import migration_delay
@@ -39,6 +39,10 @@ class PlanResult:
     transfer_s: float = 0.0
     migration_delay_s: float = 0.0  # from snapshot.current to this placement
     extra: dict = field(default_factory=dict)
+    # bytes per device at ``peak_context_len``: the end of the run when the snapshot knows it (the
+    # plan's peak if it were kept to the end), else the next decision
+    predicted_peak_mem_bytes: dict[str, int] = field(default_factory=dict)
+    peak_context_len: int = 0
 
     def to_json(self) -> dict:
         return {
@@ -46,6 +50,7 @@ class PlanResult:
             "predicted_token_latency_s": self.predicted_token_latency_s, "solve_time_s": self.solve_time_s,
             "compute_s": self.compute_s, "transfer_s": self.transfer_s,
             "migration_delay_s": self.migration_delay_s, "predicted_mem_bytes": self.predicted_mem_bytes,
+            "predicted_peak_mem_bytes": self.predicted_peak_mem_bytes, "peak_context_len": self.peak_context_len,
             "placement": self.placement.to_json(), **({"planner": self.extra} if self.extra else {}),
         }
 
@@ -75,9 +80,17 @@ def plan(algorithm: str, snapshot: ClusterSnapshot, dims: ModelDims, cost_model:
     placement.validate(dims.n_layers, dims.n_kv_heads, dims.ffn_dim)
     res = cost(placement, snapshot, dims, cost_model)
     mig = migration_delay(snapshot.current, placement, snapshot, dims, cost_model=cost_model)
+    peak_at = peak_context(snapshot)
     return PlanResult(algorithm, placement, res.token_latency_s, res.mem_bytes, solve,
                       entry.dynamic, cost_model, res.compute_s, res.transfer_s, mig,
-                      _json_scalars(placement.meta))
+                      _json_scalars(placement.meta), memory(placement, snapshot, dims, cost_model, peak_at), peak_at)
+
+
+def peak_context(snapshot: ClusterSnapshot) -> int:
+    """Context at which a plan's predicted peak is reported: the end of the run when known, else the
+    next decision."""
+    end = snapshot.end_context_len
+    return int(end) if end != float("inf") else snapshot.context_len + snapshot.tokens_until_next_decision
 
 
 def _json_scalars(meta: dict) -> dict:

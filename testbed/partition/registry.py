@@ -49,6 +49,9 @@ class ResourceAwareParams(Params):
     split_slack: float = Field(0.1, ge=0)
     portfolio: bool = True
     portfolio_slack: float = Field(0.01, ge=0, lt=1)
+    headroom_to_end: bool = True
+    level_tol: float = Field(0.02, ge=0, lt=1)
+    level_evals: int = Field(2000, ge=1)
 
 
 class OptimalParams(Params):
@@ -64,6 +67,7 @@ class OptimalParams(Params):
     horizon_tokens: Optional[int] = Field(None, ge=1)
     local_search_evals: int = Field(20_000, ge=1)
     milp_max_nodes: int = Field(200_000, ge=1)
+    level_tol: float = Field(0.0, ge=0, lt=1)
 
 
 class EdgeShardDynamicParams(Params):

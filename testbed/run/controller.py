@@ -226,7 +226,9 @@ class AlgorithmLoop:
         self._ev("plan", token_index=token_index, placement=result.placement.to_json(),
                  predicted_token_latency_s=result.predicted_token_latency_s, solve_time_s=result.solve_time_s,
                  predicted_migration_delay_s=result.migration_delay_s,
-                 predicted_mem_bytes=result.predicted_mem_bytes, snapshot_mem=told,
+                 predicted_mem_bytes=result.predicted_mem_bytes,
+                 predicted_peak_mem_bytes=result.predicted_peak_mem_bytes, peak_context_len=result.peak_context_len,
+                 snapshot_mem=told,
                  **({"planner": result.extra} if result.extra else {}))
 
     def _apply_due(self, token_index: int) -> list[Change]:

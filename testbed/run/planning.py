@@ -1,7 +1,7 @@
 """``headroom plan``: place the model for an experiment's initial snapshot, without any network.
 
 The initial snapshot is the topology as specified (the simulated backend's exact state), at the
-prompt's context length.
+prompt's context length, with the run's ``new_tokens`` still to come (as the first decision of a run).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def plan_initial(spec: ExperimentSpec, algorithm: str) -> dict:
     cluster = build_simulated_cluster(spec.topology, model, host_overhead_mib=spec.simulation.host_overhead_mib,
                                       weights_from=spec.migration.weights_from)
     snap = cluster.snapshot(spec.workload.prompt_tokens, spec.repartition_every_tokens)
-    snap = replace(snap, allow_blocks_on_source=spec.allow_blocks_on_source)
+    # as a run's first decision sees it: the run adds ``new_tokens`` positions (memory horizons end there)
+    snap = replace(snap, allow_blocks_on_source=spec.allow_blocks_on_source, tokens_remaining=spec.workload.new_tokens)
     params = next((a.params for a in spec.algorithm_specs() if a.name == algorithm), {})
     try:
         result = plan(algorithm, snap, model.dims, cost_model=spec.cost_model, **params)
@@ -47,6 +48,8 @@ def plan_initial(spec: ExperimentSpec, algorithm: str) -> dict:
         "predicted_token_latency_s": result.predicted_token_latency_s,
         "solve_time_s": result.solve_time_s,
         "predicted_mem_bytes": result.predicted_mem_bytes,
+        "predicted_peak_mem_bytes": result.predicted_peak_mem_bytes,
+        "peak_context_len": result.peak_context_len,
         "placement": result.placement.to_json(),
         **({"planner": result.extra} if result.extra else {}),
     }

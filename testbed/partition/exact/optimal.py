@@ -244,7 +244,7 @@ def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_evals: int
 def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
             time_limit_s: float = 60.0, max_devices: int = 16, horizon_epochs: int = 4,
             horizon_tokens: int | None = None, local_search_evals: int = 20_000,
-            milp_max_nodes: int = 200_000) -> Placement:
+            milp_max_nodes: int = 200_000, level_tol: float = 0.0) -> Placement:
     """Minimum of the chosen cost model (scope and what is exact: the module docstring).
 
     Under ``decode`` the migration delay from ``snapshot.current`` is amortised over
@@ -255,7 +255,30 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
     whether the latency is certified optimal. Budgets are work counts (``local_search_evals``
     plan evaluations, ``milp_max_nodes`` branch-and-bound nodes, the exact search's
     ``SERIAL_LIMIT``), so the plan does not depend on the machine's speed or load;
-    ``time_limit_s`` only guards the MILP (reaching it is a failure)."""
+    ``time_limit_s`` only guards the MILP (reaching it is a failure).
+    Memory policy: its memory horizon is the next decision (capped at the end of the run).
+    ``level_tol > 0`` (default 0: the plan is the latency optimum the certificate describes) adds
+    RA's step 4d (``ra.leveling``): the largest peak lowered by head / FFN-chunk moves within
+    ``1 + level_tol`` of the plan's objective; ``meta`` keeps the certificate of the plan BEFORE
+    leveling and says ``leveling_moves``."""
+    pl = _optimal(snapshot, dims, cost_model, ffn_chunks, time_limit_s, max_devices, horizon_epochs,
+                  horizon_tokens, local_search_evals, milp_max_nodes)
+    if level_tol <= 0:
+        return pl
+    from testbed.partition.ra.leveling import level_plan
+
+    prob = Problem(snapshot, dims, cost_model)
+    N = prob.N
+    prob.H = max(1.0, snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None
+                                                   else N * max(1, horizon_epochs)))
+    K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
+    return level_plan(prob, pl, level_tol, K, 2000)
+
+
+def _optimal(snapshot, dims, cost_model: str, ffn_chunks: int | None, time_limit_s: float, max_devices: int,
+             horizon_epochs: int, horizon_tokens: int | None, local_search_evals: int,
+             milp_max_nodes: int) -> Placement:
+    """``optimal`` without the leveling step."""
     from testbed.partition.exact.serial import search_size
 
     prob = Problem(snapshot, dims, cost_model)

@@ -56,6 +56,7 @@ from testbed.partition.common import NoFit, Problem
 from testbed.core.errors import InfeasiblePlan
 from testbed.partition.ra.choice import _objective, choose_plan, plan_cost, problem_net
 from testbed.partition.ra.greedy import _round
+from testbed.partition.ra.leveling import level_plan
 from testbed.core.placement import Placement
 
 
@@ -164,7 +165,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
                    headroom_gain: float = 0.05, anticipate_epochs: int = 2,
                    preempt: float = 1.0, layer_split: bool = True,
                    split_slack: float = 0.1, portfolio: bool = True,
-                   portfolio_slack: float = 0.01) -> Placement:
+                   portfolio_slack: float = 0.01, headroom_to_end: bool = True,
+                   level_tol: float = 0.02, level_evals: int = 2000) -> Placement:
     """One RA decision.
 
     ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
@@ -191,44 +193,61 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
     token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
     over the horizon), and repairs (forced or anticipated) are extended towards the headroom
-    horizon at that price; otherwise a forced move moves only what must move (``choose_plan``)."""
+    horizon at that price; otherwise a forced move moves only what must move (``choose_plan``).
+    Memory policy (issue 19): ``headroom_to_end`` (when the snapshot knows ``tokens_remaining``):
+    blocks are sized for the end of the run first (then ``headroom_epochs``, then one epoch, when
+    that does not fit), and no round trades that headroom for speed (``_tight_round`` is skipped).
+    ``level_tol``: step 4d (``ra.leveling.level``), among plans within ``1 + level_tol`` of the
+    objective found, lower the largest device's peak by moving heads / FFN chunks (0: off), with
+    at most ``level_evals`` plan evaluations."""
     from testbed.partition.layer.baselines import first_fit
 
-    prob, headroom_until = _problem(snapshot, dims, cost_model, headroom_epochs, horizon_epochs, horizon_tokens,
-                                    thorough)
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
-    layers, meta, budget, last_err = _balanced_round(prob, K, proj_candidates, mem_balance, balance_slack)
+    for prob, headroom_until, to_end in _problems(snapshot, dims, cost_model, headroom_epochs, horizon_epochs,
+                                                  horizon_tokens, thorough, headroom_to_end):
+        layers, meta, budget, last_err = _balanced_round(prob, K, proj_candidates, mem_balance, balance_slack)
+        if layers is not None or not to_end:  # only the end-of-run sizing falls back to the next
+            break
     if layers is None:
         try:
             return first_fit(snapshot, dims, cost_model)
         except InfeasiblePlan:
             raise prob.no_fit(last_err.block, last_err.nbytes, prob.budget) from None
-    if prob.thorough and prob.T_mem > prob.T + prob.N:
+    if prob.thorough and prob.T_mem > prob.T + prob.N and not to_end:
         layers, meta, prob, budget = _tight_round(prob, K, proj_candidates, headroom_gain, layers, meta, budget)
     if layer_split:
         layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
     if portfolio:
         layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split)
-    new = Placement(snapshot.source, layers, meta=meta)
-    return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
-                       preempt=preempt, headroom_until=headroom_until)
+    new = Placement(snapshot.source, layers, meta={**meta, **({"headroom_to_end": True} if to_end else {})})
+    chosen = choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
+                         preempt=preempt, headroom_until=headroom_until)
+    return level_plan(prob, chosen, level_tol, K, level_evals) if level_tol > 0 else chosen
 
 
-def _problem(snapshot, dims, cost_model: str, headroom_epochs: int, horizon_epochs: int,
-             horizon_tokens: int | None, thorough: bool | None) -> tuple[Problem, int]:
-    """RA's problem: blocks sized for ``headroom_epochs`` of KV growth (one epoch when that does not
-    fit), the amortisation horizon ``H`` and ``thorough``; and the headroom horizon (context length)."""
+def _problems(snapshot, dims, cost_model: str, headroom_epochs: int, horizon_epochs: int,
+              horizon_tokens: int | None, thorough: bool | None, to_end: bool):
+    """RA's problems, most headroom first: (problem, headroom horizon, sized to the end of the run).
+    Blocks sized for the end of the run (``to_end`` and ``tokens_remaining`` known, when that is
+    beyond ``headroom_epochs``), for ``headroom_epochs`` of KV growth, for one epoch; a sizing is
+    skipped when the model does not fit in total (the last one raises); the caller falls back from
+    the end-of-run sizing when the greedy cannot place it. Each carries ``H`` and ``thorough``."""
     N = max(1, snapshot.tokens_until_next_decision)
     H = snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs))
-    prob = Problem(snapshot, dims, cost_model, mem_tokens=N * max(1, headroom_epochs))
-    try:
-        prob.check_totals()
-    except InfeasiblePlan:
-        prob = Problem(snapshot, dims, cost_model)
-        prob.check_totals()
-    prob.H = max(1.0, H)
-    prob.thorough = int(prob.allowed.sum()) <= 16 if thorough is None else thorough
-    return prob, prob.T_mem
+    sizings = [N * max(1, headroom_epochs), None]
+    if to_end and snapshot.tokens_remaining is not None and snapshot.tokens_remaining > sizings[0]:
+        sizings.insert(0, snapshot.tokens_remaining)
+    for i, mem_tokens in enumerate(sizings):
+        prob = Problem(snapshot, dims, cost_model, mem_tokens=mem_tokens)
+        try:
+            prob.check_totals()
+        except InfeasiblePlan:
+            if i == len(sizings) - 1:
+                raise
+            continue
+        prob.H = max(1.0, H)
+        prob.thorough = int(prob.allowed.sum()) <= 16 if thorough is None else thorough
+        yield prob, prob.T_mem, len(sizings) == 3 and i == 0
 
 
 def _one_round(prob: Problem, K: int, proj_candidates: int, budget):

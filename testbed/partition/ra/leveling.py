@@ -1,0 +1,172 @@
+"""RA step 4d: level memory by heads (issue 19) — lower the largest device's peak at (almost) no latency.
+
+The memory policy RA states (``ra.planner``'s docstring): first minimise latency (+ migration delay
+/ H) subject to every device having room for the KV growth until the memory horizon (the next
+decisions, or the end of the run when the snapshot knows ``tokens_remaining``); then, among plans
+whose objective is within ``tol`` (default 2 %) of that best one, minimise the largest device's
+PEAK — its blocks' bytes at the end of the run when known, else at the memory horizon.
+
+``level`` does the second part greedily, at the granularity only a head-level planner has: while
+some move lowers the device with the largest peak, it moves ONE head group with its KV cache, or
+one FFN chunk (``ffn_dim / ffn_chunks`` columns), off that device to a device with headroom, never
+a whole layer. Each candidate is evaluated with the full cost model (``ra.choice._objective``:
+latency + migration delay from the current placement / H, so on a re-decision a move pays its
+migration within the horizon or is not made) and the move with the smallest objective increase
+per byte of peak removed is applied, as long as the plan's objective stays within ``(1 + tol)``
+of the objective the leveling started from. Destinations that keep the dataflow short come first:
+a device that already holds part of the layer or sends the layer's input (no new hop), then
+devices by the transfer time the block's messages would take (a head needs the layer's input and
+sends its output to the projection; an FFN chunk needs ``h`` from the projection and sends its
+partial to the aggregator). A destination must fit the moved block at the peak horizon and end
+below the peak it relieves, so the sorted vector of peaks decreases at every move (termination);
+the work is bounded by ``max_evals`` plan evaluations (no clock: deterministic).
+Pure functions of a ``Problem``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from testbed.partition.common import Problem, sizes_for
+from testbed.partition.ra.choice import _block_use, _objective, problem_net
+from testbed.core.placement import FfnShard, LayerPlacement, Placement
+
+
+@dataclass(frozen=True)
+class _Move:
+    """One candidate: block ``blk`` (head group index, or an FfnShard) of layer ``l`` from ``a`` to ``dest``."""
+
+    far: bool  # the destination adds a hop to the layer's dataflow
+    key_s: float  # the block's messages' transfer time to/from the destination (ranking only)
+    l: int
+    blk: int | FfnShard
+    cols: int  # FFN columns moved (0 for a head)
+    dest: int
+    nbytes: float  # bytes at the peak horizon
+
+
+def peak_horizon(prob: Problem) -> int:
+    """Context at which peaks are measured: the end of the run when known, else the memory horizon."""
+    end = prob.snap.end_context_len
+    return int(end) if end != float("inf") else int(prob.T_mem)
+
+
+def worker_peaks(prob: Problem, pl: Placement, until: int | None = None) -> np.ndarray:
+    """Block bytes per device (index order) at ``until`` (default ``peak_horizon``), the source's
+    embedding/LM head excluded."""
+    return _block_use(prob, pl, peak_horizon(prob) if until is None else until)
+
+
+def _workers(prob: Problem) -> np.ndarray:
+    """Devices whose peak the policy levels: every device but the source (its embeddings are the
+    same for every plan; the summary's ``max_worker_peak_mem_bytes`` leaves it out too)."""
+    w = np.ones(len(prob.names), dtype=bool)
+    w[prob.src] = False
+    return w
+
+
+def _move(pl: Placement, m: _Move, dest: str) -> Placement:
+    """``pl`` with move ``m`` applied (an FFN chunk is cut off the END of its shard; it joins the
+    destination's shard when that starts where the chunk ends)."""
+    lp = pl.layers[m.l]
+    if isinstance(m.blk, int):
+        lp = LayerPlacement(lp.heads[:m.blk] + (dest,) + lp.heads[m.blk + 1:], lp.proj, lp.ffn)
+    else:
+        s, c0 = m.blk, m.blk.col_end - m.cols
+        shards = []
+        for t in lp.ffn:
+            if t == s:
+                if c0 > s.col_start:
+                    shards.append(FfnShard(s.device, s.col_start, c0))
+            elif t.device == dest and t.col_start == s.col_end:
+                shards.append(FfnShard(dest, c0, t.col_end))
+                c0 = -1
+            else:
+                shards.append(t)
+        if c0 >= 0:
+            new = FfnShard(dest, c0, s.col_end)
+            # the whole aggregator shard moved: the destination becomes the aggregator
+            shards = [new] + shards if (s == lp.ffn[0] and c0 == s.col_start) else shards + [new]
+        lp = LayerPlacement(lp.heads, lp.proj, tuple(shards))
+    return Placement(pl.source, pl.layers[:m.l] + (lp,) + pl.layers[m.l + 1:], meta=pl.meta)
+
+
+def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_cols: int,
+                n_dest: int) -> list[_Move]:
+    """Moves of one head group or one FFN chunk per layer off device ``a``, to the ``n_dest`` best
+    destinations with ``room`` for it (bytes; the caller keeps every destination below ``a``'s peak)."""
+    names, sz = prob.names, sizes_for(prob.dims, prob.cost_model, prob.T, peak_horizon(prob))
+    name, xb = names[a], prob.sz.x_b
+    out: list[_Move] = []
+    for l, lp in enumerate(pl.layers):
+        A = prob.index[pl.layers[l - 1].ffn[0].device] if l else prob.src
+        P, agg = prob.index[lp.proj], prob.index[lp.ffn[0].device]
+        near = {prob.index[d] for d in lp.heads} | {P, A} | {prob.index[s.device] for s in lp.ffn}
+        blocks = []
+        if name in lp.heads:
+            g = max(i for i, d in enumerate(lp.heads) if d == name)
+            key = prob.lat[A] + xb * prob.spb[A] + prob.lat[:, P] + prob.sz.head_out_b * prob.spb[:, P]
+            blocks.append((g, 0, sz.head_b, key))
+        for s in lp.ffn:
+            if s.device == name:
+                c = min(chunk_cols, s.col_end - s.col_start)
+                key = prob.lat[P] + xb * prob.spb[P] + prob.lat[:, agg] + xb * prob.spb[:, agg]
+                blocks.append((s, c, c * sz.ffn_col_b, key))
+        for blk, cols, nbytes, key in blocks:
+            ok = [int(j) for j in np.nonzero(prob.allowed & (room >= nbytes) & np.isfinite(key))[0] if j != a]
+            ranked = sorted(ok, key=lambda j: (j not in near, float(key[j]), j))[:n_dest]
+            out.extend(_Move(j not in near, float(key[j]), l, blk, cols, j, nbytes) for j in ranked)
+    return out
+
+
+def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_dest: int = 3,
+          max_evals: int = 2000) -> tuple[Placement, dict]:
+    """Lower the largest worker peak of ``pl`` within ``(1 + tol)`` x its objective (module
+    docstring). Returns (plan, what was done: ``moves``, ``evals``, peaks before and after)."""
+    net, H = problem_net(prob), prob.H
+    until = peak_horizon(prob)
+    cur = _objective(prob, pl, H, net)[0]
+    limit = (1 + tol) * cur
+    used = worker_peaks(prob, pl, until)
+    fit = _block_use(prob, pl, int(prob.T_mem))
+    workers = _workers(prob)
+    before = float(used[workers].max(initial=0.0))
+    chunk_cols = -(-prob.dims.ffn_dim // max(1, chunks))
+    moves = evals = 0
+    while evals < max_evals:
+        a = int(np.argmax(np.where(workers, used, -np.inf)))
+        # room at the peak horizon (and at the memory horizon the plan was made for), below a's peak
+        room = np.minimum(prob.budget - used, prob.budget - fit)
+        room = np.minimum(room, used[a] - used - 1.0)
+        cands = _candidates(prob, pl, a, room, chunk_cols, n_dest)
+        best = None
+        for m in sorted(cands, key=lambda m: (m.far, m.key_s, m.l, m.dest)):
+            if evals >= max_evals:
+                break
+            evals += 1
+            cand = _move(pl, m, prob.names[m.dest])
+            obj = _objective(prob, cand, H, net)[0]
+            score = (obj - cur) / m.nbytes  # objective added per byte of peak removed
+            if obj <= limit and (best is None or score < best[0]):
+                best = (score, obj, m, cand)
+        if best is None:
+            break
+        _, cur, m, pl = best
+        delta_fit = m.nbytes if isinstance(m.blk, FfnShard) else prob.sz.head_b
+        used[a] -= m.nbytes
+        used[m.dest] += m.nbytes
+        fit[a] -= delta_fit
+        fit[m.dest] += delta_fit
+        moves += 1
+    after = float(used[workers].max(initial=0.0))
+    return pl, {"leveling_moves": moves, "leveling_evals": evals,
+                "leveling_peak_before_bytes": int(before), "leveling_peak_after_bytes": int(after)}
+
+
+def level_plan(prob: Problem, pl: Placement, tol: float, chunks: int, max_evals: int) -> Placement:
+    """``level``'s plan with what it did in ``meta`` (``leveling_*``); ``pl`` itself when nothing moved."""
+    out, info = level(prob, pl, tol, chunks, max_evals=max_evals)
+    if not info["leveling_moves"]:
+        return pl
+    return Placement(out.source, out.layers, meta={**pl.meta, **info})
