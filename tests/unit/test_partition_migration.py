@@ -37,10 +37,12 @@ def test_no_migration_when_gain_over_horizon_is_below_delay():
     gain, delay = gain_and_delay(snap, fresh)
     assert gain > 0 and delay > 0
     short = int(delay / gain / 4)  # the gain over this horizon is a quarter of the delay
-    r = plan("resource_aware", snap, DIMS, horizon_tokens=short)
+    # step 5 alone (``level_tol=0``): step 4d may still move an FFN chunk to d2 here, its stall
+    # within 2 % of the objective, for a lower peak (tests/unit/test_partition_leveling.py)
+    r = plan("resource_aware", snap, DIMS, horizon_tokens=short, level_tol=0.0)
     assert r.placement == snap.current and r.migration_delay_s == 0
     # the same decision with a horizon over which the move pays for itself: RA moves
-    r = plan("resource_aware", snap, DIMS, horizon_tokens=int(4 * delay / gain) + 1)
+    r = plan("resource_aware", snap, DIMS, horizon_tokens=int(4 * delay / gain) + 1, level_tol=0.0)
     assert r.placement != snap.current
     g, d = gain_and_delay(snap, r.placement)
     assert g * (4 * delay / gain) > d

@@ -148,6 +148,9 @@ def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_
     for g, pl in galaxy_plans(prob, galaxy_groups(int(prob.allowed.sum()))):
         if not isinstance(pl, InfeasiblePlan):
             cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
+    # the fastest plan weighed: leveling's latency tolerance (step 4d) counts from it on a first plan
+    prob.memo["portfolio_latency_s"] = min((plan_cost(prob, Placement(prob.snap.source, c), net).token_latency_s
+                                            for c, _ in cands), default=float("inf"))
     for cand_layers, tag in cands:
         below = best_obj * (1 - slack) if best is None else min(best_obj * (1 - slack), best[0])
         obj = _objective_below(prob, Placement(prob.snap.source, cand_layers), net, below)
@@ -197,9 +200,11 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     Memory policy (issue 19): ``headroom_to_end`` (when the snapshot knows ``tokens_remaining``):
     blocks are sized for the end of the run first (then ``headroom_epochs``, then one epoch, when
     that does not fit), and no round trades that headroom for speed (``_tight_round`` is skipped).
-    ``level_tol``: step 4d (``ra.leveling.level``), among plans within ``1 + level_tol`` of the
-    objective found, lower the largest device's peak by moving heads / FFN chunks (0: off), with
-    at most ``level_evals`` plan evaluations."""
+    ``level_tol``: step 4d (``ra.leveling.level``), applied to the plan step 5 chose: among plans
+    within ``1 + level_tol`` of its objective and of its latency (on a first plan: of the fastest
+    plan weighed, the baselines' included, so RA stays within ``1 + level_tol`` of them), lower
+    the largest device's peak by moving heads / FFN chunks (0: off), with at most ``level_evals``
+    plan evaluations."""
     from testbed.partition.layer.baselines import first_fit
 
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
@@ -222,7 +227,11 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     new = Placement(snapshot.source, layers, meta={**meta, **({"headroom_to_end": True} if to_end else {})})
     chosen = choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
                          preempt=preempt, headroom_until=headroom_until)
-    return level_plan(prob, chosen, level_tol, K, level_evals) if level_tol > 0 else chosen
+    if level_tol <= 0:
+        return chosen
+    first = snapshot.current is None  # a re-decision's candidates are not free: they would migrate
+    return level_plan(prob, chosen, level_tol, K, level_evals,
+                      prob.memo.get("portfolio_latency_s", float("inf")) if first else float("inf"))
 
 
 def _problems(snapshot, dims, cost_model: str, headroom_epochs: int, horizon_epochs: int,
