@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from testbed.partition.common import Problem, sizes_for
-from testbed.partition.ra.choice import _block_use, _objective, problem_net
+from testbed.partition.ra.choice import _block_use, _objective, plan_cost, problem_net
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 
 
@@ -122,7 +122,18 @@ def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_co
     return out
 
 
-def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_dest: int = 3,
+def _signature(prob: Problem, pl: Placement, m: _Move) -> tuple:
+    """What decides move ``m``'s effect on the objective: the layer, its input device, the next
+    layer (its input may change), the layer's current placement (migration) and the move itself
+    (the block by kind and columns, not by index: head groups of one device are interchangeable)."""
+    l, cur = m.l, prob.snap.current
+    blk = "h" if isinstance(m.blk, int) else (m.blk.col_start == pl.layers[l].ffn[0].col_start, m.blk, m.cols)
+    return (pl.layers[l], pl.layers[l - 1].ffn[0].device if l else None,
+            pl.layers[l + 1] if l + 1 < len(pl.layers) else None,
+            cur.layers[l] if cur is not None and len(cur.layers) == len(pl.layers) else None, blk, m.dest)
+
+
+def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_dest: int = 2,
           max_evals: int = 2000, ref_latency_s: float = float("inf")) -> tuple[Placement, dict]:
     """Lower the largest worker peak of ``pl`` within ``(1 + tol)`` x its objective and x its
     latency (or ``ref_latency_s`` when lower: the fastest plan the planner weighed) (module
@@ -143,15 +154,21 @@ def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_de
         room = np.minimum(prob.budget - used, prob.budget - fit)
         room = np.minimum(room, used[a] - used - 1.0)
         cands = _candidates(prob, pl, a, room, chunk_cols, n_dest)
-        best = None
+        best, seen = None, set()
         for m in sorted(cands, key=lambda m: (m.far, m.key_s, m.l, m.dest)):
             if evals >= max_evals:
                 break
+            same = _signature(prob, pl, m)
+            if same in seen:  # an identical layer in the same surroundings: the same effect
+                continue
+            seen.add(same)
             evals += 1
             cand = _move(pl, m, prob.names[m.dest])
-            obj, lat, _ = _objective(prob, cand, H, net)
+            if plan_cost(prob, cand, net).token_latency_s > lat_limit:
+                continue  # no migration estimate for a move the latency already rules out
+            obj = _objective(prob, cand, H, net)[0]
             score = (obj - cur) / m.nbytes  # objective added per byte of peak removed
-            if obj <= limit and lat <= lat_limit and (best is None or score < best[0]):
+            if obj <= limit and (best is None or score < best[0]):
                 best = (score, obj, m, cand)
         if best is None:
             break

@@ -148,14 +148,16 @@ def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_
     for g, pl in galaxy_plans(prob, galaxy_groups(int(prob.allowed.sum()))):
         if not isinstance(pl, InfeasiblePlan):
             cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
-    # the fastest plan weighed: leveling's latency tolerance (step 4d) counts from it on a first plan
-    prob.memo["portfolio_latency_s"] = min((plan_cost(prob, Placement(prob.snap.source, c), net).token_latency_s
-                                            for c, _ in cands), default=float("inf"))
+    fastest = float("inf")  # the fastest plan weighed: leveling's tolerance (step 4d) counts from it
     for cand_layers, tag in cands:
         below = best_obj * (1 - slack) if best is None else min(best_obj * (1 - slack), best[0])
-        obj = _objective_below(prob, Placement(prob.snap.source, cand_layers), net, below)
+        pl = Placement(prob.snap.source, cand_layers)
+        lat = plan_cost(prob, pl, net).token_latency_s  # = _objective_below(prob, pl, net, below)
+        fastest = min(fastest, lat)
+        obj = lat if lat > below else _objective(prob, pl, prob.H, net)[0]
         if obj < best_obj * (1 - slack) and (best is None or obj < best[0]):
             best = (obj, cand_layers, tag)
+    prob.memo["portfolio_latency_s"] = fastest
     if best is None:
         return layers, meta
     return best[1], {**meta, **best[2]}
