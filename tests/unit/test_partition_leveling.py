@@ -1,4 +1,5 @@
-"""RA's memory policy (issue 19): blocks sized for the end of the run when it is known, and step 4d
+"""RA's memory policy (issue 19): blocks sized for the end of the run when the fast plan's overflow
+would cost more than it gains (``ra.horizon``), and step 4d
 (``ra.leveling``) lowering the largest device's peak by head / FFN-chunk moves within the latency
 tolerance — and moving nothing when every move costs more than the tolerance."""
 from dataclasses import replace
@@ -109,18 +110,33 @@ def test_ra_with_leveling_is_within_the_tolerance_and_never_peaks_higher(seed):
     assert peak(on) <= peak(off)
 
 
-def test_ra_sizes_its_blocks_for_the_end_of_the_run_when_it_knows_it():
-    """KV growth: 64 -> 64 + 960 context on three workers. With the end known, RA's first plan
-    fits every device at the end of the run; sized for four epochs only (``headroom_to_end`` off),
-    it packs the fastest device and does not."""
-    snap = star_snapshot([1e9, 4e9, 1e9, 1e9], [2**30, 12 * MIB, 12 * MIB, 12 * MIB], [100 * MBIT] * 4,
+def kv_star(mbps: float):
+    """KV growth 64 -> 64 + 960 on a fast d1 and two slow workers, 12 MiB each, ``mbps`` links."""
+    snap = star_snapshot([1e9, 4e9, 1e9, 1e9], [2**30, 12 * MIB, 12 * MIB, 12 * MIB], [mbps * MBIT] * 4,
                          [1e-3] * 4, context_len=64, tokens_until_next_decision=16)
-    snap = replace(snap, tokens_remaining=960)
+    return replace(snap, tokens_remaining=960)
+
+
+def test_ra_sizes_for_the_end_of_the_run_when_the_overflow_would_cost_more_than_the_fast_plan_gains():
+    """5 Mbit/s links: the plan sized for four epochs gains ~1.0 s before it stops fitting, while
+    its overflow at the end needs >= 10 s on the links: RA's first plan is sized for the end and
+    fits every device at context 1024; sized for four epochs (``headroom_to_end`` off) it does not."""
+    snap = kv_star(5)
     to_end = plan("resource_aware", snap, MINI)
+    assert to_end.placement.meta["end_sized"] is True
+    assert to_end.placement.meta["epochs_plan_gain_s"] < to_end.placement.meta["epochs_plan_min_migration_s"]
     check_memory(to_end.placement, snap, MINI, "decode", 64 + 960)
-    assert to_end.placement.meta.get("headroom_to_end") is True
     assert to_end.peak_context_len == 64 + 960
     assert max(v for k, v in to_end.predicted_peak_mem_bytes.items() if k != "d0") <= 12 * MIB
     epochs = plan("resource_aware", snap, MINI, headroom_to_end=False, level_tol=0.0)
     with pytest.raises(Exception, match="needs"):
         check_memory(epochs.placement, snap, MINI, "decode", 64 + 960)
+
+
+def test_ra_keeps_the_fast_plan_when_its_overflow_moves_cheaply():
+    """The same at 100 Mbit/s: the four-epoch plan gains ~1.5 s, its overflow moves in ~0.25 s,
+    so RA keeps it (and will repair it when the KV growth forces a move)."""
+    r = plan("resource_aware", kv_star(100), MINI)
+    assert r.placement.meta["end_sized"] is False
+    assert r.placement.meta["epochs_plan_gain_s"] > r.placement.meta["epochs_plan_min_migration_s"]
+    assert r.placement.layers == plan("resource_aware", kv_star(100), MINI, headroom_to_end=False).placement.layers

@@ -52,10 +52,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from testbed.partition.common import NoFit, Problem
+from testbed.partition.common import NoFit, Problem, fits_until
 from testbed.core.errors import InfeasiblePlan
 from testbed.partition.ra.choice import _objective, choose_plan, plan_cost, problem_net
 from testbed.partition.ra.greedy import _round
+from testbed.partition.ra.horizon import prefer_end_sized
 from testbed.partition.ra.leveling import level_plan
 from testbed.core.placement import Placement
 
@@ -199,9 +200,10 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
     over the horizon), and repairs (forced or anticipated) are extended towards the headroom
     horizon at that price; otherwise a forced move moves only what must move (``choose_plan``).
-    Memory policy (issue 19): ``headroom_to_end`` (when the snapshot knows ``tokens_remaining``):
-    blocks are sized for the end of the run first (then ``headroom_epochs``, then one epoch, when
-    that does not fit), and no round trades that headroom for speed (``_tight_round`` is skipped).
+    Memory policy (issue 19): ``headroom_to_end`` (when the snapshot knows ``tokens_remaining``
+    and the plan sized for ``headroom_epochs`` does not fit to the end of the run): the plan sized
+    for the end of the run (steps 2-4c again) replaces it when the epoch-sized plan's gain until
+    it stops fitting is at most the migration its overflow at the end forces (``ra.horizon``).
     ``level_tol``: step 4d (``ra.leveling.level``), applied to the plan step 5 chose: among plans
     within ``1 + level_tol`` of its objective and of its latency (on a first plan: of the fastest
     plan weighed, the baselines' included, so RA stays within ``1 + level_tol`` of them), lower
@@ -210,23 +212,26 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     from testbed.partition.layer.baselines import first_fit
 
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
-    for prob, headroom_until, to_end in _problems(snapshot, dims, cost_model, headroom_epochs, horizon_epochs,
-                                                  horizon_tokens, thorough, headroom_to_end):
-        layers, meta, budget, last_err = _balanced_round(prob, K, proj_candidates, mem_balance, balance_slack)
-        if layers is not None or not to_end:  # only the end-of-run sizing falls back to the next
-            break
+    prob, headroom_until = _problem(snapshot, dims, cost_model, headroom_epochs, horizon_epochs, horizon_tokens,
+                                    thorough)
+    layers, meta, budget, last_err = _balanced_round(prob, K, proj_candidates, mem_balance, balance_slack)
     if layers is None:
         try:
             return first_fit(snapshot, dims, cost_model)
         except InfeasiblePlan:
             raise prob.no_fit(last_err.block, last_err.nbytes, prob.budget) from None
-    if prob.thorough and prob.T_mem > prob.T + prob.N and not to_end:
+    if prob.thorough and prob.T_mem > prob.T + prob.N:
         layers, meta, prob, budget = _tight_round(prob, K, proj_candidates, headroom_gain, layers, meta, budget)
-    if layer_split:
-        layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
-    if portfolio:
-        layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split)
-    new = Placement(snapshot.source, layers, meta={**meta, **({"headroom_to_end": True} if to_end else {})})
+    steps = dict(layer_split=layer_split, split_slack=split_slack, portfolio=portfolio, portfolio_slack=portfolio_slack)
+    layers, meta = _steps_4bc(prob, layers, meta, budget, **steps)
+    if headroom_to_end:
+        end = _end_sized(prob, layers, K, proj_candidates, mem_balance, balance_slack, steps)
+        if end is not None and end[0] is not None:
+            prob, layers, meta, budget = end
+            headroom_until = prob.T_mem
+        elif end is not None:
+            meta = {**meta, **end[2]}
+    new = Placement(snapshot.source, layers, meta=meta)
     chosen = choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
                          preempt=preempt, headroom_until=headroom_until)
     if level_tol <= 0:
@@ -236,29 +241,59 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
                       prob.memo.get("portfolio_latency_s", float("inf")) if first else float("inf"))
 
 
-def _problems(snapshot, dims, cost_model: str, headroom_epochs: int, horizon_epochs: int,
-              horizon_tokens: int | None, thorough: bool | None, to_end: bool):
-    """RA's problems, most headroom first: (problem, headroom horizon, sized to the end of the run).
-    Blocks sized for the end of the run (``to_end`` and ``tokens_remaining`` known, when that is
-    beyond ``headroom_epochs``), for ``headroom_epochs`` of KV growth, for one epoch; a sizing is
-    skipped when the model does not fit in total (the last one raises); the caller falls back from
-    the end-of-run sizing when the greedy cannot place it. Each carries ``H`` and ``thorough``."""
+def _steps_4bc(prob: Problem, layers, meta: dict, budget, layer_split: bool, split_slack: float,
+               portfolio: bool, portfolio_slack: float):
+    """Steps 4b (layer split within the greedy's budget) and 4c (the baselines' plans)."""
+    if layer_split:
+        layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
+    if portfolio:
+        layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split)
+    return layers, meta
+
+
+def _end_sized(prob: Problem, layers, K: int, proj_candidates: int, mem_balance, balance_slack: float,
+               steps: dict):
+    """The memory policy's end-of-run sizing (``ra.horizon``): None when it does not apply (the end
+    is unknown or within the headroom, or the epoch-sized plan fits to the end); else (problem,
+    layers, meta, budget) of the end-sized plan when ``prefer_end_sized`` takes it, or
+    (None, None, meta note) when it keeps the epoch-sized plan (or the end-sized one cannot be made)."""
+    snap = prob.snap
+    if snap.tokens_remaining is None or snap.end_context_len <= prob.T_mem:
+        return None
+    pl_ep = Placement(snap.source, layers)
+    if fits_until(pl_ep, snap, prob.dims, prob.cost_model, prob.T) >= snap.end_context_len:
+        return None
+    end = Problem(snap, prob.dims, prob.cost_model, mem_tokens=snap.tokens_remaining)
+    end.H, end.thorough = prob.H, prob.thorough
+    try:
+        end.check_totals()
+    except InfeasiblePlan:
+        return None, None, {"end_sized": "does not fit"}
+    lay, meta, budget, _ = _balanced_round(end, K, proj_candidates, mem_balance, balance_slack)
+    if lay is None:
+        return None, None, {"end_sized": "no placement"}
+    lay, meta = _steps_4bc(end, lay, meta, budget, **steps)
+    take, why = prefer_end_sized(prob, pl_ep, end, Placement(snap.source, lay))
+    if not take:
+        return None, None, {"end_sized": False, **why}
+    return end, lay, {**meta, "end_sized": True, **why}, budget
+
+
+def _problem(snapshot, dims, cost_model: str, headroom_epochs: int, horizon_epochs: int,
+             horizon_tokens: int | None, thorough: bool | None) -> tuple[Problem, int]:
+    """RA's problem: blocks sized for ``headroom_epochs`` of KV growth (one epoch when that does not
+    fit), the amortisation horizon ``H`` and ``thorough``; and the headroom horizon (context length)."""
     N = max(1, snapshot.tokens_until_next_decision)
     H = snapshot.amortisation_tokens(horizon_tokens if horizon_tokens is not None else N * max(1, horizon_epochs))
-    sizings = [N * max(1, headroom_epochs), None]
-    if to_end and snapshot.tokens_remaining is not None and snapshot.tokens_remaining > sizings[0]:
-        sizings.insert(0, snapshot.tokens_remaining)
-    for i, mem_tokens in enumerate(sizings):
-        prob = Problem(snapshot, dims, cost_model, mem_tokens=mem_tokens)
-        try:
-            prob.check_totals()
-        except InfeasiblePlan:
-            if i == len(sizings) - 1:
-                raise
-            continue
-        prob.H = max(1.0, H)
-        prob.thorough = int(prob.allowed.sum()) <= 16 if thorough is None else thorough
-        yield prob, prob.T_mem, len(sizings) == 3 and i == 0
+    prob = Problem(snapshot, dims, cost_model, mem_tokens=N * max(1, headroom_epochs))
+    try:
+        prob.check_totals()
+    except InfeasiblePlan:
+        prob = Problem(snapshot, dims, cost_model)
+        prob.check_totals()
+    prob.H = max(1.0, H)
+    prob.thorough = int(prob.allowed.sum()) <= 16 if thorough is None else thorough
+    return prob, prob.T_mem
 
 
 def _one_round(prob: Problem, K: int, proj_candidates: int, budget):
