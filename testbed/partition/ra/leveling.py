@@ -133,14 +133,37 @@ def _signature(prob: Problem, pl: Placement, m: _Move) -> tuple:
             cur.layers[l] if cur is not None and len(cur.layers) == len(pl.layers) else None, blk, m.dest)
 
 
+def _best_move(prob: Problem, pl: Placement, cands: list[_Move], cur: float, limit: float, lat_limit: float,
+               budget: int):
+    """The candidate with the least objective added per byte among those within ``limit`` (objective)
+    and ``lat_limit`` (latency), evaluating at most ``budget`` distinct moves, most promising first:
+    ((score, objective, move, plan) or None, evaluations made)."""
+    net, best, seen, evals = problem_net(prob), None, set(), 0
+    for m in sorted(cands, key=lambda m: (m.far, m.key_s, m.l, m.dest)):
+        if evals >= budget:
+            break
+        same = _signature(prob, pl, m)
+        if same in seen:  # an identical layer in the same surroundings: the same effect
+            continue
+        seen.add(same)
+        evals += 1
+        cand = _move(pl, m, prob.names[m.dest])
+        if plan_cost(prob, cand, net).token_latency_s > lat_limit:
+            continue  # no migration estimate for a move the latency already rules out
+        obj = _objective(prob, cand, prob.H, net)[0]
+        score = (obj - cur) / m.nbytes  # objective added per byte of peak removed
+        if obj <= limit and (best is None or score < best[0]):
+            best = (score, obj, m, cand)
+    return best, evals
+
+
 def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_dest: int = 2,
           max_evals: int = 2000, ref_latency_s: float = float("inf")) -> tuple[Placement, dict]:
     """Lower the largest worker peak of ``pl`` within ``(1 + tol)`` x its objective and x its
     latency (or ``ref_latency_s`` when lower: the fastest plan the planner weighed) (module
     docstring). Returns (plan, what was done: ``moves``, ``evals``, peaks before and after)."""
-    net, H = problem_net(prob), prob.H
     until = peak_horizon(prob)
-    cur, lat0, _ = _objective(prob, pl, H, net)
+    cur, lat0, _ = _objective(prob, pl, prob.H, problem_net(prob))
     limit, lat_limit = (1 + tol) * cur, (1 + tol) * min(lat0, ref_latency_s)
     used = worker_peaks(prob, pl, until)
     fit = _block_use(prob, pl, int(prob.T_mem))
@@ -154,22 +177,8 @@ def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_de
         room = np.minimum(prob.budget - used, prob.budget - fit)
         room = np.minimum(room, used[a] - used - 1.0)
         cands = _candidates(prob, pl, a, room, chunk_cols, n_dest)
-        best, seen = None, set()
-        for m in sorted(cands, key=lambda m: (m.far, m.key_s, m.l, m.dest)):
-            if evals >= max_evals:
-                break
-            same = _signature(prob, pl, m)
-            if same in seen:  # an identical layer in the same surroundings: the same effect
-                continue
-            seen.add(same)
-            evals += 1
-            cand = _move(pl, m, prob.names[m.dest])
-            if plan_cost(prob, cand, net).token_latency_s > lat_limit:
-                continue  # no migration estimate for a move the latency already rules out
-            obj = _objective(prob, cand, H, net)[0]
-            score = (obj - cur) / m.nbytes  # objective added per byte of peak removed
-            if obj <= limit and (best is None or score < best[0]):
-                best = (score, obj, m, cand)
+        best, n = _best_move(prob, pl, cands, cur, limit, lat_limit, max_evals - evals)
+        evals += n
         if best is None:
             break
         _, cur, m, pl = best

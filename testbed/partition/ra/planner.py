@@ -35,6 +35,10 @@ One round (one decision epoch), given a snapshot:
     lower — RA minimises the latency it is asked to, so it is never slower than a plan it can
     reach (issue 12: within 2 % of the best of EdgeShard and Galaxy at every point of the map);
     the slack keeps the balanced, fewer-bytes plan when the difference is noise.
+ 4e. Memory horizon (issue 19, ``ra.horizon``): when the snapshot knows the end of the run and the
+    plan above does not fit until then, steps 2-4c are redone sized for the end, and that plan is
+    taken when the first one's gain until it stops fitting is at most the migration its overflow
+    at the end would force.
  5. Hysteresis: per block, a device other than its current one pays its migration delay amortised
     over the horizon ``H``; finally (``ra.choice.choose_plan``) the current placement is kept unless the new
     one (or a per-layer mixture) lowers latency + migration delay / H, i.e. a voluntary move must
@@ -46,6 +50,9 @@ One round (one decision epoch), given a snapshot:
     repair is made NOW if headroom is cheap (its cost per token of headroom bought is at most
     ``preempt`` token latencies: over a fast uplink), else deferred until forced (a slow uplink
     may recover, and then only the minimum moves). Cheap repairs are topped up beyond the minimum.
+ 6. (step 4d, applied last) Leveling (issue 19, ``ra.leveling``): the chosen plan's largest device
+    peak is lowered by head / FFN-chunk moves while its objective and latency stay within
+    ``level_tol`` (2 %).
 Pure function of the snapshot; numpy for the per-layer vectors, a heap for the per-block choice.
 """
 from __future__ import annotations
