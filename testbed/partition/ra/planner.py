@@ -35,6 +35,10 @@ One round (one decision epoch), given a snapshot:
     lower — RA minimises the latency it is asked to, so it is never slower than a plan it can
     reach (issue 12: within 2 % of the best of EdgeShard and Galaxy at every point of the map);
     the slack keeps the balanced, fewer-bytes plan when the difference is noise.
+ 4d. Hedge (``rate_hedge``, ``ra.hedge``): a split that wins only while every link stays as fast as
+    measured is traded for the plan with the lower worse-case regret between today's links and
+    links at ``rate_hedge`` x their rate — among plans at most ``portfolio_slack`` above the
+    baselines' best today, so a static network costs RA at most that slack against them.
  5. Hysteresis: per block, a device other than its current one pays its migration delay amortised
     over the horizon ``H``; finally (``ra.choice.choose_plan``) the current placement is kept unless the new
     one (or a per-layer mixture) lowers latency + migration delay / H, i.e. a voluntary move must
@@ -128,18 +132,13 @@ def galaxy_groups(n: int) -> list[int]:
     return sizes
 
 
-def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_split: bool = True):
-    """Step 4c: the plan so far, or the best of EdgeShard's full-memory layer split and Galaxy's
-    tensor-parallel split (``layer.baselines.galaxy_plans``: the g fastest devices, sized at
-    RA's memory horizon) when its latency + migration delay / H is more than ``slack`` lower.
-    ``with_layer_split=False`` (RA's ``layer_split`` off): Galaxy's candidate only."""
+def _portfolio_candidates(prob: Problem, with_layer_split: bool) -> list[tuple]:
+    """Step 4c's candidates: EdgeShard's full-memory layer split and Galaxy's tensor-parallel split
+    per group size (``layer.baselines.galaxy_plans``, sized at RA's memory horizon): (layers, tag)."""
     from testbed.partition.common import uniform_layers
     from testbed.partition.layer.baselines import galaxy_plans
     from testbed.partition.layer.edgeshard import best_split
 
-    net = problem_net(prob)
-    ours = Placement(prob.snap.source, layers, meta=meta)
-    best_obj, best = _objective(prob, ours, prob.H, net)[0], None
     split = best_split(prob, max_devices=2 * prob.dims.n_layers) if with_layer_split else None
     cands = []
     if split is not None:
@@ -147,14 +146,62 @@ def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_
     for g, pl in galaxy_plans(prob, galaxy_groups(int(prob.allowed.sum()))):
         if not isinstance(pl, InfeasiblePlan):
             cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
-    for cand_layers, tag in cands:
-        below = best_obj * (1 - slack) if best is None else min(best_obj * (1 - slack), best[0])
-        obj = _objective_below(prob, Placement(prob.snap.source, cand_layers), net, below)
-        if obj < best_obj * (1 - slack) and (best is None or obj < best[0]):
-            best = (obj, cand_layers, tag)
-    if best is None:
+    return cands
+
+
+def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_split: bool = True,
+                    rate_hedge: float | None = None):
+    """Step 4c: the plan so far, or the best of EdgeShard's full-memory layer split and Galaxy's
+    tensor-parallel split when its latency + migration delay / H is more than ``slack`` lower.
+    ``with_layer_split=False`` (RA's ``layer_split`` off): Galaxy's candidate only.
+    Step 4d (``rate_hedge``, ``ra.hedge``): then the pick with the lowest worse relative regret
+    between today's links and links at ``rate_hedge`` x their rate, among the plans at most ``slack``
+    above the baselines' best today, when that regret is more than ``slack`` lower."""
+    net = problem_net(prob)
+    src = prob.snap.source
+    cands = [(layers, {})] + _portfolio_candidates(prob, with_layer_split)
+    plans = [Placement(src, c[0]) for c in cands]
+    best_obj = _objective(prob, plans[0], prob.H, net)[0]
+    if rate_hedge is None:
+        now, pick = [best_obj], 0
+        for i, pl in enumerate(plans[1:], 1):
+            below = best_obj * (1 - slack) if pick == 0 else min(best_obj * (1 - slack), now[pick])
+            now.append(_objective_below(prob, pl, net, below))
+            if now[i] < best_obj * (1 - slack) and (pick == 0 or now[i] < now[pick]):
+                pick = i
+    else:
+        now, pick = _hedged_pick(prob, plans, best_obj, slack, rate_hedge, net)
+    if pick == 0:
         return layers, meta
-    return best[1], {**meta, **best[2]}
+    return cands[pick][0], {**meta, **cands[pick][1]}
+
+
+def _hedged_pick(prob: Problem, plans: list[Placement], ours: float, slack: float, frac: float, net):
+    """Steps 4c + 4d over ``plans`` (ours first, then the baselines'): (objectives now, the pick)."""
+    from testbed.partition.ra import hedge
+
+    lat = [ours] + [plan_cost(prob, pl, net).token_latency_s for pl in plans[1:]]
+    base_best = float("inf")  # the baselines' best objective today (an objective is >= its latency)
+    for i in sorted(range(1, len(plans)), key=lat.__getitem__):
+        if lat[i] >= base_best:
+            break
+        base_best = min(base_best, _objective(prob, plans[i], prob.H, net)[0])
+    bound = (1 + slack) * base_best
+    now = [ours] + [_objective(prob, pl, prob.H, net)[0] if l <= bound else l
+                    for pl, l in zip(plans[1:], lat[1:])]
+    pick = 0
+    for i in range(1, len(plans)):  # step 4c: a candidate more than ``slack`` below ours
+        if now[i] < ours * (1 - slack) and (pick == 0 or now[i] < now[pick]):
+            pick = i
+    ok = hedge.admissible(now, [False] + [True] * (len(plans) - 1), slack)
+    if sum(ok) < 2:
+        return now, pick
+    slow = [hedge.slow_objective(prob, pl, frac) if a else None for pl, a in zip(plans, ok)]
+    regret = hedge.regrets(now, slow)
+    h = min(range(len(plans)), key=lambda i: (regret[i], now[i]))
+    if h != pick and regret[h] < regret[pick] * (1 - slack):
+        pick = h
+    return now, pick
 
 
 def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
@@ -164,7 +211,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
                    headroom_gain: float = 0.05, anticipate_epochs: int = 2,
                    preempt: float = 1.0, layer_split: bool = True,
                    split_slack: float = 0.1, portfolio: bool = True,
-                   portfolio_slack: float = 0.01) -> Placement:
+                   portfolio_slack: float = 0.01, rate_hedge: float | None = 0.5) -> Placement:
     """One RA decision.
 
     ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
@@ -186,7 +233,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     headroom plan (headroom is worth a little latency, not a lot: when the KV caches outgrow the
     tight plan, ``repair`` moves the fewest blocks).
     ``layer_split``: step 4b, with ``split_slack``. ``portfolio``: step 4c, with ``portfolio_slack``
-    (the paper's greedy alone: ``layer_split=False, portfolio=False``).
+    (the paper's greedy alone: ``layer_split=False, portfolio=False``); ``rate_hedge``: step 4d
+    (None: off).
     ``anticipate_epochs``, ``preempt``: when the KV growth will evict the current placement within
     ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
     token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
@@ -208,7 +256,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     if layer_split:
         layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
     if portfolio:
-        layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split)
+        layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split,
+                                       rate_hedge=rate_hedge)
     new = Placement(snapshot.source, layers, meta=meta)
     return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
                        preempt=preempt, headroom_until=headroom_until)
