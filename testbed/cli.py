@@ -122,8 +122,12 @@ def plan(
         print(json.dumps(result, indent=2))
     else:
         for k, v in result.items():
-            if k != "placement":
+            if k not in ("placement", "regime"):
                 print(f"{k}: {v}")
+        if "regime" in result:
+            r = result["regime"]
+            print(f"regime: {r['verdict']} (one layer {r['layer_ms']:.3g} ms on {r['fastest_device']}, "
+                  f"one hop {r['hop_ms']:.3g} ms to {r['peer']})")
 
 
 @net_app.command("check")
