@@ -91,6 +91,8 @@ def run(
     try:
         run_dirs = run_experiment(spec, experiment, out, backend=backend, resume=resume, jobs=jobs,
                                   ray_address=ray_address)
+    except ConfigError as exc:  # found at bring-up (an ssh device unfit for its assignment): bad input
+        _bad_input(exc)
     except RunError as exc:
         err.print(f"[red]run failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1)

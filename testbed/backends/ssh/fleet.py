@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from testbed.backends.ssh import clean
 from testbed.backends.ssh.bundle import build_bundle
 from testbed.backends.ssh.helper import run_helper
-from testbed.backends.ssh.transport import DeviceError, SshConnection
+from testbed.backends.ssh.transport import DeviceError, DeviceRefused, SshConnection
 from testbed.core.errors import BackendError
 from testbed.emulation.cgroups import HostCgroup, group_name, setup_writes
 from testbed.emulation.linkstate import DelayTable, End, LinkPaths, LiveLink
@@ -122,8 +122,7 @@ class SshFleet(LinkPaths):
     def start(self) -> "SshFleet":
         self.manifest.note("ssh_inventory", self.inventory.model_dump())
         try:
-            self._connect_all()
-            self._check_all()
+            self._preflight()
             self._deploy()
             self.shaper.start()
             if self.inventory.measure:
@@ -135,6 +134,18 @@ class SshFleet(LinkPaths):
             self.stop()
             raise
         return self
+
+    def _preflight(self) -> None:
+        """Connect, check every device, decide the shaping: any problem here is bad input (nothing has
+        been created on any device yet)."""
+        try:
+            self._connect_all()
+            self._check_all()
+            self.shaper.check()
+        except DeviceRefused:
+            raise
+        except DeviceError as exc:
+            raise DeviceRefused(str(exc)) from None
 
     def _parallel(self, fn, hosts=None) -> dict:
         """``fn(host)`` for every device at once; every device's error reported, one line each."""

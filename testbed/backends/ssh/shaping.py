@@ -152,7 +152,9 @@ class FleetShaper:
         return self.fleet._live(*hop).state[hop[0]]
 
     # ------------------------------------------------------------------ bring-up
-    def start(self) -> None:
+    def check(self) -> None:
+        """After the device checks, before anything is created: netem or transport delay; shaped loss
+        without netem refused."""
         pairs, ingress = self.pairs(), self.ingress_hops()
         if not pairs and not ingress:
             self.fleet.delay_mechanism = "none (real links)"
@@ -161,6 +163,11 @@ class FleetShaper:
         self.netem = all(self.fleet.checks[h]["netem"] for h in devices)
         self.fleet.delay_mechanism = "netem" if self.netem else "transport"
         self._refuse_loss_without_netem()
+
+    def start(self) -> None:
+        pairs, ingress = self.pairs(), self.ingress_hops()
+        if not pairs and not ingress:
+            return
         for h in sorted({a for a, _ in pairs}):
             self._start_egress(h)
         for k, (a, b) in enumerate(pairs):
