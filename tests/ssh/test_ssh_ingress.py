@@ -71,7 +71,6 @@ def concurrent_rate(fleet, senders: list[str], dst: str) -> float:
     for t in threads:
         t.join()
     span = (max(m["rx_window_unix"][1] for m in got.values()) - min(m["rx_window_unix"][0] for m in got.values()))
-    print({s: (m["rx_bytes"], [round(t % 100, 2) for t in m["rx_window_unix"]]) for s, m in got.items()})
     return sum(m["rx_bytes"] for m in got.values()) * 8 / span / 1e6
 
 
@@ -99,9 +98,10 @@ def test_ifb_ingress_rate_contention_change_and_teardown(rig, tmp_path):
         assert 0.6 * SHAPED_MBPS <= both <= 1.1 * SHAPED_MBPS
         after = fleet.set_link("h3", "s1", bandwidth_mbps=2.0)
         assert after["ingress"] == {"s1->h3": 2.0} and after["classes"] == {"h3->h1": 2.0, "h3->h2": 2.0}
-        assert measure_pair(fleet, "h2", "h3", seconds=SECONDS)["rate_mbps"] == pytest.approx(2.0, rel=0.2)
+        changed = measure_pair(fleet, "h2", "h3", seconds=SECONDS)["rate_mbps"]
+        assert changed == pytest.approx(2.0, rel=0.2)
         assert leftovers(rig)[0] and leftovers(rig)[1]
-        print(f"ifb: alone {alone:.2f}, two senders {both:.2f} Mbit/s (shaped {SHAPED_MBPS})")
+        print(f"ifb: alone {alone:.2f}, two senders {both:.2f} (shaped {SHAPED_MBPS}); changed to 2: {changed:.2f} Mbit/s")
     finally:
         removed = fleet.stop()
     assert not [l for l in removed if l.startswith("FAILED")], removed
@@ -119,6 +119,7 @@ def test_senders_mode_shapes_per_path_without_contention(rig, tmp_path):
         assert fleet.read_link("h3", "s1")["ingress"] == {}
         assert measure_pair(fleet, "h1", "h3", seconds=SECONDS)["rate_mbps"] == pytest.approx(SHAPED_MBPS, rel=0.2)
         both = concurrent_rate(fleet, ["h1", "h2"], "h3")
+        print(f"senders: two senders {both:.2f} Mbit/s (shaped {SHAPED_MBPS})")
         assert both >= 1.6 * SHAPED_MBPS
         assert leftovers(rig) == ("", "")
     finally:

@@ -5,7 +5,9 @@ or piped to the device's Python before there is one (``testbed.backends.ssh.help
   check --interface IF [--modules M,...]   what the device offers: Python, memory, tc/ip/ping, netem,
                                            IFB (tried in a throwaway netns), cgroup version and
                                            whether we may write it, the interface's IPv4 address and
-                                           whether it has an ingress qdisc or GRO on, missing Python modules
+                                           whether it has an ingress qdisc or GRO on, whether systemd is
+                                           PID 1 (recorded: its cgroups are made through cgroupfs
+                                           all the same), missing Python modules
   kill --pid P --start-time S              SIGKILL P only if it is still the process that started at S
   rmcg PATH...                             kill what is left in our cgroup directories, remove them
   probe-recv --bind IP --port P            accept one TCP connection: echo its pings, count its bytes
@@ -123,7 +125,7 @@ def cmd_check(args) -> dict:
             "tools": {t: shutil.which(t) for t in ("tc", "ip", "ping")},
             "netem": kernel_module("sch_netem"), "ifb": ifb_usable(), "cgroup": cgroup_info(),
             "interface_addr": interface_addr(args.interface), "ingress_qdisc": has_ingress_qdisc(args.interface),
-            "gro": gro_state(args.interface),
+            "gro": gro_state(args.interface), "systemd": Path("/run/systemd/system").is_dir(),
             "missing_modules": [m for m in mods if importlib.util.find_spec(m) is None]}
 
 
