@@ -2,7 +2,8 @@
 ``shape: true`` at 4 Mbit/s (the rig's "real" link is 10). With ``ingress_shaping: ifb`` the hop into
 h3 is an HTB class on an IFB at h3: the rate measured h1 -> h3 is the shaped one, two senders at
 once share it (unlike per-path shaping at the senders, measured side by side), a scenario change
-goes in place and reads back from ``tc -s class show``, and nothing is left (no IFB, no ingress
+goes in place and reads back from ``tc -s class show`` (h3's own uplink, one egress class for
+all its peers, is shared too), and nothing is left (no IFB, no ingress
 qdisc, GRO back on) after the tear-down — or after a SIGKILLed orchestrator and ``headroom clean
 RUN_DIR``."""
 from __future__ import annotations
@@ -57,15 +58,15 @@ def gro(rig, h: str = "h3", to: str | None = None) -> str:
     return next(l.split(":")[1].split()[0] for l in out.splitlines() if l.startswith("generic-receive-offload"))
 
 
-def concurrent_rate(fleet, senders: list[str], dst: str) -> float:
-    """Mbit/s into ``dst`` while every sender sends at once: all bytes over the union of the receivers'
-    windows (both on ``dst``: one clock)."""
-    got: dict[str, dict] = {}
+def concurrent_rate(fleet, pairs: list[tuple[str, str]]) -> float:
+    """Mbit/s of all ``(src, dst)`` transfers run at once: all bytes over the union of the receivers'
+    windows (the rig's devices share one clock)."""
+    got: dict[tuple, dict] = {}
     port0 = fleet.inventory.data_port + 10
 
-    def run(i, s):
-        got[s] = measure_pair(fleet, s, dst, port=port0 + i, seconds=SECONDS)
-    threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(senders)]
+    def run(i, p):
+        got[p] = measure_pair(fleet, *p, port=port0 + i, seconds=SECONDS)
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(pairs)]
     for t in threads:
         t.start()
     for t in threads:
@@ -94,14 +95,17 @@ def test_ifb_ingress_rate_contention_change_and_teardown(rig, tmp_path):
         assert alone == pytest.approx(SHAPED_MBPS, rel=0.2)  # measured 3.6-3.8: TCP into a 4-frame FIFO
         # one shared downlink: two TCP flows into one class's short FIFO share it unevenly and do not
         # always keep it full (measured 2.8-3.3 of 4), but never get more than it (senders mode: ~2x)
-        both = concurrent_rate(fleet, ["h1", "h2"], "h3")
+        both = concurrent_rate(fleet, [("h1", "h3"), ("h2", "h3")])
         assert 0.6 * SHAPED_MBPS <= both <= 1.1 * SHAPED_MBPS
+        out = concurrent_rate(fleet, [("h3", "h1"), ("h3", "h2")])  # h3's uplink: one egress class for both
+        assert 0.6 * SHAPED_MBPS <= out <= 1.1 * SHAPED_MBPS
         after = fleet.set_link("h3", "s1", bandwidth_mbps=2.0)
         assert after["ingress"] == {"s1->h3": 2.0} and after["classes"] == {"h3->h1": 2.0, "h3->h2": 2.0}
         changed = measure_pair(fleet, "h2", "h3", seconds=SECONDS)["rate_mbps"]
         assert changed == pytest.approx(2.0, rel=0.2)
         assert leftovers(rig)[0] and leftovers(rig)[1]
-        print(f"ifb: alone {alone:.2f}, two senders {both:.2f} (shaped {SHAPED_MBPS}); changed to 2: {changed:.2f} Mbit/s")
+        print(f"ifb: alone {alone:.2f}, two senders {both:.2f}, h3 to two peers {out:.2f} (shaped {SHAPED_MBPS}); "
+              f"changed to 2: {changed:.2f} Mbit/s")
     finally:
         removed = fleet.stop()
     assert not [l for l in removed if l.startswith("FAILED")], removed
@@ -118,7 +122,7 @@ def test_senders_mode_shapes_per_path_without_contention(rig, tmp_path):
         assert not fleet.shaper.ifb and fleet.shaper.wants("h1")
         assert fleet.read_link("h3", "s1")["ingress"] == {}
         assert measure_pair(fleet, "h1", "h3", seconds=SECONDS)["rate_mbps"] == pytest.approx(SHAPED_MBPS, rel=0.2)
-        both = concurrent_rate(fleet, ["h1", "h2"], "h3")
+        both = concurrent_rate(fleet, [("h1", "h3"), ("h2", "h3")])
         print(f"senders: two senders {both:.2f} Mbit/s (shaped {SHAPED_MBPS})")
         assert both >= 1.6 * SHAPED_MBPS
         assert leftovers(rig) == ("", "")

@@ -11,9 +11,11 @@ exactly once, at a device that terminates it where one does:
   senders`` in the inventory keeps the older mechanism below for this hop too: no IFB needed, but
   no contention.)
 - the other shaped hops of a path (the sender's uplink, switch–switch links) are shaped at the
-  sender's **egress**: one HTB class per peer whose path crosses them, selected by a u32 filter on
-  the peer's address, at the bottleneck of those hops (per path: two paths from one sender do not
-  contend for its shaped uplink).
+  sender's **egress**: one HTB class per distinct set of such hops, at their bottleneck, the peers
+  whose paths cross exactly that set filtered into it by address (u32). On a star every peer's
+  path leaves through the same shaped uplink, so they share its one class as on the real link;
+  paths that also cross a shaped switch–switch link get a class of their own (those two classes
+  do not contend for the uplink).
 
 Why IFB rather than per-path classes at the senders: the receiver is the one place that sees all
 traffic crossing its downlink, so only there can the shared rate be enforced; the redirect takes
@@ -109,7 +111,8 @@ class FleetShaper:
     def __init__(self, fleet):
         self.fleet = fleet
         self.use_ifb = fleet.inventory.ingress_shaping == "ifb"
-        self.minor: dict[tuple[str, str], int] = {}  # (src, dst) -> egress class minor on src's interface
+        self.minor: dict[tuple, int] = {}  # (src, its egress hops) -> class minor on src's interface
+        self.egress_of: dict[tuple[str, str], tuple] = {}  # (src, dst) -> the class key it is filtered into
         self.ingress: dict[tuple[str, str], int] = {}  # shaped hop (u, dst) -> class minor on dst's IFB
         self.ifb: dict[str, str] = {}  # device -> its IFB
         self.netem = False
@@ -170,9 +173,13 @@ class FleetShaper:
             return
         for h in sorted({a for a, _ in pairs}):
             self._start_egress(h)
-        for k, (a, b) in enumerate(pairs):
-            self.minor[(a, b)] = FIRST_MINOR + k
-            self._apply(a, b, change=False)
+        for a, b in pairs:
+            key = self.egress_of[(a, b)] = (a, tuple(self._split(a, b)[0]))
+            if key not in self.minor:
+                self.minor[key] = FIRST_MINOR + len(self.minor)
+                self._apply(key, change=False)
+            self.fleet.conns[a].run(filter_command(self.fleet.inventory.device(a).interface, self.minor[key],
+                                                   self.fleet.host_ip(b)))
         for h in sorted({v for _, v in ingress}):
             self._start_ingress(h, {hop: srcs for hop, srcs in ingress.items() if hop[1] == h})
         self._update_delays()
@@ -180,7 +187,7 @@ class FleetShaper:
             "mechanism": "egress: per-path HTB classes at the senders; ingress: " +
                          ("HTB on an IFB at the receiver" if self.use_ifb else "per path at the senders"),
             "delay_mechanism": self.fleet.delay_mechanism,
-            "classes": {f"{a}->{b}": m for (a, b), m in self.minor.items()},
+            "classes": {f"{a}->{b}": self.minor[k] for (a, b), k in self.egress_of.items()},
             "ingress_classes": {f"{u}->{v}": {"ifb": self.ifb[v], "classid": f"1:{m}"}
                                 for (u, v), m in self.ingress.items()}})
 
@@ -223,14 +230,14 @@ class FleetShaper:
         for src in sorted({s for srcs in hops.values() for s in srcs}):
             conn.run(redirect_command(dev, self.fleet.host_ip(src), ifb))
 
-    def _apply(self, a: str, b: str, change: bool) -> None:
-        dev, minor = self.fleet.inventory.device(a).interface, self.minor[(a, b)]
-        rate, delay, loss = self.path_figures(a, b)
-        conn = self.fleet.conns[a]
+    def _apply(self, key: tuple, change: bool) -> None:
+        """The egress class of ``key`` = (sender, its shaped egress hops): rate and leaf from the hops."""
+        src, hops = key
+        dev, minor = self.fleet.inventory.device(src).interface, self.minor[key]
+        rate, delay, loss = hop_figures([self.hop_state(h) for h in hops])
+        conn = self.fleet.conns[src]
         conn.run(class_command(dev, minor, rate, change))
         conn.run(leaf_command(dev, minor, rate, (delay, loss) if self.netem else None, change))
-        if not change:
-            conn.run(filter_command(dev, minor, self.fleet.host_ip(b)))
 
     def _apply_ingress(self, hop: tuple[str, str], change: bool) -> None:
         ifb, minor = self.ifb[hop[1]], self.ingress[hop]
@@ -264,15 +271,16 @@ class FleetShaper:
                 for key, val in (("bandwidth_mbps", bandwidth_mbps), ("delay_ms", delay_ms), ("loss_pct", loss_pct)):
                     if val is not None:
                         link.state[src][key] = val
-            for p in self._egress_on(a, b):
-                self._apply(*p, change=True)
+            for key in {self.egress_of[p] for p in self._egress_on(a, b)}:
+                self._apply(key, change=True)
             for hop in self._ingress_on(a, b):
                 self._apply_ingress(hop, change=True)
             self._update_delays()
         return self.read_link(a, b)
 
     def _egress_on(self, a: str, b: str) -> list[tuple[str, str]]:
-        return [p for p in self.minor if any({u, v} == {a, b} for u, v in self._split(*p)[0])]
+        """The pairs whose egress class shapes link a-b."""
+        return [p for p, (_, hops) in self.egress_of.items() if any({u, v} == {a, b} for u, v in hops)]
 
     def _ingress_on(self, a: str, b: str) -> list[tuple[str, str]]:
         return [hop for hop in self.ingress if set(hop) == {a, b}]
@@ -293,7 +301,7 @@ class FleetShaper:
             out[f"{src}->{dst}"] = dict(link.state[src])
         if link.spec.shape:
             out["classes"] = {f"{u}->{v}": self._read_class(u, self.fleet.inventory.device(u).interface,
-                                                            self.minor[(u, v)], self.path_figures(u, v)[0])
+                                                            self.minor[self.egress_of[(u, v)]], self.path_figures(u, v)[0])
                               for u, v in self._egress_on(a, b)}
             out["ingress"] = {f"{u}->{v}": self._read_class(v, self.ifb[v], self.ingress[(u, v)],
                                                             hop_figures([self.hop_state((u, v))])[0])
