@@ -184,8 +184,8 @@ class FleetShaper:
             self._start_ingress(h, {hop: srcs for hop, srcs in ingress.items() if hop[1] == h})
         self._update_delays()
         self.fleet.manifest.note("ssh_shaping", {
-            "mechanism": "egress: per-path HTB classes at the senders; ingress: " +
-                         ("HTB on an IFB at the receiver" if self.use_ifb else "per path at the senders"),
+            "mechanism": "egress: an HTB class per sender and set of shaped egress hops; hop into a device: " +
+                         ("HTB on an IFB at the receiver" if self.use_ifb else "at the senders' egress"),
             "delay_mechanism": self.fleet.delay_mechanism,
             "classes": {f"{a}->{b}": self.minor[k] for (a, b), k in self.egress_of.items()},
             "ingress_classes": {f"{u}->{v}": {"ifb": self.ifb[v], "classid": f"1:{m}"}
