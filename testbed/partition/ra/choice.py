@@ -14,7 +14,8 @@ import numpy as np
 
 from testbed.partition.cost import blocks as B
 from testbed.partition.common import Problem, check_memory, evaluate, fits_until, sizes_for
-from testbed.partition.cost.latency import CostResult, Net, decode_cost, memory
+from testbed.partition.cost.arrays import PlanArrays, PlanLatency
+from testbed.partition.cost.latency import CostResult, Net, memory
 from testbed.core.errors import InfeasiblePlan
 from testbed.partition.cost.migration import migration_estimate
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
@@ -79,15 +80,21 @@ def problem_net(prob: Problem) -> Net:
     return net
 
 
-def plan_cost(prob: Problem, pl: Placement, net: Net | None = None) -> CostResult:
-    """``pl``'s cost under ``prob``'s model, computed once per problem (``prob.memo``)."""
+def plan_cost(prob: Problem, pl: Placement, net: Net | None = None) -> CostResult | PlanLatency:
+    """``pl``'s token latency and bytes on the links (``token_latency_s``, ``bytes_moved``) under
+    ``prob``'s model, computed once per problem (``prob.memo``); under ``decode`` with arrays
+    (``cost.arrays``: the same floats as ``decode_cost``)."""
     memo = prob.memo.setdefault("cost", {})
-    if pl not in memo:
+    hit = memo.get(pl)
+    if hit is None:
         if prob.cost_model == "paper":
-            memo[pl] = evaluate(pl, prob.snap, prob.dims, "paper")
+            hit = memo[pl] = evaluate(pl, prob.snap, prob.dims, "paper")
         else:
-            memo[pl] = decode_cost(pl, prob.snap, prob.dims, net=net or problem_net(prob))
-    return memo[pl]
+            arrays = prob.memo.get("arrays")
+            if arrays is None:
+                arrays = prob.memo["arrays"] = PlanArrays(prob)
+            hit = memo[pl] = arrays.latency(pl)
+    return hit
 
 
 def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float, float, float]:

@@ -1,0 +1,44 @@
+"""``cost.arrays`` (the planners' array evaluation of the ``decode`` model) gives the same floats
+as ``latency.decode_cost`` (serialised NICs): token latency and bytes on the links, on RA's plans
+and on random plans that exercise every branch (heads on the input device and on the proj,
+the proj holding a non-aggregator shard, shards on the input device, unequal shards)."""
+import random
+
+import numpy as np
+import pytest
+
+from testbed.core.placement import FfnShard, LayerPlacement, Placement
+from testbed.partition import plan
+from testbed.partition.common import Problem
+from testbed.partition.cost.arrays import PlanArrays
+from testbed.partition.cost.latency import decode_cost
+from testbed.partition.synthetic import GPT2, SMOLLM2, random_star
+
+
+def _random_plan(rng: random.Random, prob: Problem, dims) -> Placement:
+    names = prob.allowed_names() + [prob.names[prob.src]]
+    layers = []
+    for _ in range(dims.n_layers):
+        devs = rng.sample(names, min(len(names), rng.randint(1, 6)))
+        heads = tuple(rng.choice(devs) for _ in range(dims.n_kv_heads))
+        k = rng.randint(1, 4)
+        b = [0, *sorted(rng.sample(range(1, dims.ffn_dim), k - 1)), dims.ffn_dim]
+        ffn = tuple(FfnShard(rng.choice(devs), b[i], b[i + 1]) for i in range(k))
+        layers.append(LayerPlacement(heads, rng.choice(devs), ffn))
+    return Placement(prob.snap.source, tuple(layers))
+
+
+@pytest.mark.parametrize("dims,n,seed", [(GPT2, 9, 0), (GPT2, 25, 1), (SMOLLM2, 12, 2)])
+def test_array_latency_is_decode_cost_exactly(dims, n, seed):
+    snap = random_star(np.random.default_rng(seed), n, dims, context_len=48)
+    prob = Problem(snap, dims)
+    arrays = PlanArrays(prob)
+    rng = random.Random(seed)
+    plans = [_random_plan(rng, prob, dims) for _ in range(12)] + [plan("resource_aware", snap, dims).placement]
+    for pl in plans:
+        ref = decode_cost(pl, snap, dims)
+        got = arrays.latency(pl)
+        assert got.token_latency_s == ref.token_latency_s
+        assert got.bytes_moved == ref.bytes_moved
+    # the memo per (layer, input device) answers a plan again with the same numbers
+    assert arrays.latency(plans[0]) == arrays.latency(plans[0])
