@@ -49,6 +49,7 @@ class ResourceAwareParams(Params):
     split_slack: float = Field(0.1, ge=0)
     portfolio: bool = True
     portfolio_slack: float = Field(0.01, ge=0, lt=1)
+    incremental: bool = False
 
 
 class OptimalParams(Params):

@@ -102,8 +102,10 @@ class PlanArrays:
         self.mem_bw = np.array([d.mem_bw_bytes_per_s for d in snap.devices], dtype=float)
         self.call_s = np.array([d.call_overhead_s for d in snap.devices], dtype=float)
         self.k = decode_constants(prob.dims, snap.context_len, 1)
-        self.layers: dict = {}  # LayerPlacement -> _Layer
-        self.deltas: dict = {}  # (LayerPlacement, input device) -> (compute_s, transfer_s, bytes)
+        # memos by identity (hashing a LayerPlacement is slow; plans share layer objects), each
+        # entry holding its layer so that the id stays taken
+        self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer)
+        self.deltas: dict = {}  # (id(LayerPlacement), input device) -> (it, compute_s, transfer_s, bytes)
 
     def roof(self, dev: np.ndarray, flops, nbytes) -> np.ndarray:
         """``roofline.roofline_s`` per element (one call)."""
@@ -114,24 +116,42 @@ class PlanArrays:
             mem = np.where(bw < INF, nbytes / np.where(bw < INF, bw, 1.0), 0.0)
         return np.where(ok, np.maximum(comp, mem) + self.call_s[dev], INF)
 
+    def _missing(self, pl, todo: dict) -> tuple[list, int]:
+        """The plan's (layer, input device) keys in order, the last aggregator; adds to ``todo``
+        those not computed yet."""
+        index, memo = self.index, self.deltas
+        A, keys = self.src, []
+        for lp in pl.layers:
+            key = (id(lp), A)
+            keys.append(key)
+            hit = memo.get(key)
+            if hit is None or hit[0] is not lp:
+                todo[key] = (lp, A)
+            A = index[lp.ffn[0].device]
+        return keys, A
+
+    def warm(self, plans) -> None:
+        """Compute the layers of ``plans`` not computed yet, all in one batch."""
+        todo: dict = {}
+        for pl in plans:
+            self._missing(pl, todo)
+        self._fill(todo)
+
+    def _fill(self, todo: dict) -> None:
+        if todo:
+            for (key, (lp, _)), val in zip(todo.items(), self._compute(list(todo.values()))):
+                self.deltas[key] = (lp, *val)
+
     def latency(self, pl) -> PlanLatency:
         """The plan's token latency (``decode_cost(pl).token_latency_s``) and bytes on the links."""
-        index, memo = self.index, self.deltas
-        A, todo, keys = self.src, [], []
-        for lp in pl.layers:
-            key = (lp, A)
-            keys.append(key)
-            if key not in memo:
-                todo.append(key)
-            A = index[lp.ffn[0].device]
-        if todo:
-            todo = list(dict.fromkeys(todo))
-            for key, val in zip(todo, self._compute(todo)):
-                memo[key] = val
+        todo: dict = {}
+        keys, A = self._missing(pl, todo)
+        self._fill(todo)
+        memo = self.deltas
         c0 = c1 = 0.0
         nbytes = 0
         for key in keys:
-            dc, dt, nb = memo[key]
+            _, dc, dt, nb = memo[key]
             c0, c1, nbytes = c0 + dc, c1 + dt, nbytes + nb
         src, k = self.src, self.k
         if A != src:
@@ -142,10 +162,10 @@ class PlanArrays:
         return PlanLatency(c0 + c1, nbytes)
 
     def _layer(self, lp) -> _Layer:
-        hit = self.layers.get(lp)
-        if hit is None:
-            hit = self.layers[lp] = _extract(lp, self.index)
-        return hit
+        hit = self.layers.get(id(lp))
+        if hit is None or hit[0] is not lp:
+            hit = self.layers[id(lp)] = (lp, _extract(lp, self.index))
+        return hit[1]
 
     def _compute(self, todo: list) -> list:
         """(compute_s, transfer_s, bytes) of each (layer, input device), from a start at (0, 0)."""

@@ -70,7 +70,10 @@ def _item_bytes(dims: ModelDims, T: int, cost_model: str, weights_shipped: bool 
 
 def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
                        context_len: int | None = None, cost_model: str = "decode",
-                       net: Net | None = None) -> MigrationEstimate:
+                       net: Net | None = None, memo: dict | None = None) -> MigrationEstimate:
+    """What moving ``old`` -> ``new`` ships and how long it takes (the module docstring).
+    ``memo``: a dict kept by a caller that estimates many moves from the same ``old`` in one
+    snapshot (a planner's candidates): ``old``'s memory and block sizes are computed once."""
     if old is None or len(old.layers) != len(new.layers):
         return MigrationEstimate(0.0, 0, [], {})
     T = snapshot.context_len if context_len is None else context_len
@@ -83,7 +86,7 @@ def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterS
         moves.extend((item_block_id(it), a, b) for it in its)
     net = net or Net(snapshot)
     try:
-        waves = _waves(old, items, pairs, snapshot, dims, T, cost_model, nbytes)
+        waves = _waves(old, items, pairs, snapshot, dims, T, cost_model, nbytes, memo)
     except MigrationBlocked as exc:
         return MigrationEstimate(float("inf"), sum(pairs.values()), moves, pairs, 0, str(exc))
     if waves is None:
@@ -93,18 +96,33 @@ def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterS
 
 
 def _waves(old: Placement, items: dict, pairs: dict, snapshot: ClusterSnapshot, dims: ModelDims, T: int,
-           cost_model: str, nbytes) -> list[dict] | None:
+           cost_model: str, nbytes, memo: dict | None = None) -> list[dict] | None:
     """None when every receiver has room for all it receives (one wave), else the memory-safe
     waves (raises ``MigrationBlocked``). Weights copied at the destination: always one wave."""
     if not snapshot.weights_shipped or not items:
         return None
-    held = memory(old, snapshot, dims, cost_model, T)
-    room = {d.name: d.mem_budget_bytes - held.get(d.name, 0) for d in snapshot.devices}
+    key = (id(old), T, cost_model)
+    hit = memo.get(key) if memo is not None else None
+    if hit is None or hit[0] is not old:
+        held = memory(old, snapshot, dims, cost_model, T)
+        hit = (old, {d.name: d.mem_budget_bytes - held.get(d.name, 0) for d in snapshot.devices}, None)
+        if memo is not None:
+            memo[key] = hit
+    room = hit[1]
     due: dict[str, int] = {}
     for (_, b), n in pairs.items():
         due[b] = due.get(b, 0) + n
     if all(n <= room.get(b, 0) for b, n in due.items()):
         return None
+    if hit[2] is None:
+        hit = (old, room, _old_sizes(old, nbytes))
+        if memo is not None:
+            memo[key] = hit
+    return schedule_waves(items, hit[2], dict(room), 0, lambda dst, it, n: 0)
+
+
+def _old_sizes(old: Placement, nbytes) -> dict[str, dict[str, int]]:
+    """Bytes of every block of ``old`` per device (``schedule_waves``' ``sizes``)."""
     sizes: dict[str, dict[str, int]] = {}
     for l, lp in enumerate(old.layers):
         for g, d in enumerate(lp.heads):
@@ -113,7 +131,7 @@ def _waves(old: Placement, items: dict, pairs: dict, snapshot: ClusterSnapshot, 
         for sh in lp.ffn:
             sizes.setdefault(sh.device, {})[f"L{l}.ffn{sh.col_start}-{sh.col_end}"] = nbytes(
                 {"kind": "ffn", "c0": sh.col_start, "c1": sh.col_end})
-    return schedule_waves(items, sizes, room, 0, lambda dst, it, n: 0)
+    return sizes
 
 
 def migration_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,

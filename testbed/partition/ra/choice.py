@@ -84,17 +84,22 @@ def plan_cost(prob: Problem, pl: Placement, net: Net | None = None) -> CostResul
     """``pl``'s token latency and bytes on the links (``token_latency_s``, ``bytes_moved``) under
     ``prob``'s model, computed once per problem (``prob.memo``); under ``decode`` with arrays
     (``cost.arrays``: the same floats as ``decode_cost``)."""
-    memo = prob.memo.setdefault("cost", {})
-    hit = memo.get(pl)
-    if hit is None:
+    memo = prob.memo.setdefault("cost", {})  # by identity (hashing a whole placement is slow)
+    hit = memo.get(id(pl))
+    if hit is None or hit[0] is not pl:
         if prob.cost_model == "paper":
-            hit = memo[pl] = evaluate(pl, prob.snap, prob.dims, "paper")
+            hit = memo[id(pl)] = (pl, evaluate(pl, prob.snap, prob.dims, "paper"))
         else:
-            arrays = prob.memo.get("arrays")
-            if arrays is None:
-                arrays = prob.memo["arrays"] = PlanArrays(prob)
-            hit = memo[pl] = arrays.latency(pl)
-    return hit
+            hit = memo[id(pl)] = (pl, plan_arrays(prob).latency(pl))
+    return hit[1]
+
+
+def plan_arrays(prob: Problem) -> PlanArrays:
+    """The problem's ``cost.arrays.PlanArrays`` (its per-layer memo is shared by every plan)."""
+    arrays = prob.memo.get("arrays")
+    if arrays is None:
+        arrays = prob.memo["arrays"] = PlanArrays(prob)
+    return arrays
 
 
 def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float, float, float]:
@@ -104,11 +109,13 @@ def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float,
     aggregation: one sender's transfers serialised on its uplink, senders in parallel. Both are
     computed once per problem and placement (``prob.memo``)."""
     lat = plan_cost(prob, pl, net).token_latency_s
-    memo = prob.memo.setdefault("migration", {})
-    if pl not in memo:
-        memo[pl] = migration_estimate(prob.snap.current, pl, prob.snap, prob.dims, cost_model=prob.cost_model,
-                                      net=net).delay_s
-    mig = memo[pl]
+    memo = prob.memo.setdefault("migration", {})  # by identity, as ``plan_cost``
+    hit = memo.get(id(pl))
+    if hit is None or hit[0] is not pl:
+        hit = memo[id(pl)] = (pl, migration_estimate(prob.snap.current, pl, prob.snap, prob.dims,
+                                                     cost_model=prob.cost_model, net=net,
+                                                     memo=prob.memo.setdefault("migration_old", {})).delay_s)
+    mig = hit[1]
     return lat + mig / H, lat, mig
 
 
@@ -326,6 +333,9 @@ def _mix_per_layer(prob: Problem, best: Placement, best_obj: float, alt: Placeme
     diff = [l for l in range(prob.dims.n_layers) if alt.layers[l] != best.layers[l]]
     if len(diff) <= 1:
         return best
+    if prob.cost_model == "decode":  # every mixture's new layers in one batch
+        plan_arrays(prob).warm([Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:])
+                                for l in diff])
     fits = _MixFits(prob, need)
     for l in diff:
         if not fits(best, alt, l):

@@ -164,7 +164,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
                    headroom_gain: float = 0.05, anticipate_epochs: int = 2,
                    preempt: float = 1.0, layer_split: bool = True,
                    split_slack: float = 0.1, portfolio: bool = True,
-                   portfolio_slack: float = 0.01) -> Placement:
+                   portfolio_slack: float = 0.01, incremental: bool = False) -> Placement:
     """One RA decision.
 
     ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
@@ -191,12 +191,28 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
     token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
     over the horizon), and repairs (forced or anticipated) are extended towards the headroom
-    horizon at that price; otherwise a forced move moves only what must move (``choose_plan``)."""
+    horizon at that price; otherwise a forced move moves only what must move (``choose_plan``).
+    ``incremental``: the placement returned carries the snapshot it was decided on, and when the
+    current one carries one and only a few links, limits or speeds got worse since, only the
+    layers they touch are placed again (``ra.incremental``; anything else: a full decision)."""
     from testbed.partition.layer.baselines import first_fit
+    from testbed.partition.ra.incremental import redecide, with_basis
 
     prob, headroom_until = _problem(snapshot, dims, cost_model, headroom_epochs, horizon_epochs, horizon_tokens,
                                     thorough)
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
+    sig = (cost_model, ffn_chunks, proj_candidates, headroom_epochs, horizon_epochs, horizon_tokens, mem_balance,
+           balance_slack, thorough, headroom_gain, anticipate_epochs, preempt, layer_split, split_slack, portfolio,
+           portfolio_slack)
+
+    def decide(new: Placement, budget: np.ndarray) -> Placement:
+        out = choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs, preempt=preempt,
+                          headroom_until=headroom_until)
+        return with_basis(out, prob, sig) if incremental else out
+
+    again = redecide(prob, K, sig, decide) if incremental else None
+    if again is not None:
+        return again
     layers, meta, budget, last_err = _balanced_round(prob, K, proj_candidates, mem_balance, balance_slack)
     if layers is None:
         try:
@@ -209,9 +225,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
         layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
     if portfolio:
         layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split)
-    new = Placement(snapshot.source, layers, meta=meta)
-    return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
-                       preempt=preempt, headroom_until=headroom_until)
+    return decide(Placement(snapshot.source, layers, meta=meta), budget)
 
 
 def _problem(snapshot, dims, cost_model: str, headroom_epochs: int, horizon_epochs: int,
