@@ -73,9 +73,9 @@ def _fan_in(m0, m1, tau, valid):
     (compute, transfer) of the last one to finish and whether a row had any."""
     key = np.where(valid, m0 + m1, INF)
     order = np.argsort(key, axis=1, kind="stable")
-    m0, m1 = np.take_along_axis(m0, order, 1), np.take_along_axis(m1, order, 1)
-    tau, valid = np.take_along_axis(tau, order, 1), np.take_along_axis(valid, order, 1)
     R = m0.shape[0]
+    rows = np.arange(R)[:, None]
+    m0, m1, tau, valid = m0[rows, order], m1[rows, order], tau[rows, order], valid[rows, order]
     done, o0, o1 = np.full(R, -INF), np.zeros(R), np.zeros(R)
     for k in range(m0.shape[1]):
         v = valid[:, k]
@@ -198,7 +198,7 @@ class PlanArrays:
         valid = hd >= 0
         hd = np.where(valid, hd, P[:, None])
         done0 = 0.0 + self.roof(hd, hn * hf, hn * hr)
-        done1 = np.take_along_axis(arr, hpos, 1)
+        done1 = arr[rows, hpos]
         onP = valid & (hd == P[:, None])
         att0, att1 = np.zeros(len(L)), arr[:, 0]
         pc0 = np.where(onP, done0, 0.0).sum(axis=1)  # at most one entry per row

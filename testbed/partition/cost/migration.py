@@ -138,3 +138,50 @@ def migration_delay(old: Placement | None, new: Placement, snapshot: ClusterSnap
                     context_len: int | None = None, cost_model: str = "decode") -> float:
     """Seconds to move from ``old`` to ``new`` (0 if ``old`` is None); see the module docstring."""
     return migration_estimate(old, new, snapshot, dims, context_len, cost_model).delay_s
+
+
+def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
+                  cost_model: str, net: Net, memo: dict) -> float:
+    """``migration_estimate(...).delay_s`` for a planner weighing many candidates against the same
+    ``old`` in one snapshot (``memo``: a dict it keeps for that snapshot): what each layer ships is
+    listed once per (old layer, new layer) pair of objects, layers a candidate keeps ship nothing,
+    and the per-pair byte lists are concatenated in layer order (so each pair's bytes are summed
+    in ``migration_items``' order: the same floats). When some receiver lacks room for what it
+    receives (memory-safe waves needed) the full estimate is made."""
+    if old is None or len(old.layers) != len(new.layers):
+        return 0.0
+    T = snapshot.context_len
+    nbytes = memo.get("nbytes")
+    if nbytes is None:
+        nbytes = memo["nbytes"] = _item_bytes(dims, T, cost_model, snapshot.weights_shipped)
+    per_layer = memo.setdefault("layers", {})
+    lists: dict[tuple[str, str], list] = {}
+    src = old.source
+    for a, b in zip(old.layers, new.layers):
+        if a is b:
+            continue
+        hit = per_layer.get((id(a), id(b)))
+        if hit is None or hit[0] is not a or hit[1] is not b:
+            items = migration_items(Placement(src, (a,)), Placement(src, (b,)))
+            hit = per_layer[(id(a), id(b))] = (a, b, {k: [nbytes(it) for it in its] for k, its in items.items()})
+        for k, sizes in hit[2].items():
+            lists.setdefault(k, []).extend(sizes)
+    pairs = {k: sum(v) for k, v in lists.items()}
+    if pairs and snapshot.weights_shipped:
+        room = _room(old, snapshot, dims, T, cost_model, memo)
+        due: dict[str, int] = {}
+        for (_, b), n in pairs.items():
+            due[b] = due.get(b, 0) + n
+        if not all(n <= room.get(b, 0) for b, n in due.items()):
+            return migration_estimate(old, new, snapshot, dims, cost_model=cost_model, net=net, memo=memo).delay_s
+    return pair_delay(pairs, net)
+
+
+def _room(old: Placement, snapshot: ClusterSnapshot, dims: ModelDims, T: int, cost_model: str, memo: dict):
+    """Memory budget less ``old``'s bytes at ``T`` per device, once per ``memo``."""
+    key = ("room", id(old), T, cost_model)
+    hit = memo.get(key)
+    if hit is None or hit[0] is not old:
+        held = memory(old, snapshot, dims, cost_model, T)
+        hit = memo[key] = (old, {d.name: d.mem_budget_bytes - held.get(d.name, 0) for d in snapshot.devices})
+    return hit[1]

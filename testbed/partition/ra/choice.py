@@ -17,7 +17,7 @@ from testbed.partition.common import Problem, check_memory, evaluate, fits_until
 from testbed.partition.cost.arrays import PlanArrays, PlanLatency
 from testbed.partition.cost.latency import CostResult, Net, memory
 from testbed.core.errors import InfeasiblePlan
-from testbed.partition.cost.migration import migration_estimate
+from testbed.partition.cost.migration import planner_delay
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 
 
@@ -53,6 +53,7 @@ class _MixFits:
         self.limit = np.array([float(d.mem_budget_bytes) for d in prob.snap.devices])
         self.ok = {n for n, a in zip(prob.names, prob.allowed) if a} | {prob.snap.source}
         self.best, self.used = None, None
+        self.layers: dict = {}  # id(LayerPlacement) -> (it, its bytes per device)
 
     def _bytes(self, pl: Placement) -> np.ndarray:
         p = self.prob
@@ -66,9 +67,26 @@ class _MixFits:
         lp = alt.layers[l]
         if self.used is None or not {*lp.heads, lp.proj, *(s.device for s in lp.ffn)} <= self.ok:
             return False
-        src = best.source
-        swap = self._bytes(Placement(src, (lp,))) - self._bytes(Placement(src, (best.layers[l],)))
+        swap = self._layer_bytes(lp) - self._layer_bytes(best.layers[l])
         return bool(np.all(self.used + swap <= self.limit))
+
+    def _layer_bytes(self, lp) -> np.ndarray:
+        """``_bytes`` of a one-layer placement, once per layer object."""
+        hit = self.layers.get(id(lp))
+        if hit is None or hit[0] is not lp:
+            p = self.prob
+            if p.cost_model != "decode":
+                vec = self._bytes(Placement(p.snap.source, (lp,)))
+            else:  # ``placement_memory``'s terms (whole bytes), without the source's (it cancels)
+                vec, idx, d = np.zeros(len(p.names)), p.index, p.dims
+                head = B.block_memory_bytes(d, "head", self.until)
+                for dev in lp.heads:
+                    vec[idx[dev]] += head
+                vec[idx[lp.proj]] += B.proj_bytes(d)
+                for sh in lp.ffn:
+                    vec[idx[sh.device]] += B.ffn_bytes(d, sh.col_end - sh.col_start)
+            hit = self.layers[id(lp)] = (lp, vec)
+        return hit[1]
 
 
 def problem_net(prob: Problem) -> Net:
@@ -112,9 +130,8 @@ def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float,
     memo = prob.memo.setdefault("migration", {})  # by identity, as ``plan_cost``
     hit = memo.get(id(pl))
     if hit is None or hit[0] is not pl:
-        hit = memo[id(pl)] = (pl, migration_estimate(prob.snap.current, pl, prob.snap, prob.dims,
-                                                     cost_model=prob.cost_model, net=net,
-                                                     memo=prob.memo.setdefault("migration_old", {})).delay_s)
+        hit = memo[id(pl)] = (pl, planner_delay(prob.snap.current, pl, prob.snap, prob.dims, prob.cost_model, net,
+                                                prob.memo.setdefault("migration_parts", {})))
     mig = hit[1]
     return lat + mig / H, lat, mig
 

@@ -70,14 +70,12 @@ def _touched(prob: Problem, cur: Placement, paths: np.ndarray, dev: np.ndarray) 
     L = len(cur.layers)
     for l, lp in enumerate(cur.layers):
         P, agg = idx[lp.proj], idx[lp.ffn[0].device]
-        heads = {idx[d] for d in lp.heads}
-        shards = {idx[s.device] for s in lp.ffn}
-        devs = heads | shards | {P, A}
-        pairs = [(A, j) for j in heads | {P}] + [(j, P) for j in heads] + [(P, j) for j in shards]
-        pairs += [(j, agg) for j in shards]
-        if l == L - 1:
-            pairs.append((agg, prob.src))
-        if any(dev[j] for j in devs) or any(paths[a, b] for a, b in pairs if a != b):
+        heads = np.array([idx[d] for d in dict.fromkeys(lp.heads)])
+        shards = np.array([idx[s.device] for s in lp.ffn])
+        # (the diagonal never changes: a block's message to its own device is free)
+        if (dev[heads].any() or dev[shards].any() or dev[P] or dev[A] or paths[A, heads].any() or paths[A, P]
+                or paths[heads, P].any() or paths[P, shards].any() or paths[shards, agg].any()
+                or (l == L - 1 and paths[agg, prob.src])):
             out.add(l)
         A = agg
     return out
