@@ -15,13 +15,14 @@ from testbed.partition.cost.latency import decode_cost
 from testbed.partition.synthetic import GPT2, SMOLLM2, random_star
 
 
-def _random_plan(rng: random.Random, prob: Problem, dims) -> Placement:
+def _random_plan(rng: random.Random, prob: Problem, dims, wide: bool = False) -> Placement:
+    """Layers over 1-6 devices (or, ``wide``, up to 20: computed one by one, as the reference)."""
     names = prob.allowed_names() + [prob.names[prob.src]]
     layers = []
     for _ in range(dims.n_layers):
-        devs = rng.sample(names, min(len(names), rng.randint(1, 6)))
+        devs = rng.sample(names, min(len(names), rng.randint(1, 20 if wide else 6)))
         heads = tuple(rng.choice(devs) for _ in range(dims.n_kv_heads))
-        k = rng.randint(1, 4)
+        k = rng.randint(1, 12 if wide else 4)
         b = [0, *sorted(rng.sample(range(1, dims.ffn_dim), k - 1)), dims.ffn_dim]
         ffn = tuple(FfnShard(rng.choice(devs), b[i], b[i + 1]) for i in range(k))
         layers.append(LayerPlacement(heads, rng.choice(devs), ffn))
@@ -34,7 +35,8 @@ def test_array_latency_is_decode_cost_exactly(dims, n, seed):
     prob = Problem(snap, dims)
     arrays = PlanArrays(prob)
     rng = random.Random(seed)
-    plans = [_random_plan(rng, prob, dims) for _ in range(12)] + [plan("resource_aware", snap, dims).placement]
+    plans = [_random_plan(rng, prob, dims, wide=i % 3 == 2) for i in range(12)]
+    plans += [plan("resource_aware", snap, dims).placement, plan("galaxy", snap, dims).placement]
     for pl in plans:
         ref = decode_cost(pl, snap, dims)
         got = arrays.latency(pl)

@@ -17,9 +17,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from testbed.partition.cost.latency import decode_constants
+from testbed.partition.cost.latency import Net, _layer_delta, decode_constants
 
 INF = float("inf")
+WIDE_HEADS, WIDE_FFN = 12, 6  # wider layers are computed one by one (``PlanArrays._compute``)
 
 
 class PlanLatency(NamedTuple):
@@ -102,6 +103,7 @@ class PlanArrays:
         self.mem_bw = np.array([d.mem_bw_bytes_per_s for d in snap.devices], dtype=float)
         self.call_s = np.array([d.call_overhead_s for d in snap.devices], dtype=float)
         self.k = decode_constants(prob.dims, snap.context_len, 1)
+        self.snap, self.names, self.net = snap, prob.names, None
         # memos by identity (hashing a LayerPlacement is slow; plans share layer objects), each
         # entry holding its layer so that the id stays taken
         self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer)
@@ -168,7 +170,28 @@ class PlanArrays:
         return hit[1]
 
     def _compute(self, todo: list) -> list:
-        """(compute_s, transfer_s, bytes) of each (layer, input device), from a start at (0, 0)."""
+        """(compute_s, transfer_s, bytes) of each (layer, input device), from a start at (0, 0):
+        layers with many head or FFN devices (a tensor-parallel split over tens of devices) by
+        ``latency._layer_delta`` (their queues are long sequential chains), the others together."""
+        wide = [i for i, (lp, _) in enumerate(todo)
+                if len(self._layer(lp).hdev) > WIDE_HEADS or len(self._layer(lp).fdev) > WIDE_FFN]
+        if not wide:
+            return self._batch(todo)
+        out: list = [None] * len(todo)
+        for i in wide:
+            out[i] = self._one(*todo[i])
+        narrow = [i for i in range(len(todo)) if out[i] is None]
+        for i, val in zip(narrow, self._batch([todo[i] for i in narrow]) if narrow else []):
+            out[i] = val
+        return out
+
+    def _one(self, lp, A: int) -> tuple[float, float, int]:
+        if self.net is None:
+            self.net = Net(self.snap)
+        (dc, dt), _, sent = _layer_delta(lp, self.names[A], self.net, True, self.k, {})
+        return dc, dt, sum(sent.values())
+
+    def _batch(self, todo: list) -> list:
         L = [self._layer(lp) for lp, _ in todo]
         A = np.array([a for _, a in todo])
         P = np.array([ly.P for ly in L])
