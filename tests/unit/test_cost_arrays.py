@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
+from testbed.core.errors import InfeasiblePlan
 from testbed.partition import plan
+from testbed.partition.layer.baselines import galaxy_plans
 from testbed.partition.common import Problem
 from testbed.partition.cost.arrays import PlanArrays
 from testbed.partition.cost.latency import decode_cost
@@ -36,7 +38,8 @@ def test_array_latency_is_decode_cost_exactly(dims, n, seed):
     arrays = PlanArrays(prob)
     rng = random.Random(seed)
     plans = [_random_plan(rng, prob, dims, wide=i % 3 == 2) for i in range(12)]
-    plans += [plan("resource_aware", snap, dims).placement, plan("galaxy", snap, dims).placement]
+    plans.append(plan("resource_aware", snap, dims).placement)
+    plans += [pl for _, pl in galaxy_plans(prob, [2, 4, 8]) if not isinstance(pl, InfeasiblePlan)]
     for pl in plans:
         ref = decode_cost(pl, snap, dims)
         got = arrays.latency(pl)
