@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+from testbed.core.snapshot import ModelDims
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 from testbed.core.errors import InfeasiblePlan
 from testbed.partition import plan
@@ -22,16 +23,20 @@ def _random_plan(rng: random.Random, prob: Problem, dims, wide: bool = False) ->
     names = prob.allowed_names() + [prob.names[prob.src]]
     layers = []
     for _ in range(dims.n_layers):
-        devs = rng.sample(names, min(len(names), rng.randint(1, 20 if wide else 6)))
+        devs = rng.sample(names, min(len(names), rng.randint(1, 30 if wide else 6)))
         heads = tuple(rng.choice(devs) for _ in range(dims.n_kv_heads))
-        k = rng.randint(1, 12 if wide else 4)
+        k = rng.randint(1, 16 if wide else 4)
         b = [0, *sorted(rng.sample(range(1, dims.ffn_dim), k - 1)), dims.ffn_dim]
         ffn = tuple(FfnShard(rng.choice(devs), b[i], b[i + 1]) for i in range(k))
         layers.append(LayerPlacement(heads, rng.choice(devs), ffn))
     return Placement(prob.snap.source, tuple(layers))
 
 
-@pytest.mark.parametrize("dims,n,seed", [(GPT2, 9, 0), (GPT2, 25, 1), (SMOLLM2, 12, 2)])
+LLAMA7 = ModelDims("llama-2-7b", 32, 4096, 32, 32, 128, 11008, 32000, gated_ffn=True, tie_embeddings=False,
+                   weight_format="q4_0")
+
+
+@pytest.mark.parametrize("dims,n,seed", [(GPT2, 9, 0), (GPT2, 25, 1), (SMOLLM2, 12, 2), (LLAMA7, 33, 3)])
 def test_array_latency_is_decode_cost_exactly(dims, n, seed):
     snap = random_star(np.random.default_rng(seed), n, dims, context_len=48)
     prob = Problem(snap, dims)

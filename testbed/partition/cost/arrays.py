@@ -20,7 +20,7 @@ import numpy as np
 from testbed.partition.cost.latency import Net, _layer_delta, decode_constants
 
 INF = float("inf")
-WIDE_HEADS, WIDE_FFN = 12, 6  # wider layers are computed one by one (``PlanArrays._compute``)
+WIDE_HEADS, WIDE_FFN = 24, 8  # wider layers are computed one by one (``PlanArrays._compute``)
 
 
 class PlanLatency(NamedTuple):

@@ -286,11 +286,12 @@ def _layer_bytes(prob: Problem, lp: LayerPlacement) -> dict[int, float]:
 
 
 def replan_layers(prob: Problem, chunks: int, k: int, layers: tuple[LayerPlacement, ...], which: set[int],
-                  budget: np.ndarray) -> tuple[LayerPlacement, ...]:
+                  budget: np.ndarray, moved: np.ndarray | None = None) -> tuple[LayerPlacement, ...]:
     """``layers`` with the layers in ``which`` placed again by the greedy (anchors: the ``k``
-    cheapest and the current proj), in dataflow order, in the memory the other layers leave
-    within ``budget``; each re-placed layer's input is the (possibly new) aggregator before it.
-    Raises ``NoFit`` when a re-placed layer fits nowhere."""
+    cheapest and the current proj; only the current proj when its device is not in ``moved``
+    (a mask: devices whose own links or limits changed) and has room), in dataflow order, in the
+    memory the other layers leave within ``budget``; each re-placed layer's input is the
+    (possibly new) aggregator before it. Raises ``NoFit`` when a re-placed layer fits nowhere."""
     resid = budget.tolist()
     for l, lp in enumerate(layers):
         if l not in which:
@@ -300,7 +301,8 @@ def replan_layers(prob: Problem, chunks: int, k: int, layers: tuple[LayerPlaceme
     for l in range(L):
         if l in which:
             ly = _Layer(prob, l, A, chunks)
-            resid, nh, P, nf, agg = _plan_layer(ly, resid, k, last=l == L - 1)
+            keep = moved is not None and not moved[ly.cur_proj] and resid[ly.cur_proj] >= prob.sz.proj_b
+            resid, nh, P, nf, agg = _plan_layer(ly, resid, 0 if keep else k, last=l == L - 1)
             out[l] = _layer_placement(prob, ly, nh, P, nf, agg)
         A = prob.index[out[l].ffn[0].device]
     return tuple(out)

@@ -96,12 +96,14 @@ def redecide(prob: Problem, K: int, params: tuple, decide) -> Placement | None:
     if diff is None:
         return None
     which = _touched(prob, cur, *diff)
+    paths, dev = diff
+    moved = dev | (paths.mean(axis=1) > 0.5) | (paths.mean(axis=0) > 0.5)  # its own link or limits
     if len(which) == prob.dims.n_layers:
         return None
     new = cur
     if which:
         try:
-            new = Placement(cur.source, replan_layers(prob, K, 1, cur.layers, which, prob.budget),
+            new = Placement(cur.source, replan_layers(prob, K, 1, cur.layers, which, prob.budget, moved),
                             meta={**cur.meta, "incremental_layers": len(which)})
         except NoFit:
             return None
