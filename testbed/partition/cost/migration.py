@@ -141,13 +141,15 @@ def migration_delay(old: Placement | None, new: Placement, snapshot: ClusterSnap
 
 
 def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
-                  cost_model: str, net: Net, memo: dict) -> float:
+                  cost_model: str, net: Net, memo: dict, one_wave: bool = False) -> float:
     """``migration_estimate(...).delay_s`` for a planner weighing many candidates against the same
     ``old`` in one snapshot (``memo``: a dict it keeps for that snapshot): what each layer ships is
     listed once per (old layer, new layer) pair of objects, layers a candidate keeps ship nothing,
     and the per-pair byte lists are concatenated in layer order (so each pair's bytes are summed
     in ``migration_items``' order: the same floats). When some receiver lacks room for what it
-    receives (memory-safe waves needed) the full estimate is made."""
+    receives (memory-safe waves needed) the full estimate is made, unless ``one_wave``: then the
+    delay of everything in one wave, a lower bound (every sender still sends all its bytes, and
+    each wave lasts at least as long as any of its senders)."""
     if old is None or len(old.layers) != len(new.layers):
         return 0.0
     T = snapshot.context_len
@@ -156,24 +158,33 @@ def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapsh
         nbytes = memo["nbytes"] = _item_bytes(dims, T, cost_model, snapshot.weights_shipped)
     per_layer = memo.setdefault("layers", {})
     lists: dict[tuple[str, str], list] = {}
-    src = old.source
-    for a, b in zip(old.layers, new.layers):
+    src, moved = old.source, []
+    for l, (a, b) in enumerate(zip(old.layers, new.layers)):
         if a is b:
             continue
         hit = per_layer.get((id(a), id(b)))
         if hit is None or hit[0] is not a or hit[1] is not b:
             items = migration_items(Placement(src, (a,)), Placement(src, (b,)))
-            hit = per_layer[(id(a), id(b))] = (a, b, {k: [nbytes(it) for it in its] for k, its in items.items()})
-        for k, sizes in hit[2].items():
+            hit = per_layer[(id(a), id(b))] = (a, b, items, {k: [nbytes(it) for it in its] for k, its in items.items()})
+        moved.append((l, hit[2]))
+        for k, sizes in hit[3].items():
             lists.setdefault(k, []).extend(sizes)
     pairs = {k: sum(v) for k, v in lists.items()}
-    if pairs and snapshot.weights_shipped:
+    if pairs and snapshot.weights_shipped and not one_wave:
         room = _room(old, snapshot, dims, T, cost_model, memo)
         due: dict[str, int] = {}
         for (_, b), n in pairs.items():
             due[b] = due.get(b, 0) + n
-        if not all(n <= room.get(b, 0) for b, n in due.items()):
-            return migration_estimate(old, new, snapshot, dims, cost_model=cost_model, net=net, memo=memo).delay_s
+        if not all(n <= room.get(b, 0) for b, n in due.items()):  # waves: ``migration_estimate``'s
+            items: dict[tuple[str, str], list[dict]] = {}  # = ``migration_items(old, new)``, same order
+            for l, layer_items in moved:
+                for k, its in layer_items.items():
+                    items.setdefault(k, []).extend({**it, "layer": l} for it in its)
+            try:
+                waves = _waves(old, items, pairs, snapshot, dims, T, cost_model, nbytes, memo)
+            except MigrationBlocked:
+                return float("inf")
+            return sum(pair_delay({k: sum(nbytes(it) for it in its) for k, its in w.items()}, net) for w in waves)
     return pair_delay(pairs, net)
 
 

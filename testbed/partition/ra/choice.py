@@ -136,6 +136,13 @@ def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float,
     return lat + mig / H, lat, mig
 
 
+def migration_lower_bound(prob: Problem, pl: Placement, net: Net) -> float:
+    """A lower bound of ``_objective``'s migration delay without scheduling memory-safe waves
+    (``planner_delay(one_wave=True)``): to rule a candidate out cheaply."""
+    return planner_delay(prob.snap.current, pl, prob.snap, prob.dims, prob.cost_model, net,
+                         prob.memo.setdefault("migration_parts", {}), one_wave=True)
+
+
 def _with_block(pl: Placement, l: int, block, dev: str) -> Placement:
     """``pl`` with head group ``block`` (int) or FFN shard ``block`` (FfnShard) of layer ``l`` on ``dev``."""
     lp = pl.layers[l]

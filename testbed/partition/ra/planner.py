@@ -54,7 +54,7 @@ import numpy as np
 
 from testbed.partition.common import NoFit, Problem
 from testbed.core.errors import InfeasiblePlan
-from testbed.partition.ra.choice import _objective, choose_plan, plan_cost, problem_net
+from testbed.partition.ra.choice import _objective, choose_plan, migration_lower_bound, plan_cost, problem_net
 from testbed.partition.ra.greedy import _round
 from testbed.core.placement import Placement
 
@@ -109,12 +109,15 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
 
 
 def _objective_below(prob: Problem, pl: Placement, net, bound: float) -> float:
-    """``_objective(pl)``, or just its latency when that is already above ``bound`` (latency +
-    migration delay / H >= latency: the comparison with ``bound`` is decided without the
-    migration estimate, the costly part at 100+ devices)."""
+    """``_objective(pl)``, or a lower bound of it when that is already above ``bound`` (its
+    latency, then latency + a lower bound of the migration delay: the comparison with ``bound``
+    is decided without the migration estimate's memory-safe waves, the costly part)."""
     lat = plan_cost(prob, pl, net).token_latency_s
     if lat > bound:
         return lat
+    low = lat + migration_lower_bound(prob, pl, net) / prob.H
+    if low > bound:
+        return low
     return _objective(prob, pl, prob.H, net)[0]
 
 
