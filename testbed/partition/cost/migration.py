@@ -175,17 +175,25 @@ def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapsh
         due: dict[str, int] = {}
         for (_, b), n in pairs.items():
             due[b] = due.get(b, 0) + n
-        if not all(n <= room.get(b, 0) for b, n in due.items()):  # waves: ``migration_estimate``'s
-            items: dict[tuple[str, str], list[dict]] = {}  # = ``migration_items(old, new)``, same order
-            for l, layer_items in moved:
-                for k, its in layer_items.items():
-                    items.setdefault(k, []).extend({**it, "layer": l} for it in its)
-            try:
-                waves = _waves(old, items, pairs, snapshot, dims, T, cost_model, nbytes, memo)
-            except MigrationBlocked:
-                return float("inf")
-            return sum(pair_delay({k: sum(nbytes(it) for it in its) for k, its in w.items()}, net) for w in waves)
+        if not all(n <= room.get(b, 0) for b, n in due.items()):
+            return _in_waves(old, moved, pairs, snapshot, dims, cost_model, net, memo)
     return pair_delay(pairs, net)
+
+
+def _in_waves(old: Placement, moved: list, pairs: dict, snapshot: ClusterSnapshot, dims: ModelDims,
+              cost_model: str, net: Net, memo: dict) -> float:
+    """``migration_estimate``'s delay when memory-safe waves are needed, from ``planner_delay``'s
+    per-layer items (``moved``: (layer, its items)) renumbered: ``migration_items(old, new)``."""
+    items: dict[tuple[str, str], list[dict]] = {}
+    for l, layer_items in moved:
+        for k, its in layer_items.items():
+            items.setdefault(k, []).extend({**it, "layer": l} for it in its)
+    nbytes = memo["nbytes"]
+    try:
+        waves = _waves(old, items, pairs, snapshot, dims, snapshot.context_len, cost_model, nbytes, memo)
+    except MigrationBlocked:
+        return float("inf")
+    return sum(pair_delay({k: sum(nbytes(it) for it in its) for k, its in w.items()}, net) for w in waves)
 
 
 def _room(old: Placement, snapshot: ClusterSnapshot, dims: ModelDims, T: int, cost_model: str, memo: dict):
