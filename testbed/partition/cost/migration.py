@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from testbed.partition.cost import blocks as B
 from testbed.partition.cost.latency import Net, memory, paper_constants
-from testbed.core.moves import MigrationBlocked, migration_items, schedule_waves
+from testbed.core.moves import MigrationBlocked, ffn_shards, migration_items, schedule_waves
 from testbed.core.placement import Placement
 from testbed.core.moves import item_block_id
 from testbed.core.snapshot import ClusterSnapshot, ModelDims
@@ -115,10 +115,11 @@ def _waves(old: Placement, items: dict, pairs: dict, snapshot: ClusterSnapshot, 
     if all(n <= room.get(b, 0) for b, n in due.items()):
         return None
     if hit[2] is None:
-        hit = (old, room, _old_sizes(old, nbytes))
+        sizes = _old_sizes(old, nbytes)
+        hit = (old, room, (sizes, {src: ffn_shards(sz) for src, sz in sizes.items()}))
         if memo is not None:
             memo[key] = hit
-    return schedule_waves(items, hit[2], dict(room), 0, lambda dst, it, n: 0)
+    return schedule_waves(items, hit[2][0], dict(room), 0, lambda dst, it, n: 0, shards=hit[2][1])
 
 
 def _old_sizes(old: Placement, nbytes) -> dict[str, dict[str, int]]:

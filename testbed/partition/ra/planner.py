@@ -54,7 +54,8 @@ import numpy as np
 
 from testbed.partition.common import NoFit, Problem
 from testbed.core.errors import InfeasiblePlan
-from testbed.partition.ra.choice import _objective, choose_plan, migration_lower_bound, plan_cost, problem_net
+from testbed.partition.ra.choice import (_objective, choose_plan, migration_lower_bound, plan_arrays, plan_cost,
+                                         problem_net)
 from testbed.partition.ra.greedy import _round
 from testbed.core.placement import Placement
 
@@ -150,11 +151,14 @@ def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_
     for g, pl in galaxy_plans(prob, galaxy_groups(int(prob.allowed.sum()))):
         if not isinstance(pl, InfeasiblePlan):
             cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
-    for cand_layers, tag in cands:
+    cands = [(Placement(prob.snap.source, c), tag) for c, tag in cands]
+    if prob.cost_model == "decode":  # every candidate's layers in one batch
+        plan_arrays(prob).warm([pl for pl, _ in cands])
+    for cand, tag in cands:
         below = best_obj * (1 - slack) if best is None else min(best_obj * (1 - slack), best[0])
-        obj = _objective_below(prob, Placement(prob.snap.source, cand_layers), net, below)
+        obj = _objective_below(prob, cand, net, below)
         if obj < best_obj * (1 - slack) and (best is None or obj < best[0]):
-            best = (obj, cand_layers, tag)
+            best = (obj, cand.layers, tag)
     if best is None:
         return layers, meta
     return best[1], {**meta, **best[2]}
@@ -271,6 +275,8 @@ def _balanced_round(prob: Problem, K: int, proj_candidates: int, mem_balance: fl
         if bal is not None:
             free = Placement(prob.snap.source, layers, meta=meta)
             tight = Placement(prob.snap.source, bal, meta=meta)
+            if prob.cost_model == "decode":
+                plan_arrays(prob).warm([free, tight])  # both plans' layers in one batch
             if (plan_cost(prob, tight).token_latency_s
                     <= (1 + balance_slack) * plan_cost(prob, free).token_latency_s):
                 layers, meta = bal, {**meta, "mem_balanced": True}
