@@ -102,14 +102,32 @@ def plan_cost(prob: Problem, pl: Placement, net: Net | None = None) -> CostResul
     """``pl``'s token latency and bytes on the links (``token_latency_s``, ``bytes_moved``) under
     ``prob``'s model, computed once per problem (``prob.memo``); under ``decode`` with arrays
     (``cost.arrays``: the same floats as ``decode_cost``)."""
-    memo = prob.memo.setdefault("cost", {})  # by identity (hashing a whole placement is slow)
-    hit = memo.get(id(pl))
-    if hit is None or hit[0] is not pl:
+    memo = prob.memo.setdefault("cost", {})
+    hit = _recall(memo, pl)
+    if hit is None:
         if prob.cost_model == "paper":
-            hit = memo[id(pl)] = (pl, evaluate(pl, prob.snap, prob.dims, "paper"))
+            hit = _store(memo, pl, evaluate(pl, prob.snap, prob.dims, "paper"))
         else:
-            hit = memo[id(pl)] = (pl, plan_arrays(prob).latency(pl))
-    return hit[1]
+            hit = _store(memo, pl, plan_arrays(prob).latency(pl))
+    return hit
+
+
+def _recall(memo: dict, pl: Placement):
+    """A value memoised for ``pl``: by identity first (hashing a whole placement is slow), then by
+    value (planners rebuild equal placements: the same plan is not evaluated twice). None if absent."""
+    hit = memo.get(id(pl))
+    if hit is not None and hit[0] is pl:
+        return hit[1]
+    val = memo.get(("=", pl))
+    if val is not None:
+        memo[id(pl)] = (pl, val)
+    return val
+
+
+def _store(memo: dict, pl: Placement, val):
+    memo[id(pl)] = (pl, val)
+    memo[("=", pl)] = val
+    return val
 
 
 def plan_arrays(prob: Problem) -> PlanArrays:
@@ -127,12 +145,11 @@ def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float,
     aggregation: one sender's transfers serialised on its uplink, senders in parallel. Both are
     computed once per problem and placement (``prob.memo``)."""
     lat = plan_cost(prob, pl, net).token_latency_s
-    memo = prob.memo.setdefault("migration", {})  # by identity, as ``plan_cost``
-    hit = memo.get(id(pl))
-    if hit is None or hit[0] is not pl:
-        hit = memo[id(pl)] = (pl, planner_delay(prob.snap.current, pl, prob.snap, prob.dims, prob.cost_model, net,
-                                                prob.memo.setdefault("migration_parts", {})))
-    mig = hit[1]
+    memo = prob.memo.setdefault("migration", {})
+    mig = _recall(memo, pl)
+    if mig is None:
+        mig = _store(memo, pl, planner_delay(prob.snap.current, pl, prob.snap, prob.dims, prob.cost_model, net,
+                                             prob.memo.setdefault("migration_parts", {})))
     return lat + mig / H, lat, mig
 
 
