@@ -4,7 +4,7 @@ the per-layer migration delays it and every RA decision weigh candidates with
 
 Measured on 72 re-decisions (tests/unit/ra_instances bases and 48-device GPT-2 stars; links of
 1 or 3 devices x0.1, a memory limit cut to 70 %, the context alone grown): the incremental plan
-was the full decision's in 67, better by latency + migration / H in 4, worse in 1 (+6.4 %, a
+was the full decision's in 68, better by latency + migration / H in 3, worse in 1 (+6.4 %, a
 limit cut on 5 devices)."""
 import sys
 from dataclasses import replace
