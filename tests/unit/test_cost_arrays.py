@@ -52,3 +52,24 @@ def test_array_latency_is_decode_cost_exactly(dims, n, seed):
         assert got.bytes_moved == ref.bytes_moved
     # the memo per (layer, input device) answers a plan again with the same numbers
     assert arrays.latency(plans[0]) == arrays.latency(plans[0])
+
+
+def test_down_paths_give_what_decode_cost_gives():
+    """A device whose paths are down: inf (or nan, inf - inf in a queue) exactly where decode_cost has it."""
+    import math
+    from dataclasses import replace
+
+    from testbed.core.snapshot import LinkState
+
+    snap = random_star(np.random.default_rng(4), 12, GPT2, context_len=48)
+    paths = {k: (LinkState(v.bandwidth_bytes_per_s, v.latency_s, up=False) if "d3" in k else v)
+             for k, v in snap.paths.items()}
+    snap = replace(snap, paths=paths)
+    prob = Problem(snap, GPT2)
+    arrays, rng, finite = PlanArrays(prob), random.Random(1), 0
+    for _ in range(40):
+        pl = _random_plan(rng, prob, GPT2)
+        got, ref = arrays.latency(pl).token_latency_s, decode_cost(pl, snap, GPT2).token_latency_s
+        assert got == ref or (math.isnan(got) and math.isnan(ref))
+        finite += math.isfinite(ref)
+    assert 0 < finite < 40

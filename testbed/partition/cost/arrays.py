@@ -72,16 +72,13 @@ def _cp_max(a0, a1, b0, b1, take):
 def _fan_in(m0, m1, tau, valid):
     """``latency._Nics.fan_in`` per row over the valid messages (arrival pair, downlink seconds):
     (compute, transfer) of the last one to finish and whether a row had any."""
-    key = np.where(valid, m0 + m1, INF)
-    order = np.argsort(key, axis=1, kind="stable")
+    order = np.lexsort((m0 + m1, ~valid), axis=1)  # valid first, by arrival, stable (as ``sorted``)
     R = m0.shape[0]
     rows = np.arange(R)[:, None]
     m0, m1, tau, valid = m0[rows, order], m1[rows, order], tau[rows, order], valid[rows, order]
     done, o0, o1 = np.full(R, -INF), np.zeros(R), np.zeros(R)
-    for k in range(m0.shape[1]):
+    for k in range(int(valid.sum(axis=1).max(initial=0))):  # sorted: a row's valid messages first
         v = valid[:, k]
-        if not v.any():
-            continue
         t = m0[:, k] + m1[:, k]
         fin = np.maximum(t, done + tau[:, k])
         done = np.where(v, fin, done)
@@ -197,9 +194,10 @@ class PlanArrays:
         P = np.array([ly.P for ly in L])
         R, rows = len(L), np.arange(len(L))
         up = np.full((R, len(self.speed)), -INF)  # when each device's uplink frees (-inf: never used)
-        a0, a1, nb_att = self._attention(L, A, P, up)
-        pd0 = a0 + self.roof(P, self.k["proj_flops"], self.k["proj_read"])
-        o0, o1, nb_ffn = self._ffn(L, P, pd0, a1, up, rows)
+        with np.errstate(invalid="ignore"):  # a path that is down: inf - inf = nan, as in decode_cost
+            a0, a1, nb_att = self._attention(L, A, P, up)
+            pd0 = a0 + self.roof(P, self.k["proj_flops"], self.k["proj_read"])
+            o0, o1, nb_ffn = self._ffn(L, P, pd0, a1, up, rows)
         return [(float(x), float(y), int(b)) for x, y, b in zip(o0, o1, nb_att + nb_ffn)]
 
     def _attention(self, L, A, P, up):
