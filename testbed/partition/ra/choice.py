@@ -113,20 +113,25 @@ def plan_cost(prob: Problem, pl: Placement, net: Net | None = None) -> CostResul
 
 
 def _recall(memo: dict, pl: Placement):
-    """A value memoised for ``pl``: by identity first (hashing a whole placement is slow), then by
-    value (planners rebuild equal placements: the same plan is not evaluated twice). None if absent."""
+    """A value memoised for ``pl``: by identity, else for a placement of the same source and the
+    same layer OBJECTS (planners rebuild placements around the layers they already have: the same
+    plan is not evaluated twice; hashing whole placements by value would cost more). None if absent."""
     hit = memo.get(id(pl))
     if hit is not None and hit[0] is pl:
         return hit[1]
-    val = memo.get(("=", pl))
-    if val is not None:
-        memo[id(pl)] = (pl, val)
-    return val
+    hit = memo.get(_layers_key(pl))
+    if hit is not None and hit[0].source == pl.source and all(a is b for a, b in zip(hit[0].layers, pl.layers)):
+        memo[id(pl)] = (pl, hit[1])
+        return hit[1]
+    return None
+
+
+def _layers_key(pl: Placement) -> tuple:
+    return ("layers", pl.source, *map(id, pl.layers))
 
 
 def _store(memo: dict, pl: Placement, val):
-    memo[id(pl)] = (pl, val)
-    memo[("=", pl)] = val
+    memo[id(pl)] = memo[_layers_key(pl)] = (pl, val)  # the entry keeps pl (and its layers' ids) alive
     return val
 
 

@@ -90,13 +90,12 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     bytes per token. A layer-level placement is a head-level one with each layer's blocks
     together; the greedy, filling devices layer by layer, splits layers where a device is full,
     and every split adds bytes on the links (bytes that cost more when a link drops)."""
-    from testbed.partition.common import uniform_layers
     from testbed.partition.layer.edgeshard import best_split
 
     split = best_split(prob, max_devices=2 * prob.dims.n_layers, budget=budget)
     if split is None:
         return layers, meta
-    whole = uniform_layers([prob.names[k] for k in split], prob.dims)
+    whole = split_layers(prob, split)
     net = problem_net(prob)
     a, b = Placement(prob.snap.source, whole), Placement(prob.snap.source, layers)
     ob = _objective(prob, b, prob.H, net)[0]
@@ -107,6 +106,18 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     if oa < ob or (first and oa <= (1 + slack) * ob and fewer()):
         return whole, {**meta, "layer_split": True}
     return layers, meta
+
+
+def split_layers(prob: Problem, split: list[int]) -> tuple:
+    """The layers of a contiguous split (device index per layer), built once per problem and split
+    (the same objects each time: the planner's memos recognise a plan by its layer objects)."""
+    from testbed.partition.common import uniform_layers
+
+    memo = prob.memo.setdefault("split_layers", {})
+    key = tuple(split)
+    if key not in memo:
+        memo[key] = uniform_layers([prob.names[k] for k in split], prob.dims)
+    return memo[key]
 
 
 def _objective_below(prob: Problem, pl: Placement, net, bound: float) -> float:
@@ -137,7 +148,6 @@ def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_
     tensor-parallel split (``layer.baselines.galaxy_plans``: the g fastest devices, sized at
     RA's memory horizon) when its latency + migration delay / H is more than ``slack`` lower.
     ``with_layer_split=False`` (RA's ``layer_split`` off): Galaxy's candidate only."""
-    from testbed.partition.common import uniform_layers
     from testbed.partition.layer.baselines import galaxy_plans
     from testbed.partition.layer.edgeshard import best_split
 
@@ -147,7 +157,7 @@ def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_
     split = best_split(prob, max_devices=2 * prob.dims.n_layers) if with_layer_split else None
     cands = []
     if split is not None:
-        cands.append((uniform_layers([prob.names[k] for k in split], prob.dims), {"portfolio": "layer_split"}))
+        cands.append((split_layers(prob, split), {"portfolio": "layer_split"}))
     for g, pl in galaxy_plans(prob, galaxy_groups(int(prob.allowed.sum()))):
         if not isinstance(pl, InfeasiblePlan):
             cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
