@@ -373,6 +373,12 @@ def _stay_candidate(prob: Problem, cur: Placement, H: float, net: Net, budget: n
     return stay, need, value
 
 
+def _mixes(best: Placement, alt: Placement) -> list[Placement]:
+    """``best`` with one layer from ``alt``, for each layer where they differ."""
+    return [Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:])
+            for l, (a, b) in enumerate(zip(best.layers, alt.layers)) if a != b]
+
+
 def _mix_per_layer(prob: Problem, best: Placement, best_obj: float, alt: Placement, key, need: int) -> Placement:
     """First-improvement pass over the layers where ``alt`` differs from ``best``: take ``alt``'s
     layer when the mixture fits until ``need`` and lowers ``key``."""
@@ -380,8 +386,7 @@ def _mix_per_layer(prob: Problem, best: Placement, best_obj: float, alt: Placeme
     if len(diff) <= 1:
         return best
     if prob.cost_model == "decode":  # every mixture's new layers in one batch
-        plan_arrays(prob).warm([Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:])
-                                for l in diff])
+        plan_arrays(prob).warm(_mixes(best, alt))
     fits = _MixFits(prob, need)
     for l in diff:
         if not fits(best, alt, l):
