@@ -50,6 +50,7 @@ class ResourceAwareParams(Params):
     portfolio: bool = True
     portfolio_slack: float = Field(0.01, ge=0, lt=1)
     rate_hedge: Optional[float] = Field(0.5, gt=0, le=1)
+    incremental: bool = False
 
 
 class OptimalParams(Params):

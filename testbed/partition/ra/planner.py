@@ -58,7 +58,8 @@ import numpy as np
 
 from testbed.partition.common import NoFit, Problem
 from testbed.core.errors import InfeasiblePlan
-from testbed.partition.ra.choice import _objective, choose_plan, plan_cost, problem_net
+from testbed.partition.ra.choice import (_objective, choose_plan, migration_lower_bound, plan_arrays, plan_cost,
+                                         problem_net)
 from testbed.partition.ra.greedy import _round
 from testbed.core.placement import Placement
 
@@ -93,13 +94,12 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     bytes per token. A layer-level placement is a head-level one with each layer's blocks
     together; the greedy, filling devices layer by layer, splits layers where a device is full,
     and every split adds bytes on the links (bytes that cost more when a link drops)."""
-    from testbed.partition.common import uniform_layers
     from testbed.partition.layer.edgeshard import best_split
 
     split = best_split(prob, max_devices=2 * prob.dims.n_layers, budget=budget)
     if split is None:
         return layers, meta
-    whole = uniform_layers([prob.names[k] for k in split], prob.dims)
+    whole = split_layers(prob, split)
     net = problem_net(prob)
     a, b = Placement(prob.snap.source, whole), Placement(prob.snap.source, layers)
     ob = _objective(prob, b, prob.H, net)[0]
@@ -112,13 +112,28 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     return layers, meta
 
 
+def split_layers(prob: Problem, split: list[int]) -> tuple:
+    """The layers of a contiguous split (device index per layer), built once per problem and split
+    (the same objects each time: the planner's memos recognise a plan by its layer objects)."""
+    from testbed.partition.common import uniform_layers
+
+    memo = prob.memo.setdefault("split_layers", {})
+    key = tuple(split)
+    if key not in memo:
+        memo[key] = uniform_layers([prob.names[k] for k in split], prob.dims)
+    return memo[key]
+
+
 def _objective_below(prob: Problem, pl: Placement, net, bound: float) -> float:
-    """``_objective(pl)``, or just its latency when that is already above ``bound`` (latency +
-    migration delay / H >= latency: the comparison with ``bound`` is decided without the
-    migration estimate, the costly part at 100+ devices)."""
+    """``_objective(pl)``, or a lower bound of it when that is already above ``bound`` (its
+    latency, then latency + a lower bound of the migration delay: the comparison with ``bound``
+    is decided without the migration estimate's memory-safe waves, the costly part)."""
     lat = plan_cost(prob, pl, net).token_latency_s
     if lat > bound:
         return lat
+    low = lat + migration_lower_bound(prob, pl, net) / prob.H
+    if low > bound:
+        return low
     return _objective(prob, pl, prob.H, net)[0]
 
 
@@ -135,14 +150,13 @@ def galaxy_groups(n: int) -> list[int]:
 def _portfolio_candidates(prob: Problem, with_layer_split: bool) -> list[tuple]:
     """Step 4c's candidates: EdgeShard's full-memory layer split and Galaxy's tensor-parallel split
     per group size (``layer.baselines.galaxy_plans``, sized at RA's memory horizon): (layers, tag)."""
-    from testbed.partition.common import uniform_layers
     from testbed.partition.layer.baselines import galaxy_plans
     from testbed.partition.layer.edgeshard import best_split
 
     split = best_split(prob, max_devices=2 * prob.dims.n_layers) if with_layer_split else None
     cands = []
     if split is not None:
-        cands.append((uniform_layers([prob.names[k] for k in split], prob.dims), {"portfolio": "layer_split"}))
+        cands.append((split_layers(prob, split), {"portfolio": "layer_split"}))
     for g, pl in galaxy_plans(prob, galaxy_groups(int(prob.allowed.sum()))):
         if not isinstance(pl, InfeasiblePlan):
             cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
@@ -161,6 +175,8 @@ def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_
     src = prob.snap.source
     cands = [(layers, {})] + _portfolio_candidates(prob, with_layer_split)
     plans = [Placement(src, c[0]) for c in cands]
+    if prob.cost_model == "decode":  # every candidate's layers in one batch
+        plan_arrays(prob).warm(plans)
     best_obj = _objective(prob, plans[0], prob.H, net)[0]
     if rate_hedge is None:
         now, pick = [best_obj], 0
@@ -211,7 +227,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
                    headroom_gain: float = 0.05, anticipate_epochs: int = 2,
                    preempt: float = 1.0, layer_split: bool = True,
                    split_slack: float = 0.1, portfolio: bool = True,
-                   portfolio_slack: float = 0.01, rate_hedge: float | None = 0.5) -> Placement:
+                   portfolio_slack: float = 0.01, rate_hedge: float | None = 0.5,
+                   incremental: bool = False) -> Placement:
     """One RA decision.
 
     ``ffn_chunks``: FFN blocks per layer (default 1 under ``paper``, as in the paper; 4 under
@@ -239,12 +256,28 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
     token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
     over the horizon), and repairs (forced or anticipated) are extended towards the headroom
-    horizon at that price; otherwise a forced move moves only what must move (``choose_plan``)."""
+    horizon at that price; otherwise a forced move moves only what must move (``choose_plan``).
+    ``incremental``: the placement returned carries the snapshot it was decided on, and when the
+    current one carries one and only a few links, limits or speeds got worse since, only the
+    layers they touch are placed again (``ra.incremental``; anything else: a full decision)."""
     from testbed.partition.layer.baselines import first_fit
+    from testbed.partition.ra.incremental import redecide, with_basis
 
     prob, headroom_until = _problem(snapshot, dims, cost_model, headroom_epochs, horizon_epochs, horizon_tokens,
                                     thorough)
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
+    sig = (cost_model, ffn_chunks, proj_candidates, headroom_epochs, horizon_epochs, horizon_tokens, mem_balance,
+           balance_slack, thorough, headroom_gain, anticipate_epochs, preempt, layer_split, split_slack, portfolio,
+           portfolio_slack, rate_hedge)
+
+    def decide(new: Placement, budget: np.ndarray) -> Placement:
+        out = choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs, preempt=preempt,
+                          headroom_until=headroom_until)
+        return with_basis(out, prob, sig) if incremental else out
+
+    again = redecide(prob, K, sig, decide) if incremental else None
+    if again is not None:
+        return again
     layers, meta, budget, last_err = _balanced_round(prob, K, proj_candidates, mem_balance, balance_slack)
     if layers is None:
         try:
@@ -258,9 +291,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     if portfolio:
         layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split,
                                        rate_hedge=rate_hedge)
-    new = Placement(snapshot.source, layers, meta=meta)
-    return choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
-                       preempt=preempt, headroom_until=headroom_until)
+    return decide(Placement(snapshot.source, layers, meta=meta), budget)
 
 
 def _problem(snapshot, dims, cost_model: str, headroom_epochs: int, horizon_epochs: int,
@@ -303,6 +334,8 @@ def _balanced_round(prob: Problem, K: int, proj_candidates: int, mem_balance: fl
         if bal is not None:
             free = Placement(prob.snap.source, layers, meta=meta)
             tight = Placement(prob.snap.source, bal, meta=meta)
+            if prob.cost_model == "decode":
+                plan_arrays(prob).warm([free, tight])  # both plans' layers in one batch
             if (plan_cost(prob, tight).token_latency_s
                     <= (1 + balance_slack) * plan_cost(prob, free).token_latency_s):
                 layers, meta = bal, {**meta, "mem_balanced": True}
