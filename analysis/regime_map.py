@@ -69,18 +69,12 @@ def _dims(name: str, weight_format: str):
 
 
 def layer_time_s(dims, profile: str, context_len: int) -> float:
-    """One decode layer on one device of ``profile``: attention (all KV groups), W_o and FFN calls."""
-    from testbed.partition.cost.latency import decode_constants
-    from testbed.partition.cost.roofline import roofline_s
+    """One decode layer on one device of ``profile`` (``testbed.partition.regime.layer_time_s``)."""
+    from testbed.partition.regime import layer_time_s as on_device
     from testbed.spec.profiles import get_profile
 
     p = get_profile(profile)
-    rate, bw, call = p.flops_for(dims.weight_format), p.mem_bw_bytes_per_s, p.call_overhead_s
-    k = decode_constants(dims, context_len)
-    g, F = dims.n_kv_heads, dims.ffn_dim
-    return (roofline_s(g * k["head_flops"], g * k["head_read"], rate, bw, call)
-            + roofline_s(k["proj_flops"], k["proj_read"], rate, bw, call)
-            + roofline_s(F * k["ffn_col_flops"], F * k["ffn_col_read"], rate, bw, call))
+    return on_device(dims, p.flops_for(dims.weight_format), p.mem_bw_bytes_per_s, p.call_overhead_s, context_len)
 
 
 def hop_s(dims, rate_mbps: float, delay_ms: float) -> float:

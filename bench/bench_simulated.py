@@ -2,7 +2,8 @@
 thousands of generated tokens (the issue's "fast enough for 100+ devices and thousands of tokens").
 
 Each run is a generated star (rpi4 / rpi5 / jetson-nano profiles, 10-50 Mbit/s links wandering
-every 16 tokens), GPT-2-small, 64 prompt + ``--tokens`` new tokens, re-planned every 16 tokens,
+every 16 tokens), GPT-2-small's dims with 4096 positions (GPT-2's own 1024 cannot hold 64 + 2000
+tokens, and the experiment validator says so), 64 prompt + ``--tokens`` new tokens, re-planned every 16 tokens,
 written to a normal run directory by ``headroom run --backend simulated``. Printed per size: wall
 time, simulated tokens per wall second, RA's decisions and their median time (from the plan
 events), and the mean per-token latency each algorithm reached (simulated time).
@@ -27,7 +28,8 @@ EXPERIMENT = """\
 name: bench-simulated-{n}
 topology: {{generate: star, n_hosts: {n}, profiles: [rpi4, rpi5, jetson-nano], mem_scale: 0.025,
            bandwidths_mbps: [10, 20, 50], seed: 3}}
-model: {{name: gpt2-small}}
+model: {{dims: {{arch: gpt2, vocab_size: 50257, n_layers: 12, d_model: 768, n_heads: 12, n_kv_heads: 12, head_dim: 64,
+               ffn_dim: 3072, max_positions: 4096}}}}
 workload: {{prompt_tokens: 64, new_tokens: {tokens}, seed: 0}}
 algorithms: [{algorithms}]
 repartition_every_tokens: 16
@@ -69,7 +71,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--tokens", type=int, default=2000)
     args = ap.parse_args()
-    print(f"simulated backend, GPT-2-small, 64 prompt + {args.tokens} new tokens, re-plan every 16, "
+    print(f"simulated backend, GPT-2-small dims (4096 positions), 64 prompt + {args.tokens} new tokens, re-plan every 16, "
           f"algorithms {', '.join(ALGORITHMS)}")
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
         for n in args.sizes:

@@ -10,15 +10,15 @@ the one-way delay (transport delay emulation; 0 under netem), never before the b
 crossed the path's bottleneck — the worker never sleeps on behalf of a single frame.
 
 The token steps live in ``node_agent.dataflow``, the migration endpoints in
-``node_agent.migration`` (mixins of ``Agent``); this module owns the sockets, the control
-commands, the worker loop and the receive-side timing (``node_agent.wire.release_time``).
+``node_agent.migration`` (mixins of ``Agent``); this module owns the control socket, the control
+commands and the worker loop; the peer sockets and the receive-side timing are
+``node_agent.dataplane``'s.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -30,23 +30,22 @@ import torch
 
 from node_agent import protocol as P
 from node_agent.dataflow import Dataflow, Inp, TokenState
+from node_agent.dataplane import DataPlane
 from node_agent.inbox import TimedInbox, lower_timer_slack
 from node_agent.migration import Migration
 from node_agent.pacing import ComputePacer
 from node_agent.budget import Budget, BudgetError, return_freed_memory, rss_bytes, tune_allocator
 from node_agent.shards import BlockStore, calibrate
-from node_agent.wire import (BadFrame, FrameTooLarge, TransitFloor, WireError, connect, draw_jitter, recv_frame,
-                             release_time, send_frame)
+from node_agent.wire import BadFrame, FrameTooLarge, WireError, recv_frame
 from testbed.core.errors import TokenFailed
 from testbed.core.placement import Placement
 from testbed.core.snapshot import ModelDims
 
 log = logging.getLogger("headroom.agent")
 DATA_PORT = 7070
-MAX_FUTURE_S = 1.0  # a data frame sent more than this ahead of the receiver's clock is refused (one kernel, one clock)
 
 
-class Agent(Dataflow, Migration):
+class Agent(Dataflow, Migration, DataPlane):
     """One host's agent (see the module docstring); ``serve`` runs it until control closes."""
 
     def __init__(self, name: str, control_path: str | None, data_port: int = DATA_PORT, mem_dir: str | None = None,
@@ -296,62 +295,6 @@ class Agent(Dataflow, Migration):
             for s in self._listeners + list(self._out.values()):
                 s.close()
         return {}, b""
-
-    # ------------------------------------------------------------------ data plane: sockets
-    def _accept_data(self, srv: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._read_data, args=(conn,), daemon=True).start()
-
-    def _read_data(self, conn: socket.socket) -> None:
-        """One inbound data connection: hello, then frames into the inbox at their release time. A
-        frame that is malformed, sent from the future or not a data message is refused (logged) and
-        the connection goes on; one too large for the budget, or a broken stream, closes it."""
-        try:
-            hello = recv_frame(conn, max_payload=self.payload_limit, max_future_s=MAX_FUTURE_S)
-            src = P.check_hello(hello, self.token)
-            floor = TransitFloor()
-            floor.observe(hello)
-            rng = random.Random(f"{self.name}<-{src}")  # jitter draws: reproducible per connection
-            while True:
-                try:
-                    f = recv_frame(conn, max_payload=self.payload_limit, max_future_s=MAX_FUTURE_S)
-                    P.check_data_header(f.header, len(f.payload))
-                except (BadFrame, P.ProtocolError) as exc:
-                    if isinstance(exc, WireError) and not isinstance(exc, BadFrame):
-                        raise
-                    log.warning("refused a data frame from %s: %s", src, exc)
-                    continue
-                delay = self.delays.get(src, 0.0) + draw_jitter(rng, self.jitters.get(src, ()))
-                release = floor.in_order(release_time(f, delay, self.rates.get(src), floor.observe(f)))
-                self.inbox.put(("frame", src, f, release), release)
-        except (WireError, OSError, P.ProtocolError) as exc:
-            log.info("data connection closed: %s", exc)
-        except Exception as exc:  # never an uncaught exception in a reader thread
-            log.error("data connection dropped: %s", traceback.format_exc())
-        finally:
-            conn.close()
-
-    def _send(self, dst: str, header: dict, payload: bytes = b"") -> int:
-        sock = self._out.get(dst)
-        try:
-            if sock is None:
-                ip, port = self.peers[dst]
-                sock = connect(ip, port)
-                send_frame(sock, P.hello_frame(self.name, self.token))
-                self._out[dst] = sock
-            n = send_frame(sock, header, payload)
-        except OSError as exc:  # name the peer: the controller's failure message starts from here
-            if self._out.get(dst) is sock and sock is not None:
-                del self._out[dst]
-                sock.close()
-            raise ConnectionError(f"{self.name}->{dst}: {exc}") from exc
-        self.sent_bytes[dst] = self.sent_bytes.get(dst, 0) + n
-        return n
 
     # ------------------------------------------------------------------ worker
     def _work(self) -> None:

@@ -49,6 +49,22 @@ def validate(files: List[Path] = typer.Argument(..., help="Topology or experimen
     print(f"ok: {len(files)} file(s) valid")
 
 
+def _jobs(backend: str, jobs: Optional[int], ray_address: Optional[str]) -> int:
+    """``--jobs`` checked against ``--ray`` and the backend (bad input: exit 2), its default filled in."""
+    from testbed.run import fanout
+
+    try:
+        if jobs is not None and ray_address is not None:
+            raise fanout.FanoutOptionError(f"--jobs {jobs} with --ray {ray_address}: give one of them (Ray "
+                                           "schedules the points on the cluster's CPUs)")
+        if jobs is None:
+            jobs = 1 if ray_address is not None else fanout.default_jobs(backend)
+        fanout.check_options(backend, jobs, ray_address)
+    except ConfigError as exc:
+        _bad_input(exc)
+    return jobs
+
+
 @app.command()
 def run(
     experiment: Path,
@@ -75,22 +91,14 @@ def run(
     if (backend or spec.backend) == "ssh" and spec.ssh is None:
         print(f"{experiment}: backend ssh needs ssh: {{inventory: FILE}} in the experiment", file=sys.stderr)
         raise typer.Exit(2)
-    from testbed.run import fanout
     from testbed.run.runner import RunError, run_experiment
 
-    effective = backend or spec.backend
-    try:
-        if jobs is not None and ray_address is not None:
-            raise fanout.FanoutOptionError(f"--jobs {jobs} with --ray {ray_address}: give one of them (Ray "
-                                           "schedules the points on the cluster's CPUs)")
-        if jobs is None:
-            jobs = 1 if ray_address is not None else fanout.default_jobs(effective)
-        fanout.check_options(effective, jobs, ray_address)
-    except ConfigError as exc:
-        _bad_input(exc)
+    jobs = _jobs(backend or spec.backend, jobs, ray_address)
     try:
         run_dirs = run_experiment(spec, experiment, out, backend=backend, resume=resume, jobs=jobs,
                                   ray_address=ray_address)
+    except ConfigError as exc:  # found at bring-up (an ssh device unfit for its assignment): bad input
+        _bad_input(exc)
     except RunError as exc:
         err.print(f"[red]run failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1)
@@ -122,8 +130,12 @@ def plan(
         print(json.dumps(result, indent=2))
     else:
         for k, v in result.items():
-            if k != "placement":
+            if k not in ("placement", "regime"):
                 print(f"{k}: {v}")
+        if "regime" in result:
+            r = result["regime"]
+            print(f"regime: {r['verdict']} (one layer {r['layer_ms']:.3g} ms on {r['fastest_device']}, "
+                  f"one hop {r['hop_ms']:.3g} ms to {r['peer']})")
 
 
 @net_app.command("check")

@@ -99,7 +99,8 @@ def frees_sender(item: dict, sender_sizes: dict[str, int]) -> bool:
 
 def schedule_waves(items: dict[tuple[str, str], list[dict]], sizes: dict[str, dict[str, int]],
                    available: dict[str, int], transient_extra: int,
-                   transient: Callable[[str, dict, int], int] | None = None) -> list[dict[tuple[str, str], list[dict]]]:
+                   transient: Callable[[str, dict, int], int] | None = None,
+                   shards: dict | None = None) -> list[dict[tuple[str, str], list[dict]]]:
     """Order a placement change into waves that never overfill a receiver.
 
     ``available[h]``: bytes ``h`` may still keep (limit - usage - the agent's margin);
@@ -110,10 +111,13 @@ def schedule_waves(items: dict[tuple[str, str], list[dict]], sizes: dict[str, di
     ``available + transient_extra``. Blocks leaving a host free their bytes on the receiver's ack
     (``frees_sender``), so a host that is emptied in one wave can fill up in the next (an evacuation
     before a refill; two full hosts swapping blocks need a third one: blocked).
+    ``shards``: ``{src: ffn_shards(sizes[src])}`` when the caller schedules many moves from the
+    same blocks (a planner's candidates).
     Pure; raises ``MigrationBlocked`` with the receiver, bytes and room when nothing can move."""
     transient = transient or (lambda dst, it, n: 2 * n)
     free = dict(available)
-    shards = {src: ffn_shards(sz) for src, sz in sizes.items()}
+    if shards is None:
+        shards = {src: ffn_shards(sz) for src, sz in sizes.items()}
     pending = [(src, dst, it, item_bytes(it, sizes.get(src, {}), shards.get(src, {})))
                for (src, dst), its in items.items() for it in its]
     pending.sort(key=lambda p: -p[3])

@@ -14,11 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from testbed.core.cgroupfs import V1_CPU, V1_MEMORY, V2_ROOTS, detect_version, v2_root  # noqa: F401 (re-exported)
 from testbed.core.errors import BackendError
 
-V1_MEMORY = Path("/sys/fs/cgroup/memory")
-V1_CPU = Path("/sys/fs/cgroup/cpu")
-V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 CFS_PERIOD_US = 100_000
 MIB = 1024 * 1024
 
@@ -30,26 +28,6 @@ class CgroupError(BackendError):
 def group_name(run_id: str, host: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
     return f"headroom-{safe}-{host}"
-
-
-def detect_version() -> Optional[str]:
-    """'v1' when the v1 memory and cpu hierarchies exist, 'v2' when a unified root offers both."""
-    if (V1_MEMORY / "memory.limit_in_bytes").exists() and (V1_CPU / "cpu.cfs_quota_us").exists():
-        return "v1"
-    if v2_root() is not None:
-        return "v2"
-    return None
-
-
-def v2_root() -> Optional[Path]:
-    for root in V2_ROOTS:
-        try:
-            ctrls = (root / "cgroup.controllers").read_text().split()
-        except OSError:
-            continue
-        if "memory" in ctrls and "cpu" in ctrls:
-            return root
-    return None
 
 
 # --------------------------------------------------------------------------- pure builders

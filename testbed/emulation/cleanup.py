@@ -223,25 +223,9 @@ def _remove_route(e: dict) -> Optional[str]:
 
 
 def _remove_cgroup(e: dict) -> Optional[str]:
-    path = Path(e["path"])
-    if not path.is_dir():
-        return None
-    for _ in range(50):
-        try:
-            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-        except OSError:
-            pids = []
-        for pid in pids:  # processes we placed in our own cgroup
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            path.rmdir()
-            return f"removed cgroup {path}"
-        except OSError:
-            time.sleep(0.05)
-    raise OSError(f"cannot remove cgroup {path}: still busy")
+    from testbed.core.cgroupfs import remove_group
+
+    return f"removed cgroup {e['path']}" if remove_group(Path(e["path"])) else None
 
 
 def _remove_socket_dir(e: dict) -> Optional[str]:

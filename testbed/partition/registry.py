@@ -49,6 +49,8 @@ class ResourceAwareParams(Params):
     split_slack: float = Field(0.1, ge=0)
     portfolio: bool = True
     portfolio_slack: float = Field(0.01, ge=0, lt=1)
+    rate_hedge: Optional[float] = Field(0.5, gt=0, le=1)
+    incremental: bool = False
     headroom_to_end: bool = True
     level_tol: float = Field(0.02, ge=0, lt=1)
     level_evals: int = Field(2000, ge=1)

@@ -20,6 +20,7 @@ def plan_initial(spec: ExperimentSpec, algorithm: str) -> dict:
     from dataclasses import replace
 
     from testbed.partition import InfeasiblePlan, plan, registry
+    from testbed.partition.regime import regime_of
     from testbed.backends.simulated.build import build_simulated_cluster
 
     try:
@@ -42,6 +43,7 @@ def plan_initial(spec: ExperimentSpec, algorithm: str) -> dict:
         raise PlanningError(f"infeasible: {exc}") from None
     except registry.AlgorithmError as exc:
         raise PlanningError(str(exc)) from None
+    regime = regime_of(snap, model.dims)
     return {
         "algorithm": algorithm,
         "cost_model": spec.cost_model,
@@ -52,4 +54,5 @@ def plan_initial(spec: ExperimentSpec, algorithm: str) -> dict:
         "peak_context_len": result.peak_context_len,
         "placement": result.placement.to_json(),
         **({"planner": result.extra} if result.extra else {}),
+        **({"regime": regime.to_json()} if regime is not None else {}),
     }

@@ -90,6 +90,7 @@ def _ssh_cluster(spec: ExperimentSpec, topo: TopologySpec, model: ModelRef, run_
     """``backend: ssh``: the inventory's devices (``testbed.backends.ssh``); a device that cannot be
     used is the run's failure, one line per device, before anything was started on any of them."""
     from testbed.backends.ssh.cluster import build_ssh_cluster
+    from testbed.backends.ssh.transport import DeviceRefused
     from testbed.spec.inventory import load_inventory
 
     if spec.ssh is None:
@@ -97,6 +98,8 @@ def _ssh_cluster(spec: ExperimentSpec, topo: TopologySpec, model: ModelRef, run_
     inventory = load_inventory(spec.ssh.inventory)
     try:
         return build_ssh_cluster(topo, inventory, model, run_dir, recorder, weights_from=spec.migration.weights_from)
+    except DeviceRefused as exc:  # bad input: one line per device, nothing was created on any
+        raise ConfigError(str(exc).splitlines()) from None
     except Exception as exc:  # reported without traceback, like the emulated backend's bring-up
         raise RunError(f"could not bring up the ssh testbed: {exc}") from exc
 

@@ -8,13 +8,14 @@ A topology host maps to the inventory device of the same name. Per device: ``add
 with the run) and ``python`` (the interpreter with torch on the device). Fleet-wide: ``known_hosts``
 (host keys are verified against it; unknown hosts are refused unless ``trust_on_first_use: true``,
 which records the fingerprint), ``connect_netns`` (open the SSH connections from inside this network
-namespace, e.g. ``/proc/PID/ns/net`` — the test rig's controller host), ``work_dir`` and ``data_port``.
+namespace, e.g. ``/proc/PID/ns/net`` — the test rig's controller host), ``work_dir``, ``data_port``
+and ``ingress_shaping`` (``ifb`` or ``senders``: see ``testbed.backends.ssh.shaping``).
 No secret is ever part of an inventory: key files are named by path, never inlined.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -62,6 +63,9 @@ class InventorySpec(Spec):
     data_port: int = Field(7070, ge=1, le=65535)
     connect_timeout_s: float = Field(10.0, gt=0)
     measure: bool = True  # measure RTT and TCP rate between device pairs at bring-up
+    # where the hop into a device of a shape: true link is shaped: an IFB on the receiver (shared by
+    # all senders, as the real downlink is) or per path at the senders (no IFB needed, no contention)
+    ingress_shaping: Literal["ifb", "senders"] = "ifb"
 
     @model_validator(mode="after")
     def _unique(self) -> "InventorySpec":

@@ -1,18 +1,20 @@
 """Bad input to the SSH backend, against real sshd in namespaces: an unreachable host, a wrong key,
-an unknown host key, a device without the Python modules, a device too small for its assignment —
-each a one-line error naming the device and what to do, raised before anything is created on any
-device (the devices' work directory stays empty, no cgroup of the run exists). Trust on first use
-records the fingerprint. This module is in the default suite (not slow); ``-m ssh`` selects it."""
+an unknown host key, a device without the Python modules, without tc (for a shaped link) or without
+cgroups, a device too small for its assignment — each a one-line error naming the device and what to
+do, raised before anything is created on any device (the devices' work directory stays empty, no
+cgroup of the run exists); ``headroom run`` prints it alone and exits 2. Trust on first use records
+the fingerprint. This module is in the default suite (not slow); ``-m ssh`` selects it."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.ssh.conftest import NEEDS
 from testbed.backends.ssh.fleet import SshFleet
-from testbed.backends.ssh.transport import DeviceError
+from testbed.backends.ssh.transport import DeviceError, DeviceRefused
 from testbed.emulation.cleanup import Manifest, read_manifest
 from testbed.spec.inventory import load_inventory
 from testbed.spec.schema import TopologySpec
@@ -20,11 +22,12 @@ from testbed.spec.schema import TopologySpec
 pytestmark = [pytest.mark.ssh, pytest.mark.root, NEEDS]
 
 
-def topo(mem=512, rates=(50, 20, 10)) -> TopologySpec:
+def topo(mem=512, rates=(50, 20, 10), shaped=()) -> TopologySpec:
     return TopologySpec.model_validate({
         "name": "t", "switches": ["s1"],
         "hosts": [{"name": f"h{i + 1}", "mem_limit_mib": mem, "cpu_cores": 1, "source": i == 0} for i in range(3)],
-        "links": [{"a": f"h{i + 1}", "b": "s1", "bandwidth_mbps": r} for i, r in enumerate(rates)]})
+        "links": [{"a": f"h{i + 1}", "b": "s1", "bandwidth_mbps": r, "shape": f"h{i + 1}" in shaped}
+                  for i, r in enumerate(rates)]})
 
 
 def bring_up(rig, tmp: Path, topology=None, known_hosts=None, **inv):
@@ -58,6 +61,48 @@ def test_bad_device_is_one_line_before_anything_is_created(rig, tmp_path, case):
         bring_up(rig, tmp_path, **overrides)
     assert len(str(exc.value).splitlines()) == 1
     assert_nothing_created(rig, tmp_path / "run")
+
+
+# The device's Python behind a wrapper that takes something away from the device helper's view:
+# tc off its PATH (only ip left), or an empty tmpfs over /sys/fs/cgroup in a private mount namespace.
+WRAPPED = {
+    "missing_tc": ('mkdir -p "$(dirname "$0")/bin" && ln -sf "$(command -v ip)" "$(dirname "$0")/bin/ip"\n'
+                   'PATH="$(dirname "$0")/bin" exec {py} "$@"',
+                   r"^device h3: iproute2 \(ip, tc\) is missing: install iproute2 \(or drop shape: true from its links\)$"),
+    "missing_cgroups": ("exec unshare -m --propagation private sh -c "
+                        "'mount -t tmpfs none /sys/fs/cgroup && exec \"$0\" \"$@\"' {py} \"$@\"",
+                        r"^device h3: no cgroup memory\+cpu controllers \(neither v1 nor v2 with both enabled\): "
+                        r"enable them$"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRAPPED))
+def test_device_without_tc_or_cgroups_is_one_line_before_anything(rig, tmp_path, case):
+    import sys
+
+    body, pattern = WRAPPED[case]
+    wrapper = tmp_path / case / "python"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\n" + body.format(py=sys.executable) + "\n")
+    wrapper.chmod(0o755)
+    with pytest.raises(DeviceRefused, match=pattern) as exc:
+        bring_up(rig, tmp_path, topology=topo(shaped=("h3",)), device_h3={"python": str(wrapper)})
+    assert len(str(exc.value).splitlines()) == 1
+    assert_nothing_created(rig, tmp_path / "run")
+    assert Path("/sys/fs/cgroup/memory/cgroup.procs").exists()  # the tmpfs stayed in the wrapper's namespace
+
+
+def test_cli_run_exits_2_with_the_line_alone(rig, tmp_path):
+    """``headroom run`` over an inventory with an unreachable device: exit 2, that line, no traceback."""
+    from tests.ssh.test_ssh_e2e import headroom, write_experiment
+
+    exp = write_experiment(rig, tmp_path, "bad", model="mini-gpt2", shape=False, algorithms=("edgeshard",))
+    rig.inventory(tmp_path / "inv.yaml", device_h2={"port": 2222})
+    out = headroom("run", exp, "-o", tmp_path / "out", timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert re.fullmatch(r"device h2 \(root@[\d.]+:2222\): unreachable \(Connection refused\): check address, port "
+                        r"and that sshd runs there\n", out.stderr), out.stderr
+    assert not any((rig.tmp / "devices").iterdir())
 
 
 def test_unknown_host_key_refused_then_trusted_on_first_use(rig, tmp_path):

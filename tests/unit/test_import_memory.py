@@ -12,6 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RSS_SLOP = 256 * 1024
+# an over-reservation this small is a quarter of the agent's 2 MiB refusal margin: it refuses no import
+# that would fit, so the "not gross" bound allows it on top of 1.6x (small imports: the allocator serves
+# part of them from memory freed earlier, and the measured peak reads low)
+SMALL_OVER = 512 * 1024
 
 PROBE = textwrap.dedent("""
     import gc, json, sys, torch
@@ -73,8 +77,8 @@ def test_import_estimate_covers_the_measured_peak_without_gross_overreservation(
     # the allocator served the import from memory freed before the reset), so the largest of up to
     # three fresh probes is the peak this bound is checked against; every probe checks the first.
     peaks = [got["peak"]]
-    while got["estimate"] > 1.6 * max(peaks) + RSS_SLOP and len(peaks) < 3:
+    while got["estimate"] > 1.6 * max(peaks) + SMALL_OVER and len(peaks) < 3:
         again = _probe(name, T)
         assert again["estimate"] >= again["peak"] - RSS_SLOP, again
         peaks.append(again["peak"])
-    assert got["estimate"] <= 1.6 * max(peaks) + RSS_SLOP, (got, peaks)
+    assert got["estimate"] <= 1.6 * max(peaks) + SMALL_OVER, (got, peaks)

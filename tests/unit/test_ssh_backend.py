@@ -78,12 +78,50 @@ def test_shaping_builders():
     assert shaping.leaf_command("eth0", 11, 5e6, (20.0, 1.0))[-7:] == ["netem", "delay", "20.0ms", "loss", "1.0%",
                                                                          "limit", "1000"]
     assert shaping.filter_command("eth0", 11, "10.0.0.3")[-3:] == ["10.0.0.3/32", "flowid", "1:11"]
+    assert shaping.filter_command("hrifb1", 10, "10.0.0.3", field="src")[-5:-2] == ["ip", "src", "10.0.0.3/32"]
+    assert shaping.redirect_command("eth0", "10.0.0.3", "hrifb1") == [
+        "tc", "filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+        "src", "10.0.0.3/32", "action", "mirred", "egress", "redirect", "dev", "hrifb1"]
+    name = shaping.ifb_name("a-very-long-run-id-20261206", "h3")
+    assert len(name) <= 15 and name.startswith("hrifb") and name != shaping.ifb_name("a-very-long-run-id-20261206", "h2")
+
+
+def test_where_each_shaped_hop_is_enforced():
+    """ifb: the hop into a device is shaped at its ingress, the rest at the sender's egress; senders:
+    everything per path at the sender (the pure decision, then the fleet's use of it on TOPO)."""
+    hops = [("h1", "s1"), ("s1", "s2"), ("s2", "h2")]
+    assert shaping.split_hops(hops, "h2", ingress=True) == (hops[:2], ("s2", "h2"))
+    assert shaping.split_hops(hops, "h2", ingress=False) == (hops, None)
+    assert shaping.split_hops(hops[:2], "h2", ingress=True) == (hops[:2], None)  # last hop not shaped
+    assert shaping.hop_figures([{"bandwidth_mbps": 10, "delay_ms": 2, "loss_pct": 10},
+                                {"bandwidth_mbps": 4, "delay_ms": 3, "loss_pct": 10}]) == pytest.approx((4e6, 5, 19))
+    ifb = SshFleet(TOPO, inventory(), "r", manifest=None, run_dir=".").shaper
+    assert ifb.pairs() == [("h2", "h1")] and ifb.ingress_hops() == {("s1", "h2"): ["h1"]}
+    assert ifb.wants_ifb("h2") and not ifb.wants("h1")
+    senders = SshFleet(TOPO, InventorySpec.model_validate({**inventory().model_dump(), "ingress_shaping": "senders"}),
+                       "r", manifest=None, run_dir=".").shaper
+    assert senders.pairs() == [("h1", "h2"), ("h2", "h1")] and senders.ingress_hops() == {}
+    assert senders.wants("h1") and not senders.wants_ifb("h2")
+
+
+def test_device_helper_program_runs_without_the_project(tmp_path):
+    """Piped to a bare interpreter (no testbed importable), the helper carries testbed.core.cgroupfs."""
+    import subprocess
+    import sys
+
+    from testbed.backends.ssh.helper import helper_program
+
+    group = tmp_path / "not-a-cgroup"
+    r = subprocess.run([sys.executable, "-I", "-S", "-", "rmcg", str(group)], input=helper_program(),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == '{"removed": []}', r.stderr
 
 
 def _check(**over) -> dict:
     base = {"python": "3.11.2", "missing_modules": [], "tools": {"ip": "/sbin/ip", "tc": "/sbin/tc"},
             "cgroup": {"version": "v2", "roots": {"unified": "/sys/fs/cgroup"}, "writable": True},
-            "interface_addr": "192.0.2.2", "mem_available_bytes": 8 << 30, "cpus": 4}
+            "interface_addr": "192.0.2.2", "mem_available_bytes": 8 << 30, "cpus": 4, "ifb": True,
+            "ingress_qdisc": False, "gro": "on"}
     return {**base, **over}
 
 
@@ -96,6 +134,9 @@ def _check(**over) -> dict:
     ({"cgroup": {"version": "v2", "roots": {"unified": "/sys/fs/cgroup"}, "writable": True, "delegated": False}},
      "does not delegate memory and cpu"),
     ({"mem_available_bytes": 100 << 20}, "too small for its assignment: mem_limit_mib 256 but only 100 MiB"),
+    ({"ifb": False}, "cannot redirect ingress to an IFB device (needs ifb, act_mirred, cls_u32)"),
+    ({"ingress_qdisc": True}, "interface 'eth1' already has an ingress qdisc, which ingress shaping would replace"),
+    ({"gro": None}, "ethtool is missing or cannot read the offloads of 'eth1': install ethtool"),
 ])
 def test_device_problems_say_what_to_do(over, says):
     fleet = SshFleet(TOPO, inventory(), "r", manifest=None, run_dir=".")

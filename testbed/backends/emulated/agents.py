@@ -144,6 +144,16 @@ class AgentPoolBase:
             self.spawn(h)
         self.configure_all()
 
+    def shutdown_all(self) -> None:
+        """Ask every agent to shut down (5 s), then end it the pool's own way (``kill``)."""
+        for h in list(self.agents.values()):
+            try:
+                h.conn.call("shutdown", 5.0)
+            except (AgentCallError, P.RemoteError, P.CallTimeout):
+                pass
+            self.kill(h)
+        self.agents.clear()
+
     def peers(self) -> dict[str, list]:
         return {h: [self.net.host_ip(h), self.data_port] for h in self.agents}
 
@@ -287,13 +297,7 @@ class AgentPool(AgentPoolBase):
             pass
 
     def close(self) -> None:
-        for h in list(self.agents.values()):
-            try:
-                h.conn.call("shutdown", 5.0)
-            except (AgentCallError, P.RemoteError, P.CallTimeout):
-                pass
-            self.kill(h)
-        self.agents.clear()
+        self.shutdown_all()
         self.fs.close()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
 

@@ -21,7 +21,7 @@ from testbed.backends.emulated.agents import AgentPool
 from testbed.emulation.cgroups import CgroupError
 from testbed.emulation.cleanup import Manifest
 from node_agent.pacing import DeviceClock
-from testbed.core.cluster import MigrationRecord, RecoveryRecord, TokenRecord
+from testbed.core.cluster import MigrationRecord, TokenRecord
 from testbed.core.errors import AlgorithmFailure, BackendError, MigrationRefused
 from node_agent.budget import TRANSIENT_RESERVE
 from node_agent.shards import IMPORT_OVERHEAD, IMPORT_SLACK
@@ -30,6 +30,7 @@ from testbed.core.placement import Placement
 from testbed.core.moves import moved_blocks
 from testbed.core.snapshot import ClusterSnapshot, DeviceState, LinkState
 from testbed.backends.emulated.diagnosis import FailureDiagnosis
+from testbed.backends.emulated.recovery import AgentRecovery
 from testbed.backends.emulated.warmup import measure_working_overhead
 from testbed.spec.schema import TopologySpec
 
@@ -38,7 +39,7 @@ AGENT_MARGIN_BYTES = 2 * MIB  # node_agent.shards.Budget refuses to use the last
 DRIFT_BYTES = 128 * 1024  # a receiver's usage creeps while earlier waves land (allocator, buffers)
 
 
-class EmulatedCluster(FailureDiagnosis):
+class EmulatedCluster(FailureDiagnosis, AgentRecovery):
     """See the module docstring. ``model_ref``: a ``testbed.spec.modelref.ModelRef`` or a registry name."""
 
     def __init__(self, topology: TopologySpec, model_ref, run_dir, manifest: Manifest | None = None, *,
@@ -210,73 +211,6 @@ class EmulatedCluster(FailureDiagnosis):
             stats = {**stats, "cpu_cores": cpu_cores, "cgroup_cpu_cores": g.cpu_cores(),
                      "pacing": self.pool.pacing[host]}
         return {**stats, "flops_per_s": self.flops[host], "before": before}
-
-    def kill_agent(self, host: str) -> None:
-        self.pool.kill(self.pool.agents[host])
-
-    def set_device_down(self, host: str, down: bool) -> dict:
-        """``down``: the device is gone — its agent is killed and not restarted, snapshots report it
-        down (planners place nothing there), and a placement using it must be re-placed
-        (``lost_devices``, ``recover(placement=...)``). Back up: a fresh agent with no blocks."""
-        if host not in self.hosts():
-            raise BackendError(f"no host {host} in the emulated topology")
-        if down and host == self.topology.source:
-            raise AlgorithmFailure(f"the source {host} cannot go down: it issues the tokens")
-        before = {"down": host in self.down}
-        if down and host not in self.down:
-            self.down.add(host)
-            self.pool.kill(self.pool.agents[host])
-        elif not down and host in self.down:
-            self.down.discard(host)
-            self.pool.respawn(host)
-            self.pool.configure_all(self.live_hosts())
-        self._changed_hosts.add(host)
-        return {"host": host, "down": host in self.down, "before": before}
-
-    def live_hosts(self) -> list[str]:
-        return [h for h in self.hosts() if h not in self.down]
-
-    def lost_devices(self) -> list[str]:
-        """Hosts of the current placement that are gone (``set_device_down``)."""
-        return sorted(self.placement.devices() & self.down) if self.placement is not None else []
-
-    def lost_agents(self) -> list[str]:
-        """Hosts of the current placement whose agent died without an OOM kill (crashed; the device
-        is up, so ``recover`` can restart it). An OOM-killed agent is a result, not a crash."""
-        if self.placement is None:
-            return []
-        used = self.placement.devices() - self.down
-        dead = [h for h in self.pool.dead() if h in used]
-        return [h for h in dead if self._cg(h).oom_kills() <= self._oom_seen.get(h, 0)]
-
-    def recover(self, history: list[int], placement: Placement | None = None) -> RecoveryRecord:
-        """Restart the crashed agents of the current placement (``lost_agents``) in their hosts,
-        rebuild the placement's blocks (every agent drops and rebuilds its own from the checkpoint,
-        so a crash in the middle of a migration leaves nothing half-moved), and rebuild every KV cache
-        by replaying ``history`` (prompt and tokens generated so far, the last excluded) as one
-        prefill from position 0. ``placement``: switch to it (after a device is gone: the planner's
-        placement on the survivors). Returns what it took, with the replay's next token (the caller
-        checks it against the run's)."""
-        lost = self.lost_agents()
-        gone = self.lost_devices()
-        if not lost and not gone:
-            raise BackendError("recover(): no crashed agent or lost device on the current placement")
-        target = placement or self.placement
-        if target.devices() & self.down:
-            raise AlgorithmFailure(f"recovery: the placement still uses lost device(s) {sorted(target.devices() & self.down)}")
-        t0 = time.time()
-        for h in lost:
-            self.pool.respawn(h)
-        live = self.live_hosts()
-        self.pool.configure_all(live)  # peers' sockets to the old process closed, delays and pacing again
-        self.pv += 1
-        self.placement, pj = target, target.to_json()
-        self._guard("recovery", lambda: self.pool.each(
-            lambda h: self.pool.call(h, "load", 300.0, placement=pj, pv=self.pv), live))
-        self.context_len = 0
-        rec = self._forward(list(history))
-        self.dirty = False
-        return RecoveryRecord(lost + gone, time.time() - t0, len(history), rec.bytes_moved, rec.token_id)
 
     # ------------------------------------------------------------------ tokens
     def load(self, placement: Placement, prompt_ids: list[int]) -> TokenRecord:

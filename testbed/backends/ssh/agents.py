@@ -14,7 +14,7 @@ import time
 
 from node_agent import protocol as P
 from testbed.backends.emulated.agents import AgentCallError, AgentHandle, AgentPoolBase, ControlConn
-from testbed.backends.ssh import clean
+from testbed.backends.ssh.helper import helper_json
 from testbed.backends.ssh.transport import DeviceError
 
 MODEL_LOAD_TIMEOUT_S = 600.0
@@ -128,7 +128,7 @@ class SshAgentPool(AgentPoolBase):
         handle.conn.close()
         if conn is not None and conn.alive():
             try:
-                clean._helper(conn, self.net.device_python(handle.host),
+                helper_json(conn, self.net.device_python(handle.host),
                               ["kill", "--pid", str(handle.pid), "--start-time", str(handle.start_time)])
             except DeviceError:
                 pass
@@ -143,11 +143,5 @@ class SshAgentPool(AgentPoolBase):
         return out
 
     def close(self) -> None:
-        for h in list(self.agents.values()):
-            try:
-                h.conn.call("shutdown", 5.0)
-            except (AgentCallError, P.RemoteError, P.CallTimeout):
-                pass
-            self.kill(h)
-        self.agents.clear()
+        self.shutdown_all()
         self.chans.clear()

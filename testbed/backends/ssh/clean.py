@@ -1,38 +1,39 @@
 """Removing what an SSH run created on its devices: exactly the ``remote`` entries of the run's
-resource journal (agents by PID and start time, cgroups, qdiscs, the per-run directory), over SSH,
-in dependency order — by ``SshFleet.stop`` and, after an interrupted run, by ``headroom clean
-RUN_DIR`` (which reconnects with the inventory the journal recorded). Also collects agent logs.
+resource journal (agents by PID and start time, root and ingress qdiscs, IFB devices, GRO turned
+off, cgroups, the per-run directory), over SSH, in dependency order — by ``SshFleet.stop`` and,
+after an interrupted run, by ``headroom clean RUN_DIR`` (which reconnects with the inventory the
+journal recorded). Also collects agent logs.
 """
 from __future__ import annotations
 
-import json
 import stat
 from pathlib import Path
 
+from testbed.backends.ssh.helper import helper_json
 from testbed.backends.ssh.transport import DeviceError
 
-ORDER = ("process", "qdisc", "cgroup", "dir")
-DEVICE_HELPER = Path(__file__).with_name("device.py")
-
-
-def _helper(conn, python: str, args: list[str]) -> dict:
-    r = conn.run([python, "-", *args], input=DEVICE_HELPER.read_text(), check=False)
-    if r.rc != 0:
-        raise DeviceError(f"device {conn.name}: {' '.join(args[:1])} failed: {(r.err.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(r.out.strip().splitlines()[-1])
+ORDER = ("process", "qdisc", "ifb", "gro", "cgroup", "dir")
 
 
 def _remove(conn, python: str, e: dict) -> str | None:
     what, dev = e["what"], e["device"]
     if what == "process":
-        if _helper(conn, python, ["kill", "--pid", str(e["pid"]), "--start-time", str(e["start_time"])])["killed"]:
+        if helper_json(conn, python, ["kill", "--pid", str(e["pid"]), "--start-time", str(e["start_time"])])["killed"]:
             return f"{dev}: killed process {e['pid']} ({e.get('label', 'agent')})"
         return None
     if what == "qdisc":
         r = conn.run(["tc", "qdisc", "del", "dev", e["dev"], e.get("parent", "root")], check=False)
         return f"{dev}: deleted {e.get('parent', 'root')} qdisc of {e['dev']}" if r.rc == 0 else None
+    if what == "ifb":  # ours by its name (run and device hashed in); deleting it drops its qdiscs
+        if "ifb" not in conn.run(["ip", "-d", "link", "show", "dev", e["dev"]], check=False).out:
+            return None
+        conn.run(["ip", "link", "del", "dev", e["dev"]])
+        return f"{dev}: deleted IFB device {e['dev']}"
+    if what == "gro":  # recorded only where it was on before the run turned it off
+        conn.run(["ethtool", "-K", e["dev"], "gro", "on"])
+        return f"{dev}: turned GRO back on for {e['dev']}"
     if what == "cgroup":
-        gone = _helper(conn, python, ["rmcg", e["path"]])["removed"]
+        gone = helper_json(conn, python, ["rmcg", e["path"]])["removed"]
         return f"{dev}: removed cgroup {e['path']}" if gone else None
     if what == "dir":
         if conn.run(["test", "-d", e["path"]], check=False).rc != 0:

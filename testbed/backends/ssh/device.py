@@ -1,9 +1,13 @@
-"""The device-side helper of the SSH backend: runs ON a device, from the pushed bundle, with only the
-standard library (``python -m testbed.backends.ssh.device COMMAND``; JSON on stdout).
+"""The device-side helper of the SSH backend: runs ON a device, with only the standard library and
+``testbed.core.cgroupfs`` — from the pushed bundle (``python -m testbed.backends.ssh.device COMMAND``)
+or piped to the device's Python before there is one (``testbed.backends.ssh.helper``); JSON on stdout.
 
-  check --interface IF [--modules M,...]   what the device offers: Python, memory, tc/ip/ping, netem
-                                           and IFB modules, cgroup version and whether we may write
-                                           it, the interface's IPv4 address, missing Python modules
+  check --interface IF [--modules M,...]   what the device offers: Python, memory, tc/ip/ping, netem,
+                                           IFB (tried in a throwaway netns), cgroup version and
+                                           whether we may write it, the interface's IPv4 address and
+                                           whether it has an ingress qdisc or GRO on, whether systemd is
+                                           PID 1 (recorded: its cgroups are made through cgroupfs
+                                           all the same), missing Python modules
   kill --pid P --start-time S              SIGKILL P only if it is still the process that started at S
   rmcg PATH...                             kill what is left in our cgroup directories, remove them
   probe-recv --bind IP --port P            accept one TCP connection: echo its pings, count its bytes
@@ -24,8 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-V1 = {"memory": Path("/sys/fs/cgroup/memory"), "cpu": Path("/sys/fs/cgroup/cpu")}
-V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+from testbed.core.cgroupfs import V1_CPU, V1_MEMORY, remove_group, v1_usable, v2_root
 
 
 def meminfo() -> dict[str, int]:
@@ -40,22 +43,19 @@ def meminfo() -> dict[str, int]:
 
 def cgroup_info() -> dict:
     """The usable hierarchy: v1 memory+cpu, or a v2 root offering both controllers."""
-    if (V1["memory"] / "memory.limit_in_bytes").exists() and (V1["cpu"] / "cpu.cfs_quota_us").exists():
-        return {"version": "v1", "roots": {k: str(v) for k, v in V1.items()},
-                "writable": all(os.access(v, os.W_OK) for v in V1.values())}
-    for root in V2_ROOTS:
-        try:
-            ctrls = (root / "cgroup.controllers").read_text().split()
-        except OSError:
-            continue
-        if "memory" in ctrls and "cpu" in ctrls:
-            try:  # a child group only gets the controllers its parent delegates
-                delegated = (root / "cgroup.subtree_control").read_text().split()
-            except OSError:
-                delegated = []
-            return {"version": "v2", "roots": {"unified": str(root)}, "writable": os.access(root, os.W_OK),
-                    "delegated": "memory" in delegated and "cpu" in delegated}
-    return {"version": None, "roots": {}, "writable": False}
+    if v1_usable():
+        roots = {"memory": V1_MEMORY, "cpu": V1_CPU}
+        return {"version": "v1", "roots": {k: str(v) for k, v in roots.items()},
+                "writable": all(os.access(v, os.W_OK) for v in roots.values())}
+    root = v2_root()
+    if root is None:
+        return {"version": None, "roots": {}, "writable": False}
+    try:  # a child group only gets the controllers its parent delegates
+        delegated = (root / "cgroup.subtree_control").read_text().split()
+    except OSError:
+        delegated = []
+    return {"version": "v2", "roots": {"unified": str(root)}, "writable": os.access(root, os.W_OK),
+            "delegated": "memory" in delegated and "cpu" in delegated}
 
 
 def kernel_module(name: str) -> bool:
@@ -67,6 +67,40 @@ def kernel_module(name: str) -> bool:
         return subprocess.run([probe, "-n", "-q", name], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
+
+
+def ifb_usable() -> bool:
+    """Whether this kernel makes IFB devices and redirects ingress to them, tried for real inside a
+    throwaway network namespace (``unshare -n``: nothing outlives the probe); a module list cannot
+    tell (``ifb`` may be built in, and ``modprobe`` may be missing)."""
+    script = ("ip link add hrprobe type ifb && ip link set dev lo up && tc qdisc add dev lo handle ffff: ingress"
+              " && tc filter add dev lo parent ffff: protocol ip prio 1 u32 match ip src 127.0.0.1/32"
+              " action mirred egress redirect dev hrprobe")
+    try:
+        return subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return kernel_module("ifb")
+
+
+def has_ingress_qdisc(dev: str) -> bool:
+    try:
+        out = subprocess.run(["tc", "qdisc", "show", "dev", dev, "ingress"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "ingress" in out
+
+
+def gro_state(dev: str) -> str | None:
+    """``on``/``off``: generic receive offload of ``dev`` (``ethtool -k``); None without ethtool."""
+    try:
+        out = subprocess.run(["ethtool", "-k", dev], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("generic-receive-offload:"):
+            return line.split(":", 1)[1].split()[0]
+    return None
 
 
 def interface_addr(dev: str) -> str | None:
@@ -89,8 +123,9 @@ def cmd_check(args) -> dict:
             "mem_total_bytes": mem.get("MemTotal", 0), "mem_available_bytes": mem.get("MemAvailable", 0),
             "cpus": len(os.sched_getaffinity(0)),
             "tools": {t: shutil.which(t) for t in ("tc", "ip", "ping")},
-            "netem": kernel_module("sch_netem"), "ifb": kernel_module("ifb"), "cgroup": cgroup_info(),
-            "interface_addr": interface_addr(args.interface),
+            "netem": kernel_module("sch_netem"), "ifb": ifb_usable(), "cgroup": cgroup_info(),
+            "interface_addr": interface_addr(args.interface), "ingress_qdisc": has_ingress_qdisc(args.interface),
+            "gro": gro_state(args.interface), "systemd": Path("/run/systemd/system").is_dir(),
             "missing_modules": [m for m in mods if importlib.util.find_spec(m) is None]}
 
 
@@ -113,29 +148,10 @@ def cmd_kill(args) -> dict:
 
 
 def cmd_rmcg(args) -> dict:
-    removed = []
-    for path in map(Path, args.paths):
-        if not path.is_dir():
-            continue
-        for _ in range(100):
-            try:
-                pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-            except OSError:
-                pids = []
-            for pid in pids:  # processes we placed in our own cgroup
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                path.rmdir()
-                removed.append(str(path))
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            raise SystemExit(f"cannot remove cgroup {path}: still busy")
-    return {"removed": removed}
+    try:
+        return {"removed": [p for p in args.paths if remove_group(Path(p), tries=100)]}
+    except OSError as exc:  # still busy: one line on stderr, exit 1
+        raise SystemExit(str(exc)) from None
 
 
 def cmd_probe_recv(args) -> dict:
@@ -152,10 +168,10 @@ def cmd_probe_recv(args) -> dict:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while (b := conn.recv(1)) == b"p":
         conn.sendall(b"p")
-    total, t0 = 0, time.monotonic()
+    total, t0, w0 = 0, time.monotonic(), time.time()
     while data := conn.recv(1 << 16):
         total += len(data)
-    return {"bytes": total, "seconds": time.monotonic() - t0}
+    return {"bytes": total, "seconds": time.monotonic() - t0, "window_unix": [w0, time.time()]}
 
 
 def cmd_probe_send(args) -> dict:

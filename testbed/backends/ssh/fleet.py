@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath
 
 from testbed.backends.ssh import clean
 from testbed.backends.ssh.bundle import build_bundle
-from testbed.backends.ssh.transport import DeviceError, SshConnection
+from testbed.backends.ssh.helper import run_helper
+from testbed.backends.ssh.transport import DeviceError, DeviceRefused, SshConnection
 from testbed.core.errors import BackendError
 from testbed.emulation.cgroups import HostCgroup, group_name, setup_writes
 from testbed.emulation.linkstate import DelayTable, End, LinkPaths, LiveLink
@@ -30,7 +31,6 @@ from testbed.emulation.routing import Routing, TopologyError
 MIB = 1 << 20
 MIN_PYTHON = (3, 10)
 AGENT_MODULES = ("torch", "numpy", "gguf", "safetensors")
-DEVICE_HELPER = Path(__file__).with_name("device.py")
 
 
 class RemoteCgroup(HostCgroup):
@@ -122,8 +122,7 @@ class SshFleet(LinkPaths):
     def start(self) -> "SshFleet":
         self.manifest.note("ssh_inventory", self.inventory.model_dump())
         try:
-            self._connect_all()
-            self._check_all()
+            self._preflight()
             self._deploy()
             self.shaper.start()
             if self.inventory.measure:
@@ -135,6 +134,18 @@ class SshFleet(LinkPaths):
             self.stop()
             raise
         return self
+
+    def _preflight(self) -> None:
+        """Connect, check every device, decide the shaping: any problem here is bad input (nothing has
+        been created on any device yet)."""
+        try:
+            self._connect_all()
+            self._check_all()
+            self.shaper.check()
+        except DeviceRefused:
+            raise
+        except DeviceError as exc:
+            raise DeviceRefused(str(exc)) from None
 
     def _parallel(self, fn, hosts=None) -> dict:
         """``fn(host)`` for every device at once; every device's error reported, one line each."""
@@ -163,13 +174,12 @@ class SshFleet(LinkPaths):
         self.manifest.note("ssh_host_keys", fps)
 
     def _check_all(self) -> None:
-        source = DEVICE_HELPER.read_text()
         modules = ",".join(AGENT_MODULES + self.model_modules)
 
         def check(h):
             dev = self.inventory.device(h)
-            r = self.conns[h].run([self.inventory.python_for(h), "-", "check", "--interface", dev.interface,
-                                   "--modules", modules], input=source, check=False)
+            r = run_helper(self.conns[h], self.inventory.python_for(h), ["check", "--interface", dev.interface,
+                                                                         "--modules", modules])
             if r.rc != 0:
                 raise DeviceError(f"device {h}: {self.inventory.python_for(h)} cannot run the device check "
                                   f"({(r.err.strip().splitlines() or ['exit ' + str(r.rc)])[-1]}): set python: "
@@ -184,7 +194,6 @@ class SshFleet(LinkPaths):
 
     def _device_problem(self, h: str, info: dict) -> str | None:
         """What makes the device unusable for this run, said with what to do; None when it is fine."""
-        host, dev = self.topology.host(h), self.inventory.device(h)
         version = tuple(int(x) for x in info["python"].split(".")[:2])
         need_tc = self.shaper.wants(h)
         if version < MIN_PYTHON:
@@ -194,6 +203,29 @@ class SshFleet(LinkPaths):
                     f"{self.inventory.python_for(h)} (scripts/setup.sh does)")
         if not info["tools"].get("ip") or (need_tc and not info["tools"].get("tc")):
             return "iproute2 (ip, tc) is missing: install iproute2 (or drop shape: true from its links)"
+        return self._ingress_problem(h, info) or self._limits_problem(h, info)
+
+    def _ingress_problem(self, h: str, info: dict) -> str | None:
+        """An IFB for ingress shaping is wanted but cannot be had (or would replace someone's qdisc)."""
+        if not self.shaper.wants_ifb(h):
+            return None
+        dev = self.inventory.device(h).interface
+        if not info.get("ifb"):
+            return ("its kernel cannot redirect ingress to an IFB device (needs ifb, act_mirred, cls_u32) to shape "
+                    "the incoming direction of its shaped link: load those modules or set ingress_shaping: senders "
+                    "in the inventory")
+        if info.get("gro") is None:
+            return (f"ethtool is missing or cannot read the offloads of {dev!r}: install ethtool (GRO is turned off "
+                    "while its ingress is shaped) or set ingress_shaping: senders in the inventory")
+        if info.get("ingress_qdisc"):
+            return (f"interface {dev!r} already has an ingress qdisc, which ingress shaping would replace: remove it "
+                    f"(tc qdisc del dev {dev} ingress; `headroom clean RUN_DIR` if a run left it) or set "
+                    "ingress_shaping: senders in the inventory")
+        return None
+
+    def _limits_problem(self, h: str, info: dict) -> str | None:
+        """cgroups, the interface's address and the device's size, against this run's host spec."""
+        host, dev = self.topology.host(h), self.inventory.device(h)
         cg = info["cgroup"]
         if cg["version"] is None:
             return "no cgroup memory+cpu controllers (neither v1 nor v2 with both enabled): enable them"

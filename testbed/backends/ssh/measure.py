@@ -5,7 +5,6 @@ The figures go to the manifest beside what the topology declares for the routed 
 from __future__ import annotations
 
 import json
-
 import time
 
 from testbed.backends.ssh.transport import DeviceError
@@ -32,21 +31,24 @@ def _read_line(chan, timeout_s: float) -> str:
     return buf.decode()
 
 
-def measure_pair(fleet, src: str, dst: str) -> dict:
-    port = fleet.inventory.data_port + 1
+def measure_pair(fleet, src: str, dst: str, port: int | None = None, seconds: float = PROBE_SECONDS) -> dict:
+    """RTT and TCP rate ``src`` -> ``dst``, measured by the devices (``port``: the receiver's, by
+    default ``data_port + 1``; pairs measured at once need their own)."""
+    port = port or fleet.inventory.data_port + 1
     rx = fleet.conns[dst].start(helper_argv(fleet, dst, ["probe-recv", "--bind", fleet.host_ip(dst), "--port",
                                                           str(port), "--timeout", "20"]))
     try:
         _read_line(rx, 30.0)
         sent = json.loads(fleet.conns[src].run(helper_argv(fleet, src, [
-            "probe-send", "--to", fleet.host_ip(dst), "--port", str(port), "--seconds", str(PROBE_SECONDS)]),
+            "probe-send", "--to", fleet.host_ip(dst), "--port", str(port), "--seconds", str(seconds)]),
             timeout_s=60).out.strip().splitlines()[-1])
         got = json.loads(_read_line(rx, 30.0))
     finally:
         rx.close()
     rtt = sent["rtt_s"]
     rate = got["bytes"] * 8 / got["seconds"] / 1e6 if got["seconds"] > 0 else None
-    return {"rtt_ms_median": 1e3 * rtt[len(rtt) // 2], "rtt_ms_min": 1e3 * rtt[0], "rate_mbps": rate}
+    return {"rtt_ms_median": 1e3 * rtt[len(rtt) // 2], "rtt_ms_min": 1e3 * rtt[0], "rate_mbps": rate,
+            "rx_bytes": got["bytes"], "rx_seconds": got["seconds"], "rx_window_unix": got["window_unix"]}
 
 
 def measure_paths(fleet) -> dict[str, dict]:

@@ -36,6 +36,11 @@ class DeviceError(BackendError):
     """A device cannot be used as asked (unreachable, refused, missing a tool, too small)."""
 
 
+class DeviceRefused(DeviceError):
+    """Found by the bring-up checks, before anything was created on any device: the inventory or
+    topology does not fit the devices (bad input; ``headroom run`` exits 2)."""
+
+
 @dataclass
 class Result:
     argv: list[str]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from testbed.partition.cost import blocks as B
 from testbed.partition.cost.latency import Net, memory, paper_constants
-from testbed.core.moves import MigrationBlocked, migration_items, schedule_waves
+from testbed.core.moves import MigrationBlocked, ffn_shards, migration_items, schedule_waves
 from testbed.core.placement import Placement
 from testbed.core.moves import item_block_id
 from testbed.core.snapshot import ClusterSnapshot, ModelDims
@@ -70,7 +70,10 @@ def _item_bytes(dims: ModelDims, T: int, cost_model: str, weights_shipped: bool 
 
 def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
                        context_len: int | None = None, cost_model: str = "decode",
-                       net: Net | None = None) -> MigrationEstimate:
+                       net: Net | None = None, memo: dict | None = None) -> MigrationEstimate:
+    """What moving ``old`` -> ``new`` ships and how long it takes (the module docstring).
+    ``memo``: a dict kept by a caller that estimates many moves from the same ``old`` in one
+    snapshot (a planner's candidates): ``old``'s memory and block sizes are computed once."""
     if old is None or len(old.layers) != len(new.layers):
         return MigrationEstimate(0.0, 0, [], {})
     T = snapshot.context_len if context_len is None else context_len
@@ -83,7 +86,7 @@ def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterS
         moves.extend((item_block_id(it), a, b) for it in its)
     net = net or Net(snapshot)
     try:
-        waves = _waves(old, items, pairs, snapshot, dims, T, cost_model, nbytes)
+        waves = _waves(old, items, pairs, snapshot, dims, T, cost_model, nbytes, memo)
     except MigrationBlocked as exc:
         return MigrationEstimate(float("inf"), sum(pairs.values()), moves, pairs, 0, str(exc))
     if waves is None:
@@ -93,18 +96,34 @@ def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterS
 
 
 def _waves(old: Placement, items: dict, pairs: dict, snapshot: ClusterSnapshot, dims: ModelDims, T: int,
-           cost_model: str, nbytes) -> list[dict] | None:
+           cost_model: str, nbytes, memo: dict | None = None) -> list[dict] | None:
     """None when every receiver has room for all it receives (one wave), else the memory-safe
     waves (raises ``MigrationBlocked``). Weights copied at the destination: always one wave."""
     if not snapshot.weights_shipped or not items:
         return None
-    held = memory(old, snapshot, dims, cost_model, T)
-    room = {d.name: d.mem_budget_bytes - held.get(d.name, 0) for d in snapshot.devices}
+    key = (id(old), T, cost_model)
+    hit = memo.get(key) if memo is not None else None
+    if hit is None or hit[0] is not old:
+        held = memory(old, snapshot, dims, cost_model, T)
+        hit = (old, {d.name: d.mem_budget_bytes - held.get(d.name, 0) for d in snapshot.devices}, None)
+        if memo is not None:
+            memo[key] = hit
+    room = hit[1]
     due: dict[str, int] = {}
     for (_, b), n in pairs.items():
         due[b] = due.get(b, 0) + n
     if all(n <= room.get(b, 0) for b, n in due.items()):
         return None
+    if hit[2] is None:
+        sizes = _old_sizes(old, nbytes)
+        hit = (old, room, (sizes, {src: ffn_shards(sz) for src, sz in sizes.items()}))
+        if memo is not None:
+            memo[key] = hit
+    return schedule_waves(items, hit[2][0], dict(room), 0, lambda dst, it, n: 0, shards=hit[2][1])
+
+
+def _old_sizes(old: Placement, nbytes) -> dict[str, dict[str, int]]:
+    """Bytes of every block of ``old`` per device (``schedule_waves``' ``sizes``)."""
     sizes: dict[str, dict[str, int]] = {}
     for l, lp in enumerate(old.layers):
         for g, d in enumerate(lp.heads):
@@ -113,10 +132,76 @@ def _waves(old: Placement, items: dict, pairs: dict, snapshot: ClusterSnapshot, 
         for sh in lp.ffn:
             sizes.setdefault(sh.device, {})[f"L{l}.ffn{sh.col_start}-{sh.col_end}"] = nbytes(
                 {"kind": "ffn", "c0": sh.col_start, "c1": sh.col_end})
-    return schedule_waves(items, sizes, room, 0, lambda dst, it, n: 0)
+    return sizes
 
 
 def migration_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
                     context_len: int | None = None, cost_model: str = "decode") -> float:
     """Seconds to move from ``old`` to ``new`` (0 if ``old`` is None); see the module docstring."""
     return migration_estimate(old, new, snapshot, dims, context_len, cost_model).delay_s
+
+
+def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
+                  cost_model: str, net: Net, memo: dict, one_wave: bool = False) -> float:
+    """``migration_estimate(...).delay_s`` for a planner weighing many candidates against the same
+    ``old`` in one snapshot (``memo``: a dict it keeps for that snapshot): what each layer ships is
+    listed once per (old layer, new layer) pair of objects, layers a candidate keeps ship nothing,
+    and the per-pair byte lists are concatenated in layer order (so each pair's bytes are summed
+    in ``migration_items``' order: the same floats). When some receiver lacks room for what it
+    receives (memory-safe waves needed) the full estimate is made, unless ``one_wave``: then the
+    delay of everything in one wave, a lower bound (every sender still sends all its bytes, and
+    each wave lasts at least as long as any of its senders)."""
+    if old is None or len(old.layers) != len(new.layers):
+        return 0.0
+    T = snapshot.context_len
+    nbytes = memo.get("nbytes")
+    if nbytes is None:
+        nbytes = memo["nbytes"] = _item_bytes(dims, T, cost_model, snapshot.weights_shipped)
+    per_layer = memo.setdefault("layers", {})
+    lists: dict[tuple[str, str], list] = {}
+    src, moved = old.source, []
+    for l, (a, b) in enumerate(zip(old.layers, new.layers)):
+        if a is b:
+            continue
+        hit = per_layer.get((id(a), id(b)))
+        if hit is None or hit[0] is not a or hit[1] is not b:
+            items = migration_items(Placement(src, (a,)), Placement(src, (b,)))
+            hit = per_layer[(id(a), id(b))] = (a, b, items, {k: [nbytes(it) for it in its] for k, its in items.items()})
+        moved.append((l, hit[2]))
+        for k, sizes in hit[3].items():
+            lists.setdefault(k, []).extend(sizes)
+    pairs = {k: sum(v) for k, v in lists.items()}
+    if pairs and snapshot.weights_shipped and not one_wave:
+        room = _room(old, snapshot, dims, T, cost_model, memo)
+        due: dict[str, int] = {}
+        for (_, b), n in pairs.items():
+            due[b] = due.get(b, 0) + n
+        if not all(n <= room.get(b, 0) for b, n in due.items()):
+            return _in_waves(old, moved, pairs, snapshot, dims, cost_model, net, memo)
+    return pair_delay(pairs, net)
+
+
+def _in_waves(old: Placement, moved: list, pairs: dict, snapshot: ClusterSnapshot, dims: ModelDims,
+              cost_model: str, net: Net, memo: dict) -> float:
+    """``migration_estimate``'s delay when memory-safe waves are needed, from ``planner_delay``'s
+    per-layer items (``moved``: (layer, its items)) renumbered: ``migration_items(old, new)``."""
+    items: dict[tuple[str, str], list[dict]] = {}
+    for l, layer_items in moved:
+        for k, its in layer_items.items():
+            items.setdefault(k, []).extend({**it, "layer": l} for it in its)
+    nbytes = memo["nbytes"]
+    try:
+        waves = _waves(old, items, pairs, snapshot, dims, snapshot.context_len, cost_model, nbytes, memo)
+    except MigrationBlocked:
+        return float("inf")
+    return sum(pair_delay({k: sum(nbytes(it) for it in its) for k, its in w.items()}, net) for w in waves)
+
+
+def _room(old: Placement, snapshot: ClusterSnapshot, dims: ModelDims, T: int, cost_model: str, memo: dict):
+    """Memory budget less ``old``'s bytes at ``T`` per device, once per ``memo``."""
+    key = ("room", id(old), T, cost_model)
+    hit = memo.get(key)
+    if hit is None or hit[0] is not old:
+        held = memory(old, snapshot, dims, cost_model, T)
+        hit = memo[key] = (old, {d.name: d.mem_budget_bytes - held.get(d.name, 0) for d in snapshot.devices})
+    return hit[1]

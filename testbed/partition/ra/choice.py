@@ -13,11 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 from testbed.partition.cost import blocks as B
-from testbed.partition.common import Problem, check_memory, evaluate, fits_until, sizes_for
-from testbed.partition.cost.latency import CostResult, Net, decode_cost, memory
+from testbed.partition.common import Problem, check_memory, fits_until, sizes_for
+from testbed.partition.cost.latency import Net, memory
 from testbed.core.errors import InfeasiblePlan
-from testbed.partition.cost.migration import migration_estimate
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
+# what a candidate costs (re-exported: planners, EdgeShard-dynamic and the exact solver import them here)
+from testbed.partition.ra.objective import (_objective, migration_lower_bound, plan_arrays, plan_cost,  # noqa: F401
+                                            problem_net)
 
 
 def _devices_ok(prob: Problem, pl: Placement) -> bool:
@@ -52,6 +54,7 @@ class _MixFits:
         self.limit = np.array([float(d.mem_budget_bytes) for d in prob.snap.devices])
         self.ok = {n for n, a in zip(prob.names, prob.allowed) if a} | {prob.snap.source}
         self.best, self.used = None, None
+        self.layers: dict = {}  # id(LayerPlacement) -> (it, its bytes per device)
 
     def _bytes(self, pl: Placement) -> np.ndarray:
         p = self.prob
@@ -65,44 +68,26 @@ class _MixFits:
         lp = alt.layers[l]
         if self.used is None or not {*lp.heads, lp.proj, *(s.device for s in lp.ffn)} <= self.ok:
             return False
-        src = best.source
-        swap = self._bytes(Placement(src, (lp,))) - self._bytes(Placement(src, (best.layers[l],)))
+        swap = self._layer_bytes(lp) - self._layer_bytes(best.layers[l])
         return bool(np.all(self.used + swap <= self.limit))
 
-
-def problem_net(prob: Problem) -> Net:
-    """The problem's one ``Net``: its path lookups and per-layer costs are shared by every plan
-    the decision weighs (the greedy's, the layer split, the baselines', the per-layer mixes)."""
-    net = prob.memo.get("net")
-    if net is None:
-        net = prob.memo["net"] = Net(prob.snap)
-    return net
-
-
-def plan_cost(prob: Problem, pl: Placement, net: Net | None = None) -> CostResult:
-    """``pl``'s cost under ``prob``'s model, computed once per problem (``prob.memo``)."""
-    memo = prob.memo.setdefault("cost", {})
-    if pl not in memo:
-        if prob.cost_model == "paper":
-            memo[pl] = evaluate(pl, prob.snap, prob.dims, "paper")
-        else:
-            memo[pl] = decode_cost(pl, prob.snap, prob.dims, net=net or problem_net(prob))
-    return memo[pl]
-
-
-def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float, float, float]:
-    """(latency + migration delay / H, latency, migration delay) of moving from snapshot.current.
-
-    The migration delay uses the snapshot's (current, measured) path rates and the ``migration``
-    aggregation: one sender's transfers serialised on its uplink, senders in parallel. Both are
-    computed once per problem and placement (``prob.memo``)."""
-    lat = plan_cost(prob, pl, net).token_latency_s
-    memo = prob.memo.setdefault("migration", {})
-    if pl not in memo:
-        memo[pl] = migration_estimate(prob.snap.current, pl, prob.snap, prob.dims, cost_model=prob.cost_model,
-                                      net=net).delay_s
-    mig = memo[pl]
-    return lat + mig / H, lat, mig
+    def _layer_bytes(self, lp) -> np.ndarray:
+        """``_bytes`` of a one-layer placement, once per layer object."""
+        hit = self.layers.get(id(lp))
+        if hit is None or hit[0] is not lp:
+            p = self.prob
+            if p.cost_model != "decode":
+                vec = self._bytes(Placement(p.snap.source, (lp,)))
+            else:  # ``placement_memory``'s terms (whole bytes), without the source's (it cancels)
+                vec, idx, d = np.zeros(len(p.names)), p.index, p.dims
+                head = B.block_memory_bytes(d, "head", self.until)
+                for dev in lp.heads:
+                    vec[idx[dev]] += head
+                vec[idx[lp.proj]] += B.proj_bytes(d)
+                for sh in lp.ffn:
+                    vec[idx[sh.device]] += B.ffn_bytes(d, sh.col_end - sh.col_start)
+            hit = self.layers[id(lp)] = (lp, vec)
+        return hit[1]
 
 
 def _with_block(pl: Placement, l: int, block, dev: str) -> Placement:
@@ -313,12 +298,20 @@ def _stay_candidate(prob: Problem, cur: Placement, H: float, net: Net, budget: n
     return stay, need, value
 
 
+def _mixes(best: Placement, alt: Placement) -> list[Placement]:
+    """``best`` with one layer from ``alt``, for each layer where they differ."""
+    return [Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:])
+            for l, (a, b) in enumerate(zip(best.layers, alt.layers)) if a != b]
+
+
 def _mix_per_layer(prob: Problem, best: Placement, best_obj: float, alt: Placement, key, need: int) -> Placement:
     """First-improvement pass over the layers where ``alt`` differs from ``best``: take ``alt``'s
     layer when the mixture fits until ``need`` and lowers ``key``."""
     diff = [l for l in range(prob.dims.n_layers) if alt.layers[l] != best.layers[l]]
     if len(diff) <= 1:
         return best
+    if prob.cost_model == "decode":  # every mixture's new layers in one batch
+        plan_arrays(prob).warm(_mixes(best, alt))
     fits = _MixFits(prob, need)
     for l in diff:
         if not fits(best, alt, l):

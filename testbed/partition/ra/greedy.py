@@ -269,3 +269,40 @@ def _round(prob: Problem, chunks: int, k: int, share: bool, budget: np.ndarray) 
         layers.append(_layer_placement(prob, ly, nh, P, nf, agg))
         A = agg
     return tuple(layers)
+
+
+def _layer_bytes(prob: Problem, lp: LayerPlacement) -> dict[int, float]:
+    """Bytes per device index a kept layer takes at the memory horizon, as the greedy counts them."""
+    out: dict[int, float] = {}
+    for d in lp.heads:
+        j = prob.index[d]
+        out[j] = out.get(j, 0.0) + prob.sz.head_b
+    j = prob.index[lp.proj]
+    out[j] = out.get(j, 0.0) + prob.sz.proj_b
+    for s in lp.ffn:
+        j = prob.index[s.device]
+        out[j] = out.get(j, 0.0) + (s.col_end - s.col_start) * prob.sz.ffn_col_b
+    return out
+
+
+def replan_layers(prob: Problem, chunks: int, k: int, layers: tuple[LayerPlacement, ...], which: set[int],
+                  budget: np.ndarray, moved: np.ndarray | None = None) -> tuple[LayerPlacement, ...]:
+    """``layers`` with the layers in ``which`` placed again by the greedy (anchors: the ``k``
+    cheapest and the current proj; only the current proj when its device is not in ``moved``
+    (a mask: devices whose own links or limits changed) and has room), in dataflow order, in the
+    memory the other layers leave within ``budget``; each re-placed layer's input is the
+    (possibly new) aggregator before it. Raises ``NoFit`` when a re-placed layer fits nowhere."""
+    resid = budget.tolist()
+    for l, lp in enumerate(layers):
+        if l not in which:
+            for j, nbytes in _layer_bytes(prob, lp).items():
+                resid[j] -= nbytes
+    out, A, L = list(layers), prob.src, prob.dims.n_layers
+    for l in range(L):
+        if l in which:
+            ly = _Layer(prob, l, A, chunks)
+            keep = moved is not None and not moved[ly.cur_proj] and resid[ly.cur_proj] >= prob.sz.proj_b
+            resid, nh, P, nf, agg = _plan_layer(ly, resid, 0 if keep else k, last=l == L - 1)
+            out[l] = _layer_placement(prob, ly, nh, P, nf, agg)
+        A = prob.index[out[l].ffn[0].device]
+    return tuple(out)

@@ -35,6 +35,10 @@ One round (one decision epoch), given a snapshot:
     lower — RA minimises the latency it is asked to, so it is never slower than a plan it can
     reach (issue 12: within 2 % of the best of EdgeShard and Galaxy at every point of the map);
     the slack keeps the balanced, fewer-bytes plan when the difference is noise.
+ 4d. Hedge (``rate_hedge``, ``ra.hedge``): a split that wins only while every link stays as fast as
+    measured is traded for the plan with the lower worse-case regret between today's links and
+    links at ``rate_hedge`` x their rate — among plans at most ``portfolio_slack`` above the
+    baselines' best today, so a static network costs RA at most that slack against them.
  4e. Memory horizon (issue 19, ``ra.horizon``): when the snapshot knows the end of the run and the
     plan above does not fit until then, steps 2-4c are redone sized for the end, and that plan is
     taken when the first one's gain until it stops fitting is at most the migration its overflow
@@ -50,7 +54,7 @@ One round (one decision epoch), given a snapshot:
     repair is made NOW if headroom is cheap (its cost per token of headroom bought is at most
     ``preempt`` token latencies: over a fast uplink), else deferred until forced (a slow uplink
     may recover, and then only the minimum moves). Cheap repairs are topped up beyond the minimum.
- 6. (step 4d, applied last) Leveling (issue 19, ``ra.leveling``): the chosen plan's largest device
+ 6. Leveling (issue 19, ``ra.leveling``), applied to step 5's plan: the chosen plan's largest device
     peak is lowered by head / FFN-chunk moves while its objective and latency stay within
     ``level_tol`` (2 %).
 Pure function of the snapshot; numpy for the per-layer vectors, a heap for the per-block choice.
@@ -61,7 +65,8 @@ import numpy as np
 
 from testbed.partition.common import NoFit, Problem, fits_until
 from testbed.core.errors import InfeasiblePlan
-from testbed.partition.ra.choice import _objective, choose_plan, plan_cost, problem_net
+from testbed.partition.ra.choice import (_objective, choose_plan, migration_lower_bound, plan_arrays, plan_cost,
+                                         problem_net)
 from testbed.partition.ra.greedy import _round
 from testbed.partition.ra.horizon import prefer_end_sized
 from testbed.partition.ra.leveling import level_plan
@@ -98,13 +103,12 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     bytes per token. A layer-level placement is a head-level one with each layer's blocks
     together; the greedy, filling devices layer by layer, splits layers where a device is full,
     and every split adds bytes on the links (bytes that cost more when a link drops)."""
-    from testbed.partition.common import uniform_layers
     from testbed.partition.layer.edgeshard import best_split
 
     split = best_split(prob, max_devices=2 * prob.dims.n_layers, budget=budget)
     if split is None:
         return layers, meta
-    whole = uniform_layers([prob.names[k] for k in split], prob.dims)
+    whole = split_layers(prob, split)
     net = problem_net(prob)
     a, b = Placement(prob.snap.source, whole), Placement(prob.snap.source, layers)
     ob = _objective(prob, b, prob.H, net)[0]
@@ -117,13 +121,28 @@ def _with_layer_split(prob: Problem, layers, meta: dict, slack: float, budget: n
     return layers, meta
 
 
+def split_layers(prob: Problem, split: list[int]) -> tuple:
+    """The layers of a contiguous split (device index per layer), built once per problem and split
+    (the same objects each time: the planner's memos recognise a plan by its layer objects)."""
+    from testbed.partition.common import uniform_layers
+
+    memo = prob.memo.setdefault("split_layers", {})
+    key = tuple(split)
+    if key not in memo:
+        memo[key] = uniform_layers([prob.names[k] for k in split], prob.dims)
+    return memo[key]
+
+
 def _objective_below(prob: Problem, pl: Placement, net, bound: float) -> float:
-    """``_objective(pl)``, or just its latency when that is already above ``bound`` (latency +
-    migration delay / H >= latency: the comparison with ``bound`` is decided without the
-    migration estimate, the costly part at 100+ devices)."""
+    """``_objective(pl)``, or a lower bound of it when that is already above ``bound`` (its
+    latency, then latency + a lower bound of the migration delay: the comparison with ``bound``
+    is decided without the migration estimate's memory-safe waves, the costly part)."""
     lat = plan_cost(prob, pl, net).token_latency_s
     if lat > bound:
         return lat
+    low = lat + migration_lower_bound(prob, pl, net) / prob.H
+    if low > bound:
+        return low
     return _objective(prob, pl, prob.H, net)[0]
 
 
@@ -137,38 +156,80 @@ def galaxy_groups(n: int) -> list[int]:
     return sizes
 
 
-def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_split: bool = True):
-    """Step 4c: the plan so far, or the best of EdgeShard's full-memory layer split and Galaxy's
-    tensor-parallel split (``layer.baselines.galaxy_plans``: the g fastest devices, sized at
-    RA's memory horizon) when its latency + migration delay / H is more than ``slack`` lower.
-    ``with_layer_split=False`` (RA's ``layer_split`` off): Galaxy's candidate only."""
-    from testbed.partition.common import uniform_layers
+def _portfolio_candidates(prob: Problem, with_layer_split: bool) -> list[tuple]:
+    """Step 4c's candidates: EdgeShard's full-memory layer split and Galaxy's tensor-parallel split
+    per group size (``layer.baselines.galaxy_plans``, sized at RA's memory horizon): (layers, tag)."""
     from testbed.partition.layer.baselines import galaxy_plans
     from testbed.partition.layer.edgeshard import best_split
 
-    net = problem_net(prob)
-    ours = Placement(prob.snap.source, layers, meta=meta)
-    best_obj, best = _objective(prob, ours, prob.H, net)[0], None
     split = best_split(prob, max_devices=2 * prob.dims.n_layers) if with_layer_split else None
     cands = []
     if split is not None:
-        cands.append((uniform_layers([prob.names[k] for k in split], prob.dims), {"portfolio": "layer_split"}))
+        cands.append((split_layers(prob, split), {"portfolio": "layer_split"}))
     for g, pl in galaxy_plans(prob, galaxy_groups(int(prob.allowed.sum()))):
         if not isinstance(pl, InfeasiblePlan):
             cands.append((pl.layers, {"portfolio": "tensor_parallel", "group_size": g}))
-    fastest = float("inf")  # the fastest plan weighed: leveling's tolerance (step 4d) counts from it
-    for cand_layers, tag in cands:
-        below = best_obj * (1 - slack) if best is None else min(best_obj * (1 - slack), best[0])
-        pl = Placement(prob.snap.source, cand_layers)
-        lat = plan_cost(prob, pl, net).token_latency_s  # = _objective_below(prob, pl, net, below)
-        fastest = min(fastest, lat)
-        obj = lat if lat > below else _objective(prob, pl, prob.H, net)[0]
-        if obj < best_obj * (1 - slack) and (best is None or obj < best[0]):
-            best = (obj, cand_layers, tag)
-    prob.memo["portfolio_latency_s"] = fastest
-    if best is None:
+    return cands
+
+
+def _with_portfolio(prob: Problem, layers, meta: dict, slack: float, with_layer_split: bool = True,
+                    rate_hedge: float | None = None):
+    """Step 4c: the plan so far, or the best of EdgeShard's full-memory layer split and Galaxy's
+    tensor-parallel split when its latency + migration delay / H is more than ``slack`` lower.
+    ``with_layer_split=False`` (RA's ``layer_split`` off): Galaxy's candidate only.
+    Step 4d (``rate_hedge``, ``ra.hedge``): then the pick with the lowest worse relative regret
+    between today's links and links at ``rate_hedge`` x their rate, among the plans at most ``slack``
+    above the baselines' best today, when that regret is more than ``slack`` lower."""
+    net = problem_net(prob)
+    src = prob.snap.source
+    cands = [(layers, {})] + _portfolio_candidates(prob, with_layer_split)
+    plans = [Placement(src, c[0]) for c in cands]
+    if prob.cost_model == "decode":  # every candidate's layers in one batch
+        plan_arrays(prob).warm(plans)
+    best_obj = _objective(prob, plans[0], prob.H, net)[0]
+    # the fastest plan weighed: leveling's latency tolerance (step 6) counts from it on a first plan
+    prob.memo["portfolio_latency_s"] = min((plan_cost(prob, pl, net).token_latency_s for pl in plans[1:]),
+                                           default=float("inf"))
+    if rate_hedge is None:
+        now, pick = [best_obj], 0
+        for i, pl in enumerate(plans[1:], 1):
+            below = best_obj * (1 - slack) if pick == 0 else min(best_obj * (1 - slack), now[pick])
+            now.append(_objective_below(prob, pl, net, below))
+            if now[i] < best_obj * (1 - slack) and (pick == 0 or now[i] < now[pick]):
+                pick = i
+    else:
+        now, pick = _hedged_pick(prob, plans, best_obj, slack, rate_hedge, net)
+    if pick == 0:
         return layers, meta
-    return best[1], {**meta, **best[2]}
+    return cands[pick][0], {**meta, **cands[pick][1]}
+
+
+def _hedged_pick(prob: Problem, plans: list[Placement], ours: float, slack: float, frac: float, net):
+    """Steps 4c + 4d over ``plans`` (ours first, then the baselines'): (objectives now, the pick)."""
+    from testbed.partition.ra import hedge
+
+    lat = [ours] + [plan_cost(prob, pl, net).token_latency_s for pl in plans[1:]]
+    base_best = float("inf")  # the baselines' best objective today (an objective is >= its latency)
+    for i in sorted(range(1, len(plans)), key=lat.__getitem__):
+        if lat[i] >= base_best:
+            break
+        base_best = min(base_best, _objective(prob, plans[i], prob.H, net)[0])
+    bound = (1 + slack) * base_best
+    now = [ours] + [_objective(prob, pl, prob.H, net)[0] if l <= bound else l
+                    for pl, l in zip(plans[1:], lat[1:])]
+    pick = 0
+    for i in range(1, len(plans)):  # step 4c: a candidate more than ``slack`` below ours
+        if now[i] < ours * (1 - slack) and (pick == 0 or now[i] < now[pick]):
+            pick = i
+    ok = hedge.admissible(now, [False] + [True] * (len(plans) - 1), slack)
+    if sum(ok) < 2:
+        return now, pick
+    slow = [hedge.slow_objective(prob, pl, frac) if a else None for pl, a in zip(plans, ok)]
+    regret = hedge.regrets(now, slow)
+    h = min(range(len(plans)), key=lambda i: (regret[i], now[i]))
+    if h != pick and regret[h] < regret[pick] * (1 - slack):
+        pick = h
+    return now, pick
 
 
 def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None = None,
@@ -178,7 +239,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
                    headroom_gain: float = 0.05, anticipate_epochs: int = 2,
                    preempt: float = 1.0, layer_split: bool = True,
                    split_slack: float = 0.1, portfolio: bool = True,
-                   portfolio_slack: float = 0.01, headroom_to_end: bool = True,
+                   portfolio_slack: float = 0.01, rate_hedge: float | None = 0.5,
+                   incremental: bool = False, headroom_to_end: bool = True,
                    level_tol: float = 0.02, level_evals: int = 2000) -> Placement:
     """One RA decision.
 
@@ -201,26 +263,53 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
     headroom plan (headroom is worth a little latency, not a lot: when the KV caches outgrow the
     tight plan, ``repair`` moves the fewest blocks).
     ``layer_split``: step 4b, with ``split_slack``. ``portfolio``: step 4c, with ``portfolio_slack``
-    (the paper's greedy alone: ``layer_split=False, portfolio=False``).
+    (the paper's greedy alone: ``layer_split=False, portfolio=False``); ``rate_hedge``: step 4d
+    (None: off).
     ``anticipate_epochs``, ``preempt``: when the KV growth will evict the current placement within
     ``anticipate_epochs`` decisions after the next one, the cheapest repair is made now if each
     token of headroom it buys costs at most ``preempt`` token latencies (stall + added latency
     over the horizon), and repairs (forced or anticipated) are extended towards the headroom
     horizon at that price; otherwise a forced move moves only what must move (``choose_plan``).
+    ``incremental``: the placement returned carries the snapshot it was decided on, and when the
+    current one carries one and only a few links, limits or speeds got worse since, only the
+    layers they touch are placed again (``ra.incremental``; anything else: a full decision).
     Memory policy (issue 19): ``headroom_to_end`` (when the snapshot knows ``tokens_remaining``
     and the plan sized for ``headroom_epochs`` does not fit to the end of the run): the plan sized
     for the end of the run (steps 2-4c again) replaces it when the epoch-sized plan's gain until
     it stops fitting is at most the migration its overflow at the end forces (``ra.horizon``).
-    ``level_tol``: step 4d (``ra.leveling.level``), applied to the plan step 5 chose: among plans
+    ``level_tol``: step 6 (``ra.leveling.level``), applied to the plan step 5 chose: among plans
     within ``1 + level_tol`` of its objective and of its latency (on a first plan: of the fastest
     plan weighed, the baselines' included, so RA stays within ``1 + level_tol`` of them), lower
     the largest device's peak by moving heads / FFN chunks (0: off), with at most ``level_evals``
     plan evaluations."""
     from testbed.partition.layer.baselines import first_fit
+    from testbed.partition.ra.incremental import redecide, with_basis
 
     K = max(1, min(ffn_chunks or (1 if cost_model == "paper" else 4), dims.ffn_dim))
     prob, headroom_until = _problem(snapshot, dims, cost_model, headroom_epochs, horizon_epochs, horizon_tokens,
                                     thorough)
+    sig = (cost_model, ffn_chunks, proj_candidates, headroom_epochs, horizon_epochs, horizon_tokens, mem_balance,
+           balance_slack, thorough, headroom_gain, anticipate_epochs, preempt, layer_split, split_slack, portfolio,
+           portfolio_slack, rate_hedge, headroom_to_end, level_tol, level_evals)
+    first = snapshot.current is None  # a re-decision's portfolio candidates would migrate
+
+    def decide(new: Placement, budget: np.ndarray) -> Placement:
+        """Step 5, then step 6 (leveling), on the problem and horizon in force (the end-sized
+        ones when ``_end_sized`` replaced them)."""
+        out = choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs, preempt=preempt,
+                          headroom_until=headroom_until)
+        if level_tol > 0 and out is not snapshot.current:  # a kept placement was leveled when made
+            # the tolerance counts from the fastest plan of this decision: never from a plan that
+            # was leveled before (the latency would creep by level_tol at every decision)
+            ref = plan_cost(prob, new).token_latency_s
+            if first:
+                ref = min(ref, prob.memo.get("portfolio_latency_s", float("inf")))
+            out = level_plan(prob, out, level_tol, K, level_evals, ref)
+        return with_basis(out, prob, sig) if incremental else out
+
+    again = redecide(prob, K, sig, decide) if incremental else None
+    if again is not None:
+        return again
     layers, meta, budget, last_err = _balanced_round(prob, K, proj_candidates, mem_balance, balance_slack)
     if layers is None:
         try:
@@ -229,7 +318,8 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
             raise prob.no_fit(last_err.block, last_err.nbytes, prob.budget) from None
     if prob.thorough and prob.T_mem > prob.T + prob.N:
         layers, meta, prob, budget = _tight_round(prob, K, proj_candidates, headroom_gain, layers, meta, budget)
-    steps = dict(layer_split=layer_split, split_slack=split_slack, portfolio=portfolio, portfolio_slack=portfolio_slack)
+    steps = dict(layer_split=layer_split, split_slack=split_slack, portfolio=portfolio, portfolio_slack=portfolio_slack,
+                 rate_hedge=rate_hedge)
     layers, meta = _steps_4bc(prob, layers, meta, budget, **steps)
     if headroom_to_end:
         end = _end_sized(prob, layers, K, proj_candidates, mem_balance, balance_slack, steps)
@@ -238,23 +328,17 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
             headroom_until = prob.T_mem
         elif end is not None:
             meta = {**meta, **end[2]}
-    new = Placement(snapshot.source, layers, meta=meta)
-    chosen = choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs,
-                         preempt=preempt, headroom_until=headroom_until)
-    if level_tol <= 0:
-        return chosen
-    first = snapshot.current is None  # a re-decision's candidates are not free: they would migrate
-    return level_plan(prob, chosen, level_tol, K, level_evals,
-                      prob.memo.get("portfolio_latency_s", float("inf")) if first else float("inf"))
+    return decide(Placement(snapshot.source, layers, meta=meta), budget)
 
 
 def _steps_4bc(prob: Problem, layers, meta: dict, budget, layer_split: bool, split_slack: float,
-               portfolio: bool, portfolio_slack: float):
-    """Steps 4b (layer split within the greedy's budget) and 4c (the baselines' plans)."""
+               portfolio: bool, portfolio_slack: float, rate_hedge: float | None):
+    """Steps 4b (layer split within the greedy's budget), 4c (the baselines' plans) and 4d (hedge)."""
     if layer_split:
         layers, meta = _with_layer_split(prob, layers, meta, split_slack, budget)
     if portfolio:
-        layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split)
+        layers, meta = _with_portfolio(prob, layers, meta, portfolio_slack, with_layer_split=layer_split,
+                                       rate_hedge=rate_hedge)
     return layers, meta
 
 
@@ -326,6 +410,8 @@ def _balanced_round(prob: Problem, K: int, proj_candidates: int, mem_balance: fl
         if bal is not None:
             free = Placement(prob.snap.source, layers, meta=meta)
             tight = Placement(prob.snap.source, bal, meta=meta)
+            if prob.cost_model == "decode":
+                plan_arrays(prob).warm([free, tight])  # both plans' layers in one batch
             if (plan_cost(prob, tight).token_latency_s
                     <= (1 + balance_slack) * plan_cost(prob, free).token_latency_s):
                 layers, meta = bal, {**meta, "mem_balanced": True}

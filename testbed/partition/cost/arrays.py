@@ -1,0 +1,277 @@
+"""The ``decode`` model's token latency and activation bytes of whole placements, computed with
+arrays over layers: the planners' inner evaluation (``ra.choice.plan_cost``), where
+``latency.decode_cost`` walks every message in Python.
+
+Same model, same arithmetic: every message's times are formed with the same operations in the
+same order as ``latency._decode_layer`` (serialised NICs: a sender's uplink queues its sends in
+the runtime's order, a receiver's downlink takes its fan-in in arrival order), so a plan's
+latency is the same float (``tests/unit/test_cost_arrays.py`` compares them on many plans). What
+differs is the bookkeeping: a layer's device lists are extracted once per ``LayerPlacement``, a
+layer's cost once per (layer, input device) and problem, and the layers a plan does not share
+with an earlier one are computed together, padded to the widest layer.
+Only the latency and the bytes on the links are produced; reports use ``decode_cost``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from testbed.partition.cost.latency import Net, _layer_delta, decode_constants
+
+INF = float("inf")
+WIDE_HEADS, WIDE_FFN = 24, 8  # wider layers are computed one by one (``PlanArrays._compute``)
+
+
+class PlanLatency(NamedTuple):
+    token_latency_s: float
+    bytes_moved: int  # activation bytes sent between devices for one token
+
+
+class _Layer(NamedTuple):
+    """One layer's devices as indices: proj; x destinations in send order (proj first); head
+    devices and their group counts (first-appearance order) and each one's position among the
+    destinations; FFN devices (aggregator first) and their columns."""
+
+    P: int
+    xdst: tuple
+    hdev: tuple
+    hn: tuple
+    hpos: tuple
+    fdev: tuple
+    fcols: tuple
+
+
+def _extract(lp, index: dict) -> _Layer:
+    P = index[lp.proj]
+    counts: dict[int, int] = {}
+    for d in lp.heads:
+        j = index[d]
+        counts[j] = counts.get(j, 0) + 1
+    xdst = (P, *(j for j in counts if j != P))
+    pos = {j: i for i, j in enumerate(xdst)}
+    cols: dict[int, int] = {}
+    for s in lp.ffn:
+        j = index[s.device]
+        cols[j] = cols.get(j, 0) + (s.col_end - s.col_start)
+    return _Layer(P, xdst, tuple(counts), tuple(counts.values()), tuple(pos[j] for j in counts),
+                  tuple(cols), tuple(cols.values()))
+
+
+def _pad(rows: list, fill) -> np.ndarray:
+    width = max(len(r) for r in rows)
+    return np.array([r + (fill,) * (width - len(r)) for r in rows])
+
+
+def _cp_max(a0, a1, b0, b1, take):
+    """``latency._cp_max`` per row where ``take``: (a if a0 + a1 >= b0 + b1 else b)."""
+    pick_b = take & ~(a0 + a1 >= b0 + b1)
+    return np.where(pick_b, b0, a0), np.where(pick_b, b1, a1)
+
+
+def _fan_in(m0, m1, tau, valid):
+    """``latency._Nics.fan_in`` per row over the valid messages (arrival pair, downlink seconds):
+    (compute, transfer) of the last one to finish and whether a row had any."""
+    order = np.lexsort((m0 + m1, ~valid), axis=1)  # valid first, by arrival, stable (as ``sorted``)
+    R = m0.shape[0]
+    rows = np.arange(R)[:, None]
+    m0, m1, tau, valid = m0[rows, order], m1[rows, order], tau[rows, order], valid[rows, order]
+    done, o0, o1 = np.full(R, -INF), np.zeros(R), np.zeros(R)
+    for k in range(int(valid.sum(axis=1).max(initial=0))):  # sorted: a row's valid messages first
+        v = valid[:, k]
+        t = m0[:, k] + m1[:, k]
+        fin = np.maximum(t, done + tau[:, k])
+        done = np.where(v, fin, done)
+        o0 = np.where(v, m0[:, k], o0)
+        o1 = np.where(v, m1[:, k] + (fin - t), o1)
+    return o0, o1, valid.any(axis=1)
+
+
+class PlanArrays:
+    """Per problem (snapshot, dims, context): device rates and path matrices as arrays, and the
+    memos. ``lat``/``spb``: ``Problem``'s matrices (``inf`` where a path is down), the values
+    ``latency.Net.link`` returns."""
+
+    def __init__(self, prob):
+        snap = prob.snap
+        self.index, self.src = prob.index, prob.src
+        self.lat, self.spb = prob.lat, prob.spb
+        self.speed = np.array([d.flops_per_s if d.up else 0.0 for d in snap.devices], dtype=float)
+        self.mem_bw = np.array([d.mem_bw_bytes_per_s for d in snap.devices], dtype=float)
+        self.call_s = np.array([d.call_overhead_s for d in snap.devices], dtype=float)
+        self.k = decode_constants(prob.dims, snap.context_len, 1)
+        self.snap, self.names, self.net = snap, prob.names, None
+        # memos by identity (hashing a LayerPlacement is slow; plans share layer objects), each
+        # entry holding its layer so that the id stays taken
+        self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer)
+        self.deltas: dict = {}  # (id(LayerPlacement), input device) -> (it, compute_s, transfer_s, bytes)
+
+    def roof(self, dev: np.ndarray, flops, nbytes) -> np.ndarray:
+        """``roofline.roofline_s`` per element (one call)."""
+        speed, bw = self.speed[dev], self.mem_bw[dev]
+        ok = speed > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            comp = flops / np.where(ok, speed, 1.0)
+            mem = np.where(bw < INF, nbytes / np.where(bw < INF, bw, 1.0), 0.0)
+        return np.where(ok, np.maximum(comp, mem) + self.call_s[dev], INF)
+
+    def _missing(self, pl, todo: dict) -> tuple[list, int]:
+        """The plan's (layer, input device) keys in order, the last aggregator; adds to ``todo``
+        those not computed yet."""
+        index, memo = self.index, self.deltas
+        A, keys = self.src, []
+        for lp in pl.layers:
+            key = (id(lp), A)
+            keys.append(key)
+            hit = memo.get(key)
+            if hit is None or hit[0] is not lp:
+                todo[key] = (lp, A)
+            A = index[lp.ffn[0].device]
+        return keys, A
+
+    def warm(self, plans) -> None:
+        """Compute the layers of ``plans`` not computed yet, all in one batch."""
+        todo: dict = {}
+        for pl in plans:
+            self._missing(pl, todo)
+        self._fill(todo)
+
+    def _fill(self, todo: dict) -> None:
+        if todo:
+            for (key, (lp, _)), val in zip(todo.items(), self._compute(list(todo.values()))):
+                self.deltas[key] = (lp, *val)
+
+    def latency(self, pl) -> PlanLatency:
+        """The plan's token latency (``decode_cost(pl).token_latency_s``) and bytes on the links."""
+        todo: dict = {}
+        keys, A = self._missing(pl, todo)
+        self._fill(todo)
+        memo = self.deltas
+        c0 = c1 = 0.0
+        nbytes = 0
+        for key in keys:
+            _, dc, dt, nb = memo[key]
+            c0, c1, nbytes = c0 + dc, c1 + dt, nbytes + nb
+        src, k = self.src, self.k
+        if A != src:
+            t = c0 + c1
+            c1 = ((c1 + (t - t)) + k["x_bytes"] * self.spb[A, src]) + self.lat[A, src]
+            nbytes += int(k["x_bytes"])
+        c0 = c0 + float(self.roof(np.array([src]), k["lm_flops"], k["lm_read"])[0])
+        return PlanLatency(c0 + c1, nbytes)
+
+    def _layer(self, lp) -> _Layer:
+        hit = self.layers.get(id(lp))
+        if hit is None or hit[0] is not lp:
+            hit = self.layers[id(lp)] = (lp, _extract(lp, self.index))
+        return hit[1]
+
+    def _compute(self, todo: list) -> list:
+        """(compute_s, transfer_s, bytes) of each (layer, input device), from a start at (0, 0):
+        layers with many head or FFN devices (a tensor-parallel split over tens of devices) by
+        ``latency._layer_delta`` (their queues are long sequential chains), the others together."""
+        wide = [i for i, (lp, _) in enumerate(todo)
+                if len(self._layer(lp).hdev) > WIDE_HEADS or len(self._layer(lp).fdev) > WIDE_FFN]
+        if not wide:
+            return self._batch(todo)
+        out: list = [None] * len(todo)
+        for i in wide:
+            out[i] = self._one(*todo[i])
+        narrow = [i for i in range(len(todo)) if out[i] is None]
+        for i, val in zip(narrow, self._batch([todo[i] for i in narrow]) if narrow else []):
+            out[i] = val
+        return out
+
+    def _one(self, lp, A: int) -> tuple[float, float, int]:
+        if self.net is None:
+            self.net = Net(self.snap)
+        (dc, dt), _, sent = _layer_delta(lp, self.names[A], self.net, True, self.k, {})
+        return dc, dt, sum(sent.values())
+
+    def _batch(self, todo: list) -> list:
+        L = [self._layer(lp) for lp, _ in todo]
+        A = np.array([a for _, a in todo])
+        P = np.array([ly.P for ly in L])
+        R, rows = len(L), np.arange(len(L))
+        up = np.full((R, len(self.speed)), -INF)  # when each device's uplink frees (-inf: never used)
+        with np.errstate(invalid="ignore"):  # a path that is down: inf - inf = nan, as in decode_cost
+            a0, a1, nb_att = self._attention(L, A, P, up)
+            pd0 = a0 + self.roof(P, self.k["proj_flops"], self.k["proj_read"])
+            o0, o1, nb_ffn = self._ffn(L, P, pd0, a1, up, rows)
+        return [(float(x), float(y), int(b)) for x, y, b in zip(o0, o1, nb_att + nb_ffn)]
+
+    def _attention(self, L, A, P, up):
+        """Steps 1-2: x from A to the proj and head devices (A's uplink serialised), the heads, their
+        outputs to the proj (fan-in in arrival order): ((compute, transfer) when the proj can start,
+        bytes sent), recording each sender's uplink in ``up``."""
+        k, lat, spb = self.k, self.lat, self.spb
+        xb, hf, hr, hob = k["x_bytes"], k["head_flops"], k["head_read"], k["head_out_bytes"]
+        rows = np.arange(len(L))[:, None]
+        dst = _pad([ly.xdst for ly in L], -1)
+        real = dst >= 0
+        dst = np.where(real, dst, A[:, None])
+        send = real & (dst != A[:, None])
+        S = np.cumsum(np.where(send, xb * spb[A[:, None], dst], 0.0), axis=1)
+        arr = np.where(send, S + lat[A[:, None], dst], 0.0)
+        up[rows[:, 0], A] = S[:, -1]
+        hd, hn = _pad([ly.hdev for ly in L], -1), _pad([ly.hn for ly in L], 0)
+        hpos = _pad([ly.hpos for ly in L], 0)
+        valid = hd >= 0
+        hd = np.where(valid, hd, P[:, None])
+        done0 = 0.0 + self.roof(hd, hn * hf, hn * hr)
+        done1 = arr[rows, hpos]
+        onP = valid & (hd == P[:, None])
+        att0, att1 = np.zeros(len(L)), arr[:, 0]
+        pc0 = np.where(onP, done0, 0.0).sum(axis=1)  # at most one entry per row
+        pc1 = np.where(onP, done1, 0.0).sum(axis=1)
+        att0, att1 = _cp_max(att0, att1, pc0, pc1, onP.any(axis=1))
+        out = valid & ~onP
+        t = done0 + done1
+        start = np.maximum(t, np.where(hd == A[:, None], up[rows, hd], -INF))
+        nbytes = hn * hob
+        tau = nbytes * spb[hd, P[:, None]]
+        m1 = ((done1 + (start - t)) + tau) + lat[hd, P[:, None]]
+        sent_up = start + tau
+        r_out, c_out = np.nonzero(out)
+        up[r_out, hd[r_out, c_out]] = sent_up[r_out, c_out]
+        g0, g1, got = _fan_in(done0, m1, tau, out)
+        att0, att1 = _cp_max(att0, att1, g0, g1, got)
+        nb = send.sum(axis=1) * int(xb) + np.where(out, nbytes, 0).astype(np.int64).sum(axis=1)
+        return att0, att1, nb
+
+    def _ffn(self, L, P, pd0, pd1, up, rows):
+        """Steps 3-4: h from the proj to the FFN devices in shard order (the proj's uplink also
+        carries its own partial when it holds a shard), the shards, the partials into the
+        aggregator (fan-in in arrival order): (compute, transfer) of the layer's output, bytes."""
+        k, lat, spb = self.k, self.lat, self.spb
+        xb, fcf, fcr = k["x_bytes"], k["ffn_col_flops"], k["ffn_col_read"]
+        fd, fc = _pad([ly.fdev for ly in L], -1), _pad([ly.fcols for ly in L], 0)
+        agg = fd[:, 0]
+        t = pd0 + pd1
+        F = fd.shape[1]
+        m0, m1, taus = np.zeros((len(L), F)), np.zeros((len(L), F)), np.zeros((len(L), F))
+        valid = np.zeros((len(L), F), dtype=bool)
+        out0 = out1 = None
+        nb = np.zeros(len(L), dtype=np.int64)
+        for f in range(F):
+            real = fd[:, f] >= 0
+            dev = np.where(real, fd[:, f], P)
+            move = real & (dev != P)
+            sP = np.maximum(t, up[rows, P])
+            tau = xb * spb[P, dev]
+            arr1 = np.where(move, ((pd1 + (sP - t)) + tau) + lat[P, dev], pd1)
+            up[rows, P] = np.where(move, sP + tau, up[rows, P])
+            done0 = pd0 + self.roof(dev, fc[:, f] * fcf, fc[:, f] * fcr)
+            nb += move * int(xb)
+            if f == 0:
+                out0, out1 = done0, arr1
+                continue
+            t2 = done0 + arr1
+            s2 = np.maximum(t2, up[rows, dev])
+            tau2 = xb * spb[dev, agg]
+            m0[:, f], m1[:, f], taus[:, f], valid[:, f] = done0, ((arr1 + (s2 - t2)) + tau2) + lat[dev, agg], tau2, real
+            up[rows, dev] = np.where(real, s2 + tau2, up[rows, dev])
+            nb += real * int(xb)
+        g0, g1, got = _fan_in(m0, m1, taus, valid)
+        out0, out1 = _cp_max(out0, out1, g0, g1, got)
+        return out0, out1, nb

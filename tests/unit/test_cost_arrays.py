@@ -1,0 +1,75 @@
+"""``cost.arrays`` (the planners' array evaluation of the ``decode`` model) gives the same floats
+as ``latency.decode_cost`` (serialised NICs): token latency and bytes on the links, on RA's plans
+and on random plans that exercise every branch (heads on the input device and on the proj,
+the proj holding a non-aggregator shard, shards on the input device, unequal shards)."""
+import random
+
+import numpy as np
+import pytest
+
+from testbed.core.snapshot import ModelDims
+from testbed.core.placement import FfnShard, LayerPlacement, Placement
+from testbed.core.errors import InfeasiblePlan
+from testbed.partition import plan
+from testbed.partition.layer.baselines import galaxy_plans
+from testbed.partition.common import Problem
+from testbed.partition.cost.arrays import PlanArrays
+from testbed.partition.cost.latency import decode_cost
+from testbed.partition.synthetic import GPT2, SMOLLM2, random_star
+
+
+def _random_plan(rng: random.Random, prob: Problem, dims, wide: bool = False) -> Placement:
+    """Layers over 1-6 devices (or, ``wide``, up to 20: computed one by one, as the reference)."""
+    names = prob.allowed_names() + [prob.names[prob.src]]
+    layers = []
+    for _ in range(dims.n_layers):
+        devs = rng.sample(names, min(len(names), rng.randint(1, 30 if wide else 6)))
+        heads = tuple(rng.choice(devs) for _ in range(dims.n_kv_heads))
+        k = rng.randint(1, 16 if wide else 4)
+        b = [0, *sorted(rng.sample(range(1, dims.ffn_dim), k - 1)), dims.ffn_dim]
+        ffn = tuple(FfnShard(rng.choice(devs), b[i], b[i + 1]) for i in range(k))
+        layers.append(LayerPlacement(heads, rng.choice(devs), ffn))
+    return Placement(prob.snap.source, tuple(layers))
+
+
+LLAMA7 = ModelDims("llama-2-7b", 32, 4096, 32, 32, 128, 11008, 32000, gated_ffn=True, tie_embeddings=False,
+                   weight_format="q4_0")
+
+
+@pytest.mark.parametrize("dims,n,seed", [(GPT2, 9, 0), (GPT2, 25, 1), (SMOLLM2, 12, 2), (LLAMA7, 33, 3)])
+def test_array_latency_is_decode_cost_exactly(dims, n, seed):
+    snap = random_star(np.random.default_rng(seed), n, dims, context_len=48)
+    prob = Problem(snap, dims)
+    arrays = PlanArrays(prob)
+    rng = random.Random(seed)
+    plans = [_random_plan(rng, prob, dims, wide=i % 3 == 2) for i in range(12)]
+    plans.append(plan("resource_aware", snap, dims).placement)
+    plans += [pl for _, pl in galaxy_plans(prob, [2, 4, 8]) if not isinstance(pl, InfeasiblePlan)]
+    for pl in plans:
+        ref = decode_cost(pl, snap, dims)
+        got = arrays.latency(pl)
+        assert got.token_latency_s == ref.token_latency_s
+        assert got.bytes_moved == ref.bytes_moved
+    # the memo per (layer, input device) answers a plan again with the same numbers
+    assert arrays.latency(plans[0]) == arrays.latency(plans[0])
+
+
+def test_down_paths_give_what_decode_cost_gives():
+    """A device whose paths are down: inf (or nan, inf - inf in a queue) exactly where decode_cost has it."""
+    import math
+    from dataclasses import replace
+
+    from testbed.core.snapshot import LinkState
+
+    snap = random_star(np.random.default_rng(4), 12, GPT2, context_len=48)
+    paths = {k: (LinkState(v.bandwidth_bytes_per_s, v.latency_s, up=False) if "d3" in k else v)
+             for k, v in snap.paths.items()}
+    snap = replace(snap, paths=paths)
+    prob = Problem(snap, GPT2)
+    arrays, rng, finite = PlanArrays(prob), random.Random(1), 0
+    for _ in range(40):
+        pl = _random_plan(rng, prob, GPT2)
+        got, ref = arrays.latency(pl).token_latency_s, decode_cost(pl, snap, GPT2).token_latency_s
+        assert got == ref or (math.isnan(got) and math.isnan(ref))
+        finite += math.isfinite(ref)
+    assert 0 < finite < 40
