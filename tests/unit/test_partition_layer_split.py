@@ -13,7 +13,7 @@ DIMS = ModelDims("s", 4, 256, 4, 4, 64, 1024, 1000)
 
 
 def resource_aware(snap, dims, **kw):
-    """RA up to step 5: these tests are about step 4b, before step 4d (leveling) may trade up to
+    """RA up to step 5: these tests are about step 4b, before step 6 (leveling) may trade up to
     2 % of latency for a lower peak (tests/unit/test_partition_leveling.py)."""
     return _ra(snap, dims, level_tol=0.0, **kw)
 

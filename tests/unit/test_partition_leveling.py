@@ -1,5 +1,5 @@
 """RA's memory policy (issue 19): blocks sized for the end of the run when the fast plan's overflow
-would cost more than it gains (``ra.horizon``), and step 4d
+would cost more than it gains (``ra.horizon``), and step 6
 (``ra.leveling``) lowering the largest device's peak by head / FFN-chunk moves within the latency
 tolerance — and moving nothing when every move costs more than the tolerance."""
 from dataclasses import replace

@@ -37,7 +37,7 @@ def test_no_migration_when_gain_over_horizon_is_below_delay():
     gain, delay = gain_and_delay(snap, fresh)
     assert gain > 0 and delay > 0
     short = int(delay / gain / 4)  # the gain over this horizon is a quarter of the delay
-    # step 5 alone (``level_tol=0``): step 4d may still move an FFN chunk to d2 here, its stall
+    # step 5 alone (``level_tol=0``): step 6 (leveling) may still move an FFN chunk to d2 here, its stall
     # within 2 % of the objective, for a lower peak (tests/unit/test_partition_leveling.py)
     r = plan("resource_aware", snap, DIMS, horizon_tokens=short, level_tol=0.0)
     assert r.placement == snap.current and r.migration_delay_s == 0

@@ -53,7 +53,7 @@ def test_ra_first_plan_is_never_slower_than_edgeshard_or_galaxy(seed):
     its first plan is at most ``portfolio_slack`` (1 %) above the better of them — on instances
     from link-bound (layer split best) to compute-bound on many devices (tensor parallel over
     more devices than the greedy's 4 FFN chunks best). With ``portfolio: false`` 9 of these 16 fail.
-    Step 4d (leveling, issue 19) then trades at most ``level_tol`` (2 %) of latency, counted from
+    Step 6 (leveling, issue 19) then trades at most ``level_tol`` (2 %) of latency, counted from
     the fastest plan weighed, for a lower peak: with it RA is at most 1.02 x the better baseline."""
     from testbed.partition.cost.blocks import block_memory_bytes, source_bytes
     from testbed.partition.synthetic import star_snapshot

@@ -258,7 +258,7 @@ def optimal(snapshot, dims, cost_model: str = "decode", ffn_chunks: int | None =
     ``time_limit_s`` only guards the MILP (reaching it is a failure).
     Memory policy: its memory horizon is the next decision (capped at the end of the run).
     ``level_tol > 0`` (default 0: the plan is the latency optimum the certificate describes) adds
-    RA's step 4d (``ra.leveling``): the largest peak lowered by head / FFN-chunk moves within
+    RA's step 6 (``ra.leveling``): the largest peak lowered by head / FFN-chunk moves within
     ``1 + level_tol`` of the plan's objective; ``meta`` keeps the certificate of the plan BEFORE
     leveling and says ``leveling_moves``."""
     pl = _optimal(snapshot, dims, cost_model, ffn_chunks, time_limit_s, max_devices, horizon_epochs,

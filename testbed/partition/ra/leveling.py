@@ -1,4 +1,4 @@
-"""RA step 4d: level memory by heads (issue 19) — lower the largest device's peak at (almost) no latency.
+"""RA step 6: level memory by heads (issue 19) — lower the largest device's peak at (almost) no latency.
 
 The memory policy RA states (``ra.planner``'s docstring): first minimise latency (+ migration delay
 / H) subject to every device having room for the KV growth until the memory horizon (the next
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from testbed.partition.common import Problem, sizes_for
-from testbed.partition.ra.choice import _block_use, _objective, plan_cost, problem_net
+from testbed.partition.ra.choice import _block_use, _objective, plan_arrays, plan_cost, problem_net
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 
 
@@ -138,23 +138,25 @@ def _best_move(prob: Problem, pl: Placement, cands: list[_Move], cur: float, lim
     """The candidate with the least objective added per byte among those within ``limit`` (objective)
     and ``lat_limit`` (latency), evaluating at most ``budget`` distinct moves, most promising first:
     ((score, objective, move, plan) or None, evaluations made)."""
-    net, best, seen, evals = problem_net(prob), None, set(), 0
+    net, best, seen, todo = problem_net(prob), None, set(), []
     for m in sorted(cands, key=lambda m: (m.far, m.key_s, m.l, m.dest)):
-        if evals >= budget:
+        if len(todo) >= budget:
             break
         same = _signature(prob, pl, m)
         if same in seen:  # an identical layer in the same surroundings: the same effect
             continue
         seen.add(same)
-        evals += 1
-        cand = _move(pl, m, prob.names[m.dest])
+        todo.append((m, _move(pl, m, prob.names[m.dest])))
+    if prob.cost_model == "decode" and todo:  # the candidates' new layers in one batch
+        plan_arrays(prob).warm([cand for _, cand in todo])
+    for m, cand in todo:
         if plan_cost(prob, cand, net).token_latency_s > lat_limit:
             continue  # no migration estimate for a move the latency already rules out
         obj = _objective(prob, cand, prob.H, net)[0]
         score = (obj - cur) / m.nbytes  # objective added per byte of peak removed
         if obj <= limit and (best is None or score < best[0]):
             best = (score, obj, m, cand)
-    return best, evals
+    return best, len(todo)
 
 
 def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_dest: int = 2,
