@@ -54,6 +54,8 @@ class ResourceAwareParams(Params):
     headroom_to_end: bool = True
     level_tol: float = Field(0.02, ge=0, lt=1)
     level_evals: int = Field(2000, ge=1)
+    level_bind_frac: float = Field(0.9, gt=0, le=1)
+    level_tol_free: float = Field(0.001, ge=0, lt=1)
 
 
 class OptimalParams(Params):

@@ -195,6 +195,15 @@ def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_de
                 "leveling_peak_before_bytes": int(before), "leveling_peak_after_bytes": int(after)}
 
 
+def memory_binds(prob: Problem, pl: Placement, frac: float) -> bool:
+    """Whether memory binds for ``pl``: some device that may hold blocks ends above ``frac`` of its
+    block budget at the peak horizon (the end of the run when known). Where it does not, a lower
+    peak buys nothing the run needs, and step 6 levels only at (practically) equal latency."""
+    peaks = worker_peaks(prob, pl)
+    ok = prob.allowed & (prob.budget > 0)
+    return bool(np.any(peaks[ok] > frac * prob.budget[ok]))
+
+
 def level_plan(prob: Problem, pl: Placement, tol: float, chunks: int, max_evals: int,
                ref_latency_s: float = float("inf")) -> Placement:
     """``level``'s plan with what it did in ``meta`` (``leveling_*``); ``pl`` itself when nothing moved."""
