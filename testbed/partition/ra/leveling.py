@@ -60,12 +60,20 @@ def worker_peaks(prob: Problem, pl: Placement, until: int | None = None) -> np.n
     return _block_use(prob, pl, peak_horizon(prob) if until is None else until)
 
 
-def _workers(prob: Problem) -> np.ndarray:
-    """Devices whose peak the policy levels: every device but the source (its embeddings are the
-    same for every plan; the summary's ``max_worker_peak_mem_bytes`` leaves it out too)."""
+def _leveled(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """(devices whose peak the policy levels, bytes each holds besides its blocks). Every device
+    but the source; the source too when it may hold blocks (``allow_blocks_on_source``), with its
+    embeddings and LM head counted, so the largest peak is the largest device's whole footprint
+    (leveling a worker below a source that holds most of the model lowers no device that matters)."""
+    from testbed.partition.cost import blocks as B
+
     w = np.ones(len(prob.names), dtype=bool)
-    w[prob.src] = False
-    return w
+    fixed = np.zeros(len(prob.names))
+    if prob.snap.allow_blocks_on_source:
+        fixed[prob.src] = float(B.source_bytes(prob.dims))
+    else:
+        w[prob.src] = False
+    return w, fixed
 
 
 def _move(pl: Placement, m: _Move, dest: str) -> Placement:
@@ -169,15 +177,16 @@ def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_de
     limit, lat_limit = (1 + tol) * cur, (1 + tol) * min(lat0, ref_latency_s)
     used = worker_peaks(prob, pl, until)
     fit = _block_use(prob, pl, int(prob.T_mem))
-    workers = _workers(prob)
-    before = float(used[workers].max(initial=0.0))
+    workers, fixed = _leveled(prob)
+    before = float((used + fixed)[workers].max(initial=0.0))
     chunk_cols = -(-prob.dims.ffn_dim // max(1, chunks))
     moves = evals = 0
     while evals < max_evals:
-        a = int(np.argmax(np.where(workers, used, -np.inf)))
+        total = used + fixed
+        a = int(np.argmax(np.where(workers, total, -np.inf)))
         # room at the peak horizon (and at the memory horizon the plan was made for), below a's peak
         room = np.minimum(prob.budget - used, prob.budget - fit)
-        room = np.minimum(room, used[a] - used - 1.0)
+        room = np.minimum(room, total[a] - total - 1.0)
         cands = _candidates(prob, pl, a, room, chunk_cols, n_dest)
         best, n = _best_move(prob, pl, cands, cur, limit, lat_limit, max_evals - evals)
         evals += n
@@ -190,7 +199,7 @@ def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_de
         fit[a] -= delta_fit
         fit[m.dest] += delta_fit
         moves += 1
-    after = float(used[workers].max(initial=0.0))
+    after = float((used + fixed)[workers].max(initial=0.0))
     return pl, {"leveling_moves": moves, "leveling_evals": evals,
                 "leveling_peak_before_bytes": int(before), "leveling_peak_after_bytes": int(after)}
 
@@ -205,9 +214,17 @@ def memory_binds(prob: Problem, pl: Placement, frac: float) -> bool:
 
 
 def level_plan(prob: Problem, pl: Placement, tol: float, chunks: int, max_evals: int,
-               ref_latency_s: float = float("inf")) -> Placement:
-    """``level``'s plan with what it did in ``meta`` (``leveling_*``); ``pl`` itself when nothing moved."""
+               ref_latency_s: float = float("inf"), rate_hedge: float | None = None) -> Placement:
+    """``level``'s plan with what it did in ``meta`` (``leveling_*``); ``pl`` itself when nothing moved,
+    or when ``rate_hedge`` is set and the leveled plan's objective with every link at ``rate_hedge`` x
+    its rate (``ra.hedge``) is more than ``1 + tol`` times ``pl``'s: moves that cost nothing while the
+    links hold can put heads behind slow links (step 4d's bet, made again by the back door)."""
     out, info = level(prob, pl, tol, chunks, max_evals=max_evals, ref_latency_s=ref_latency_s)
     if not info["leveling_moves"]:
         return pl
+    if rate_hedge is not None:
+        from testbed.partition.ra.hedge import slow_objective
+
+        if slow_objective(prob, out, rate_hedge) > (1 + tol) * slow_objective(prob, pl, rate_hedge):
+            return pl
     return Placement(out.source, out.layers, meta={**pl.meta, **info})

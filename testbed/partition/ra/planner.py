@@ -309,7 +309,7 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
             if first:
                 ref = min(ref, prob.memo.get("portfolio_latency_s", float("inf")))
             tol = level_tol if memory_binds(prob, out, level_bind_frac) else min(level_tol, level_tol_free)
-            out = level_plan(prob, out, tol, K, level_evals, ref)
+            out = level_plan(prob, out, tol, K, level_evals, ref, rate_hedge)
         return with_basis(out, prob, sig) if incremental else out
 
     again = redecide(prob, K, sig, decide) if incremental else None
