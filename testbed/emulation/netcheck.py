@@ -238,13 +238,18 @@ def check_link_direction(net, u: str, v: str, src: str, dst: str, seconds: float
     expected = min(rates.values())
     bottleneck = "-".join(min(rates, key=rates.get))
     # a slow link needs a longer run for +-5 % (TCP's ramp and the report's 1 s granularity)
-    rate = measure_rate(net, src, dst, max(seconds, 2.0) if expected <= 20 else seconds, port)
+    dur = max(seconds, 2.0) if expected <= 20 else seconds
+    rate, tries = measure_rate(net, src, dst, dur, port), 1
+    if abs(rate["l2_mbps"] - expected) > RATE_TOL * expected and expected <= RATE_VERIFIABLE_MBPS:
+        # one re-measurement of a miss (reported: ``rate_tries``): in full runs of star8 one 5 Mbit/s
+        # direction read 4.80 twice (4 % short, then > 5 % in a suite), alone 4.998 at 2 s and 4 s
+        rate, tries = measure_rate(net, src, dst, dur, port), 2
     # above what this machine forwards through veth + HTB (~400-460 Mbit/s measured here), a
     # shortfall is the machine's, not the shaping's: reported as capped, not failed
     capped = expected > RATE_VERIFIABLE_MBPS and RATE_VERIFIABLE_MBPS <= rate["l2_mbps"] < expected * (1 - RATE_TOL)
     row = {"link": f"{u}->{v}", "pair": f"{src}->{dst}", "bottleneck": bottleneck,
            "expected_mbps": expected, "measured_mbps": round(rate["l2_mbps"], 3),
-           "goodput_mbps": round(rate["goodput_mbps"], 3),
+           "goodput_mbps": round(rate["goodput_mbps"], 3), "rate_tries": tries,
            "rate_ok": capped or abs(rate["l2_mbps"] - expected) <= RATE_TOL * expected, "rate_capped": capped,
            **path_rtt(net, src, dst, 20, port + 1000), "mechanism": net.delay_mechanism}
     loss = net.path_loss(src, dst) * 100
