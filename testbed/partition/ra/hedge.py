@@ -77,11 +77,3 @@ def regrets(now: list[float], slow: list[float | None]) -> list[float]:
         return [float("inf")] * len(now)
     return [max(now[i] / best_now, slow[i] / best_slow) if slow[i] is not None else float("inf")
             for i in range(len(now))]
-
-
-def admissible(now: list[float], baseline: list[bool], slack: float) -> list[bool]:
-    """Which candidates ``hedged_choice`` may pick (worth a slowed-links evaluation)."""
-    base = [o for o, b in zip(now, baseline) if b]
-    if not base:
-        return [False] * len(now)
-    return [o <= (1 + slack) * min(base) for o in now]
