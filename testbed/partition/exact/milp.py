@@ -1,7 +1,8 @@
 """A tiny MILP builder over HiGHS (highspy): variables, sparse rows, solve with a time limit.
 
 ``solve`` returns the incumbent and its objective; ``dual_bound`` then holds HiGHS' proven lower
-bound on the optimum (equal to the objective up to ``mip_rel_gap``)."""
+bound on the optimum (equal to the objective up to ``mip_rel_gap``); it may start from a known
+solution (``start``). ``solve_lp`` solves the LP relaxation and returns the rows' duals."""
 from __future__ import annotations
 
 import numpy as np
@@ -62,26 +63,18 @@ class Milp:
     def eq(self, terms: dict[int, float], rhs: float) -> None:
         self.row(rhs, rhs, terms)
 
-    def solve(self, time_limit_s: float = 60.0, what: str = "MILP",
-              max_nodes: int | None = None) -> tuple[np.ndarray, float]:
-        """(solution, objective). ``max_nodes``: the deterministic work budget (branch-and-bound
-        nodes): reaching it returns the incumbent (``node_limited``, ``gap``), the same plan on any
-        machine; ``time_limit_s`` only guards (reaching it is a failure, never another plan)."""
-        import highspy
-
+    def _load(self, highspy, integer: bool = True):
+        """A silent Highs instance holding this model (integrality only when ``integer``)."""
         h = _new_highs(highspy)
-        h.setOptionValue("time_limit", float(time_limit_s))
-        h.setOptionValue("mip_rel_gap", 1e-7)
-        if max_nodes is not None:
-            h.setOptionValue("mip_max_nodes", int(max_nodes))
         n = len(self.lb)
         inf = h.getInfinity()
         clip = lambda v: max(min(v, inf), -inf)  # noqa: E731
         h.addCols(n, np.array(self.cost), np.array([clip(v) for v in self.lb]),
                   np.array([clip(v) for v in self.ub]), 0, np.zeros(0, dtype=np.int32),
                   np.zeros(0, dtype=np.int32), np.zeros(0))
-        for i in self.integer:
-            h.changeColIntegrality(i, highspy.HighsVarType.kInteger)
+        if integer:
+            for i in self.integer:
+                h.changeColIntegrality(i, highspy.HighsVarType.kInteger)
         starts, idx, val = [], [], []
         for _, _, terms in self.rows:
             starts.append(len(idx))
@@ -89,6 +82,41 @@ class Milp:
             val.extend(terms.values())
         h.addRows(len(self.rows), np.array([clip(r[0]) for r in self.rows]), np.array([clip(r[1]) for r in self.rows]),
                   len(idx), np.array(starts, dtype=np.int32), np.array(idx, dtype=np.int32), np.array(val, dtype=float))
+        return h
+
+    def solve_lp(self, time_limit_s: float = 60.0, what: str = "LP") -> tuple[np.ndarray, float, np.ndarray]:
+        """The LP relaxation: (solution, objective, row duals; HiGHS' sign: a binding ``le`` row
+        of a minimisation has a dual <= 0)."""
+        import highspy
+
+        h = self._load(highspy, integer=False)
+        h.setOptionValue("time_limit", float(time_limit_s))
+        h.run()
+        status = h.modelStatusToString(h.getModelStatus())
+        if status != "Optimal":
+            raise InfeasiblePlan(f"{what}: HiGHS finished the LP with status {status!r}")
+        sol = h.getSolution()
+        return np.array(sol.col_value), float(h.getInfo().objective_function_value), np.array(sol.row_dual)
+
+    def solve(self, time_limit_s: float = 60.0, what: str = "MILP",
+              max_nodes: int | None = None, start: np.ndarray | None = None,
+              rel_gap: float = 1e-7) -> tuple[np.ndarray, float]:
+        """(solution, objective). ``max_nodes``: the deterministic work budget (branch-and-bound
+        nodes): reaching it returns the incumbent (``node_limited``, ``gap``), the same plan on any
+        machine; ``time_limit_s`` only guards (reaching it is a failure, never another plan).
+        ``start``: a feasible solution HiGHS starts from (its incumbent until it finds better)."""
+        import highspy
+
+        h = self._load(highspy)
+        h.setOptionValue("time_limit", float(time_limit_s))
+        h.setOptionValue("mip_rel_gap", float(rel_gap))
+        if max_nodes is not None:
+            h.setOptionValue("mip_max_nodes", int(max_nodes))
+        if start is not None:
+            sol0 = highspy.HighsSolution()
+            sol0.col_value = [float(v) for v in start]
+            sol0.value_valid = True
+            h.setSolution(sol0)
         h.run()
         status = h.modelStatusToString(h.getModelStatus())
         sol = h.getSolution()

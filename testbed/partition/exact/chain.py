@@ -1,0 +1,631 @@
+"""Exact optimum of the SERIALISED ``decode`` model over SEVERAL layers at token 0 (no current
+placement): per-layer option tables, bounds that discard options no good plan uses, and a MILP
+that picks one attention option and one FFN option per layer under the devices' memory budgets.
+
+Why it decomposes (``cost.latency``): ``decode_cost`` is the sum over layers of each layer's cost
+computed from a start at 0 given its input device (``_layer_delta``: every message a layer sends
+is awaited before its output exists, so every uplink is free again when the next layer starts),
+plus the final send to the source and the LM head. Within a layer, by the proj's finish every
+uplink is free too (``exact.serial``), so
+
+    layer(A) = att(A, P, n, order) + proj(P) + ffn(P, c, shard order)
+
+with ``A`` the layer's input device (the source, or the previous layer's aggregator), ``P`` the
+proj device, ``n`` the head groups per device, ``order`` the ``x`` send order to the head devices,
+``c`` the FFN chunks per device (``K`` equal chunks, one contiguous shard per device) and the shard
+order (aggregator first, the layer's output device). What couples the layers: the input of layer
+``l + 1`` is the aggregator of layer ``l``, and every device's memory holds its blocks of ALL
+layers (heads at the memory horizon, proj, FFN shards): the MILP's knapsack rows.
+
+The plan space ``S`` is ``exact.serial``'s, per layer: any head counts and send order, any proj,
+the FFN cut at the ``K`` chunk boundaries (``K`` must divide ``ffn_dim``). Within one memory
+vector (``n``, ``P``, ``c``) only the fastest order matters, so an ATTENTION OPTION is
+(``A``, ``P``, ``n``) with the minimum over send orders, an FFN OPTION (``P``, ``c``, aggregator)
+with the minimum over the other shards' orders.
+
+Certificate. Option costs are LOWER BOUNDS of ``decode_cost`` (fan-in queueing counted only
+behind messages arriving more than ``EPS`` later, exact without near-ties: ``exact.serial``).
+Given an incumbent plan of latency ``U`` (RA's, then the MILP's), an option is discarded when even
+the memory-free best completion around it (a shortest path over layers with per-layer minima,
+``chain_bounds``) reaches ``U``: no plan of latency < ``U`` uses it. The MILP over what is left is
+solved by HiGHS to ``MIP_REL_GAP``; its dual bound ``z`` is then a lower bound on every plan in
+``S`` faster than ``U``, so the optimum lies in [min(z, U), best found]; the plan is realised and
+evaluated with ``decode_cost``, and CERTIFIED when its latency is within ``REL_TOL`` (+ the MILP's
+gap) of the bound. When the MILP stops at its node budget the bound is its dual bound (gap
+reported, not certified).
+
+Budgets are work counts: ``max_options`` (attention options kept, over all layers) and
+``max_nodes`` (branch and bound); the MILP's time limit only guards.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from testbed.core.errors import InfeasiblePlan, OutOfScope
+from testbed.core.placement import FfnShard, LayerPlacement, Placement
+from testbed.partition.common import Problem
+from testbed.partition.cost import blocks as B
+from testbed.partition.cost.latency import Net, decode_constants, decode_cost
+from testbed.partition.exact.milp import Milp
+from testbed.partition.exact.serial import _comps, _fan_in_lb
+
+INF = float("inf")
+REL_TOL = 1e-9  # relative slack for float noise between the tables and decode_cost
+MIP_REL_GAP = 1e-9
+
+
+# --------------------------------------------------------------------------------------- tables
+class LayerTables:
+    """Per-device block times (``Net.call``: the cost model's roofline), link matrices and block
+    bytes of ONE layer of the problem, and the two phase-time functions that bound
+    ``decode_cost`` from below (exact without near-ties)."""
+
+    def __init__(self, prob: Problem, K: int):
+        d = prob.dims
+        if d.ffn_dim % K:
+            raise OutOfScope(f"chain search: {K} FFN chunks must divide ffn_dim {d.ffn_dim}")
+        self.prob, self.K, self.G = prob, K, d.n_kv_heads
+        self.V = [int(j) for j in np.nonzero(prob.allowed)[0]]
+        self.m = len(self.V)
+        self.src = prob.src
+        self.width = d.ffn_dim // K
+        k = decode_constants(d, prob.T)
+        self.k = k
+        net = Net(prob.snap)
+        names = prob.names
+        self.lat, self.spb = prob.lat, prob.spb
+        with np.errstate(invalid="ignore"):
+            self.xtau = np.where(np.isfinite(prob.spb), k["x_bytes"] * prob.spb, INF)
+        self.head_t = np.array([[net.call(names[j], n * k["head_flops"], n * k["head_read"]) if n else 0.0
+                                 for n in range(self.G + 1)] for j in self.V])
+        self.proj_t = np.array([net.call(names[j], k["proj_flops"], k["proj_read"]) for j in self.V])
+        self.ffn_t = np.array([[net.call(names[j], c * self.width * k["ffn_col_flops"],
+                                         c * self.width * k["ffn_col_read"]) if c else 0.0
+                                for c in range(K + 1)] for j in self.V])
+        lm = net.call(names[self.src], k["lm_flops"], k["lm_read"])
+        n_all = len(names)
+        self.final = np.array([lm + (0.0 if a == self.src else self.xtau[a, self.src] + self.lat[a, self.src])
+                               for a in range(n_all)])
+        self.head_b = int(B.block_memory_bytes(d, "head", prob.T_mem))
+        self.proj_b = int(B.proj_bytes(d))
+        self.ffn_b = [int(B.ffn_bytes(d, c * self.width)) if c else 0 for c in range(K + 1)]
+        self.budget = np.array([np.floor(prob.budget[j]) for j in self.V])
+
+    def head_out_tau(self, i: int, P: int, n: np.ndarray) -> np.ndarray:
+        """Downlink seconds of ``n`` groups' outputs from V[i] to device P (0 where n == 0)."""
+        s = self.spb[self.V[i], P]
+        return np.where(n > 0, n * self.k["head_out_bytes"] * (s if np.isfinite(s) else INF), 0.0)
+
+    def attention(self, A: int, iP: int, order: tuple[int, ...], N: np.ndarray) -> np.ndarray:
+        """Lower bound of the attention phase (x leaves A at 0; every head output received by the
+        proj on V[iP]) per row of ``N`` (head counts over V; the devices in ``order``, the x send
+        order after the proj, hold heads, no other device but the proj does), as
+        ``latency._decode_layer``."""
+        V, P, lat = self.V, self.V[iP], self.lat
+        up = 0.0
+        arrP = 0.0
+        if P != A:
+            up = self.xtau[A, P]
+            arrP = up + lat[A, P]
+        base = arrP + self.head_t[iP, N[:, iP]]
+        arr = []
+        for i in order:
+            if V[i] == A:
+                arr.append(0.0)
+            else:
+                up += self.xtau[A, V[i]]
+                arr.append(up + lat[A, V[i]])
+        if not order:
+            return base
+        R, tau = [], []
+        for i, a in zip(order, arr):
+            n = N[:, i]
+            start = a + self.head_t[i, n]
+            if V[i] == A:
+                start = np.maximum(start, up)  # A's output waits for its x sends
+            t = self.head_out_tau(i, P, n)
+            R.append(start + t + lat[V[i], P])
+            tau.append(t)
+        return np.maximum(base, _fan_in_lb(R, tau))
+
+    def attention_floor(self, A: int, iP: int, N: np.ndarray) -> np.ndarray:
+        """A cheaper lower bound of ``attention`` over EVERY send order: each head device on its
+        own (x sent to it right after the proj), no fan-in queueing."""
+        V, P, lat = self.V, self.V[iP], self.lat
+        first = self.xtau[A, P] if P != A else 0.0
+        arrP = first + lat[A, P] if P != A else 0.0
+        out = arrP + self.head_t[iP, N[:, iP]]
+        for i in range(self.m):
+            if i == iP:
+                continue
+            n = N[:, i]
+            a = first if V[i] == A else first + self.xtau[A, V[i]] + lat[A, V[i]]
+            r = a + self.head_t[i, n] + self.head_out_tau(i, P, n) + lat[V[i], P]
+            out = np.maximum(out, np.where(n > 0, r, -INF))
+        return out
+
+    def ffn(self, iP: int, seq: tuple[int, ...], chunks: tuple[int, ...]) -> float:
+        """Lower bound of the FFN phase from the proj's finish (uplinks free) to the layer's output
+        on the aggregator V[seq[0]]: h to the shard devices in ``seq`` order, the shards, the
+        partials into the aggregator (the proj's partial queued on its uplink behind its h sends)."""
+        V, P, lat, up = self.V, self.V[iP], self.lat, {}
+
+        def send(a: int, b: int, t: float) -> float:
+            if a == b:
+                return t
+            start = max(t, up.get(a, t))
+            up[a] = start + self.xtau[a, b]
+            return up[a] + lat[a, b]
+
+        agg = V[seq[0]]
+        out, R, tau = 0.0, [], []
+        for i, c in zip(seq, chunks):
+            dev = V[i]
+            done = send(P, dev, 0.0) + self.ffn_t[i, c]
+            if dev == agg:
+                out = done
+                continue
+            R.append(np.array([send(dev, agg, done)]))
+            tau.append(np.array([self.xtau[dev, agg]]))
+        if R:
+            out = max(out, float(_fan_in_lb(R, tau)[0]))
+        return out
+
+
+# --------------------------------------------------------------------------------------- options
+@dataclass
+class Options:
+    """Attention options (input A, proj position iP, head counts row, x send order, cost = att +
+    proj) and FFN options (iP, chunks per device, shard order aggregator first, cost = FFN phase)."""
+
+    att_A: list = field(default_factory=list)
+    att_P: list = field(default_factory=list)
+    att_n: list = field(default_factory=list)
+    att_order: list = field(default_factory=list)
+    att_cost: list = field(default_factory=list)
+    ffn_P: list = field(default_factory=list)
+    ffn_c: list = field(default_factory=list)
+    ffn_seq: list = field(default_factory=list)
+    ffn_cost: list = field(default_factory=list)
+
+
+def ffn_options(T: LayerTables) -> Options:
+    """Every (proj, chunk counts within the budgets, aggregator) with its fastest shard order."""
+    o = Options()
+    caps = tuple(max(c for c in range(T.K + 1) if T.ffn_b[c] <= max(b, 0)) for b in T.budget)
+    for iP in range(T.m):
+        for c in _comps(T.K, caps):
+            supp = [i for i in range(T.m) if c[i] > 0]
+            for agg in supp:
+                best, best_seq = INF, None
+                for rest in itertools.permutations([i for i in supp if i != agg]):
+                    seq = (agg, *rest)
+                    t = T.ffn(iP, seq, tuple(int(c[i]) for i in seq))
+                    if t < best:
+                        best, best_seq = t, seq
+                if np.isfinite(best):
+                    o.ffn_P.append(iP)
+                    o.ffn_c.append(tuple(int(x) for x in c))
+                    o.ffn_seq.append(best_seq)
+                    o.ffn_cost.append(best)
+    return o
+
+
+def head_rows(T: LayerTables, iP: int) -> np.ndarray:
+    """Head-count vectors over V within each device's budget (the proj's bytes taken on V[iP])."""
+    caps = []
+    for i, b in enumerate(T.budget):
+        rem = b - (T.proj_b if i == iP else 0)
+        caps.append(int(max(0, min(T.G, rem // T.head_b))) if rem >= 0 else -1)
+    if caps[iP] < 0:
+        return np.zeros((0, T.m), dtype=int)
+    return _comps(T.G, tuple(max(c, 0) for c in caps))
+
+
+def best_orders(T: LayerTables, A: int, iP: int, N: np.ndarray) -> tuple[np.ndarray, list]:
+    """Per row of ``N``: the minimum of ``attention`` over the x send orders of its head devices
+    (other than the proj) and that order."""
+    best = np.full(len(N), INF)
+    orders: list = [()] * len(N)
+    others = np.delete(np.arange(T.m), iP)
+    masks = N[:, others] > 0
+    keys, inv = np.unique(masks, axis=0, return_inverse=True)
+    for g, key in enumerate(keys):
+        rows = np.nonzero(inv.ravel() == g)[0]
+        supp = tuple(int(i) for i in others[key])
+        for perm in itertools.permutations(supp):
+            v = T.attention(A, iP, perm, N[rows])
+            better = v < best[rows]
+            for r in rows[better]:
+                orders[r] = perm
+            best[rows] = np.minimum(best[rows], v)
+    return best, orders
+
+
+# --------------------------------------------------------------------------------------- bounds
+@dataclass
+class ChainBounds:
+    """Shortest paths over the chain of layers for one per-layer table ``layer[A, r]`` (least
+    cost of a layer from input A to output on r): ``fwd[l][A]`` the least cost until layer
+    ``l``'s input is on A (layer 0's input is the source), ``bwd[l][A]`` the least cost from
+    layer ``l``'s input on A to the end (``bwd[L]``: the final send and the LM head)."""
+
+    fwd: np.ndarray  # (L + 1, n_all)
+    bwd: np.ndarray  # (L + 1, n_all)
+    total: float  # the least cost of the whole chain (from the source)
+
+
+def chain_bounds(layer: np.ndarray, src: int, final: np.ndarray, L: int) -> ChainBounds:
+    n_all = layer.shape[0]
+    fwd = np.full((L + 1, n_all), INF)
+    fwd[0, src] = 0.0
+    for l in range(L):
+        fwd[l + 1] = (fwd[l][:, None] + layer).min(axis=0)
+    bwd = np.full((L + 1, n_all), INF)
+    bwd[L] = final
+    for l in range(L - 1, -1, -1):
+        bwd[l] = (layer + bwd[l + 1][None, :]).min(axis=1)
+    return ChainBounds(fwd, bwd, float(bwd[0, src]))
+
+
+def layer_table(att: np.ndarray, ffn: np.ndarray) -> np.ndarray:
+    """``att[A, iP]`` (input A to the proj's finish) and ``ffn[iP, r]`` (to the output on r):
+    the least cost of one layer from A to r over the proj's position."""
+    return (att[:, :, None] + ffn[None, :, :]).min(axis=1)
+
+
+# --------------------------------------------------------------------------------------- search
+@dataclass
+class ChainResult:
+    placement: Placement
+    latency_s: float  # decode_cost of the placement
+    lower_bound_s: float  # no plan of the space is faster than this
+    certified: bool
+    meta: dict
+
+
+@dataclass(frozen=True)
+class _Col:
+    """A master column: layer l, and either an attention option (A, iP, head-count row) or an
+    FFN option (index ``f``)."""
+
+    l: int
+    A: int = -1
+    iP: int = -1
+    row: int = -1
+    f: int = -1
+
+
+class ChainSearch:
+    """The search of the module docstring for one problem: ``solve()`` -> ``ChainResult``."""
+
+    def __init__(self, prob: Problem, K: int):
+        self.prob, self.K, self.L = prob, K, prob.dims.n_layers
+        T = self.T = LayerTables(prob, K)
+        self.n_all = len(prob.names)
+        self.inputs = [T.src] + [v for v in T.V if v != T.src]
+        self.rows = {iP: head_rows(T, iP) for iP in range(T.m)}
+        self.floor = {(A, iP): T.attention_floor(A, iP, self.rows[iP])
+                      for A in self.inputs for iP in range(T.m)}
+        self.exact: dict = {}  # (A, iP) -> {row: (att, order)}
+        fo = self.fo = ffn_options(T)
+        self.f_P = np.array(fo.ffn_P, dtype=int)
+        self.f_agg = np.array([T.V[s[0]] for s in fo.ffn_seq], dtype=int)
+        self.f_cost = np.array(fo.ffn_cost)
+        self.f_mem = np.array([[T.ffn_b[c] for c in cs] for cs in fo.ffn_c], dtype=float).reshape(-1, T.m)
+        self.evaluated = 0  # attention options evaluated over their send orders
+
+    # -------------------------------------------------------------- option costs
+    def att_exact(self, A: int, iP: int, rows: np.ndarray) -> np.ndarray:
+        """Attention phase (min over send orders) of head-count rows ``rows`` of (A, iP), cached."""
+        memo = self.exact.setdefault((A, iP), {})
+        todo = np.array([r for r in dict.fromkeys(int(r) for r in rows) if r not in memo], dtype=int)
+        if len(todo):
+            vals, orders = best_orders(self.T, A, iP, self.rows[iP][todo])
+            self.evaluated += len(todo)
+            for r, v, o in zip(todo, vals, orders):
+                memo[int(r)] = (float(v), o)
+        return np.array([memo[int(r)][0] for r in rows])
+
+    def att_mem(self, iP: int, rows: np.ndarray) -> np.ndarray:
+        T = self.T
+        mem = self.rows[iP][rows].astype(float) * T.head_b
+        mem[:, iP] += T.proj_b
+        return mem
+
+    # -------------------------------------------------------------- Lagrangian bound
+    def priced(self, lam: np.ndarray):
+        """Memory priced at ``lam`` (seconds per byte, per position in V): per (A, iP) the least
+        attention floor + proj + priced bytes and its row, per (iP, r) the least priced FFN option,
+        and the chain's bounds; ``value`` = the chain's least priced cost - lam . budget, a lower
+        bound on every plan that fits."""
+        T = self.T
+        att = np.full((self.n_all, T.m), INF)
+        arg = {}
+        for iP in range(T.m):
+            hm = self.rows[iP] @ (lam * T.head_b) + T.proj_t[iP] + lam[iP] * T.proj_b
+            for A in self.inputs:
+                v = self.floor[A, iP] + hm
+                r = int(np.argmin(v))
+                att[A, iP], arg[A, iP] = v[r], r
+        fp = self.f_cost + self.f_mem @ lam
+        ffn = np.full((T.m, self.n_all), INF)
+        np.minimum.at(ffn, (self.f_P, self.f_agg), fp)
+        cb = chain_bounds(layer_table(att, ffn), T.src, T.final, self.L)
+        return att, arg, ffn, fp, cb, cb.total - float(lam @ T.budget)
+
+    def layers_with_input(self, A: int) -> list[int]:
+        """Layers whose input may be on A: layer 0's is the source, the others' an aggregator."""
+        return ([0] if A == self.T.src else []) + (list(range(1, self.L)) if A in self.T.V else [])
+
+    # -------------------------------------------------------------- plans <-> columns
+    def columns_of(self, pl: Placement) -> list[_Col] | None:
+        """The columns of a plan of the space (None when it is not in it: a block off the allowed
+        devices, a shard not made of whole chunks, head counts beyond the caps)."""
+        T, index = self.T, self.prob.index
+        pos = {j: i for i, j in enumerate(T.V)}
+        if not hasattr(self, "_row_index"):
+            self._row_index = {iP: {tuple(r): k for k, r in enumerate(self.rows[iP])} for iP in range(T.m)}
+            self._ffn_index = {(P, c, s[0]): f for f, (P, c, s) in
+                               enumerate(zip(self.fo.ffn_P, self.fo.ffn_c, self.fo.ffn_seq))}
+        out, A = [], T.src
+        for l, lp in enumerate(pl.layers):
+            n, c = [0] * T.m, [0] * T.m
+            try:
+                iP = pos[index[lp.proj]]
+                for dev in lp.heads:
+                    n[pos[index[dev]]] += 1
+                for s in lp.ffn:
+                    w = s.col_end - s.col_start
+                    if w % T.width:
+                        return None
+                    c[pos[index[s.device]]] += w // T.width
+                agg = pos[index[lp.ffn[0].device]]
+            except KeyError:
+                return None
+            row = self._row_index[iP].get(tuple(n))
+            f = self._ffn_index.get((iP, tuple(c), agg))
+            if row is None or f is None:
+                return None
+            out += [_Col(l, A=A, iP=iP, row=row), _Col(l, f=f)]
+            A = T.V[agg]
+        return out
+
+    def placement(self, cols: list[_Col], meta: dict | None = None) -> Placement:
+        """Realise one attention and one FFN column per layer (send orders from the tables)."""
+        T, names = self.T, self.prob.names
+        bounds = B.ffn_chunk_bounds(self.prob.dims.ffn_dim, self.K)
+        att = {c.l: c for c in cols if c.f < 0}
+        ffn = {c.l: c for c in cols if c.f >= 0}
+        layers = []
+        for l in range(self.L):
+            a, f = att[l], ffn[l].f
+            self.att_exact(a.A, a.iP, np.array([a.row]))
+            order = self.exact[a.A, a.iP][a.row][1]
+            n = self.rows[a.iP][a.row]
+            heads = [names[T.V[a.iP]]] * int(n[a.iP])
+            for i in order:
+                heads += [names[T.V[i]]] * int(n[i])
+            shards, p = [], 0
+            for i in self.fo.ffn_seq[f]:
+                k = self.fo.ffn_c[f][i]
+                shards.append(FfnShard(names[T.V[i]], bounds[p][0], bounds[p + k - 1][1]))
+                p += k
+            layers.append(LayerPlacement(tuple(heads), names[T.V[a.iP]], tuple(shards)))
+        return Placement(self.prob.snap.source, tuple(layers), meta=dict(meta or {}))
+
+    def latency(self, pl: Placement) -> float:
+        return decode_cost(pl, self.prob.snap, self.prob.dims).token_latency_s
+
+    # -------------------------------------------------------------- the master problem
+    def col_cost(self, c: _Col) -> float:
+        T = self.T
+        if c.f < 0:
+            return float(self.att_exact(c.A, c.iP, np.array([c.row]))[0] + T.proj_t[c.iP])
+        return float(self.f_cost[c.f] + (T.final[self.f_agg[c.f]] if c.l == self.L - 1 else 0.0))
+
+    def col_mem(self, c: _Col) -> np.ndarray:
+        return self.att_mem(c.iP, np.array([c.row]))[0] if c.f < 0 else self.f_mem[c.f]
+
+    def master(self, cols: list[_Col], overflow: bool):
+        """One attention and one FFN column per layer, chained (layer l + 1's input is layer l's
+        aggregator, the proj of both columns of a layer is the same) within the memory budgets
+        (MB rows; ``overflow``: priced slack on them, for the LP of the column generation).
+        Returns (Milp, column variables, row index by key)."""
+        T, L, m = self.T, self.L, Milp()
+        xs = [m.binary(self.col_cost(c)) for c in cols]
+        keys = [("in", 0, T.src)] + [("in", l, A) for l in range(1, L) for A in T.V] + \
+               [("P", l, iP) for l in range(L) for iP in range(T.m)] + [("mem", i) for i in range(T.m)]
+        terms = {k: {} for k in keys}
+        for x, c in zip(xs, cols):
+            mem = self.col_mem(c)
+            if c.f < 0:
+                terms["in", c.l, c.A][x] = 1.0
+                terms["P", c.l, c.iP][x] = 1.0
+            else:
+                terms["P", c.l, self.f_P[c.f]][x] = -1.0
+                if c.l + 1 < L:
+                    terms["in", c.l + 1, self.f_agg[c.f]][x] = -1.0
+            for i in np.nonzero(mem)[0]:
+                terms["mem", i][x] = mem[i] / 1e6
+        for i in range(T.m):
+            if overflow:
+                terms["mem", i][m.var(0, cost=10.0)] = -1.0  # 10 s per MB over: never in an optimum that fits
+        row_of = {}
+        for k in keys:
+            row_of[k] = len(m.rows)
+            if k[0] == "mem":
+                m.le(terms[k], T.budget[k[1]] / 1e6)
+            else:
+                m.eq(terms[k], 1.0 if k == ("in", 0, T.src) else 0.0)
+        return m, xs, row_of
+
+    # -------------------------------------------------------------- column generation
+    def generate(self, start: list[_Col], max_rounds: int, prices: int = 4):
+        """Column generation on the master's LP from the columns ``start``: each round prices
+        memory with the LP's duals, evaluates the Lagrangian bound (``priced``) and adds, per
+        layer, the best priced attention option of each (input, proj) (the ``prices`` best
+        floors, evaluated over their send orders) and the best FFN option of each (proj,
+        aggregator) whose reduced cost is negative. Returns (columns, best bound, its prices)."""
+        T, L = self.T, self.L
+        cols = list(dict.fromkeys(start))
+        have = set(cols)
+        best, best_lam, rounds = -INF, np.zeros(T.m), 0
+        for rounds in range(1, max_rounds + 1):
+            m, xs, row_of = self.master(cols, overflow=True)
+            _, obj, y = m.solve_lp(what="chain master LP")
+            ymem = np.array([y[row_of["mem", i]] for i in range(T.m)]) / 1e6
+            lam_raw = -ymem
+            lam = np.maximum(lam_raw, 0.0)
+            val = self.priced(lam)[-1]
+            if val > best:
+                best, best_lam = val, lam
+            new = []
+            tol = 1e-12 + 1e-9 * abs(obj)
+            for iP in range(T.m):
+                hm = self.rows[iP] @ (lam_raw * T.head_b) + T.proj_t[iP] + lam_raw[iP] * T.proj_b
+                for A in self.inputs:
+                    v = self.floor[A, iP] + hm
+                    cand = np.argpartition(v, min(prices, len(v) - 1))[:prices] if len(v) > prices else np.arange(len(v))
+                    ex = self.att_exact(A, iP, cand) + hm[cand]
+                    k = int(np.argmin(ex))
+                    r, pe = int(cand[k]), float(ex[k])
+                    for l in self.layers_with_input(A):
+                        rc = pe - y[row_of["in", l, A]] - y[row_of["P", l, iP]]
+                        c = _Col(l, A=A, iP=iP, row=r)
+                        if rc < -tol and c not in have:
+                            new.append(c)
+            fp = self.f_cost + self.f_mem @ lam_raw
+            for l in range(L):
+                extra = np.array([T.final[a] if l == L - 1 else y[row_of["in", l + 1, a]] for a in self.f_agg])
+                rc = fp + extra + np.array([y[row_of["P", l, p]] for p in self.f_P])
+                order = np.lexsort((rc, self.f_agg, self.f_P))
+                seen = set()
+                for f in order:
+                    g = (int(self.f_P[f]), int(self.f_agg[f]))
+                    if g in seen:
+                        continue
+                    seen.add(g)
+                    c = _Col(l, f=int(f))
+                    if rc[f] < -tol and c not in have:
+                        new.append(c)
+            if not new:
+                break
+            cols += new
+            have.update(new)
+        return cols, best, best_lam, rounds
+
+    # -------------------------------------------------------------- the chain search
+    def path_columns(self, lam: np.ndarray) -> list[_Col]:
+        """The columns of the least priced chain at ``lam`` (memory ignored beyond its price):
+        a start for the column generation when no incumbent maps onto the space."""
+        T = self.T
+        att, arg, ffn, fp, cb, _ = self.priced(lam)
+        cols, A = [], T.src
+        for l in range(self.L):
+            tot = att[A][:, None] + ffn + cb.bwd[l + 1][None, :]
+            iP, r = np.unravel_index(int(np.argmin(tot)), tot.shape)
+            f = np.nonzero((self.f_P == iP) & (self.f_agg == r))[0]
+            f = int(f[np.argmin(fp[f])])
+            cols += [_Col(l, A=A, iP=int(iP), row=arg[A, iP]), _Col(l, f=f)]
+            A = int(r)
+        return cols
+
+    def survivors(self, lam: np.ndarray, U: float, max_options: int) -> list[_Col] | None:
+        """Every column that some plan of latency <= ``U`` may use, by the Lagrangian bound at
+        ``lam`` (the chain's least priced cost through the column - lam . budget > U: no such
+        plan uses it); None when more than ``max_options`` attention options pass the floors."""
+        T, L = self.T, self.L
+        att, arg, ffn, fp, cb, _ = self.priced(lam)
+        U = U * (1 + REL_TOL) + float(lam @ T.budget)
+        after = [(ffn + cb.bwd[l + 1][None, :]).min(axis=1) for l in range(L)]  # per iP
+        before = [(cb.fwd[l][:, None] + att).min(axis=0) for l in range(L)]  # per iP: input to proj
+        cands = []
+        for iP in range(T.m):
+            hm = self.rows[iP] @ (lam * T.head_b) + T.proj_t[iP] + lam[iP] * T.proj_b
+            for A in self.inputs:
+                ls = self.layers_with_input(A)
+                if not ls:
+                    continue
+                thr = np.array([U - cb.fwd[l, A] - after[l][iP] for l in ls])
+                v = self.floor[A, iP] + hm
+                rows = np.nonzero(v <= thr.max())[0]
+                if len(rows):
+                    cands.append((iP, A, ls, thr, rows, hm))
+        if sum(len(c[4]) for c in cands) > max_options:
+            return None
+        out = []
+        for iP, A, ls, thr, rows, hm in cands:
+            v = self.att_exact(A, iP, rows) + hm[rows]
+            for l, t in zip(ls, thr):
+                out += [_Col(l, A=A, iP=iP, row=int(r)) for r in rows[v <= t]]
+        for l in range(L):
+            ok = before[l][self.f_P] + fp + cb.bwd[l + 1][self.f_agg] <= U
+            out += [_Col(l, f=int(f)) for f in np.nonzero(ok)[0]]
+        return out
+
+    def best_of(self, cols: list[_Col], start: list[_Col] | None, max_nodes: int, time_limit_s: float):
+        """The master MILP over ``cols`` (from ``start`` when given): (columns chosen, its dual
+        bound, node-limited); None when no combination fits."""
+        m, xs, _ = self.master(cols, overflow=False)
+        x0 = None
+        if start is not None:
+            pos = {c: k for k, c in enumerate(cols)}
+            if all(c in pos for c in start):
+                x0 = np.zeros(len(m.lb))
+                for c in start:
+                    x0[xs[pos[c]]] = 1.0
+        try:
+            x, _ = m.solve(time_limit_s, "chain MILP", max_nodes, start=x0, rel_gap=MIP_REL_GAP)
+        except InfeasiblePlan:
+            return None
+        return [c for c, v in zip(cols, xs) if x[v] > 0.5], m.dual_bound, m.node_limited
+
+    def solve(self, incumbent: Placement | None = None, max_rounds: int = 50, max_options: int = 200_000,
+              max_nodes: int = 200_000, time_limit_s: float = 60.0) -> ChainResult:
+        """The search of the module docstring, from ``incumbent`` (RA's plan: its latency is the
+        first ``U`` when it lies in the space)."""
+        T, snap = self.T, self.prob.snap
+        inc_cols = self.columns_of(incumbent) if incumbent is not None else None
+        best_pl, best_t = None, INF
+        if inc_cols is not None and self.fits(incumbent):
+            best_pl, best_t = incumbent, self.latency(incumbent)
+        start = inc_cols or self.path_columns(np.zeros(T.m))
+        cols, bound, lam, rounds = self.generate(start, max_rounds)
+        meta = {"chain_rounds": rounds, "chain_columns": len(cols), "lagrangian_bound_s": bound}
+        got = self.best_of(cols, inc_cols, max_nodes, time_limit_s)
+        if got is not None:
+            pl = self.placement(got[0])
+            t = self.latency(pl)
+            if t < best_t and self.fits(pl):
+                best_pl, best_t = pl, t
+        if best_pl is None:
+            raise InfeasiblePlan("chain search: no plan of the generated columns fits the memory budgets")
+        keep = self.survivors(lam, best_t, max_options)
+        certified, lower = False, min(bound, best_t)
+        if keep is None:
+            meta["chain_stop"] = f"more than {max_options} attention options within the bound"
+        else:
+            meta["chain_survivors"] = len(keep)
+            got = self.best_of(keep, self.columns_of(best_pl), max_nodes, time_limit_s)
+            if got is None:  # nothing within the bound beats the incumbent: it is optimal
+                lower = best_t
+            else:
+                pl = self.placement(got[0])
+                t = self.latency(pl)
+                if t < best_t and self.fits(pl):
+                    best_pl, best_t = pl, t
+                lower = max(lower, min(got[1], best_t))
+                meta["milp_node_limited"] = got[2]
+            certified = best_t <= lower * (1 + REL_TOL + MIP_REL_GAP)
+        meta["attention_options_evaluated"] = self.evaluated
+        return ChainResult(best_pl, best_t, lower, certified, meta)
+
+    def fits(self, pl: Placement) -> bool:
+        from testbed.partition.cost.latency import placement_memory
+
+        mem = placement_memory(pl, self.prob.snap, self.prob.dims, self.prob.T_mem)
+        return all(mem.get(d.name, 0) <= d.mem_budget_bytes for d in self.prob.snap.devices)
