@@ -53,7 +53,8 @@ def test_recorder_and_analysis_fold_alike(tmp_path):
     assert written["mean_token_latency_s"] == (0.2 + 0.3) / 2
 
 
-WORKERS = [f"h{i}" for i in range(2, 8)]  # 4 layers x 6^3 devices: beyond optimal's decode MILP scope
+WORKERS = [f"h{i}" for i in range(2, 8)]  # 4 layers x 6^3 devices, 3 FFN chunks not dividing 256
+# columns (no chain search): beyond optimal's decode MILP scope
 TOPO = "name: t7\nhosts:\n  - {name: h1, mem_limit_mib: 64, cpu_cores: 1, source: true}\n" + "".join(
     f"  - {{name: {h}, mem_limit_mib: 16, cpu_cores: 0.5}}\n" for h in WORKERS) + \
     "switches: [s1]\nlinks:\n" + "".join(f"  - {{a: {h}, b: s1, bandwidth_mbps: 20, delay_ms: 2}}\n"
@@ -64,7 +65,7 @@ name: scope
 topology: topo.yaml
 model: {name: tiny-gpt2}
 workload: {prompt_tokens: 4, new_tokens: 6, seed: 1}
-algorithms: [optimal, greedy]
+algorithms: [{name: optimal, params: {ffn_chunks: 3}}, greedy]
 backend: simulated
 """
 

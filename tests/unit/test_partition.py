@@ -94,10 +94,11 @@ def test_galaxy_shards_proportional_to_speed():
 @pytest.mark.parametrize("dims", [GQA, MHA], ids=["gqa", "mha"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_validates(algorithm, dims):
-    if algorithm == "optimal":  # the decode MILP's documented scope: n_layers * devices^3 <= 256
-        snap = random_star(np.random.default_rng(7), 4, dims)
+    if algorithm == "optimal":  # FFN chunks not dividing ffn_dim: no chain search, and the decode
+        snap = random_star(np.random.default_rng(7), 4, dims)  # MILP's scope is n_layers * devices^3 <= 256
         with pytest.raises(OutOfScope, match="exceeds the MILP scope"):
-            plan(algorithm, snap, dims)
+            plan(algorithm, snap, dims, ffn_chunks=5)
+        assert plan(algorithm, snap, dims).placement.meta["latency_certified"]  # the chain search
         dims = replace(dims, n_layers=2)
     snap = random_star(np.random.default_rng(7), 4 if algorithm == "optimal" else 6, dims)
     r = plan(algorithm, snap, dims)

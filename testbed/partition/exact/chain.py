@@ -57,6 +57,13 @@ REL_TOL = 1e-9  # relative slack for float noise between the tables and decode_c
 MIP_REL_GAP = 1e-9
 
 
+def chain_size(n_devices: int, n_groups: int) -> int:
+    """Head-count vectors per proj device (the attention table's rows before memory caps)."""
+    from math import comb
+
+    return comb(n_groups + max(1, n_devices) - 1, max(1, n_devices) - 1)
+
+
 # --------------------------------------------------------------------------------------- tables
 class LayerTables:
     """Per-device block times (``Net.call``: the cost model's roofline), link matrices and block
@@ -288,7 +295,7 @@ class ChainResult:
 
 
 @dataclass(frozen=True)
-class _Col:
+class Column:
     """A master column: layer l, and either an attention option (A, iP, head-count row) or an
     FFN option (index ``f``)."""
 
@@ -362,7 +369,7 @@ class ChainSearch:
         return ([0] if A == self.T.src else []) + (list(range(1, self.L)) if A in self.T.V else [])
 
     # -------------------------------------------------------------- plans <-> columns
-    def columns_of(self, pl: Placement) -> list[_Col] | None:
+    def columns_of(self, pl: Placement) -> list[Column] | None:
         """The columns of a plan of the space (None when it is not in it: a block off the allowed
         devices, a shard not made of whole chunks, head counts beyond the caps)."""
         T, index = self.T, self.prob.index
@@ -390,11 +397,11 @@ class ChainSearch:
             f = self._ffn_index.get((iP, tuple(c), agg))
             if row is None or f is None:
                 return None
-            out += [_Col(l, A=A, iP=iP, row=row), _Col(l, f=f)]
+            out += [Column(l, A=A, iP=iP, row=row), Column(l, f=f)]
             A = T.V[agg]
         return out
 
-    def placement(self, cols: list[_Col], meta: dict | None = None) -> Placement:
+    def placement(self, cols: list[Column], meta: dict | None = None) -> Placement:
         """Realise one attention and one FFN column per layer (send orders from the tables)."""
         T, names = self.T, self.prob.names
         bounds = B.ffn_chunk_bounds(self.prob.dims.ffn_dim, self.K)
@@ -421,16 +428,16 @@ class ChainSearch:
         return decode_cost(pl, self.prob.snap, self.prob.dims).token_latency_s
 
     # -------------------------------------------------------------- the master problem
-    def col_cost(self, c: _Col) -> float:
+    def col_cost(self, c: Column) -> float:
         T = self.T
         if c.f < 0:
             return float(self.att_exact(c.A, c.iP, np.array([c.row]))[0] + T.proj_t[c.iP])
         return float(self.f_cost[c.f] + (T.final[self.f_agg[c.f]] if c.l == self.L - 1 else 0.0))
 
-    def col_mem(self, c: _Col) -> np.ndarray:
+    def col_mem(self, c: Column) -> np.ndarray:
         return self.att_mem(c.iP, np.array([c.row]))[0] if c.f < 0 else self.f_mem[c.f]
 
-    def master(self, cols: list[_Col], overflow: bool):
+    def master(self, cols: list[Column], overflow: bool):
         """One attention and one FFN column per layer, chained (layer l + 1's input is layer l's
         aggregator, the proj of both columns of a layer is the same) within the memory budgets
         (MB rows; ``overflow``: priced slack on them, for the LP of the column generation).
@@ -464,7 +471,7 @@ class ChainSearch:
         return m, xs, row_of
 
     # -------------------------------------------------------------- column generation
-    def generate(self, start: list[_Col], max_rounds: int, prices: int = 4):
+    def generate(self, start: list[Column], max_rounds: int, prices: int = 4):
         """Column generation on the master's LP from the columns ``start``: each round prices
         memory with the LP's duals, evaluates the Lagrangian bound (``priced``) and adds, per
         layer, the best priced attention option of each (input, proj) (the ``prices`` best
@@ -495,7 +502,7 @@ class ChainSearch:
                     r, pe = int(cand[k]), float(ex[k])
                     for l in self.layers_with_input(A):
                         rc = pe - y[row_of["in", l, A]] - y[row_of["P", l, iP]]
-                        c = _Col(l, A=A, iP=iP, row=r)
+                        c = Column(l, A=A, iP=iP, row=r)
                         if rc < -tol and c not in have:
                             new.append(c)
             fp = self.f_cost + self.f_mem @ lam_raw
@@ -509,7 +516,7 @@ class ChainSearch:
                     if g in seen:
                         continue
                     seen.add(g)
-                    c = _Col(l, f=int(f))
+                    c = Column(l, f=int(f))
                     if rc[f] < -tol and c not in have:
                         new.append(c)
             if not new:
@@ -519,7 +526,7 @@ class ChainSearch:
         return cols, best, best_lam, rounds
 
     # -------------------------------------------------------------- the chain search
-    def path_columns(self, lam: np.ndarray) -> list[_Col]:
+    def path_columns(self, lam: np.ndarray) -> list[Column]:
         """The columns of the least priced chain at ``lam`` (memory ignored beyond its price):
         a start for the column generation when no incumbent maps onto the space."""
         T = self.T
@@ -530,11 +537,11 @@ class ChainSearch:
             iP, r = np.unravel_index(int(np.argmin(tot)), tot.shape)
             f = np.nonzero((self.f_P == iP) & (self.f_agg == r))[0]
             f = int(f[np.argmin(fp[f])])
-            cols += [_Col(l, A=A, iP=int(iP), row=arg[A, iP]), _Col(l, f=f)]
+            cols += [Column(l, A=A, iP=int(iP), row=arg[A, iP]), Column(l, f=f)]
             A = int(r)
         return cols
 
-    def survivors(self, lam: np.ndarray, U: float, max_options: int) -> list[_Col] | None:
+    def survivors(self, lam: np.ndarray, U: float, max_options: int) -> list[Column] | None:
         """Every column that some plan of latency <= ``U`` may use, by the Lagrangian bound at
         ``lam`` (the chain's least priced cost through the column - lam . budget > U: no such
         plan uses it); None when more than ``max_options`` attention options pass the floors."""
@@ -561,13 +568,13 @@ class ChainSearch:
         for iP, A, ls, thr, rows, hm in cands:
             v = self.att_exact(A, iP, rows) + hm[rows]
             for l, t in zip(ls, thr):
-                out += [_Col(l, A=A, iP=iP, row=int(r)) for r in rows[v <= t]]
+                out += [Column(l, A=A, iP=iP, row=int(r)) for r in rows[v <= t]]
         for l in range(L):
             ok = before[l][self.f_P] + fp + cb.bwd[l + 1][self.f_agg] <= U
-            out += [_Col(l, f=int(f)) for f in np.nonzero(ok)[0]]
+            out += [Column(l, f=int(f)) for f in np.nonzero(ok)[0]]
         return out
 
-    def best_of(self, cols: list[_Col], start: list[_Col] | None, max_nodes: int, time_limit_s: float):
+    def best_of(self, cols: list[Column], start: list[Column] | None, max_nodes: int, time_limit_s: float):
         """The master MILP over ``cols`` (from ``start`` when given): (columns chosen, its dual
         bound, node-limited); None when no combination fits."""
         m, xs, _ = self.master(cols, overflow=False)

@@ -30,7 +30,17 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
     realised from scratch and keeping blocks in place, evaluated exactly, and the best is compared
     with the current placement / RA's minimal ``repair`` of it (``ra.choice.choose_plan``).
     ``latency_lower_bound_s`` is still a certified bound on the latency of any plan.
-  * SEVERAL layers (or one layer beyond ``SERIAL_LIMIT``): NOT exact. The MILP of
+  * SEVERAL layers, no ``snapshot.current`` (every token-0 plan), ``ffn_chunks`` dividing
+    ``ffn_dim``, head-count vectors per proj device <= ``CHAIN_LIMIT``: ``exact.chain``. The
+    latency is a sum over layers given each layer's input device, and memory couples the layers:
+    per-layer option tables (lower bounds of ``decode_cost``, min over send orders), a Lagrangian
+    bound (memory priced by the duals of a column-generation LP over the chain) that discards
+    every option no plan faster than the incumbent uses, then a MILP (HiGHS) over the chain with
+    the memory rows. CERTIFIED optimal over the same plan space as the one-layer search when the
+    options left fit ``max_options`` and the MILP finishes; otherwise the best plan found (never
+    worse than RA's when RA's lies in the space) with a proven ``latency_lower_bound_s``
+    (``latency_certified`` False, ``chain_stop`` says why).
+  * SEVERAL layers otherwise (a current placement, or beyond the chain's scope): NOT exact. The MILP of
     ``exact.decode`` solves the independent-transfer relaxation (``serial_nics=False``, a lower
     bound of the serialised model placement by placement) exactly for FFNs cut into ``ffn_chunks``
     chunks; without a current placement (and with ``ffn_chunks`` dividing ``ffn_dim``) its dual
@@ -55,6 +65,8 @@ from testbed.partition.exact.milp import Milp
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 
 DECODE_LIMIT = 256
+CHAIN_LIMIT = 400_000  # several layers at token 0: head-count vectors per proj device (8 devices x
+# 12 groups: 50,388; ``exact.chain``)
 SERIAL_LIMIT = (10_000_000, 200_000)  # one-layer exact search: attention-table entries (5 devices x
 # 32 heads: 7.1e6, ~60 MB), FFN choices simulated (5 devices, 4 chunks: 5 x 365)
 
@@ -208,6 +220,25 @@ def _serial_one_layer(prob: Problem, K: int) -> Placement:
     return choose_plan(prob, Placement(best.source, best.layers, meta=meta), prob.H)
 
 
+def _chain(prob: Problem, K: int, snapshot, dims, time_limit_s: float, milp_max_nodes: int) -> Placement:
+    """Several layers at token 0: ``exact.chain`` from RA's plan (certified optimum, or the best
+    plan found and a proven lower bound)."""
+    from testbed.partition.exact.chain import ChainSearch
+    from testbed.partition.ra.planner import resource_aware
+
+    try:
+        ra = resource_aware(snapshot, dims, "decode", ffn_chunks=K)
+    except InfeasiblePlan:
+        ra = None
+    r = ChainSearch(prob, K).solve(ra, max_nodes=milp_max_nodes, time_limit_s=time_limit_s)
+    meta = {"algorithm": "optimal", "solver": "chain-lagrangian+highs-milp", "ffn_chunks": K,
+            "latency_s": r.latency_s, "latency_lower_bound_s": r.lower_bound_s,
+            "latency_gap": r.latency_s / r.lower_bound_s - 1 if r.lower_bound_s > 0 else 0.0,
+            "latency_certified": r.certified,
+            "objective": "latency (exact)" if r.certified else "latency (bounded)", **r.meta}
+    return Placement(r.placement.source, r.placement.layers, meta=meta)
+
+
 def _relaxed(prob: Problem, K: int, time_limit_s: float, local_search_evals: int, snapshot, dims,
              milp_max_nodes: int | None = None) -> Placement:
     """Several layers: the relaxation MILP (lower bound when no current placement applies), then a
@@ -279,6 +310,7 @@ def _optimal(snapshot, dims, cost_model: str, ffn_chunks: int | None, time_limit
              horizon_epochs: int, horizon_tokens: int | None, local_search_evals: int,
              milp_max_nodes: int) -> Placement:
     """``optimal`` without the leveling step."""
+    from testbed.partition.exact.chain import chain_size
     from testbed.partition.exact.serial import search_size
 
     prob = Problem(snapshot, dims, cost_model)
@@ -295,6 +327,9 @@ def _optimal(snapshot, dims, cost_model: str, ffn_chunks: int | None, time_limit
     size = search_size(n, dims.n_kv_heads, K)
     if dims.n_layers == 1 and all(a <= b for a, b in zip(size, SERIAL_LIMIT)):
         return _serial_one_layer(prob, K)
+    if dims.n_layers > 1 and snapshot.current is None and dims.ffn_dim % K == 0 \
+            and chain_size(n, dims.n_kv_heads) <= CHAIN_LIMIT:
+        return _chain(prob, K, snapshot, dims, time_limit_s, milp_max_nodes)
     if dims.n_layers * n ** 3 > DECODE_LIMIT:
         raise OutOfScope(f"optimal/decode: n_layers * devices^3 = {dims.n_layers} * {n}^3 = "
                          f"{dims.n_layers * n ** 3} exceeds the MILP scope limit {DECODE_LIMIT}"
