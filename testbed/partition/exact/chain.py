@@ -306,6 +306,17 @@ class Column:
     f: int = -1
 
 
+@dataclass(frozen=True)
+class Node:
+    """A branch of the search over which devices serve as some layer's output (aggregator):
+    ``entered`` devices are, so some layer brings its output there from another device (the chain
+    starts on the source, so the first layer ending on one of them comes from elsewhere);
+    ``unused`` devices are no layer's output. Every plan lies in exactly one leaf."""
+
+    entered: frozenset = frozenset()
+    unused: frozenset = frozenset()
+
+
 class ChainSearch:
     """The search of the module docstring for one problem: ``solve()`` -> ``ChainResult``."""
 
@@ -344,12 +355,13 @@ class ChainSearch:
         return mem
 
     # -------------------------------------------------------------- Lagrangian bound
-    def priced(self, lam: np.ndarray):
-        """Memory priced at ``lam`` (seconds per byte, per position in V): per (A, iP) the least
-        attention floor + proj + priced bytes and its row, per (iP, r) the least priced FFN option,
-        and the chain's bounds; ``value`` = the chain's least priced cost - lam . budget, a lower
-        bound on every plan that fits."""
-        T = self.T
+    def priced(self, lam: np.ndarray, mu: dict | None = None, node: Node = Node()):
+        """Memory priced at ``lam`` (seconds per byte, per position in V) and each ``entered``
+        device's row at ``mu`` (>= 0): per (A, iP) the least attention floor + proj + priced
+        bytes and its row, per (iP, r) the least priced FFN option (none into ``unused``
+        devices), the chain's bounds, and ``value`` = the chain's least priced cost + sum(mu) -
+        lam . budget, a lower bound on every plan of the node that fits."""
+        T, mu = self.T, mu or {}
         att = np.full((self.n_all, T.m), INF)
         arg = {}
         for iP in range(T.m):
@@ -357,12 +369,43 @@ class ChainSearch:
             for A in self.inputs:
                 v = self.floor[A, iP] + hm
                 r = int(np.argmin(v))
-                att[A, iP], arg[A, iP] = v[r], r
-        fp = self.f_cost + self.f_mem @ lam
+                att[A, iP], arg[A, iP] = v[r] + self.att_adjust(A, iP, mu, node), r
+        fp = self.f_cost + self.f_mem @ lam + self.ffn_adjust(mu, node)
         ffn = np.full((T.m, self.n_all), INF)
         np.minimum.at(ffn, (self.f_P, self.f_agg), fp)
         cb = chain_bounds(layer_table(att, ffn), T.src, T.final, self.L)
-        return att, arg, ffn, fp, cb, cb.total - float(lam @ T.budget)
+        return att, arg, ffn, fp, cb, cb.total + sum(mu.values()) - float(lam @ T.budget)
+
+    def att_adjust(self, A: int, iP: int, mu: dict, node: Node) -> float:
+        """The attention option's share of the node's rows: -mu[v] when it enters an ``entered``
+        device v (the proj on v, the input elsewhere), +inf from an ``unused`` device."""
+        v = self.T.V[iP]
+        if A in node.unused:
+            return INF
+        return -mu.get(v, 0.0) if A != v else 0.0
+
+    def ffn_adjust(self, mu: dict, node: Node) -> np.ndarray:
+        """Per FFN option: -mu[r] when it enters an ``entered`` aggregator r (the proj elsewhere),
+        +inf into an ``unused`` one."""
+        out = np.zeros(len(self.f_P))
+        PV = np.array(self.T.V)[self.f_P]
+        for r, v in mu.items():
+            out[(self.f_agg == r) & (PV != r)] -= v
+        for r in node.unused:
+            out[self.f_agg == r] = INF
+        return out
+
+    def enters(self, c: Column) -> int | None:
+        """The device a column brings a layer's data into from elsewhere, if any (attention: the
+        proj's, from the input; FFN: the aggregator, from the proj)."""
+        if c.f < 0:
+            v = self.T.V[c.iP]
+            return v if c.A != v else None
+        r = int(self.f_agg[c.f])
+        return r if self.T.V[self.f_P[c.f]] != r else None
+
+    def allowed_in(self, c: Column, node: Node) -> bool:
+        return (c.A not in node.unused) if c.f < 0 else (int(self.f_agg[c.f]) not in node.unused)
 
     def layers_with_input(self, A: int) -> list[int]:
         """Layers whose input may be on A: layer 0's is the source, the others' an aggregator."""
@@ -437,17 +480,23 @@ class ChainSearch:
     def col_mem(self, c: Column) -> np.ndarray:
         return self.att_mem(c.iP, np.array([c.row]))[0] if c.f < 0 else self.f_mem[c.f]
 
-    def master(self, cols: list[Column], overflow: bool):
+    def master(self, cols: list[Column], overflow: bool, node: Node = Node()):
         """One attention and one FFN column per layer, chained (layer l + 1's input is layer l's
         aggregator, the proj of both columns of a layer is the same) within the memory budgets
-        (MB rows; ``overflow``: priced slack on them, for the LP of the column generation).
-        Returns (Milp, column variables, row index by key)."""
+        (MB rows; ``overflow``: priced slack on them, for the LP of the column generation), and
+        the node's rows (each ``entered`` device entered at least once; columns out of the node
+        are dropped). Returns (Milp, column variables, row index by key, the columns kept)."""
         T, L, m = self.T, self.L, Milp()
+        cols = [c for c in cols if self.allowed_in(c, node)]
         xs = [m.binary(self.col_cost(c)) for c in cols]
         keys = [("in", 0, T.src)] + [("in", l, A) for l in range(1, L) for A in T.V] + \
-               [("P", l, iP) for l in range(L) for iP in range(T.m)] + [("mem", i) for i in range(T.m)]
+               [("P", l, iP) for l in range(L) for iP in range(T.m)] + [("mem", i) for i in range(T.m)] + \
+               [("enter", v) for v in sorted(node.entered)]
         terms = {k: {} for k in keys}
         for x, c in zip(xs, cols):
+            v = self.enters(c)
+            if v in node.entered:
+                terms["enter", v][x] = 1.0
             mem = self.col_mem(c)
             if c.f < 0:
                 terms["in", c.l, c.A][x] = 1.0
@@ -466,46 +515,57 @@ class ChainSearch:
             row_of[k] = len(m.rows)
             if k[0] == "mem":
                 m.le(terms[k], T.budget[k[1]] / 1e6)
+            elif k[0] == "enter":
+                m.ge(terms[k], 1.0)
             else:
                 m.eq(terms[k], 1.0 if k == ("in", 0, T.src) else 0.0)
-        return m, xs, row_of
+        return m, xs, row_of, cols
 
     # -------------------------------------------------------------- column generation
-    def generate(self, start: list[Column], max_rounds: int, prices: int = 4):
-        """Column generation on the master's LP from the columns ``start``: each round prices
-        memory with the LP's duals, evaluates the Lagrangian bound (``priced``) and adds, per
-        layer, the best priced attention option of each (input, proj) (the ``prices`` best
-        floors, evaluated over their send orders) and the best FFN option of each (proj,
-        aggregator) whose reduced cost is negative. Returns (columns, best bound, its prices)."""
+    def generate(self, start: list[Column], max_rounds: int, node: Node = Node(), prices: int = 4):
+        """Column generation on the node's master LP from the columns ``start``: each round
+        prices memory and the node's rows with the LP's duals, evaluates the Lagrangian bound
+        (``priced``) and adds, per layer, the best priced attention option of each (input, proj)
+        (the ``prices`` best floors, evaluated over their send orders) and the best FFN option of
+        each (proj, aggregator) whose reduced cost is negative. Returns (columns, best bound, its
+        prices (lam, mu), rounds, the last LP's aggregator flow per device)."""
         T, L = self.T, self.L
-        cols = list(dict.fromkeys(start))
+        cols = [c for c in dict.fromkeys(start) if self.allowed_in(c, node)]
         have = set(cols)
-        best, best_lam, rounds = -INF, np.zeros(T.m), 0
+        best, best_prices, rounds, flow = -INF, (np.zeros(T.m), {}), 0, {}
         for rounds in range(1, max_rounds + 1):
-            m, xs, row_of = self.master(cols, overflow=True)
-            _, obj, y = m.solve_lp(what="chain master LP")
-            ymem = np.array([y[row_of["mem", i]] for i in range(T.m)]) / 1e6
-            lam_raw = -ymem
+            m, xs, row_of, cols = self.master(cols, overflow=True, node=node)
+            x, obj, y = m.solve_lp(what="chain master LP")
+            lam_raw = -np.array([y[row_of["mem", i]] for i in range(T.m)]) / 1e6
+            mu_raw = {v: float(y[row_of["enter", v]]) for v in node.entered}
             lam = np.maximum(lam_raw, 0.0)
-            val = self.priced(lam)[-1]
+            mu = {v: max(0.0, w) for v, w in mu_raw.items()}
+            val = self.priced(lam, mu, node)[-1]
             if val > best:
-                best, best_lam = val, lam
+                best, best_prices = val, (lam, mu)
+            flow = {}
+            for c, xv in zip(cols, xs):
+                if c.f >= 0 and x[xv] > 1e-9:
+                    flow[int(self.f_agg[c.f])] = flow.get(int(self.f_agg[c.f]), 0.0) + x[xv]
             new = []
             tol = 1e-12 + 1e-9 * abs(obj)
             for iP in range(T.m):
                 hm = self.rows[iP] @ (lam_raw * T.head_b) + T.proj_t[iP] + lam_raw[iP] * T.proj_b
                 for A in self.inputs:
+                    adj = self.att_adjust(A, iP, mu_raw, node)
+                    if not np.isfinite(adj):
+                        continue
                     v = self.floor[A, iP] + hm
                     cand = np.argpartition(v, min(prices, len(v) - 1))[:prices] if len(v) > prices else np.arange(len(v))
                     ex = self.att_exact(A, iP, cand) + hm[cand]
                     k = int(np.argmin(ex))
-                    r, pe = int(cand[k]), float(ex[k])
+                    r, pe = int(cand[k]), float(ex[k]) + adj
                     for l in self.layers_with_input(A):
                         rc = pe - y[row_of["in", l, A]] - y[row_of["P", l, iP]]
                         c = Column(l, A=A, iP=iP, row=r)
                         if rc < -tol and c not in have:
                             new.append(c)
-            fp = self.f_cost + self.f_mem @ lam_raw
+            fp = self.f_cost + self.f_mem @ lam_raw + self.ffn_adjust(mu_raw, node)
             for l in range(L):
                 extra = np.array([T.final[a] if l == L - 1 else y[row_of["in", l + 1, a]] for a in self.f_agg])
                 rc = fp + extra + np.array([y[row_of["P", l, p]] for p in self.f_P])
@@ -523,7 +583,7 @@ class ChainSearch:
                 break
             cols += new
             have.update(new)
-        return cols, best, best_lam, rounds
+        return cols, best, best_prices, rounds, flow
 
     # -------------------------------------------------------------- the chain search
     def path_columns(self, lam: np.ndarray) -> list[Column]:
@@ -541,13 +601,15 @@ class ChainSearch:
             A = int(r)
         return cols
 
-    def survivors(self, lam: np.ndarray, U: float, max_options: int) -> list[Column] | None:
-        """Every column that some plan of latency <= ``U`` may use, by the Lagrangian bound at
-        ``lam`` (the chain's least priced cost through the column - lam . budget > U: no such
-        plan uses it); None when more than ``max_options`` attention options pass the floors."""
+    def survivors(self, prices, node: Node, U: float, max_options: int) -> list[Column] | None:
+        """Every column of the node that some plan of latency <= ``U`` may use, by the
+        Lagrangian bound at ``prices`` (the chain's least priced cost through the column + sum(mu)
+        - lam . budget > U: no such plan uses it); None when more than ``max_options`` attention
+        options pass the floors."""
         T, L = self.T, self.L
-        att, arg, ffn, fp, cb, _ = self.priced(lam)
-        U = U * (1 + REL_TOL) + float(lam @ T.budget)
+        lam, mu = prices
+        att, arg, ffn, fp, cb, _ = self.priced(lam, mu, node)
+        U = U * (1 + REL_TOL) + float(lam @ T.budget) - sum(mu.values())
         after = [(ffn + cb.bwd[l + 1][None, :]).min(axis=1) for l in range(L)]  # per iP
         before = [(cb.fwd[l][:, None] + att).min(axis=0) for l in range(L)]  # per iP: input to proj
         cands = []
@@ -555,13 +617,14 @@ class ChainSearch:
             hm = self.rows[iP] @ (lam * T.head_b) + T.proj_t[iP] + lam[iP] * T.proj_b
             for A in self.inputs:
                 ls = self.layers_with_input(A)
-                if not ls:
+                adj = self.att_adjust(A, iP, mu, node)
+                if not ls or not np.isfinite(adj):
                     continue
                 thr = np.array([U - cb.fwd[l, A] - after[l][iP] for l in ls])
-                v = self.floor[A, iP] + hm
+                v = self.floor[A, iP] + hm + adj
                 rows = np.nonzero(v <= thr.max())[0]
                 if len(rows):
-                    cands.append((iP, A, ls, thr, rows, hm))
+                    cands.append((iP, A, ls, thr, rows, hm + adj))
         if sum(len(c[4]) for c in cands) > max_options:
             return None
         out = []
@@ -574,10 +637,12 @@ class ChainSearch:
             out += [Column(l, f=int(f)) for f in np.nonzero(ok)[0]]
         return out
 
-    def best_of(self, cols: list[Column], start: list[Column] | None, max_nodes: int, time_limit_s: float):
-        """The master MILP over ``cols`` (from ``start`` when given): (columns chosen, its dual
-        bound, node-limited); None when no combination fits."""
-        m, xs, _ = self.master(cols, overflow=False)
+    def best_of(self, cols: list[Column], node: Node, start: list[Column] | None, max_nodes: int,
+                time_limit_s: float, cutoff: float | None = None):
+        """The node's master MILP over ``cols`` (from ``start`` when it is one of its solutions):
+        (columns chosen, its dual bound, node-limited); None when no combination fits (below
+        ``cutoff``, when given)."""
+        m, xs, _, cols = self.master(cols, overflow=False, node=node)
         x0 = None
         if start is not None:
             pos = {c: k for k, c in enumerate(cols)}
@@ -586,50 +651,87 @@ class ChainSearch:
                 for c in start:
                     x0[xs[pos[c]]] = 1.0
         try:
-            x, _ = m.solve(time_limit_s, "chain MILP", max_nodes, start=x0, rel_gap=MIP_REL_GAP)
+            x, _ = m.solve(time_limit_s, "chain MILP", max_nodes, start=x0, rel_gap=MIP_REL_GAP, cutoff=cutoff)
         except InfeasiblePlan:
             return None
         return [c for c, v in zip(cols, xs) if x[v] > 0.5], m.dual_bound, m.node_limited
 
     def solve(self, incumbent: Placement | None = None, max_rounds: int = 50, max_options: int = 200_000,
-              max_nodes: int = 200_000, time_limit_s: float = 60.0) -> ChainResult:
+              max_nodes: int = 200_000, max_tree: int = 64, time_limit_s: float = 60.0) -> ChainResult:
         """The search of the module docstring, from ``incumbent`` (RA's plan: its latency is the
-        first ``U`` when it lies in the space)."""
-        T, snap = self.T, self.prob.snap
-        inc_cols = self.columns_of(incumbent) if incumbent is not None else None
-        best_pl, best_t = None, INF
-        if inc_cols is not None and self.fits(incumbent):
-            best_pl, best_t = incumbent, self.latency(incumbent)
-        start = inc_cols or self.path_columns(np.zeros(T.m))
-        cols, bound, lam, rounds = self.generate(start, max_rounds)
-        meta = {"chain_rounds": rounds, "chain_columns": len(cols), "lagrangian_bound_s": bound}
-        got = self.best_of(cols, inc_cols, max_nodes, time_limit_s)
-        if got is not None:
-            pl = self.placement(got[0])
+        first ``U`` when it lies in the space). Branches over ``Node``s (which devices are
+        aggregators) while a node's options exceed ``max_options``, up to ``max_tree`` nodes."""
+        import heapq
+
+        T = self.T
+        best = {"pl": None, "t": INF, "cols": None}
+
+        def offer(cols: list[Column] | None) -> float:
+            """Keep the plan of ``cols`` if it is the best so far; returns its latency."""
+            if cols is None:
+                return INF
+            pl = self.placement(cols)
             t = self.latency(pl)
-            if t < best_t and self.fits(pl):
-                best_pl, best_t = pl, t
-        if best_pl is None:
-            raise InfeasiblePlan("chain search: no plan of the generated columns fits the memory budgets")
-        keep = self.survivors(lam, best_t, max_options)
-        certified, lower = False, min(bound, best_t)
-        if keep is None:
-            meta["chain_stop"] = f"more than {max_options} attention options within the bound"
-        else:
-            meta["chain_survivors"] = len(keep)
-            got = self.best_of(keep, self.columns_of(best_pl), max_nodes, time_limit_s)
-            if got is None:  # nothing within the bound beats the incumbent: it is optimal
-                lower = best_t
-            else:
-                pl = self.placement(got[0])
-                t = self.latency(pl)
-                if t < best_t and self.fits(pl):
-                    best_pl, best_t = pl, t
-                lower = max(lower, min(got[1], best_t))
-                meta["milp_node_limited"] = got[2]
-            certified = best_t <= lower * (1 + REL_TOL + MIP_REL_GAP)
+            if t < best["t"] and self.fits(pl):
+                best.update(pl=pl, t=t, cols=cols)
+            return t
+
+        if incumbent is not None and self.fits(incumbent):
+            inc_cols = self.columns_of(incumbent)
+            if inc_cols is not None:
+                best.update(pl=incumbent, t=self.latency(incumbent), cols=inc_cols)
+        start = best["cols"] or self.path_columns(np.zeros(T.m))
+        meta = {"chain_tree_nodes": 0, "chain_rounds": 0}
+        heap = [(-INF, 0, Node(), start)]
+        open_bounds, seq = [], 1  # bounds of nodes left open (budget), for the lower bound
+        while heap:
+            parent_bound, _, node, start = heapq.heappop(heap)
+            if parent_bound >= best["t"] * (1 - REL_TOL):
+                continue
+            if meta["chain_tree_nodes"] >= max_tree:
+                open_bounds.append(parent_bound)
+                continue
+            meta["chain_tree_nodes"] += 1
+            cols, bound, prices, rounds, flow = self.generate(start, max_rounds, node)
+            meta["chain_rounds"] += rounds
+            if node == Node():
+                meta["lagrangian_bound_s"] = bound
+            bound = max(bound, parent_bound)
+            if bound >= best["t"] * (1 - REL_TOL):
+                continue
+            if node == Node():  # price and branch: a first incumbent from the generated columns
+                got = self.best_of(cols, node, best["cols"], min(max_nodes, 5000), time_limit_s)
+                offer(got and got[0])
+            keep = self.survivors(prices, node, best["t"], max_options)
+            if keep is not None:
+                got = self.best_of(keep, node, best["cols"], max_nodes, time_limit_s,
+                                   cutoff=best["t"] * (1 + REL_TOL))
+                if got is not None:
+                    t = offer(got[0])
+                    # open when node-limited (its dual bound), or when the tables' bound of the
+                    # MILP's plan is below its decode_cost (a near-tie): another plan of the node
+                    # may lie between the two
+                    if got[2] or t > sum(self.col_cost(c) for c in got[0]) * (1 + REL_TOL):
+                        open_bounds.append(max(bound, got[1]))
+                continue
+            free = [v for v in T.V if v != T.src and v not in node.entered and v not in node.unused
+                    and flow.get(v, 0.0) > 1e-6]
+            if not free:
+                open_bounds.append(bound)
+                continue
+            v = max(free, key=lambda d: flow[d])
+            for child in (Node(node.entered | {v}, node.unused), Node(node.entered, node.unused | {v})):
+                heapq.heappush(heap, (bound, seq, child, cols))
+                seq += 1
+        if best["pl"] is None:
+            raise InfeasiblePlan("chain search: no plan found that fits the memory budgets")
+        lower = min([best["t"], *open_bounds])
+        certified = not open_bounds or lower >= best["t"] * (1 - REL_TOL - MIP_REL_GAP)
+        if not certified:
+            meta["chain_stop"] = (f"{len(open_bounds)} node(s) left open: more than {max_options} attention "
+                                  f"options within their bound, nothing left to branch on, or {max_tree} nodes")
         meta["attention_options_evaluated"] = self.evaluated
-        return ChainResult(best_pl, best_t, lower, certified, meta)
+        return ChainResult(best["pl"], best["t"], lower, certified, meta)
 
     def fits(self, pl: Placement) -> bool:
         from testbed.partition.cost.latency import placement_memory

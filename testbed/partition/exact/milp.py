@@ -100,11 +100,13 @@ class Milp:
 
     def solve(self, time_limit_s: float = 60.0, what: str = "MILP",
               max_nodes: int | None = None, start: np.ndarray | None = None,
-              rel_gap: float = 1e-7) -> tuple[np.ndarray, float]:
+              rel_gap: float = 1e-7, cutoff: float | None = None) -> tuple[np.ndarray, float]:
         """(solution, objective). ``max_nodes``: the deterministic work budget (branch-and-bound
         nodes): reaching it returns the incumbent (``node_limited``, ``gap``), the same plan on any
         machine; ``time_limit_s`` only guards (reaching it is a failure, never another plan).
-        ``start``: a feasible solution HiGHS starts from (its incumbent until it finds better)."""
+        ``start``: a feasible solution HiGHS starts from (its incumbent until it finds better).
+        ``cutoff``: only solutions at most it are wanted (a row ``objective <= cutoff``); none is
+        reported as infeasible (``InfeasiblePlan``)."""
         import highspy
 
         h = self._load(highspy)
@@ -112,6 +114,10 @@ class Milp:
         h.setOptionValue("mip_rel_gap", float(rel_gap))
         if max_nodes is not None:
             h.setOptionValue("mip_max_nodes", int(max_nodes))
+        if cutoff is not None:  # an explicit row: objective <= cutoff
+            nz = [i for i, c in enumerate(self.cost) if c != 0.0]
+            h.addRow(-h.getInfinity(), float(cutoff), len(nz), np.array(nz, dtype=np.int32),
+                     np.array([self.cost[i] for i in nz], dtype=float))
         if start is not None:
             sol0 = highspy.HighsSolution()
             sol0.col_value = [float(v) for v in start]
