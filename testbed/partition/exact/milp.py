@@ -105,8 +105,10 @@ class Milp:
         nodes): reaching it returns the incumbent (``node_limited``, ``gap``), the same plan on any
         machine; ``time_limit_s`` only guards (reaching it is a failure, never another plan).
         ``start``: a feasible solution HiGHS starts from (its incumbent until it finds better).
-        ``cutoff``: only solutions at most it are wanted (a row ``objective <= cutoff``); none is
-        reported as infeasible (``InfeasiblePlan``)."""
+        ``cutoff``: only solutions below it are wanted (HiGHS' ``objective_bound``: branches whose
+        bound reaches it are pruned, so "Optimal" then means no solution below the cutoff other
+        than the one returned, whose objective may lie above it; none found: "Infeasible").
+        ``status`` holds HiGHS' model status, also when this raises."""
         import highspy
 
         h = self._load(highspy)
@@ -114,18 +116,18 @@ class Milp:
         h.setOptionValue("mip_rel_gap", float(rel_gap))
         if max_nodes is not None:
             h.setOptionValue("mip_max_nodes", int(max_nodes))
-        if cutoff is not None:  # an explicit row: objective <= cutoff
-            nz = [i for i, c in enumerate(self.cost) if c != 0.0]
-            h.addRow(-h.getInfinity(), float(cutoff), len(nz), np.array(nz, dtype=np.int32),
-                     np.array([self.cost[i] for i in nz], dtype=float))
+        if cutoff is not None:
+            h.setOptionValue("objective_bound", float(cutoff))
         if start is not None:
             sol0 = highspy.HighsSolution()
             sol0.col_value = [float(v) for v in start]
             sol0.value_valid = True
             h.setSolution(sol0)
         h.run()
-        status = h.modelStatusToString(h.getModelStatus())
+        status = self.status = h.modelStatusToString(h.getModelStatus())
         sol = h.getSolution()
+        bound = float(getattr(h.getInfo(), "mip_dual_bound", -INF))
+        self.dual_bound = bound if np.isfinite(bound) else None
         self.node_limited = status == "Solution limit reached" and max_nodes is not None and sol.value_valid
         if (status != "Optimal" and not self.node_limited) or not sol.value_valid:
             if status == "Infeasible":
