@@ -86,6 +86,23 @@ def test_chain_ties_equal_brute_force():
     assert r.predicted_token_latency_s == pytest.approx(brute(snap, TWO, 1), rel=1e-9)
 
 
+@pytest.mark.parametrize("case", [0, 1, 5, 6])
+def test_chain_branching_equals_brute_force(case):
+    """Few options allowed per node MILP (``max_options=10``): the search branches over which
+    devices are aggregators and still certifies the brute-force optimum; with fewer (3, 1) it
+    may stop uncertified, and then its lower bound is still below the optimum."""
+    seed, n, dims, K, slack, _ = CASES[case]
+    snap = random_star(np.random.default_rng(500 + seed), n, dims, mem_slack=slack)
+    best = brute(snap, dims, K)
+    r = ChainSearch(Problem(snap, dims), K).solve(max_options=10)
+    assert r.certified and r.meta["chain_tree_nodes"] > 1
+    assert r.latency_s == pytest.approx(best, rel=1e-9)
+    for few in (3, 1):
+        r = ChainSearch(Problem(snap, dims), K).solve(max_options=few)
+        assert r.lower_bound_s <= best * (1 + 1e-9) <= r.latency_s * (1 + 1e-9)
+        assert not r.certified or r.latency_s == pytest.approx(best, rel=1e-9)
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_chain_uncertified_bound_is_a_bound(seed):
     """With no room for the final MILP (``max_options=0``) the plan is the best found and the

@@ -54,7 +54,9 @@ from testbed.partition.exact.serial import _comps, _fan_in_lb
 
 INF = float("inf")
 REL_TOL = 1e-9  # relative slack for float noise between the tables and decode_cost
-MIP_REL_GAP = 1e-9
+MIP_REL_GAP = 1e-9  # the MILPs' optimality: relative gap, and no absolute one (HiGHS' default
+MIP_ABS_GAP = 0.0  # 1e-6 would stop 0.3 us above the optimum of a 17 ms objective)
+OBJ_SCALE = 1e3  # the MILPs' objective in milliseconds (HiGHS' tolerances are absolute)
 
 
 def chain_size(n_devices: int, n_groups: int) -> int:
@@ -498,7 +500,7 @@ class ChainSearch:
         are dropped). Returns (Milp, column variables, row index by key, the columns kept)."""
         T, L, m = self.T, self.L, Milp()
         cols = [c for c in cols if self.allowed_in(c, node)]
-        xs = [m.binary(self.col_cost(c)) for c in cols]
+        xs = [m.binary(OBJ_SCALE * self.col_cost(c)) for c in cols]
         keys = [("in", 0, T.src)] + [("in", l, A) for l in range(1, L) for A in T.V] + \
                [("P", l, iP) for l in range(L) for iP in range(T.m)] + [("mem", i) for i in range(T.m)] + \
                [("enter", v) for v in sorted(node.entered)]
@@ -517,9 +519,11 @@ class ChainSearch:
                     terms["in", c.l + 1, self.f_agg[c.f]][x] = -1.0
             for i in np.nonzero(mem)[0]:
                 terms["mem", i][x] = mem[i] / 1e6
-        for i in range(T.m):
-            if overflow:
-                terms["mem", i][m.var(0, cost=10.0)] = -1.0  # 10 s per MB over: never in an optimum that fits
+        if overflow:  # priced slack (10 s per MB over, per entry missing): the LP always has a solution
+            for i in range(T.m):
+                terms["mem", i][m.var(0, cost=OBJ_SCALE * 10.0)] = -1.0
+            for v in node.entered:
+                terms["enter", v][m.var(0, cost=OBJ_SCALE * 10.0)] = 1.0
         row_of = {}
         for k in keys:
             row_of[k] = len(m.rows)
@@ -540,12 +544,16 @@ class ChainSearch:
         each (proj, aggregator) whose reduced cost is negative. Returns (columns, best bound, its
         prices (lam, mu), rounds, the last LP's aggregator flow per device)."""
         T, L = self.T, self.L
-        cols = [c for c in dict.fromkeys(start) if self.allowed_in(c, node)]
+        path = self.path_columns(np.zeros(T.m), node)
+        if path is None:  # no chain at all in the node
+            return [], INF, (np.zeros(T.m), {}), 0, {}
+        cols = [c for c in dict.fromkeys([*start, *path]) if self.allowed_in(c, node)]
         have = set(cols)
         best, best_prices, rounds, flow = -INF, (np.zeros(T.m), {}), 0, {}
         for rounds in range(1, max_rounds + 1):
             m, xs, row_of, cols = self.master(cols, overflow=True, node=node)
             x, obj, y = m.solve_lp(what="chain master LP")
+            obj, y = obj / OBJ_SCALE, y / OBJ_SCALE  # seconds
             lam_raw = -np.array([y[row_of["mem", i]] for i in range(T.m)]) / 1e6
             mu_raw = {v: float(y[row_of["enter", v]]) for v in node.entered}
             lam = np.maximum(lam_raw, 0.0)
@@ -596,11 +604,13 @@ class ChainSearch:
         return cols, best, best_prices, rounds, flow
 
     # -------------------------------------------------------------- the chain search
-    def path_columns(self, lam: np.ndarray) -> list[Column]:
-        """The columns of the least priced chain at ``lam`` (memory ignored beyond its price):
-        a start for the column generation when no incumbent maps onto the space."""
+    def path_columns(self, lam: np.ndarray, node: Node = Node()) -> list[Column] | None:
+        """The columns of the node's least priced chain at ``lam`` (memory ignored beyond its
+        price): a chain for the column generation to start from; None when the node has none."""
         T = self.T
-        att, arg, ffn, fp, cb, _ = self.priced(lam)
+        att, arg, ffn, fp, cb, _ = self.priced(lam, {}, node)
+        if not np.isfinite(cb.total):
+            return None
         cols, A = [], T.src
         for l in range(self.L):
             tot = att[A][:, None] + ffn + cb.bwd[l + 1][None, :]
@@ -661,13 +671,19 @@ class ChainSearch:
                     x0[xs[pos[c]]] = 1.0
         try:
             x, _ = m.solve(time_limit_s, "chain MILP", max_nodes, start=x0, rel_gap=MIP_REL_GAP,
-                           cutoff=cutoff if np.isfinite(cutoff) else None)
+                           cutoff=OBJ_SCALE * cutoff if np.isfinite(cutoff) else None, abs_gap=MIP_ABS_GAP)
         except InfeasiblePlan:
-            if m.status == "Infeasible":  # nothing below the cutoff
-                return MilpOutcome(None, cutoff, True)
-            return MilpOutcome(None, min(m.dual_bound if m.dual_bound is not None else -INF, cutoff), False)
+            return self._failed(m, cutoff)
         chosen = [c for c, v in zip(cols, xs) if x[v] > 0.5]
-        return MilpOutcome(chosen, min(m.dual_bound, cutoff), not m.node_limited)
+        return MilpOutcome(chosen, min(m.dual_bound / OBJ_SCALE, cutoff), not m.node_limited)
+
+    @staticmethod
+    def _failed(m: Milp, cutoff: float) -> "MilpOutcome":
+        """A node MILP without a solution: none below the cutoff (closed), or stopped (open)."""
+        if m.status == "Infeasible":
+            return MilpOutcome(None, cutoff, True)
+        bound = m.dual_bound / OBJ_SCALE if m.dual_bound is not None else -INF
+        return MilpOutcome(None, min(bound, cutoff), False)
 
     # -------------------------------------------------------------- the node MILP without positions
     def count_milp(self, cols: list[Column], node: Node, cuts: list[frozenset]):
@@ -680,9 +696,10 @@ class ChainSearch:
         T, L, m = self.T, self.L, Milp()
         att = sorted({(c.A, c.iP, c.row) for c in cols if c.f < 0 and self.allowed_in(c, node)})
         ffn = sorted({c.f for c in cols if c.f >= 0 and self.allowed_in(c, node)})
-        opts = [(("a",) + k, m.var(0, L, self.col_cost(Column(1, A=k[0], iP=k[1], row=k[2])), integer=True))
-                for k in att] + [(("f", f), m.var(0, L, float(self.f_cost[f]), integer=True)) for f in ffn]
-        ends = {r: m.binary(float(T.final[r])) for r in T.V if r not in node.unused}
+        opts = [(("a",) + k, m.var(0, L, OBJ_SCALE * self.col_cost(Column(1, A=k[0], iP=k[1], row=k[2])),
+                                   integer=True)) for k in att] + \
+               [(("f", f), m.var(0, L, OBJ_SCALE * float(self.f_cost[f]), integer=True)) for f in ffn]
+        ends = {r: m.binary(OBJ_SCALE * float(T.final[r])) for r in T.V if r not in node.unused}
         bal = {v: {} for v in self.inputs}
         proj = {iP: {} for iP in range(T.m)}
         mem = {i: {} for i in range(T.m)}
@@ -794,22 +811,20 @@ class ChainSearch:
                     x0[ends[end]] = 1.0
             try:
                 x, _ = m.solve(time_limit(), "chain count MILP", max_nodes, start=x0, rel_gap=MIP_REL_GAP,
-                               cutoff=cutoff if np.isfinite(cutoff) else None)
+                               cutoff=OBJ_SCALE * cutoff if np.isfinite(cutoff) else None, abs_gap=MIP_ABS_GAP)
             except InfeasiblePlan:
-                if m.status == "Infeasible":
-                    return MilpOutcome(None, cutoff, True)
-                return MilpOutcome(None, min(m.dual_bound if m.dual_bound is not None else -INF, cutoff), False)
+                return self._failed(m, cutoff)
             counts = {k: int(round(x[v])) for k, v in opts if x[v] > 0.5}
             end = next(r for r, v in ends.items() if x[v] > 0.5)
             got = self.walk(counts, end)
             if isinstance(got, frozenset):
                 cuts.append(got)
                 continue
-            return MilpOutcome(got, min(m.dual_bound, cutoff), not m.node_limited)
+            return MilpOutcome(got, min(m.dual_bound / OBJ_SCALE, cutoff), not m.node_limited)
         return MilpOutcome(None, -INF, False)
 
-    def solve(self, incumbent: Placement | None = None, max_rounds: int = 50, max_options: int = 200_000,
-              max_nodes: int = 200_000, max_tree: int = 64, time_limit_s: float = 60.0) -> ChainResult:
+    def solve(self, incumbent: Placement | None = None, max_rounds: int = 50, max_options: int = 20_000,
+              max_nodes: int = 50_000, max_tree: int = 64, time_limit_s: float = 60.0) -> ChainResult:
         """The search of the module docstring, from ``incumbent`` (RA's plan: its latency is the
         first ``U`` when it lies in the space). Branches over ``Node``s (which devices are
         aggregators) while a node's options exceed ``max_options``, up to ``max_tree`` nodes."""
@@ -839,7 +854,7 @@ class ChainSearch:
             inc_cols = self.columns_of(incumbent)
             if inc_cols is not None:
                 best.update(pl=incumbent, t=self.latency(incumbent), cols=inc_cols)
-        start = best["cols"] or self.path_columns(np.zeros(T.m))
+        start = best["cols"] or []
         meta = {"chain_tree_nodes": 0, "chain_rounds": 0}
         heap = [(-INF, 0, Node(), start)]
         open_bounds, seq = [], 1  # bounds of nodes left open (budget), for the lower bound
@@ -847,8 +862,8 @@ class ChainSearch:
             parent_bound, _, node, start = heapq.heappop(heap)
             if parent_bound >= best["t"] * (1 - REL_TOL):
                 continue
-            if meta["chain_tree_nodes"] >= max_tree:
-                open_bounds.append(parent_bound)
+            if meta["chain_tree_nodes"] >= max_tree or time.monotonic() > deadline:
+                open_bounds.append(parent_bound)  # the budget (or the guard) leaves it open
                 continue
             meta["chain_tree_nodes"] += 1
             cols, bound, prices, rounds, flow = self.generate(start, max_rounds, node)
@@ -870,12 +885,11 @@ class ChainSearch:
                 if not got.complete or (got.cols and t > sum(map(self.col_cost, got.cols)) * (1 + REL_TOL)):
                     open_bounds.append(max(bound, got.bound))
                 continue
-            free = [v for v in T.V if v != T.src and v not in node.entered and v not in node.unused
-                    and flow.get(v, 0.0) > 1e-6]
+            free = [v for v in T.V if v != T.src and v not in node.entered and v not in node.unused]
             if not free:
                 open_bounds.append(bound)
                 continue
-            v = max(free, key=lambda d: flow[d])
+            v = max(free, key=lambda d: flow.get(d, 0.0))  # the most used aggregator of the LP
             for child in (Node(node.entered | {v}, node.unused), Node(node.entered, node.unused | {v})):
                 heapq.heappush(heap, (bound, seq, child, cols))
                 seq += 1

@@ -100,7 +100,8 @@ class Milp:
 
     def solve(self, time_limit_s: float = 60.0, what: str = "MILP",
               max_nodes: int | None = None, start: np.ndarray | None = None,
-              rel_gap: float = 1e-7, cutoff: float | None = None) -> tuple[np.ndarray, float]:
+              rel_gap: float = 1e-7, cutoff: float | None = None,
+              abs_gap: float | None = None) -> tuple[np.ndarray, float]:
         """(solution, objective). ``max_nodes``: the deterministic work budget (branch-and-bound
         nodes): reaching it returns the incumbent (``node_limited``, ``gap``), the same plan on any
         machine; ``time_limit_s`` only guards (reaching it is a failure, never another plan).
@@ -108,12 +109,15 @@ class Milp:
         ``cutoff``: only solutions below it are wanted (HiGHS' ``objective_bound``: branches whose
         bound reaches it are pruned, so "Optimal" then means no solution below the cutoff other
         than the one returned, whose objective may lie above it; none found: "Infeasible").
-        ``status`` holds HiGHS' model status, also when this raises."""
+        ``abs_gap``: HiGHS' ``mip_abs_gap`` (default 1e-6 in objective units: set it when the
+        objective is small). ``status`` holds HiGHS' model status, also when this raises."""
         import highspy
 
         h = self._load(highspy)
         h.setOptionValue("time_limit", float(time_limit_s))
         h.setOptionValue("mip_rel_gap", float(rel_gap))
+        if abs_gap is not None:
+            h.setOptionValue("mip_abs_gap", float(abs_gap))
         if max_nodes is not None:
             h.setOptionValue("mip_max_nodes", int(max_nodes))
         if cutoff is not None:
