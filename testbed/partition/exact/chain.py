@@ -186,24 +186,19 @@ class LayerTables:
 
 # --------------------------------------------------------------------------------------- options
 @dataclass
-class Options:
-    """Attention options (input A, proj position iP, head counts row, x send order, cost = att +
-    proj) and FFN options (iP, chunks per device, shard order aggregator first, cost = FFN phase)."""
+class FfnOptions:
+    """Per FFN option: proj position iP, chunks per device (over V), shard order (aggregator
+    first, positions in V) and the FFN phase's cost (its minimum over the other shards' orders)."""
 
-    att_A: list = field(default_factory=list)
-    att_P: list = field(default_factory=list)
-    att_n: list = field(default_factory=list)
-    att_order: list = field(default_factory=list)
-    att_cost: list = field(default_factory=list)
-    ffn_P: list = field(default_factory=list)
-    ffn_c: list = field(default_factory=list)
-    ffn_seq: list = field(default_factory=list)
-    ffn_cost: list = field(default_factory=list)
+    P: list = field(default_factory=list)
+    chunks: list = field(default_factory=list)
+    seq: list = field(default_factory=list)
+    cost: list = field(default_factory=list)
 
 
-def ffn_options(T: LayerTables) -> Options:
+def ffn_options(T: LayerTables) -> FfnOptions:
     """Every (proj, chunk counts within the budgets, aggregator) with its fastest shard order."""
-    o = Options()
+    o = FfnOptions()
     caps = tuple(max(c for c in range(T.K + 1) if T.ffn_b[c] <= max(b, 0)) for b in T.budget)
     for iP in range(T.m):
         for c in _comps(T.K, caps):
@@ -216,10 +211,10 @@ def ffn_options(T: LayerTables) -> Options:
                     if t < best:
                         best, best_seq = t, seq
                 if np.isfinite(best):
-                    o.ffn_P.append(iP)
-                    o.ffn_c.append(tuple(int(x) for x in c))
-                    o.ffn_seq.append(best_seq)
-                    o.ffn_cost.append(best)
+                    o.P.append(iP)
+                    o.chunks.append(tuple(int(x) for x in c))
+                    o.seq.append(best_seq)
+                    o.cost.append(best)
     return o
 
 
@@ -342,10 +337,10 @@ class ChainSearch:
                       for A in self.inputs for iP in range(T.m)}
         self.exact: dict = {}  # (A, iP) -> {row: (att, order)}
         fo = self.fo = ffn_options(T)
-        self.f_P = np.array(fo.ffn_P, dtype=int)
-        self.f_agg = np.array([T.V[s[0]] for s in fo.ffn_seq], dtype=int)
-        self.f_cost = np.array(fo.ffn_cost)
-        self.f_mem = np.array([[T.ffn_b[c] for c in cs] for cs in fo.ffn_c], dtype=float).reshape(-1, T.m)
+        self.f_P = np.array(fo.P, dtype=int)
+        self.f_agg = np.array([T.V[s[0]] for s in fo.seq], dtype=int)
+        self.f_cost = np.array(fo.cost)
+        self.f_mem = np.array([[T.ffn_b[c] for c in cs] for cs in fo.chunks], dtype=float).reshape(-1, T.m)
         self.evaluated = 0  # attention options evaluated over their send orders
 
     # -------------------------------------------------------------- option costs
@@ -432,7 +427,7 @@ class ChainSearch:
         if not hasattr(self, "_row_index"):
             self._row_index = {iP: {tuple(r): k for k, r in enumerate(self.rows[iP])} for iP in range(T.m)}
             self._ffn_index = {(P, c, s[0]): f for f, (P, c, s) in
-                               enumerate(zip(self.fo.ffn_P, self.fo.ffn_c, self.fo.ffn_seq))}
+                               enumerate(zip(self.fo.P, self.fo.chunks, self.fo.seq))}
         out, A = [], T.src
         for l, lp in enumerate(pl.layers):
             n, c = [0] * T.m, [0] * T.m
@@ -472,8 +467,8 @@ class ChainSearch:
             for i in order:
                 heads += [names[T.V[i]]] * int(n[i])
             shards, p = [], 0
-            for i in self.fo.ffn_seq[f]:
-                k = self.fo.ffn_c[f][i]
+            for i in self.fo.seq[f]:
+                k = self.fo.chunks[f][i]
                 shards.append(FfnShard(names[T.V[i]], bounds[p][0], bounds[p + k - 1][1]))
                 p += k
             layers.append(LayerPlacement(tuple(heads), names[T.V[a.iP]], tuple(shards)))
@@ -492,12 +487,12 @@ class ChainSearch:
     def col_mem(self, c: Column) -> np.ndarray:
         return self.att_mem(c.iP, np.array([c.row]))[0] if c.f < 0 else self.f_mem[c.f]
 
-    def master(self, cols: list[Column], overflow: bool, node: Node = Node()):
-        """One attention and one FFN column per layer, chained (layer l + 1's input is layer l's
-        aggregator, the proj of both columns of a layer is the same) within the memory budgets
-        (MB rows; ``overflow``: priced slack on them, for the LP of the column generation), and
-        the node's rows (each ``entered`` device entered at least once; columns out of the node
-        are dropped). Returns (Milp, column variables, row index by key, the columns kept)."""
+    def master(self, cols: list[Column], node: Node = Node()):
+        """The column generation's LP: one attention and one FFN column per layer, chained (layer
+        l + 1's input is layer l's aggregator, the proj of both columns of a layer is the same)
+        within the memory budgets (MB rows) and the node's rows (each ``entered`` device entered
+        at least once; columns out of the node are dropped), with priced slack on both so that it
+        always has a solution. Returns (Milp, column variables, row index by key, columns kept)."""
         T, L, m = self.T, self.L, Milp()
         cols = [c for c in cols if self.allowed_in(c, node)]
         xs = [m.binary(OBJ_SCALE * self.col_cost(c)) for c in cols]
@@ -519,11 +514,10 @@ class ChainSearch:
                     terms["in", c.l + 1, self.f_agg[c.f]][x] = -1.0
             for i in np.nonzero(mem)[0]:
                 terms["mem", i][x] = mem[i] / 1e6
-        if overflow:  # priced slack (10 s per MB over, per entry missing): the LP always has a solution
-            for i in range(T.m):
-                terms["mem", i][m.var(0, cost=OBJ_SCALE * 10.0)] = -1.0
-            for v in node.entered:
-                terms["enter", v][m.var(0, cost=OBJ_SCALE * 10.0)] = 1.0
+        for i in range(T.m):  # 10 s per MB over, per entry missing: never in an optimum that fits
+            terms["mem", i][m.var(0, cost=OBJ_SCALE * 10.0)] = -1.0
+        for v in node.entered:
+            terms["enter", v][m.var(0, cost=OBJ_SCALE * 10.0)] = 1.0
         row_of = {}
         for k in keys:
             row_of[k] = len(m.rows)
@@ -551,7 +545,7 @@ class ChainSearch:
         have = set(cols)
         best, best_prices, rounds, flow = -INF, (np.zeros(T.m), {}), 0, {}
         for rounds in range(1, max_rounds + 1):
-            m, xs, row_of, cols = self.master(cols, overflow=True, node=node)
+            m, xs, row_of, cols = self.master(cols, node)
             x, obj, y = m.solve_lp(what="chain master LP")
             obj, y = obj / OBJ_SCALE, y / OBJ_SCALE  # seconds
             lam_raw = -np.array([y[row_of["mem", i]] for i in range(T.m)]) / 1e6
@@ -656,26 +650,6 @@ class ChainSearch:
             ok = before[l][self.f_P] + fp + cb.bwd[l + 1][self.f_agg] <= U
             out += [Column(l, f=int(f)) for f in np.nonzero(ok)[0]]
         return out
-
-    def best_of(self, cols: list[Column], node: Node, start: list[Column] | None, max_nodes: int,
-                time_limit_s: float, cutoff: float = INF) -> "MilpOutcome":
-        """The node's master MILP over ``cols`` (from ``start`` when it is one of its solutions),
-        wanting only solutions below ``cutoff``."""
-        m, xs, _, cols = self.master(cols, overflow=False, node=node)
-        x0 = None
-        if start is not None:
-            pos = {c: k for k, c in enumerate(cols)}
-            if all(c in pos for c in start):
-                x0 = np.zeros(len(m.lb))
-                for c in start:
-                    x0[xs[pos[c]]] = 1.0
-        try:
-            x, _ = m.solve(time_limit_s, "chain MILP", max_nodes, start=x0, rel_gap=MIP_REL_GAP,
-                           cutoff=OBJ_SCALE * cutoff if np.isfinite(cutoff) else None, abs_gap=MIP_ABS_GAP)
-        except InfeasiblePlan:
-            return self._failed(m, cutoff)
-        chosen = [c for c, v in zip(cols, xs) if x[v] > 0.5]
-        return MilpOutcome(chosen, min(m.dual_bound / OBJ_SCALE, cutoff), not m.node_limited)
 
     @staticmethod
     def _failed(m: Milp, cutoff: float) -> "MilpOutcome":
@@ -874,7 +848,7 @@ class ChainSearch:
             if bound >= best["t"] * (1 - REL_TOL):
                 continue
             if node == Node():  # price and branch: a first incumbent from the generated columns
-                offer(self.best_of(cols, node, best["cols"], min(max_nodes, 5000), left()).cols)
+                offer(self.best_count(cols, node, best["cols"], min(max_nodes, 5000), left, INF).cols)
             keep = self.survivors(prices, node, best["t"], max_options)
             if keep is not None:
                 got = self.best_count(keep, node, best["cols"], max_nodes, left, cutoff=best["t"] * (1 + REL_TOL))
