@@ -310,7 +310,7 @@ def _optimal(snapshot, dims, cost_model: str, ffn_chunks: int | None, time_limit
              horizon_epochs: int, horizon_tokens: int | None, local_search_evals: int,
              milp_max_nodes: int) -> Placement:
     """``optimal`` without the leveling step."""
-    from testbed.partition.exact.chain import chain_size
+    from testbed.partition.exact.options import chain_size
     from testbed.partition.exact.serial import search_size
 
     prob = Problem(snapshot, dims, cost_model)
