@@ -114,12 +114,17 @@ def test_chain_uncertified_bound_is_a_bound(seed):
     assert r.lower_bound_s <= best * (1 + 1e-9) <= r.latency_s * (1 + 1e-9)
 
 
-def test_chain_tables_bound_decode_cost():
+@pytest.mark.parametrize("on_source", [False, True])
+def test_chain_tables_bound_decode_cost(on_source):
     """Every attention and FFN option's tabulated cost, summed along a realised plan, is at most
-    that plan's decode_cost (== without near-ties)."""
+    that plan's decode_cost (== without near-ties); the attention floor (any send order) is at
+    most the attention table for every input device, proj and head-count row."""
     dims = ModelDims("t", 3, 64, 6, 6, 16, 256, 50)
-    snap = random_star(np.random.default_rng(7), 5, dims, mem_slack=3)
+    snap = random_star(np.random.default_rng(7), 5, dims, mem_slack=3, allow_blocks_on_source=on_source)
     S = ChainSearch(Problem(snap, dims), 4)
+    for (A, iP), floor in S.floor.items():
+        rows = np.arange(len(S.rows[iP]))
+        assert (floor <= S.att_exact(A, iP, rows) * (1 + 1e-12)).all(), (A, iP)
     rng = np.random.default_rng(1)
     for _ in range(40):
         cols, A = [], S.T.src

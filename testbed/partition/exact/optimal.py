@@ -210,7 +210,8 @@ def _serial_one_layer(prob: Problem, K: int) -> Placement:
     meta = {"algorithm": "optimal", "solver": "serial-enumeration", "ffn_chunks": K,
             # the latency-optimal plan's latency and a lower bound of every plan's latency
             "latency_s": r.latency_s, "latency_lower_bound_s": r.lower_bound_s,
-            "latency_gap": r.latency_s / r.lower_bound_s - 1 if r.lower_bound_s > 0 else 0.0,
+            "latency_gap": 0.0 if r.certified else (r.latency_s / r.lower_bound_s - 1 if r.lower_bound_s > 0
+                                                    else None),
             "latency_certified": r.certified, "checked": r.checked,
             "objective": "latency + migration / H (heuristic)" if mig else "latency (exact)"}
     if not mig:
@@ -233,7 +234,8 @@ def _chain(prob: Problem, K: int, snapshot, dims, time_limit_s: float, milp_max_
     r = ChainSearch(prob, K).solve(ra, max_nodes=milp_max_nodes, time_limit_s=time_limit_s)
     meta = {"algorithm": "optimal", "solver": "chain-lagrangian+highs-milp", "ffn_chunks": K,
             "latency_s": r.latency_s, "latency_lower_bound_s": r.lower_bound_s,
-            "latency_gap": r.latency_s / r.lower_bound_s - 1 if r.lower_bound_s > 0 else 0.0,
+            "latency_gap": 0.0 if r.certified else (r.latency_s / r.lower_bound_s - 1 if r.lower_bound_s > 0
+                                                    else None),
             "latency_certified": r.certified,
             "objective": "latency (exact)" if r.certified else "latency (bounded)", **r.meta}
     return Placement(r.placement.source, r.placement.layers, meta=meta)

@@ -102,7 +102,8 @@ class LayerTables:
 
     def attention_floor(self, A: int, iP: int, N: np.ndarray) -> np.ndarray:
         """A cheaper lower bound of ``attention`` over EVERY send order: each head device on its
-        own (x sent to it right after the proj), no fan-in queueing."""
+        own (x sent to it right after the proj; the input device's own heads send once its x to
+        the proj has left), no fan-in queueing."""
         V, P, lat = self.V, self.V[iP], self.lat
         first = self.xtau[A, P] if P != A else 0.0
         arrP = first + lat[A, P] if P != A else 0.0
@@ -111,8 +112,11 @@ class LayerTables:
             if i == iP:
                 continue
             n = N[:, i]
-            a = first if V[i] == A else first + self.xtau[A, V[i]] + lat[A, V[i]]
-            r = a + self.head_t[i, n] + self.head_out_tau(i, P, n) + lat[V[i], P]
+            if V[i] == A:  # x is there at 0; its output waits for the uplink (>= the send to P)
+                start = np.maximum(self.head_t[i, n], first)
+            else:
+                start = first + self.xtau[A, V[i]] + lat[A, V[i]] + self.head_t[i, n]
+            r = start + self.head_out_tau(i, P, n) + lat[V[i], P]
             out = np.maximum(out, np.where(n > 0, r, -INF))
         return out
 
