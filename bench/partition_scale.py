@@ -95,8 +95,13 @@ def exact_scale() -> None:
     try:
         r = plan("optimal", snap, GPT2)
         m = r.placement.meta
+        ra = plan("resource_aware", snap, GPT2).predicted_token_latency_s
+        low = m.get("latency_lower_bound_s")
         print(f"[5] exact decode optimum, 8 devices x 12 layers: {r.solve_time_s:.1f} s (target < 60 s), "
-              f"certified {bool(m.get('latency_certified'))}, gap {m.get('latency_gap')}")
+              f"certified {bool(m.get('latency_certified'))}, gap {m.get('latency_gap')}; "
+              f"{1e3 * r.predicted_token_latency_s:.3f} ms (lower bound "
+              f"{'-' if low is None else f'{1e3 * low:.3f}'} ms; RA {1e3 * ra:.3f} ms), "
+              f"{m.get('chain_tree_nodes')} search nodes")
     except OutOfScope as exc:
         print(f"[5] exact decode optimum, 8 devices x 12 layers: not reached (target: certified in < 60 s): {exc}")
 

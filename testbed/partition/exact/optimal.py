@@ -31,15 +31,17 @@ Scope (anything larger raises ``OutOfScope``, an ``InfeasiblePlan``):
     with the current placement / RA's minimal ``repair`` of it (``ra.choice.choose_plan``).
     ``latency_lower_bound_s`` is still a certified bound on the latency of any plan.
   * SEVERAL layers, no ``snapshot.current`` (every token-0 plan), ``ffn_chunks`` dividing
-    ``ffn_dim``, head-count vectors per proj device <= ``CHAIN_LIMIT``: ``exact.chain``. The
-    latency is a sum over layers given each layer's input device, and memory couples the layers:
-    per-layer option tables (lower bounds of ``decode_cost``, min over send orders), a Lagrangian
-    bound (memory priced by the duals of a column-generation LP over the chain) that discards
-    every option no plan faster than the incumbent uses, then a MILP (HiGHS) over the chain with
-    the memory rows. CERTIFIED optimal over the same plan space as the one-layer search when the
-    options left fit ``max_options`` and the MILP finishes; otherwise the best plan found (never
-    worse than RA's when RA's lies in the space) with a proven ``latency_lower_bound_s``
-    (``latency_certified`` False, ``chain_stop`` says why).
+    ``ffn_dim``, head-count vectors per proj device <= ``CHAIN_LIMIT``: ``exact.chain``, EXACT
+    when it certifies. The latency is a sum over layers given each layer's input device (the
+    previous aggregator) and memory couples the layers: per-layer option tables (lower bounds of
+    ``decode_cost``, at their best send orders), Lagrangian bounds (memory priced by the duals of
+    a column-generation LP over the chain) that discard every option no plan faster than the
+    incumbent uses, a branch over which devices serve as layer outputs, and per node a MILP
+    (HiGHS, no layer positions, connectivity rows) over the options left. CERTIFIED optimal over
+    the same plan space as the one-layer search (to 1e-9 relative) when every node closes;
+    otherwise the best plan found (never worse than RA's, its start, when RA's lies in the space)
+    with a proven ``latency_lower_bound_s`` (``latency_certified`` False, ``chain_stop`` says
+    why). ``milp_max_nodes`` bounds each node's MILP; ``time_limit_s`` guards the whole search.
   * SEVERAL layers otherwise (a current placement, or beyond the chain's scope): NOT exact. The MILP of
     ``exact.decode`` solves the independent-transfer relaxation (``serial_nics=False``, a lower
     bound of the serialised model placement by placement) exactly for FFNs cut into ``ffn_chunks``
