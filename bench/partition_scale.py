@@ -77,8 +77,18 @@ def budgets() -> None:
     print(f"[5] budgets (work counts, no clock): RA is a greedy of fixed work (per layer <= proj_candidates + 1 "
           f"anchors x blocks); optimal: local search <= {o.local_search_evals} plan evaluations, MILP <= "
           f"{o.milp_max_nodes} branch-and-bound nodes (then the incumbent and its gap), one-layer exact search "
-          f"<= {exact_limits()}; the MILP's time_limit_s={o.time_limit_s:g} only guards (reaching it is a "
+          f"<= {exact_limits()}, several-layer token-0 search <= {chain_limits()}; the MILP's time_limit_s={o.time_limit_s:g} only guards (reaching it is a "
           f"failure, never another plan)")
+
+
+def chain_limits() -> str:
+    import inspect
+
+    from testbed.partition.exact.chain import ChainSearch
+
+    p = inspect.signature(ChainSearch.solve).parameters
+    return (f"{p['max_tree'].default} search nodes x ({p['max_rounds'].default} column-generation rounds, "
+            f"{p['max_options'].default} options per node MILP)")
 
 
 def exact_limits() -> str:

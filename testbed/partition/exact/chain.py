@@ -622,7 +622,7 @@ class ChainSearch:
             return MilpOutcome(got, min(m.dual_bound / OBJ_SCALE, cutoff), not m.node_limited)
         return MilpOutcome(None, -INF, False)
 
-    def solve(self, incumbent: Placement | None = None, max_rounds: int = 50, max_options: int = 20_000,
+    def solve(self, incumbent: Placement | None = None, max_rounds: int = 50, max_options: int = 8_000,
               max_nodes: int = 50_000, max_tree: int = 64, time_limit_s: float = 60.0) -> ChainResult:
         """The search of the module docstring, from ``incumbent`` (RA's plan: its latency is the
         first ``U`` when it lies in the space). Branches over ``Node``s (which devices are
@@ -656,13 +656,13 @@ class ChainSearch:
         start = best["cols"] or []
         meta = {"chain_tree_nodes": 0, "chain_rounds": 0}
         heap = [(-INF, 0, Node(), start)]
-        open_bounds, seq = [], 1  # bounds of nodes left open (budget), for the lower bound
+        open_bounds, seq = [], 1  # (bound, why) of the nodes left open, for the lower bound
         while heap:
             parent_bound, _, node, start = heapq.heappop(heap)
             if parent_bound >= best["t"] * (1 - REL_TOL):
                 continue
             if meta["chain_tree_nodes"] >= max_tree or time.monotonic() > deadline:
-                open_bounds.append(parent_bound)  # the budget (or the guard) leaves it open
+                open_bounds.append((parent_bound, "max_tree" if meta["chain_tree_nodes"] >= max_tree else "guard"))
                 continue
             meta["chain_tree_nodes"] += 1
             cols, bound, prices, rounds, flow = self.generate(start, max_rounds, node)
@@ -674,6 +674,7 @@ class ChainSearch:
                 continue
             if node == Node():  # price and branch: a first incumbent from the generated columns
                 offer(self.best_count(cols, node, best["cols"], min(max_nodes, 5000), left, INF).cols)
+            free = [v for v in T.V if v != T.src and v not in node.entered and v not in node.unused]
             keep = self.survivors(prices, node, best["t"], max_options)
             if keep is not None:
                 got = self.best_count(keep, node, best["cols"], max_nodes, left, cutoff=best["t"] * (1 + REL_TOL))
@@ -681,12 +682,14 @@ class ChainSearch:
                 # open when the MILP stopped early (its bound), or when the tables' bound of its
                 # plan is below the plan's decode_cost (a near-tie): another plan of the node may
                 # lie between the two
-                if not got.complete or (got.cols and t > sum(map(self.col_cost, got.cols)) * (1 + REL_TOL)):
-                    open_bounds.append(max(bound, got.bound))
+                if not got.complete:
+                    open_bounds.append((max(bound, got.bound), "milp stopped (max_nodes or the guard)"))
+                elif got.cols and t > sum(map(self.col_cost, got.cols)) * (1 + REL_TOL):
+                    open_bounds.append((max(bound, got.bound), "near-tie"))
                 continue
-            free = [v for v in T.V if v != T.src and v not in node.entered and v not in node.unused]
             if not free:
-                open_bounds.append(bound)
+                open_bounds.append((bound, f"a leaf (nothing left to branch on) with more than {max_options} "
+                                           f"options"))
                 continue
             v = max(free, key=lambda d: flow.get(d, 0.0))  # the most used aggregator of the LP
             for child in (Node(node.entered | {v}, node.unused), Node(node.entered, node.unused | {v})):
@@ -694,11 +697,13 @@ class ChainSearch:
                 seq += 1
         if best["pl"] is None:
             raise InfeasiblePlan("chain search: no plan found that fits the memory budgets")
-        lower = min([best["t"], *open_bounds])
-        certified = not open_bounds or lower >= best["t"] * (1 - REL_TOL - MIP_REL_GAP)
+        open_bounds = [(b, why) for b, why in open_bounds if b < best["t"] * (1 - REL_TOL - MIP_REL_GAP)]
+        lower = min([best["t"], *(b for b, _ in open_bounds)])
+        certified = not open_bounds
         if not certified:
-            meta["chain_stop"] = (f"{len(open_bounds)} node(s) left open: more than {max_options} attention "
-                                  f"options within their bound, nothing left to branch on, or {max_tree} nodes")
+            why = sorted({w for _, w in open_bounds})
+            meta["chain_stop"] = f"{len(open_bounds)} node(s) left open: {', '.join(why)}"
+            meta["chain_guard_reached"] = any("guard" in w for w in why)
         meta["attention_options_evaluated"] = self.evaluated
         return ChainResult(best["pl"], best["t"], lower, certified, meta)
 
