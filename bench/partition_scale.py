@@ -77,8 +77,9 @@ def budgets() -> None:
     print(f"[5] budgets (work counts, no clock): RA is a greedy of fixed work (per layer <= proj_candidates + 1 "
           f"anchors x blocks); optimal: local search <= {o.local_search_evals} plan evaluations, MILP <= "
           f"{o.milp_max_nodes} branch-and-bound nodes (then the incumbent and its gap), one-layer exact search "
-          f"<= {exact_limits()}, several-layer token-0 search <= {chain_limits()}; the MILP's time_limit_s={o.time_limit_s:g} only guards (reaching it is a "
-          f"failure, never another plan)")
+          f"<= {exact_limits()}, several-layer token-0 search <= {chain_limits()}; time_limit_s="
+          f"{o.time_limit_s:g} only guards (the decode MILP fails on reaching it, never another plan; the "
+          f"several-layer search leaves its nodes open and says so: chain_guard_reached)")
 
 
 def chain_limits() -> str:

@@ -137,3 +137,14 @@ def test_chain_tables_bound_decode_cost(on_source):
         pl = S.placement(cols)
         tab = sum(S.col_cost(c) for c in cols)
         assert tab == pytest.approx(decode_cost(pl, snap, dims).token_latency_s, rel=1e-12)
+
+
+def test_chain_certifies_8_devices_x_12_layers():
+    """bench [5]'s instance (GPT-2, 8 workers): certified optimal and faster than RA's plan."""
+    from testbed.partition.synthetic import GPT2
+
+    snap = random_star(np.random.default_rng(0), 9, GPT2)
+    r = plan("optimal", snap, GPT2)
+    assert r.placement.meta["latency_certified"], r.placement.meta
+    assert r.predicted_token_latency_s == pytest.approx(r.placement.meta["latency_lower_bound_s"], rel=1e-9)
+    assert r.predicted_token_latency_s < plan("resource_aware", snap, GPT2).predicted_token_latency_s
