@@ -160,6 +160,59 @@ class PlanArrays:
         c0 = c0 + float(self.roof(np.array([src]), k["lm_flops"], k["lm_read"])[0])
         return PlanLatency(c0 + c1, nbytes)
 
+    def latencies_swapped(self, pl, swaps: list) -> list[PlanLatency]:
+        """``latency`` of ``pl`` with, per swap ``(l, lp)``, its layer ``l`` replaced by ``lp``, for
+        every swap at once (leveling's candidates: each differs from the plan in one layer and in
+        the next layer's input). The missing layer costs are computed in one batch; the per-layer
+        sums run in layer order over the candidates' rows (the same additions as ``latency``, so
+        the same floats)."""
+        todo: dict = {}
+        keys, A_last = self._missing(pl, todo)
+        index, memo, L, n = self.index, self.deltas, len(pl.layers), len(swaps)
+        swapped, nxt, aggs = [], [], []  # per swap: its layer's key, the next layer's key (or None), its aggregator
+        for l, lp in swaps:
+            key = (id(lp), keys[l][1])
+            hit = memo.get(key)
+            if hit is None or hit[0] is not lp:
+                todo[key] = (lp, key[1])
+            agg = index[lp.ffn[0].device]
+            after = None
+            if l + 1 < L:
+                after = (keys[l + 1][0], agg)
+                hit = memo.get(after)
+                if hit is None or hit[0] is not pl.layers[l + 1]:
+                    todo[after] = (pl.layers[l + 1], agg)
+            swapped.append(key)
+            nxt.append(after)
+            aggs.append(agg)
+        self._fill(todo)
+        base = [memo[k] for k in keys]
+        dc = np.tile(np.array([b[1] for b in base]), (n, 1))  # (n swaps, L layers) compute seconds
+        dt = np.tile(np.array([b[2] for b in base]), (n, 1))  # (n, L) transfer seconds
+        nb_base = [b[3] for b in base]
+        total_nb = sum(nb_base)
+        nbytes = []
+        for i, ((l, _), key, after) in enumerate(zip(swaps, swapped, nxt)):
+            _, dc[i, l], dt[i, l], nb = memo[key]
+            b = total_nb - nb_base[l] + nb
+            if after is not None:
+                _, dc[i, l + 1], dt[i, l + 1], nb2 = memo[after]
+                b += nb2 - nb_base[l + 1]
+            nbytes.append(b)
+        c0, c1 = np.zeros(n), np.zeros(n)  # (n,) the sums, layer by layer as ``latency`` adds them
+        for j in range(L):
+            c0, c1 = c0 + dc[:, j], c1 + dt[:, j]
+        src, k = self.src, self.k
+        last = np.array([agg if l == L - 1 else A_last for (l, _), agg in zip(swaps, aggs)])  # (n,) exit device
+        away = last != src
+        with np.errstate(invalid="ignore"):
+            t = c0 + c1
+            c1 = np.where(away, ((c1 + (t - t)) + k["x_bytes"] * self.spb[last, src]) + self.lat[last, src], c1)
+        c0 = c0 + float(self.roof(np.array([src]), k["lm_flops"], k["lm_read"])[0])
+        lat = c0 + c1
+        return [PlanLatency(float(x), b + int(k["x_bytes"]) * bool(a))
+                for x, b, a in zip(lat.tolist(), nbytes, away.tolist())]
+
     def _layer(self, lp) -> _Layer:
         hit = self.layers.get(id(lp))
         if hit is None or hit[0] is not lp:
