@@ -32,7 +32,7 @@ from testbed.core.placement import Placement
 from testbed.core.snapshot import ClusterSnapshot, LinkState
 from testbed.partition.common import Problem, evaluate
 from testbed.partition.cost.latency import Net
-from testbed.partition.cost.migration import migration_estimate
+from testbed.partition.cost.migration import planner_delay
 
 
 def slowed(snapshot: ClusterSnapshot, frac: float) -> ClusterSnapshot:
@@ -62,10 +62,10 @@ def slow_objective(prob: Problem, pl: Placement, frac: float) -> float:
             lat = evaluate(pl, snap, prob.dims, "paper").token_latency_s
         else:
             lat = memo["arrays"].latency(pl).token_latency_s
-        mig = 0.0
-        if prob.snap.current is not None:
-            mig = migration_estimate(prob.snap.current, pl, snap, prob.dims, cost_model=prob.cost_model,
-                                     net=net).delay_s
+        # ``migration_estimate``'s delay over the slowed links (``planner_delay``: the same floats;
+        # what each layer ships and the memory-safe waves do not depend on the links: shared memo)
+        mig = planner_delay(prob.snap.current, pl, snap, prob.dims, prob.cost_model, net,
+                            prob.memo.setdefault("migration_parts", {}))
         memo[key] = lat + mig / prob.H
     return memo[key]
 
