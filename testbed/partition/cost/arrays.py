@@ -100,11 +100,12 @@ class PlanArrays:
         self.mem_bw = np.array([d.mem_bw_bytes_per_s for d in snap.devices], dtype=float)
         self.call_s = np.array([d.call_overhead_s for d in snap.devices], dtype=float)
         self.k = decode_constants(prob.dims, snap.context_len, 1)
-        self.snap, self.names, self.net = snap, prob.names, None
+        self.snap, self.names, self.net, self.dims = snap, prob.names, None, prob.dims
         # memos by identity (hashing a LayerPlacement is slow; plans share layer objects), each
         # entry holding its layer so that the id stays taken
         self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer)
         self.deltas: dict = {}  # (id(LayerPlacement), input device) -> (it, compute_s, transfer_s, bytes)
+        self._roof_rows: dict = {}  # block kind -> count -> roof per device (``roof_per_count``)
 
     def roof(self, dev: np.ndarray, flops, nbytes) -> np.ndarray:
         """``roofline.roofline_s`` per element (one call)."""
@@ -114,6 +115,26 @@ class PlanArrays:
             comp = flops / np.where(ok, speed, 1.0)
             mem = np.where(bw < INF, nbytes / np.where(bw < INF, bw, 1.0), 0.0)
         return np.where(ok, np.maximum(comp, mem) + self.call_s[dev], INF)
+
+    def roof_per_count(self, kind: str, dev: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """``roof(dev, n * flops, n * read)`` per element for ``n`` heads (``kind = "head"``) or FFN
+        columns (``"ffn_col"``): a row over devices per count, computed when the count first
+        appears (the same elementwise operations as ``roof``, so the same floats), then looked up."""
+        hit = self._roof_rows.get(kind)
+        if hit is None:
+            most = self.dims.n_kv_heads if kind == "head" else self.dims.ffn_dim
+            hit = self._roof_rows[kind] = [np.full(most + 1, -1, dtype=np.intp), np.empty((0, len(self.speed)))]
+        where, rows = hit  # count -> its row in ``rows`` (-1: not computed yet); (counts seen, devices)
+        at = where[n]
+        if (at < 0).any():
+            new = sorted(set(n[at < 0].tolist()))
+            cnt = np.array(new)[:, None]  # (new counts, 1)
+            every = np.arange(len(self.speed))[None, :]
+            flops, read = self.k[f"{kind}_flops"], self.k[f"{kind}_read"]
+            where[new] = np.arange(len(rows), len(rows) + len(new))
+            rows = hit[1] = np.concatenate([rows, self.roof(every, cnt * flops, cnt * read)])
+            at = where[n]
+        return rows[at, dev]
 
     def _missing(self, pl, todo: dict) -> tuple[list, int]:
         """The plan's (layer, input device) keys in order, the last aggregator; adds to ``todo``
@@ -271,7 +292,7 @@ class PlanArrays:
         hpos = _pad([ly.hpos for ly in L], 0)
         valid = hd >= 0
         hd = np.where(valid, hd, P[:, None])
-        done0 = 0.0 + self.roof(hd, hn * hf, hn * hr)
+        done0 = 0.0 + self.roof_per_count("head", hd, hn)
         done1 = arr[rows, hpos]
         onP = valid & (hd == P[:, None])
         att0, att1 = np.zeros(len(L)), arr[:, 0]
@@ -306,6 +327,7 @@ class PlanArrays:
         valid = np.zeros((len(L), F), dtype=bool)
         out0 = out1 = None
         nb = np.zeros(len(L), dtype=np.int64)
+        work = self.roof_per_count("ffn_col", np.where(fd >= 0, fd, P[:, None]), fc)  # (rows, F) each shard's roofline
         for f in range(F):
             real = fd[:, f] >= 0
             dev = np.where(real, fd[:, f], P)
@@ -314,7 +336,7 @@ class PlanArrays:
             tau = xb * spb[P, dev]
             arr1 = np.where(move, ((pd1 + (sP - t)) + tau) + lat[P, dev], pd1)
             up[rows, P] = np.where(move, sP + tau, up[rows, P])
-            done0 = pd0 + self.roof(dev, fc[:, f] * fcf, fc[:, f] * fcr)
+            done0 = pd0 + work[:, f]
             nb += move * int(xb)
             if f == 0:
                 out0, out1 = done0, arr1
