@@ -71,20 +71,23 @@ def _cp_max(a0, a1, b0, b1, take):
 
 def _fan_in(m0, m1, tau, valid):
     """``latency._Nics.fan_in`` per row over the valid messages (arrival pair, downlink seconds):
-    (compute, transfer) of the last one to finish and whether a row had any."""
+    (compute, transfer) of the last one to finish and whether a row had any. The queue runs over
+    every row at once; past a row's last message its entries are (-inf, 0 s), which leave its
+    queue as it is (``max(-inf, done + 0) = done``)."""
     order = np.lexsort((m0 + m1, ~valid), axis=1)  # valid first, by arrival, stable (as ``sorted``)
     R = m0.shape[0]
     rows = np.arange(R)[:, None]
     m0, m1, tau, valid = m0[rows, order], m1[rows, order], tau[rows, order], valid[rows, order]
-    done, o0, o1 = np.full(R, -INF), np.zeros(R), np.zeros(R)
-    for k in range(int(valid.sum(axis=1).max(initial=0))):  # sorted: a row's valid messages first
-        v = valid[:, k]
-        t = m0[:, k] + m1[:, k]
-        fin = np.maximum(t, done + tau[:, k])
-        done = np.where(v, fin, done)
-        o0 = np.where(v, m0[:, k], o0)
-        o1 = np.where(v, m1[:, k] + (fin - t), o1)
-    return o0, o1, valid.any(axis=1)
+    n = valid.sum(axis=1)  # (R,) messages per row, sorted first
+    t = np.where(valid, m0 + m1, -INF)  # (R, M) arrivals
+    gap = np.where(valid, tau, 0.0)  # (R, M) downlink seconds
+    done = np.full(R, -INF)
+    for k in range(int(n.max(initial=0))):
+        done = np.maximum(t[:, k], done + gap[:, k])
+    got = n > 0
+    r, last = rows[:, 0], np.maximum(n - 1, 0)  # each row's last message
+    l0, l1 = m0[r, last], m1[r, last]
+    return np.where(got, l0, 0.0), np.where(got, l1 + (done - (l0 + l1)), 0.0), got
 
 
 class PlanArrays:
@@ -106,6 +109,9 @@ class PlanArrays:
         self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer)
         self.deltas: dict = {}  # (id(LayerPlacement), input device) -> (it, compute_s, transfer_s, bytes)
         self._roof_rows: dict = {}  # block kind -> count -> roof per device (``roof_per_count``)
+        every = np.arange(len(self.speed))
+        self.proj_s = self.roof(every, self.k["proj_flops"], self.k["proj_read"])  # (devices,) the projection
+        self.lm_s = float(self.roof(np.array([self.src]), self.k["lm_flops"], self.k["lm_read"])[0])  # the LM head
 
     def roof(self, dev: np.ndarray, flops, nbytes) -> np.ndarray:
         """``roofline.roofline_s`` per element (one call)."""
@@ -178,7 +184,7 @@ class PlanArrays:
             t = c0 + c1
             c1 = ((c1 + (t - t)) + k["x_bytes"] * self.spb[A, src]) + self.lat[A, src]
             nbytes += int(k["x_bytes"])
-        c0 = c0 + float(self.roof(np.array([src]), k["lm_flops"], k["lm_read"])[0])
+        c0 = c0 + self.lm_s
         return PlanLatency(c0 + c1, nbytes)
 
     def latencies_swapped(self, pl, swaps: list) -> list[PlanLatency]:
@@ -229,7 +235,7 @@ class PlanArrays:
         with np.errstate(invalid="ignore"):
             t = c0 + c1
             c1 = np.where(away, ((c1 + (t - t)) + k["x_bytes"] * self.spb[last, src]) + self.lat[last, src], c1)
-        c0 = c0 + float(self.roof(np.array([src]), k["lm_flops"], k["lm_read"])[0])
+        c0 = c0 + self.lm_s
         lat = c0 + c1
         return [PlanLatency(float(x), b + int(k["x_bytes"]) * bool(a))
                 for x, b, a in zip(lat.tolist(), nbytes, away.tolist())]
@@ -270,7 +276,7 @@ class PlanArrays:
         up = np.full((R, len(self.speed)), -INF)  # when each device's uplink frees (-inf: never used)
         with np.errstate(invalid="ignore"):  # a path that is down: inf - inf = nan, as in decode_cost
             a0, a1, nb_att = self._attention(L, A, P, up)
-            pd0 = a0 + self.roof(P, self.k["proj_flops"], self.k["proj_read"])
+            pd0 = a0 + self.proj_s[P]
             o0, o1, nb_ffn = self._ffn(L, P, pd0, a1, up, rows)
         return [(float(x), float(y), int(b)) for x, y, b in zip(o0, o1, nb_att + nb_ffn)]
 
@@ -318,35 +324,38 @@ class PlanArrays:
         carries its own partial when it holds a shard), the shards, the partials into the
         aggregator (fan-in in arrival order): (compute, transfer) of the layer's output, bytes."""
         k, lat, spb = self.k, self.lat, self.spb
-        xb, fcf, fcr = k["x_bytes"], k["ffn_col_flops"], k["ffn_col_read"]
+        xb = k["x_bytes"]
         fd, fc = _pad([ly.fdev for ly in L], -1), _pad([ly.fcols for ly in L], 0)
-        agg = fd[:, 0]
+        agg, Pc = fd[:, 0], P[:, None]
         t = pd0 + pd1
         F = fd.shape[1]
-        m0, m1, taus = np.zeros((len(L), F)), np.zeros((len(L), F)), np.zeros((len(L), F))
-        valid = np.zeros((len(L), F), dtype=bool)
+        # (rows, F) per shard, everything but the uplinks' queues
+        real = fd >= 0
+        dev = np.where(real, fd, Pc)  # the shard's device (the proj on padding)
+        move = real & (dev != Pc)  # h crosses a link
+        tau, hop = xb * spb[Pc, dev], lat[Pc, dev]  # h: uplink seconds, latency
+        tau2, hop2 = xb * spb[dev, agg[:, None]], lat[dev, agg[:, None]]  # the partial to the aggregator
+        done0 = pd0[:, None] + self.roof_per_count("ffn_col", dev, fc)  # the shard computed
+        valid = real.copy()
+        valid[:, 0] = False  # the aggregator's own shard sends nothing
+        m1 = np.zeros((len(L), F))
+        nb = (move.sum(axis=1) + real[:, 1:].sum(axis=1)) * int(xb)
         out0 = out1 = None
-        nb = np.zeros(len(L), dtype=np.int64)
-        work = self.roof_per_count("ffn_col", np.where(fd >= 0, fd, P[:, None]), fc)  # (rows, F) each shard's roofline
         for f in range(F):
-            real = fd[:, f] >= 0
-            dev = np.where(real, fd[:, f], P)
-            move = real & (dev != P)
-            sP = np.maximum(t, up[rows, P])
-            tau = xb * spb[P, dev]
-            arr1 = np.where(move, ((pd1 + (sP - t)) + tau) + lat[P, dev], pd1)
-            up[rows, P] = np.where(move, sP + tau, up[rows, P])
-            done0 = pd0 + work[:, f]
-            nb += move * int(xb)
+            upP = up[rows, P]
+            sP = np.maximum(t, upP)
+            arr1 = np.where(move[:, f], ((pd1 + (sP - t)) + tau[:, f]) + hop[:, f], pd1)
+            up[rows, P] = np.where(move[:, f], sP + tau[:, f], upP)
             if f == 0:
-                out0, out1 = done0, arr1
+                out0, out1 = done0[:, 0], arr1
                 continue
-            t2 = done0 + arr1
-            s2 = np.maximum(t2, up[rows, dev])
-            tau2 = xb * spb[dev, agg]
-            m0[:, f], m1[:, f], taus[:, f], valid[:, f] = done0, ((arr1 + (s2 - t2)) + tau2) + lat[dev, agg], tau2, real
-            up[rows, dev] = np.where(real, s2 + tau2, up[rows, dev])
-            nb += real * int(xb)
+            d = dev[:, f]
+            t2 = done0[:, f] + arr1
+            upd = up[rows, d]
+            s2 = np.maximum(t2, upd)
+            m1[:, f] = ((arr1 + (s2 - t2)) + tau2[:, f]) + hop2[:, f]
+            up[rows, d] = np.where(real[:, f], s2 + tau2[:, f], upd)
+        m0, taus = done0, tau2
         g0, g1, got = _fan_in(m0, m1, taus, valid)
         out0, out1 = _cp_max(out0, out1, g0, g1, got)
         return out0, out1, nb
