@@ -13,6 +13,7 @@ Only the latency and the bytes on the links are produced; reports use ``decode_c
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -42,20 +43,23 @@ class _Layer(NamedTuple):
     fcols: tuple
 
 
-def _extract(lp, index: dict) -> _Layer:
+def _extract(lp, index: dict, heads_memo: dict) -> _Layer:
+    """``lp``'s devices as indices. The heads' part is memoised per (heads tuple object, proj) in
+    ``heads_memo`` (a planner's variants of a layer that move only FFN columns share the tuple)."""
     P = index[lp.proj]
-    counts: dict[int, int] = {}
-    for d in lp.heads:
-        j = index[d]
-        counts[j] = counts.get(j, 0) + 1
-    xdst = (P, *(j for j in counts if j != P))
-    pos = {j: i for i, j in enumerate(xdst)}
+    key = (id(lp.heads), P)
+    hit = heads_memo.get(key)
+    if hit is None or hit[0] is not lp.heads:
+        counts = Counter(map(index.__getitem__, lp.heads))  # first-appearance order
+        xdst = (P, *(j for j in counts if j != P))
+        pos = {j: i for i, j in enumerate(xdst)}
+        hit = heads_memo[key] = (lp.heads, xdst, tuple(counts), tuple(counts.values()),
+                                 tuple(pos[j] for j in counts))
     cols: dict[int, int] = {}
     for s in lp.ffn:
         j = index[s.device]
         cols[j] = cols.get(j, 0) + (s.col_end - s.col_start)
-    return _Layer(P, xdst, tuple(counts), tuple(counts.values()), tuple(pos[j] for j in counts),
-                  tuple(cols), tuple(cols.values()))
+    return _Layer(P, *hit[1:], tuple(cols), tuple(cols.values()))
 
 
 def _pad(rows: list, fill) -> np.ndarray:
@@ -107,6 +111,7 @@ class PlanArrays:
         # memos by identity (hashing a LayerPlacement is slow; plans share layer objects), each
         # entry holding its layer so that the id stays taken
         self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer)
+        self.heads: dict = {}  # (id(heads tuple), proj) -> (it, the _Layer's head fields)
         self.deltas: dict = {}  # (id(LayerPlacement), input device) -> (it, compute_s, transfer_s, bytes)
         self._roof_rows: dict = {}  # block kind -> count -> roof per device (``roof_per_count``)
         every = np.arange(len(self.speed))
@@ -243,7 +248,7 @@ class PlanArrays:
     def _layer(self, lp) -> _Layer:
         hit = self.layers.get(id(lp))
         if hit is None or hit[0] is not lp:
-            hit = self.layers[id(lp)] = (lp, _extract(lp, self.index))
+            hit = self.layers[id(lp)] = (lp, _extract(lp, self.index, self.heads))
         return hit[1]
 
     def _compute(self, todo: list) -> list:

@@ -172,10 +172,11 @@ def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_co
                 n_dest: int) -> list[_Move]:
     """Moves of one head group or one FFN chunk per layer off device ``a``, to the ``n_dest`` best
     destinations with ``room`` for it (bytes; the caller keeps every destination below ``a``'s peak):
-    devices near the layer's dataflow first, then by the messages' transfer time, then by index."""
+    devices near the layer's dataflow first, then by the messages' transfer time, then by index
+    (every block's destinations ranked in one sort)."""
     memo = _memo(prob)
     sz, name, index = memo.sz, prob.names[a], prob.index
-    out: list[_Move] = []
+    blocks = []  # (layer, block, columns, bytes, key per device, usable devices, devices near the layer)
     A = prob.src
     for l, lp in enumerate(pl.layers):
         A_l, A = A, index[lp.ffn[0].device]  # the layer's input, the next layer's
@@ -183,20 +184,32 @@ def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_co
         if not on_a and name not in lp.heads:
             continue
         P, agg, devs, last = memo.devices(lp)
-        near = np.zeros(len(prob.names), dtype=bool)  # (devices,) no new hop in the layer's dataflow
-        near[list(devs | {A_l})] = True
-        blocks = []
+        near = [*devs, A_l]  # no new hop in the layer's dataflow
         if a in last:
-            blocks.append((last[a], 0, sz.head_b, memo.key("h", A_l, P)))
+            blocks.append((l, last[a], 0, sz.head_b, *memo.key("h", A_l, P), near))
         for s in on_a:
             c = min(chunk_cols, s.col_end - s.col_start)
-            blocks.append((s, c, c * sz.ffn_col_b, memo.key("f", P, agg)))
-        for blk, cols, nbytes, (key, usable) in blocks:
-            ok = usable & (room >= nbytes)
-            ok[a] = False
-            idx = np.nonzero(ok)[0]  # (candidates,)
-            ranked = idx[np.lexsort((idx, key[idx], ~near[idx]))[:n_dest]].tolist()
-            out.extend(_Move(not near[j], float(key[j]), l, blk, cols, j, nbytes) for j in ranked)
+            blocks.append((l, s, c, c * sz.ffn_col_b, *memo.key("f", P, agg), near))
+    if not blocks:
+        return []
+    n = len(prob.names)
+    key = np.stack([b[4] for b in blocks])  # (blocks, devices)
+    ok = np.stack([b[5] for b in blocks]) & (room[None, :] >= np.array([b[3] for b in blocks])[:, None])
+    ok[:, a] = False
+    near = np.zeros((len(blocks), n), dtype=bool)  # (blocks, devices)
+    for i, b in enumerate(blocks):
+        near[i, b[6]] = True
+    r, j = np.nonzero(ok)  # (candidates,) block and device
+    far = ~near[r, j]
+    order = np.lexsort((j, key[r, j], far, r))  # per block: near first, by key, by index
+    r, j, far = r[order], j[order], far[order]
+    start = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # each block's first candidate
+    rank = np.arange(len(r)) - np.repeat(start, np.diff(np.r_[start, len(r)]))
+    take = np.flatnonzero(rank < n_dest)
+    out: list[_Move] = []
+    for i, jj, f in zip(r[take].tolist(), j[take].tolist(), far[take].tolist()):
+        l, blk, cols, nbytes = blocks[i][:4]
+        out.append(_Move(f, float(key[i, jj]), l, blk, cols, jj, nbytes))
     return out
 
 
