@@ -26,7 +26,7 @@ Pure functions of a ``Problem``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,8 +36,7 @@ from testbed.partition.ra.objective import no_migration, objective_without_migra
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 
 
-@dataclass(frozen=True)
-class _Move:
+class _Move(NamedTuple):
     """One candidate: block ``blk`` (head group index, or an FfnShard) of layer ``l`` from ``a`` to ``dest``."""
 
     far: bool  # the destination adds a hop to the layer's dataflow
@@ -124,12 +123,13 @@ class _Memo:
         self.keys: dict = {}  # ("h", A, P) / ("f", P, agg) -> (key per device, allowed and finite)
 
     def devices(self, lp: LayerPlacement) -> tuple:
-        """(proj, aggregator, the layer's devices as a set of indices, device -> last head group)."""
+        """(proj, aggregator, the layer's devices (a mask over devices), device -> last head group)."""
         hit = self.layers.get(id(lp))
         if hit is None or hit[0] is not lp:
             idx = self.prob.index
             last = {idx[d]: g for g, d in enumerate(lp.heads)}
-            devs = set(last) | {idx[lp.proj]} | {idx[s.device] for s in lp.ffn}
+            devs = np.zeros(len(self.prob.names), dtype=bool)
+            devs[[*last, idx[lp.proj], *(idx[s.device] for s in lp.ffn)]] = True
             hit = self.layers[id(lp)] = (lp, (idx[lp.proj], idx[lp.ffn[0].device], devs, last))
         return hit[1]
 
@@ -176,7 +176,7 @@ def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_co
     (every block's destinations ranked in one sort)."""
     memo = _memo(prob)
     sz, name, index = memo.sz, prob.names[a], prob.index
-    blocks = []  # (layer, block, columns, bytes, key per device, usable devices, devices near the layer)
+    blocks = []  # (layer, block, columns, bytes, key per device, usable devices, the layer's devices, its input)
     A = prob.src
     for l, lp in enumerate(pl.layers):
         A_l, A = A, index[lp.ffn[0].device]  # the layer's input, the next layer's
@@ -184,32 +184,30 @@ def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_co
         if not on_a and name not in lp.heads:
             continue
         P, agg, devs, last = memo.devices(lp)
-        near = [*devs, A_l]  # no new hop in the layer's dataflow
         if a in last:
-            blocks.append((l, last[a], 0, sz.head_b, *memo.key("h", A_l, P), near))
+            blocks.append((l, last[a], 0, sz.head_b, *memo.key("h", A_l, P), devs, A_l))
         for s in on_a:
             c = min(chunk_cols, s.col_end - s.col_start)
-            blocks.append((l, s, c, c * sz.ffn_col_b, *memo.key("f", P, agg), near))
+            blocks.append((l, s, c, c * sz.ffn_col_b, *memo.key("f", P, agg), devs, A_l))
     if not blocks:
         return []
-    n = len(prob.names)
     key = np.stack([b[4] for b in blocks])  # (blocks, devices)
     ok = np.stack([b[5] for b in blocks]) & (room[None, :] >= np.array([b[3] for b in blocks])[:, None])
     ok[:, a] = False
-    near = np.zeros((len(blocks), n), dtype=bool)  # (blocks, devices)
-    for i, b in enumerate(blocks):
-        near[i, b[6]] = True
-    r, j = np.nonzero(ok)  # (candidates,) block and device
-    far = ~near[r, j]
-    order = np.lexsort((j, key[r, j], far, r))  # per block: near first, by key, by index
-    r, j, far = r[order], j[order], far[order]
-    start = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # each block's first candidate
-    rank = np.arange(len(r)) - np.repeat(start, np.diff(np.r_[start, len(r)]))
-    take = np.flatnonzero(rank < n_dest)
+    near = np.stack([b[6] for b in blocks])  # (blocks, devices) no new hop in the layer's dataflow:
+    near[np.arange(len(blocks)), [b[7] for b in blocks]] = True  # the layer's devices and its input
+    # per block, the n_dest first by (far, key, index): the near ones by key (a stable sort keeps
+    # ties in index order), then the far ones
+    near_ok, far_ok = ok & near, ok & ~near
+    by_near = np.argsort(np.where(near_ok, key, np.inf), axis=1, kind="stable")[:, :n_dest].tolist()
+    by_far = np.argsort(np.where(far_ok, key, np.inf), axis=1, kind="stable")[:, :n_dest].tolist()
+    n_near = np.minimum(near_ok.sum(axis=1), n_dest).tolist()
+    n_far = far_ok.sum(axis=1).tolist()
     out: list[_Move] = []
-    for i, jj, f in zip(r[take].tolist(), j[take].tolist(), far[take].tolist()):
-        l, blk, cols, nbytes = blocks[i][:4]
-        out.append(_Move(f, float(key[i, jj]), l, blk, cols, jj, nbytes))
+    for i, (l, blk, cols, nbytes, *_) in enumerate(blocks):
+        k = n_near[i]
+        for far, j in [(False, j) for j in by_near[i][:k]] + [(True, j) for j in by_far[i][:min(n_dest - k, n_far[i])]]:
+            out.append(_Move(far, float(key[i, j]), l, blk, cols, j, nbytes))
     return out
 
 
