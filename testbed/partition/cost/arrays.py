@@ -231,9 +231,11 @@ class PlanArrays:
                 _, dc[i, l + 1], dt[i, l + 1], nb2 = memo[after]
                 b += nb2 - nb_base[l + 1]
             nbytes.append(b)
-        c0, c1 = np.zeros(n), np.zeros(n)  # (n,) the sums, layer by layer as ``latency`` adds them
-        for j in range(L):
-            c0, c1 = c0 + dc[:, j], c1 + dt[:, j]
+        # (n,) the sums from 0, layer by layer as ``latency`` adds them (``accumulate`` is a
+        # sequential fold, unlike ``sum``'s pairwise summation)
+        zero = np.zeros((n, 1))
+        c0 = np.add.accumulate(np.concatenate([zero, dc], axis=1), axis=1)[:, -1]
+        c1 = np.add.accumulate(np.concatenate([zero, dt], axis=1), axis=1)[:, -1]
         src, k = self.src, self.k
         last = np.array([agg if l == L - 1 else A_last for (l, _), agg in zip(swaps, aggs)])  # (n,) exit device
         away = last != src

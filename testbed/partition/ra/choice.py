@@ -10,6 +10,8 @@ when headroom is cheap (``_headroom``). Pure functions of a ``Problem``.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from testbed.partition.cost import blocks as B
@@ -78,11 +80,11 @@ class _MixFits:
             p = self.prob
             if p.cost_model != "decode":
                 vec = self._bytes(Placement(p.snap.source, (lp,)))
-            else:  # ``placement_memory``'s terms (whole bytes), without the source's (it cancels)
+            else:  # ``placement_memory``'s terms (whole bytes: exact sums), without the source's (it cancels)
                 vec, idx, d = np.zeros(len(p.names)), p.index, p.dims
                 head = B.block_memory_bytes(d, "head", self.until)
-                for dev in lp.heads:
-                    vec[idx[dev]] += head
+                for dev, n in Counter(lp.heads).items():
+                    vec[idx[dev]] += n * head
                 vec[idx[lp.proj]] += B.proj_bytes(d)
                 for sh in lp.ffn:
                     vec[idx[sh.device]] += B.ffn_bytes(d, sh.col_end - sh.col_start)
