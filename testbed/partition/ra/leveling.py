@@ -206,8 +206,8 @@ def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_co
     out: list[_Move] = []
     for i, (l, blk, cols, nbytes, *_) in enumerate(blocks):
         k = n_near[i]
-        for far, j in [(False, j) for j in by_near[i][:k]] + [(True, j) for j in by_far[i][:min(n_dest - k, n_far[i])]]:
-            out.append(_Move(far, float(key[i, j]), l, blk, cols, j, nbytes))
+        ranked = [(False, j) for j in by_near[i][:k]] + [(True, j) for j in by_far[i][:min(n_dest - k, n_far[i])]]
+        out.extend(_Move(far, float(key[i, j]), l, blk, cols, j, nbytes) for far, j in ranked)
     return out
 
 
@@ -256,7 +256,7 @@ def _best_move(prob: Problem, pl: Placement, cands: list[_Move], cur: float, lim
             continue  # no migration estimate for a move the latency already rules out
         cand = None
         if free:
-            obj = objective_without_migration(prob, lat.token_latency_s, prob.H)
+            obj = objective_without_migration(lat.token_latency_s, prob.H)
         else:
             cand = plan(m, lp)
             remember_cost(prob, cand, lat)

@@ -89,7 +89,7 @@ def no_migration(prob: Problem, n_layers: int) -> bool:
     return cur is None or len(cur.layers) != n_layers
 
 
-def objective_without_migration(prob: Problem, latency_s: float, H: float) -> float:
+def objective_without_migration(latency_s: float, H: float) -> float:
     """``_objective(...)[0]`` of a plan of latency ``latency_s`` when ``no_migration`` holds (the
     same float: the latency + a zero delay / H), without building the plan."""
     return latency_s + 0.0 / H
