@@ -26,8 +26,10 @@ def _mig_in(prob: Problem, cur_counts: np.ndarray, nbytes: float) -> np.ndarray:
     holders = np.nonzero(cur_counts > 0)[0]
     if holders.size == 0:
         return np.zeros(len(prob.names))
-    cost = prob.lat[holders] + nbytes * prob.spb[holders]
-    return cost.min(axis=0) / getattr(prob, "H", prob.N)
+    memo = prob.memo.setdefault("ra_move_in", {})
+    if nbytes not in memo:  # (from, to): one block's transfer, once per problem and block size
+        memo[nbytes] = prob.lat + nbytes * prob.spb
+    return memo[nbytes][holders].min(axis=0) / getattr(prob, "H", prob.N)
 
 
 def _counts(prob: Problem, devices) -> np.ndarray:
