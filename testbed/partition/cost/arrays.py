@@ -168,6 +168,24 @@ class PlanArrays:
             self._missing(pl, todo)
         self._fill(todo)
 
+    def warm_mixes(self, pl, alt) -> None:
+        """Compute, in one batch, the layers of ``pl`` and ``alt`` and those ``latencies_swapped(pl,
+        ...)`` needs for each layer of ``alt`` that is not ``pl``'s (a per-layer mixture of the two:
+        that layer at ``pl``'s input, and ``pl``'s next layer after its aggregator)."""
+        todo: dict = {}
+        keys, _ = self._missing(pl, todo)
+        self._missing(alt, todo)
+        memo, index, L = self.deltas, self.index, len(pl.layers)
+        for l, (a, b) in enumerate(zip(pl.layers, alt.layers)):
+            if a is b:
+                continue
+            need = [(b, keys[l][1])] + ([(pl.layers[l + 1], index[b.ffn[0].device])] if l + 1 < L else [])
+            for lp, A in need:
+                hit = memo.get((id(lp), A))
+                if hit is None or hit[0] is not lp:
+                    todo[(id(lp), A)] = (lp, A)
+        self._fill(todo)
+
     def _fill(self, todo: dict) -> None:
         if todo:
             for (key, (lp, _)), val in zip(todo.items(), self._compute(list(todo.values()))):

@@ -251,6 +251,11 @@ def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np
     # (every horizon is capped at the end of generation: no block moves for KV never written)
     until_max = prob.cap(max(T + N, int(prob.T_mem if headroom_until is None else headroom_until)
                              + max(0, anticipate_epochs) * N))
+    if prob.cost_model == "decode":  # staying, the new plan and their per-layer mixtures: one batch
+        try:
+            plan_arrays(prob).warm_mixes(cur, new)
+        except KeyError:  # the current placement uses a device the snapshot no longer has
+            pass
     stay, need, value = _stay_candidate(prob, cur, H, net, budget, anticipate_epochs, preempt, until_max)
 
     def key(pl: Placement, obj: float | None = None) -> float:
