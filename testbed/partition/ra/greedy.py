@@ -6,6 +6,8 @@ Pure functions over a ``Problem``; numpy for per-device vectors, heaps for the p
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from testbed.partition.cost import blocks as B
@@ -38,6 +40,12 @@ def _counts(prob: Problem, devices) -> np.ndarray:
     return np.bincount(idx, minlength=len(prob.names)).astype(float) if idx else np.zeros(len(prob.names))
 
 
+@lru_cache(maxsize=64)
+def _chunk_mids(ffn_dim: int, chunks: int) -> tuple[int, ...]:
+    """The middle column of each of ``chunks`` FFN chunks (which shard holds a chunk)."""
+    return tuple((a + b) // 2 for a, b in B.ffn_chunk_bounds(ffn_dim, chunks))
+
+
 class _Layer:
     """Inputs for planning one layer: input device, anchor, residual memory and hysteresis data."""
 
@@ -62,9 +70,8 @@ class _Layer:
         n = len(prob.names)
         self.cur_heads = _counts(prob, cur.heads) if cur else np.zeros(n)
         self.cur_proj = prob.index.get(cur.proj) if cur else None
-        mids = [(a + b) // 2 for a, b in B.ffn_chunk_bounds(prob.dims.ffn_dim, chunks)]
         self.cur_chunks = _counts(prob, [next(s.device for s in cur.ffn if s.col_start <= m < s.col_end)
-                                         for m in mids]) if cur else np.zeros(n)
+                                         for m in _chunk_mids(prob.dims.ffn_dim, chunks)]) if cur else np.zeros(n)
         mig_head = _mig_in(prob, self.cur_heads, prob.sz.mig_head_b)
         mig_chunk = _mig_in(prob, self.cur_chunks, self.chunk_cols * prob.sz.mig_col_b)
         self.mig_head, self.mig_chunk = mig_head.tolist(), mig_chunk.tolist()
