@@ -12,6 +12,7 @@ or 1 ms. The probes themselves run *inside* the hosts (``python -m testbed.emula
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,8 +44,50 @@ def _finish(p: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
     return p.returncode, out, err
 
 
+def host_counters() -> tuple[float, float, float]:
+    """(monotonic seconds, CPU time the hypervisor stole from this VM in s summed over CPUs, time in
+    s some task waited for a CPU: ``/proc/pressure/cpu``; 0 where the kernel has no PSI)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    steal = int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+    try:
+        some = Path("/proc/pressure/cpu").read_text().split("\n", 1)[0]
+        waited = int(some.rsplit("total=", 1)[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        waited = 0.0
+    return time.monotonic(), steal, waited
+
+
+def host_disturbance(before: tuple[float, float, float]) -> dict:
+    """What disturbed this VM since ``before`` (``host_counters``): the share of CPU time stolen
+    by the hypervisor (per CPU) and the share of time some task waited for a CPU. A shaper's
+    timer and the sender both need a CPU on time; a rate that misses with these high says more
+    about the host than about the shaping."""
+    t1, steal1, wait1 = host_counters()
+    span = max(t1 - before[0], 1e-9)
+    return {"steal_pct": round(100 * (steal1 - before[1]) / span / (os.cpu_count() or 1), 2),
+            "cpu_wait_pct": round(100 * (wait1 - before[2]) / span, 2)}
+
+
+def measure_rate_within(net, src: str, dst: str, expected_mbps: float, tol: float = RATE_TOL, tries: int = 3,
+                        seconds: float = 2.0, port: int = 5201) -> dict:
+    """``measure_rate``, re-measured while it misses ``expected_mbps`` by more than ``tol`` (at most
+    ``tries`` runs): the closest reading, with ``tries`` and every run's rate and host disturbance
+    in ``runs``. Full test suites here read a 5-50 Mbit/s direction 4-18 % short about once in 20
+    runs (never alone, a different direction each time); a shaper configured wrong misses every run."""
+    runs = []
+    for _ in range(max(1, tries)):
+        runs.append(measure_rate(net, src, dst, seconds, port))
+        if abs(runs[-1]["l2_mbps"] - expected_mbps) <= tol * expected_mbps:
+            break
+    best = min(runs, key=lambda r: abs(r["l2_mbps"] - expected_mbps))
+    return {**best, "tries": len(runs),
+            "runs": [{"l2_mbps": round(r["l2_mbps"], 3), **r["host"]} for r in runs]}
+
+
 def measure_rate(net, src: str, dst: str, seconds: float = 2.0, port: int = 5201) -> dict:
-    """Bounded iperf3 TCP src -> dst; returns goodput and the L2 rate it implies (Mbit/s)."""
+    """Bounded iperf3 TCP src -> dst; returns goodput and the L2 rate it implies (Mbit/s), and what
+    disturbed the host meanwhile (``host``: ``host_disturbance``)."""
+    counters = host_counters()
     server = net.popen_in_host(dst, ["iperf3", "-s", "-1", "-p", str(port)], cgroup=False,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -66,7 +109,7 @@ def measure_rate(net, src: str, dst: str, seconds: float = 2.0, port: int = 5201
     goodput = data["end"]["sum_received"]["bits_per_second"] / 1e6
     mss = data["start"].get("tcp_mss_default") or 1448
     return {"goodput_mbps": goodput, "l2_mbps": goodput * (mss + L2_OVERHEAD) / mss, "mss": mss,
-            "retransmits": data["end"]["sum_sent"].get("retransmits")}
+            "retransmits": data["end"]["sum_sent"].get("retransmits"), "host": host_disturbance(counters)}
 
 
 def measure_rtt(net, src: str, dst: str, count: int = 20, port: int = 7301, emulate: bool = True) -> dict:
@@ -239,17 +282,17 @@ def check_link_direction(net, u: str, v: str, src: str, dst: str, seconds: float
     bottleneck = "-".join(min(rates, key=rates.get))
     # a slow link needs a longer run for +-5 % (TCP's ramp and the report's 1 s granularity)
     dur = max(seconds, 2.0) if expected <= 20 else seconds
-    rate, tries = measure_rate(net, src, dst, dur, port), 1
-    if abs(rate["l2_mbps"] - expected) > RATE_TOL * expected and expected <= RATE_VERIFIABLE_MBPS:
-        # one re-measurement of a miss (reported: ``rate_tries``): in full runs of star8 one 5 Mbit/s
-        # direction read 4.80 twice (4 % short, then > 5 % in a suite), alone 4.998 at 2 s and 4 s
-        rate, tries = measure_rate(net, src, dst, dur, port), 2
+    # a miss is re-measured (``rate_tries``, ``measure_rate_within``), except above what this machine
+    # can forward, where a shortfall is expected
+    rate = measure_rate_within(net, src, dst, expected, RATE_TOL, 3 if expected <= RATE_VERIFIABLE_MBPS else 1,
+                               dur, port)
+    tries = rate["tries"]
     # above what this machine forwards through veth + HTB (~400-460 Mbit/s measured here), a
     # shortfall is the machine's, not the shaping's: reported as capped, not failed
     capped = expected > RATE_VERIFIABLE_MBPS and RATE_VERIFIABLE_MBPS <= rate["l2_mbps"] < expected * (1 - RATE_TOL)
     row = {"link": f"{u}->{v}", "pair": f"{src}->{dst}", "bottleneck": bottleneck,
            "expected_mbps": expected, "measured_mbps": round(rate["l2_mbps"], 3),
-           "goodput_mbps": round(rate["goodput_mbps"], 3), "rate_tries": tries,
+           "goodput_mbps": round(rate["goodput_mbps"], 3), "rate_tries": tries, "rate_runs": rate["runs"],
            "rate_ok": capped or abs(rate["l2_mbps"] - expected) <= RATE_TOL * expected, "rate_capped": capped,
            **path_rtt(net, src, dst, 20, port + 1000), "mechanism": net.delay_mechanism}
     loss = net.path_loss(src, dst) * 100

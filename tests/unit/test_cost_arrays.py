@@ -73,3 +73,31 @@ def test_down_paths_give_what_decode_cost_gives():
         assert got == ref or (math.isnan(got) and math.isnan(ref))
         finite += math.isfinite(ref)
     assert 0 < finite < 40
+
+
+@pytest.mark.parametrize("dims,n,seed,down", [(GPT2, 9, 5, False), (LLAMA7, 33, 6, False), (GPT2, 12, 7, True)])
+def test_swapped_latencies_are_latency_exactly(dims, n, seed, down):
+    """``latencies_swapped`` (a plan with one layer replaced, many at once: leveling's candidates,
+    the last layer and the aggregator's change included) gives each plan's ``latency`` exactly."""
+    import math
+    from dataclasses import replace
+
+    from testbed.core.snapshot import LinkState
+
+    snap = random_star(np.random.default_rng(seed), n, dims, context_len=48)
+    if down:
+        snap = replace(snap, paths={k: (LinkState(v.bandwidth_bytes_per_s, v.latency_s, up=False) if "d3" in k else v)
+                                    for k, v in snap.paths.items()})
+    prob = Problem(snap, dims)
+    rng = random.Random(seed)
+    for _ in range(4):
+        base, other = _random_plan(rng, prob, dims), _random_plan(rng, prob, dims, wide=rng.random() < 0.3)
+        swaps = [(l, other.layers[l]) for l in rng.sample(range(dims.n_layers), dims.n_layers // 2)]
+        swaps.append((dims.n_layers - 1, other.layers[-1]))
+        got = PlanArrays(prob).latencies_swapped(base, swaps)
+        ref = PlanArrays(prob)
+        for (l, lp), g in zip(swaps, got):
+            r = ref.latency(Placement(base.source, base.layers[:l] + (lp,) + base.layers[l + 1:]))
+            assert g.bytes_moved == r.bytes_moved
+            assert g.token_latency_s == r.token_latency_s or (math.isnan(g.token_latency_s)
+                                                              and math.isnan(r.token_latency_s))

@@ -79,3 +79,20 @@ def test_never_above_the_baselines_today_by_more_than_the_slack():
         hedged = _lat(resource_aware(snap, LLAMA7), snap)
         unhedged = _lat(resource_aware(snap, LLAMA7, rate_hedge=None), snap)
         assert hedged <= 1.0101 * min(_lat(edgeshard(snap, LLAMA7), snap), max(unhedged, hedged))
+
+
+def test_slow_objective_is_decode_cost_on_the_slowed_links():
+    """``slow_objective`` (arrays over the slowed links) is ``decode_cost``'s latency there, exactly."""
+    from testbed.core.placement import Placement
+    from testbed.partition.common import Problem
+    from testbed.partition.cost.latency import decode_cost
+    from testbed.partition.layer.baselines import galaxy_plans
+    from testbed.partition.ra.hedge import slow_objective
+
+    snap = rpi4_star(6, 20)
+    prob = Problem(snap, LLAMA7)
+    prob.H = 64.0
+    plans = [resource_aware(snap, LLAMA7), edgeshard(snap, LLAMA7)]
+    plans += [pl for _, pl in galaxy_plans(prob, [2, 3, 5]) if isinstance(pl, Placement)]
+    for pl in plans:
+        assert slow_objective(prob, pl, 0.5) == decode_cost(pl, slowed(snap, 0.5), LLAMA7).token_latency_s

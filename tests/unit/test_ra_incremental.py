@@ -59,6 +59,34 @@ def test_planner_delay_is_the_migration_estimate():
     assert checked > 300 and waves > 0
 
 
+def test_planner_delay_at_other_rates_reuses_the_waves_exactly():
+    """One memo, two link rates (RA's hedge weighs a plan again over slowed links): each delay is
+    ``migration_estimate``'s over its own links, waves included."""
+    from testbed.partition.ra.hedge import slowed
+
+    waves = checked = 0
+    for name, snap, dims, cm, params in instances():
+        cur = snap.current
+        if cur is None:
+            continue
+        try:
+            new = resource_aware(replace(snap, current=None), dims, cm, **params)
+        except InfeasiblePlan:
+            continue
+        mixes = [replace(cur, layers=cur.layers[:l] + (new.layers[l],) + cur.layers[l + 1:])
+                 for l in range(len(cur.layers))]
+        slow = slowed(snap, 0.5)
+        memo, net, slow_net = {}, Net(snap), Net(slow)
+        for pl in [new, cur, *mixes]:
+            assert planner_delay(cur, pl, snap, dims, cm, net, memo) == migration_estimate(
+                cur, pl, snap, dims, cost_model=cm, net=net).delay_s, name
+            ref = migration_estimate(cur, pl, slow, dims, cost_model=cm, net=slow_net)
+            assert planner_delay(cur, pl, slow, dims, cm, slow_net, memo) == ref.delay_s, name
+            waves += ref.waves > 1
+            checked += 1
+    assert checked > 300 and waves > 0
+
+
 def test_context_growth_alone_keeps_the_placement():
     snap, cur = _star(0)
     again = _ra(replace(snap, current=cur, context_len=snap.context_len + 8), GPT2, incremental=True)

@@ -13,6 +13,7 @@ Only the latency and the bytes on the links are produced; reports use ``decode_c
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -42,20 +43,23 @@ class _Layer(NamedTuple):
     fcols: tuple
 
 
-def _extract(lp, index: dict) -> _Layer:
+def _extract(lp, index: dict, heads_memo: dict) -> _Layer:
+    """``lp``'s devices as indices. The heads' part is memoised per (heads tuple object, proj) in
+    ``heads_memo`` (a planner's variants of a layer that move only FFN columns share the tuple)."""
     P = index[lp.proj]
-    counts: dict[int, int] = {}
-    for d in lp.heads:
-        j = index[d]
-        counts[j] = counts.get(j, 0) + 1
-    xdst = (P, *(j for j in counts if j != P))
-    pos = {j: i for i, j in enumerate(xdst)}
+    key = (id(lp.heads), P)
+    hit = heads_memo.get(key)
+    if hit is None or hit[0] is not lp.heads:
+        counts = Counter(map(index.__getitem__, lp.heads))  # first-appearance order
+        xdst = (P, *(j for j in counts if j != P))
+        pos = {j: i for i, j in enumerate(xdst)}
+        hit = heads_memo[key] = (lp.heads, xdst, tuple(counts), tuple(counts.values()),
+                                 tuple(pos[j] for j in counts))
     cols: dict[int, int] = {}
     for s in lp.ffn:
         j = index[s.device]
         cols[j] = cols.get(j, 0) + (s.col_end - s.col_start)
-    return _Layer(P, xdst, tuple(counts), tuple(counts.values()), tuple(pos[j] for j in counts),
-                  tuple(cols), tuple(cols.values()))
+    return _Layer(P, *hit[1:], tuple(cols), tuple(cols.values()))
 
 
 def _pad(rows: list, fill) -> np.ndarray:
@@ -71,20 +75,23 @@ def _cp_max(a0, a1, b0, b1, take):
 
 def _fan_in(m0, m1, tau, valid):
     """``latency._Nics.fan_in`` per row over the valid messages (arrival pair, downlink seconds):
-    (compute, transfer) of the last one to finish and whether a row had any."""
+    (compute, transfer) of the last one to finish and whether a row had any. The queue runs over
+    every row at once; past a row's last message its entries are (-inf, 0 s), which leave its
+    queue as it is (``max(-inf, done + 0) = done``)."""
     order = np.lexsort((m0 + m1, ~valid), axis=1)  # valid first, by arrival, stable (as ``sorted``)
     R = m0.shape[0]
     rows = np.arange(R)[:, None]
     m0, m1, tau, valid = m0[rows, order], m1[rows, order], tau[rows, order], valid[rows, order]
-    done, o0, o1 = np.full(R, -INF), np.zeros(R), np.zeros(R)
-    for k in range(int(valid.sum(axis=1).max(initial=0))):  # sorted: a row's valid messages first
-        v = valid[:, k]
-        t = m0[:, k] + m1[:, k]
-        fin = np.maximum(t, done + tau[:, k])
-        done = np.where(v, fin, done)
-        o0 = np.where(v, m0[:, k], o0)
-        o1 = np.where(v, m1[:, k] + (fin - t), o1)
-    return o0, o1, valid.any(axis=1)
+    n = valid.sum(axis=1)  # (R,) messages per row, sorted first
+    t = np.where(valid, m0 + m1, -INF)  # (R, M) arrivals
+    gap = np.where(valid, tau, 0.0)  # (R, M) downlink seconds
+    done = np.full(R, -INF)
+    for k in range(int(n.max(initial=0))):
+        done = np.maximum(t[:, k], done + gap[:, k])
+    got = n > 0
+    r, last = rows[:, 0], np.maximum(n - 1, 0)  # each row's last message
+    l0, l1 = m0[r, last], m1[r, last]
+    return np.where(got, l0, 0.0), np.where(got, l1 + (done - (l0 + l1)), 0.0), got
 
 
 class PlanArrays:
@@ -100,11 +107,16 @@ class PlanArrays:
         self.mem_bw = np.array([d.mem_bw_bytes_per_s for d in snap.devices], dtype=float)
         self.call_s = np.array([d.call_overhead_s for d in snap.devices], dtype=float)
         self.k = decode_constants(prob.dims, snap.context_len, 1)
-        self.snap, self.names, self.net = snap, prob.names, None
+        self.snap, self.names, self.net, self.dims = snap, prob.names, None, prob.dims
         # memos by identity (hashing a LayerPlacement is slow; plans share layer objects), each
         # entry holding its layer so that the id stays taken
         self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer)
+        self.heads: dict = {}  # (id(heads tuple), proj) -> (it, the _Layer's head fields)
         self.deltas: dict = {}  # (id(LayerPlacement), input device) -> (it, compute_s, transfer_s, bytes)
+        self._roof_rows: dict = {}  # block kind -> count -> roof per device (``roof_per_count``)
+        every = np.arange(len(self.speed))
+        self.proj_s = self.roof(every, self.k["proj_flops"], self.k["proj_read"])  # (devices,) the projection
+        self.lm_s = float(self.roof(np.array([self.src]), self.k["lm_flops"], self.k["lm_read"])[0])  # the LM head
 
     def roof(self, dev: np.ndarray, flops, nbytes) -> np.ndarray:
         """``roofline.roofline_s`` per element (one call)."""
@@ -114,6 +126,26 @@ class PlanArrays:
             comp = flops / np.where(ok, speed, 1.0)
             mem = np.where(bw < INF, nbytes / np.where(bw < INF, bw, 1.0), 0.0)
         return np.where(ok, np.maximum(comp, mem) + self.call_s[dev], INF)
+
+    def roof_per_count(self, kind: str, dev: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """``roof(dev, n * flops, n * read)`` per element for ``n`` heads (``kind = "head"``) or FFN
+        columns (``"ffn_col"``): a row over devices per count, computed when the count first
+        appears (the same elementwise operations as ``roof``, so the same floats), then looked up."""
+        hit = self._roof_rows.get(kind)
+        if hit is None:
+            most = self.dims.n_kv_heads if kind == "head" else self.dims.ffn_dim
+            hit = self._roof_rows[kind] = [np.full(most + 1, -1, dtype=np.intp), np.empty((0, len(self.speed)))]
+        where, rows = hit  # count -> its row in ``rows`` (-1: not computed yet); (counts seen, devices)
+        at = where[n]
+        if (at < 0).any():
+            new = sorted(set(n[at < 0].tolist()))
+            cnt = np.array(new)[:, None]  # (new counts, 1)
+            every = np.arange(len(self.speed))[None, :]
+            flops, read = self.k[f"{kind}_flops"], self.k[f"{kind}_read"]
+            where[new] = np.arange(len(rows), len(rows) + len(new))
+            rows = hit[1] = np.concatenate([rows, self.roof(every, cnt * flops, cnt * read)])
+            at = where[n]
+        return rows[at, dev]
 
     def _missing(self, pl, todo: dict) -> tuple[list, int]:
         """The plan's (layer, input device) keys in order, the last aggregator; adds to ``todo``
@@ -134,6 +166,24 @@ class PlanArrays:
         todo: dict = {}
         for pl in plans:
             self._missing(pl, todo)
+        self._fill(todo)
+
+    def warm_mixes(self, pl, alt) -> None:
+        """Compute, in one batch, the layers of ``pl`` and ``alt`` and those ``latencies_swapped(pl,
+        ...)`` needs for each layer of ``alt`` that is not ``pl``'s (a per-layer mixture of the two:
+        that layer at ``pl``'s input, and ``pl``'s next layer after its aggregator)."""
+        todo: dict = {}
+        keys, _ = self._missing(pl, todo)
+        self._missing(alt, todo)
+        memo, index, L = self.deltas, self.index, len(pl.layers)
+        for l, (a, b) in enumerate(zip(pl.layers, alt.layers)):
+            if a is b:
+                continue
+            need = [(b, keys[l][1])] + ([(pl.layers[l + 1], index[b.ffn[0].device])] if l + 1 < L else [])
+            for lp, A in need:
+                hit = memo.get((id(lp), A))
+                if hit is None or hit[0] is not lp:
+                    todo[(id(lp), A)] = (lp, A)
         self._fill(todo)
 
     def _fill(self, todo: dict) -> None:
@@ -157,13 +207,68 @@ class PlanArrays:
             t = c0 + c1
             c1 = ((c1 + (t - t)) + k["x_bytes"] * self.spb[A, src]) + self.lat[A, src]
             nbytes += int(k["x_bytes"])
-        c0 = c0 + float(self.roof(np.array([src]), k["lm_flops"], k["lm_read"])[0])
+        c0 = c0 + self.lm_s
         return PlanLatency(c0 + c1, nbytes)
+
+    def latencies_swapped(self, pl, swaps: list) -> list[PlanLatency]:
+        """``latency`` of ``pl`` with, per swap ``(l, lp)``, its layer ``l`` replaced by ``lp``, for
+        every swap at once (leveling's candidates: each differs from the plan in one layer and in
+        the next layer's input). The missing layer costs are computed in one batch; the per-layer
+        sums run in layer order over the candidates' rows (the same additions as ``latency``, so
+        the same floats)."""
+        todo: dict = {}
+        keys, A_last = self._missing(pl, todo)
+        index, memo, L, n = self.index, self.deltas, len(pl.layers), len(swaps)
+        swapped, nxt, aggs = [], [], []  # per swap: its layer's key, the next layer's key (or None), its aggregator
+        for l, lp in swaps:
+            key = (id(lp), keys[l][1])
+            hit = memo.get(key)
+            if hit is None or hit[0] is not lp:
+                todo[key] = (lp, key[1])
+            agg = index[lp.ffn[0].device]
+            after = None
+            if l + 1 < L:
+                after = (keys[l + 1][0], agg)
+                hit = memo.get(after)
+                if hit is None or hit[0] is not pl.layers[l + 1]:
+                    todo[after] = (pl.layers[l + 1], agg)
+            swapped.append(key)
+            nxt.append(after)
+            aggs.append(agg)
+        self._fill(todo)
+        base = [memo[k] for k in keys]
+        dc = np.tile(np.array([b[1] for b in base]), (n, 1))  # (n swaps, L layers) compute seconds
+        dt = np.tile(np.array([b[2] for b in base]), (n, 1))  # (n, L) transfer seconds
+        nb_base = [b[3] for b in base]
+        total_nb = sum(nb_base)
+        nbytes = []
+        for i, ((l, _), key, after) in enumerate(zip(swaps, swapped, nxt)):
+            _, dc[i, l], dt[i, l], nb = memo[key]
+            b = total_nb - nb_base[l] + nb
+            if after is not None:
+                _, dc[i, l + 1], dt[i, l + 1], nb2 = memo[after]
+                b += nb2 - nb_base[l + 1]
+            nbytes.append(b)
+        # (n,) the sums from 0, layer by layer as ``latency`` adds them (``accumulate`` is a
+        # sequential fold, unlike ``sum``'s pairwise summation)
+        zero = np.zeros((n, 1))
+        c0 = np.add.accumulate(np.concatenate([zero, dc], axis=1), axis=1)[:, -1]
+        c1 = np.add.accumulate(np.concatenate([zero, dt], axis=1), axis=1)[:, -1]
+        src, k = self.src, self.k
+        last = np.array([agg if l == L - 1 else A_last for (l, _), agg in zip(swaps, aggs)])  # (n,) exit device
+        away = last != src
+        with np.errstate(invalid="ignore"):
+            t = c0 + c1
+            c1 = np.where(away, ((c1 + (t - t)) + k["x_bytes"] * self.spb[last, src]) + self.lat[last, src], c1)
+        c0 = c0 + self.lm_s
+        lat = c0 + c1
+        return [PlanLatency(float(x), b + int(k["x_bytes"]) * bool(a))
+                for x, b, a in zip(lat.tolist(), nbytes, away.tolist())]
 
     def _layer(self, lp) -> _Layer:
         hit = self.layers.get(id(lp))
         if hit is None or hit[0] is not lp:
-            hit = self.layers[id(lp)] = (lp, _extract(lp, self.index))
+            hit = self.layers[id(lp)] = (lp, _extract(lp, self.index, self.heads))
         return hit[1]
 
     def _compute(self, todo: list) -> list:
@@ -196,7 +301,7 @@ class PlanArrays:
         up = np.full((R, len(self.speed)), -INF)  # when each device's uplink frees (-inf: never used)
         with np.errstate(invalid="ignore"):  # a path that is down: inf - inf = nan, as in decode_cost
             a0, a1, nb_att = self._attention(L, A, P, up)
-            pd0 = a0 + self.roof(P, self.k["proj_flops"], self.k["proj_read"])
+            pd0 = a0 + self.proj_s[P]
             o0, o1, nb_ffn = self._ffn(L, P, pd0, a1, up, rows)
         return [(float(x), float(y), int(b)) for x, y, b in zip(o0, o1, nb_att + nb_ffn)]
 
@@ -218,7 +323,7 @@ class PlanArrays:
         hpos = _pad([ly.hpos for ly in L], 0)
         valid = hd >= 0
         hd = np.where(valid, hd, P[:, None])
-        done0 = 0.0 + self.roof(hd, hn * hf, hn * hr)
+        done0 = 0.0 + self.roof_per_count("head", hd, hn)
         done1 = arr[rows, hpos]
         onP = valid & (hd == P[:, None])
         att0, att1 = np.zeros(len(L)), arr[:, 0]
@@ -244,34 +349,38 @@ class PlanArrays:
         carries its own partial when it holds a shard), the shards, the partials into the
         aggregator (fan-in in arrival order): (compute, transfer) of the layer's output, bytes."""
         k, lat, spb = self.k, self.lat, self.spb
-        xb, fcf, fcr = k["x_bytes"], k["ffn_col_flops"], k["ffn_col_read"]
+        xb = k["x_bytes"]
         fd, fc = _pad([ly.fdev for ly in L], -1), _pad([ly.fcols for ly in L], 0)
-        agg = fd[:, 0]
+        agg, Pc = fd[:, 0], P[:, None]
         t = pd0 + pd1
         F = fd.shape[1]
-        m0, m1, taus = np.zeros((len(L), F)), np.zeros((len(L), F)), np.zeros((len(L), F))
-        valid = np.zeros((len(L), F), dtype=bool)
+        # (rows, F) per shard, everything but the uplinks' queues
+        real = fd >= 0
+        dev = np.where(real, fd, Pc)  # the shard's device (the proj on padding)
+        move = real & (dev != Pc)  # h crosses a link
+        tau, hop = xb * spb[Pc, dev], lat[Pc, dev]  # h: uplink seconds, latency
+        tau2, hop2 = xb * spb[dev, agg[:, None]], lat[dev, agg[:, None]]  # the partial to the aggregator
+        done0 = pd0[:, None] + self.roof_per_count("ffn_col", dev, fc)  # the shard computed
+        valid = real.copy()
+        valid[:, 0] = False  # the aggregator's own shard sends nothing
+        m1 = np.zeros((len(L), F))
+        nb = (move.sum(axis=1) + real[:, 1:].sum(axis=1)) * int(xb)
         out0 = out1 = None
-        nb = np.zeros(len(L), dtype=np.int64)
         for f in range(F):
-            real = fd[:, f] >= 0
-            dev = np.where(real, fd[:, f], P)
-            move = real & (dev != P)
-            sP = np.maximum(t, up[rows, P])
-            tau = xb * spb[P, dev]
-            arr1 = np.where(move, ((pd1 + (sP - t)) + tau) + lat[P, dev], pd1)
-            up[rows, P] = np.where(move, sP + tau, up[rows, P])
-            done0 = pd0 + self.roof(dev, fc[:, f] * fcf, fc[:, f] * fcr)
-            nb += move * int(xb)
+            upP = up[rows, P]
+            sP = np.maximum(t, upP)
+            arr1 = np.where(move[:, f], ((pd1 + (sP - t)) + tau[:, f]) + hop[:, f], pd1)
+            up[rows, P] = np.where(move[:, f], sP + tau[:, f], upP)
             if f == 0:
-                out0, out1 = done0, arr1
+                out0, out1 = done0[:, 0], arr1
                 continue
-            t2 = done0 + arr1
-            s2 = np.maximum(t2, up[rows, dev])
-            tau2 = xb * spb[dev, agg]
-            m0[:, f], m1[:, f], taus[:, f], valid[:, f] = done0, ((arr1 + (s2 - t2)) + tau2) + lat[dev, agg], tau2, real
-            up[rows, dev] = np.where(real, s2 + tau2, up[rows, dev])
-            nb += real * int(xb)
+            d = dev[:, f]
+            t2 = done0[:, f] + arr1
+            upd = up[rows, d]
+            s2 = np.maximum(t2, upd)
+            m1[:, f] = ((arr1 + (s2 - t2)) + tau2[:, f]) + hop2[:, f]
+            up[rows, d] = np.where(real[:, f], s2 + tau2[:, f], upd)
+        m0, taus = done0, tau2
         g0, g1, got = _fan_in(m0, m1, taus, valid)
         out0, out1 = _cp_max(out0, out1, g0, g1, got)
         return out0, out1, nb

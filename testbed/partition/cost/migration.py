@@ -184,17 +184,27 @@ def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapsh
 def _in_waves(old: Placement, moved: list, pairs: dict, snapshot: ClusterSnapshot, dims: ModelDims,
               cost_model: str, net: Net, memo: dict) -> float:
     """``migration_estimate``'s delay when memory-safe waves are needed, from ``planner_delay``'s
-    per-layer items (``moved``: (layer, its items)) renumbered: ``migration_items(old, new)``."""
-    items: dict[tuple[str, str], list[dict]] = {}
-    for l, layer_items in moved:
-        for k, its in layer_items.items():
-            items.setdefault(k, []).extend({**it, "layer": l} for it in its)
-    nbytes = memo["nbytes"]
-    try:
-        waves = _waves(old, items, pairs, snapshot, dims, snapshot.context_len, cost_model, nbytes, memo)
-    except MigrationBlocked:
+    per-layer items (``moved``: (layer, its items)) renumbered: ``migration_items(old, new)``.
+    The waves (which depend on memory, not on the links) are scheduled once per ``old`` and moved
+    layers (the same items objects) in ``memo``: a plan weighed again at other link rates (the
+    hedge's slowed links) only sums each wave's transfers over its own ``net``."""
+    key = ("waves", id(old), snapshot.context_len, cost_model, tuple((l, id(its)) for l, its in moved))
+    hit = memo.get(key)
+    if hit is None or hit[0] is not old or any(a is not b for (_, a), (_, b) in zip(hit[1], moved)):
+        items: dict[tuple[str, str], list[dict]] = {}
+        for l, layer_items in moved:
+            for k, its in layer_items.items():
+                items.setdefault(k, []).extend({**it, "layer": l} for it in its)
+        nbytes = memo["nbytes"]
+        try:
+            waves = _waves(old, items, pairs, snapshot, dims, snapshot.context_len, cost_model, nbytes, memo)
+            wave_bytes = [{k: sum(nbytes(it) for it in its) for k, its in w.items()} for w in waves]
+        except MigrationBlocked:
+            wave_bytes = None
+        hit = memo[key] = (old, list(moved), wave_bytes)  # keeps the items alive (their ids are in the key)
+    if hit[2] is None:
         return float("inf")
-    return sum(pair_delay({k: sum(nbytes(it) for it in its) for k, its in w.items()}, net) for w in waves)
+    return sum(pair_delay(w, net) for w in hit[2])
 
 
 def _room(old: Placement, snapshot: ClusterSnapshot, dims: ModelDims, T: int, cost_model: str, memo: dict):

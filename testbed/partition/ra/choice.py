@@ -10,6 +10,8 @@ when headroom is cheap (``_headroom``). Pure functions of a ``Problem``.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from testbed.partition.cost import blocks as B
@@ -19,7 +21,7 @@ from testbed.core.errors import InfeasiblePlan
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 # what a candidate costs (re-exported: planners, EdgeShard-dynamic and the exact solver import them here)
 from testbed.partition.ra.objective import (_objective, migration_lower_bound, plan_arrays, plan_cost,  # noqa: F401
-                                            problem_net)
+                                            problem_net, remember_cost)
 
 
 def _devices_ok(prob: Problem, pl: Placement) -> bool:
@@ -55,6 +57,8 @@ class _MixFits:
         self.ok = {n for n, a in zip(prob.names, prob.allowed) if a} | {prob.snap.source}
         self.best, self.used = None, None
         self.layers: dict = {}  # id(LayerPlacement) -> (it, its bytes per device)
+        self.head = self.proj = None  # a head's and a projection's bytes at ``until``
+        self.shard: dict = {}  # FFN columns -> a shard's bytes
 
     def _bytes(self, pl: Placement) -> np.ndarray:
         p = self.prob
@@ -78,14 +82,19 @@ class _MixFits:
             p = self.prob
             if p.cost_model != "decode":
                 vec = self._bytes(Placement(p.snap.source, (lp,)))
-            else:  # ``placement_memory``'s terms (whole bytes), without the source's (it cancels)
+            else:  # ``placement_memory``'s terms (whole bytes: exact sums), without the source's (it cancels)
                 vec, idx, d = np.zeros(len(p.names)), p.index, p.dims
-                head = B.block_memory_bytes(d, "head", self.until)
-                for dev in lp.heads:
-                    vec[idx[dev]] += head
-                vec[idx[lp.proj]] += B.proj_bytes(d)
+                if self.head is None:
+                    self.head, self.proj = B.block_memory_bytes(d, "head", self.until), B.proj_bytes(d)
+                for dev, n in Counter(lp.heads).items():
+                    vec[idx[dev]] += n * self.head
+                vec[idx[lp.proj]] += self.proj
                 for sh in lp.ffn:
-                    vec[idx[sh.device]] += B.ffn_bytes(d, sh.col_end - sh.col_start)
+                    c = sh.col_end - sh.col_start
+                    nb = self.shard.get(c)
+                    if nb is None:
+                        nb = self.shard[c] = B.ffn_bytes(d, c)
+                    vec[idx[sh.device]] += nb
             hit = self.layers[id(lp)] = (lp, vec)
         return hit[1]
 
@@ -242,6 +251,11 @@ def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np
     # (every horizon is capped at the end of generation: no block moves for KV never written)
     until_max = prob.cap(max(T + N, int(prob.T_mem if headroom_until is None else headroom_until)
                              + max(0, anticipate_epochs) * N))
+    if prob.cost_model == "decode":  # staying, the new plan and their per-layer mixtures: one batch
+        try:
+            plan_arrays(prob).warm_mixes(cur, new)
+        except KeyError:  # the current placement uses a device the snapshot no longer has
+            pass
     stay, need, value = _stay_candidate(prob, cur, H, net, budget, anticipate_epochs, preempt, until_max)
 
     def key(pl: Placement, obj: float | None = None) -> float:
@@ -250,12 +264,20 @@ def choose_plan(prob: Problem, new: Placement, horizon_tokens: float, budget: np
         obj = _objective(prob, pl, H, net)[0] if obj is None else obj
         return obj - value * min(_fit(prob, pl), until_max) / H if value else obj
 
-    cands = [(key(new), new)] + ([(key(stay[1], stay[0]), stay[1])] if stay is not None else [])
+    kept = [(key(stay[1], stay[0]), stay[1])] if stay is not None else []
+    new_key = None
+    if kept and not value and np.isfinite(kept[0][0]):
+        # the new plan loses to staying already by its latency + a lower bound of its migration
+        # (one wave: no memory-safe schedule); a margin keeps rounding from deciding
+        low = plan_cost(prob, new, net).token_latency_s + migration_lower_bound(prob, new, net) / H
+        if low > kept[0][0] * (1 + 1e-9) + 1e-15:
+            new_key = low  # a lower bound above the stay's: ``min`` below picks the stay as with the exact key
+    cands = [(key(new) if new_key is None else new_key, new)] + kept
     best_obj, best = min(cands, key=lambda c: c[0])
     # mix the winner per layer with the other candidate (with the current placement's usable
     # layers when there is no stay candidate, e.g. a device went down)
     alt = new if best is not new else (cands[1][1] if len(cands) > 1 else cur)
-    best = _mix_per_layer(prob, best, best_obj, alt, key, need)
+    best = _mix_per_layer(prob, best, best_obj, alt, key, need, by_latency=not value)
     if best is cur:
         return cur
     return Placement(best.source, best.layers, meta=new.meta)
@@ -298,28 +320,32 @@ def _stay_candidate(prob: Problem, cur: Placement, H: float, net: Net, budget: n
     return stay, need, value
 
 
-def _mixes(best: Placement, alt: Placement) -> list[Placement]:
-    """``best`` with one layer from ``alt``, for each layer where they differ."""
-    return [Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:])
-            for l, (a, b) in enumerate(zip(best.layers, alt.layers)) if a != b]
-
-
-def _mix_per_layer(prob: Problem, best: Placement, best_obj: float, alt: Placement, key, need: int) -> Placement:
+def _mix_per_layer(prob: Problem, best: Placement, best_obj: float, alt: Placement, key, need: int,
+                   by_latency: bool = False) -> Placement:
     """First-improvement pass over the layers where ``alt`` differs from ``best``: take ``alt``'s
-    layer when the mixture fits until ``need`` and lowers ``key``."""
+    layer when the mixture fits until ``need`` and lowers ``key``. ``by_latency`` (``key`` is the
+    objective, latency + a delay >= 0): a mixture whose latency alone does not lower it is passed
+    over without a migration estimate. Under ``decode`` the mixtures' latencies are computed
+    together (``PlanArrays.latencies_swapped``), again after each mixture taken."""
     diff = [l for l in range(prob.dims.n_layers) if alt.layers[l] != best.layers[l]]
     if len(diff) <= 1:
         return best
-    if prob.cost_model == "decode":  # every mixture's new layers in one batch
-        plan_arrays(prob).warm(_mixes(best, alt))
-    fits = _MixFits(prob, need)
-    for l in diff:
+    decode = prob.cost_model == "decode"
+    fits, lats = _MixFits(prob, need), {}
+    for i, l in enumerate(diff):
         if not fits(best, alt, l):
             continue
         cand = Placement(best.source, best.layers[:l] + (alt.layers[l],) + best.layers[l + 1:], meta=best.meta)
+        if decode:
+            if l not in lats:  # this and every later mixture of the current ``best``
+                rest = diff[i:]
+                lats = dict(zip(rest, plan_arrays(prob).latencies_swapped(best, [(m, alt.layers[m]) for m in rest])))
+            remember_cost(prob, cand, lats[l])
+        if by_latency and plan_cost(prob, cand).token_latency_s >= best_obj - 1e-12:
+            continue  # its objective is at least its latency: no gain
         obj = key(cand)
         if obj < best_obj - 1e-12:
-            best_obj, best = obj, cand
+            best_obj, best, lats = obj, cand, {}
     return best
 
 

@@ -52,7 +52,7 @@ def _unused_in_order(idx: np.ndarray, static: np.ndarray) -> tuple[list[int], li
     """Devices ``idx`` cheapest first by ``static``. A pass's unused devices have keys
     ``up + static``: the shared uplink offset ``up`` grows for all of them alike, so their order
     never changes (the pass walks this list, skipping devices it has already used)."""
-    order = np.argsort(static, kind="stable")
+    order = static.argsort(kind="stable")
     return idx[order].tolist(), static[order].tolist()
 
 

@@ -6,6 +6,8 @@ Pure functions over a ``Problem``; numpy for per-device vectors, heaps for the p
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from testbed.partition.cost import blocks as B
@@ -26,15 +28,22 @@ def _mig_in(prob: Problem, cur_counts: np.ndarray, nbytes: float) -> np.ndarray:
     holders = np.nonzero(cur_counts > 0)[0]
     if holders.size == 0:
         return np.zeros(len(prob.names))
-    cost = prob.lat[holders] + nbytes * prob.spb[holders]
-    return cost.min(axis=0) / getattr(prob, "H", prob.N)
+    memo = prob.memo.setdefault("ra_move_in", {})
+    if nbytes not in memo:  # (from, to): one block's transfer, once per problem and block size
+        memo[nbytes] = prob.lat + nbytes * prob.spb
+    return memo[nbytes][holders].min(axis=0) / getattr(prob, "H", prob.N)
 
 
 def _counts(prob: Problem, devices) -> np.ndarray:
-    c = np.zeros(len(prob.names))
-    for d in devices:
-        c[prob.index[d]] += 1
-    return c
+    """Blocks per device (index order, as floats)."""
+    idx = [prob.index[d] for d in devices]
+    return np.bincount(idx, minlength=len(prob.names)).astype(float) if idx else np.zeros(len(prob.names))
+
+
+@lru_cache(maxsize=64)
+def _chunk_mids(ffn_dim: int, chunks: int) -> tuple[int, ...]:
+    """The middle column of each of ``chunks`` FFN chunks (which shard holds a chunk)."""
+    return tuple((a + b) // 2 for a, b in B.ffn_chunk_bounds(ffn_dim, chunks))
 
 
 class _Layer:
@@ -61,16 +70,16 @@ class _Layer:
         n = len(prob.names)
         self.cur_heads = _counts(prob, cur.heads) if cur else np.zeros(n)
         self.cur_proj = prob.index.get(cur.proj) if cur else None
-        mids = [(a + b) // 2 for a, b in B.ffn_chunk_bounds(prob.dims.ffn_dim, chunks)]
         self.cur_chunks = _counts(prob, [next(s.device for s in cur.ffn if s.col_start <= m < s.col_end)
-                                         for m in mids]) if cur else np.zeros(n)
-        self.mig_head = _mig_in(prob, self.cur_heads, prob.sz.mig_head_b).tolist()
-        self.mig_chunk = _mig_in(prob, self.cur_chunks, self.chunk_cols * prob.sz.mig_col_b).tolist()
+                                         for m in _chunk_mids(prob.dims.ffn_dim, chunks)]) if cur else np.zeros(n)
+        mig_head = _mig_in(prob, self.cur_heads, prob.sz.mig_head_b)
+        mig_chunk = _mig_in(prob, self.cur_chunks, self.chunk_cols * prob.sz.mig_col_b)
+        self.mig_head, self.mig_chunk = mig_head.tolist(), mig_chunk.tolist()
         self.tab = tab = _tables(prob, chunks)
         al = tab.allowed_idx
         # a block's first copy on a device it does not hold yet pays the migration penalty
-        self.pen0_head_al = np.where(self.cur_heads[al] > 0, 0.0, np.asarray(self.mig_head)[al])
-        self.pen0_chunk_al = np.where(self.cur_chunks[al] > 0, 0.0, np.asarray(self.mig_chunk)[al])
+        self.pen0_head_al = np.where(self.cur_heads[al] > 0, 0.0, mig_head[al])
+        self.pen0_chunk_al = np.where(self.cur_chunks[al] > 0, 0.0, mig_chunk[al])
         self.cur_heads_l, self.cur_chunks_l = self.cur_heads.tolist(), self.cur_chunks.tolist()
 
     def proj_pen(self, P: int) -> float:

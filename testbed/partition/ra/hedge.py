@@ -31,8 +31,8 @@ from testbed.core.paths import PathMatrix
 from testbed.core.placement import Placement
 from testbed.core.snapshot import ClusterSnapshot, LinkState
 from testbed.partition.common import Problem, evaluate
-from testbed.partition.cost.latency import Net, decode_cost
-from testbed.partition.cost.migration import migration_estimate
+from testbed.partition.cost.latency import Net
+from testbed.partition.cost.migration import planner_delay
 
 
 def slowed(snapshot: ClusterSnapshot, frac: float) -> ClusterSnapshot:
@@ -47,21 +47,25 @@ def slowed(snapshot: ClusterSnapshot, frac: float) -> ClusterSnapshot:
 
 def slow_objective(prob: Problem, pl: Placement, frac: float) -> float:
     """``pl``'s latency + migration delay / H when every link runs at ``frac`` of its measured rate."""
+    from testbed.partition.cost.arrays import PlanArrays
+
     memo = prob.memo.setdefault("hedge", {})
     if "snap" not in memo:
         memo["snap"] = slowed(prob.snap, frac)
         memo["net"] = Net(memo["snap"])
+        # the decode model with arrays over the slowed links (``cost.arrays``: decode_cost's floats)
+        memo["arrays"] = PlanArrays(Problem(memo["snap"], prob.dims, prob.cost_model))
     key = ("obj", pl)
     if key not in memo:
         snap, net = memo["snap"], memo["net"]
         if prob.cost_model == "paper":
             lat = evaluate(pl, snap, prob.dims, "paper").token_latency_s
         else:
-            lat = decode_cost(pl, snap, prob.dims, net=net).token_latency_s
-        mig = 0.0
-        if prob.snap.current is not None:
-            mig = migration_estimate(prob.snap.current, pl, snap, prob.dims, cost_model=prob.cost_model,
-                                     net=net).delay_s
+            lat = memo["arrays"].latency(pl).token_latency_s
+        # ``migration_estimate``'s delay over the slowed links (``planner_delay``: the same floats;
+        # what each layer ships and the memory-safe waves do not depend on the links: shared memo)
+        mig = planner_delay(prob.snap.current, pl, snap, prob.dims, prob.cost_model, net,
+                            prob.memo.setdefault("migration_parts", {}))
         memo[key] = lat + mig / prob.H
     return memo[key]
 

@@ -26,17 +26,17 @@ Pure functions of a ``Problem``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from testbed.partition.common import Problem, sizes_for
 from testbed.partition.ra.choice import _block_use, _objective, plan_arrays, plan_cost, problem_net
+from testbed.partition.ra.objective import no_migration, objective_without_migration, remember_cost
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
 
 
-@dataclass(frozen=True)
-class _Move:
+class _Move(NamedTuple):
     """One candidate: block ``blk`` (head group index, or an FfnShard) of layer ``l`` from ``a`` to ``dest``."""
 
     far: bool  # the destination adds a hop to the layer's dataflow
@@ -77,76 +77,161 @@ def _leveled(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _move(pl: Placement, m: _Move, dest: str) -> Placement:
-    """``pl`` with move ``m`` applied (an FFN chunk is cut off the END of its shard; it joins the
-    destination's shard when that starts where the chunk ends)."""
-    lp = pl.layers[m.l]
+    """``pl`` with move ``m`` applied (``_moved_layer``)."""
+    return Placement(pl.source, pl.layers[:m.l] + (_moved_layer(pl.layers[m.l], m, dest),) + pl.layers[m.l + 1:],
+                     meta=pl.meta)
+
+
+def _moved_layer(lp: LayerPlacement, m: _Move, dest: str) -> LayerPlacement:
+    """Layer ``lp`` with move ``m`` applied (an FFN chunk is cut off the END of its shard; it joins
+    the destination's shard when that starts where the chunk ends)."""
     if isinstance(m.blk, int):
-        lp = LayerPlacement(lp.heads[:m.blk] + (dest,) + lp.heads[m.blk + 1:], lp.proj, lp.ffn)
-    else:
-        s, c0 = m.blk, m.blk.col_end - m.cols
-        shards = []
-        for t in lp.ffn:
-            if t == s:
-                if c0 > s.col_start:
-                    shards.append(FfnShard(s.device, s.col_start, c0))
-            elif t.device == dest and t.col_start == s.col_end:
-                shards.append(FfnShard(dest, c0, t.col_end))
-                c0 = -1
-            else:
-                shards.append(t)
-        if c0 >= 0:
-            new = FfnShard(dest, c0, s.col_end)
-            # the whole aggregator shard moved: the destination becomes the aggregator
-            shards = [new] + shards if (s == lp.ffn[0] and c0 == s.col_start) else shards + [new]
-        lp = LayerPlacement(lp.heads, lp.proj, tuple(shards))
-    return Placement(pl.source, pl.layers[:m.l] + (lp,) + pl.layers[m.l + 1:], meta=pl.meta)
+        return LayerPlacement(lp.heads[:m.blk] + (dest,) + lp.heads[m.blk + 1:], lp.proj, lp.ffn)
+    s, c0 = m.blk, m.blk.col_end - m.cols
+    shards = []
+    for t in lp.ffn:
+        if t == s:
+            if c0 > s.col_start:
+                shards.append(FfnShard(s.device, s.col_start, c0))
+        elif t.device == dest and t.col_start == s.col_end:
+            shards.append(FfnShard(dest, c0, t.col_end))
+            c0 = -1
+        else:
+            shards.append(t)
+    if c0 >= 0:
+        new = FfnShard(dest, c0, s.col_end)
+        # the whole aggregator shard moved: the destination becomes the aggregator
+        shards = [new] + shards if (s == lp.ffn[0] and c0 == s.col_start) else shards + [new]
+    return LayerPlacement(lp.heads, lp.proj, tuple(shards))
+
+
+class _Memo:
+    """What leveling derives from the problem and from layer objects, once per problem (layers are
+    recognised by identity, each entry keeping its layer so that the id stays taken): per layer
+    its devices as indices, a canonical number per layer VALUE (equal layers, one number: a move's
+    signature compares layers by value without hashing them each time), the moved layers (a move
+    made again in a later round yields the same layer object, whose costs are memoised), and the
+    destination keys per (input, proj) / (proj, aggregator) pair."""
+
+    def __init__(self, prob: Problem):
+        self.prob = prob
+        self.sz = sizes_for(prob.dims, prob.cost_model, prob.T, peak_horizon(prob))
+        self.layers: dict = {}  # id(LayerPlacement) -> (it, its devices)
+        self.values: dict = {}  # LayerPlacement -> canonical number
+        self.ids: dict = {}  # id(LayerPlacement) -> (it, canonical number)
+        self.moved: dict = {}  # (id(layer), block, columns, destination) -> (layer, moved layer)
+        self.keys: dict = {}  # ("h", A, P) / ("f", P, agg) -> (key per device, allowed and finite)
+
+    def devices(self, lp: LayerPlacement) -> tuple:
+        """(proj, aggregator, the layer's devices (a mask over devices), device -> last head group)."""
+        hit = self.layers.get(id(lp))
+        if hit is None or hit[0] is not lp:
+            idx = self.prob.index
+            last = {idx[d]: g for g, d in enumerate(lp.heads)}
+            devs = np.zeros(len(self.prob.names), dtype=bool)
+            devs[[*last, idx[lp.proj], *(idx[s.device] for s in lp.ffn)]] = True
+            hit = self.layers[id(lp)] = (lp, (idx[lp.proj], idx[lp.ffn[0].device], devs, last))
+        return hit[1]
+
+    def canon(self, lp: LayerPlacement | None):
+        if lp is None:
+            return None
+        hit = self.ids.get(id(lp))
+        if hit is None or hit[0] is not lp:
+            hit = self.ids[id(lp)] = (lp, self.values.setdefault(lp, len(self.values)))
+        return hit[1]
+
+    def moved_layer(self, lp: LayerPlacement, m: _Move) -> LayerPlacement:
+        key = (id(lp), m.blk, m.cols, m.dest)
+        hit = self.moved.get(key)
+        if hit is None or hit[0] is not lp:
+            hit = self.moved[key] = (lp, _moved_layer(lp, m, self.prob.names[m.dest]))
+        return hit[1]
+
+    def key(self, kind: str, u: int, v: int) -> tuple[np.ndarray, np.ndarray]:
+        """Transfer time of a block's messages to/from each device (heads: x from ``u`` = the
+        layer's input, output to ``v`` = the proj; FFN chunks: h from ``u`` = the proj, partial to
+        ``v`` = the aggregator), and where it is finite on an allowed device."""
+        hit = self.keys.get((kind, u, v))
+        if hit is None:
+            p = self.prob
+            out_b = p.sz.head_out_b if kind == "h" else p.sz.x_b
+            key = p.lat[u] + p.sz.x_b * p.spb[u] + p.lat[:, v] + out_b * p.spb[:, v]  # (devices,)
+            hit = self.keys[(kind, u, v)] = (key, p.allowed & np.isfinite(key))
+        return hit
+
+
+def _memo(prob: Problem) -> _Memo:
+    memo = prob.memo.get("leveling")
+    if memo is None:
+        memo = prob.memo["leveling"] = _Memo(prob)
+    return memo
 
 
 def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_cols: int,
                 n_dest: int) -> list[_Move]:
     """Moves of one head group or one FFN chunk per layer off device ``a``, to the ``n_dest`` best
-    destinations with ``room`` for it (bytes; the caller keeps every destination below ``a``'s peak)."""
-    names, sz = prob.names, sizes_for(prob.dims, prob.cost_model, prob.T, peak_horizon(prob))
-    name, xb = names[a], prob.sz.x_b
-    out: list[_Move] = []
+    destinations with ``room`` for it (bytes; the caller keeps every destination below ``a``'s peak):
+    devices near the layer's dataflow first, then by the messages' transfer time, then by index
+    (every block's destinations ranked in one sort)."""
+    memo = _memo(prob)
+    sz, name, index = memo.sz, prob.names[a], prob.index
+    blocks = []  # (layer, block, columns, bytes, key per device, usable devices, the layer's devices, its input)
+    A = prob.src
     for l, lp in enumerate(pl.layers):
-        A = prob.index[pl.layers[l - 1].ffn[0].device] if l else prob.src
-        P, agg = prob.index[lp.proj], prob.index[lp.ffn[0].device]
-        near = {prob.index[d] for d in lp.heads} | {P, A} | {prob.index[s.device] for s in lp.ffn}
-        blocks = []
-        if name in lp.heads:
-            g = max(i for i, d in enumerate(lp.heads) if d == name)
-            key = prob.lat[A] + xb * prob.spb[A] + prob.lat[:, P] + prob.sz.head_out_b * prob.spb[:, P]
-            blocks.append((g, 0, sz.head_b, key))
-        for s in lp.ffn:
-            if s.device == name:
-                c = min(chunk_cols, s.col_end - s.col_start)
-                key = prob.lat[P] + xb * prob.spb[P] + prob.lat[:, agg] + xb * prob.spb[:, agg]
-                blocks.append((s, c, c * sz.ffn_col_b, key))
-        for blk, cols, nbytes, key in blocks:
-            ok = [int(j) for j in np.nonzero(prob.allowed & (room >= nbytes) & np.isfinite(key))[0] if j != a]
-            ranked = sorted(ok, key=lambda j: (j not in near, float(key[j]), j))[:n_dest]
-            out.extend(_Move(j not in near, float(key[j]), l, blk, cols, j, nbytes) for j in ranked)
+        A_l, A = A, index[lp.ffn[0].device]  # the layer's input, the next layer's
+        on_a = [s for s in lp.ffn if s.device == name]
+        if not on_a and name not in lp.heads:
+            continue
+        P, agg, devs, last = memo.devices(lp)
+        if a in last:
+            blocks.append((l, last[a], 0, sz.head_b, *memo.key("h", A_l, P), devs, A_l))
+        for s in on_a:
+            c = min(chunk_cols, s.col_end - s.col_start)
+            blocks.append((l, s, c, c * sz.ffn_col_b, *memo.key("f", P, agg), devs, A_l))
+    if not blocks:
+        return []
+    key = np.stack([b[4] for b in blocks])  # (blocks, devices)
+    ok = np.stack([b[5] for b in blocks]) & (room[None, :] >= np.array([b[3] for b in blocks])[:, None])
+    ok[:, a] = False
+    near = np.stack([b[6] for b in blocks])  # (blocks, devices) no new hop in the layer's dataflow:
+    near[np.arange(len(blocks)), [b[7] for b in blocks]] = True  # the layer's devices and its input
+    # per block, the n_dest first by (far, key, index): the near ones by key (a stable sort keeps
+    # ties in index order), then the far ones
+    near_ok, far_ok = ok & near, ok & ~near
+    by_near = np.argsort(np.where(near_ok, key, np.inf), axis=1, kind="stable")[:, :n_dest].tolist()
+    by_far = np.argsort(np.where(far_ok, key, np.inf), axis=1, kind="stable")[:, :n_dest].tolist()
+    n_near = np.minimum(near_ok.sum(axis=1), n_dest).tolist()
+    n_far = far_ok.sum(axis=1).tolist()
+    out: list[_Move] = []
+    for i, (l, blk, cols, nbytes, *_) in enumerate(blocks):
+        k = n_near[i]
+        ranked = [(False, j) for j in by_near[i][:k]] + [(True, j) for j in by_far[i][:min(n_dest - k, n_far[i])]]
+        out.extend(_Move(far, float(key[i, j]), l, blk, cols, j, nbytes) for far, j in ranked)
     return out
 
 
 def _signature(prob: Problem, pl: Placement, m: _Move) -> tuple:
     """What decides move ``m``'s effect on the objective: the layer, its input device, the next
     layer (its input may change), the layer's current placement (migration) and the move itself
-    (the block by kind and columns, not by index: head groups of one device are interchangeable)."""
-    l, cur = m.l, prob.snap.current
+    (the block by kind and columns, not by index: head groups of one device are interchangeable).
+    Layers by value (``_Memo.canon``)."""
+    l, cur, memo = m.l, prob.snap.current, _memo(prob)
     blk = "h" if isinstance(m.blk, int) else (m.blk.col_start == pl.layers[l].ffn[0].col_start, m.blk, m.cols)
-    return (pl.layers[l], pl.layers[l - 1].ffn[0].device if l else None,
-            pl.layers[l + 1] if l + 1 < len(pl.layers) else None,
-            cur.layers[l] if cur is not None and len(cur.layers) == len(pl.layers) else None, blk, m.dest)
+    return (memo.canon(pl.layers[l]), pl.layers[l - 1].ffn[0].device if l else None,
+            memo.canon(pl.layers[l + 1] if l + 1 < len(pl.layers) else None),
+            memo.canon(cur.layers[l] if cur is not None and len(cur.layers) == len(pl.layers) else None),
+            blk, m.dest)
 
 
 def _best_move(prob: Problem, pl: Placement, cands: list[_Move], cur: float, limit: float, lat_limit: float,
                budget: int):
     """The candidate with the least objective added per byte among those within ``limit`` (objective)
     and ``lat_limit`` (latency), evaluating at most ``budget`` distinct moves, most promising first:
-    ((score, objective, move, plan) or None, evaluations made)."""
-    net, best, seen, todo = problem_net(prob), None, set(), []
+    ((score, objective, move, plan) or None, evaluations made). Under ``decode`` every candidate's
+    latency is computed at once (``PlanArrays.latencies_swapped``), and without a current placement
+    (no migration: the objective is the latency) no candidate plan is built but the best one."""
+    net, best, seen, todo, memo = problem_net(prob), None, set(), [], _memo(prob)
     for m in sorted(cands, key=lambda m: (m.far, m.key_s, m.l, m.dest)):
         if len(todo) >= budget:
             break
@@ -154,16 +239,33 @@ def _best_move(prob: Problem, pl: Placement, cands: list[_Move], cur: float, lim
         if same in seen:  # an identical layer in the same surroundings: the same effect
             continue
         seen.add(same)
-        todo.append((m, _move(pl, m, prob.names[m.dest])))
-    if prob.cost_model == "decode" and todo:  # the candidates' new layers in one batch
-        plan_arrays(prob).warm([cand for _, cand in todo])
-    for m, cand in todo:
-        if plan_cost(prob, cand, net).token_latency_s > lat_limit:
+        todo.append((m, memo.moved_layer(pl.layers[m.l], m)))
+    if not todo:
+        return None, 0
+
+    def plan(m: _Move, lp: LayerPlacement) -> Placement:
+        return Placement(pl.source, pl.layers[:m.l] + (lp,) + pl.layers[m.l + 1:], meta=pl.meta)
+
+    if prob.cost_model == "decode":
+        lats = plan_arrays(prob).latencies_swapped(pl, [(m.l, lp) for m, lp in todo])
+    else:
+        lats = [plan_cost(prob, plan(m, lp), net) for m, lp in todo]
+    free = no_migration(prob, len(pl.layers))
+    for (m, lp), lat in zip(todo, lats):
+        if lat.token_latency_s > lat_limit:
             continue  # no migration estimate for a move the latency already rules out
-        obj = _objective(prob, cand, prob.H, net)[0]
+        cand = None
+        if free:
+            obj = objective_without_migration(lat.token_latency_s, prob.H)
+        else:
+            cand = plan(m, lp)
+            remember_cost(prob, cand, lat)
+            obj = _objective(prob, cand, prob.H, net)[0]
         score = (obj - cur) / m.nbytes  # objective added per byte of peak removed
         if obj <= limit and (best is None or score < best[0]):
-            best = (score, obj, m, cand)
+            best = (score, obj, m, cand if cand is not None else lp)
+    if best is not None and not isinstance(best[3], Placement):
+        best = (*best[:3], plan(best[2], best[3]))
     return best, len(todo)
 
 

@@ -82,6 +82,24 @@ def _objective(prob: Problem, pl: Placement, H: float, net: Net) -> tuple[float,
     return lat + mig / H, lat, mig
 
 
+def no_migration(prob: Problem, n_layers: int) -> bool:
+    """Whether ``_objective``'s migration delay is 0 for every plan of ``n_layers`` layers: there
+    is no current placement of as many layers to move from (``planner_delay``)."""
+    cur = prob.snap.current
+    return cur is None or len(cur.layers) != n_layers
+
+
+def objective_without_migration(latency_s: float, H: float) -> float:
+    """``_objective(...)[0]`` of a plan of latency ``latency_s`` when ``no_migration`` holds (the
+    same float: the latency + a zero delay / H), without building the plan."""
+    return latency_s + 0.0 / H
+
+
+def remember_cost(prob: Problem, pl: Placement, val: PlanLatency) -> None:
+    """Record ``pl``'s ``plan_cost``, computed elsewhere with the same arithmetic (``cost.arrays``)."""
+    _store(prob.memo.setdefault("cost", {}), pl, val)
+
+
 def migration_lower_bound(prob: Problem, pl: Placement, net: Net) -> float:
     """A lower bound of ``_objective``'s migration delay without scheduling memory-safe waves
     (``planner_delay(one_wave=True)``): to rule a candidate out cheaply."""

@@ -31,10 +31,11 @@ One round (one decision epoch), given a snapshot:
     the full memory (not the balanced caps) and Galaxy's tensor-parallel split of every layer
     over the best group of fastest devices (FFN columns split as many ways as the group has
     devices, where the greedy stops at ``ffn_chunks``). The one with the lowest latency +
-    migration delay / H replaces the plan so far when that is more than ``portfolio_slack``
-    lower — RA minimises the latency it is asked to, so it is never slower than a plan it can
-    reach (issue 12: within 2 % of the best of EdgeShard and Galaxy at every point of the map);
-    the slack keeps the balanced, fewer-bytes plan when the difference is noise.
+    migration delay / H replaces the plan so far unless the plan so far is more than
+    ``portfolio_slack`` lower — RA is never slower than a plan it can reach (issue 12: within
+    2 % of the best of EdgeShard and Galaxy at every point of the map), and its own irregular
+    plan must win by more than the cost model's error to be kept (issue 13: at the compute-bound
+    regime point RA's own plan, predicted 0.02 % faster than Galaxy's, ran 5.5 % slower).
  4d. Hedge (``rate_hedge``, ``ra.hedge``): a split that wins only while every link stays as fast as
     measured is traded for the plan with the lower worse-case regret between today's links and
     links at ``rate_hedge`` x their rate — among plans at most ``portfolio_slack`` above the
