@@ -1,6 +1,7 @@
 """Partitioner benchmark: every figure measured side by side in one run (no stored numbers).
 
-1. RA / exact optimum under the ``paper`` model on random 3-5 device instances (mean, worst).
+1. RA / exact optimum under the ``paper`` model on random 3-5 device instances (mean, worst): the
+   paper's greedy (the optimum's plan space) and full RA (whose FFN splits leave that space).
    1d. The same under the ``decode`` model (serialised NICs, what plans are reported with): one
    layer, ``optimal`` = the certified exact search (``testbed.partition.exact.serial``).
 2. Exact solver time, paper model, 5 devices x 32 heads; 2d. the same for the decode search.
@@ -42,18 +43,29 @@ from testbed.core.snapshot import ModelDims
 
 
 def ra_vs_optimal(n_instances: int = 60) -> None:
+    """[1] RA against the paper model's exact optimum. The optimum (``exact.optimal``, paper MILP)
+    ranges over the paper's plan space: heads anywhere, the projection and the whole FFN on one
+    device each. The paper's greedy (RA without steps 4b-4c: ``layer_split=False,
+    portfolio=False``) places in that space, so its ratio is the algorithm's quality. Full RA also
+    weighs Galaxy's tensor-parallel plan (step 4c), which splits the FFN's columns across devices,
+    outside that space: its ratio below 1 is that split's gain, not a fault of the optimum."""
     rng = np.random.default_rng(0)
-    ratios = []
+    same_space, full, split = [], [], 0
     for _ in range(n_instances):
         heads = int(rng.choice([4, 8, 12, 16]))
         dims = ModelDims("p", 1, 512, heads, heads, 64, 2048, 1000)
         snap = random_star(rng, int(rng.integers(4, 7)), dims, mem_slack=float(rng.uniform(1.2, 3)),
                            context_len=int(rng.integers(64, 512)))
-        ra = plan("resource_aware", snap, dims, "paper", headroom_epochs=1).predicted_token_latency_s
         opt = plan("optimal", snap, dims, "paper").predicted_token_latency_s
-        ratios.append(ra / opt)
-    print(f"[1] RA/optimal, paper model, {n_instances} random instances of 3-5 worker devices: "
-          f"mean {statistics.mean(ratios):.4f} (target <= 1.05), worst {max(ratios):.4f} (target <= 1.15)")
+        greedy = plan("resource_aware", snap, dims, "paper", headroom_epochs=1, layer_split=False, portfolio=False)
+        ra = plan("resource_aware", snap, dims, "paper", headroom_epochs=1)
+        same_space.append(greedy.predicted_token_latency_s / opt)
+        full.append(ra.predicted_token_latency_s / opt)
+        split += len(ra.placement.layers[0].ffn) > 1
+    print(f"[1] RA/optimal, paper model, {n_instances} random instances of 3-5 worker devices: the paper's "
+          f"greedy (the optimum's plan space) mean {statistics.mean(same_space):.4f} (target <= 1.05), worst "
+          f"{max(same_space):.4f} (target <= 1.15); full RA mean {statistics.mean(full):.4f}, worst "
+          f"{max(full):.4f} (its FFN split over devices on {split} instances: outside the optimum's space)")
 
 
 def ra_vs_optimal_decode(n_instances: int = 60) -> None:
