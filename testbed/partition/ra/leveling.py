@@ -169,8 +169,9 @@ def _memo(prob: Problem) -> _Memo:
 
 
 def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_cols: int,
-                n_dest: int) -> list[_Move]:
-    """Moves of one head group or one FFN chunk per layer off device ``a``, to the ``n_dest`` best
+                n_dest: int, only: set[int] | None = None) -> list[_Move]:
+    """Moves of one head group or one FFN chunk per layer (of the layers in ``only``, default all)
+    off device ``a``, to the ``n_dest`` best
     destinations with ``room`` for it (bytes; the caller keeps every destination below ``a``'s peak):
     devices near the layer's dataflow first, then by the messages' transfer time, then by index
     (every block's destinations ranked in one sort)."""
@@ -180,6 +181,8 @@ def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_co
     A = prob.src
     for l, lp in enumerate(pl.layers):
         A_l, A = A, index[lp.ffn[0].device]  # the layer's input, the next layer's
+        if only is not None and l not in only:
+            continue
         on_a = [s for s in lp.ffn if s.device == name]
         if not on_a and name not in lp.heads:
             continue
@@ -270,10 +273,12 @@ def _best_move(prob: Problem, pl: Placement, cands: list[_Move], cur: float, lim
 
 
 def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_dest: int = 2,
-          max_evals: int = 2000, ref_latency_s: float = float("inf")) -> tuple[Placement, dict]:
+          max_evals: int = 2000, ref_latency_s: float = float("inf"),
+          only: set[int] | None = None) -> tuple[Placement, dict]:
     """Lower the largest worker peak of ``pl`` within ``(1 + tol)`` x its objective and x its
     latency (or ``ref_latency_s`` when lower: the fastest plan the planner weighed) (module
-    docstring). Returns (plan, what was done: ``moves``, ``evals``, peaks before and after)."""
+    docstring), moving blocks of the layers in ``only`` (default: all). Returns (plan, what was
+    done: ``moves``, ``evals``, peaks before and after)."""
     until = peak_horizon(prob)
     cur, lat0, _ = _objective(prob, pl, prob.H, problem_net(prob))
     limit, lat_limit = (1 + tol) * cur, (1 + tol) * min(lat0, ref_latency_s)
@@ -289,7 +294,7 @@ def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_de
         # room at the peak horizon (and at the memory horizon the plan was made for), below a's peak
         room = np.minimum(prob.budget - used, prob.budget - fit)
         room = np.minimum(room, total[a] - total - 1.0)
-        cands = _candidates(prob, pl, a, room, chunk_cols, n_dest)
+        cands = _candidates(prob, pl, a, room, chunk_cols, n_dest, only)
         best, n = _best_move(prob, pl, cands, cur, limit, lat_limit, max_evals - evals)
         evals += n
         if best is None:
@@ -316,12 +321,16 @@ def memory_binds(prob: Problem, pl: Placement, frac: float) -> bool:
 
 
 def level_plan(prob: Problem, pl: Placement, tol: float, chunks: int, max_evals: int,
-               ref_latency_s: float = float("inf"), rate_hedge: float | None = None) -> Placement:
+               ref_latency_s: float = float("inf"), rate_hedge: float | None = None,
+               only: set[int] | None = None) -> Placement:
     """``level``'s plan with what it did in ``meta`` (``leveling_*``); ``pl`` itself when nothing moved,
     or when ``rate_hedge`` is set and the leveled plan's objective with every link at ``rate_hedge`` x
     its rate (``ra.hedge``) is more than ``1 + tol`` times ``pl``'s: moves that cost nothing while the
-    links hold can put heads behind slow links (step 4d's bet, made again by the back door)."""
-    out, info = level(prob, pl, tol, chunks, max_evals=max_evals, ref_latency_s=ref_latency_s)
+    links hold can put heads behind slow links (step 4d's bet, made again by the back door).
+    ``only``: the layers whose blocks may move (``level``)."""
+    if only is not None and not only:
+        return pl
+    out, info = level(prob, pl, tol, chunks, max_evals=max_evals, ref_latency_s=ref_latency_s, only=only)
     if not info["leveling_moves"]:
         return pl
     if rate_hedge is not None:

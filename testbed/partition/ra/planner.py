@@ -161,19 +161,24 @@ def resource_aware(snapshot, dims, cost_model: str = "decode", ffn_chunks: int |
            portfolio_slack, rate_hedge, headroom_to_end, level_tol, level_evals, level_bind_frac, level_tol_free)
     first = snapshot.current is None  # a re-decision's portfolio candidates would migrate
 
-    def decide(new: Placement, budget: np.ndarray) -> Placement:
+    def decide(new: Placement, budget: np.ndarray, changed_only: bool = False) -> Placement:
         """Step 5, then step 6 (leveling), on the problem and horizon in force (the end-sized
-        ones when ``_end_sized`` replaced them)."""
+        ones when ``_end_sized`` replaced them). ``changed_only`` (the incremental re-decision):
+        step 6 moves blocks only in the layers step 5's plan changed from the current placement
+        (the others were leveled when they were made)."""
         out = choose_plan(prob, new, prob.H, budget, anticipate_epochs=anticipate_epochs, preempt=preempt,
                           headroom_until=headroom_until)
         if level_tol > 0 and out is not snapshot.current:  # a kept placement was leveled when made
+            only = None
+            if changed_only:
+                only = {l for l, (a, b) in enumerate(zip(out.layers, snapshot.current.layers)) if a != b}
             # the tolerance counts from the fastest plan of this decision: never from a plan that
             # was leveled before (the latency would creep by level_tol at every decision)
             ref = plan_cost(prob, new).token_latency_s
             if first:
                 ref = min(ref, prob.memo.get("portfolio_latency_s", float("inf")))
             tol = level_tol if memory_binds(prob, out, level_bind_frac) else min(level_tol, level_tol_free)
-            out = level_plan(prob, out, tol, K, level_evals, ref, rate_hedge)
+            out = level_plan(prob, out, tol, K, level_evals, ref, rate_hedge, only)
         return with_basis(out, prob, sig) if incremental else out
 
     again = redecide(prob, K, sig, decide) if incremental else None
