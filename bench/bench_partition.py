@@ -12,7 +12,8 @@
    Galaxy, and the boundary rule's accuracy (``analysis.regime_map``).
 5. Issue 18, planner speed at real scale, each figure next to its target: RA decision time at
    64 devices x 32 layers x 32 heads (Llama-2-7B Q4_0 shape; first decision and re-decision,
-   median ``solve_time_s``), the search budgets (work counts, not wall clock), the exact
+   median ``solve_time_s``: the target is the incremental re-decision's, the full one is its
+   reference), the first decision's time, latency and peak per leveling budget, the search budgets (work counts, not wall clock), the exact
    decode optimum at 8 devices x 12 layers, ``headroom plan`` end to end on ``bench/plan64.yaml``
    and the simulated backend at 128 devices x 2000 tokens (``bench_simulated``; ``--only 5``
    runs it, ``5q`` skips it).
@@ -126,7 +127,8 @@ def ra_time(seeds=(1, 2, 3), repeats: int = 9) -> None:
           f"given) {ms(again)} (target < 20 ms)")
 
 
-from partition_scale import budgets, exact_scale, plan_end_to_end, scale_decisions, simulated_scale  # noqa: E402
+from partition_scale import (budgets, exact_scale, leveling_budget, plan_end_to_end, scale_decisions,  # noqa: E402
+                             simulated_scale)
 
 
 def topology(rng, n: int, dims: ModelDims):
@@ -270,6 +272,7 @@ def main() -> None:
         regime_map(args.map_run)
     if only & {"5", "5q"}:
         scale_decisions()
+        leveling_budget()
         budgets()
         exact_scale()
         plan_end_to_end()

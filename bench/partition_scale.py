@@ -89,6 +89,26 @@ def _worker_peak(res, snap) -> int:
     return max(v for k, v in res.predicted_peak_mem_bytes.items() if k != snap.source)
 
 
+def leveling_budget(seeds=(1, 2, 3), repeats: int = 3) -> None:
+    """[5] What the first decision's time buys at 64 x 32 x 32: CPU time, predicted token latency
+    and the largest worker peak per step-6 budget (``level_evals``; 0 = step 6 off) — the first
+    decision misses its 20 ms target, and this is the price of the part that costs the most."""
+    print("[5] RA first decision at 64 x 32 x 32 by leveling budget (level_evals; default 2000), per instance "
+          "(seeds 1/2/3): CPU median ms | predicted token latency s | largest worker peak MiB")
+    for evals in (0, 250, 500, 1000, 2000):
+        kw = {"level_evals": evals} if evals else {"level_tol": 0.0}
+        cells = []
+        for seed in seeds:
+            snap = random_star(np.random.default_rng(seed), 65, LLAMA7)
+            cpus = []
+            for _ in range(repeats):
+                t = time.process_time()
+                res = plan("resource_aware", snap, LLAMA7, **kw)
+                cpus.append(time.process_time() - t)
+            cells.append((1e3 * statistics.median(cpus), res.predicted_token_latency_s, _worker_peak(res, snap) / 2**20))
+        print(f"    level_evals {evals:>4}: " + "  ".join(f"{c:5.1f} ms {l:.3f} s {m:5.1f} MiB" for c, l, m in cells))
+
+
 def budgets() -> None:
     """[5] What bounds each search (work counts: a plan does not depend on the machine's speed)."""
     from testbed.partition.registry import OptimalParams

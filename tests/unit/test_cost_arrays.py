@@ -44,7 +44,8 @@ def test_array_latency_is_decode_cost_exactly(dims, n, seed):
     rng = random.Random(seed)
     plans = [_random_plan(rng, prob, dims, wide=i % 3 == 2) for i in range(12)]
     plans.append(plan("resource_aware", snap, dims).placement)
-    plans += [pl for _, pl in galaxy_plans(prob, [2, 4, 8]) if not isinstance(pl, InfeasiblePlan)]
+    # Galaxy over 12-32 devices: FFN split over more than ``WIDE_FFN`` devices (``PlanArrays._one``)
+    plans += [pl for _, pl in galaxy_plans(prob, [2, 4, 8, 12, 24, 32]) if not isinstance(pl, InfeasiblePlan)]
     for pl in plans:
         ref = decode_cost(pl, snap, dims)
         got = arrays.latency(pl)
@@ -73,6 +74,11 @@ def test_down_paths_give_what_decode_cost_gives():
         assert got == ref or (math.isnan(got) and math.isnan(ref))
         finite += math.isfinite(ref)
     assert 0 < finite < 40
+    # wide layers (``PlanArrays._one``, one by one) over the down paths: the same inf / nan
+    for _ in range(20):
+        pl = _random_plan(rng, prob, GPT2, wide=True)
+        got, ref = arrays.latency(pl).token_latency_s, decode_cost(pl, snap, GPT2).token_latency_s
+        assert got == ref or (math.isnan(got) and math.isnan(ref))
 
 
 @pytest.mark.parametrize("dims,n,seed,down", [(GPT2, 9, 5, False), (LLAMA7, 33, 6, False), (GPT2, 12, 7, True)])

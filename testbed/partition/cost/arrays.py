@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from testbed.partition.cost.latency import Net, _layer_delta, decode_constants
+from testbed.partition.cost.latency import decode_constants
+from testbed.partition.cost.roofline import roofline_s
 
 INF = float("inf")
 WIDE_HEADS, WIDE_FFN = 24, 8  # wider layers are computed one by one (``PlanArrays._compute``)
@@ -60,6 +61,20 @@ def _extract(lp, index: dict, heads_memo: dict) -> _Layer:
         j = index[s.device]
         cols[j] = cols.get(j, 0) + (s.col_end - s.col_start)
     return _Layer(P, *hit[1:], tuple(cols), tuple(cols.values()))
+
+
+def _fan_in_serial(msgs: list) -> tuple[float, float] | None:
+    """``latency._Nics.fan_in`` with serial NICs: messages (arrival pair, downlink seconds) received
+    in arrival order (a stable sort), the critical path of the last one to finish."""
+    if not msgs:
+        return None
+    done, out = -INF, msgs[0][0]
+    for arr, tau in sorted(msgs, key=lambda m: m[0][0] + m[0][1]):
+        t = arr[0] + arr[1]
+        fin = max(t, done + tau)
+        done = fin
+        out = (arr[0], arr[1] + (fin - t))
+    return out
 
 
 def _pad(rows: list, fill) -> np.ndarray:
@@ -107,7 +122,8 @@ class PlanArrays:
         self.mem_bw = np.array([d.mem_bw_bytes_per_s for d in snap.devices], dtype=float)
         self.call_s = np.array([d.call_overhead_s for d in snap.devices], dtype=float)
         self.k = decode_constants(prob.dims, snap.context_len, 1)
-        self.snap, self.names, self.net, self.dims = snap, prob.names, None, prob.dims
+        self.snap, self.names, self.dims = snap, prob.names, prob.dims
+        self._rows = None  # the path matrices and device rates as Python lists (``_one``), when first needed
         # memos by identity (hashing a LayerPlacement is slow; plans share layer objects), each
         # entry holding its layer so that the id stays taken
         self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer)
@@ -288,10 +304,62 @@ class PlanArrays:
         return out
 
     def _one(self, lp, A: int) -> tuple[float, float, int]:
-        if self.net is None:
-            self.net = Net(self.snap)
-        (dc, dt), _, sent = _layer_delta(lp, self.names[A], self.net, True, self.k, {})
-        return dc, dt, sum(sent.values())
+        """One wide layer's (compute_s, transfer_s, bytes) from input device ``A``: the scalar walk
+        of ``latency._decode_layer`` (serial NICs, from a start at (0, 0)) over device indices and
+        Python lists, with its operations in its order (the same floats; ``Net``'s string-keyed
+        lookups and the per-link byte tally are what cost there). Galaxy's tensor-parallel plans
+        over tens of devices are the layers that come here."""
+        rows = self._rows
+        if rows is None:
+            rows = self._rows = (self.lat.tolist(), self.spb.tolist(), self.speed.tolist(), self.mem_bw.tolist(),
+                                 self.call_s.tolist())
+        lat, spb, speed, bw, call_s = rows
+        k, ly = self.k, self._layer(lp)
+        xb, P = k["x_bytes"], ly.P
+        up: dict[int, float] = {}  # device -> when its uplink frees
+        nbytes = 0
+
+        def send(a: int, b: int, n: float, r0: float, r1: float) -> tuple[float, float]:
+            nonlocal nbytes
+            if a == b:
+                return r0, r1
+            tau = n * spb[a][b]
+            t = r0 + r1
+            start = max(t, up.get(a, t))
+            up[a] = start + tau
+            nbytes += int(n)
+            return r0, r1 + (start - t) + tau + lat[a][b]
+
+        def call(j: int, flops: float, read: float) -> float:
+            return roofline_s(flops, read, speed[j], bw[j], call_s[j])
+
+        arrive = {d: send(A, d, xb, 0.0, 0.0) for d in ly.xdst}
+        att, outs = arrive[P], []
+        hf, hr, hob = k["head_flops"], k["head_read"], k["head_out_bytes"]
+        for j, n in zip(ly.hdev, ly.hn):
+            done = (arrive[j][0] + call(j, n * hf, n * hr), arrive[j][1])
+            if j == P:
+                att = att if att[0] + att[1] >= done[0] + done[1] else done
+                continue
+            outs.append((j, done, n * hob))
+        msgs = [(send(j, P, size, *done), size * spb[j][P]) for j, done, size in outs]
+        got = _fan_in_serial(msgs)
+        if got is not None:
+            att = att if att[0] + att[1] >= got[0] + got[1] else got
+        pd = (att[0] + call(P, k["proj_flops"], k["proj_read"]), att[1])
+        agg, out, msgs = ly.fdev[0], None, []
+        fcf, fcr = k["ffn_col_flops"], k["ffn_col_read"]
+        for dev, c in zip(ly.fdev, ly.fcols):  # shard order, aggregator first
+            arr = send(P, dev, xb, *pd)
+            done = (arr[0] + call(dev, c * fcf, c * fcr), arr[1])
+            if dev == agg:
+                out = done
+                continue
+            msgs.append((send(dev, agg, xb, *done), xb * spb[dev][agg]))
+        got = _fan_in_serial(msgs)
+        if got is not None:
+            out = out if out[0] + out[1] >= got[0] + got[1] else got
+        return out[0], out[1], nbytes
 
     def _batch(self, todo: list) -> list:
         L = [self._layer(lp) for lp, _ in todo]

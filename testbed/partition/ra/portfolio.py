@@ -139,13 +139,20 @@ def _hedged_pick(prob: Problem, plans: list[Placement], ours: float, slack: floa
     from testbed.partition.ra import hedge
 
     lat = [ours] + [plan_cost(prob, pl, net).token_latency_s for pl in plans[1:]]
+    # Objectives are costly where a plan's migration needs memory-safe waves; a lower bound of one
+    # (``_objective_below``: latency, then latency + a one-wave migration bound) that is already
+    # above what it is compared with decides the same as the objective itself, so the exact
+    # objective is computed only for candidates that could still lower ``base_best`` or be
+    # admissible (at most ``bound``).
     base_best = float("inf")  # the baselines' best objective today (an objective is >= its latency)
     for i in sorted(range(1, len(plans)), key=lat.__getitem__):
         if lat[i] >= base_best:
             break
-        base_best = min(base_best, _objective(prob, plans[i], prob.H, net)[0])
+        base_best = min(base_best, _objective_below(prob, plans[i], net, base_best))
     bound = (1 + slack) * base_best
-    now = [ours] + [_objective(prob, pl, prob.H, net)[0] if l <= bound else l
+    # above ``bound`` a candidate is neither the baselines' best nor admissible: its lower bound
+    # stands in for its objective (step 4c's and 4d's choices are the same)
+    now = [ours] + [_objective_below(prob, pl, net, bound) if l <= bound else l
                     for pl, l in zip(plans[1:], lat[1:])]
     pick = _unless_clearly_better(now, slack)  # step 4c
     ok = [o <= bound for o in now]  # admissible: at most ``slack`` above the baselines' best today
