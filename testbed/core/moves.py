@@ -21,14 +21,18 @@ def migration_items(old: Placement, new: Placement) -> dict[tuple[str, str], lis
                 out.setdefault((da, db), []).append({"kind": "head", "layer": l, "group": g})
         if a.proj != b.proj:
             out.setdefault((a.proj, b.proj), []).append({"kind": "proj", "layer": l})
-        old_set = set(a.ffn)
+        if a.ffn == b.ffn:
+            continue
+        olds = [(o.device, o.col_start, o.col_end) for o in a.ffn]
+        kept = set(olds)
         for s in b.ffn:
-            if s in old_set:
+            sd, s0, s1 = s.device, s.col_start, s.col_end
+            if (sd, s0, s1) in kept:  # an unchanged shard ships nothing
                 continue
-            for o in a.ffn:
-                lo, hi = max(o.col_start, s.col_start), min(o.col_end, s.col_end)
-                if lo < hi and o.device != s.device:
-                    out.setdefault((o.device, s.device), []).append({"kind": "ffn", "layer": l, "c0": lo, "c1": hi})
+            for od, o0, o1 in olds:  # the old shards it overlaps on other devices, in their order
+                if o0 < s1 and s0 < o1 and od != sd:
+                    lo, hi = (o0 if o0 > s0 else s0), (o1 if o1 < s1 else s1)
+                    out.setdefault((od, sd), []).append({"kind": "ffn", "layer": l, "c0": lo, "c1": hi})
     return out
 
 

@@ -107,3 +107,25 @@ def test_swapped_latencies_are_latency_exactly(dims, n, seed, down):
             assert g.bytes_moved == r.bytes_moved
             assert g.token_latency_s == r.token_latency_s or (math.isnan(g.token_latency_s)
                                                               and math.isnan(r.token_latency_s))
+
+
+def test_placement_memory_counts_a_repeated_layer_object_as_its_copies():
+    """``placement_memory`` counts a layer object repeated (Galaxy's ``(layer,) * L``) once times its
+    repeats: the same bytes, in the same device order, as the same layers as distinct objects."""
+    from dataclasses import replace as copy
+
+    from testbed.partition.cost.latency import placement_memory
+
+    snap = random_star(np.random.default_rng(5), 33, LLAMA7, context_len=48)
+    prob = Problem(snap, LLAMA7)
+    rng = random.Random(5)
+    for _, pl in galaxy_plans(prob, [1, 3, 12, 32]):
+        if isinstance(pl, InfeasiblePlan):
+            continue
+        mixed = [pl.layers[0]] * 20 + [_random_plan(rng, prob, LLAMA7).layers[0]] * 12
+        for layers in (pl.layers, tuple(mixed)):
+            distinct = tuple(copy(lp) for lp in layers)
+            assert len({id(lp) for lp in distinct}) == len(layers)
+            got = placement_memory(Placement(snap.source, layers), snap, LLAMA7, 100)
+            ref = placement_memory(Placement(snap.source, distinct), snap, LLAMA7, 100)
+            assert got == ref and list(got) == list(ref)

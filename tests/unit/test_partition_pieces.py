@@ -128,3 +128,45 @@ def test_with_weights_from_the_destination_only_kv_caches_are_charged():
     assert ra_full.placement == old and ra_kv.placement != old
     assert ra_kv.predicted_token_latency_s < ra_full.predicted_token_latency_s
     assert ra_kv.migration_delay_s < migration_estimate(old, ra_kv.placement, SNAP, G1).delay_s / 10
+
+
+def _items_by_definition(old: Placement, new: Placement) -> dict:
+    """``migration_items`` spelled out as its docstring defines it (the order included)."""
+    out: dict = {}
+    for l, (a, b) in enumerate(zip(old.layers, new.layers)):
+        for g, (da, db) in enumerate(zip(a.heads, b.heads)):
+            if da != db:
+                out.setdefault((da, db), []).append({"kind": "head", "layer": l, "group": g})
+        if a.proj != b.proj:
+            out.setdefault((a.proj, b.proj), []).append({"kind": "proj", "layer": l})
+        for s in b.ffn:
+            if s in a.ffn:
+                continue
+            for o in a.ffn:
+                lo, hi = max(o.col_start, s.col_start), min(o.col_end, s.col_end)
+                if lo < hi and o.device != s.device:
+                    out.setdefault((o.device, s.device), []).append({"kind": "ffn", "layer": l, "c0": lo, "c1": hi})
+    return out
+
+
+def test_migration_items_are_their_definition_in_order():
+    """Random layers with 1-4 shards, and tensor-parallel ones (FFN over up to 40 devices, what a
+    Galaxy candidate of a 128-device plan looks like), against each other and themselves."""
+    dims = ModelDims("r", 4, 128, 8, 4, 16, 960, 100, gated_ffn=True)
+    devs = [f"d{i}" for i in range(1, 41)]
+    rng = np.random.default_rng(11)
+
+    def wide_layer():
+        n = int(rng.integers(5, 41))
+        cuts = sorted(rng.choice(np.arange(1, dims.ffn_dim), size=n - 1, replace=False).tolist())
+        bounds = list(zip([0] + cuts, cuts + [dims.ffn_dim]))
+        shards = tuple(FfnShard(d, a, b) for d, (a, b) in zip(rng.permutation(devs)[:n].tolist(), bounds))
+        return LayerPlacement(tuple(rng.choice(devs[:6]) for _ in range(dims.n_kv_heads)), devs[0], shards)
+
+    for i in range(150):
+        make = [lambda: random_layer(rng, dims, devs[:6]), wide_layer]
+        old = Placement("d0", tuple(make[int(rng.integers(2))]() for _ in range(dims.n_layers)))
+        new = Placement("d0", tuple(make[int(rng.integers(2))]() for _ in range(dims.n_layers)))
+        assert migration_items(old, new) == _items_by_definition(old, new)
+        assert list(migration_items(old, new)) == list(_items_by_definition(old, new))  # pair order
+        assert migration_items(new, new) == {}

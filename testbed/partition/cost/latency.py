@@ -130,16 +130,25 @@ def placement_memory(placement: Placement, snapshot: ClusterSnapshot, dims: Mode
     head = B.block_memory_bytes(dims, "head", context_len)
     pb = B.proj_bytes(dims)
     shard: dict[int, int] = {}  # columns -> bytes (a plan has few distinct shard widths)
+    # a layer object repeated (Galaxy's and the layer splits' uniform layers) is counted once
+    # times its repeats: integer bytes, so the sums are the same; devices first seen in the same order
+    times: dict[int, list] = {}
     for lp in placement.layers:
+        hit = times.get(id(lp))
+        if hit is None:
+            times[id(lp)] = [lp, 1]
+        else:
+            hit[1] += 1
+    for lp, m in times.values():
         for dev, n in Counter(lp.heads).items():
-            mem[dev] = mem.get(dev, 0) + n * head
-        mem[lp.proj] = mem.get(lp.proj, 0) + pb
+            mem[dev] = mem.get(dev, 0) + m * n * head
+        mem[lp.proj] = mem.get(lp.proj, 0) + m * pb
         for s in lp.ffn:
             c = s.col_end - s.col_start
             nb = shard.get(c)
             if nb is None:
                 nb = shard[c] = B.ffn_bytes(dims, c)
-            mem[s.device] = mem.get(s.device, 0) + nb
+            mem[s.device] = mem.get(s.device, 0) + m * nb
     return mem
 
 
