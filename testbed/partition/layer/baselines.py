@@ -119,16 +119,23 @@ def _galaxy_plan(prob: Problem, group: list[int]) -> Placement:
     heads = _largest_remainder(frac, d.n_kv_heads)
     cols = _largest_remainder(frac, d.ffn_dim)
     names = [prob.names[j] for j in group]
-    head_t = tuple(n for n, c in zip(names, heads) for _ in range(c))
-    shards, pos = [], 0
-    for n, c in zip(names, cols):
-        if c > 0:
-            shards.append(FfnShard(n, pos, pos + int(c)))
-            pos += int(c)
-    shards.sort(key=lambda s: s.device != names[0])
-    if shards[0].device != names[0]:  # aggregator must hold a shard: give it one column
-        raise InfeasiblePlan("galaxy: fastest device holds no FFN columns")
-    layer = LayerPlacement(head_t, names[0], tuple(shards))
+    # the layer is a function of the group and the two splits: one object per such triple in
+    # ``prob.memo`` (shared with the problems of the same snapshot, ``ra.objective.share_costs``), so
+    # that the planners' memos by identity cost it once
+    key = (tuple(group), tuple(np.asarray(heads).tolist()), tuple(np.asarray(cols).tolist()))
+    made = prob.memo.setdefault("galaxy_layers", {})
+    layer = made.get(key)
+    if layer is None:
+        head_t = tuple(n for n, c in zip(names, heads) for _ in range(c))
+        shards, pos = [], 0
+        for n, c in zip(names, cols):
+            if c > 0:
+                shards.append(FfnShard(n, pos, pos + int(c)))
+                pos += int(c)
+        shards.sort(key=lambda s: s.device != names[0])
+        if shards[0].device != names[0]:  # aggregator must hold a shard: give it one column
+            raise InfeasiblePlan("galaxy: fastest device holds no FFN columns")
+        layer = made[key] = LayerPlacement(head_t, names[0], tuple(shards))
     pl = Placement(prob.snap.source, (layer,) * L, meta={"algorithm": "galaxy", "group": names})
     check_memory(pl, prob.snap, d, prob.cost_model, prob.T_mem)
     return pl

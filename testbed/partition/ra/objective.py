@@ -105,3 +105,27 @@ def migration_lower_bound(prob: Problem, pl: Placement, net: Net) -> float:
     (``planner_delay(one_wave=True)``): to rule a candidate out cheaply."""
     return planner_delay(prob.snap.current, pl, prob.snap, prob.dims, prob.cost_model, net,
                          prob.memo.setdefault("migration_parts", {}), one_wave=True)
+
+
+# memos whose entries do not depend on a problem's memory horizon (only on the snapshot, the
+# model, the cost model and the current placement): plan latencies and their per-layer parts,
+# migration delays and their per-layer items, the same over slowed links (the hedge), and the
+# layer objects that key them
+HORIZON_FREE_MEMOS = ("cost", "migration", "migration_parts", "split_layers", "galaxy_layers", "hedge")
+
+
+def share_costs(prob: Problem, other: Problem) -> None:
+    """Let ``other``, a problem of the same snapshot, model and cost model sized for another
+    memory horizon (the end-of-run sizing, ``ra.planner._end_sized``), use ``prob``'s memos of
+    what does not depend on the horizon: a plan weighed by both (the same baseline candidate, a
+    layer split of the same devices) is costed once."""
+    if other.snap is not prob.snap or other.dims != prob.dims or other.cost_model != prob.cost_model:
+        raise ValueError("share_costs: the problems must be of the same snapshot, model and cost model")
+    problem_net(prob)
+    if prob.cost_model == "decode":
+        plan_arrays(prob)
+        other.memo["arrays"] = prob.memo["arrays"]
+    other.memo["net"] = prob.memo["net"]
+    for key in HORIZON_FREE_MEMOS:
+        other.memo[key] = prob.memo.setdefault(key, {})
+

@@ -71,6 +71,7 @@ from testbed.partition.ra.portfolio import _with_layer_split, _with_portfolio, g
 from testbed.partition.ra.greedy import _round
 from testbed.partition.ra.horizon import prefer_end_sized
 from testbed.partition.ra.leveling import level_plan, memory_binds
+from testbed.partition.ra.objective import share_costs
 from testbed.core.placement import Placement
 
 
@@ -230,6 +231,7 @@ def _end_sized(prob: Problem, layers, K: int, proj_candidates: int, mem_balance,
         return None
     end = Problem(snap, prob.dims, prob.cost_model, mem_tokens=snap.tokens_remaining)
     end.H, end.thorough = prob.H, prob.thorough
+    share_costs(prob, end)
     try:
         end.check_totals()
     except InfeasiblePlan:
