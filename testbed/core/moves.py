@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from testbed.core.placement import Placement
+from testbed.core.placement import LayerPlacement, Placement
 from testbed.core.errors import HeadroomError
 
 
@@ -16,24 +16,38 @@ def migration_items(old: Placement, new: Placement) -> dict[tuple[str, str], lis
     projections, and FFN column pieces (a new shard is assembled from the old shards it overlaps)."""
     out: dict[tuple[str, str], list[dict]] = {}
     for l, (a, b) in enumerate(zip(old.layers, new.layers)):
-        for g, (da, db) in enumerate(zip(a.heads, b.heads)):
-            if da != db:
-                out.setdefault((da, db), []).append({"kind": "head", "layer": l, "group": g})
-        if a.proj != b.proj:
-            out.setdefault((a.proj, b.proj), []).append({"kind": "proj", "layer": l})
-        if a.ffn == b.ffn:
-            continue
-        olds = [(o.device, o.col_start, o.col_end) for o in a.ffn]
-        kept = set(olds)
-        for s in b.ffn:
-            sd, s0, s1 = s.device, s.col_start, s.col_end
-            if (sd, s0, s1) in kept:  # an unchanged shard ships nothing
-                continue
-            for od, o0, o1 in olds:  # the old shards it overlaps on other devices, in their order
-                if o0 < s1 and s0 < o1 and od != sd:
-                    lo, hi = (o0 if o0 > s0 else s0), (o1 if o1 < s1 else s1)
-                    out.setdefault((od, sd), []).append({"kind": "ffn", "layer": l, "c0": lo, "c1": hi})
+        for pair, kind, x, y in layer_moves(a, b):
+            if kind == "head":
+                item = {"kind": "head", "layer": l, "group": x}
+            elif kind == "proj":
+                item = {"kind": "proj", "layer": l}
+            else:
+                item = {"kind": "ffn", "layer": l, "c0": x, "c1": y}
+            out.setdefault(pair, []).append(item)
     return out
+
+
+def layer_moves(a: LayerPlacement, b: LayerPlacement):
+    """The pieces one layer ships going from ``a`` to ``b``, in ``migration_items``' order:
+    ((sender, receiver), "head", group, None), ((sender, receiver), "proj", None, None) and
+    ((sender, receiver), "ffn", c0, c1) — an FFN piece being the intersection of a new shard that
+    is not an old one with an old shard on another device, old shards in their order."""
+    for g, (da, db) in enumerate(zip(a.heads, b.heads)):
+        if da != db:
+            yield (da, db), "head", g, None
+    if a.proj != b.proj:
+        yield (a.proj, b.proj), "proj", None, None
+    if a.ffn == b.ffn:
+        return
+    olds = [(o.device, o.col_start, o.col_end) for o in a.ffn]
+    kept = set(olds)
+    for s in b.ffn:
+        sd, s0, s1 = s.device, s.col_start, s.col_end
+        if (sd, s0, s1) in kept:  # an unchanged shard ships nothing
+            continue
+        for od, o0, o1 in olds:  # the old shards it overlaps on other devices
+            if o0 < s1 and s0 < o1 and od != sd:
+                yield (od, sd), "ffn", (o0 if o0 > s0 else s0), (o1 if o1 < s1 else s1)
 
 
 def moved_blocks(old: Placement, new: Placement) -> list[tuple[str, str, str]]:

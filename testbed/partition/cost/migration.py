@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from testbed.partition.cost import blocks as B
 from testbed.partition.cost.latency import Net, memory, paper_constants
-from testbed.core.moves import MigrationBlocked, ffn_shards, migration_items, schedule_waves
+from testbed.core.moves import MigrationBlocked, ffn_shards, layer_moves, migration_items, schedule_waves
 from testbed.core.placement import Placement
 from testbed.core.moves import item_block_id
 from testbed.core.snapshot import ClusterSnapshot, ModelDims
@@ -55,17 +55,21 @@ def pair_delay(pair_bytes: dict[tuple[str, str], float], net: Net) -> float:
 def _item_bytes(dims: ModelDims, T: int, cost_model: str, weights_shipped: bool = True):
     """Bytes of one ``migration_items`` item at context ``T`` (the blocks' memory figures; an FFN piece
     its columns' share); without shipped weights a head moves its KV cache only and the other blocks move nothing."""
+    piece = _piece_bytes(dims, T, cost_model, weights_shipped)
+    return lambda it: piece(it["kind"], it.get("c0"), it.get("c1"))
+
+
+def _piece_bytes(dims: ModelDims, T: int, cost_model: str, weights_shipped: bool = True):
+    """``_item_bytes`` of a piece given as (kind, c0, c1) (``moves.layer_moves``' fields)."""
     if not weights_shipped:
         kv = B.head_kv_bytes(dims, T)
-        return lambda it: kv if it["kind"] == "head" else 0
+        return lambda kind, c0, c1: kv if kind == "head" else 0
     if cost_model == "paper":
         k = paper_constants(dims, T)
         head, proj, ffn_b, F = k["head_bytes"], k["proj_bytes"], k["ffn_bytes"], dims.ffn_dim
-        return lambda it: (head if it["kind"] == "head" else proj if it["kind"] == "proj"
-                           else ffn_b * (it["c1"] - it["c0"]) // F)
+        return lambda kind, c0, c1: (head if kind == "head" else proj if kind == "proj" else ffn_b * (c1 - c0) // F)
     head, proj, col = B.block_memory_bytes(dims, "head", T), B.proj_bytes(dims), B.ffn_bytes(dims, 1)
-    return lambda it: (head if it["kind"] == "head" else proj if it["kind"] == "proj"
-                       else col * (it["c1"] - it["c0"]))
+    return lambda kind, c0, c1: head if kind == "head" else proj if kind == "proj" else col * (c1 - c0)
 
 
 def migration_estimate(old: Placement | None, new: Placement, snapshot: ClusterSnapshot, dims: ModelDims,
@@ -157,6 +161,8 @@ def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapsh
     nbytes = memo.get("nbytes")
     if nbytes is None:
         nbytes = memo["nbytes"] = _item_bytes(dims, T, cost_model, snapshot.weights_shipped)
+        memo["piece_bytes"] = _piece_bytes(dims, T, cost_model, snapshot.weights_shipped)
+    piece = memo["piece_bytes"]
     per_layer = memo.setdefault("layers", {})
     lists: dict[tuple[str, str], list] = {}
     src, moved = old.source, []
@@ -165,11 +171,13 @@ def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapsh
             continue
         hit = per_layer.get((id(a), id(b)))
         if hit is None or hit[0] is not a or hit[1] is not b:
-            items = migration_items(Placement(src, (a,)), Placement(src, (b,)))
-            hit = per_layer[(id(a), id(b))] = (a, b, items, {k: [nbytes(it) for it in its] for k, its in items.items()})
-        moved.append((l, hit[2]))
-        for k, sizes in hit[3].items():
-            lists.setdefault(k, []).extend(sizes)
+            sizes: dict[tuple[str, str], list] = {}
+            for pair, kind, x, y in layer_moves(a, b):  # the items' bytes, without building the items
+                sizes.setdefault(pair, []).append(piece(kind, x, y))
+            hit = per_layer[(id(a), id(b))] = [a, b, None, sizes]  # the items: when waves need them
+        moved.append((l, hit))
+        for k, v in hit[3].items():
+            lists.setdefault(k, []).extend(v)
     pairs = {k: sum(v) for k, v in lists.items()}
     if pairs and snapshot.weights_shipped and not one_wave:
         room = _room(old, snapshot, dims, T, cost_model, memo)
@@ -177,6 +185,10 @@ def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapsh
         for (_, b), n in pairs.items():
             due[b] = due.get(b, 0) + n
         if not all(n <= room.get(b, 0) for b, n in due.items()):
+            for _, hit in moved:
+                if hit[2] is None:
+                    hit[2] = migration_items(Placement(src, (hit[0],)), Placement(src, (hit[1],)))
+            moved = [(l, hit[2]) for l, hit in moved]
             return _in_waves(old, moved, pairs, snapshot, dims, cost_model, net, memo)
     return pair_delay(pairs, net)
 
