@@ -159,6 +159,7 @@ class SimulatedCluster:
         self._peak: dict[str, int] = dict.fromkeys(self.host_state, 0)
         self._current: dict[str, int] = dict.fromkeys(self.host_state, 0)
         self._paths = None
+        self._devices: tuple | None = None  # the hosts as DeviceStates, until a host changes
         self._net: Net | None = None
 
     def hosts(self) -> list[str]:
@@ -177,8 +178,9 @@ class SimulatedCluster:
     def _snapshot(self, context_len: int, until_next: int) -> ClusterSnapshot:
         if self._paths is None:
             self._paths = shortest_paths(self._nodes(), self.link_state, self.hosts())
-        devices = tuple(self._device(n, h) for n, h in self.host_state.items())
-        return ClusterSnapshot(devices, self._paths, context_len, until_next, self.placement,
+        if self._devices is None:
+            self._devices = tuple(self._device(n, h) for n, h in self.host_state.items())
+        return ClusterSnapshot(self._devices, self._paths, context_len, until_next, self.placement,
                                weights_shipped=self.weights_shipped)
 
     def _device(self, name: str, h: dict) -> DeviceState:
@@ -200,6 +202,7 @@ class SimulatedCluster:
 
     def _invalidate(self, paths: bool) -> None:
         self._net = None
+        self._devices = None
         if paths:
             self._paths = None
 
