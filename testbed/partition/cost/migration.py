@@ -151,7 +151,8 @@ def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapsh
     ``old`` in one snapshot (``memo``: a dict it keeps for that snapshot): what each layer ships is
     listed once per (old layer, new layer) pair of objects, layers a candidate keeps ship nothing,
     and the per-pair byte lists are concatenated in layer order (so each pair's bytes are summed
-    in ``migration_items``' order: the same floats). When some receiver lacks room for what it
+    in ``migration_items``' order: the same floats; integer sizes, the ``decode`` model's, are
+    summed per layer pair once, exact in any grouping). When some receiver lacks room for what it
     receives (memory-safe waves needed) the full estimate is made, unless ``one_wave``: then the
     delay of everything in one wave, a lower bound (every sender still sends all its bytes, and
     each wave lasts at least as long as any of its senders)."""
@@ -164,8 +165,9 @@ def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapsh
         memo["piece_bytes"] = _piece_bytes(dims, T, cost_model, snapshot.weights_shipped)
     piece = memo["piece_bytes"]
     per_layer = memo.setdefault("layers", {})
-    lists: dict[tuple[str, str], list] = {}
-    src, moved = old.source, []
+    # bytes per (sender, receiver): integer totals while every size is an integer, else lists
+    totals: dict[tuple[str, str], int | list] = {}
+    whole, src, moved = True, old.source, []
     for l, (a, b) in enumerate(zip(old.layers, new.layers)):
         if a is b:
             continue
@@ -174,11 +176,20 @@ def planner_delay(old: Placement | None, new: Placement, snapshot: ClusterSnapsh
             sizes: dict[tuple[str, str], list] = {}
             for pair, kind, x, y in layer_moves(a, b):  # the items' bytes, without building the items
                 sizes.setdefault(pair, []).append(piece(kind, x, y))
-            hit = per_layer[(id(a), id(b))] = [a, b, None, sizes]  # the items: when waves need them
+            # integer bytes (the decode model's) sum the same in any grouping: per pair at once
+            sums = ({k: sum(v) for k, v in sizes.items()}
+                    if all(type(n) is int for v in sizes.values() for n in v) else None)
+            hit = per_layer[(id(a), id(b))] = [a, b, None, sizes, sums]  # the items: when waves need them
         moved.append((l, hit))
+        if whole and hit[4] is not None:
+            for k, n in hit[4].items():
+                totals[k] = totals.get(k, 0) + n
+            continue
+        if whole:  # a size that is not an integer: the sums in order from here (the ints so far: exact)
+            totals, whole = {k: [n] for k, n in totals.items()}, False
         for k, v in hit[3].items():
-            lists.setdefault(k, []).extend(v)
-    pairs = {k: sum(v) for k, v in lists.items()}
+            totals.setdefault(k, []).extend(v)
+    pairs = totals if whole else {k: sum(v) for k, v in totals.items()}
     if pairs and snapshot.weights_shipped and not one_wave:
         room = _room(old, snapshot, dims, T, cost_model, memo)
         due: dict[str, int] = {}

@@ -102,16 +102,21 @@ def remember_cost(prob: Problem, pl: Placement, val: PlanLatency) -> None:
 
 def migration_lower_bound(prob: Problem, pl: Placement, net: Net) -> float:
     """A lower bound of ``_objective``'s migration delay without scheduling memory-safe waves
-    (``planner_delay(one_wave=True)``): to rule a candidate out cheaply."""
-    return planner_delay(prob.snap.current, pl, prob.snap, prob.dims, prob.cost_model, net,
-                         prob.memo.setdefault("migration_parts", {}), one_wave=True)
+    (``planner_delay(one_wave=True)``): to rule a candidate out cheaply. Once per problem and plan."""
+    memo = prob.memo.setdefault("migration_low", {})
+    low = _recall(memo, pl)
+    if low is None:
+        low = _store(memo, pl, planner_delay(prob.snap.current, pl, prob.snap, prob.dims, prob.cost_model, net,
+                                             prob.memo.setdefault("migration_parts", {}), one_wave=True))
+    return low
 
 
 # memos whose entries do not depend on a problem's memory horizon (only on the snapshot, the
 # model, the cost model and the current placement): plan latencies and their per-layer parts,
-# migration delays and their per-layer items, the same over slowed links (the hedge), and the
-# layer objects that key them
-HORIZON_FREE_MEMOS = ("cost", "migration", "migration_parts", "split_layers", "galaxy_layers", "hedge")
+# migration delays (and their one-wave lower bounds) and their per-layer items, the same over
+# slowed links (the hedge), and the layer objects that key them
+HORIZON_FREE_MEMOS = ("cost", "migration", "migration_low", "migration_parts", "split_layers", "galaxy_layers",
+                      "hedge")
 
 
 def share_costs(prob: Problem, other: Problem) -> None:
