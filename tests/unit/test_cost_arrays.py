@@ -129,3 +129,20 @@ def test_placement_memory_counts_a_repeated_layer_object_as_its_copies():
             got = placement_memory(Placement(snap.source, layers), snap, LLAMA7, 100)
             ref = placement_memory(Placement(snap.source, distinct), snap, LLAMA7, 100)
             assert got == ref and list(got) == list(ref)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_by_one_and_batched_layers_are_the_same_floats(seed):
+    """``PlanArrays._one`` (small batches and wide layers) and ``_batch`` (the rest) give every
+    layer the same (compute, transfer, bytes), from every input device kind (source, a device of
+    the layer, another one)."""
+    snap = random_star(np.random.default_rng(seed), 25, GPT2, context_len=48)
+    prob = Problem(snap, GPT2)
+    arrays, rng = PlanArrays(prob), random.Random(seed)
+    rows = []
+    for _ in range(6):
+        pl = _random_plan(rng, prob, GPT2)
+        for lp in pl.layers:
+            rows.append((lp, rng.choice([prob.src, prob.index[lp.proj], rng.randrange(len(prob.names))])))
+    batched = arrays._batch(rows)
+    assert [arrays._one(lp, A) for lp, A in rows] == batched

@@ -23,6 +23,7 @@ from testbed.partition.cost.roofline import roofline_s
 
 INF = float("inf")
 WIDE_HEADS, WIDE_FFN = 24, 8  # wider layers are computed one by one (``PlanArrays._compute``)
+SCALAR_ROWS = 6  # so are the layers of a batch of at most this many (one by one is faster there)
 
 
 class PlanLatency(NamedTuple):
@@ -289,26 +290,32 @@ class PlanArrays:
 
     def _compute(self, todo: list) -> list:
         """(compute_s, transfer_s, bytes) of each (layer, input device), from a start at (0, 0):
-        layers with many head or FFN devices (a tensor-parallel split over tens of devices) by
-        ``latency._layer_delta`` (their queues are long sequential chains), the others together."""
+        layers with many head or FFN devices (a tensor-parallel split over tens of devices) one by
+        one (``_one``: their queues are long sequential chains), the others together (``_batch``)
+        unless they are at most ``SCALAR_ROWS``: then one by one too (a batch costs ~0.2 ms of
+        array calls whatever its size, ``_one`` ~35 us a layer; the same floats either way)."""
         wide = [i for i, (lp, _) in enumerate(todo)
                 if len(self._layer(lp).hdev) > WIDE_HEADS or len(self._layer(lp).fdev) > WIDE_FFN]
-        if not wide:
+        if not wide and len(todo) > SCALAR_ROWS:
             return self._batch(todo)
         out: list = [None] * len(todo)
         for i in wide:
             out[i] = self._one(*todo[i])
         narrow = [i for i in range(len(todo)) if out[i] is None]
-        for i, val in zip(narrow, self._batch([todo[i] for i in narrow]) if narrow else []):
+        if len(narrow) <= SCALAR_ROWS:
+            for i in narrow:
+                out[i] = self._one(*todo[i])
+            return out
+        for i, val in zip(narrow, self._batch([todo[i] for i in narrow])):
             out[i] = val
         return out
 
     def _one(self, lp, A: int) -> tuple[float, float, int]:
-        """One wide layer's (compute_s, transfer_s, bytes) from input device ``A``: the scalar walk
+        """One layer's (compute_s, transfer_s, bytes) from input device ``A``: the scalar walk
         of ``latency._decode_layer`` (serial NICs, from a start at (0, 0)) over device indices and
         Python lists, with its operations in its order (the same floats; ``Net``'s string-keyed
-        lookups and the per-link byte tally are what cost there). Galaxy's tensor-parallel plans
-        over tens of devices are the layers that come here."""
+        lookups and the per-link byte tally are what cost there). Wide layers (Galaxy's
+        tensor-parallel plans over tens of devices) and small batches come here."""
         rows = self._rows
         if rows is None:
             rows = self._rows = (self.lat.tolist(), self.spb.tolist(), self.speed.tolist(), self.mem_bw.tolist(),
