@@ -33,6 +33,7 @@ Migration costs live in ``migration``.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -140,16 +141,34 @@ def placement_memory(placement: Placement, snapshot: ClusterSnapshot, dims: Mode
         else:
             hit[1] += 1
     for lp, m in times.values():
-        for dev, n in Counter(lp.heads).items():
+        heads, proj, shards = _layer_parts(lp)
+        for dev, n in heads:
             mem[dev] = mem.get(dev, 0) + m * n * head
-        mem[lp.proj] = mem.get(lp.proj, 0) + m * pb
-        for s in lp.ffn:
-            c = s.col_end - s.col_start
+        mem[proj] = mem.get(proj, 0) + m * pb
+        for dev, c in shards:
             nb = shard.get(c)
             if nb is None:
                 nb = shard[c] = B.ffn_bytes(dims, c)
-            mem[s.device] = mem.get(s.device, 0) + m * nb
+            mem[dev] = mem.get(dev, 0) + m * nb
     return mem
+
+
+# id(layer) -> (weak reference to it, its parts): a planner asks for the memory of many plans that
+# share layer objects (the current placement, its candidates, their per-layer mixes)
+_LAYER_PARTS: dict[int, tuple] = {}
+
+
+def _layer_parts(lp) -> tuple[tuple, str, tuple]:
+    """A layer's (head groups per device in first-appearance order, proj, (device, columns) per
+    shard in order), remembered per layer object while it lives."""
+    hit = _LAYER_PARTS.get(id(lp))
+    if hit is not None and hit[0]() is lp:
+        return hit[1]
+    if len(_LAYER_PARTS) > 200_000:  # ids of dead layers: dropped now and then
+        _LAYER_PARTS.clear()
+    parts = (tuple(Counter(lp.heads).items()), lp.proj, tuple((s.device, s.col_end - s.col_start) for s in lp.ffn))
+    _LAYER_PARTS[id(lp)] = (weakref.ref(lp), parts)
+    return parts
 
 
 class _Tally:
