@@ -28,8 +28,8 @@ class _Tables:
         hop = prob.lat + tau_x  # [from, to]: a hidden state arrives
         back = hop.T
         chunk_c = -(-prob.dims.ffn_dim // chunks) * sz.ffn_col_f / C
-        self.tau_x, self.lat, self.latT = tau_x.tolist(), prob.lat.tolist(), prob.lat.T.tolist()
-        self.head_inc, self.back, self.chunk_c = head_inc.tolist(), back.tolist(), chunk_c.tolist()
+        self.tau_x, self.lat, self.latT = _Rows(tau_x), _Rows(prob.lat), _Rows(prob.lat.T)
+        self.head_inc, self.back, self.chunk_c = _Rows(head_inc), _Rows(back), chunk_c.tolist()
         self.allowed_idx = np.nonzero(prob.allowed)[0]
         # the same over allowed devices only (columns in ``allowed_idx`` order), for the static
         # keys of devices a pass has not used yet
@@ -38,6 +38,20 @@ class _Tables:
         self.head_tail_al = (prob.lat[al].T + head_inc[:, al])  # [P, allowed]: head on j, output to P
         self.back_al = back[:, al]  # [aggregator, allowed]
         self.chunk_al = chunk_c[al]
+
+
+class _Rows:
+    """A matrix's rows as Python lists, each converted when first asked for (a pass reads the rows
+    of its sender and anchor only: an incremental re-decision a few dozen of the 65-129)."""
+
+    def __init__(self, matrix: np.ndarray):
+        self.matrix, self.rows = matrix, [None] * len(matrix)
+
+    def __getitem__(self, i: int) -> list:
+        row = self.rows[i]
+        if row is None:
+            row = self.rows[i] = self.matrix[i].tolist()
+        return row
 
 
 def _tables(prob: Problem, chunks: int) -> _Tables:
