@@ -57,7 +57,9 @@ class _Layer:
         key = (-1 if cur is None else l, chunks)
         if key not in memo:
             self._derive(prob, l, chunks)
-            memo[key] = dict(self.__dict__)
+            # without the problem itself: the memo lives in it (no reference cycle, so a
+            # decision's memos are freed as soon as it returns, not by the garbage collector)
+            memo[key] = {k: v for k, v in self.__dict__.items() if k != "prob"}
         self.__dict__.update(memo[key])
         self.prob, self.l, self.A, self.K = prob, l, A, chunks
 
@@ -219,11 +221,11 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
             try:
                 f = ffn(ly, P, r, agg)
             except NoFit as exc:
-                err = exc
+                err = exc.with_traceback(None)  # no frame cycle
                 continue
             consider(h, f, r)
     except NoFit as exc:
-        err = exc
+        err = exc.with_traceback(None)  # no frame cycle
     # (always when thorough or under ``paper``: one layer, cheap; else only when heads first failed)
     bound = best is None or thorough or paper
     if best is not None and not paper and not thorough:
@@ -234,7 +236,7 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
             f = ffn(ly, P, r, agg)
             h = heads(ly, P, r)
         except NoFit as exc:
-            err = exc
+            err = exc.with_traceback(None)  # no frame cycle
             continue
         consider(h, f, r)
     if best is None:
@@ -248,7 +250,7 @@ def _plan_layer(ly: _Layer, resid: list, k: int, last: bool):
         try:
             total, r, nh, nf, agg = _try_anchor(ly, P, resid, last)
         except NoFit as exc:
-            err = exc
+            err = exc.with_traceback(None)  # no frame cycle
             continue
         if best is None or total < best[0]:
             best = (total, r, nh, P, nf, agg)

@@ -114,7 +114,9 @@ class _Memo:
     destination keys per (input, proj) / (proj, aggregator) pair."""
 
     def __init__(self, prob: Problem):
-        self.prob = prob
+        # what it needs of the problem, not the problem (it lives in the problem's memo: no cycle)
+        self.index, self.names = prob.index, prob.names
+        self.lat, self.spb, self.psz, self.allowed = prob.lat, prob.spb, prob.sz, prob.allowed
         self.sz = sizes_for(prob.dims, prob.cost_model, prob.T, peak_horizon(prob))
         self.layers: dict = {}  # id(LayerPlacement) -> (it, its devices)
         self.values: dict = {}  # LayerPlacement -> canonical number
@@ -126,9 +128,9 @@ class _Memo:
         """(proj, aggregator, the layer's devices (a mask over devices), device -> last head group)."""
         hit = self.layers.get(id(lp))
         if hit is None or hit[0] is not lp:
-            idx = self.prob.index
+            idx = self.index
             last = {idx[d]: g for g, d in enumerate(lp.heads)}
-            devs = np.zeros(len(self.prob.names), dtype=bool)
+            devs = np.zeros(len(self.names), dtype=bool)
             devs[[*last, idx[lp.proj], *(idx[s.device] for s in lp.ffn)]] = True
             hit = self.layers[id(lp)] = (lp, (idx[lp.proj], idx[lp.ffn[0].device], devs, last))
         return hit[1]
@@ -145,7 +147,7 @@ class _Memo:
         key = (id(lp), m.blk, m.cols, m.dest)
         hit = self.moved.get(key)
         if hit is None or hit[0] is not lp:
-            hit = self.moved[key] = (lp, _moved_layer(lp, m, self.prob.names[m.dest]))
+            hit = self.moved[key] = (lp, _moved_layer(lp, m, self.names[m.dest]))
         return hit[1]
 
     def key(self, kind: str, u: int, v: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,10 +156,10 @@ class _Memo:
         ``v`` = the aggregator), and where it is finite on an allowed device."""
         hit = self.keys.get((kind, u, v))
         if hit is None:
-            p = self.prob
-            out_b = p.sz.head_out_b if kind == "h" else p.sz.x_b
-            key = p.lat[u] + p.sz.x_b * p.spb[u] + p.lat[:, v] + out_b * p.spb[:, v]  # (devices,)
-            hit = self.keys[(kind, u, v)] = (key, p.allowed & np.isfinite(key))
+            sz, lat, spb = self.psz, self.lat, self.spb
+            out_b = sz.head_out_b if kind == "h" else sz.x_b
+            key = lat[u] + sz.x_b * spb[u] + lat[:, v] + out_b * spb[:, v]  # (devices,)
+            hit = self.keys[(kind, u, v)] = (key, self.allowed & np.isfinite(key))
         return hit
 
 
