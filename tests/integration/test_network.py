@@ -299,6 +299,8 @@ def _missed(row: dict) -> str:
                     f"probe {row.get('probe_rtt_ms')})")
     if not row.get("jitter_ok", True):
         what.append(f"jitter {row['measured_jitter_ms']} vs {row['expected_jitter_ms']} ms")
+    if not (row.get("rtt_ok", True) and row.get("jitter_ok", True)):
+        what.append(f"in {row.get('rtt_tries')} tries {row.get('rtt_runs')}")
     if not row.get("loss_ok", True):
         what.append(f"loss {row['measured_loss_pct']} vs {row['expected_loss_pct']} %")
     return " ".join(what)
