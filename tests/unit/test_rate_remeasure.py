@@ -1,11 +1,12 @@
 """The net check's re-measurement of a missed rate (``netcheck.measure_rate_within``) and the host
 disturbance figures every rate run carries. The iperf3 run itself is replaced by scripted readings
-here; the real one is exercised against real shaping in tests/integration/test_network.py."""
+here; the real one is exercised against real shaping in tests/integration/test_network.py. The
+same for round trips (``netrtt.path_rtt``)."""
 from __future__ import annotations
 
 import pytest
 
-from testbed.emulation import netcheck
+from testbed.emulation import netcheck, netrtt
 
 
 def _scripted(monkeypatch, readings: list[float]) -> list[tuple]:
@@ -63,20 +64,20 @@ def _rtt_rows(monkeypatch, rows: list[tuple[float, bool]]) -> list:
         return {"expected_rtt_ms": 4.017, "added_rtt_ms": added, "measured_jitter_ms": 0.1,
                 "rtt_ok": abs(added - 4.017) <= 0.3, "jitter_ok": jitter_ok}
 
-    monkeypatch.setattr(netcheck, "path_rtt_once", fake)
+    monkeypatch.setattr(netrtt, "path_rtt_once", fake)
     return calls
 
 
 def test_a_round_trip_that_meets_the_spec_is_not_re_measured(monkeypatch):
     calls = _rtt_rows(monkeypatch, [(4.1, True), (9.0, True)])
-    got = netcheck.path_rtt(None, "e1", "e2", 20, 7000)
+    got = netrtt.path_rtt(None, "e1", "e2", 20, 7000)
     assert len(calls) == 1 and got["rtt_tries"] == 1 and got["added_rtt_ms"] == 4.1
 
 
 def test_a_missed_round_trip_or_jitter_is_re_measured_and_the_run_that_met_it_kept(monkeypatch):
     # the measured miss (4.327 vs 4.017 ms), then a jitter miss, then a run that meets both
     calls = _rtt_rows(monkeypatch, [(4.327, True), (4.05, False), (4.2, True)])
-    got = netcheck.path_rtt(None, "e1", "e2", 20, 7000)
+    got = netrtt.path_rtt(None, "e1", "e2", 20, 7000)
     assert got["rtt_ok"] and got["jitter_ok"] and got["added_rtt_ms"] == 4.2 and got["rtt_tries"] == 3
     assert [r["added_rtt_ms"] for r in got["rtt_runs"]] == [4.327, 4.05, 4.2]
     assert set(got["rtt_runs"][0]) >= {"steal_pct", "cpu_wait_pct"} and calls[0] == ("e1", "e2", 20, 7000)
@@ -84,5 +85,5 @@ def test_a_missed_round_trip_or_jitter_is_re_measured_and_the_run_that_met_it_ke
 
 def test_a_delay_that_misses_every_try_fails_with_the_closest_run(monkeypatch):
     calls = _rtt_rows(monkeypatch, [(5.0, True), (4.6, True), (4.9, True), (4.1, True)])
-    got = netcheck.path_rtt(None, "e1", "e2", 20, 7000)
+    got = netrtt.path_rtt(None, "e1", "e2", 20, 7000)
     assert len(calls) == 3 and not got["rtt_ok"] and got["added_rtt_ms"] == 4.6  # bounded: no 4th run

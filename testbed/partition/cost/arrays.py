@@ -9,17 +9,17 @@ latency is the same float (``tests/unit/test_cost_arrays.py`` compares them on m
 differs is the bookkeeping: a layer's device lists are extracted once per ``LayerPlacement``, a
 layer's cost once per (layer, input device) and problem, and the layers a plan does not share
 with an earlier one are computed together, padded to the widest layer.
-Only the latency and the bytes on the links are produced; reports use ``decode_cost``.
+Small batches and wide layers are walked one by one (``layer_walk.walk``). Only the latency
+and the bytes on the links are produced; reports use ``decode_cost``.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
 
 from testbed.partition.cost.latency import decode_constants
-from testbed.partition.cost.roofline import roofline_s
+from testbed.partition.cost.layer_walk import _Layer, _extract, walk
 
 INF = float("inf")
 WIDE_HEADS, WIDE_FFN = 24, 8  # wider layers are computed one by one (``PlanArrays._compute``)
@@ -29,53 +29,6 @@ SCALAR_ROWS = 6  # so are the layers of a batch of at most this many (one by one
 class PlanLatency(NamedTuple):
     token_latency_s: float
     bytes_moved: int  # activation bytes sent between devices for one token
-
-
-class _Layer(NamedTuple):
-    """One layer's devices as indices: proj; x destinations in send order (proj first); head
-    devices and their group counts (first-appearance order) and each one's position among the
-    destinations; FFN devices (aggregator first) and their columns."""
-
-    P: int
-    xdst: tuple
-    hdev: tuple
-    hn: tuple
-    hpos: tuple
-    fdev: tuple
-    fcols: tuple
-
-
-def _extract(lp, index: dict, heads_memo: dict) -> _Layer:
-    """``lp``'s devices as indices. The heads' part is memoised per (heads tuple object, proj) in
-    ``heads_memo`` (a planner's variants of a layer that move only FFN columns share the tuple)."""
-    P = index[lp.proj]
-    key = (id(lp.heads), P)
-    hit = heads_memo.get(key)
-    if hit is None or hit[0] is not lp.heads:
-        counts = Counter(map(index.__getitem__, lp.heads))  # first-appearance order
-        xdst = (P, *(j for j in counts if j != P))
-        pos = {j: i for i, j in enumerate(xdst)}
-        hit = heads_memo[key] = (lp.heads, xdst, tuple(counts), tuple(counts.values()),
-                                 tuple(pos[j] for j in counts))
-    cols: dict[int, int] = {}
-    for s in lp.ffn:
-        j = index[s.device]
-        cols[j] = cols.get(j, 0) + (s.col_end - s.col_start)
-    return _Layer(P, *hit[1:], tuple(cols), tuple(cols.values()))
-
-
-def _fan_in_serial(msgs: list) -> tuple[float, float] | None:
-    """``latency._Nics.fan_in`` with serial NICs: messages (arrival pair, downlink seconds) received
-    in arrival order (a stable sort), the critical path of the last one to finish."""
-    if not msgs:
-        return None
-    done, out = -INF, msgs[0][0]
-    for arr, tau in sorted(msgs, key=lambda m: m[0][0] + m[0][1]):
-        t = arr[0] + arr[1]
-        fin = max(t, done + tau)
-        done = fin
-        out = (arr[0], arr[1] + (fin - t))
-    return out
 
 
 def _pad(rows: list, fill) -> np.ndarray:
@@ -311,62 +264,14 @@ class PlanArrays:
         return out
 
     def _one(self, lp, A: int) -> tuple[float, float, int]:
-        """One layer's (compute_s, transfer_s, bytes) from input device ``A``: the scalar walk
-        of ``latency._decode_layer`` (serial NICs, from a start at (0, 0)) over device indices and
-        Python lists, with its operations in its order (the same floats; ``Net``'s string-keyed
-        lookups and the per-link byte tally are what cost there). Wide layers (Galaxy's
-        tensor-parallel plans over tens of devices) and small batches come here."""
+        """One layer's (compute_s, transfer_s, bytes) from input device ``A`` by the scalar walk
+        (``layer_walk.walk``): wide layers (Galaxy's tensor-parallel plans over tens of devices)
+        and small batches come here."""
         rows = self._rows
         if rows is None:
             rows = self._rows = (self.lat.tolist(), self.spb.tolist(), self.speed.tolist(), self.mem_bw.tolist(),
                                  self.call_s.tolist())
-        lat, spb, speed, bw, call_s = rows
-        k, ly = self.k, self._layer(lp)
-        xb, P = k["x_bytes"], ly.P
-        up: dict[int, float] = {}  # device -> when its uplink frees
-        nbytes = 0
-
-        def send(a: int, b: int, n: float, r0: float, r1: float) -> tuple[float, float]:
-            nonlocal nbytes
-            if a == b:
-                return r0, r1
-            tau = n * spb[a][b]
-            t = r0 + r1
-            start = max(t, up.get(a, t))
-            up[a] = start + tau
-            nbytes += int(n)
-            return r0, r1 + (start - t) + tau + lat[a][b]
-
-        def call(j: int, flops: float, read: float) -> float:
-            return roofline_s(flops, read, speed[j], bw[j], call_s[j])
-
-        arrive = {d: send(A, d, xb, 0.0, 0.0) for d in ly.xdst}
-        att, outs = arrive[P], []
-        hf, hr, hob = k["head_flops"], k["head_read"], k["head_out_bytes"]
-        for j, n in zip(ly.hdev, ly.hn):
-            done = (arrive[j][0] + call(j, n * hf, n * hr), arrive[j][1])
-            if j == P:
-                att = att if att[0] + att[1] >= done[0] + done[1] else done
-                continue
-            outs.append((j, done, n * hob))
-        msgs = [(send(j, P, size, *done), size * spb[j][P]) for j, done, size in outs]
-        got = _fan_in_serial(msgs)
-        if got is not None:
-            att = att if att[0] + att[1] >= got[0] + got[1] else got
-        pd = (att[0] + call(P, k["proj_flops"], k["proj_read"]), att[1])
-        agg, out, msgs = ly.fdev[0], None, []
-        fcf, fcr = k["ffn_col_flops"], k["ffn_col_read"]
-        for dev, c in zip(ly.fdev, ly.fcols):  # shard order, aggregator first
-            arr = send(P, dev, xb, *pd)
-            done = (arr[0] + call(dev, c * fcf, c * fcr), arr[1])
-            if dev == agg:
-                out = done
-                continue
-            msgs.append((send(dev, agg, xb, *done), xb * spb[dev][agg]))
-        got = _fan_in_serial(msgs)
-        if got is not None:
-            out = out if out[0] + out[1] >= got[0] + got[1] else got
-        return out[0], out[1], nbytes
+        return walk(rows, self.k, self._layer(lp), A)
 
     def _batch(self, todo: list) -> list:
         L = [self._layer(lp) for lp, _ in todo]

@@ -211,13 +211,21 @@ class _Nics:
             for arr, _ in msgs[1:]:
                 out = _cp_max(out, arr)
             return out
-        done, out = -INF, msgs[0][0]
-        for arr, tau in sorted(msgs, key=lambda m: m[0][0] + m[0][1]):
-            t = arr[0] + arr[1]
-            fin = max(t, done + tau)
-            done = fin
-            out = (arr[0], arr[1] + (fin - t))
-        return out
+        return fan_in_serial(msgs)
+
+
+def fan_in_serial(msgs: list[tuple[tuple[float, float], float]]) -> tuple[float, float] | None:
+    """``_Nics.fan_in`` with serial NICs: messages (arrival pair, downlink seconds) received in
+    arrival order (a stable sort), the critical path of the last one to finish (None if none)."""
+    if not msgs:
+        return None
+    done, out = -INF, msgs[0][0]
+    for arr, tau in sorted(msgs, key=lambda m: m[0][0] + m[0][1]):
+        t = arr[0] + arr[1]
+        fin = max(t, done + tau)
+        done = fin
+        out = (arr[0], arr[1] + (fin - t))
+    return out
 
 
 def _sends(nics: _Nics, tally: _Tally, pairs, nbytes) -> list[tuple[float, float]]:

@@ -122,7 +122,7 @@ def _galaxy_plan(prob: Problem, group: list[int]) -> Placement:
     # the layer is a function of the group and the two splits: one object per such triple in
     # ``prob.memo`` (shared with the problems of the same snapshot, ``ra.objective.share_costs``), so
     # that the planners' memos by identity cost it once
-    key = (tuple(group), tuple(np.asarray(heads).tolist()), tuple(np.asarray(cols).tolist()))
+    key = (tuple(group), tuple(heads.tolist()), tuple(cols.tolist()))
     made = prob.memo.setdefault("galaxy_layers", {})
     layer = made.get(key)
     if layer is None:

@@ -116,7 +116,8 @@ class _Memo:
     def __init__(self, prob: Problem):
         # what it needs of the problem, not the problem (it lives in the problem's memo: no cycle)
         self.index, self.names = prob.index, prob.names
-        self.lat, self.spb, self.psz, self.allowed = prob.lat, prob.spb, prob.sz, prob.allowed
+        self.lat, self.spb, self.allowed = prob.lat, prob.spb, prob.allowed
+        # block bytes at the peak horizon (message bytes depend on the context only: prob.sz's)
         self.sz = sizes_for(prob.dims, prob.cost_model, prob.T, peak_horizon(prob))
         self.layers: dict = {}  # id(LayerPlacement) -> (it, its devices)
         self.values: dict = {}  # LayerPlacement -> canonical number
@@ -156,7 +157,7 @@ class _Memo:
         ``v`` = the aggregator), and where it is finite on an allowed device."""
         hit = self.keys.get((kind, u, v))
         if hit is None:
-            sz, lat, spb = self.psz, self.lat, self.spb
+            sz, lat, spb = self.sz, self.lat, self.spb
             out_b = sz.head_out_b if kind == "h" else sz.x_b
             key = lat[u] + sz.x_b * spb[u] + lat[:, v] + out_b * spb[:, v]  # (devices,)
             hit = self.keys[(kind, u, v)] = (key, self.allowed & np.isfinite(key))
