@@ -8,9 +8,9 @@ the runtime's order, a receiver's downlink takes its fan-in in arrival order), s
 latency is the same float (``tests/unit/test_cost_arrays.py`` compares them on many plans). What
 differs is the bookkeeping: a layer's device lists are extracted once per ``LayerPlacement``, a
 layer's cost once per (layer, input device) and problem, and the layers a plan does not share
-with an earlier one are computed together, padded to the widest layer.
-Small batches and wide layers are walked one by one (``layer_walk.walk``). Only the latency
-and the bytes on the links are produced; reports use ``decode_cost``.
+with an earlier one are computed together in one compiled call (``layer_kernel``; ~0.5 us a
+layer where the Python walk ``layer_walk.walk`` takes 17-29 us). Only the latency and the bytes
+on the links are produced; reports use ``decode_cost``.
 """
 from __future__ import annotations
 
@@ -22,45 +22,11 @@ from testbed.partition.cost.latency import decode_constants
 from testbed.partition.cost.layer_walk import _Layer, _extract, walk
 
 INF = float("inf")
-WIDE_HEADS, WIDE_FFN = 24, 8  # wider layers are computed one by one (``PlanArrays._compute``)
-SCALAR_ROWS = 6  # so are the layers of a batch of at most this many (one by one is faster there)
 
 
 class PlanLatency(NamedTuple):
     token_latency_s: float
     bytes_moved: int  # activation bytes sent between devices for one token
-
-
-def _pad(rows: list, fill) -> np.ndarray:
-    width = max(len(r) for r in rows)
-    return np.array([r + (fill,) * (width - len(r)) for r in rows])
-
-
-def _cp_max(a0, a1, b0, b1, take):
-    """``latency._cp_max`` per row where ``take``: (a if a0 + a1 >= b0 + b1 else b)."""
-    pick_b = take & ~(a0 + a1 >= b0 + b1)
-    return np.where(pick_b, b0, a0), np.where(pick_b, b1, a1)
-
-
-def _fan_in(m0, m1, tau, valid):
-    """``latency._Nics.fan_in`` per row over the valid messages (arrival pair, downlink seconds):
-    (compute, transfer) of the last one to finish and whether a row had any. The queue runs over
-    every row at once; past a row's last message its entries are (-inf, 0 s), which leave its
-    queue as it is (``max(-inf, done + 0) = done``)."""
-    order = np.lexsort((m0 + m1, ~valid), axis=1)  # valid first, by arrival, stable (as ``sorted``)
-    R = m0.shape[0]
-    rows = np.arange(R)[:, None]
-    m0, m1, tau, valid = m0[rows, order], m1[rows, order], tau[rows, order], valid[rows, order]
-    n = valid.sum(axis=1)  # (R,) messages per row, sorted first
-    t = np.where(valid, m0 + m1, -INF)  # (R, M) arrivals
-    gap = np.where(valid, tau, 0.0)  # (R, M) downlink seconds
-    done = np.full(R, -INF)
-    for k in range(int(n.max(initial=0))):
-        done = np.maximum(t[:, k], done + gap[:, k])
-    got = n > 0
-    r, last = rows[:, 0], np.maximum(n - 1, 0)  # each row's last message
-    l0, l1 = m0[r, last], m1[r, last]
-    return np.where(got, l0, 0.0), np.where(got, l1 + (done - (l0 + l1)), 0.0), got
 
 
 class PlanArrays:
@@ -78,10 +44,13 @@ class PlanArrays:
         self.k = decode_constants(prob.dims, snap.context_len, 1)
         self.snap, self.names, self.dims = snap, prob.names, prob.dims
         self._rows = None  # the path matrices and device rates as Python lists (``_one``), when first needed
+        self._kc = None  # ``layer_kernel.CONSTANTS``' values as an array, when first needed
         # memos by identity (hashing a LayerPlacement is slow; plans share layer objects), each
         # entry holding its layer so that the id stays taken
-        self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer)
+        self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer) (the Python walk's form)
         self.heads: dict = {}  # (id(heads tuple), proj) -> (it, the _Layer's head fields)
+        self.rows: dict = {}  # id(LayerPlacement) -> (it, (proj, head devices, shard devices, columns))
+        self.head_idx: dict = {}  # id(heads tuple) -> (it, its devices as indices)
         self.deltas: dict = {}  # (id(LayerPlacement), input device) -> (it, compute_s, transfer_s, bytes)
         self._roof_rows: dict = {}  # block kind -> count -> roof per device (``roof_per_count``)
         every = np.arange(len(self.speed))
@@ -241,126 +210,42 @@ class PlanArrays:
             hit = self.layers[id(lp)] = (lp, _extract(lp, self.index, self.heads))
         return hit[1]
 
+    def _row(self, lp) -> tuple:
+        """``lp`` as ``layer_kernel.pack`` reads it (without the input device), memoised."""
+        hit = self.rows.get(id(lp))
+        if hit is None or hit[0] is not lp:
+            index = self.index
+            h = self.head_idx.get(id(lp.heads))
+            if h is None or h[0] is not lp.heads:
+                h = self.head_idx[id(lp.heads)] = (lp.heads, [index[d] for d in lp.heads])
+            hit = self.rows[id(lp)] = (lp, (index[lp.proj], h[1], [index[s.device] for s in lp.ffn],
+                                            [s.col_end - s.col_start for s in lp.ffn]))
+        return hit[1]
+
     def _compute(self, todo: list) -> list:
-        """(compute_s, transfer_s, bytes) of each (layer, input device), from a start at (0, 0):
-        layers with many head or FFN devices (a tensor-parallel split over tens of devices) one by
-        one (``_one``: their queues are long sequential chains), the others together (``_batch``)
-        unless they are at most ``SCALAR_ROWS``: then one by one too (a batch costs ~0.2 ms of
-        array calls whatever its size, ``_one`` ~35 us a layer; the same floats either way)."""
-        wide = [i for i, (lp, _) in enumerate(todo)
-                if len(self._layer(lp).hdev) > WIDE_HEADS or len(self._layer(lp).fdev) > WIDE_FFN]
-        if not wide and len(todo) > SCALAR_ROWS:
-            return self._batch(todo)
-        out: list = [None] * len(todo)
-        for i in wide:
-            out[i] = self._one(*todo[i])
-        narrow = [i for i in range(len(todo)) if out[i] is None]
-        if len(narrow) <= SCALAR_ROWS:
-            for i in narrow:
+        """(compute_s, transfer_s, bytes) of each (layer, input device), from a start at (0, 0): all
+        rows in one compiled call (``layer_kernel.walk_rows``), the rows it flags (a NaN arrival
+        in a fan-in: a path down) by the Python walk (``_one``); the same floats either way."""
+        from testbed.partition.cost import layer_kernel as K
+
+        R = len(todo)
+        out0, out1, nbytes, ok = np.empty(R), np.empty(R), np.empty(R, dtype=np.int64), np.zeros(R, dtype=bool)
+        if self._kc is None:
+            self._kc = np.array([float(self.k[c]) for c in K.CONSTANTS])
+        K.walk_rows(self.lat, self.spb, self.speed, self.mem_bw, self.call_s, self._kc,
+                    *K.pack([(A, *self._row(lp)) for lp, A in todo]), out0, out1, nbytes, ok)
+        out = list(zip(out0.tolist(), out1.tolist(), nbytes.tolist()))
+        if not ok.all():
+            for i in np.flatnonzero(~ok).tolist():
                 out[i] = self._one(*todo[i])
-            return out
-        for i, val in zip(narrow, self._batch([todo[i] for i in narrow])):
-            out[i] = val
         return out
 
     def _one(self, lp, A: int) -> tuple[float, float, int]:
         """One layer's (compute_s, transfer_s, bytes) from input device ``A`` by the scalar walk
-        (``layer_walk.walk``): wide layers (Galaxy's tensor-parallel plans over tens of devices)
-        and small batches come here."""
+        (``layer_walk.walk``): the rows the compiled walk leaves to it (a NaN arrival in a fan-in,
+        whose order only CPython's sort defines) come here."""
         rows = self._rows
         if rows is None:
             rows = self._rows = (self.lat.tolist(), self.spb.tolist(), self.speed.tolist(), self.mem_bw.tolist(),
                                  self.call_s.tolist())
         return walk(rows, self.k, self._layer(lp), A)
-
-    def _batch(self, todo: list) -> list:
-        L = [self._layer(lp) for lp, _ in todo]
-        A = np.array([a for _, a in todo])
-        P = np.array([ly.P for ly in L])
-        R, rows = len(L), np.arange(len(L))
-        up = np.full((R, len(self.speed)), -INF)  # when each device's uplink frees (-inf: never used)
-        with np.errstate(invalid="ignore"):  # a path that is down: inf - inf = nan, as in decode_cost
-            a0, a1, nb_att = self._attention(L, A, P, up)
-            pd0 = a0 + self.proj_s[P]
-            o0, o1, nb_ffn = self._ffn(L, P, pd0, a1, up, rows)
-        return [(float(x), float(y), int(b)) for x, y, b in zip(o0, o1, nb_att + nb_ffn)]
-
-    def _attention(self, L, A, P, up):
-        """Steps 1-2: x from A to the proj and head devices (A's uplink serialised), the heads, their
-        outputs to the proj (fan-in in arrival order): ((compute, transfer) when the proj can start,
-        bytes sent), recording each sender's uplink in ``up``."""
-        k, lat, spb = self.k, self.lat, self.spb
-        xb, hf, hr, hob = k["x_bytes"], k["head_flops"], k["head_read"], k["head_out_bytes"]
-        rows = np.arange(len(L))[:, None]
-        dst = _pad([ly.xdst for ly in L], -1)
-        real = dst >= 0
-        dst = np.where(real, dst, A[:, None])
-        send = real & (dst != A[:, None])
-        S = np.cumsum(np.where(send, xb * spb[A[:, None], dst], 0.0), axis=1)
-        arr = np.where(send, S + lat[A[:, None], dst], 0.0)
-        up[rows[:, 0], A] = S[:, -1]
-        hd, hn = _pad([ly.hdev for ly in L], -1), _pad([ly.hn for ly in L], 0)
-        hpos = _pad([ly.hpos for ly in L], 0)
-        valid = hd >= 0
-        hd = np.where(valid, hd, P[:, None])
-        done0 = 0.0 + self.roof_per_count("head", hd, hn)
-        done1 = arr[rows, hpos]
-        onP = valid & (hd == P[:, None])
-        att0, att1 = np.zeros(len(L)), arr[:, 0]
-        pc0 = np.where(onP, done0, 0.0).sum(axis=1)  # at most one entry per row
-        pc1 = np.where(onP, done1, 0.0).sum(axis=1)
-        att0, att1 = _cp_max(att0, att1, pc0, pc1, onP.any(axis=1))
-        out = valid & ~onP
-        t = done0 + done1
-        start = np.maximum(t, np.where(hd == A[:, None], up[rows, hd], -INF))
-        nbytes = hn * hob
-        tau = nbytes * spb[hd, P[:, None]]
-        m1 = ((done1 + (start - t)) + tau) + lat[hd, P[:, None]]
-        sent_up = start + tau
-        r_out, c_out = np.nonzero(out)
-        up[r_out, hd[r_out, c_out]] = sent_up[r_out, c_out]
-        g0, g1, got = _fan_in(done0, m1, tau, out)
-        att0, att1 = _cp_max(att0, att1, g0, g1, got)
-        nb = send.sum(axis=1) * int(xb) + np.where(out, nbytes, 0).astype(np.int64).sum(axis=1)
-        return att0, att1, nb
-
-    def _ffn(self, L, P, pd0, pd1, up, rows):
-        """Steps 3-4: h from the proj to the FFN devices in shard order (the proj's uplink also
-        carries its own partial when it holds a shard), the shards, the partials into the
-        aggregator (fan-in in arrival order): (compute, transfer) of the layer's output, bytes."""
-        k, lat, spb = self.k, self.lat, self.spb
-        xb = k["x_bytes"]
-        fd, fc = _pad([ly.fdev for ly in L], -1), _pad([ly.fcols for ly in L], 0)
-        agg, Pc = fd[:, 0], P[:, None]
-        t = pd0 + pd1
-        F = fd.shape[1]
-        # (rows, F) per shard, everything but the uplinks' queues
-        real = fd >= 0
-        dev = np.where(real, fd, Pc)  # the shard's device (the proj on padding)
-        move = real & (dev != Pc)  # h crosses a link
-        tau, hop = xb * spb[Pc, dev], lat[Pc, dev]  # h: uplink seconds, latency
-        tau2, hop2 = xb * spb[dev, agg[:, None]], lat[dev, agg[:, None]]  # the partial to the aggregator
-        done0 = pd0[:, None] + self.roof_per_count("ffn_col", dev, fc)  # the shard computed
-        valid = real.copy()
-        valid[:, 0] = False  # the aggregator's own shard sends nothing
-        m1 = np.zeros((len(L), F))
-        nb = (move.sum(axis=1) + real[:, 1:].sum(axis=1)) * int(xb)
-        out0 = out1 = None
-        for f in range(F):
-            upP = up[rows, P]
-            sP = np.maximum(t, upP)
-            arr1 = np.where(move[:, f], ((pd1 + (sP - t)) + tau[:, f]) + hop[:, f], pd1)
-            up[rows, P] = np.where(move[:, f], sP + tau[:, f], upP)
-            if f == 0:
-                out0, out1 = done0[:, 0], arr1
-                continue
-            d = dev[:, f]
-            t2 = done0[:, f] + arr1
-            upd = up[rows, d]
-            s2 = np.maximum(t2, upd)
-            m1[:, f] = ((arr1 + (s2 - t2)) + tau2[:, f]) + hop2[:, f]
-            up[rows, d] = np.where(real[:, f], s2 + tau2[:, f], upd)
-        m0, taus = done0, tau2
-        g0, g1, got = _fan_in(m0, m1, taus, valid)
-        out0, out1 = _cp_max(out0, out1, g0, g1, got)
-        return out0, out1, nb
