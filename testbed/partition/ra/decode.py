@@ -30,6 +30,9 @@ class _Tables:
         chunk_c = -(-prob.dims.ffn_dim // chunks) * sz.ffn_col_f / C
         self.tau_x, self.lat, self.latT = _Rows(tau_x), _Rows(prob.lat), _Rows(prob.lat.T)
         self.head_inc, self.back, self.chunk_c = _Rows(head_inc), _Rows(back), chunk_c.tolist()
+        # the same as C-ordered arrays for the compiled passes (``decode_kernel``), and their scratch
+        self.arrays = tuple(np.ascontiguousarray(x, dtype=float) for x in (tau_x, prob.lat, head_inc, back, chunk_c))
+        self.counts, self.order = np.zeros(len(prob.names), dtype=np.int64), np.zeros(len(prob.names), dtype=np.int64)
         self.allowed_idx = np.nonzero(prob.allowed)[0]
         # the same over allowed devices only (columns in ``allowed_idx`` order), for the static
         # keys of devices a pass has not used yet
@@ -62,25 +65,27 @@ def _tables(prob: Problem, chunks: int) -> _Tables:
     return cache[chunks]
 
 
-def _unused_in_order(idx: np.ndarray, static: np.ndarray) -> tuple[list[int], list[float]]:
-    """Devices ``idx`` cheapest first by ``static``. A pass's unused devices have keys
-    ``up + static``: the shared uplink offset ``up`` grows for all of them alike, so their order
-    never changes (the pass walks this list, skipping devices it has already used)."""
+def _unused_in_order(idx: np.ndarray, static: np.ndarray) -> tuple:
+    """Devices ``idx`` cheapest first by ``static``, as lists then as arrays (devices, keys,
+    devices, keys). A pass's unused devices have keys ``up + static``: the shared uplink offset
+    ``up`` grows for all of them alike, so their order never changes (the pass walks this list,
+    skipping devices it has already used)."""
     order = static.argsort(kind="stable")
-    return idx[order].tolist(), static[order].tolist()
+    devs, keys = idx[order].astype(np.int64), np.ascontiguousarray(static[order], dtype=float)
+    return devs.tolist(), keys.tolist(), devs, keys
 
 
-def _order(ly: _Layer, kind: str, static, a: int, b: int) -> tuple[list[int], list[float]]:
+def _order(ly: _Layer, kind: str, static, a: int, b: int, arrays: bool = False) -> tuple:
     """``_unused_in_order`` of the allowed devices by ``static()`` (a pass's static keys for
     sender ``a`` and anchor/aggregator ``b``), once per problem: the keys depend on the layer only
     through its current placement (the migration penalties), so layers without one, and every
-    round and anchor that repeats (a, b), share it."""
+    round and anchor that repeats (a, b), share it. ``arrays``: as numpy arrays (the compiled passes)."""
     memo = ly.prob.memo.setdefault("ra_order", {})
     key = (kind, a, b, -1 if ly.cur is None else ly.l)
     hit = memo.get(key)
     if hit is None:
         hit = memo[key] = _unused_in_order(ly.tab.allowed_idx, static())
-    return hit
+    return hit[2:] if arrays else hit[:2]
 
 
 class _Picker:
@@ -210,3 +215,54 @@ def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[fl
         finish = max(finish, base[j] + k * fc[j] + back[j])
         pick.push(base[j] + (k + 1) * fc[j] + back[j] + (0.0 if k < cur[j] else mig[j]), j)
     return finish, pens, n, agg
+
+
+def heads_compiled(ly: _Layer, P: int, r: np.ndarray) -> tuple[float, float, dict[int, int]]:
+    """``_heads_decode`` by the compiled pass (``decode_kernel.heads_pass``; ``r`` an array), the
+    Python one where a key is NaN."""
+    from testbed.partition.ra import decode_kernel as K
+
+    p, A, tab = ly.prob, ly.A, ly.tab
+    devs, keys = _order(ly, "h", lambda: tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al, A, P, arrays=True)
+    tau_x, lat, head_inc, _, _ = tab.arrays
+    finish, pens, used, status = K.heads_pass(A, P, p.dims.n_kv_heads, float(p.sz.head_b), tau_x, lat, head_inc,
+                                              ly.cur_heads, ly.mig_head_a, p.allowed, devs, keys, r, tab.counts,
+                                              tab.order)
+    if status == K.NAN:
+        rl = r.tolist()
+        out = _heads_decode(ly, P, rl)
+        r[:] = rl
+        return out
+    if status != K.OK:
+        raise NoFit(f"L{ly.l}.H{status}", p.sz.head_b)
+    counts = tab.counts
+    return finish, pens, {j: int(counts[j]) for j in tab.order[:used].tolist()}
+
+
+def ffn_compiled(ly: _Layer, P: int, r: np.ndarray, agg: int | None = None) -> tuple[float, float, dict[int, int], int]:
+    """``_ffn_decode`` by the compiled pass (``decode_kernel.ffn_pass``; ``r`` an array), the
+    Python one where a key is NaN."""
+    from testbed.partition.ra import decode_kernel as K
+
+    tab, cb = ly.tab, ly.chunk_b
+    reach = lambda: tab.reach_al[P] + tab.chunk_al  # noqa: E731
+    if agg is None:  # the cheapest device with room (the first in the stable order: argmin's tie rule)
+        devs, keys = _order(ly, "agg", lambda: reach() + ly.pen0_chunk_al, P, -1)
+        agg = next((j for j, kv in zip(devs, keys) if r[j] >= cb and kv < np.inf), None)
+        if agg is None:
+            raise NoFit(f"L{ly.l}.ffn", cb)
+    elif r[agg] < cb:
+        raise NoFit(f"L{ly.l}.ffn", cb)
+    devs, keys = _order(ly, "f", lambda: reach() + tab.back_al[agg] + ly.pen0_chunk_al, P, agg, arrays=True)
+    tau_x, lat, _, back, chunk_c = tab.arrays
+    finish, pens, used, status = K.ffn_pass(P, agg, ly.K, float(cb), tau_x, lat, back[agg], chunk_c, ly.cur_chunks,
+                                            ly.mig_chunk_a, devs, keys, r, tab.counts, tab.order)
+    if status == K.NAN:
+        rl = r.tolist()
+        out = _ffn_decode(ly, P, rl, agg)
+        r[:] = rl
+        return out
+    if status != K.OK:
+        raise NoFit(f"L{ly.l}.ffn", cb)
+    counts = tab.counts
+    return finish, pens, {j: int(counts[j]) for j in tab.order[:used].tolist()}, agg

@@ -12,7 +12,7 @@ import numpy as np
 
 from testbed.partition.cost import blocks as B
 from testbed.partition.common import NoFit, Problem, assign_ffn, assign_heads
-from testbed.partition.ra.decode import _ffn_decode, _heads_decode, _tables
+from testbed.partition.ra.decode import _tables, ffn_compiled, heads_compiled
 from testbed.core.placement import LayerPlacement
 
 
@@ -77,6 +77,7 @@ class _Layer:
         mig_head = _mig_in(prob, self.cur_heads, prob.sz.mig_head_b)
         mig_chunk = _mig_in(prob, self.cur_chunks, self.chunk_cols * prob.sz.mig_col_b)
         self.mig_head, self.mig_chunk = mig_head.tolist(), mig_chunk.tolist()
+        self.mig_head_a, self.mig_chunk_a = mig_head, mig_chunk  # (the compiled passes')
         self.tab = tab = _tables(prob, chunks)
         al = tab.allowed_idx
         # a block's first copy on a device it does not hold yet pays the migration penalty
@@ -190,9 +191,10 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
     gets the fast devices' memory), and for the FFN a few aggregators (``_agg_candidates``; under
     ``decode`` in the last layer its transfer to the source counts)."""
     p = ly.prob
-    r0 = list(resid)
-    r0[P] -= p.sz.proj_b
     paper = p.cost_model == "paper"
+    copy = list if paper else np.copy  # bytes left per device: a list (paper), an array (the compiled passes)
+    r0 = list(resid) if paper else np.array(resid, dtype=float)
+    r0[P] -= p.sz.proj_b
     exit_s = _exit_s(p) if last and not paper else None
     fixed = ly.proj_pen(P) + p.sz.proj_f / p.C[P]
     best, err = None, None
@@ -210,14 +212,14 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
         aggs = [None]
     else:
         aggs = _agg_candidates(ly, P, r0, exit_s)
-    heads, ffn = (_heads_paper, _ffn_paper) if paper else (_heads_decode, _ffn_decode)
+    heads, ffn = (_heads_paper, _ffn_paper) if paper else (heads_compiled, ffn_compiled)
     # heads first; FFN chunks first only when memory changed a choice
     h = None
     try:
-        rh = list(r0)
+        rh = copy(r0)
         h = heads(ly, P, rh)
         for agg in aggs:
-            r = list(rh)
+            r = copy(rh)
             try:
                 f = ffn(ly, P, r, agg)
             except NoFit as exc:
@@ -231,7 +233,7 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
     if best is not None and not paper and not thorough:
         aggs = [best[4]]
     for agg in (aggs if bound else []):
-        r = list(r0)
+        r = copy(r0)
         try:
             f = ffn(ly, P, r, agg)
             h = heads(ly, P, r)
@@ -241,7 +243,7 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
         consider(h, f, r)
     if best is None:
         raise err  # type: ignore[misc]
-    return best
+    return best if paper else (best[0], best[1].tolist(), *best[2:])
 
 
 def _plan_layer(ly: _Layer, resid: list, k: int, last: bool):
