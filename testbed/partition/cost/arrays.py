@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from testbed.partition.cost import layer_kernel as K
 from testbed.partition.cost.latency import decode_constants
 from testbed.partition.cost.layer_walk import _Layer, _extract, walk
 
@@ -226,8 +227,6 @@ class PlanArrays:
         """(compute_s, transfer_s, bytes) of each (layer, input device), from a start at (0, 0): all
         rows in one compiled call (``layer_kernel.walk_rows``), the rows it flags (a NaN arrival
         in a fan-in: a path down) by the Python walk (``_one``); the same floats either way."""
-        from testbed.partition.cost import layer_kernel as K
-
         R = len(todo)
         out0, out1, nbytes, ok = np.empty(R), np.empty(R), np.empty(R, dtype=np.int64), np.zeros(R, dtype=bool)
         if self._kc is None:

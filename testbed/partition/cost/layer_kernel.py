@@ -1,6 +1,8 @@
 """The ``decode`` cost of many (layer, input device) rows in one compiled call (numba): the same
 operations in the same order as ``layer_walk.walk`` (itself ``latency._decode_layer``'s), so the
-same floats, at ~1 us a layer instead of ~35 us.
+same floats, at ~0.5 us a layer instead of 17-29 us. Compiled at import for the one signature
+it is called with (cached on disk by numba; ``scripts/setup.sh`` fills the cache: a cold compile
+takes seconds, loading it ~0.2 s once per process).
 
 Rows are packed flat (``pack``): per row its input device and proj, and its x destinations,
 head devices and FFN devices as slices of shared arrays. A fan-in whose arrival keys include a
@@ -67,7 +69,8 @@ def _fan_in(m0, m1, tau, k):
     return o0, o1, True
 
 
-@njit(cache=True)
+@njit("void(f8[:, :], f8[:, :], f8[:], f8[:], f8[:], f8[:], i8[:], i8[:], i8[:, :], i8[:], f8[:], i8[:], f8[:], f8[:], "
+      "i8[:], b1[:])", cache=True)
 def walk_rows(lat, spb, speed, bw, call_s, kc, A, P, heads, sdev, scols, soff, out0, out1, nbytes, ok):
     """Per row r: (compute_s, transfer_s, bytes) of the layer into ``out0/out1/nbytes[r]``, ``ok[r]``
     False where the Python walk must take it. A row is its input device ``A[r]``, proj ``P[r]``,

@@ -10,6 +10,7 @@ import heapq
 import numpy as np
 
 from testbed.partition.common import NoFit, Problem
+from testbed.partition.ra import decode_kernel as K
 
 # ``_Layer`` in annotations is ``testbed.partition.ra.greedy._Layer`` (not imported: greedy imports
 # this module, and annotations are not evaluated)
@@ -220,8 +221,6 @@ def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[fl
 def heads_compiled(ly: _Layer, P: int, r: np.ndarray) -> tuple[float, float, dict[int, int]]:
     """``_heads_decode`` by the compiled pass (``decode_kernel.heads_pass``; ``r`` an array), the
     Python one where a key is NaN."""
-    from testbed.partition.ra import decode_kernel as K
-
     p, A, tab = ly.prob, ly.A, ly.tab
     devs, keys = _order(ly, "h", lambda: tab.reach_al[A] + tab.head_tail_al[P] + ly.pen0_head_al, A, P, arrays=True)
     tau_x, lat, head_inc, _, _ = tab.arrays
@@ -242,8 +241,6 @@ def heads_compiled(ly: _Layer, P: int, r: np.ndarray) -> tuple[float, float, dic
 def ffn_compiled(ly: _Layer, P: int, r: np.ndarray, agg: int | None = None) -> tuple[float, float, dict[int, int], int]:
     """``_ffn_decode`` by the compiled pass (``decode_kernel.ffn_pass``; ``r`` an array), the
     Python one where a key is NaN."""
-    from testbed.partition.ra import decode_kernel as K
-
     tab, cb = ly.tab, ly.chunk_b
     reach = lambda: tab.reach_al[P] + tab.chunk_al  # noqa: E731
     if agg is None:  # the cheapest device with room (the first in the stable order: argmin's tie rule)

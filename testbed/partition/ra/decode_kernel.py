@@ -7,6 +7,7 @@ short array scanned for its least ``(key, device)`` — the heap's top, as long 
 (then a heap's order is its own algorithm's): a pass that meets a NaN key returns ``NAN`` and
 the caller runs the Python pass. ``r`` (bytes left per device) is updated only when a pass
 succeeds. Status: ``OK``, ``NAN``, or the index of the block that fit nowhere (>= 0).
+Compiled at import for the one signature each pass is called with (numba's disk cache).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _least(ukey, udev, size):
     return best
 
 
-@njit(cache=True)
+@njit("Tuple((f8, f8, i8, i8))(i8, i8, i8, f8, f8[:, :], f8[:, :], f8[:, :], f8[:], f8[:], b1[:], i8[:], f8[:], "
+      "f8[:], i8[:], i8[:])", cache=True)
 def heads_pass(A, P, G, hb, tau_x, lat, head_inc, cur, mig, allowed, devs, keys, r, counts, order):
     """``_heads_decode`` for input ``A``, anchor ``P``, ``G`` head groups of ``hb`` bytes: returns
     (finish, penalties, devices used, status); ``counts[j]`` heads per device and ``order`` the
@@ -106,7 +108,8 @@ def heads_pass(A, P, G, hb, tau_x, lat, head_inc, cur, mig, allowed, devs, keys,
     return finish, pens, n_used, OK
 
 
-@njit(cache=True)
+@njit("Tuple((f8, f8, i8, i8))(i8, i8, i8, f8, f8[:, :], f8[:, :], f8[:], f8[:], f8[:], f8[:], i8[:], f8[:], f8[:], "
+      "i8[:], i8[:])", cache=True)
 def ffn_pass(P, agg, K, cb, tau_x, lat, back, chunk_c, cur, mig, devs, keys, r, counts, order):
     """``_ffn_decode`` after the projection on ``P`` with aggregator ``agg`` (which has room for
     a chunk), ``K`` chunks of ``cb`` bytes: returns (finish, penalties, devices used, status),

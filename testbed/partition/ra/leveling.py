@@ -124,6 +124,8 @@ class _Memo:
         self.ids: dict = {}  # id(LayerPlacement) -> (it, canonical number)
         self.moved: dict = {}  # (id(layer), block, columns, destination) -> (layer, moved layer)
         self.keys: dict = {}  # ("h", A, P) / ("f", P, agg) -> (key per device, allowed and finite)
+        self.ranked: dict = {}  # (id(layer), kind, its input) -> (it, ``_ranked``'s lists)
+        self.blocks: dict = {}  # (id(layer), device, chunk columns) -> (it, the blocks ``_candidates`` may move off it)
 
     def devices(self, lp: LayerPlacement) -> tuple:
         """(proj, aggregator, the layer's devices (a mask over devices), device -> last head group)."""
@@ -171,49 +173,61 @@ def _memo(prob: Problem) -> _Memo:
     return memo
 
 
+def _ranked(memo: _Memo, lp: LayerPlacement, kind: str, A_l: int, P: int, agg: int) -> tuple[list, list, list]:
+    """A block's destinations in ``_candidates``' order, those allowed with a finite key only:
+    (devices, near or far, key), near ones (a device of the layer or its input ``A_l``: no new
+    hop) first, each part by key then index. Memoised per (layer, kind, input)."""
+    hit = memo.ranked.get((id(lp), kind, A_l))
+    if hit is None or hit[0] is not lp:
+        key, usable = memo.key(kind, A_l, P) if kind == "h" else memo.key(kind, P, agg)
+        near = memo.devices(lp)[2].copy()
+        near[A_l] = True
+        parts = []
+        for far, mask in ((False, usable & near), (True, usable & ~near)):
+            idx = np.flatnonzero(mask)
+            idx = idx[np.argsort(key[idx], kind="stable")]  # by key, ties by index
+            parts.append((idx.tolist(), [far] * len(idx), key[idx].tolist()))
+        devs, fars, keys = (parts[0][i] + parts[1][i] for i in range(3))
+        hit = memo.ranked[(id(lp), kind, A_l)] = (lp, (devs, fars, keys))
+    return hit[1]
+
+
 def _candidates(prob: Problem, pl: Placement, a: int, room: np.ndarray, chunk_cols: int,
                 n_dest: int, only: set[int] | None = None) -> list[_Move]:
     """Moves of one head group or one FFN chunk per layer (of the layers in ``only``, default all)
     off device ``a``, to the ``n_dest`` best
     destinations with ``room`` for it (bytes; the caller keeps every destination below ``a``'s peak):
     devices near the layer's dataflow first, then by the messages' transfer time, then by index
-    (every block's destinations ranked in one sort)."""
+    (``_ranked``, filtered by room)."""
     memo = _memo(prob)
     sz, name, index = memo.sz, prob.names[a], prob.index
-    blocks = []  # (layer, block, columns, bytes, key per device, usable devices, the layer's devices, its input)
+    room_l = room.tolist()
+    out: list[_Move] = []
     A = prob.src
     for l, lp in enumerate(pl.layers):
         A_l, A = A, index[lp.ffn[0].device]  # the layer's input, the next layer's
         if only is not None and l not in only:
             continue
-        on_a = [s for s in lp.ffn if s.device == name]
-        if not on_a and name not in lp.heads:
-            continue
-        P, agg, devs, last = memo.devices(lp)
-        if a in last:
-            blocks.append((l, last[a], 0, sz.head_b, *memo.key("h", A_l, P), devs, A_l))
-        for s in on_a:
-            c = min(chunk_cols, s.col_end - s.col_start)
-            blocks.append((l, s, c, c * sz.ffn_col_b, *memo.key("f", P, agg), devs, A_l))
-    if not blocks:
-        return []
-    key = np.stack([b[4] for b in blocks])  # (blocks, devices)
-    ok = np.stack([b[5] for b in blocks]) & (room[None, :] >= np.array([b[3] for b in blocks])[:, None])
-    ok[:, a] = False
-    near = np.stack([b[6] for b in blocks])  # (blocks, devices) no new hop in the layer's dataflow:
-    near[np.arange(len(blocks)), [b[7] for b in blocks]] = True  # the layer's devices and its input
-    # per block, the n_dest first by (far, key, index): the near ones by key (a stable sort keeps
-    # ties in index order), then the far ones
-    near_ok, far_ok = ok & near, ok & ~near
-    by_near = np.argsort(np.where(near_ok, key, np.inf), axis=1, kind="stable")[:, :n_dest].tolist()
-    by_far = np.argsort(np.where(far_ok, key, np.inf), axis=1, kind="stable")[:, :n_dest].tolist()
-    n_near = np.minimum(near_ok.sum(axis=1), n_dest).tolist()
-    n_far = far_ok.sum(axis=1).tolist()
-    out: list[_Move] = []
-    for i, (l, blk, cols, nbytes, *_) in enumerate(blocks):
-        k = n_near[i]
-        ranked = [(False, j) for j in by_near[i][:k]] + [(True, j) for j in by_far[i][:min(n_dest - k, n_far[i])]]
-        out.extend(_Move(far, float(key[i, j]), l, blk, cols, j, nbytes) for far, j in ranked)
+        hit = memo.blocks.get((id(lp), a, chunk_cols))
+        if hit is None or hit[0] is not lp:
+            on_a = [s for s in lp.ffn if s.device == name]
+            blocks = []
+            if on_a or name in lp.heads:
+                P, agg, _, last = memo.devices(lp)
+                blocks = [(last[a], 0, sz.head_b, "h", P, agg)] if a in last else []
+                for s in on_a:
+                    c = min(chunk_cols, s.col_end - s.col_start)
+                    blocks.append((s, c, c * sz.ffn_col_b, "f", P, agg))
+            hit = memo.blocks[(id(lp), a, chunk_cols)] = (lp, blocks)
+        for blk, cols, nbytes, kind, P, agg in hit[1]:
+            devs, fars, keys = _ranked(memo, lp, kind, A_l, P, agg)
+            taken = 0
+            for j, far, k in zip(devs, fars, keys):
+                if j != a and room_l[j] >= nbytes:
+                    out.append(_Move(far, k, l, blk, cols, j, nbytes))
+                    taken += 1
+                    if taken == n_dest:
+                        break
     return out
 
 
