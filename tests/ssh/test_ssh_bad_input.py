@@ -14,6 +14,7 @@ import pytest
 
 from tests.ssh.conftest import NEEDS
 from testbed.backends.ssh.fleet import SshFleet
+from testbed.backends.ssh.measure import measure_pair
 from testbed.backends.ssh.transport import DeviceError, DeviceRefused
 from testbed.emulation.cleanup import Manifest, read_manifest
 from testbed.spec.inventory import load_inventory
@@ -128,7 +129,13 @@ def test_device_too_small_and_clean_bring_up(rig, tmp_path):
     assert_nothing_created(rig, tmp_path / "run")
     fleet, run = bring_up(rig, tmp_path)  # the same rig, sane limits: comes up, measures, tears down
     try:
-        assert fleet.measured["h1->h3"]["rate_mbps"] == pytest.approx(10, rel=0.25)
+        # a 0.3 s TCP probe on a loaded 2-core machine can read low (6.2 of 10 Mbit/s once, while
+        # the machine compiled in parallel): measured again, up to twice, while below 0.75x; the
+        # shaping's ceiling (1.25x) holds on every reading
+        rates = [fleet.measured["h1->h3"]["rate_mbps"]]
+        while rates[-1] < 7.5 and len(rates) < 3:
+            rates.append(measure_pair(fleet, "h1", "h3")["rate_mbps"])
+        assert max(rates) <= 12.5 and rates[-1] == pytest.approx(10, rel=0.25), rates
         assert fleet.cgroups["h2"].memory_limit() == 512 << 20
         log = (run / "resources.jsonl").read_text()
         assert "BEGIN OPENSSH" not in log and "token" not in log

@@ -28,8 +28,8 @@ def lan(mbps: float, lat_s: float, current=None, tokens_remaining=64):
     return replace(snap, tokens_remaining=tokens_remaining)
 
 
-def problem(snap, H=32.0):
-    prob = Problem(snap, MINI, "decode")
+def problem(snap, H=32.0, dims=MINI):
+    prob = Problem(snap, dims, "decode")
     prob.H = H
     return prob
 
@@ -181,3 +181,66 @@ def test_incremental_redecision_levels_only_the_layers_it_changed(monkeypatch):
     assert only == {l for l, (a, b) in enumerate(zip(step5.layers, cur.layers)) if a != b}
     assert 0 < len(only) < LLAMA7.n_layers
     assert {l for l, (a, b) in enumerate(zip(inc.layers, cur.layers)) if a != b} <= only
+
+
+def test_moving_an_ffn_chunk_keeps_every_column():
+    """An FFN chunk cut off the end of a shard joins the destination's shard that starts where
+    the chunk ends — also when that shard comes first in the layer's list (the aggregator's): the
+    rest of the cut shard stays (it was dropped, and 75 columns vanished from the plan)."""
+    from testbed.partition.ra.leveling import _Move, _moved_layer
+
+    lp = LayerPlacement(("a", "a"), "a", (FfnShard("d", 100, 200), FfnShard("a", 0, 100), FfnShard("e", 200, 300)))
+    for i, dest, want in ((1, "d", (FfnShard("d", 75, 200), FfnShard("a", 0, 75), FfnShard("e", 200, 300))),
+                          (1, "e", (FfnShard("d", 100, 200), FfnShard("a", 0, 75), FfnShard("e", 200, 300),
+                                    FfnShard("e", 75, 100))),
+                          (0, "a", (FfnShard("d", 100, 175), FfnShard("a", 0, 100), FfnShard("e", 200, 300),
+                                    FfnShard("a", 175, 200)))):
+        out = _moved_layer(lp, _Move(False, 0.0, 0, lp.ffn[i], 25, 0, 0.0), dest)
+        assert out.ffn == want
+        assert sorted(c for s in out.ffn for c in range(s.col_start, s.col_end)) == list(range(300))
+
+
+LLAMA7 = ModelDims("llama-2-7b", 32, 4096, 32, 32, 128, 11008, 32000, gated_ffn=True, tie_embeddings=False,
+                   weight_format="q4_0")
+
+
+@pytest.mark.parametrize("dims,n,seed,slack,down,only", [
+    (LLAMA7, 65, 1, 1.1, False, None), (LLAMA7, 17, 2, 1.3, False, None), (GPT2, 17, 3, 1.2, False, None),
+    (GPT2, 33, 4, 1.4, False, {0, 5, 6, 11}), (GPT2, 25, 5, 1.1, True, None), (LLAMA7, 33, 6, 1.5, True, {2, 3, 4, 10, 20})])
+def test_compiled_leveling_rounds_are_the_python_rounds(dims, n, seed, slack, down, only):
+    """``level`` with its rounds compiled (``leveling_kernel``) makes the same moves as the Python
+    rounds (the reference): the same plan and the same counts, on RA's greedy plans of random
+    stars, also restricted to some layers and with a device's paths down (NaN arrivals: those
+    rounds go back to Python)."""
+    from testbed.core.snapshot import LinkState
+
+    snap = random_star(np.random.default_rng(seed), n, dims, mem_slack=slack, context_len=64)
+    if down:
+        snap = replace(snap, paths={k: (LinkState(v.bandwidth_bytes_per_s, v.latency_s, up=False) if "d3" in k else v)
+                                    for k, v in snap.paths.items()})
+    start = plan("resource_aware", snap, dims, level_tol=0.0).placement  # step 6 off: the plan it levels
+    got = level(problem(snap, dims=dims), start, tol=0.05, only=only)
+    ref = level(problem(snap, dims=dims), start, tol=0.05, only=only, compiled=False)
+    assert got[0].layers == ref[0].layers and got[1] == ref[1]
+    assert got[1]["leveling_moves"] > 0
+
+
+def test_compiled_rounds_hand_over_to_python_rounds_and_back(monkeypatch):
+    """A compiled round that meets a NaN arrival returns NAN and that round runs in Python; the
+    next compiled round starts from the plan the Python round left (here every other round is
+    handed over): the same moves as the Python rounds throughout."""
+    from testbed.partition.ra import leveling_kernel
+
+    snap = random_star(np.random.default_rng(1), 33, LLAMA7, mem_slack=1.2, context_len=64)
+    start = plan("resource_aware", snap, LLAMA7, level_tol=0.0).placement
+    ref = level(problem(snap, dims=LLAMA7), start, tol=0.05, compiled=False)
+    real, calls = leveling_kernel.level_round, []
+
+    def every_other(*args):
+        calls.append(1)
+        return (leveling_kernel.NAN, 0, (-1, 0, 0, 0, 0), 0.0) if len(calls) % 2 else real(*args)
+
+    monkeypatch.setattr(leveling_kernel, "level_round", every_other)
+    got = level(problem(snap, dims=LLAMA7), start, tol=0.05)
+    assert got[0].layers == ref[0].layers and got[1] == ref[1]
+    assert ref[1]["leveling_moves"] >= 4 and len(calls) >= 4

@@ -69,98 +69,105 @@ def _fan_in(m0, m1, tau, k):
     return o0, o1, True
 
 
+@njit(cache=True)
+def scratch(n_dev, width):
+    """Work arrays for ``walk_layer`` over ``n_dev`` devices, fan-ins of up to ``width`` messages."""
+    return (np.empty(n_dev), np.zeros(n_dev, dtype=np.bool_), np.zeros(n_dev), np.zeros(n_dev), np.zeros(n_dev),
+            np.empty(width, dtype=np.int64), np.empty(width), np.empty(width), np.empty(width))
+
+
+@njit(cache=True)
+def walk_layer(lat, spb, speed, bw, call_s, kc, a, p, heads, sdev, scols, work):
+    """One layer's (compute_s, transfer_s, bytes, ok) from input device ``a``: proj ``p``, each
+    head group's device ``heads``, FFN shards' devices ``sdev`` (aggregator first) and columns
+    ``scols``, as ``layer_walk._extract`` reads a ``LayerPlacement`` (devices in first-appearance
+    order); ok False where a fan-in has a NaN arrival (the Python walk must take it). ``kc``:
+    ``CONSTANTS``' values; ``work``: ``scratch``'s arrays (``count`` is left all zero)."""
+    up, used, arr0, arr1, count, devs, m0, m1, tau = work
+    xb, hf, hr, hob, pf, pr, fcf, fcr = kc[0], kc[1], kc[2], kc[3], kc[4], kc[5], kc[6], kc[7]
+    nb = np.int64(0)
+    used[:] = False
+    n_h = 0
+    for g in range(len(heads)):
+        j = heads[g]
+        if count[j] == 0:
+            devs[n_h] = j
+            n_h += 1
+        count[j] += 1
+    arr0[p], arr1[p], b = _send(a, p, xb, 0.0, 0.0, lat, spb, up, used)  # x to the proj first,
+    nb += b
+    for i in range(n_h):  # then to the head devices
+        d = devs[i]
+        if d != p:
+            arr0[d], arr1[d], b = _send(a, d, xb, 0.0, 0.0, lat, spb, up, used)
+            nb += b
+    att0, att1 = arr0[p], arr1[p]
+    k = 0
+    for i in range(n_h):
+        j = devs[i]
+        c = count[j]
+        count[j] = 0
+        d0, d1 = arr0[j] + _roof(c * hf, c * hr, speed[j], bw[j], call_s[j]), arr1[j]
+        if j == p:
+            if not att0 + att1 >= d0 + d1:
+                att0, att1 = d0, d1
+            continue
+        size = c * hob
+        m0[k], m1[k], b = _send(j, p, size, d0, d1, lat, spb, up, used)
+        tau[k] = size * spb[j, p]
+        nb += b
+        k += 1
+    if k:
+        g0, g1, fine = _fan_in(m0, m1, tau, k)
+        if not fine:
+            return 0.0, 0.0, nb, False
+        if not att0 + att1 >= g0 + g1:
+            att0, att1 = g0, g1
+    pd0, pd1 = att0 + _roof(pf, pr, speed[p], bw[p], call_s[p]), att1
+    n_f = 0
+    for i in range(len(sdev)):
+        j = sdev[i]
+        if count[j] == 0:
+            devs[n_f] = j
+            n_f += 1
+        count[j] += scols[i]
+    agg = devs[0]
+    o0 = o1 = 0.0
+    k = 0
+    for i in range(n_f):  # shard order, aggregator first
+        dev = devs[i]
+        c = count[dev]
+        count[dev] = 0
+        h0, h1, b = _send(p, dev, xb, pd0, pd1, lat, spb, up, used)
+        nb += b
+        d0, d1 = h0 + _roof(c * fcf, c * fcr, speed[dev], bw[dev], call_s[dev]), h1
+        if dev == agg:
+            o0, o1 = d0, d1
+            continue
+        m0[k], m1[k], b = _send(dev, agg, xb, d0, d1, lat, spb, up, used)
+        tau[k] = xb * spb[dev, agg]
+        nb += b
+        k += 1
+    if k:
+        g0, g1, fine = _fan_in(m0, m1, tau, k)
+        if not fine:
+            return 0.0, 0.0, nb, False
+        if not o0 + o1 >= g0 + g1:
+            o0, o1 = g0, g1
+    return o0, o1, nb, True
+
+
 @njit("void(f8[:, :], f8[:, :], f8[:], f8[:], f8[:], f8[:], i8[:], i8[:], i8[:, :], i8[:], f8[:], i8[:], f8[:], f8[:], "
       "i8[:], b1[:])", cache=True)
 def walk_rows(lat, spb, speed, bw, call_s, kc, A, P, heads, sdev, scols, soff, out0, out1, nbytes, ok):
-    """Per row r: (compute_s, transfer_s, bytes) of the layer into ``out0/out1/nbytes[r]``, ``ok[r]``
-    False where the Python walk must take it. A row is its input device ``A[r]``, proj ``P[r]``,
-    each head group's device ``heads[r]`` and its FFN shards' devices and columns
-    ``sdev/scols[soff[r]:soff[r + 1]]`` (aggregator first), as ``layer_walk._extract`` reads a
-    ``LayerPlacement``: devices in first-appearance order. ``kc``: ``CONSTANTS``' values."""
-    n_dev = lat.shape[0]
-    xb, hf, hr, hob, pf, pr, fcf, fcr = kc[0], kc[1], kc[2], kc[3], kc[4], kc[5], kc[6], kc[7]
-    up = np.empty(n_dev)
-    used = np.zeros(n_dev, dtype=np.bool_)
-    arr0, arr1 = np.zeros(n_dev), np.zeros(n_dev)
-    count = np.zeros(n_dev)  # head groups (then FFN columns) per device
-    G = heads.shape[1]
-    width = max(G, np.max(soff[1:] - soff[:-1])) if len(A) else 0
-    devs = np.empty(width, dtype=np.int64)  # the layer's head (then FFN) devices, first appearance first
-    m0, m1, tau = np.empty(width), np.empty(width), np.empty(width)
+    """``walk_layer`` per row r into ``out0/out1/nbytes/ok[r]``: a row is its input device ``A[r]``,
+    proj ``P[r]``, head group devices ``heads[r]`` and FFN shards ``sdev/scols[soff[r]:soff[r + 1]]``."""
+    width = max(heads.shape[1], np.max(soff[1:] - soff[:-1])) if len(A) else 0
+    work = scratch(lat.shape[0], width)
     for r in range(len(A)):
-        a, p = A[r], P[r]
-        nb = np.int64(0)
-        used[:] = False
-        n_h = 0
-        for g in range(G):
-            j = heads[r, g]
-            if count[j] == 0:
-                devs[n_h] = j
-                n_h += 1
-            count[j] += 1
-        arr0[p], arr1[p], b = _send(a, p, xb, 0.0, 0.0, lat, spb, up, used)  # x to the proj first,
-        nb += b
-        for i in range(n_h):  # then to the head devices
-            d = devs[i]
-            if d != p:
-                arr0[d], arr1[d], b = _send(a, d, xb, 0.0, 0.0, lat, spb, up, used)
-                nb += b
-        att0, att1 = arr0[p], arr1[p]
-        k = 0
-        for i in range(n_h):
-            j = devs[i]
-            c = count[j]
-            count[j] = 0
-            d0, d1 = arr0[j] + _roof(c * hf, c * hr, speed[j], bw[j], call_s[j]), arr1[j]
-            if j == p:
-                if not att0 + att1 >= d0 + d1:
-                    att0, att1 = d0, d1
-                continue
-            size = c * hob
-            m0[k], m1[k], b = _send(j, p, size, d0, d1, lat, spb, up, used)
-            tau[k] = size * spb[j, p]
-            nb += b
-            k += 1
-        if k:
-            g0, g1, fine = _fan_in(m0, m1, tau, k)
-            if not fine:
-                ok[r] = False
-                continue
-            if not att0 + att1 >= g0 + g1:
-                att0, att1 = g0, g1
-        pd0, pd1 = att0 + _roof(pf, pr, speed[p], bw[p], call_s[p]), att1
-        n_f = 0
-        for i in range(soff[r], soff[r + 1]):
-            j = sdev[i]
-            if count[j] == 0:
-                devs[n_f] = j
-                n_f += 1
-            count[j] += scols[i]
-        agg = devs[0]
-        o0 = o1 = 0.0
-        k = 0
-        for i in range(n_f):  # shard order, aggregator first
-            dev = devs[i]
-            c = count[dev]
-            count[dev] = 0
-            h0, h1, b = _send(p, dev, xb, pd0, pd1, lat, spb, up, used)
-            nb += b
-            d0, d1 = h0 + _roof(c * fcf, c * fcr, speed[dev], bw[dev], call_s[dev]), h1
-            if dev == agg:
-                o0, o1 = d0, d1
-                continue
-            m0[k], m1[k], b = _send(dev, agg, xb, d0, d1, lat, spb, up, used)
-            tau[k] = xb * spb[dev, agg]
-            nb += b
-            k += 1
-        if k:
-            g0, g1, fine = _fan_in(m0, m1, tau, k)
-            if not fine:
-                ok[r] = False
-                continue
-            if not o0 + o1 >= g0 + g1:
-                o0, o1 = g0, g1
-        out0[r], out1[r], nbytes[r], ok[r] = o0, o1, nb, True
+        s0, s1 = soff[r], soff[r + 1]
+        out0[r], out1[r], nbytes[r], ok[r] = walk_layer(lat, spb, speed, bw, call_s, kc, A[r], P[r], heads[r],
+                                                        sdev[s0:s1], scols[s0:s1], work)
 
 
 def pack(rows: list) -> tuple:

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import numpy as np
 
 from testbed.partition.common import Problem, sizes_for
+from testbed.partition.cost import layer_kernel
+from testbed.partition.ra import leveling_kernel
 from testbed.partition.ra.choice import _block_use, _objective, plan_arrays, plan_cost, problem_net
 from testbed.partition.ra.objective import no_migration, objective_without_migration, remember_cost
 from testbed.core.placement import FfnShard, LayerPlacement, Placement
@@ -88,17 +90,17 @@ def _moved_layer(lp: LayerPlacement, m: _Move, dest: str) -> LayerPlacement:
     if isinstance(m.blk, int):
         return LayerPlacement(lp.heads[:m.blk] + (dest,) + lp.heads[m.blk + 1:], lp.proj, lp.ffn)
     s, c0 = m.blk, m.blk.col_end - m.cols
-    shards = []
+    shards, merged = [], False
     for t in lp.ffn:
         if t == s:
             if c0 > s.col_start:
                 shards.append(FfnShard(s.device, s.col_start, c0))
         elif t.device == dest and t.col_start == s.col_end:
             shards.append(FfnShard(dest, c0, t.col_end))
-            c0 = -1
+            merged = True
         else:
             shards.append(t)
-    if c0 >= 0:
+    if not merged:
         new = FfnShard(dest, c0, s.col_end)
         # the whole aggregator shard moved: the destination becomes the aggregator
         shards = [new] + shards if (s == lp.ffn[0] and c0 == s.col_start) else shards + [new]
@@ -289,13 +291,65 @@ def _best_move(prob: Problem, pl: Placement, cands: list[_Move], cur: float, lim
     return best, len(todo)
 
 
+class _Compiled:
+    """The plan as ``leveling_kernel.level_round`` reads it, kept up to date move by move, and the
+    problem's constants: the rounds of a plan whose objective is its latency (no current placement)
+    under ``decode``."""
+
+    def __init__(self, prob: Problem, pl: Placement, only: set[int] | None):
+        arr, memo = plan_arrays(prob), _memo(prob)
+        if arr._kc is None:
+            arr._kc = np.array([float(arr.k[c]) for c in layer_kernel.CONSTANTS])
+        self.prob, self.memo, self.index = prob, memo, prob.index
+        self.const = (arr.lat, arr.spb, arr.speed, arr.mem_bw, arr.call_s, arr._kc, float(arr.lm_s), int(prob.src))
+        self.sizes = np.array([memo.sz.x_b, memo.sz.head_out_b, memo.sz.head_b, memo.sz.ffn_col_b], dtype=float)
+        L = len(pl.layers)
+        self.only = np.array([only is None or l in only for l in range(L)])
+        self.heads = np.array([[self.index[d] for d in lp.heads] for lp in pl.layers], dtype=np.int64)
+        self.proj = np.array([self.index[lp.proj] for lp in pl.layers], dtype=np.int64)
+        self.shards = [self._shards(lp) for lp in pl.layers]
+        n = len(prob.names)  # what level_round keeps per layer between rounds (its docstring)
+        self.kept = (np.empty(L), np.empty(L), np.empty((2, L, n), dtype=np.int64), np.empty((2, L, n)),
+                     np.zeros((2, L, 2), dtype=np.int64), np.zeros(L, dtype=bool))
+
+    def _shards(self, lp: LayerPlacement) -> list:
+        return [(self.index[s.device], s.col_start, s.col_end) for s in lp.ffn]
+
+    def round(self, pl: Placement, a: int, room: np.ndarray, chunk_cols: int, n_dest: int, cur: float,
+              limit: float, lat_limit: float, budget: int):
+        """``level_round`` on ``pl``: (status, evaluations, the best ``_Move`` or None, its objective)."""
+        flat = [s for layer in self.shards for s in layer]
+        soff = np.cumsum([0] + [len(layer) for layer in self.shards])
+        sd, s0, s1 = (np.array(col, dtype=np.int64) for col in zip(*flat))
+        canon = np.array([self.memo.canon(lp) for lp in pl.layers], dtype=np.int64)
+        status, n, (l, kind, blk, cols, dest), obj = leveling_kernel.level_round(
+            *self.const, self.heads, self.proj, sd, s0, s1, soff, canon, self.prob.allowed, a, room, chunk_cols,
+            n_dest, self.only, self.sizes, float(self.prob.H), cur, limit, lat_limit, budget, *self.kept)
+        if status != leveling_kernel.OK or l < 0:
+            return status, n, None, obj
+        sz = self.memo.sz
+        if kind == 0:
+            return status, n, _Move(False, 0.0, l, blk, 0, dest, sz.head_b), obj
+        return status, n, _Move(False, 0.0, l, pl.layers[l].ffn[blk], cols, dest, cols * sz.ffn_col_b), obj
+
+    def moved(self, m: _Move, lp: LayerPlacement) -> None:
+        """Record move ``m``, which made layer ``m.l`` into ``lp`` (the next layer's input may have changed)."""
+        self.kept[-1][m.l:m.l + 2] = False
+        if isinstance(m.blk, int):
+            self.heads[m.l, m.blk] = m.dest
+        else:
+            self.shards[m.l] = self._shards(lp)
+
+
 def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_dest: int = 2,
           max_evals: int = 2000, ref_latency_s: float = float("inf"),
-          only: set[int] | None = None) -> tuple[Placement, dict]:
+          only: set[int] | None = None, compiled: bool = True) -> tuple[Placement, dict]:
     """Lower the largest worker peak of ``pl`` within ``(1 + tol)`` x its objective and x its
     latency (or ``ref_latency_s`` when lower: the fastest plan the planner weighed) (module
     docstring), moving blocks of the layers in ``only`` (default: all). Returns (plan, what was
-    done: ``moves``, ``evals``, peaks before and after)."""
+    done: ``moves``, ``evals``, peaks before and after). ``compiled``: rounds of a plan with no
+    current placement under ``decode`` run in ``leveling_kernel`` (the same moves; False: the
+    Python rounds, the reference)."""
     until = peak_horizon(prob)
     cur, lat0, _ = _objective(prob, pl, prob.H, problem_net(prob))
     limit, lat_limit = (1 + tol) * cur, (1 + tol) * min(lat0, ref_latency_s)
@@ -304,6 +358,9 @@ def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_de
     workers, fixed = _leveled(prob)
     before = float((used + fixed)[workers].max(initial=0.0))
     chunk_cols = -(-prob.dims.ffn_dim // max(1, chunks))
+    fast = None
+    if compiled and prob.cost_model == "decode" and no_migration(prob, len(pl.layers)):
+        fast = _Compiled(prob, pl, only)
     moves = evals = 0
     while evals < max_evals:
         total = used + fixed
@@ -311,12 +368,24 @@ def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_de
         # room at the peak horizon (and at the memory horizon the plan was made for), below a's peak
         room = np.minimum(prob.budget - used, prob.budget - fit)
         room = np.minimum(room, total[a] - total - 1.0)
-        cands = _candidates(prob, pl, a, room, chunk_cols, n_dest, only)
-        best, n = _best_move(prob, pl, cands, cur, limit, lat_limit, max_evals - evals)
-        evals += n
-        if best is None:
-            break
-        _, cur, m, pl = best
+        status = None
+        if fast is not None:
+            status, n, m, obj = fast.round(pl, a, room, chunk_cols, n_dest, cur, limit, lat_limit, max_evals - evals)
+        if status == leveling_kernel.OK:
+            evals += n
+            if m is None:
+                break
+            lp = _memo(prob).moved_layer(pl.layers[m.l], m)
+            pl, cur = Placement(pl.source, pl.layers[:m.l] + (lp,) + pl.layers[m.l + 1:], meta=pl.meta), obj
+        else:  # the Python round (also where the compiled one met a NaN arrival)
+            cands = _candidates(prob, pl, a, room, chunk_cols, n_dest, only)
+            best, n = _best_move(prob, pl, cands, cur, limit, lat_limit, max_evals - evals)
+            evals += n
+            if best is None:
+                break
+            _, cur, m, pl = best
+        if fast is not None:
+            fast.moved(m, pl.layers[m.l])
         delta_fit = m.nbytes if isinstance(m.blk, FfnShard) else prob.sz.head_b
         used[a] -= m.nbytes
         used[m.dest] += m.nbytes
