@@ -68,9 +68,9 @@ if [ -d /usr/lib/python3/dist-packages/mininet ] && [ ! -e "$SITE/mininet" ]; th
 fi
 "$VENV/bin/python" -c 'import torch, testbed; assert torch.__version__.startswith("2.13.0"), torch.__version__' \
   || { log "venv check failed"; exit 1; }
-# The planners' compiled kernels (numba: testbed/partition/cost/layer_kernel.py, ra/decode_kernel.py)
+# The planners' compiled kernels (numba: testbed/partition/cost/layer_kernel.py, ra/*_kernel.py, layer/edgeshard_kernel.py)
 # compile on first import (~8 s) into numba's on-disk cache; importing them here fills it once
 # (later imports load it in ~0.3 s), so no run or test pays the compile.
-"$VENV/bin/python" -c 'import testbed.partition.cost.arrays, testbed.partition.ra.decode' \
+"$VENV/bin/python" -c 'import testbed.partition.cost.arrays, testbed.partition.ra.decode, testbed.partition.ra.leveling, testbed.partition.layer.edgeshard' \
   || { log "compiling the planner kernels failed"; exit 1; }
 log "ready: $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -127,3 +127,47 @@ def test_device_down_takes_the_new_plan():
     assert layer_repair(Problem(s, MINI), H) is None
     r = plan("edgeshard_dynamic", s, MINI).placement
     assert "d1" not in r.devices() and r == edgeshard(s, MINI)
+
+
+def _splits(left: int, caps, most: int, first: bool = True):
+    """Every split of ``left`` layers into contiguous shards along positions 0..len(caps)-1
+    (position 0 holds at least one layer, later positions 0..min(most, cap)): lists of (position,
+    layers)."""
+    if len(caps) == 0:
+        return [[]] if left == 0 else []
+    out = []
+    for m in range(1 if first else 0, min(left, caps[0] if first else min(most, caps[0])) + 1):
+        for rest in _splits(left - m, caps[1:], most, first=False):
+            out.append(([(0, m)] if m else []) + [(p + 1, k) for p, k in rest])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_layer_dp_is_the_best_split_along_its_order(seed):
+    """``edgeshard_kernel.dp`` (the compiled DP of ``_dp``) against every split along the order:
+    the best finish equals the cheapest split's cost (up to summation order), with and without
+    per-layer extra costs, with small caps that bind."""
+    from testbed.partition.layer.edgeshard_kernel import dp
+
+    rng = np.random.default_rng(seed)
+    L, n_dev = 5, 5
+    src, order = 0, np.array([1, 3, 2, 4], dtype=np.int64)
+    c = rng.uniform(0.1, 1.0, n_dev)
+    X = rng.uniform(0.01, 0.5, (n_dev, n_dev))
+    np.fill_diagonal(X, 0.0)
+    caps = rng.integers(1, 4, n_dev).astype(np.int64)
+    move = rng.uniform(0, 0.2, (n_dev, L)) if seed % 2 else np.zeros((n_dev, L))
+    S = np.hstack([np.zeros((n_dev, 1)), np.cumsum(move, axis=1)])
+    end, arg = dp(src, L, c, X, caps, order, S)
+    best = np.inf
+    for split in _splits(L, caps[order], L - 1):
+        cost, prev, done = X[src, order[0]], order[0], 0
+        for pos, m in split:
+            k = order[pos]
+            cost += (X[prev, k] if k != prev else 0.0) + m * c[k] + S[k, done + m] - S[k, done]
+            prev, done = k, done + m
+        best = min(best, cost + X[prev, src])
+    if np.isfinite(best):
+        assert end.min() == pytest.approx(best, rel=1e-12)
+    else:
+        assert not np.isfinite(end).any()

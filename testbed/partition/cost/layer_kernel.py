@@ -50,18 +50,23 @@ def _send(a, b, n, r0, r1, lat, spb, up, used):
 
 
 @njit(cache=True)
-def _fan_in(m0, m1, tau, k):
+def _fan_in(m0, m1, tau, k, key, idx):
     """``latency.fan_in_serial`` over the first ``k`` messages: (r0, r1, ok); ok False when an
-    arrival key is NaN (the caller walks the row in Python)."""
-    key = np.empty(k)
+    arrival key is NaN (the caller walks the row in Python). ``key``/``idx``: scratch; the
+    messages are taken in arrival order by a stable insertion sort (as ``sorted``; fan-ins are short)."""
     for i in range(k):
         key[i] = m0[i] + m1[i]
         if key[i] != key[i]:
             return 0.0, 0.0, False
-    order = np.argsort(key, kind="mergesort")  # stable, as ``sorted``
+        j = i - 1
+        while j >= 0 and key[idx[j]] > key[i]:
+            idx[j + 1] = idx[j]
+            j -= 1
+        idx[j + 1] = i
     done = -INF
     o0, o1 = m0[0], m1[0]
-    for i in order:
+    for n in range(k):
+        i = idx[n]
         t = m0[i] + m1[i]
         fin = _pymax(t, done + tau[i])
         done = fin
@@ -73,7 +78,8 @@ def _fan_in(m0, m1, tau, k):
 def scratch(n_dev, width):
     """Work arrays for ``walk_layer`` over ``n_dev`` devices, fan-ins of up to ``width`` messages."""
     return (np.empty(n_dev), np.zeros(n_dev, dtype=np.bool_), np.zeros(n_dev), np.zeros(n_dev), np.zeros(n_dev),
-            np.empty(width, dtype=np.int64), np.empty(width), np.empty(width), np.empty(width))
+            np.empty(width, dtype=np.int64), np.empty(width), np.empty(width), np.empty(width), np.empty(width),
+            np.empty(width, dtype=np.int64))
 
 
 @njit(cache=True)
@@ -83,7 +89,7 @@ def walk_layer(lat, spb, speed, bw, call_s, kc, a, p, heads, sdev, scols, work):
     ``scols``, as ``layer_walk._extract`` reads a ``LayerPlacement`` (devices in first-appearance
     order); ok False where a fan-in has a NaN arrival (the Python walk must take it). ``kc``:
     ``CONSTANTS``' values; ``work``: ``scratch``'s arrays (``count`` is left all zero)."""
-    up, used, arr0, arr1, count, devs, m0, m1, tau = work
+    up, used, arr0, arr1, count, devs, m0, m1, tau, key, idx = work
     xb, hf, hr, hob, pf, pr, fcf, fcr = kc[0], kc[1], kc[2], kc[3], kc[4], kc[5], kc[6], kc[7]
     nb = np.int64(0)
     used[:] = False
@@ -118,7 +124,7 @@ def walk_layer(lat, spb, speed, bw, call_s, kc, a, p, heads, sdev, scols, work):
         nb += b
         k += 1
     if k:
-        g0, g1, fine = _fan_in(m0, m1, tau, k)
+        g0, g1, fine = _fan_in(m0, m1, tau, k, key, idx)
         if not fine:
             return 0.0, 0.0, nb, False
         if not att0 + att1 >= g0 + g1:
@@ -149,7 +155,7 @@ def walk_layer(lat, spb, speed, bw, call_s, kc, a, p, heads, sdev, scols, work):
         nb += b
         k += 1
     if k:
-        g0, g1, fine = _fan_in(m0, m1, tau, k)
+        g0, g1, fine = _fan_in(m0, m1, tau, k, key, idx)
         if not fine:
             return 0.0, 0.0, nb, False
         if not o0 + o1 >= g0 + g1:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from testbed.partition.cost import blocks as B
+from testbed.partition.layer import edgeshard_kernel
 from testbed.partition.common import Problem, uniform_layers
 from testbed.partition.cost.latency import decode_constants
 from testbed.core.errors import InfeasiblePlan
@@ -67,39 +68,12 @@ def _dp(prob: Problem, caps: np.ndarray, c: np.ndarray, X: np.ndarray, order: li
         move: np.ndarray | None = None):
     """Exact DP for a fixed device order (order[0] pinned, later devices may get 0 layers).
     ``move[k, l]``: an extra cost of layer ``l`` on device ``k`` (the repair's amortised migration)."""
-    L, n = prob.dims.n_layers, len(order)
+    L = prob.dims.n_layers
     # S[k, i]: extra cost of layers [0, i) on device k; a shard [i - m, i) adds S[k, i] - S[k, i - m]
     S = np.zeros((len(prob.names), L + 1)) if move is None else np.hstack(
         [np.zeros((len(prob.names), 1)), np.cumsum(move, axis=1)])
-    f = np.full((L + 1, n), np.inf)
-    arg = np.full((L + 1, n, 2), -1, dtype=int)  # (previous position in order, shard length)
-    pin = order[0]
-    for m in range(1, min(L, caps[pin]) + 1):
-        f[m, 0], arg[m, 0] = X[prob.src, pin] + m * c[pin] + S[pin, m], (-1, m)
-    ordv = np.array(order)
-    I = np.arange(L + 1)[:, None]  # layers placed so far, i
-    for t in range(1, n):
-        k = order[t]
-        M = int(min(L - 1, caps[k]))
-        if M < 1:
-            continue
-        into = X[ordv[:t], k]
-        reach = f[:, :t] + into[None, :]  # (L+1, t): finish of layers [0, i') then the hop to k
-        j_best = np.argmin(reach, axis=1)  # first minimum, as a scan over j would pick
-        g = reach[np.arange(L + 1), j_best]
-        m = np.arange(1, M + 1)[None, :]  # (1, M): shard length on k
-        before = I - m  # (L+1, M): layers before the shard
-        ok = (m <= I - 1) & (before >= 1)
-        b = np.clip(before, 0, L)
-        val = np.where(ok, g[b] + m * c[k] + S[k, I] - S[k, b], np.inf)  # (L+1, M)
-        m_best = np.argmin(val, axis=1)  # shortest shard among equal values, as the scan did
-        best = val[np.arange(L + 1), m_best]
-        done = np.isfinite(best)
-        f[done, t] = best[done]
-        arg[done, t, 0] = j_best[b[np.arange(L + 1), m_best]][done]
-        arg[done, t, 1] = m_best[done] + 1
-    end = f[L] + X[ordv, prob.src]
-    return end, arg
+    return edgeshard_kernel.dp(int(prob.src), L, np.asarray(c, dtype=float), np.asarray(X, dtype=float),
+                               np.asarray(caps, dtype=np.int64), np.array(order, dtype=np.int64), S)
 
 
 def _backtrack(arg: np.ndarray, last: int, L: int, order: list[int]) -> list[int]:

@@ -177,3 +177,94 @@ def ffn_pass(P, agg, K, cb, tau_x, lat, back, chunk_c, cur, mig, devs, keys, r, 
         size += 1
     r[:] = rr
     return finish, pens, n_used, OK
+
+
+NOFIT = -3
+
+
+@njit(cache=True)
+def _sorted_keys(static, allowed_idx, devs, keys):
+    """``decode._unused_in_order``: ``allowed_idx`` by ``static`` (stable) into ``devs``/``keys``;
+    False when a key is NaN (a stable sort's order is then its own algorithm's)."""
+    for i in range(len(static)):
+        if static[i] != static[i]:
+            return False
+    order = np.argsort(static, kind="mergesort")
+    for i in range(len(order)):
+        devs[i], keys[i] = allowed_idx[order[i]], static[order[i]]
+    return True
+
+
+@njit("Tuple((i8, i8, i8, i8, i8))(i8, i8[:], f8[:], f8[:], i8, f8, f8, i8, f8, f8[:, :], f8[:, :], f8[:, :], "
+      "f8[:, :], f8[:], f8[:], f8[:], f8[:], f8[:], b1[:], f8[:, :], f8[:, :], f8[:], f8[:], f8[:, :], f8[:], i8[:], "
+      "f8[:], i8[:], i8[:], i8[:], i8[:])", cache=True)
+def plan_layer(A, anchors, fixed, resid, G, hb, proj_b, K, cb, tau_x, lat, head_inc, back, chunk_c, cur_h, mig_h,
+               cur_c, mig_c, allowed, reach_al, head_tail_al, pen0_h_al, chunk_al, back_al, pen0_c_al, allowed_idx,
+               r_out, h_counts, h_order, f_counts, f_order):
+    """``greedy._plan_layer`` for a layer that is not the last, under ``decode`` and not thorough:
+    per anchor ``anchors[i]`` (cost ``fixed[i]`` for the projection there), heads first then the
+    FFN with the cheapest aggregator, or FFN first where heads first does not fit; the anchor with
+    the least total (the first on ties). The unused devices' orders (``decode._order``: heads,
+    aggregator, FFN chunks) are sorted here from ``decode._Tables``' ``*_al`` rows and the layer's
+    penalties. Returns (status, anchor, aggregator,
+    heads devices used, FFN devices used): the bytes left into ``r_out``, blocks per device and
+    first-pick order into ``h_counts/h_order`` and ``f_counts/f_order``. Status ``NOFIT``: no
+    anchor fits (the caller raises the Python pass's error); ``NAN``: the caller runs the Python one."""
+    n_dev, n_al = lat.shape[0], len(allowed_idx)
+    f_devs, f_keys = np.empty(n_al, dtype=np.int64), np.empty(n_al)
+    h_devs, h_keys = np.empty(n_al, dtype=np.int64), np.empty(n_al)
+    agg_devs, agg_keys = np.empty(n_al, dtype=np.int64), np.empty(n_al)
+    hc, ho, fc, fo = (np.empty(n_dev, dtype=np.int64), np.empty(n_dev, dtype=np.int64),
+                      np.empty(n_dev, dtype=np.int64), np.empty(n_dev, dtype=np.int64))
+    best_total, best_P, best_agg, best_nh, best_nf = 0.0, -1, -1, 0, 0
+    for i in range(len(anchors)):
+        P = anchors[i]
+        r0 = resid.copy()
+        r0[P] -= proj_b
+        if not (_sorted_keys(reach_al[A] + head_tail_al[P] + pen0_h_al, allowed_idx, h_devs, h_keys)
+                and _sorted_keys(reach_al[P] + chunk_al + pen0_c_al, allowed_idx, agg_devs, agg_keys)):
+            return NAN, -1, -1, 0, 0
+        for order in (0, 1):  # heads first; FFN first only when heads first did not fit
+            r = r0.copy()
+            if order == 0:
+                h_t, h_pen, nh, st = heads_pass(A, P, G, hb, tau_x, lat, head_inc, cur_h, mig_h, allowed, h_devs, h_keys,
+                                                r, hc, ho)
+                if st == NAN:
+                    return NAN, -1, -1, 0, 0
+                if st != OK:
+                    continue
+            agg = -1  # the cheapest aggregator with room (``_ffn_decode`` with agg None)
+            for t in range(n_al):
+                j = agg_devs[t]
+                if r[j] >= cb and agg_keys[t] < np.inf:
+                    agg = j
+                    break
+            if agg < 0:
+                continue
+            if not _sorted_keys(reach_al[P] + chunk_al + back_al[agg] + pen0_c_al, allowed_idx, f_devs, f_keys):
+                return NAN, -1, -1, 0, 0
+            f_t, f_pen, nf, st = ffn_pass(P, agg, K, cb, tau_x, lat, back[agg], chunk_c, cur_c, mig_c, f_devs, f_keys,
+                                          r, fc, fo)
+            if st == NAN:
+                return NAN, -1, -1, 0, 0
+            if st != OK:
+                continue
+            if order == 1:
+                h_t, h_pen, nh, st = heads_pass(A, P, G, hb, tau_x, lat, head_inc, cur_h, mig_h, allowed, h_devs, h_keys,
+                                                r, hc, ho)
+                if st == NAN:
+                    return NAN, -1, -1, 0, 0
+                if st != OK:
+                    continue
+            total = h_t + f_t + h_pen + f_pen + fixed[i] + 0.0
+            if best_P < 0 or total < best_total:
+                best_total, best_P, best_agg, best_nh, best_nf = total, P, agg, nh, nf
+                r_out[:] = r
+                h_counts[:] = hc
+                h_order[:] = ho
+                f_counts[:] = fc
+                f_order[:] = fo
+            break  # this anchor's plan (FFN first is tried only when heads first found none)
+    if best_P < 0:
+        return NOFIT, -1, -1, 0, 0
+    return OK, best_P, best_agg, best_nh, best_nf

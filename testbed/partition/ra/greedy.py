@@ -12,6 +12,7 @@ import numpy as np
 
 from testbed.partition.cost import blocks as B
 from testbed.partition.common import NoFit, Problem, assign_ffn, assign_heads
+from testbed.partition.ra import decode_kernel as DK
 from testbed.partition.ra.decode import _tables, ffn_compiled, heads_compiled
 from testbed.core.placement import LayerPlacement
 
@@ -247,8 +248,18 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
 
 
 def _plan_layer(ly: _Layer, resid: list, k: int, last: bool):
+    """The layer's best anchor by ``_try_anchor``'s total (the first on ties): (bytes left, heads
+    per device, anchor, FFN chunks per device, aggregator). Under ``decode``, for a layer other
+    than the last and not ``thorough``, in one compiled call (``_plan_layer_compiled``; the same
+    result), else (and where that one hands back) anchor by anchor."""
+    anchors = _candidates(ly, resid, k)
+    p = ly.prob
+    if p.cost_model == "decode" and not last and not getattr(p, "thorough", False):
+        out = _plan_layer_compiled(ly, resid, anchors)
+        if out is not None:
+            return out
     best, err = None, None
-    for P in _candidates(ly, resid, k):
+    for P in anchors:
         try:
             total, r, nh, nf, agg = _try_anchor(ly, P, resid, last)
         except NoFit as exc:
@@ -259,6 +270,27 @@ def _plan_layer(ly: _Layer, resid: list, k: int, last: bool):
     if best is None:
         raise err  # type: ignore[misc]
     return best[1:]
+
+
+def _plan_layer_compiled(ly: _Layer, resid: list, anchors: list[int]):
+    """``_plan_layer`` by ``decode_kernel.plan_layer``; None where it hands back (no anchor fits:
+    the Python passes raise their error; or a NaN key)."""
+    p, tab, A = ly.prob, ly.tab, ly.A
+    fixed = np.array([ly.proj_pen(P) + p.sz.proj_f / p.C[P] for P in anchors], dtype=float)
+    n = len(p.names)
+    r_out = np.empty(n)
+    hc, ho, fc, fo = (np.empty(n, dtype=np.int64) for _ in range(4))
+    tau_x, lat, head_inc, back, chunk_c = tab.arrays
+    status, P, agg, n_h, n_f = DK.plan_layer(
+        A, np.array(anchors, dtype=np.int64), fixed, np.array(resid, dtype=float), p.dims.n_kv_heads,
+        float(p.sz.head_b), float(p.sz.proj_b), ly.K, float(ly.chunk_b), tau_x, lat, head_inc, back, chunk_c,
+        ly.cur_heads, ly.mig_head_a, ly.cur_chunks, ly.mig_chunk_a, p.allowed, tab.reach_al, tab.head_tail_al,
+        ly.pen0_head_al, tab.chunk_al, tab.back_al, ly.pen0_chunk_al, tab.allowed_idx, r_out, hc, ho, fc, fo)
+    if status != DK.OK:
+        return None
+    nh = {j: int(hc[j]) for j in ho[:n_h].tolist()}
+    nf = {j: int(fc[j]) for j in fo[:n_f].tolist()}
+    return r_out.tolist(), nh, P, nf, agg
 
 
 def _layer_placement(prob: Problem, ly: _Layer, nh, P: int, nf, agg: int) -> LayerPlacement:

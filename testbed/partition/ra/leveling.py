@@ -308,6 +308,8 @@ class _Compiled:
         self.heads = np.array([[self.index[d] for d in lp.heads] for lp in pl.layers], dtype=np.int64)
         self.proj = np.array([self.index[lp.proj] for lp in pl.layers], dtype=np.int64)
         self.shards = [self._shards(lp) for lp in pl.layers]
+        self.flat = self._flat()
+        self.canon = np.array([memo.canon(lp) for lp in pl.layers], dtype=np.int64)
         n = len(prob.names)  # what level_round keeps per layer between rounds (its docstring)
         self.kept = (np.empty(L), np.empty(L), np.empty((2, L, n), dtype=np.int64), np.empty((2, L, n)),
                      np.zeros((2, L, 2), dtype=np.int64), np.zeros(L, dtype=bool))
@@ -315,15 +317,17 @@ class _Compiled:
     def _shards(self, lp: LayerPlacement) -> list:
         return [(self.index[s.device], s.col_start, s.col_end) for s in lp.ffn]
 
+    def _flat(self) -> tuple:
+        """The shards as ``level_round`` reads them: (devices, first columns, end columns, offsets)."""
+        flat = [s for layer in self.shards for s in layer]
+        soff = np.cumsum([0] + [len(layer) for layer in self.shards])
+        return (*(np.array(col, dtype=np.int64) for col in zip(*flat)), soff)
+
     def round(self, pl: Placement, a: int, room: np.ndarray, chunk_cols: int, n_dest: int, cur: float,
               limit: float, lat_limit: float, budget: int):
         """``level_round`` on ``pl``: (status, evaluations, the best ``_Move`` or None, its objective)."""
-        flat = [s for layer in self.shards for s in layer]
-        soff = np.cumsum([0] + [len(layer) for layer in self.shards])
-        sd, s0, s1 = (np.array(col, dtype=np.int64) for col in zip(*flat))
-        canon = np.array([self.memo.canon(lp) for lp in pl.layers], dtype=np.int64)
         status, n, (l, kind, blk, cols, dest), obj = leveling_kernel.level_round(
-            *self.const, self.heads, self.proj, sd, s0, s1, soff, canon, self.prob.allowed, a, room, chunk_cols,
+            *self.const, self.heads, self.proj, *self.flat, self.canon, self.prob.allowed, a, room, chunk_cols,
             n_dest, self.only, self.sizes, float(self.prob.H), cur, limit, lat_limit, budget, *self.kept)
         if status != leveling_kernel.OK or l < 0:
             return status, n, None, obj
@@ -335,10 +339,12 @@ class _Compiled:
     def moved(self, m: _Move, lp: LayerPlacement) -> None:
         """Record move ``m``, which made layer ``m.l`` into ``lp`` (the next layer's input may have changed)."""
         self.kept[-1][m.l:m.l + 2] = False
+        self.canon[m.l] = self.memo.canon(lp)
         if isinstance(m.blk, int):
             self.heads[m.l, m.blk] = m.dest
         else:
             self.shards[m.l] = self._shards(lp)
+            self.flat = self._flat()
 
 
 def level(prob: Problem, pl: Placement, tol: float = 0.02, chunks: int = 4, n_dest: int = 2,

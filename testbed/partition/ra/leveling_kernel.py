@@ -5,7 +5,7 @@ the evaluation budget (``_best_move``), each one's plan latency (``cost.arrays.l
 the moved layer, the next layer from its new input, the layers summed in order) and the best by
 objective added per byte. The same operations in the same order as those functions, so the same
 floats and the same move; a round that meets a NaN fan-in arrival returns ``NAN`` and the caller
-runs the Python round.
+runs the Python round. Compiled at import for its one signature (numba's disk cache).
 
 The plan comes as arrays: ``heads`` (layers, head groups) device per group, ``proj`` (layers,),
 the FFN shards flat (``sdev``, ``sc0``, ``sc1``: device, first and end column; layer l's are
@@ -99,7 +99,9 @@ def _before(c, i, j):
     return False
 
 
-@njit(cache=True)
+@njit("Tuple((i8, i8, UniTuple(i8, 5), f8))(f8[:, :], f8[:, :], f8[:], f8[:], f8[:], f8[:], f8, i8, i8[:, :], i8[:], "
+      "i8[:], i8[:], i8[:], i8[:], i8[:], b1[:], i8, f8[:], i8, i8, b1[:], f8[:], f8, f8, f8, f8, i8, f8[:], f8[:], "
+      "i8[:, :, :], f8[:, :, :], i8[:, :, :], b1[:])", cache=True)
 def level_round(lat, spb, speed, bw, call_s, kc, lm_s, src, heads, proj, sdev, sc0, sc1, soff, canon, allowed,
                 a, room, chunk_cols, n_dest, only, sizes, H, cur, limit, lat_limit, budget, dc, dt, rank, rkey,
                 rcount, fresh):
@@ -116,6 +118,7 @@ def level_round(lat, spb, speed, bw, call_s, kc, lm_s, src, heads, proj, sdev, s
     x_b, hob_b, head_b, col_b = sizes[0], sizes[1], sizes[2], sizes[3]
     widest = np.max(soff[1:] - soff[:-1]) + 1
     work = scratch(n_dev, max(G, widest))
+    sw = sc1 - sc0  # each shard's columns
     # the plan's layers from their inputs, and their blocks' destinations ranked
     inp = np.empty(L, dtype=np.int64)
     near = np.zeros(n_dev, dtype=np.bool_)
@@ -125,7 +128,7 @@ def level_round(lat, spb, speed, bw, call_s, kc, lm_s, src, heads, proj, sdev, s
             continue
         s0, s1 = soff[l], soff[l + 1]
         dc[l], dt[l], _, fine = walk_layer(lat, spb, speed, bw, call_s, kc, inp[l], proj[l], heads[l], sdev[s0:s1],
-                                           sc1[s0:s1] - sc0[s0:s1], work)
+                                           sw[s0:s1], work)
         if not fine:
             return NAN, 0, (-1, 0, 0, 0, 0), 0.0
         P, agg, A_l = proj[l], sdev[s0], inp[l]
@@ -216,7 +219,8 @@ def level_round(lat, spb, speed, bw, call_s, kc, lm_s, src, heads, proj, sdev, s
         pre0[l + 1], pre1[l + 1] = pre0[l] + dc[l], pre1[l] + dt[l]
     # each distinct move's plan latency, objective and score
     mh = np.empty(G, dtype=np.int64)
-    od, o0, o1 = np.empty(widest), np.empty(widest), np.empty(widest)
+    od, o0 = np.empty(widest, dtype=np.int64), np.empty(widest, dtype=np.int64)
+    o1, ow = np.empty(widest, dtype=np.int64), np.empty(widest, dtype=np.int64)
     best, best_score, best_obj = -1, 0.0, 0.0
     for t in range(n_todo):
         v = todo[t]
@@ -226,13 +230,15 @@ def level_round(lat, spb, speed, bw, call_s, kc, lm_s, src, heads, proj, sdev, s
             mh[:] = heads[l]
             mh[blk] = dest
             d0, d1, _, fine = walk_layer(lat, spb, speed, bw, call_s, kc, inp[l], proj[l], mh, sdev[s0:s1],
-                                         sc1[s0:s1] - sc0[s0:s1], work)
+                                         sw[s0:s1], work)
             agg = sdev[s0]
         else:
-            m = _moved_shards(sdev[s0:s1], sc0[s0:s1], sc1[s0:s1], blk, cols, dest, od, o0, o1)
-            d0, d1, _, fine = walk_layer(lat, spb, speed, bw, call_s, kc, inp[l], proj[l], heads[l],
-                                         od[:m].astype(np.int64), o1[:m] - o0[:m], work)
-            agg = int(od[0])
+            m = _moved_shards(sdev[s0:s1], sc0[s0:s1], sc1[s0:s1], blk, int(cols), dest, od, o0, o1)
+            for t2 in range(m):
+                ow[t2] = o1[t2] - o0[t2]
+            d0, d1, _, fine = walk_layer(lat, spb, speed, bw, call_s, kc, inp[l], proj[l], heads[l], od[:m], ow[:m],
+                                         work)
+            agg = od[0]
         if not fine:
             return NAN, 0, (-1, 0, 0, 0, 0), 0.0
         e0 = e1 = 0.0
@@ -241,7 +247,7 @@ def level_round(lat, spb, speed, bw, call_s, kc, lm_s, src, heads, proj, sdev, s
         elif l + 1 < L:
             q0, q1 = soff[l + 1], soff[l + 2]
             e0, e1, _, fine = walk_layer(lat, spb, speed, bw, call_s, kc, agg, proj[l + 1], heads[l + 1],
-                                         sdev[q0:q1], sc1[q0:q1] - sc0[q0:q1], work)
+                                         sdev[q0:q1], sw[q0:q1], work)
             if not fine:
                 return NAN, 0, (-1, 0, 0, 0, 0), 0.0
         # the layers summed in order from 0 (the sums before layer l are the plan's own)
