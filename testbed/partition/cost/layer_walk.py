@@ -1,6 +1,8 @@
-"""A layer as device indices (``_Layer``, what ``cost.arrays`` batches over) and the scalar walk of
-one layer's ``decode`` cost over those indices (``walk``): the same operations in the same order
-as ``latency._decode_layer``, without its string-keyed lookups."""
+"""A layer as device indices (``_Layer``) and the scalar walk of one layer's ``decode`` cost over
+those indices (``walk``): the same operations in the same order as ``latency._decode_layer``,
+without its string-keyed lookups. ``cost.arrays`` uses it for the layers the compiled walk
+(``layer_kernel``) leaves to Python (a NaN arrival in a fan-in); the tests use it as the
+compiled walk's reference."""
 from __future__ import annotations
 
 from collections import Counter

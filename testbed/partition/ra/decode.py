@@ -2,6 +2,8 @@
 for one anchor (projection device), each block on the device that least delays the layer's
 critical path given what the pass already placed, with the sender's uplink serialised as in the
 ``decode`` cost model. Tables per problem (``_Tables``) make a pass index python lists only.
+The Python passes are the reference and the fallback of the compiled ones (``heads_compiled``,
+``ffn_compiled``, ``ra.decode_kernel``), which give the same results where no key is NaN.
 """
 from __future__ import annotations
 

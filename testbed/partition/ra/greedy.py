@@ -1,7 +1,8 @@
 """One greedy round of the resource-aware partitioner: per layer, try anchor (projection) devices
 and claim orders, place each head / FFN chunk on the device that least delays the layer's critical
 path given what this round already placed (steps 2-4 of ``testbed.partition.ra.planner``'s docstring).
-The ``decode``-model passes are in ``ra.decode``, the ``paper``-model ones here.
+The ``decode``-model passes are in ``ra.decode`` (and compiled, with a layer's whole choice of
+anchor, in ``ra.decode_kernel``), the ``paper``-model ones here.
 Pure functions over a ``Problem``; numpy for per-device vectors, heaps for the per-block choice.
 """
 from __future__ import annotations

@@ -22,7 +22,9 @@ sends its output to the projection; an FFN chunk needs ``h`` from the projection
 partial to the aggregator). A destination must fit the moved block at the peak horizon and end
 below the peak it relieves, so the sorted vector of peaks decreases at every move (termination);
 the work is bounded by ``max_evals`` plan evaluations (no clock: deterministic).
-Pure functions of a ``Problem``.
+Pure functions of a ``Problem``. Where the objective is the latency (no current placement) under
+``decode``, each round runs compiled (``ra.leveling_kernel``, the same moves); the Python round
+(``_candidates``, ``_best_move``) is the reference and takes re-decisions.
 """
 from __future__ import annotations
 
