@@ -91,8 +91,8 @@ def _worker_peak(res, snap) -> int:
 
 def leveling_budget(seeds=(1, 2, 3), repeats: int = 3) -> None:
     """[5] What the first decision's time buys at 64 x 32 x 32: CPU time, predicted token latency
-    and the largest worker peak per step-6 budget (``level_evals``; 0 = step 6 off) — the first
-    decision misses its 20 ms target, and this is the price of the part that costs the most."""
+    and the largest worker peak per step-6 budget (``level_evals``; 0 = step 6 off): what step 6
+    costs and what it buys."""
     print("[5] RA first decision at 64 x 32 x 32 by leveling budget (level_evals; default 2000), per instance "
           "(seeds 1/2/3): CPU median ms | predicted token latency s | largest worker peak MiB")
     for evals in (0, 250, 500, 1000, 2000):
