@@ -75,6 +75,34 @@ def _fan_in(m0, m1, tau, k, key, idx):
 
 
 @njit(cache=True)
+def _later(r0, r1, m0, m1, tau, k, key, idx):
+    """The later of (r0, r1) and the last of ``k`` messages' fan-in (``_cp_max``; (r0, r1) when
+    there are none), and False where the fan-in meets a NaN arrival."""
+    if k == 0:
+        return r0, r1, True
+    g0, g1, fine = _fan_in(m0, m1, tau, k, key, idx)
+    if not fine:
+        return 0.0, 0.0, False
+    if not r0 + r1 >= g0 + g1:
+        return g0, g1, True
+    return r0, r1, True
+
+
+@njit(cache=True)
+def _tally(ids, weights, unit, count, devs):
+    """Add each ``ids[i]``'s weight (1 where ``unit``, else ``weights[i]``) to ``count`` and list
+    the devices in first-appearance order in ``devs``; returns how many."""
+    n = 0
+    for i in range(len(ids)):
+        j = ids[i]
+        if count[j] == 0:
+            devs[n] = j
+            n += 1
+        count[j] += 1 if unit else weights[i]
+    return n
+
+
+@njit(cache=True)
 def scratch(n_dev, width):
     """Work arrays for ``walk_layer`` over ``n_dev`` devices, fan-ins of up to ``width`` messages."""
     return (np.empty(n_dev), np.zeros(n_dev, dtype=np.bool_), np.zeros(n_dev), np.zeros(n_dev), np.zeros(n_dev),
@@ -93,13 +121,7 @@ def walk_layer(lat, spb, speed, bw, call_s, kc, a, p, heads, sdev, scols, work):
     xb, hf, hr, hob, pf, pr, fcf, fcr = kc[0], kc[1], kc[2], kc[3], kc[4], kc[5], kc[6], kc[7]
     nb = np.int64(0)
     used[:] = False
-    n_h = 0
-    for g in range(len(heads)):
-        j = heads[g]
-        if count[j] == 0:
-            devs[n_h] = j
-            n_h += 1
-        count[j] += 1
+    n_h = _tally(heads, heads, True, count, devs)  # head groups per device
     arr0[p], arr1[p], b = _send(a, p, xb, 0.0, 0.0, lat, spb, up, used)  # x to the proj first,
     nb += b
     for i in range(n_h):  # then to the head devices
@@ -123,20 +145,11 @@ def walk_layer(lat, spb, speed, bw, call_s, kc, a, p, heads, sdev, scols, work):
         tau[k] = size * spb[j, p]
         nb += b
         k += 1
-    if k:
-        g0, g1, fine = _fan_in(m0, m1, tau, k, key, idx)
-        if not fine:
-            return 0.0, 0.0, nb, False
-        if not att0 + att1 >= g0 + g1:
-            att0, att1 = g0, g1
+    att0, att1, fine = _later(att0, att1, m0, m1, tau, k, key, idx)
+    if not fine:
+        return 0.0, 0.0, nb, False
     pd0, pd1 = att0 + _roof(pf, pr, speed[p], bw[p], call_s[p]), att1
-    n_f = 0
-    for i in range(len(sdev)):
-        j = sdev[i]
-        if count[j] == 0:
-            devs[n_f] = j
-            n_f += 1
-        count[j] += scols[i]
+    n_f = _tally(sdev, scols, False, count, devs)  # FFN columns per device
     agg = devs[0]
     o0 = o1 = 0.0
     k = 0
@@ -154,13 +167,8 @@ def walk_layer(lat, spb, speed, bw, call_s, kc, a, p, heads, sdev, scols, work):
         tau[k] = xb * spb[dev, agg]
         nb += b
         k += 1
-    if k:
-        g0, g1, fine = _fan_in(m0, m1, tau, k, key, idx)
-        if not fine:
-            return 0.0, 0.0, nb, False
-        if not o0 + o1 >= g0 + g1:
-            o0, o1 = g0, g1
-    return o0, o1, nb, True
+    o0, o1, fine = _later(o0, o1, m0, m1, tau, k, key, idx)
+    return o0, o1, nb, fine
 
 
 @njit("void(f8[:, :], f8[:, :], f8[:], f8[:], f8[:], f8[:], i8[:], i8[:], i8[:, :], i8[:], f8[:], i8[:], f8[:], f8[:], "

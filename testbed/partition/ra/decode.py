@@ -184,6 +184,21 @@ def _heads_decode(ly: _Layer, P: int, r: list) -> tuple[float, float, dict[int, 
     return finish, pens, n
 
 
+def _aggregator(ly: _Layer, P: int, r, agg: int | None) -> int:
+    """The FFN's aggregator for anchor P: ``agg`` if it has room for a chunk, or (None) the
+    cheapest device with room by h from P + one chunk + its migration penalty (the first in the
+    stable order: argmin's tie rule). Raises ``NoFit`` when there is none."""
+    tab, cb = ly.tab, ly.chunk_b
+    if agg is None:
+        devs, keys = _order(ly, "agg", lambda: tab.reach_al[P] + tab.chunk_al + ly.pen0_chunk_al, P, -1)
+        agg = next((j for j, kv in zip(devs, keys) if r[j] >= cb and kv < np.inf), None)
+        if agg is None:
+            raise NoFit(f"L{ly.l}.ffn", cb)
+    elif r[agg] < cb:
+        raise NoFit(f"L{ly.l}.ffn", cb)
+    return agg
+
+
 def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[float, float, dict[int, int], int]:
     """Greedy FFN chunks after the projection on P: (stage time, penalties, counts, aggregator).
 
@@ -194,13 +209,7 @@ def _ffn_decode(ly: _Layer, P: int, r: list, agg: int | None = None) -> tuple[fl
     tauP, latP, fc = tab.tau_x[P], tab.lat[P], tab.chunk_c
     cur, mig = ly.cur_chunks_l, ly.mig_chunk
     reach = lambda: tab.reach_al[P] + tab.chunk_al  # h arrives + one chunk, per allowed device  # noqa: E731
-    if agg is None:  # the cheapest device with room (the first in the stable order: argmin's tie rule)
-        devs, keys = _order(ly, "agg", lambda: reach() + ly.pen0_chunk_al, P, -1)
-        agg = next((j for j, kv in zip(devs, keys) if r[j] >= cb and kv < np.inf), None)
-        if agg is None:
-            raise NoFit(f"L{ly.l}.ffn", cb)
-    elif r[agg] < cb:
-        raise NoFit(f"L{ly.l}.ffn", cb)
+    agg = _aggregator(ly, P, r, agg)
     back = tab.back[agg]
     base = {agg: tauP[agg] + latP[agg] if agg != P else 0.0}
     pens = 0.0 if cur[agg] > 0 else mig[agg]
@@ -245,13 +254,7 @@ def ffn_compiled(ly: _Layer, P: int, r: np.ndarray, agg: int | None = None) -> t
     Python one where a key is NaN."""
     tab, cb = ly.tab, ly.chunk_b
     reach = lambda: tab.reach_al[P] + tab.chunk_al  # noqa: E731
-    if agg is None:  # the cheapest device with room (the first in the stable order: argmin's tie rule)
-        devs, keys = _order(ly, "agg", lambda: reach() + ly.pen0_chunk_al, P, -1)
-        agg = next((j for j, kv in zip(devs, keys) if r[j] >= cb and kv < np.inf), None)
-        if agg is None:
-            raise NoFit(f"L{ly.l}.ffn", cb)
-    elif r[agg] < cb:
-        raise NoFit(f"L{ly.l}.ffn", cb)
+    agg = _aggregator(ly, P, r, agg)
     devs, keys = _order(ly, "f", lambda: reach() + tab.back_al[agg] + ly.pen0_chunk_al, P, agg, arrays=True)
     tau_x, lat, _, back, chunk_c = tab.arrays
     finish, pens, used, status = K.ffn_pass(P, agg, ly.K, float(cb), tau_x, lat, back[agg], chunk_c, ly.cur_chunks,

@@ -18,6 +18,19 @@ OK, NAN = -1, -2
 
 
 @njit(cache=True)
+def _take(j, counts, order, n_used, r, nbytes):
+    """Device ``j`` takes one more block of ``nbytes``: its count, first-pick order and room;
+    returns (its blocks before, devices used)."""
+    k = counts[j]
+    if k == 0:
+        order[n_used] = j
+        n_used += 1
+    counts[j] = k + 1
+    r[j] -= nbytes
+    return k, n_used
+
+
+@njit(cache=True)
 def _least(ukey, udev, size):
     """Index of the least (key, device) among the first ``size`` entries (-1 if none)."""
     best = -1
@@ -83,16 +96,11 @@ def heads_pass(A, P, G, hb, tau_x, lat, head_inc, cur, mig, allowed, devs, keys,
             up = up_j
             inbase[j] = True
             bt[j] = base_j + lat[j, P]
-        k = counts[j]
+        k, n_used = _take(j, counts, order, n_used, rr, hb)
         cj, btj, incj = cur[j], bt[j], head_inc[P, j]
         if k >= cj:
             pens += mig[j]
-        if k == 0:
-            order[n_used] = j
-            n_used += 1
         k += 1
-        counts[j] = k
-        rr[j] -= hb
         x = btj + k * incj
         if x > finish:
             finish = x
@@ -159,14 +167,9 @@ def ffn_pass(P, agg, K, cb, tau_x, lat, back, chunk_c, cur, mig, devs, keys, r, 
             base[j] = up + tau_x[P, j] + lat[P, j]
             up += tau_x[P, j]
             inbase[j] = True
-        k = counts[j]
+        k, n_used = _take(j, counts, order, n_used, rr, cb)
         pens += 0.0 if k < cur[j] else mig[j]
-        if k == 0:
-            order[n_used] = j
-            n_used += 1
         k += 1
-        counts[j] = k
-        rr[j] -= cb
         x = base[j] + k * chunk_c[j] + back[j]
         if x > finish:
             finish = x
@@ -226,36 +229,31 @@ def plan_layer(A, anchors, fixed, resid, G, hb, proj_b, K, cb, tau_x, lat, head_
             return NAN, -1, -1, 0, 0
         for order in (0, 1):  # heads first; FFN first only when heads first did not fit
             r = r0.copy()
-            if order == 0:
-                h_t, h_pen, nh, st = heads_pass(A, P, G, hb, tau_x, lat, head_inc, cur_h, mig_h, allowed, h_devs, h_keys,
-                                                r, hc, ho)
+            h_t = h_pen = f_t = f_pen = 0.0
+            nh = nf = agg = 0
+            st = OK
+            for step in range(2):  # heads then FFN (order 0), FFN then heads (order 1)
+                if step == order:
+                    h_t, h_pen, nh, st = heads_pass(A, P, G, hb, tau_x, lat, head_inc, cur_h, mig_h, allowed, h_devs,
+                                                    h_keys, r, hc, ho)
+                else:
+                    agg, st = -1, NOFIT  # the cheapest aggregator with room (``_ffn_decode``, agg None)
+                    for t in range(n_al):
+                        if r[agg_devs[t]] >= cb and agg_keys[t] < np.inf:
+                            agg, st = agg_devs[t], OK
+                            break
+                    if st == OK:
+                        if not _sorted_keys(reach_al[P] + chunk_al + back_al[agg] + pen0_c_al, allowed_idx, f_devs,
+                                            f_keys):
+                            return NAN, -1, -1, 0, 0
+                        f_t, f_pen, nf, st = ffn_pass(P, agg, K, cb, tau_x, lat, back[agg], chunk_c, cur_c, mig_c,
+                                                      f_devs, f_keys, r, fc, fo)
                 if st == NAN:
                     return NAN, -1, -1, 0, 0
                 if st != OK:
-                    continue
-            agg = -1  # the cheapest aggregator with room (``_ffn_decode`` with agg None)
-            for t in range(n_al):
-                j = agg_devs[t]
-                if r[j] >= cb and agg_keys[t] < np.inf:
-                    agg = j
                     break
-            if agg < 0:
-                continue
-            if not _sorted_keys(reach_al[P] + chunk_al + back_al[agg] + pen0_c_al, allowed_idx, f_devs, f_keys):
-                return NAN, -1, -1, 0, 0
-            f_t, f_pen, nf, st = ffn_pass(P, agg, K, cb, tau_x, lat, back[agg], chunk_c, cur_c, mig_c, f_devs, f_keys,
-                                          r, fc, fo)
-            if st == NAN:
-                return NAN, -1, -1, 0, 0
             if st != OK:
                 continue
-            if order == 1:
-                h_t, h_pen, nh, st = heads_pass(A, P, G, hb, tau_x, lat, head_inc, cur_h, mig_h, allowed, h_devs, h_keys,
-                                                r, hc, ho)
-                if st == NAN:
-                    return NAN, -1, -1, 0, 0
-                if st != OK:
-                    continue
             total = h_t + f_t + h_pen + f_pen + fixed[i] + 0.0
             if best_P < 0 or total < best_total:
                 best_total, best_P, best_agg, best_nh, best_nf = total, P, agg, nh, nf
