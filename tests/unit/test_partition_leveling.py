@@ -13,7 +13,8 @@ from testbed.partition import plan
 from testbed.partition.common import Problem, check_memory
 from testbed.partition.cost.latency import decode_cost
 from testbed.partition.ra.choice import _objective, problem_net
-from testbed.partition.ra.leveling import _move, _Move, level, level_plan, peak_horizon, worker_peaks
+from testbed.partition.ra.leveling import level, level_plan, peak_horizon, worker_peaks
+from testbed.partition.ra.leveling_moves import _move, _Move
 from testbed.partition.synthetic import GPT2, random_star, star_snapshot
 
 MINI = ModelDims("mini-gpt2", 6, 256, 8, 8, 32, 1024, 4096)
@@ -187,7 +188,7 @@ def test_moving_an_ffn_chunk_keeps_every_column():
     """An FFN chunk cut off the end of a shard joins the destination's shard that starts where
     the chunk ends — also when that shard comes first in the layer's list (the aggregator's): the
     rest of the cut shard stays (it was dropped, and 75 columns vanished from the plan)."""
-    from testbed.partition.ra.leveling import _Move, _moved_layer
+    from testbed.partition.ra.leveling_moves import _moved_layer
 
     lp = LayerPlacement(("a", "a"), "a", (FfnShard("d", 100, 200), FfnShard("a", 0, 100), FfnShard("e", 200, 300)))
     for i, dest, want in ((1, "d", (FfnShard("d", 75, 200), FfnShard("a", 0, 75), FfnShard("e", 200, 300))),

@@ -1,5 +1,6 @@
 """One round of RA's step 6 (``ra.leveling``) compiled (numba), for plans whose objective is their
-latency (no current placement to migrate from) under the ``decode`` model: the candidates off the
+latency (no current placement to migrate from) under the ``decode`` model: the Python round of
+``ra.leveling_moves`` — the candidates off the
 device with the largest peak (``_candidates``), their order and de-duplication by signature within
 the evaluation budget (``_best_move``), each one's plan latency (``cost.arrays.latencies_swapped``:
 the moved layer, the next layer from its new input, the layers summed in order) and the best by
@@ -54,7 +55,7 @@ def _pick(devs, n, a, room, nbytes, n_dest, out):
 
 @njit(cache=True)
 def _moved_shards(sdev, sc0, sc1, si, cols, dest, od, o0, o1):
-    """``leveling._moved_layer``'s FFN part: the shards with ``cols`` columns cut off the end of
+    """``leveling_moves._moved_layer``'s FFN part: the shards with ``cols`` columns cut off the end of
     shard ``si`` moved to ``dest`` (joining dest's shard that starts where they end), into
     ``od/o0/o1``; returns the count."""
     s_dev, s0, s1 = sdev[si], sc0[si], sc1[si]
