@@ -20,9 +20,9 @@ import numpy as np
 
 from testbed.partition.cost import layer_kernel as K
 from testbed.partition.cost.latency import decode_constants
+from testbed.partition.cost.roofline import roofline_s
 from testbed.partition.cost.layer_walk import _Layer, _extract, walk
 
-INF = float("inf")
 
 
 class PlanLatency(NamedTuple):
@@ -45,7 +45,9 @@ class PlanArrays:
         self.k = decode_constants(prob.dims, snap.context_len, 1)
         self.snap, self.names, self.dims = snap, prob.names, prob.dims
         self._rows = None  # the path matrices and device rates as Python lists (``_one``), when first needed
-        self._kc = None  # ``layer_kernel.CONSTANTS``' values as an array, when first needed
+        # what every ``layer_kernel`` walk reads first: paths, device rates, the block constants
+        self.walk_args = (self.lat, self.spb, self.speed, self.mem_bw, self.call_s,
+                          np.array([float(self.k[c]) for c in K.CONSTANTS]))
         # memos by identity (hashing a LayerPlacement is slow; plans share layer objects), each
         # entry holding its layer so that the id stays taken
         self.layers: dict = {}  # id(LayerPlacement) -> (it, _Layer) (the Python walk's form)
@@ -53,39 +55,9 @@ class PlanArrays:
         self.rows: dict = {}  # id(LayerPlacement) -> (it, (proj, head devices, shard devices, columns))
         self.head_idx: dict = {}  # id(heads tuple) -> (it, its devices as indices)
         self.deltas: dict = {}  # (id(LayerPlacement), input device) -> (it, compute_s, transfer_s, bytes)
-        self._roof_rows: dict = {}  # block kind -> count -> roof per device (``roof_per_count``)
-        every = np.arange(len(self.speed))
-        self.proj_s = self.roof(every, self.k["proj_flops"], self.k["proj_read"])  # (devices,) the projection
-        self.lm_s = float(self.roof(np.array([self.src]), self.k["lm_flops"], self.k["lm_read"])[0])  # the LM head
-
-    def roof(self, dev: np.ndarray, flops, nbytes) -> np.ndarray:
-        """``roofline.roofline_s`` per element (one call)."""
-        speed, bw = self.speed[dev], self.mem_bw[dev]
-        ok = speed > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            comp = flops / np.where(ok, speed, 1.0)
-            mem = np.where(bw < INF, nbytes / np.where(bw < INF, bw, 1.0), 0.0)
-        return np.where(ok, np.maximum(comp, mem) + self.call_s[dev], INF)
-
-    def roof_per_count(self, kind: str, dev: np.ndarray, n: np.ndarray) -> np.ndarray:
-        """``roof(dev, n * flops, n * read)`` per element for ``n`` heads (``kind = "head"``) or FFN
-        columns (``"ffn_col"``): a row over devices per count, computed when the count first
-        appears (the same elementwise operations as ``roof``, so the same floats), then looked up."""
-        hit = self._roof_rows.get(kind)
-        if hit is None:
-            most = self.dims.n_kv_heads if kind == "head" else self.dims.ffn_dim
-            hit = self._roof_rows[kind] = [np.full(most + 1, -1, dtype=np.intp), np.empty((0, len(self.speed)))]
-        where, rows = hit  # count -> its row in ``rows`` (-1: not computed yet); (counts seen, devices)
-        at = where[n]
-        if (at < 0).any():
-            new = sorted(set(n[at < 0].tolist()))
-            cnt = np.array(new)[:, None]  # (new counts, 1)
-            every = np.arange(len(self.speed))[None, :]
-            flops, read = self.k[f"{kind}_flops"], self.k[f"{kind}_read"]
-            where[new] = np.arange(len(rows), len(rows) + len(new))
-            rows = hit[1] = np.concatenate([rows, self.roof(every, cnt * flops, cnt * read)])
-            at = where[n]
-        return rows[at, dev]
+        src = self.src  # the LM head, on the source
+        self.lm_s = roofline_s(self.k["lm_flops"], self.k["lm_read"], float(self.speed[src]), float(self.mem_bw[src]),
+                               float(self.call_s[src]))
 
     def _missing(self, pl, todo: dict) -> tuple[list, int]:
         """The plan's (layer, input device) keys in order, the last aggregator; adds to ``todo``
@@ -229,10 +201,7 @@ class PlanArrays:
         in a fan-in: a path down) by the Python walk (``_one``); the same floats either way."""
         R = len(todo)
         out0, out1, nbytes, ok = np.empty(R), np.empty(R), np.empty(R, dtype=np.int64), np.zeros(R, dtype=bool)
-        if self._kc is None:
-            self._kc = np.array([float(self.k[c]) for c in K.CONSTANTS])
-        K.walk_rows(self.lat, self.spb, self.speed, self.mem_bw, self.call_s, self._kc,
-                    *K.pack([(A, *self._row(lp)) for lp, A in todo]), out0, out1, nbytes, ok)
+        K.walk_rows(*self.walk_args, *K.pack([(A, *self._row(lp)) for lp, A in todo]), out0, out1, nbytes, ok)
         out = list(zip(out0.tolist(), out1.tolist(), nbytes.tolist()))
         if not ok.all():
             for i in np.flatnonzero(~ok).tolist():

@@ -87,6 +87,10 @@ class _Layer:
         self.pen0_chunk_al = np.where(self.cur_chunks[al] > 0, 0.0, mig_chunk[al])
         self.cur_heads_l, self.cur_chunks_l = self.cur_heads.tolist(), self.cur_chunks.tolist()
 
+    def anchor_s(self, P: int) -> float:
+        """The projection's share of a plan anchored on P: its move penalty + its compute."""
+        return self.proj_pen(P) + self.prob.sz.proj_f / self.prob.C[P]
+
     def proj_pen(self, P: int) -> float:
         if self.cur_proj is None or self.cur_proj == P:
             return 0.0
@@ -198,7 +202,7 @@ def _try_anchor(ly: _Layer, P: int, resid: list, last: bool):
     r0 = list(resid) if paper else np.array(resid, dtype=float)
     r0[P] -= p.sz.proj_b
     exit_s = _exit_s(p) if last and not paper else None
-    fixed = ly.proj_pen(P) + p.sz.proj_f / p.C[P]
+    fixed = ly.anchor_s(P)
     best, err = None, None
 
     def consider(h, f, r):
@@ -277,7 +281,7 @@ def _plan_layer_compiled(ly: _Layer, resid: list, anchors: list[int]):
     """``_plan_layer`` by ``decode_kernel.plan_layer``; None where it hands back (no anchor fits:
     the Python passes raise their error; or a NaN key)."""
     p, tab, A = ly.prob, ly.tab, ly.A
-    fixed = np.array([ly.proj_pen(P) + p.sz.proj_f / p.C[P] for P in anchors], dtype=float)
+    fixed = np.array([ly.anchor_s(P) for P in anchors], dtype=float)
     n = len(p.names)
     r_out = np.empty(n)
     hc, ho, fc, fo = (np.empty(n, dtype=np.int64) for _ in range(4))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import numpy as np
 
 from testbed.partition.common import Problem
-from testbed.partition.cost import layer_kernel
 from testbed.partition.ra import leveling_kernel
 from testbed.partition.ra.choice import _block_use, _objective, plan_arrays, problem_net
 from testbed.partition.ra.leveling_moves import _best_move, _candidates, _memo, _Move, peak_horizon
@@ -68,10 +67,8 @@ class _Compiled:
 
     def __init__(self, prob: Problem, pl: Placement, only: set[int] | None):
         arr, memo = plan_arrays(prob), _memo(prob)
-        if arr._kc is None:
-            arr._kc = np.array([float(arr.k[c]) for c in layer_kernel.CONSTANTS])
         self.prob, self.memo, self.index = prob, memo, prob.index
-        self.const = (arr.lat, arr.spb, arr.speed, arr.mem_bw, arr.call_s, arr._kc, float(arr.lm_s), int(prob.src))
+        self.const = (*arr.walk_args, float(arr.lm_s), int(prob.src))
         self.sizes = np.array([memo.sz.x_b, memo.sz.head_out_b, memo.sz.head_b, memo.sz.ffn_col_b], dtype=float)
         L = len(pl.layers)
         self.only = np.array([only is None or l in only for l in range(L)])

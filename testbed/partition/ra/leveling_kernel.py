@@ -100,6 +100,93 @@ def _before(c, i, j):
     return False
 
 
+@njit(cache=True)
+def _gather(heads, sdev, sc0, sc1, soff, a, room, chunk_cols, n_dest, only, head_b, col_b, rank, rkey, rcount,
+            widest):
+    """``_candidates``: the moves of one head group or one FFN chunk per layer off device ``a``
+    to the first ``n_dest`` ranked destinations with room, as rows (far, key, layer, kind,
+    block, columns, bytes, destination) in generation order; returns (rows, how many)."""
+    L, G = heads.shape[0], heads.shape[1]
+    cand = np.empty((L * (widest + 1) * n_dest, 8))
+    n = 0
+    picks = np.empty(n_dest, dtype=np.int64)
+    for l in range(L):
+        if not only[l]:
+            continue
+        s0, s1 = soff[l], soff[l + 1]
+        g_last = -1
+        for g in range(G):
+            if heads[l, g] == a:
+                g_last = g
+        if g_last >= 0:
+            k = _pick(rank[0, l], rcount[0, l, 0], a, room, head_b, n_dest, picks)
+            for t in range(k):
+                i = picks[t]
+                _put(cand, n, i >= rcount[0, l, 1], rkey[0, l, i], l, 0, g_last, 0, head_b, rank[0, l, i])
+                n += 1
+        for i in range(s0, s1):
+            if sdev[i] != a:
+                continue
+            c = min(chunk_cols, sc1[i] - sc0[i])
+            nbytes = c * col_b
+            k = _pick(rank[1, l], rcount[1, l, 0], a, room, nbytes, n_dest, picks)
+            for t in range(k):
+                r = picks[t]
+                _put(cand, n, r >= rcount[1, l, 1], rkey[1, l, r], l, 1, i - s0, c, nbytes, rank[1, l, r])
+                n += 1
+    return cand, n
+
+
+@njit(cache=True)
+def _distinct(cand, n, canon, inp, sc0, sc1, soff, budget):
+    """``_best_move``'s evaluation list: the candidate rows by (far, key, layer, destination)
+    (stable), skipping a move whose signature an earlier one has, at most ``budget``; returns
+    (row indices, how many)."""
+    L = len(canon)
+    # stable sort by (far, key, layer, destination): insertion sort over row indices
+    order = np.arange(n)
+    for i in range(1, n):
+        v = order[i]
+        j = i - 1
+        while j >= 0 and _before(cand, v, order[j]):
+            order[j + 1] = order[j]
+            j -= 1
+        order[j + 1] = v
+    # the distinct moves, most promising first, within the budget: signature (layer value, its
+    # input, next layer value, block kind / aggregator shard / shard / columns, destination)
+    sig = np.empty((n, 9), dtype=np.int64)
+    todo = np.empty(n, dtype=np.int64)
+    n_todo = 0
+    for v in order:
+        if n_todo >= budget:
+            break
+        l, kind, blk, dest = int(cand[v, 2]), int(cand[v, 3]), int(cand[v, 4]), int(cand[v, 7])
+        row = sig[n_todo]
+        row[0], row[1] = canon[l], inp[l] if l else -1
+        row[2] = canon[l + 1] if l + 1 < L else -1
+        row[3], row[8] = kind, dest
+        if kind == 0:
+            row[4] = row[5] = row[6] = row[7] = 0
+        else:
+            si = soff[l] + blk
+            row[4] = 1 if sc0[si] == sc0[soff[l]] else 0
+            row[5], row[6], row[7] = sc0[si], sc1[si], int(cand[v, 5])
+        seen = False
+        for u in range(n_todo):
+            same = True
+            for f in range(9):
+                if sig[u, f] != row[f]:
+                    same = False
+                    break
+            if same:
+                seen = True
+                break
+        if not seen:
+            todo[n_todo] = v
+            n_todo += 1
+    return todo, n_todo
+
+
 @njit("Tuple((i8, i8, UniTuple(i8, 5), f8))(f8[:, :], f8[:, :], f8[:], f8[:], f8[:], f8[:], f8, i8, i8[:, :], i8[:], "
       "i8[:], i8[:], i8[:], i8[:], i8[:], b1[:], i8, f8[:], i8, i8, b1[:], f8[:], f8, f8, f8, f8, i8, f8[:], f8[:], "
       "i8[:, :, :], f8[:, :, :], i8[:, :, :], b1[:])", cache=True)
@@ -146,75 +233,9 @@ def level_round(lat, spb, speed, bw, call_s, kc, lm_s, src, heads, proj, sdev, s
         rcount[1, l, 0], rcount[1, l, 1] = _rank(key, allowed & np.isfinite(key), near, rank[1, l], rkey[1, l])
         fresh[l] = True
     exit_dev = sdev[soff[L - 1]]
-    # candidates: (far, key, layer, kind, block, columns, bytes, destination), generation order
-    cand = np.empty((L * (widest + 1) * n_dest, 8))
-    n = 0
-    picks = np.empty(n_dest, dtype=np.int64)
-    for l in range(L):
-        if not only[l]:
-            continue
-        s0, s1 = soff[l], soff[l + 1]
-        g_last = -1
-        for g in range(G):
-            if heads[l, g] == a:
-                g_last = g
-        if g_last >= 0:
-            k = _pick(rank[0, l], rcount[0, l, 0], a, room, head_b, n_dest, picks)
-            for t in range(k):
-                i = picks[t]
-                _put(cand, n, i >= rcount[0, l, 1], rkey[0, l, i], l, 0, g_last, 0, head_b, rank[0, l, i])
-                n += 1
-        for i in range(s0, s1):
-            if sdev[i] != a:
-                continue
-            c = min(chunk_cols, sc1[i] - sc0[i])
-            nbytes = c * col_b
-            k = _pick(rank[1, l], rcount[1, l, 0], a, room, nbytes, n_dest, picks)
-            for t in range(k):
-                r = picks[t]
-                _put(cand, n, r >= rcount[1, l, 1], rkey[1, l, r], l, 1, i - s0, c, nbytes, rank[1, l, r])
-                n += 1
-    # stable sort by (far, key, layer, destination): insertion sort over row indices
-    order = np.arange(n)
-    for i in range(1, n):
-        v = order[i]
-        j = i - 1
-        while j >= 0 and _before(cand, v, order[j]):
-            order[j + 1] = order[j]
-            j -= 1
-        order[j + 1] = v
-    # the distinct moves, most promising first, within the budget: signature (layer value, its
-    # input, next layer value, block kind / aggregator shard / shard / columns, destination)
-    sig = np.empty((n, 9), dtype=np.int64)
-    todo = np.empty(n, dtype=np.int64)
-    n_todo = 0
-    for v in order:
-        if n_todo >= budget:
-            break
-        l, kind, blk, dest = int(cand[v, 2]), int(cand[v, 3]), int(cand[v, 4]), int(cand[v, 7])
-        row = sig[n_todo]
-        row[0], row[1] = canon[l], inp[l] if l else -1
-        row[2] = canon[l + 1] if l + 1 < L else -1
-        row[3], row[8] = kind, dest
-        if kind == 0:
-            row[4] = row[5] = row[6] = row[7] = 0
-        else:
-            si = soff[l] + blk
-            row[4] = 1 if sc0[si] == sc0[soff[l]] else 0
-            row[5], row[6], row[7] = sc0[si], sc1[si], int(cand[v, 5])
-        seen = False
-        for u in range(n_todo):
-            same = True
-            for f in range(9):
-                if sig[u, f] != row[f]:
-                    same = False
-                    break
-            if same:
-                seen = True
-                break
-        if not seen:
-            todo[n_todo] = v
-            n_todo += 1
+    cand, n = _gather(heads, sdev, sc0, sc1, soff, a, room, chunk_cols, n_dest, only, head_b, col_b, rank, rkey,
+                      rcount, widest)
+    todo, n_todo = _distinct(cand, n, canon, inp, sc0, sc1, soff, budget)
     pre0, pre1 = np.zeros(L + 1), np.zeros(L + 1)  # the plan's sums over the layers before each one
     for l in range(L):
         pre0[l + 1], pre1[l + 1] = pre0[l] + dc[l], pre1[l] + dt[l]
